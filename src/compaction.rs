@@ -1,0 +1,88 @@
+//! Expiry of idle queues: [`expire_once`] (testable, with an explicit `now`) and the loop
+//! around it.
+//!
+//! A queue is expired when its last activity (creation or last event) plus its TTL is at or
+//! before `now`. The check is repeated by the writer inside the removing transaction, so an
+//! event that arrives between the scan and the removal keeps the queue alive.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Result;
+use crate::event::Timestamp;
+use crate::manager::Core;
+use crate::queue::QueueShared;
+use crate::writer::Command;
+
+/// What one cleanup pass did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CleanupReport {
+    /// Queues removed.
+    pub queues_expired: usize,
+    /// Retained events removed with them.
+    pub events_removed: u64,
+    /// Time the pass took.
+    pub duration: Duration,
+}
+
+/// Removes every queue idle for at least its TTL at `now`, one queue per writer command so
+/// appends interleave with the removals.
+pub(crate) async fn expire_once(core: &Core, now: Timestamp) -> Result<CleanupReport> {
+    let started = Instant::now();
+    let candidates: Vec<Arc<QueueShared>> = core
+        .registry
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .filter(|q| q.lock().last_activity.saturating_add(q.ttl) <= now)
+        .cloned()
+        .collect();
+    let mut report = CleanupReport::default();
+    for q in candidates {
+        let events = q.info().event_count;
+        let removed = core
+            .call(|reply| Command::Delete {
+                queue: q.clone(),
+                expire_at: Some(now),
+                reply,
+            })
+            .await;
+        match removed {
+            Ok(true) => {
+                report.queues_expired += 1;
+                report.events_removed += events;
+            }
+            Ok(false) | Err(crate::Error::QueueNotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    report.duration = started.elapsed();
+    if report.queues_expired > 0 {
+        tracing::info!(
+            queues = report.queues_expired,
+            events = report.events_removed,
+            "expired idle queues"
+        );
+    }
+    Ok(report)
+}
+
+/// Runs [`expire_once`] every `interval` until `stop` is cancelled or the manager is gone.
+pub(crate) async fn cleanup_loop(core: Weak<Core>, interval: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(core) = core.upgrade() else { return };
+        let now = core.clock.now();
+        if let Err(e) = expire_once(&core, now).await {
+            tracing::warn!(error = %e, "cleanup pass failed");
+        }
+    }
+}

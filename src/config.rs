@@ -1,0 +1,76 @@
+//! Library configuration with documented defaults.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// When an enqueue is acknowledged relative to fsync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Acknowledge after an fsync'd commit. Concurrent enqueues share commits (group commit).
+    /// Default.
+    Immediate,
+    /// Acknowledge after a commit without fsync; a background flush makes commits durable at
+    /// least every `flush_interval`. A crash (power loss, kernel panic) may lose events
+    /// acknowledged within the last `flush_interval` plus one commit; a killed process loses
+    /// nothing the OS already received.
+    Buffered {
+        /// Longest time between a commit and the fsync that makes it durable. Default 100 ms.
+        flush_interval: Duration,
+    },
+}
+
+impl Durability {
+    /// Buffered durability with the default 100 ms flush interval.
+    pub const fn buffered() -> Self {
+        Durability::Buffered {
+            flush_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Configuration of a [`crate::QueueManager`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Directory holding `eventqueue.redb`. Default `./data`.
+    pub data_dir: PathBuf,
+    /// TTL of a queue created without one, counted from its last activity. Default 30 min.
+    pub default_ttl: Duration,
+    /// Retained events per queue for queues created without a bound. Default 1000.
+    pub max_buffer_size: u64,
+    /// When enqueues are acknowledged. Default [`Durability::Immediate`].
+    pub durability: Durability,
+    /// Capacity of each queue's live broadcast channel; a subscriber further behind than this
+    /// catches up from the log. Default 1024.
+    pub broadcast_capacity: usize,
+    /// redb page cache in bytes. Default 64 MiB.
+    pub cache_size_bytes: usize,
+    /// Most events one group commit takes. Default 8192.
+    pub max_commit_events: usize,
+    /// Events read from the log per replay step. Default 512.
+    pub replay_chunk: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            default_ttl: Duration::from_secs(30 * 60),
+            max_buffer_size: 1000,
+            durability: Durability::Immediate,
+            broadcast_capacity: 1024,
+            cache_size_bytes: 64 << 20,
+            max_commit_events: 8192,
+            replay_chunk: 512,
+        }
+    }
+}
+
+impl Config {
+    /// The default configuration on `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            ..Self::default()
+        }
+    }
+}

@@ -1,0 +1,1812 @@
+//! Events: the five event types, their validation and their JSON wire form.
+//!
+//! The JSON shape follows the contract (DESIGN.md, "Events"): base fields first (`event_id`,
+//! `task_id`, `tenant_id`, `timestamp`, `event_type`, `offset`), then the type's fields in a fixed
+//! order; absent optionals are written as `null`, never omitted. [`Event::render`] writes that JSON
+//! once, split around the offset, so the queue can splice the offset in at commit time without
+//! encoding the event again.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::ser::SerializeMap;
+use serde_json::{Map, Value};
+
+use crate::error::Error;
+use crate::ids::{EventId, TaskId, TenantId, validate_id};
+
+// ---------------------------------------------------------------------------------------------
+// Timestamp
+// ---------------------------------------------------------------------------------------------
+
+/// Earliest representable instant, `0000-01-01T00:00:00.000000Z`, in µs since the Unix epoch.
+const MIN_MICROS: i64 = -62_167_219_200_000_000;
+/// Latest representable instant, `9999-12-31T23:59:59.999999Z`, in µs since the Unix epoch.
+const MAX_MICROS: i64 = 253_402_300_799_999_999;
+
+/// An instant in microseconds since the Unix epoch, UTC.
+///
+/// Values are kept within years 0000..=9999, the range an RFC 3339 date-time can express, so
+/// every timestamp renders and parses back unchanged; constructors clamp to that range.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct Timestamp(i64);
+
+impl Timestamp {
+    /// The system clock, truncated to microseconds.
+    pub fn now() -> Self {
+        Self::from_micros(Utc::now().timestamp_micros())
+    }
+
+    /// An instant given in microseconds since the Unix epoch (clamped to years 0000..=9999).
+    pub fn from_micros(us: i64) -> Self {
+        Self(us.clamp(MIN_MICROS, MAX_MICROS))
+    }
+
+    /// Microseconds since the Unix epoch.
+    pub fn as_micros(self) -> i64 {
+        self.0
+    }
+
+    /// RFC 3339 in UTC with exactly six fractional digits and `Z`, e.g.
+    /// `2026-11-28T02:31:45.664387Z`.
+    pub fn to_rfc3339(self) -> String {
+        // The clamp in the constructors keeps the value inside chrono's range; the fallback
+        // only guards against that invariant being broken.
+        DateTime::<Utc>::from_timestamp_micros(self.0)
+            .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
+            .to_rfc3339_opts(SecondsFormat::Micros, true)
+    }
+
+    /// Parses an RFC 3339 date-time with any offset and normalises it to UTC microseconds
+    /// (sub-microsecond digits are truncated).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidEvent`] with field `timestamp` when `s` is not an RFC 3339 date-time.
+    pub fn parse_rfc3339(s: &str) -> Result<Self, Error> {
+        DateTime::parse_from_rfc3339(s)
+            .map(|dt| Self::from_micros(dt.timestamp_micros()))
+            .map_err(|e| {
+                Error::invalid_event(
+                    "timestamp",
+                    format!(
+                        "must be an RFC 3339 date-time such as 2026-11-28T02:31:45.664387Z, \
+                         got {}: {e}",
+                        preview(s)
+                    ),
+                )
+            })
+    }
+
+    /// This instant plus `d`, saturating at the end of the representable range.
+    pub fn saturating_add(self, d: Duration) -> Self {
+        let add = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        Self::from_micros(self.0.saturating_add(add))
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_rfc3339())
+    }
+}
+
+impl serde::Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_rfc3339())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Self::parse_rfc3339(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Task states and event types
+// ---------------------------------------------------------------------------------------------
+
+/// A task's state as reported by a `status` event.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskState {
+    /// `pending`
+    Pending,
+    /// `working`
+    Working,
+    /// `input-required`
+    InputRequired,
+    /// `completed` (not terminal: the `complete` event carrying the result follows it)
+    Completed,
+    /// `failed` (terminal)
+    Failed,
+    /// `cancelled` (terminal)
+    Cancelled,
+}
+
+impl TaskState {
+    /// Every state, in wire order.
+    pub const ALL: [TaskState; 6] = [
+        TaskState::Pending,
+        TaskState::Working,
+        TaskState::InputRequired,
+        TaskState::Completed,
+        TaskState::Failed,
+        TaskState::Cancelled,
+    ];
+
+    /// The wire string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Working => "working",
+            TaskState::InputRequired => "input-required",
+            TaskState::Completed => "completed",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses a wire string; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|state| state.as_str() == s)
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The kind of an event.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventType {
+    /// `status`
+    Status,
+    /// `progress`
+    Progress,
+    /// `artifact`
+    Artifact,
+    /// `error`
+    Error,
+    /// `complete`
+    Complete,
+}
+
+impl EventType {
+    /// Every type, in code order.
+    pub const ALL: [EventType; 5] = [
+        EventType::Status,
+        EventType::Progress,
+        EventType::Artifact,
+        EventType::Error,
+        EventType::Complete,
+    ];
+
+    /// The wire string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Status => "status",
+            EventType::Progress => "progress",
+            EventType::Artifact => "artifact",
+            EventType::Error => "error",
+            EventType::Complete => "complete",
+        }
+    }
+
+    /// Parses a wire string; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// A stable one-byte code, `0..=4`, for compact storage.
+    pub fn code(self) -> u8 {
+        match self {
+            EventType::Status => 0,
+            EventType::Progress => 1,
+            EventType::Artifact => 2,
+            EventType::Error => 3,
+            EventType::Complete => 4,
+        }
+    }
+
+    /// The type with the given [`code`](Self::code); `None` outside `0..=4`.
+    pub fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.code() == code)
+    }
+
+    /// This type's own fields, in wire order (after the base fields).
+    fn fields(self) -> &'static [&'static str] {
+        match self {
+            EventType::Status => &["state", "phase", "message"],
+            EventType::Progress => &["current", "total", "percentage", "step", "details"],
+            EventType::Artifact => &["artifact_type", "artifact_id", "data", "is_partial"],
+            EventType::Error => &[
+                "error_type",
+                "error_message",
+                "error_code",
+                "context",
+                "recoverable",
+            ],
+            EventType::Complete => &["result", "summary", "execution_time_seconds"],
+        }
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Payloads
+// ---------------------------------------------------------------------------------------------
+
+/// A `status` event: the task's state, optionally with a phase and a message.
+#[derive(Clone, PartialEq, Debug)]
+pub struct StatusEvent {
+    /// The task's state.
+    pub state: TaskState,
+    /// Free-form phase name (`planning`, `executing`, …).
+    pub phase: Option<String>,
+    /// Human-readable message.
+    pub message: Option<String>,
+}
+
+impl StatusEvent {
+    /// A status event with no phase and no message.
+    pub fn new(state: TaskState) -> Self {
+        Self {
+            state,
+            phase: None,
+            message: None,
+        }
+    }
+
+    /// Sets the phase.
+    pub fn phase(mut self, phase: impl Into<String>) -> Self {
+        self.phase = Some(phase.into());
+        self
+    }
+
+    /// Sets the message.
+    pub fn message(mut self, message: impl Into<String>) -> Self {
+        self.message = Some(message.into());
+        self
+    }
+}
+
+/// A `progress` event: `current` of `total` units done.
+#[derive(Clone, PartialEq, Debug)]
+pub struct ProgressEvent {
+    /// Units done; must not exceed `total`.
+    pub current: u64,
+    /// Units overall.
+    pub total: u64,
+    /// Percentage done, `0..=100`.
+    pub percentage: f64,
+    /// Name of the current step.
+    pub step: Option<String>,
+    /// Free-form details; a JSON object.
+    pub details: Value,
+}
+
+impl ProgressEvent {
+    /// Progress with `percentage` computed as `current / total * 100` (0 when `total` is 0) and
+    /// empty details.
+    pub fn new(current: u64, total: u64) -> Self {
+        Self {
+            current,
+            total,
+            percentage: computed_percentage(current, total),
+            step: None,
+            details: empty_object(),
+        }
+    }
+
+    /// Sets the step name.
+    pub fn step(mut self, step: impl Into<String>) -> Self {
+        self.step = Some(step.into());
+        self
+    }
+
+    /// Sets the details (must be a JSON object to validate).
+    pub fn details(mut self, details: Value) -> Self {
+        self.details = details;
+        self
+    }
+
+    /// Overrides the computed percentage.
+    pub fn percentage(mut self, percentage: f64) -> Self {
+        self.percentage = percentage;
+        self
+    }
+}
+
+/// An `artifact` event: an intermediate or final product of the task.
+#[derive(Clone, PartialEq, Debug)]
+pub struct ArtifactEvent {
+    /// Kind of artifact (`search_results`, `summary`, …); must not be empty.
+    pub artifact_type: String,
+    /// The artifact's id; an id as in [`crate::ids`]. Default `art_` + 8 lowercase hex chars.
+    pub artifact_id: String,
+    /// The artifact; a JSON object.
+    pub data: Value,
+    /// Whether more parts of this artifact follow.
+    pub is_partial: bool,
+}
+
+impl ArtifactEvent {
+    /// A complete (not partial) artifact with a fresh artifact id.
+    pub fn new(artifact_type: impl Into<String>, data: Value) -> Self {
+        Self {
+            artifact_type: artifact_type.into(),
+            artifact_id: generate_artifact_id(),
+            data,
+            is_partial: false,
+        }
+    }
+
+    /// Sets the artifact id.
+    pub fn artifact_id(mut self, artifact_id: impl Into<String>) -> Self {
+        self.artifact_id = artifact_id.into();
+        self
+    }
+
+    /// Marks the artifact as partial.
+    pub fn partial(mut self) -> Self {
+        self.is_partial = true;
+        self
+    }
+}
+
+/// An `error` event. A non-recoverable error finishes the task.
+#[derive(Clone, PartialEq, Debug)]
+pub struct ErrorEvent {
+    /// Kind of error; must not be empty.
+    pub error_type: String,
+    /// Human-readable message; must not be empty.
+    pub error_message: String,
+    /// Machine-readable code.
+    pub error_code: Option<String>,
+    /// Free-form context; a JSON object.
+    pub context: Value,
+    /// Whether the task continues after this error (default `true`).
+    pub recoverable: bool,
+}
+
+impl ErrorEvent {
+    /// A recoverable error with no code and empty context.
+    pub fn new(error_type: impl Into<String>, error_message: impl Into<String>) -> Self {
+        Self {
+            error_type: error_type.into(),
+            error_message: error_message.into(),
+            error_code: None,
+            context: empty_object(),
+            recoverable: true,
+        }
+    }
+
+    /// Sets the error code.
+    pub fn code(mut self, code: impl Into<String>) -> Self {
+        self.error_code = Some(code.into());
+        self
+    }
+
+    /// Sets the context (must be a JSON object to validate).
+    pub fn context(mut self, context: Value) -> Self {
+        self.context = context;
+        self
+    }
+
+    /// Marks the error as non-recoverable: it finishes the task.
+    pub fn non_recoverable(mut self) -> Self {
+        self.recoverable = false;
+        self
+    }
+}
+
+/// A `complete` event: the task's result. It finishes the task.
+#[derive(Clone, PartialEq, Debug)]
+pub struct CompleteEvent {
+    /// The result; a JSON object.
+    pub result: Value,
+    /// Human-readable summary.
+    pub summary: Option<String>,
+    /// Wall-clock execution time; finite and `>= 0`.
+    pub execution_time_seconds: Option<f64>,
+}
+
+impl CompleteEvent {
+    /// A completion with no summary and no execution time.
+    pub fn new(result: Value) -> Self {
+        Self {
+            result,
+            summary: None,
+            execution_time_seconds: None,
+        }
+    }
+
+    /// Sets the summary.
+    pub fn summary(mut self, summary: impl Into<String>) -> Self {
+        self.summary = Some(summary.into());
+        self
+    }
+
+    /// Sets the execution time in seconds.
+    pub fn execution_time_seconds(mut self, seconds: f64) -> Self {
+        self.execution_time_seconds = Some(seconds);
+        self
+    }
+}
+
+/// The type-specific part of an event.
+#[derive(Clone, PartialEq, Debug)]
+pub enum Payload {
+    /// A `status` event.
+    Status(StatusEvent),
+    /// A `progress` event.
+    Progress(ProgressEvent),
+    /// An `artifact` event.
+    Artifact(ArtifactEvent),
+    /// An `error` event.
+    Error(ErrorEvent),
+    /// A `complete` event.
+    Complete(CompleteEvent),
+}
+
+impl Payload {
+    /// The event type this payload belongs to.
+    pub fn event_type(&self) -> EventType {
+        match self {
+            Payload::Status(_) => EventType::Status,
+            Payload::Progress(_) => EventType::Progress,
+            Payload::Artifact(_) => EventType::Artifact,
+            Payload::Error(_) => EventType::Error,
+            Payload::Complete(_) => EventType::Complete,
+        }
+    }
+}
+
+impl From<StatusEvent> for Payload {
+    fn from(e: StatusEvent) -> Self {
+        Payload::Status(e)
+    }
+}
+
+impl From<ProgressEvent> for Payload {
+    fn from(e: ProgressEvent) -> Self {
+        Payload::Progress(e)
+    }
+}
+
+impl From<ArtifactEvent> for Payload {
+    fn from(e: ArtifactEvent) -> Self {
+        Payload::Artifact(e)
+    }
+}
+
+impl From<ErrorEvent> for Payload {
+    fn from(e: ErrorEvent) -> Self {
+        Payload::Error(e)
+    }
+}
+
+impl From<CompleteEvent> for Payload {
+    fn from(e: CompleteEvent) -> Self {
+        Payload::Complete(e)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Event
+// ---------------------------------------------------------------------------------------------
+
+/// The queue an event from a producer is meant for; ids the event omits are taken from here,
+/// ids it carries must match.
+#[derive(Clone, Copy, Debug)]
+pub struct ProducerContext<'a> {
+    /// The queue's tenant.
+    pub tenant_id: &'a TenantId,
+    /// The queue's task.
+    pub task_id: &'a TaskId,
+}
+
+/// One event of a queue.
+#[derive(Clone, PartialEq, Debug)]
+pub struct Event {
+    /// The event's id (generated, or supplied by the producer for idempotent retries).
+    pub event_id: EventId,
+    /// The task whose queue holds the event.
+    pub task_id: TaskId,
+    /// The tenant owning the queue.
+    pub tenant_id: TenantId,
+    /// When the event happened.
+    pub timestamp: Timestamp,
+    /// Position in the queue; assigned by the queue at commit, `None` before.
+    pub offset: Option<u64>,
+    /// The type-specific part.
+    pub payload: Payload,
+}
+
+/// An event's JSON split around the offset's value: `prefix` ends with `"offset":` and `suffix`
+/// starts with `,`.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct RenderedEvent {
+    /// Everything up to and including `"offset":`.
+    pub prefix: Vec<u8>,
+    /// Everything after the offset's value, starting with `,` and ending with `}`.
+    pub suffix: Vec<u8>,
+}
+
+impl RenderedEvent {
+    /// The full JSON with `offset` spliced in, in one allocation of exact size.
+    pub fn with_offset(&self, offset: u64) -> Vec<u8> {
+        let mut digits = [0u8; 20];
+        let digits = decimal(offset, &mut digits);
+        let mut out = Vec::with_capacity(self.prefix.len() + digits.len() + self.suffix.len());
+        out.extend_from_slice(&self.prefix);
+        out.extend_from_slice(digits);
+        out.extend_from_slice(&self.suffix);
+        out
+    }
+}
+
+/// Fields every event has, in wire order.
+const BASE_FIELDS: [&str; 6] = [
+    "event_id",
+    "task_id",
+    "tenant_id",
+    "timestamp",
+    "event_type",
+    "offset",
+];
+
+impl Event {
+    /// A new event for the queue `(tenant_id, task_id)` with a fresh id, the current time and no
+    /// offset.
+    pub fn new(tenant_id: &TenantId, task_id: &TaskId, payload: impl Into<Payload>) -> Self {
+        Self {
+            event_id: EventId::generate(),
+            task_id: task_id.clone(),
+            tenant_id: tenant_id.clone(),
+            timestamp: Timestamp::now(),
+            offset: None,
+            payload: payload.into(),
+        }
+    }
+
+    /// Replaces the event id.
+    pub fn with_event_id(mut self, event_id: EventId) -> Self {
+        self.event_id = event_id;
+        self
+    }
+
+    /// Replaces the timestamp.
+    pub fn with_timestamp(mut self, timestamp: Timestamp) -> Self {
+        self.timestamp = timestamp;
+        self
+    }
+
+    /// The event's type.
+    pub fn event_type(&self) -> EventType {
+        self.payload.event_type()
+    }
+
+    /// Whether this event finishes its task: a `complete` event, an `error` with
+    /// `recoverable: false`, or a `status` with state `failed` or `cancelled`. (`status:
+    /// completed` is not terminal.)
+    pub fn is_terminal(&self) -> bool {
+        match &self.payload {
+            Payload::Complete(_) => true,
+            Payload::Error(e) => !e.recoverable,
+            Payload::Status(s) => matches!(s.state, TaskState::Failed | TaskState::Cancelled),
+            Payload::Progress(_) | Payload::Artifact(_) => false,
+        }
+    }
+
+    /// Checks everything the types do not guarantee.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidEvent`] naming the offending field, or [`Error::InvalidId`] with field
+    /// `artifact_id` for a bad artifact id.
+    pub fn validate(&self) -> Result<(), Error> {
+        match &self.payload {
+            Payload::Status(_) => Ok(()),
+            Payload::Progress(p) => {
+                if p.current > p.total {
+                    return Err(Error::invalid_event(
+                        "current",
+                        format!("must not exceed total ({}), got {}", p.total, p.current),
+                    ));
+                }
+                if !p.percentage.is_finite() || !(0.0..=100.0).contains(&p.percentage) {
+                    return Err(Error::invalid_event(
+                        "percentage",
+                        format!("must be a number from 0 to 100, got {}", p.percentage),
+                    ));
+                }
+                require_object("details", &p.details)
+            }
+            Payload::Artifact(a) => {
+                require_non_empty("artifact_type", &a.artifact_type)?;
+                validate_id("artifact_id", &a.artifact_id)?;
+                require_object("data", &a.data)
+            }
+            Payload::Error(e) => {
+                require_non_empty("error_type", &e.error_type)?;
+                require_non_empty("error_message", &e.error_message)?;
+                require_object("context", &e.context)
+            }
+            Payload::Complete(c) => {
+                require_object("result", &c.result)?;
+                match c.execution_time_seconds {
+                    Some(t) if !t.is_finite() || t < 0.0 => Err(Error::invalid_event(
+                        "execution_time_seconds",
+                        format!("must be a finite number >= 0, got {t}"),
+                    )),
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// The event's JSON split around the offset's value, for splicing the offset in at commit.
+    pub fn render(&self) -> RenderedEvent {
+        let mut prefix = Vec::with_capacity(160);
+        self.write_head(&mut prefix);
+        let mut suffix = Vec::with_capacity(96);
+        self.write_tail(&mut suffix);
+        RenderedEvent { prefix, suffix }
+    }
+
+    /// The full JSON, with `offset` set to [`self.offset`](Self::offset) (`null` when `None`).
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        self.write_head(&mut out);
+        match self.offset {
+            Some(offset) => {
+                let mut digits = [0u8; 20];
+                out.extend_from_slice(decimal(offset, &mut digits));
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        self.write_tail(&mut out);
+        out
+    }
+
+    /// Parses an event sent by a producer (an HTTP body object) for the queue named by `ctx`.
+    ///
+    /// `task_id` and `tenant_id` may be omitted (filled in from `ctx`) but must match `ctx`
+    /// when given; `event_id` and `timestamp` are generated when absent or null; a producer's
+    /// `offset` is ignored. Unknown fields are rejected. The result is [validated](Self::validate).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidEvent`] or [`Error::InvalidId`] naming the offending field.
+    pub fn from_producer_json(value: Value, ctx: &ProducerContext) -> Result<Event, Error> {
+        match value {
+            Value::Object(map) => Self::from_map(map, ctx, false),
+            other => Err(Error::invalid_event(
+                "event",
+                format!("must be a JSON object, got {}", json_type(&other)),
+            )),
+        }
+    }
+
+    /// Parses an event as written by [`to_json`](Self::to_json) or
+    /// [`RenderedEvent::with_offset`], keeping its offset. `task_id` and `tenant_id` are
+    /// required; the result is [validated](Self::validate).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidEvent`] or [`Error::InvalidId`] naming the offending field.
+    pub fn from_json_bytes(bytes: &[u8]) -> Result<Event, Error> {
+        let value: Value = serde_json::from_slice(bytes)
+            .map_err(|e| Error::invalid_event("event", format!("invalid JSON: {e}")))?;
+        let Value::Object(map) = value else {
+            return Err(Error::invalid_event(
+                "event",
+                format!("must be a JSON object, got {}", json_type(&value)),
+            ));
+        };
+        let tenant_id = TenantId::new(required_str(&map, "tenant_id")?)?;
+        let task_id = TaskId::new(required_str(&map, "task_id")?)?;
+        let ctx = ProducerContext {
+            tenant_id: &tenant_id,
+            task_id: &task_id,
+        };
+        Self::from_map(map, &ctx, true)
+    }
+
+    fn from_map(
+        mut map: Map<String, Value>,
+        ctx: &ProducerContext,
+        keep_offset: bool,
+    ) -> Result<Event, Error> {
+        let event_type = match map.get("event_type") {
+            Some(Value::String(s)) => EventType::parse(s).ok_or_else(|| {
+                Error::invalid_event(
+                    "event_type",
+                    format!("must be one of {}, got {}", type_list(), preview(s)),
+                )
+            })?,
+            None | Some(Value::Null) => {
+                return Err(Error::invalid_event(
+                    "event_type",
+                    format!("is required (one of {})", type_list()),
+                ));
+            }
+            Some(other) => {
+                return Err(Error::invalid_event(
+                    "event_type",
+                    format!(
+                        "must be a string (one of {}), got {}",
+                        type_list(),
+                        json_type(other)
+                    ),
+                ));
+            }
+        };
+
+        let type_fields = event_type.fields();
+        if let Some(unknown) = map
+            .keys()
+            .find(|k| !BASE_FIELDS.contains(&k.as_str()) && !type_fields.contains(&k.as_str()))
+        {
+            return Err(Error::invalid_event(
+                unknown.chars().take(64).collect::<String>(),
+                format!(
+                    "unknown field for a {event_type} event (allowed: {}, {})",
+                    BASE_FIELDS.join(", "),
+                    type_fields.join(", ")
+                ),
+            ));
+        }
+
+        let event_id = match optional_str(&map, "event_id")? {
+            Some(s) => EventId::new(s)?,
+            None => EventId::generate(),
+        };
+        let task_id = matching_id(&map, "task_id", ctx.task_id, |s| TaskId::new(s))?;
+        let tenant_id = matching_id(&map, "tenant_id", ctx.tenant_id, |s| TenantId::new(s))?;
+        let timestamp = match optional_str(&map, "timestamp")? {
+            Some(s) => Timestamp::parse_rfc3339(s)?,
+            None => Timestamp::now(),
+        };
+        let offset = if keep_offset {
+            match map.get("offset") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(v.as_u64().ok_or_else(|| {
+                    Error::invalid_event(
+                        "offset",
+                        format!("must be a non-negative integer or null, got {v}"),
+                    )
+                })?),
+            }
+        } else {
+            None
+        };
+
+        let payload = match event_type {
+            EventType::Status => {
+                let state = match map.get("state") {
+                    Some(Value::String(s)) => TaskState::parse(s).ok_or_else(|| {
+                        Error::invalid_event(
+                            "state",
+                            format!("must be one of {}, got {}", state_list(), preview(s)),
+                        )
+                    })?,
+                    None | Some(Value::Null) => {
+                        return Err(Error::invalid_event(
+                            "state",
+                            format!("is required (one of {})", state_list()),
+                        ));
+                    }
+                    Some(other) => {
+                        return Err(Error::invalid_event(
+                            "state",
+                            format!(
+                                "must be a string (one of {}), got {}",
+                                state_list(),
+                                json_type(other)
+                            ),
+                        ));
+                    }
+                };
+                Payload::Status(StatusEvent {
+                    state,
+                    phase: optional_string(&mut map, "phase")?,
+                    message: optional_string(&mut map, "message")?,
+                })
+            }
+            EventType::Progress => {
+                let current = required_u64(&map, "current")?;
+                let total = required_u64(&map, "total")?;
+                let percentage = match optional_f64(&map, "percentage")? {
+                    Some(p) => p,
+                    None => computed_percentage(current, total),
+                };
+                Payload::Progress(ProgressEvent {
+                    current,
+                    total,
+                    percentage,
+                    step: optional_string(&mut map, "step")?,
+                    details: optional_object(&mut map, "details")?,
+                })
+            }
+            EventType::Artifact => Payload::Artifact(ArtifactEvent {
+                artifact_type: required_string(&mut map, "artifact_type")?,
+                artifact_id: optional_string(&mut map, "artifact_id")?
+                    .unwrap_or_else(generate_artifact_id),
+                data: required_object(&mut map, "data")?,
+                is_partial: optional_bool(&map, "is_partial")?.unwrap_or(false),
+            }),
+            EventType::Error => Payload::Error(ErrorEvent {
+                error_type: required_string(&mut map, "error_type")?,
+                error_message: required_string(&mut map, "error_message")?,
+                error_code: optional_string(&mut map, "error_code")?,
+                context: optional_object(&mut map, "context")?,
+                recoverable: optional_bool(&map, "recoverable")?.unwrap_or(true),
+            }),
+            EventType::Complete => Payload::Complete(CompleteEvent {
+                result: required_object(&mut map, "result")?,
+                summary: optional_string(&mut map, "summary")?,
+                execution_time_seconds: optional_f64(&map, "execution_time_seconds")?,
+            }),
+        };
+
+        let event = Event {
+            event_id,
+            task_id,
+            tenant_id,
+            timestamp,
+            offset,
+            payload,
+        };
+        event.validate()?;
+        Ok(event)
+    }
+
+    /// Writes `{` and the base fields up to and including `"offset":`.
+    fn write_head(&self, buf: &mut Vec<u8>) {
+        buf.extend_from_slice(b"{\"event_id\":");
+        push_json(buf, self.event_id.as_str());
+        push_key(buf, "task_id");
+        push_json(buf, self.task_id.as_str());
+        push_key(buf, "tenant_id");
+        push_json(buf, self.tenant_id.as_str());
+        push_key(buf, "timestamp");
+        buf.push(b'"');
+        buf.extend_from_slice(self.timestamp.to_rfc3339().as_bytes());
+        buf.push(b'"');
+        push_key(buf, "event_type");
+        buf.push(b'"');
+        buf.extend_from_slice(self.event_type().as_str().as_bytes());
+        buf.push(b'"');
+        push_key(buf, "offset");
+    }
+
+    /// Writes the type's fields, each preceded by `,`, and the closing `}`.
+    fn write_tail(&self, buf: &mut Vec<u8>) {
+        match &self.payload {
+            Payload::Status(s) => {
+                push_key(buf, "state");
+                buf.push(b'"');
+                buf.extend_from_slice(s.state.as_str().as_bytes());
+                buf.push(b'"');
+                push_key(buf, "phase");
+                push_json(buf, &s.phase);
+                push_key(buf, "message");
+                push_json(buf, &s.message);
+            }
+            Payload::Progress(p) => {
+                push_key(buf, "current");
+                push_json(buf, &p.current);
+                push_key(buf, "total");
+                push_json(buf, &p.total);
+                push_key(buf, "percentage");
+                push_json(buf, &p.percentage);
+                push_key(buf, "step");
+                push_json(buf, &p.step);
+                push_key(buf, "details");
+                push_json(buf, &p.details);
+            }
+            Payload::Artifact(a) => {
+                push_key(buf, "artifact_type");
+                push_json(buf, &a.artifact_type);
+                push_key(buf, "artifact_id");
+                push_json(buf, &a.artifact_id);
+                push_key(buf, "data");
+                push_json(buf, &a.data);
+                push_key(buf, "is_partial");
+                push_json(buf, &a.is_partial);
+            }
+            Payload::Error(e) => {
+                push_key(buf, "error_type");
+                push_json(buf, &e.error_type);
+                push_key(buf, "error_message");
+                push_json(buf, &e.error_message);
+                push_key(buf, "error_code");
+                push_json(buf, &e.error_code);
+                push_key(buf, "context");
+                push_json(buf, &e.context);
+                push_key(buf, "recoverable");
+                push_json(buf, &e.recoverable);
+            }
+            Payload::Complete(c) => {
+                push_key(buf, "result");
+                push_json(buf, &c.result);
+                push_key(buf, "summary");
+                push_json(buf, &c.summary);
+                push_key(buf, "execution_time_seconds");
+                push_json(buf, &c.execution_time_seconds);
+            }
+        }
+        buf.push(b'}');
+    }
+}
+
+impl serde::Serialize for Event {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let n = BASE_FIELDS.len() + self.event_type().fields().len();
+        let mut map = s.serialize_map(Some(n))?;
+        map.serialize_entry("event_id", &self.event_id)?;
+        map.serialize_entry("task_id", &self.task_id)?;
+        map.serialize_entry("tenant_id", &self.tenant_id)?;
+        map.serialize_entry("timestamp", &self.timestamp)?;
+        map.serialize_entry("event_type", &self.event_type())?;
+        map.serialize_entry("offset", &self.offset)?;
+        match &self.payload {
+            Payload::Status(e) => {
+                map.serialize_entry("state", &e.state)?;
+                map.serialize_entry("phase", &e.phase)?;
+                map.serialize_entry("message", &e.message)?;
+            }
+            Payload::Progress(e) => {
+                map.serialize_entry("current", &e.current)?;
+                map.serialize_entry("total", &e.total)?;
+                map.serialize_entry("percentage", &e.percentage)?;
+                map.serialize_entry("step", &e.step)?;
+                map.serialize_entry("details", &e.details)?;
+            }
+            Payload::Artifact(e) => {
+                map.serialize_entry("artifact_type", &e.artifact_type)?;
+                map.serialize_entry("artifact_id", &e.artifact_id)?;
+                map.serialize_entry("data", &e.data)?;
+                map.serialize_entry("is_partial", &e.is_partial)?;
+            }
+            Payload::Error(e) => {
+                map.serialize_entry("error_type", &e.error_type)?;
+                map.serialize_entry("error_message", &e.error_message)?;
+                map.serialize_entry("error_code", &e.error_code)?;
+                map.serialize_entry("context", &e.context)?;
+                map.serialize_entry("recoverable", &e.recoverable)?;
+            }
+            Payload::Complete(e) => {
+                map.serialize_entry("result", &e.result)?;
+                map.serialize_entry("summary", &e.summary)?;
+                map.serialize_entry("execution_time_seconds", &e.execution_time_seconds)?;
+            }
+        }
+        map.end()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+fn empty_object() -> Value {
+    Value::Object(Map::new())
+}
+
+fn computed_percentage(current: u64, total: u64) -> f64 {
+    if total == 0 {
+        0.0
+    } else {
+        current as f64 / total as f64 * 100.0
+    }
+}
+
+fn generate_artifact_id() -> String {
+    format!("art_{:08x}", fastrand::u32(..))
+}
+
+/// Writes `,"name":`. Names are fixed ASCII field names that need no escaping.
+fn push_key(buf: &mut Vec<u8>, name: &str) {
+    buf.extend_from_slice(b",\"");
+    buf.extend_from_slice(name.as_bytes());
+    buf.extend_from_slice(b"\":");
+}
+
+/// Appends `value` as compact JSON.
+fn push_json<T: serde::Serialize + ?Sized>(buf: &mut Vec<u8>, value: &T) {
+    // Only strings, numbers, booleans, options of those and `serde_json::Value` (whose keys
+    // are strings) come here, written to a Vec: serde_json cannot fail on any of them.
+    serde_json::to_writer(buf, value).expect("serialising a JSON value into memory cannot fail");
+}
+
+/// Formats `n` in decimal into `buf`, returning the digits.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// A user-supplied string quoted for an error message, cut to a readable length.
+fn preview(s: &str) -> String {
+    const MAX_CHARS: usize = 64;
+    if s.chars().count() <= MAX_CHARS {
+        format!("{s:?}")
+    } else {
+        let cut: String = s.chars().take(MAX_CHARS).collect();
+        format!("{cut:?}…")
+    }
+}
+
+fn type_list() -> String {
+    EventType::ALL.map(EventType::as_str).join(", ")
+}
+
+fn state_list() -> String {
+    TaskState::ALL.map(TaskState::as_str).join(", ")
+}
+
+fn require_object(field: &str, value: &Value) -> Result<(), Error> {
+    if value.is_object() {
+        Ok(())
+    } else {
+        Err(Error::invalid_event(
+            field,
+            format!("must be a JSON object, got {}", json_type(value)),
+        ))
+    }
+}
+
+fn require_non_empty(field: &str, value: &str) -> Result<(), Error> {
+    if value.is_empty() {
+        Err(Error::invalid_event(field, "must not be empty"))
+    } else {
+        Ok(())
+    }
+}
+
+fn wrong_type(field: &str, expected: &str, got: &Value) -> Error {
+    Error::invalid_event(field, format!("must be {expected}, got {}", json_type(got)))
+}
+
+fn missing(field: &str) -> Error {
+    Error::invalid_event(field, "is required")
+}
+
+/// A required string field, borrowed.
+fn required_str<'m>(map: &'m Map<String, Value>, field: &str) -> Result<&'m str, Error> {
+    optional_str(map, field)?.ok_or_else(|| missing(field))
+}
+
+/// An optional string field, borrowed; absent or null gives `None`.
+fn optional_str<'m>(map: &'m Map<String, Value>, field: &str) -> Result<Option<&'m str>, Error> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(wrong_type(field, "a string", other)),
+    }
+}
+
+/// A required string field, taken out of the map.
+fn required_string(map: &mut Map<String, Value>, field: &str) -> Result<String, Error> {
+    optional_string(map, field)?.ok_or_else(|| missing(field))
+}
+
+/// An optional string field, taken out of the map; absent or null gives `None`.
+fn optional_string(map: &mut Map<String, Value>, field: &str) -> Result<Option<String>, Error> {
+    match map.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(wrong_type(field, "a string or null", &other)),
+    }
+}
+
+/// A required JSON-object field, taken out of the map.
+fn required_object(map: &mut Map<String, Value>, field: &str) -> Result<Value, Error> {
+    match map.remove(field) {
+        None | Some(Value::Null) => Err(missing(field)),
+        Some(v @ Value::Object(_)) => Ok(v),
+        Some(other) => Err(wrong_type(field, "a JSON object", &other)),
+    }
+}
+
+/// An optional JSON-object field, taken out of the map; absent or null gives `{}`.
+fn optional_object(map: &mut Map<String, Value>, field: &str) -> Result<Value, Error> {
+    match map.remove(field) {
+        None | Some(Value::Null) => Ok(empty_object()),
+        Some(v @ Value::Object(_)) => Ok(v),
+        Some(other) => Err(wrong_type(field, "a JSON object", &other)),
+    }
+}
+
+fn required_u64(map: &Map<String, Value>, field: &str) -> Result<u64, Error> {
+    match map.get(field) {
+        None | Some(Value::Null) => Err(missing(field)),
+        Some(v) => v.as_u64().ok_or_else(|| match v {
+            Value::Number(n) => {
+                Error::invalid_event(field, format!("must be a non-negative integer, got {n}"))
+            }
+            other => wrong_type(field, "a non-negative integer", other),
+        }),
+    }
+}
+
+fn optional_f64(map: &Map<String, Value>, field: &str) -> Result<Option<f64>, Error> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| Error::invalid_event(field, format!("must be a number, got {n}"))),
+        Some(other) => Err(wrong_type(field, "a number or null", other)),
+    }
+}
+
+fn optional_bool(map: &Map<String, Value>, field: &str) -> Result<Option<bool>, Error> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(wrong_type(field, "a boolean", other)),
+    }
+}
+
+/// An id that must match the queue's: absent or null gives `expected`.
+fn matching_id<T: PartialEq + Clone + fmt::Display>(
+    map: &Map<String, Value>,
+    field: &str,
+    expected: &T,
+    parse: impl Fn(&str) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let Some(s) = optional_str(map, field)? else {
+        return Ok(expected.clone());
+    };
+    let id = parse(s)?;
+    if id == *expected {
+        Ok(id)
+    } else {
+        Err(Error::invalid_event(
+            field,
+            format!("{field} does not match the queue (expected {expected}, got {id})"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn tenant() -> TenantId {
+        TenantId::new("t1").expect("valid tenant")
+    }
+
+    fn task() -> TaskId {
+        TaskId::new("wf1").expect("valid task")
+    }
+
+    fn event(payload: impl Into<Payload>) -> Event {
+        Event::new(&tenant(), &task(), payload)
+    }
+
+    fn parse(value: Value) -> Result<Event, Error> {
+        let (tenant, task) = (tenant(), task());
+        Event::from_producer_json(
+            value,
+            &ProducerContext {
+                tenant_id: &tenant,
+                task_id: &task,
+            },
+        )
+    }
+
+    fn err_field(result: Result<Event, Error>) -> String {
+        match result {
+            Err(Error::InvalidEvent { field, .. }) => field,
+            Err(Error::InvalidId { field, .. }) => field.to_string(),
+            Err(other) => panic!("unexpected error {other}"),
+            Ok(e) => panic!("expected an error, got {e:?}"),
+        }
+    }
+
+    fn samples() -> Vec<Event> {
+        vec![
+            event(StatusEvent::new(TaskState::Working).phase("planning")),
+            event(StatusEvent::new(TaskState::InputRequired).message("need \"input\"\n")),
+            event(
+                ProgressEvent::new(3, 7)
+                    .step("embed")
+                    .details(json!({"b": [1, 2], "a": {"x": null}})),
+            ),
+            event(ProgressEvent::new(0, 0)),
+            event(ArtifactEvent::new("search_results", json!({"hits": 3})).partial()),
+            event(
+                ErrorEvent::new("Timeout", "took too long")
+                    .code("E1")
+                    .non_recoverable(),
+            ),
+            event(ErrorEvent::new("Transient", "retrying")),
+            event(
+                CompleteEvent::new(json!({"answer": "é ✓"}))
+                    .summary("done")
+                    .execution_time_seconds(10.5),
+            ),
+            event(CompleteEvent::new(json!({}))),
+        ]
+    }
+
+    // ---- seed behaviours ----
+
+    #[test]
+    fn status_event_keeps_fields() {
+        let e = event(
+            StatusEvent::new(TaskState::Working)
+                .phase("planning")
+                .message("thinking"),
+        );
+        assert_eq!(e.event_type(), EventType::Status);
+        assert!(e.event_id.as_str().starts_with("evt_"));
+        assert!(e.timestamp.as_micros() > 0);
+        assert_eq!(e.offset, None);
+        let Payload::Status(s) = &e.payload else {
+            panic!("not a status event")
+        };
+        assert_eq!(s.state, TaskState::Working);
+        assert_eq!(s.phase.as_deref(), Some("planning"));
+        assert_eq!(s.message.as_deref(), Some("thinking"));
+    }
+
+    #[test]
+    fn progress_event_computes_percentage() {
+        let e = event(
+            ProgressEvent::new(5, 10)
+                .step("ingest")
+                .details(json!({"file": "a.mp4"})),
+        );
+        let Payload::Progress(p) = &e.payload else {
+            panic!("not a progress event")
+        };
+        assert_eq!(p.percentage, 50.0);
+        assert_eq!(p.step.as_deref(), Some("ingest"));
+        assert_eq!(p.details, json!({"file": "a.mp4"}));
+        assert_eq!(ProgressEvent::new(0, 0).percentage, 0.0);
+        assert_eq!(ProgressEvent::new(0, 0).details, json!({}));
+        assert!(String::from_utf8_lossy(&e.to_json()).contains("\"percentage\":50.0"));
+    }
+
+    #[test]
+    fn artifact_event_keeps_fields() {
+        let e = event(ArtifactEvent::new("search_results", json!({"hits": [1]})).partial());
+        let Payload::Artifact(a) = &e.payload else {
+            panic!("not an artifact event")
+        };
+        assert_eq!(a.artifact_type, "search_results");
+        assert_eq!(a.data, json!({"hits": [1]}));
+        assert!(a.is_partial);
+        assert_eq!(a.artifact_id.len(), 12);
+        assert!(a.artifact_id.starts_with("art_"));
+        assert!(
+            a.artifact_id[4..]
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+        assert!(e.validate().is_ok());
+    }
+
+    #[test]
+    fn error_event_keeps_fields() {
+        let e = event(
+            ErrorEvent::new("ValueError", "bad input")
+                .code("E42")
+                .context(json!({"line": 3}))
+                .non_recoverable(),
+        );
+        let Payload::Error(x) = &e.payload else {
+            panic!("not an error event")
+        };
+        assert_eq!(x.error_type, "ValueError");
+        assert_eq!(x.error_message, "bad input");
+        assert_eq!(x.error_code.as_deref(), Some("E42"));
+        assert_eq!(x.context, json!({"line": 3}));
+        assert!(!x.recoverable);
+        assert!(ErrorEvent::new("a", "b").recoverable);
+    }
+
+    #[test]
+    fn complete_event_keeps_fields() {
+        let e = event(
+            CompleteEvent::new(json!({"answer": 42}))
+                .summary("all done")
+                .execution_time_seconds(10.5),
+        );
+        let Payload::Complete(c) = &e.payload else {
+            panic!("not a complete event")
+        };
+        assert_eq!(c.result, json!({"answer": 42}));
+        assert_eq!(c.summary.as_deref(), Some("all done"));
+        assert_eq!(c.execution_time_seconds, Some(10.5));
+    }
+
+    #[test]
+    fn event_json_contains_ids_and_state() {
+        let json = String::from_utf8(event(StatusEvent::new(TaskState::Working)).to_json())
+            .expect("utf-8");
+        assert!(json.contains("wf1"));
+        assert!(json.contains("t1"));
+        assert!(json.contains("\"working\""));
+    }
+
+    // ---- wire form ----
+
+    #[test]
+    fn exact_status_json() {
+        let mut e = event(StatusEvent::new(TaskState::Working).phase("planning"))
+            .with_event_id(EventId::new("evt_0123456789ab").expect("id"))
+            .with_timestamp(
+                Timestamp::parse_rfc3339("2026-11-28T02:31:45.664387Z").expect("timestamp"),
+            );
+        e.offset = Some(3);
+        let expected = r#"{"event_id":"evt_0123456789ab","task_id":"wf1","tenant_id":"t1","timestamp":"2026-11-28T02:31:45.664387Z","event_type":"status","offset":3,"state":"working","phase":"planning","message":null}"#;
+        assert_eq!(String::from_utf8(e.to_json()).expect("utf-8"), expected);
+        assert_eq!(serde_json::to_string(&e).expect("serialize"), expected);
+        e.offset = None;
+        assert!(
+            String::from_utf8(e.to_json())
+                .expect("utf-8")
+                .contains(r#""offset":null,"state""#)
+        );
+    }
+
+    #[test]
+    fn field_order_for_every_type() {
+        for e in samples() {
+            let json = String::from_utf8(e.to_json()).expect("utf-8");
+            let mut fields: Vec<&str> = BASE_FIELDS.to_vec();
+            fields.extend_from_slice(e.event_type().fields());
+            let mut last = 0;
+            for f in fields {
+                let at = json
+                    .find(&format!("\"{f}\":"))
+                    .unwrap_or_else(|| panic!("{f} missing in {json}"));
+                assert!(at >= last, "{f} out of order in {json}");
+                last = at;
+            }
+        }
+    }
+
+    #[test]
+    fn rendered_with_offset_equals_to_json() {
+        for (i, mut e) in samples().into_iter().enumerate() {
+            let rendered = e.render();
+            assert!(rendered.prefix.ends_with(b"\"offset\":"));
+            assert!(rendered.suffix.starts_with(b","));
+            assert!(rendered.suffix.ends_with(b"}"));
+            for offset in [0, 7, i as u64 * 1000 + 1, u64::MAX] {
+                e.offset = Some(offset);
+                let spliced = rendered.with_offset(offset);
+                assert_eq!(spliced, e.to_json());
+                assert_eq!(spliced.len(), spliced.capacity());
+                assert_eq!(spliced, serde_json::to_vec(&e).expect("serialize"));
+            }
+        }
+    }
+
+    #[test]
+    fn round_trip_through_json_bytes() {
+        for (i, mut e) in samples().into_iter().enumerate() {
+            e.offset = Some(i as u64);
+            let back = Event::from_json_bytes(&e.to_json()).expect("parse");
+            assert_eq!(back, e);
+            e.offset = None;
+            let back = Event::from_json_bytes(&e.to_json()).expect("parse");
+            assert_eq!(back, e);
+        }
+    }
+
+    #[test]
+    fn json_bytes_requires_ids_and_valid_offset() {
+        let bad = br#"{"event_type":"status","state":"working","task_id":"wf1"}"#;
+        assert_eq!(err_field(Event::from_json_bytes(bad)), "tenant_id");
+        let bad = br#"{"event_type":"status","state":"working","tenant_id":"t1","task_id":"wf1","offset":-1}"#;
+        assert_eq!(err_field(Event::from_json_bytes(bad)), "offset");
+        assert_eq!(err_field(Event::from_json_bytes(b"{nope")), "event");
+        assert_eq!(err_field(Event::from_json_bytes(b"[1]")), "event");
+    }
+
+    // ---- timestamps ----
+
+    #[test]
+    fn timestamp_format_and_parse() {
+        let ts = Timestamp::from_micros(1_795_833_105_664_387);
+        assert_eq!(ts.to_rfc3339(), "2026-11-28T02:31:45.664387Z");
+        assert_eq!(ts.to_string(), ts.to_rfc3339());
+        assert_eq!(
+            Timestamp::from_micros(0).to_rfc3339(),
+            "1970-01-01T00:00:00.000000Z"
+        );
+        let now = Timestamp::now().to_rfc3339();
+        let (_, frac) = now.rsplit_once('.').expect("fraction");
+        assert_eq!(frac.len(), 7, "{now}");
+        assert!(frac.ends_with('Z'));
+
+        let shifted = Timestamp::parse_rfc3339("2026-11-28T04:31:45.664387+02:00").expect("parse");
+        assert_eq!(shifted, ts);
+        let ns = Timestamp::parse_rfc3339("2026-11-28T02:31:45.664387999Z").expect("parse");
+        assert_eq!(ns, ts);
+        let whole = Timestamp::parse_rfc3339("2026-11-28T02:31:45Z").expect("parse");
+        assert_eq!(whole.to_rfc3339(), "2026-11-28T02:31:45.000000Z");
+
+        for bad in ["", "yesterday", "2026-11-28", "2026-11-28T02:31:45"] {
+            match Timestamp::parse_rfc3339(bad) {
+                Err(Error::InvalidEvent { field, .. }) => assert_eq!(field, "timestamp"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            serde_json::to_string(&ts).expect("serialize"),
+            "\"2026-11-28T02:31:45.664387Z\""
+        );
+    }
+
+    #[test]
+    fn timestamp_range_is_clamped_and_round_trips() {
+        let min = Timestamp::from_micros(i64::MIN);
+        let max = Timestamp::from_micros(i64::MAX);
+        assert_eq!(min.to_rfc3339(), "0000-01-01T00:00:00.000000Z");
+        assert_eq!(max.to_rfc3339(), "9999-12-31T23:59:59.999999Z");
+        for ts in [min, max] {
+            assert_eq!(
+                Timestamp::parse_rfc3339(&ts.to_rfc3339()).expect("parse"),
+                ts
+            );
+        }
+        assert_eq!(max.saturating_add(Duration::MAX), max);
+        let ts = Timestamp::from_micros(1_000_000);
+        assert_eq!(
+            ts.saturating_add(Duration::from_millis(1500)).as_micros(),
+            2_500_000
+        );
+    }
+
+    // ---- enums ----
+
+    #[test]
+    fn enum_strings_and_codes() {
+        for state in TaskState::ALL {
+            assert_eq!(TaskState::parse(state.as_str()), Some(state));
+            assert_eq!(
+                serde_json::to_string(&state).expect("serialize"),
+                format!("\"{}\"", state.as_str())
+            );
+        }
+        assert_eq!(TaskState::InputRequired.as_str(), "input-required");
+        assert_eq!(TaskState::parse("Working"), None);
+        for (i, t) in EventType::ALL.into_iter().enumerate() {
+            assert_eq!(EventType::parse(t.as_str()), Some(t));
+            assert_eq!(t.code() as usize, i);
+            assert_eq!(EventType::from_code(t.code()), Some(t));
+        }
+        assert_eq!(EventType::from_code(5), None);
+    }
+
+    // ---- terminal rule ----
+
+    #[test]
+    fn terminal_rule() {
+        let cases: Vec<(Payload, bool)> = vec![
+            (StatusEvent::new(TaskState::Pending).into(), false),
+            (StatusEvent::new(TaskState::Working).into(), false),
+            (StatusEvent::new(TaskState::InputRequired).into(), false),
+            (StatusEvent::new(TaskState::Completed).into(), false),
+            (StatusEvent::new(TaskState::Failed).into(), true),
+            (StatusEvent::new(TaskState::Cancelled).into(), true),
+            (ProgressEvent::new(10, 10).into(), false),
+            (ArtifactEvent::new("x", json!({})).into(), false),
+            (ErrorEvent::new("E", "m").into(), false),
+            (ErrorEvent::new("E", "m").non_recoverable().into(), true),
+            (CompleteEvent::new(json!({})).into(), true),
+        ];
+        for (payload, terminal) in cases {
+            let e = event(payload);
+            assert_eq!(e.is_terminal(), terminal, "{e:?}");
+        }
+    }
+
+    // ---- validation and producer parsing ----
+
+    #[test]
+    fn validation_names_the_field() {
+        let over = event(ProgressEvent::new(11, 10)).validate();
+        match over {
+            Err(Error::InvalidEvent { field, reason }) => {
+                assert_eq!(field, "current");
+                assert_eq!(reason, "must not exceed total (10), got 11");
+            }
+            other => panic!("{other:?}"),
+        }
+        let cases: Vec<(Payload, &str)> = vec![
+            (ProgressEvent::new(1, 0).into(), "current"),
+            (
+                ProgressEvent::new(1, 2).percentage(150.0).into(),
+                "percentage",
+            ),
+            (
+                ProgressEvent::new(1, 2).percentage(-1.0).into(),
+                "percentage",
+            ),
+            (
+                ProgressEvent::new(1, 2).percentage(f64::NAN).into(),
+                "percentage",
+            ),
+            (
+                ProgressEvent::new(1, 2).details(json!([1])).into(),
+                "details",
+            ),
+            (ArtifactEvent::new("x", json!("text")).into(), "data"),
+            (ArtifactEvent::new("", json!({})).into(), "artifact_type"),
+            (
+                ArtifactEvent::new("x", json!({})).artifact_id("a b").into(),
+                "artifact_id",
+            ),
+            (ErrorEvent::new("", "m").into(), "error_type"),
+            (ErrorEvent::new("E", "").into(), "error_message"),
+            (
+                ErrorEvent::new("E", "m").context(json!(1)).into(),
+                "context",
+            ),
+            (CompleteEvent::new(json!(null)).into(), "result"),
+            (
+                CompleteEvent::new(json!({}))
+                    .execution_time_seconds(-0.5)
+                    .into(),
+                "execution_time_seconds",
+            ),
+            (
+                CompleteEvent::new(json!({}))
+                    .execution_time_seconds(f64::INFINITY)
+                    .into(),
+                "execution_time_seconds",
+            ),
+        ];
+        for (payload, field) in cases {
+            let e = event(payload);
+            assert_eq!(err_field(e.validate().map(|()| e.clone())), field, "{e:?}");
+        }
+        for e in samples() {
+            assert!(e.validate().is_ok(), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn producer_json_fills_defaults() {
+        let e = parse(json!({"event_type": "progress", "current": 5, "total": 10, "offset": 99}))
+            .expect("parse");
+        assert_eq!(e.offset, None);
+        assert_eq!(e.task_id, task());
+        assert_eq!(e.tenant_id, tenant());
+        assert!(e.event_id.as_str().starts_with("evt_"));
+        assert_eq!(
+            e.payload,
+            Payload::Progress(ProgressEvent {
+                current: 5,
+                total: 10,
+                percentage: 50.0,
+                step: None,
+                details: json!({}),
+            })
+        );
+
+        let e = parse(json!({
+            "event_type": "artifact", "artifact_type": "frames", "data": {"n": 1},
+            "artifact_id": null, "is_partial": null, "event_id": null, "timestamp": null,
+        }))
+        .expect("parse");
+        let Payload::Artifact(a) = &e.payload else {
+            panic!("not an artifact")
+        };
+        assert!(a.artifact_id.starts_with("art_"));
+        assert!(!a.is_partial);
+
+        let e = parse(json!({"event_type": "error", "error_type": "E", "error_message": "m"}))
+            .expect("parse");
+        assert!(!e.is_terminal());
+
+        let e = parse(json!({
+            "event_type": "status", "state": "input-required", "event_id": "evt_custom",
+            "task_id": "wf1", "tenant_id": "t1", "timestamp": "2026-11-28T04:31:45.664387+02:00",
+        }))
+        .expect("parse");
+        assert_eq!(e.event_id.as_str(), "evt_custom");
+        assert_eq!(e.timestamp.to_rfc3339(), "2026-11-28T02:31:45.664387Z");
+        assert_eq!(
+            e.payload,
+            Payload::Status(StatusEvent::new(TaskState::InputRequired))
+        );
+
+        let e = parse(json!({
+            "event_type": "complete", "result": {"ok": true}, "execution_time_seconds": 3
+        }))
+        .expect("parse");
+        let Payload::Complete(c) = &e.payload else {
+            panic!("not a complete event")
+        };
+        assert_eq!(c.execution_time_seconds, Some(3.0));
+    }
+
+    #[test]
+    fn producer_json_errors_name_the_field() {
+        let cases = [
+            (json!([1, 2]), "event"),
+            (json!({"state": "working"}), "event_type"),
+            (json!({"event_type": null}), "event_type"),
+            (json!({"event_type": "bogus"}), "event_type"),
+            (json!({"event_type": 3}), "event_type"),
+            (
+                json!({"event_type": "status", "state": "working", "colour": 1}),
+                "colour",
+            ),
+            // A field of another type is unknown for this one.
+            (
+                json!({"event_type": "status", "state": "working", "current": 1}),
+                "current",
+            ),
+            (json!({"event_type": "status"}), "state"),
+            (json!({"event_type": "status", "state": "done"}), "state"),
+            (
+                json!({"event_type": "status", "state": "working", "phase": 1}),
+                "phase",
+            ),
+            (
+                json!({"event_type": "status", "state": "working", "task_id": "other"}),
+                "task_id",
+            ),
+            (
+                json!({"event_type": "status", "state": "working", "tenant_id": "t2"}),
+                "tenant_id",
+            ),
+            (
+                json!({"event_type": "status", "state": "working", "task_id": "a/b"}),
+                "task_id",
+            ),
+            (
+                json!({"event_type": "status", "state": "working", "event_id": "x y"}),
+                "event_id",
+            ),
+            (
+                json!({"event_type": "status", "state": "working", "timestamp": "now"}),
+                "timestamp",
+            ),
+            (
+                json!({"event_type": "status", "state": "working", "timestamp": 5}),
+                "timestamp",
+            ),
+            (json!({"event_type": "progress", "total": 10}), "current"),
+            (
+                json!({"event_type": "progress", "current": -1, "total": 10}),
+                "current",
+            ),
+            (
+                json!({"event_type": "progress", "current": 1.5, "total": 10}),
+                "current",
+            ),
+            (
+                json!({"event_type": "progress", "current": "1", "total": 10}),
+                "current",
+            ),
+            (
+                json!({"event_type": "progress", "current": 11, "total": 10}),
+                "current",
+            ),
+            (
+                json!({"event_type": "progress", "current": 1, "total": 0}),
+                "current",
+            ),
+            (
+                json!({"event_type": "progress", "current": 1, "total": 2, "percentage": 150}),
+                "percentage",
+            ),
+            (
+                json!({"event_type": "progress", "current": 1, "total": 2, "percentage": "x"}),
+                "percentage",
+            ),
+            (
+                json!({"event_type": "progress", "current": 1, "total": 2, "details": [1]}),
+                "details",
+            ),
+            (
+                json!({"event_type": "artifact", "data": {}}),
+                "artifact_type",
+            ),
+            (
+                json!({"event_type": "artifact", "artifact_type": "", "data": {}}),
+                "artifact_type",
+            ),
+            (
+                json!({"event_type": "artifact", "artifact_type": "x"}),
+                "data",
+            ),
+            (
+                json!({"event_type": "artifact", "artifact_type": "x", "data": "s"}),
+                "data",
+            ),
+            (
+                json!({"event_type": "artifact", "artifact_type": "x", "data": {}, "is_partial": "yes"}),
+                "is_partial",
+            ),
+            (
+                json!({"event_type": "error", "error_type": "E"}),
+                "error_message",
+            ),
+            (
+                json!({"event_type": "error", "error_type": "E", "error_message": "m", "recoverable": 0}),
+                "recoverable",
+            ),
+            (json!({"event_type": "complete"}), "result"),
+            (
+                json!({"event_type": "complete", "result": {}, "execution_time_seconds": -1}),
+                "execution_time_seconds",
+            ),
+        ];
+        for (value, field) in cases {
+            let shown = value.to_string();
+            assert_eq!(err_field(parse(value)), field, "{shown}");
+        }
+    }
+
+    #[test]
+    fn error_messages_explain() {
+        let msg = parse(json!({"event_type": "bogus"}))
+            .expect_err("bogus type")
+            .to_string();
+        assert!(
+            msg.contains("status, progress, artifact, error, complete"),
+            "{msg}"
+        );
+        let msg = parse(json!({"event_type": "status", "state": "working", "task_id": "other"}))
+            .expect_err("mismatch")
+            .to_string();
+        assert!(
+            msg.contains("task_id does not match the queue (expected wf1, got other)"),
+            "{msg}"
+        );
+        let msg = parse(json!({"event_type": "status", "state": "working", "zzz": 1}))
+            .expect_err("unknown")
+            .to_string();
+        assert!(msg.contains("unknown field"), "{msg}");
+        let msg = parse(json!({"event_type": "artifact", "artifact_type": "x", "data": []}))
+            .expect_err("data")
+            .to_string();
+        assert!(msg.contains("object") && msg.contains("array"), "{msg}");
+    }
+}

@@ -1,0 +1,65 @@
+//! Per-queue live fan-out: a `tokio::sync::broadcast` sender created when the first subscriber
+//! arrives and dropped when a publish finds no receivers, so an idle queue holds no channel.
+//! Never touches the store.
+//!
+//! Everything here is called with the queue's state mutex held. That lock is what makes the
+//! replay → live hand-off exact: a subscriber reads the published offset and joins the channel
+//! under the lock, and the writer advances the published offset and sends under the same lock,
+//! so every event at or past the offset the subscriber read reaches its receiver (or is reported
+//! to it as lag).
+
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+
+use crate::subscription::RecordedEvent;
+
+/// What the writer sends to live subscribers, in commit order.
+#[derive(Debug, Clone)]
+pub(crate) enum Live {
+    /// A committed event.
+    Event(Arc<RecordedEvent>),
+    /// The queue was closed when `next_offset` was `at`: no event at or past `at` will come.
+    Closed { at: u64 },
+    /// The queue was deleted or expired.
+    Removed,
+}
+
+/// The optional sender of one queue.
+#[derive(Debug, Default)]
+pub(crate) struct Hub {
+    tx: Option<broadcast::Sender<Live>>,
+}
+
+impl Hub {
+    /// A new receiver, creating the channel if there is none.
+    pub(crate) fn subscribe(&mut self, capacity: usize) -> broadcast::Receiver<Live> {
+        match &self.tx {
+            Some(tx) => tx.subscribe(),
+            None => {
+                let (tx, rx) = broadcast::channel(capacity.max(1));
+                self.tx = Some(tx);
+                rx
+            }
+        }
+    }
+
+    /// Sends to every receiver; drops the channel once nobody listens.
+    pub(crate) fn publish(&mut self, msg: Live) {
+        if let Some(tx) = &self.tx
+            && tx.send(msg).is_err()
+        {
+            self.tx = None;
+        }
+    }
+
+    /// Whether a channel exists (for tests of the idle-queue footprint).
+    pub(crate) fn is_open(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Drops the channel: receivers see it closed after draining what was sent.
+    pub(crate) fn shut(&mut self) {
+        self.tx = None;
+    }
+}

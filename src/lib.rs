@@ -1,0 +1,65 @@
+//! # eventqueue
+//!
+//! A durable, embedded event log for task progress. Producers (workflows, ingestion jobs)
+//! append status / progress / artifact / error / complete events to per-task queues;
+//! subscribers replay from any offset and then follow live, across disconnects and restarts.
+//!
+//! Guarantees:
+//! - an `enqueue` that returned `Ok` survives `kill -9` and a restart (fsync'd group commit);
+//! - offsets are per queue, dense, 0-based and never reused;
+//! - a subscription delivers in offset order with no duplicates and no holes; events dropped
+//!   by retention are reported as a gap, never skipped silently;
+//! - a slow subscriber never blocks producers or other subscribers.
+//!
+//! ```
+//! use eventqueue::{Config, Delivery, Event, QueueManager, QueueOptions, StatusEvent, TaskId,
+//!                  TaskState, TenantId};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> eventqueue::Result<()> {
+//! let dir = tempfile::tempdir().unwrap();
+//! let manager = QueueManager::open(Config::new(dir.path())).await?;
+//! let (tenant, task) = (TenantId::new("acme")?, TaskId::new("workflow_123")?);
+//! let queue = manager.create_queue(&tenant, &task, QueueOptions::default()).await?;
+//!
+//! let status = StatusEvent::new(TaskState::Working).phase("planning");
+//! let offset = queue.enqueue(Event::new(&tenant, &task, status)).await?;
+//! assert_eq!(offset, 0);
+//!
+//! let mut sub = queue.subscribe(0)?;
+//! let Some(Ok(Delivery::Event(ev))) = sub.next().await else { panic!() };
+//! assert_eq!(ev.offset(), 0);
+//! assert!(std::str::from_utf8(ev.json()).unwrap().contains(r#""phase":"planning""#));
+//! manager.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod clock;
+mod compaction;
+mod config;
+mod error;
+mod event;
+mod hub;
+mod ids;
+mod manager;
+mod metrics;
+mod queue;
+mod store;
+mod subscription;
+mod writer;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use compaction::CleanupReport;
+pub use config::{Config, Durability};
+pub use error::{Error, Result};
+pub use event::{
+    ArtifactEvent, CompleteEvent, ErrorEvent, Event, EventType, Payload, ProducerContext,
+    ProgressEvent, RenderedEvent, StatusEvent, TaskState, Timestamp,
+};
+pub use ids::{EventId, MAX_ID_LEN, TaskId, TenantId, validate_id};
+pub use manager::{ManagerStats, QueueManager};
+pub use metrics::{Histogram, Metrics};
+pub use queue::{CancellationState, EventQueue, QueueInfo, QueueKind, QueueOptions};
+pub use store::DB_FILE;
+pub use subscription::{Delivery, RecordedEvent, Subscription};

@@ -1,0 +1,5 @@
+//! The `eventqueue` command.
+
+fn main() {
+    println!("eventqueue");
+}

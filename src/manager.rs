@@ -1,0 +1,477 @@
+//! [`QueueManager`]: opens a data directory, recovers every queue, and owns the writer thread
+//! and the cleanup loop.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::{Clock, SystemClock};
+use crate::compaction::{self, CleanupReport};
+use crate::config::{Config, Durability};
+use crate::error::{Error, Result};
+use crate::ids::{TaskId, TenantId};
+use crate::metrics::Metrics;
+use crate::queue::{EventQueue, QueueInfo, QueueOptions, QueueShared};
+use crate::store::{Store, SyncMode};
+use crate::writer::{Command, NewQueue, Registry, Reply, Writer};
+
+/// Capacity of the writer's command channel; callers wait (asynchronously) beyond it.
+const COMMAND_CHANNEL: usize = 4096;
+
+/// What every handle of one manager shares.
+pub(crate) struct Core {
+    pub store: Arc<Store>,
+    pub tx: mpsc::Sender<Command>,
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub registry: Arc<Registry>,
+    pub clock: Arc<dyn Clock>,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("path", &self.store.path())
+            .finish()
+    }
+}
+
+impl Core {
+    /// Sends a command to the writer and waits for its reply.
+    pub(crate) async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Release);
+    }
+}
+
+/// Manager-wide figures.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ManagerStats {
+    /// Queues that exist.
+    pub total_queues: usize,
+    /// Queues not closed.
+    pub active_queues: usize,
+    /// Closed queues (still replayable).
+    pub closed_queues: usize,
+    /// Queues whose task finished.
+    pub finished_queues: usize,
+    /// Live subscriptions over all queues.
+    pub subscribers: usize,
+    /// Default TTL in minutes.
+    pub default_ttl_minutes: f64,
+    /// Default retention bound.
+    pub max_buffer_size: u64,
+}
+
+/// Opens a data directory and manages its queues. Cheap to clone.
+///
+/// Dropping the last handle stops the writer after it finishes what it was given; call
+/// [`QueueManager::shutdown`] to wait for that (for example before reopening the same
+/// directory).
+#[derive(Clone, Debug)]
+pub struct QueueManager {
+    core: Arc<Core>,
+    cleanup: Arc<Mutex<Option<CancellationToken>>>,
+}
+
+impl QueueManager {
+    /// Opens (or creates) the store in `config.data_dir` and restores every queue, offset,
+    /// retained event, closed and cancelled state. Time comes from the system clock.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Locked`] if another process holds the database, [`Error::UnsupportedFormat`]
+    /// for a file of another format version, [`Error::Storage`] for I/O errors.
+    pub async fn open(config: Config) -> Result<Self> {
+        Self::open_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// As [`QueueManager::open`], with an injected clock (used for activity, TTL and
+    /// cancellation times).
+    ///
+    /// # Errors
+    ///
+    /// As [`QueueManager::open`].
+    pub async fn open_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self> {
+        let dir = config.data_dir.clone();
+        let cache = config.cache_size_bytes;
+        let opened = tokio::task::spawn_blocking(move || Store::open(&dir, cache))
+            .await
+            .map_err(|e| Error::storage(format!("open task failed: {e}")))??;
+        let mut map = HashMap::with_capacity(opened.queues.len());
+        for lq in opened.queues {
+            let tenant = TenantId::new(&lq.tenant)?;
+            let task = TaskId::new(&lq.task)?;
+            let shared = Arc::new(QueueShared::from_record(
+                tenant.clone(),
+                task.clone(),
+                &lq.record,
+            ));
+            map.insert((tenant, task), shared);
+        }
+        let store = Arc::new(opened.store);
+        let registry = Arc::new(Registry::new(map));
+        let metrics = Arc::new(Metrics::default());
+        let (tx, rx) = mpsc::channel(COMMAND_CHANNEL);
+        let unsynced = Arc::new(AtomicBool::new(false));
+        let mode = match config.durability {
+            Durability::Immediate => SyncMode::Sync,
+            Durability::Buffered { .. } => SyncMode::NoSync,
+        };
+        let writer = Writer {
+            store: store.clone(),
+            registry: registry.clone(),
+            clock: clock.clone(),
+            metrics: metrics.clone(),
+            rx,
+            mode,
+            max_commit_events: config.max_commit_events.max(1),
+            next_queue_id: opened.next_queue_id,
+            failed: None,
+            unsynced: unsynced.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("eventqueue-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| Error::storage(format!("cannot start writer thread: {e}")))?;
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        if let Durability::Buffered { flush_interval } = config.durability {
+            spawn_flusher(tx.clone(), unsynced, stop_ticker.clone(), flush_interval)?;
+        }
+        Ok(Self {
+            core: Arc::new(Core {
+                store,
+                tx,
+                config,
+                metrics,
+                registry,
+                clock,
+                writer_thread: Mutex::new(Some(handle)),
+                stop_ticker,
+            }),
+            cleanup: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    fn handle(&self, q: Arc<QueueShared>) -> EventQueue {
+        EventQueue {
+            q,
+            core: self.core.clone(),
+        }
+    }
+
+    fn lookup(&self, tenant: &TenantId, task: &TaskId) -> Option<Arc<QueueShared>> {
+        self.core
+            .registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(tenant.clone(), task.clone()))
+            .cloned()
+    }
+
+    /// Creates a queue; it is durable when this returns.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::QueueExists`]; [`Error::InvalidEvent`] naming `max_buffer_size` when it is 0;
+    /// storage errors.
+    pub async fn create_queue(
+        &self,
+        tenant: &TenantId,
+        task: &TaskId,
+        options: QueueOptions,
+    ) -> Result<EventQueue> {
+        let max_buffer_size = options
+            .max_buffer_size
+            .unwrap_or(self.core.config.max_buffer_size);
+        if max_buffer_size == 0 {
+            return Err(Error::invalid_event(
+                "max_buffer_size",
+                "must be at least 1",
+            ));
+        }
+        let spec = NewQueue {
+            tenant: tenant.clone(),
+            task: task.clone(),
+            kind: options.kind,
+            ttl: options.ttl.unwrap_or(self.core.config.default_ttl),
+            max_buffer_size,
+        };
+        let q = self
+            .core
+            .call(|reply| Command::Create { spec, reply })
+            .await?;
+        Ok(self.handle(q))
+    }
+
+    /// The existing queue, or a new one created with `options`.
+    ///
+    /// # Errors
+    ///
+    /// As [`QueueManager::create_queue`], except that an existing queue is not an error.
+    pub async fn get_or_create_queue(
+        &self,
+        tenant: &TenantId,
+        task: &TaskId,
+        options: QueueOptions,
+    ) -> Result<EventQueue> {
+        loop {
+            if let Some(q) = self.get_queue(tenant, task) {
+                return Ok(q);
+            }
+            match self.create_queue(tenant, task, options.clone()).await {
+                Err(Error::QueueExists { .. }) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// The queue, if it exists (closed queues included, until they expire).
+    pub fn get_queue(&self, tenant: &TenantId, task: &TaskId) -> Option<EventQueue> {
+        self.lookup(tenant, task).map(|q| self.handle(q))
+    }
+
+    /// Info of every queue of `tenant` (all tenants when `None`), sorted by tenant then task.
+    pub fn list_queues(&self, tenant: Option<&TenantId>) -> Vec<QueueInfo> {
+        let queues: Vec<Arc<QueueShared>> = self
+            .core
+            .registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|((t, _), _)| tenant.is_none_or(|want| want == t))
+            .map(|(_, q)| q.clone())
+            .collect();
+        let mut infos: Vec<QueueInfo> = queues.iter().map(|q| q.info()).collect();
+        infos.sort_by(|a, b| (&a.tenant_id, &a.task_id).cmp(&(&b.tenant_id, &b.task_id)));
+        infos
+    }
+
+    /// Closes a queue. Returns whether it existed.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    pub async fn close_queue(&self, tenant: &TenantId, task: &TaskId) -> Result<bool> {
+        match self.get_queue(tenant, task) {
+            Some(q) => missing_is_false(q.close().await.map(|()| true)),
+            None => Ok(false),
+        }
+    }
+
+    /// Deletes a queue and all its events; its subscribers end. Returns whether it existed.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    pub async fn delete_queue(&self, tenant: &TenantId, task: &TaskId) -> Result<bool> {
+        let Some(q) = self.lookup(tenant, task) else {
+            return Ok(false);
+        };
+        missing_is_false(
+            self.core
+                .call(|reply| Command::Delete {
+                    queue: q,
+                    expire_at: None,
+                    reply,
+                })
+                .await,
+        )
+    }
+
+    /// Cancels a task (see [`EventQueue::cancel`]). Returns whether the queue existed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TaskFinished`] if the task already finished; storage errors.
+    pub async fn cancel_task(
+        &self,
+        tenant: &TenantId,
+        task: &TaskId,
+        reason: Option<&str>,
+    ) -> Result<bool> {
+        match self.get_queue(tenant, task) {
+            Some(q) => missing_is_false(q.cancel(reason).await.map(|()| true)),
+            None => Ok(false),
+        }
+    }
+
+    /// Manager-wide figures.
+    pub fn stats(&self) -> ManagerStats {
+        let queues: Vec<Arc<QueueShared>> = self
+            .core
+            .registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut stats = ManagerStats {
+            total_queues: queues.len(),
+            active_queues: 0,
+            closed_queues: 0,
+            finished_queues: 0,
+            subscribers: 0,
+            default_ttl_minutes: self.core.config.default_ttl.as_secs_f64() / 60.0,
+            max_buffer_size: self.core.config.max_buffer_size,
+        };
+        for q in queues {
+            let st = q.lock();
+            if st.closed {
+                stats.closed_queues += 1;
+            } else {
+                stats.active_queues += 1;
+            }
+            if st.finished_at.is_some() {
+                stats.finished_queues += 1;
+            }
+            stats.subscribers += q.subscribers.load(Ordering::Relaxed);
+        }
+        stats
+    }
+
+    /// The manager's counters and histograms.
+    pub fn metrics(&self) -> &Metrics {
+        &self.core.metrics
+    }
+
+    /// The configuration the manager was opened with.
+    pub fn config(&self) -> &Config {
+        &self.core.config
+    }
+
+    /// Size of the database file in bytes.
+    pub fn store_size_bytes(&self) -> u64 {
+        self.core.store.file_size()
+    }
+
+    /// Removes every queue idle for at least its TTL at the clock's current time.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    pub async fn cleanup_expired(&self) -> Result<CleanupReport> {
+        compaction::expire_once(&self.core, self.core.clock.now()).await
+    }
+
+    /// Starts the background cleanup loop (idempotent: a running loop is kept).
+    pub fn start_cleanup_loop(&self, interval: Duration) {
+        let mut slot = self.cleanup.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_some_and(|t| !t.is_cancelled()) {
+            return;
+        }
+        let token = CancellationToken::new();
+        *slot = Some(token.clone());
+        tokio::spawn(compaction::cleanup_loop(
+            Arc::downgrade(&self.core),
+            interval,
+            token,
+        ));
+    }
+
+    /// Stops the cleanup loop, if running.
+    pub fn stop_cleanup_loop(&self) {
+        if let Some(token) = self
+            .cleanup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            token.cancel();
+        }
+    }
+
+    /// Whether the cleanup loop is running.
+    pub fn is_cleanup_running(&self) -> bool {
+        self.cleanup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|t| !t.is_cancelled())
+    }
+
+    /// Makes every commit so far durable (a no-op in immediate mode).
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    pub async fn flush(&self) -> Result<()> {
+        self.core
+            .call(|reply| Command::Sync { reply: Some(reply) })
+            .await
+    }
+
+    /// Commits what was submitted, syncs, stops the writer and waits for it. Later operations
+    /// on any handle fail with [`Error::ShuttingDown`]; open subscriptions keep reading the log.
+    ///
+    /// # Errors
+    ///
+    /// A storage error from the final sync.
+    pub async fn shutdown(&self) -> Result<()> {
+        self.stop_cleanup_loop();
+        self.core.stop_ticker.store(true, Ordering::Release);
+        let result = match self.core.call(|reply| Command::Shutdown { reply }).await {
+            Err(Error::ShuttingDown) => Ok(()),
+            other => other,
+        };
+        let handle = self
+            .core
+            .writer_thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        result
+    }
+}
+
+fn missing_is_false<T: Into<bool>>(r: Result<T>) -> Result<bool> {
+    match r {
+        Ok(v) => Ok(v.into()),
+        Err(Error::QueueNotFound { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// In buffered mode: asks the writer for an fsync'd commit at least every `interval` while
+/// commits without fsync are outstanding.
+fn spawn_flusher(
+    tx: mpsc::Sender<Command>,
+    unsynced: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    interval: Duration,
+) -> Result<()> {
+    std::thread::Builder::new()
+        .name("eventqueue-flush".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                std::thread::sleep(interval);
+                if unsynced.load(Ordering::Acquire)
+                    && tx.blocking_send(Command::Sync { reply: None }).is_err()
+                {
+                    return;
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| Error::storage(format!("cannot start flush thread: {e}")))
+}

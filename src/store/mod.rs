@@ -1,0 +1,307 @@
+//! The redb log. The only module that imports redb.
+//!
+//! Tables:
+//! - `meta`: `&str -> u64` — `format_version`, `next_queue_id`.
+//! - `queues`: `(tenant, task) -> QueueRecord` (postcard).
+//! - `events`: `(queue id, offset) -> event record` (see [`codec`]).
+//! - `event_ids`: `(queue id, event id) -> offset`, the idempotency index; written and trimmed in
+//!   the same transaction as the events it points at.
+//!
+//! Queue ids are numeric and never reused, so the events of a deleted queue can never be read as
+//! another queue's. Every function here is synchronous: callers run them on the writer thread or
+//! in `spawn_blocking`, never on an async worker.
+
+pub(crate) mod codec;
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
+
+use crate::error::{Error, Result};
+use codec::{EventHeader, FORMAT_VERSION, QueueRecord};
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const QUEUES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("queues");
+const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events");
+const EVENT_IDS: TableDefinition<(u64, &str), u64> = TableDefinition::new("event_ids");
+
+const KEY_FORMAT: &str = "format_version";
+const KEY_NEXT_QUEUE_ID: &str = "next_queue_id";
+
+/// Name of the database file inside the data directory.
+pub const DB_FILE: &str = "eventqueue.redb";
+
+/// Whether a commit waits for fsync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SyncMode {
+    /// fsync before the commit returns.
+    Sync,
+    /// Commit without fsync; a later `Sync` commit makes it durable.
+    NoSync,
+}
+
+/// One stored event, as read back for replay.
+#[derive(Debug, Clone)]
+pub(crate) struct StoredEvent {
+    pub offset: u64,
+    pub header: EventHeader,
+    pub json: Bytes,
+}
+
+/// A queue as found on open.
+#[derive(Debug, Clone)]
+pub(crate) struct LoadedQueue {
+    pub tenant: String,
+    pub task: String,
+    pub record: QueueRecord,
+}
+
+/// Everything `open` recovers.
+pub(crate) struct Opened {
+    pub store: Store,
+    pub queues: Vec<LoadedQueue>,
+    pub next_queue_id: u64,
+}
+
+/// The database handle.
+pub(crate) struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+fn st(e: impl std::fmt::Display) -> Error {
+    Error::storage(e)
+}
+
+impl Store {
+    /// Opens (or creates) `data_dir/eventqueue.redb`, checks the format version and loads every
+    /// queue record. Cost is proportional to the number of queues, not of events.
+    pub(crate) fn open(data_dir: &Path, cache_bytes: usize) -> Result<Opened> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            Error::storage(format!(
+                "cannot create data directory {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        let path = data_dir.join(DB_FILE);
+        let db = match redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(&path)
+        {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(Error::Locked {
+                    path: path.display().to_string(),
+                });
+            }
+            Err(e) => return Err(Error::storage(format!("opening {}: {e}", path.display()))),
+        };
+        let store = Store { db, path };
+        let (queues, next_queue_id) = store.init_and_load()?;
+        Ok(Opened {
+            store,
+            queues,
+            next_queue_id,
+        })
+    }
+
+    fn init_and_load(&self) -> Result<(Vec<LoadedQueue>, u64)> {
+        let txn = self.db.begin_write().map_err(st)?;
+        let (queues, next_id) = {
+            let mut meta = txn.open_table(META).map_err(st)?;
+            let found = meta.get(KEY_FORMAT).map_err(st)?.map(|v| v.value());
+            match found {
+                Some(v) if v == u64::from(FORMAT_VERSION) => {}
+                Some(v) => {
+                    return Err(Error::UnsupportedFormat {
+                        found: u32::try_from(v).unwrap_or(u32::MAX),
+                        expected: FORMAT_VERSION,
+                    });
+                }
+                None => {
+                    meta.insert(KEY_FORMAT, u64::from(FORMAT_VERSION))
+                        .map_err(st)?;
+                }
+            }
+            let next_id = meta
+                .get(KEY_NEXT_QUEUE_ID)
+                .map_err(st)?
+                .map(|v| v.value())
+                .unwrap_or(1);
+            txn.open_table(EVENTS).map_err(st)?;
+            txn.open_table(EVENT_IDS).map_err(st)?;
+            let table = txn.open_table(QUEUES).map_err(st)?;
+            let mut queues = Vec::with_capacity(table.len().map_err(st)? as usize);
+            for row in table.iter().map_err(st)? {
+                let (k, v) = row.map_err(st)?;
+                let (tenant, task) = k.value();
+                queues.push(LoadedQueue {
+                    tenant: tenant.to_string(),
+                    task: task.to_string(),
+                    record: codec::decode_queue(v.value())?,
+                });
+            }
+            (queues, next_id)
+        };
+        txn.commit().map_err(st)?;
+        Ok((queues, next_id))
+    }
+
+    /// Path of the database file.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads up to `limit` events of queue `qid` with offsets in `from..to`, in offset order.
+    /// Offsets missing from the result were trimmed or purged.
+    pub(crate) fn read_range(
+        &self,
+        qid: u64,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>> {
+        if from >= to || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let txn = self.db.begin_read().map_err(st)?;
+        let table = txn.open_table(EVENTS).map_err(st)?;
+        let mut out = Vec::with_capacity(limit.min((to - from) as usize));
+        for row in table.range((qid, from)..(qid, to)).map_err(st)? {
+            let (k, v) = row.map_err(st)?;
+            let (header, at) = codec::decode_event(v.value())?;
+            out.push(StoredEvent {
+                offset: k.value().1,
+                header,
+                json: Bytes::copy_from_slice(&v.value()[at..]),
+            });
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs `f` in one write transaction and commits it. If `f` fails the transaction is
+    /// aborted and nothing of it is stored.
+    ///
+    /// # Errors
+    ///
+    /// Whatever `f` returns, or the commit's storage error.
+    pub(crate) fn write<T>(
+        &self,
+        mode: SyncMode,
+        f: impl FnOnce(&mut StoreWriter<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut txn = self.db.begin_write().map_err(st)?;
+        txn.set_durability(match mode {
+            SyncMode::Sync => Durability::Immediate,
+            SyncMode::NoSync => Durability::None,
+        })
+        .map_err(st)?;
+        let value = {
+            let mut w = StoreWriter {
+                meta: txn.open_table(META).map_err(st)?,
+                queues: txn.open_table(QUEUES).map_err(st)?,
+                events: txn.open_table(EVENTS).map_err(st)?,
+                ids: txn.open_table(EVENT_IDS).map_err(st)?,
+            };
+            f(&mut w)?
+        };
+        txn.commit().map_err(st)?;
+        Ok(value)
+    }
+
+    /// Size of the database file in bytes.
+    pub(crate) fn file_size(&self) -> u64 {
+        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// The tables of one open write transaction.
+pub(crate) struct StoreWriter<'t> {
+    meta: redb::Table<'t, &'static str, u64>,
+    queues: redb::Table<'t, (&'static str, &'static str), &'static [u8]>,
+    events: redb::Table<'t, (u64, u64), &'static [u8]>,
+    ids: redb::Table<'t, (u64, &'static str), u64>,
+}
+
+impl StoreWriter<'_> {
+    pub(crate) fn set_next_queue_id(&mut self, id: u64) -> Result<()> {
+        self.meta.insert(KEY_NEXT_QUEUE_ID, id).map_err(st)?;
+        Ok(())
+    }
+
+    pub(crate) fn put_queue(
+        &mut self,
+        tenant: &str,
+        task: &str,
+        record: &QueueRecord,
+    ) -> Result<()> {
+        let bytes = codec::encode_queue(record)?;
+        self.queues
+            .insert((tenant, task), bytes.as_slice())
+            .map_err(st)?;
+        Ok(())
+    }
+
+    pub(crate) fn remove_queue(&mut self, tenant: &str, task: &str) -> Result<()> {
+        self.queues.remove((tenant, task)).map_err(st)?;
+        Ok(())
+    }
+
+    /// The offset of the retained event of queue `qid` with this id, if any.
+    pub(crate) fn find_event_id(&self, qid: u64, event_id: &str) -> Result<Option<u64>> {
+        Ok(self
+            .ids
+            .get((qid, event_id))
+            .map_err(st)?
+            .map(|v| v.value()))
+    }
+
+    /// Stores one encoded record at `(qid, offset)` and indexes its id.
+    pub(crate) fn append(
+        &mut self,
+        qid: u64,
+        offset: u64,
+        event_id: &str,
+        record: &[u8],
+    ) -> Result<()> {
+        self.events.insert((qid, offset), record).map_err(st)?;
+        self.ids.insert((qid, event_id), offset).map_err(st)?;
+        Ok(())
+    }
+
+    /// Removes the events of `qid` with offsets in `from..to` and their id-index entries.
+    /// Returns how many events were removed.
+    pub(crate) fn trim(&mut self, qid: u64, from: u64, to: u64) -> Result<u64> {
+        let mut removed = 0;
+        for offset in from..to {
+            let id = match self.events.remove((qid, offset)).map_err(st)? {
+                Some(guard) => codec::decode_event(guard.value())?.0.event_id,
+                None => continue,
+            };
+            self.ids.remove((qid, id.as_str())).map_err(st)?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Removes every event and id-index entry of `qid`. Returns how many events were removed.
+    pub(crate) fn purge(&mut self, qid: u64) -> Result<u64> {
+        let mut removed = 0u64;
+        self.events
+            .retain_in((qid, 0)..=(qid, u64::MAX), |_, _| {
+                removed += 1;
+                false
+            })
+            .map_err(st)?;
+        self.ids
+            .retain_in((qid, "")..(qid + 1, ""), |_, _| false)
+            .map_err(st)?;
+        Ok(removed)
+    }
+}

@@ -1,0 +1,383 @@
+//! Subscriptions: replay from the log, then live, with no holes and no duplicates.
+//!
+//! # Ordering
+//!
+//! A [`Subscription`] tracks `next`, the next offset it owes its reader. It is created under
+//! the queue's state lock: it joins the live channel and reads the published offset `latest`
+//! in the same critical section. The writer advances the published offset and sends each
+//! committed event under that same lock, after the commit. Hence:
+//!
+//! - every event below `latest` is committed and is read from the log (or was trimmed);
+//! - every event at or above `latest` is sent to this subscription's receiver, in offset order.
+//!
+//! The subscription first reads `next..latest` from the log in chunks, then takes live events.
+//! A live event below `next` was already delivered from the log and is skipped (no duplicate).
+//! A live event above `next` means the subscription missed some (it lagged); it keeps that
+//! event aside, reads `next..event` from the log — committed, because publication follows
+//! commit — and then delivers the kept event (no hole).
+//!
+//! # Lagging
+//!
+//! A subscriber that stops reading never blocks the writer or other subscribers: the live
+//! channel is a bounded `tokio::sync::broadcast`, and a receiver that falls more than its
+//! capacity behind observes `Lagged`. The subscription then re-reads the published state and
+//! catches up from the durable log, losing nothing that is still retained. Memory per
+//! subscription is bounded by one replay chunk.
+//!
+//! # Gaps
+//!
+//! When the log no longer holds an offset the subscription owes (trimmed by `max_buffer_size`
+//! or expiry while it was away), it yields one [`Delivery::Gap`] naming the requested offset and
+//! the first offset it will deliver next, then continues. Gaps are said, never silent.
+//!
+//! # Closing
+//!
+//! The stream ends after the queue's first terminal event, after a close once everything
+//! before it was delivered, or at once when the queue is deleted or expires.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use tokio::sync::broadcast::{self, error::RecvError};
+
+use crate::error::{Error, Result};
+use crate::event::{Event, EventType};
+use crate::hub::Live;
+use crate::manager::Core;
+use crate::metrics::Metrics;
+use crate::queue::QueueShared;
+
+/// A committed event as stored: its offset, type, and JSON bytes (offset included), shared by
+/// every subscriber that receives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedEvent {
+    offset: u64,
+    event_type: EventType,
+    terminal: bool,
+    json: Bytes,
+}
+
+impl RecordedEvent {
+    pub(crate) fn new(offset: u64, event_type: EventType, terminal: bool, json: Bytes) -> Self {
+        Self {
+            offset,
+            event_type,
+            terminal,
+            json,
+        }
+    }
+
+    /// The event's offset.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The event's type.
+    pub fn event_type(&self) -> EventType {
+        self.event_type
+    }
+
+    /// Whether this event finishes its task (see the terminal rule).
+    pub fn is_terminal(&self) -> bool {
+        self.terminal
+    }
+
+    /// The event's JSON exactly as stored (cheap to clone).
+    pub fn json(&self) -> &Bytes {
+        &self.json
+    }
+
+    /// Parses the JSON into an [`Event`].
+    ///
+    /// # Errors
+    ///
+    /// Only if the stored bytes are corrupt.
+    pub fn event(&self) -> Result<Event> {
+        Event::from_json_bytes(&self.json)
+    }
+}
+
+/// What a subscription yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delivery {
+    /// The next event in offset order.
+    Event(Arc<RecordedEvent>),
+    /// Events from `requested_offset` up to `first_available_offset` (exclusive) were dropped
+    /// before this subscription could deliver them.
+    Gap {
+        /// The offset the subscription owed.
+        requested_offset: u64,
+        /// The offset it continues at.
+        first_available_offset: u64,
+    },
+}
+
+impl Delivery {
+    /// The event, if this is one.
+    pub fn as_event(&self) -> Option<&Arc<RecordedEvent>> {
+        match self {
+            Delivery::Event(e) => Some(e),
+            Delivery::Gap { .. } => None,
+        }
+    }
+}
+
+/// Counts the queue's live subscriptions.
+#[derive(Debug)]
+struct SubscriberGuard(Arc<QueueShared>);
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        self.0.subscribers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A stream of one queue's events from an offset; see the module docs for its guarantees.
+///
+/// Read it with [`Subscription::next`] or turn it into a `Stream` with
+/// [`Subscription::into_stream`].
+#[derive(Debug)]
+pub struct Subscription {
+    q: Arc<QueueShared>,
+    core: Arc<Core>,
+    rx: broadcast::Receiver<Live>,
+    /// One past the last offset queued for delivery (or skipped as dropped).
+    next: u64,
+    /// Offsets below this are read from the log.
+    read_until: u64,
+    close_at: Option<u64>,
+    finished_at: Option<u64>,
+    /// A gap starting at this offset is to be reported before the next delivery.
+    gap_from: Option<u64>,
+    /// A live event received ahead of `next`, delivered once the log filled the hole.
+    stash: Option<Arc<RecordedEvent>>,
+    buf: VecDeque<Arc<RecordedEvent>>,
+    done: bool,
+    first_to_send: u64,
+    latest_at_start: u64,
+    _guard: SubscriberGuard,
+}
+
+impl Subscription {
+    pub(crate) fn new(q: Arc<QueueShared>, core: Arc<Core>, from: u64) -> Result<Self> {
+        let (rx, st_next, st_first, closed, finished_at) = {
+            let mut st = q.lock();
+            if st.removed {
+                return Err(Error::QueueNotFound {
+                    task_id: q.task_id.to_string(),
+                });
+            }
+            let rx = st.hub.subscribe(core.config.broadcast_capacity);
+            (
+                rx,
+                st.next_offset,
+                st.first_offset,
+                st.closed,
+                st.finished_at,
+            )
+        };
+        q.subscribers.fetch_add(1, Ordering::Relaxed);
+        let guard = SubscriberGuard(q.clone());
+        let done = finished_at.is_some_and(|f| from > f);
+        Ok(Self {
+            q,
+            core,
+            rx,
+            next: from,
+            read_until: st_next,
+            close_at: closed.then_some(st_next),
+            finished_at,
+            gap_from: None,
+            stash: None,
+            buf: VecDeque::new(),
+            done,
+            first_to_send: if from < st_next {
+                from.max(st_first)
+            } else {
+                from
+            },
+            latest_at_start: st_next,
+            _guard: guard,
+        })
+    }
+
+    /// The first offset this subscription expects to send (after a gap at the start: the first
+    /// retained one), as known when it was created.
+    pub fn first_offset(&self) -> u64 {
+        self.first_to_send
+    }
+
+    /// The queue's latest offset when the subscription was created.
+    pub fn latest_offset_at_start(&self) -> u64 {
+        self.latest_at_start
+    }
+
+    /// Whether the subscription already knows it will yield nothing more.
+    pub fn is_ended(&self) -> bool {
+        self.done && self.buf.is_empty()
+    }
+
+    /// The next delivery, or `None` when the stream has ended.
+    ///
+    /// # Errors
+    ///
+    /// A storage error while reading the log; the subscription ends after it.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe while waiting for live events: a dropped call loses nothing. A call dropped
+    /// while reading the log may repeat that read.
+    pub async fn next(&mut self) -> Option<Result<Delivery>> {
+        loop {
+            if let Some(ev) = self.buf.pop_front() {
+                if self.finished_at.is_some_and(|f| ev.offset > f) {
+                    self.end();
+                    return None;
+                }
+                if let Some(requested) = self.gap_from.take() {
+                    let first = ev.offset;
+                    self.buf.push_front(ev);
+                    return Some(Ok(self.gap(requested, first)));
+                }
+                if ev.terminal {
+                    self.end();
+                }
+                return Some(Ok(Delivery::Event(ev)));
+            }
+            if self.done {
+                return None;
+            }
+            let closed = self.close_at.is_some_and(|c| self.next >= c);
+            let finished = self.finished_at.is_some_and(|f| self.next > f);
+            if closed || finished {
+                self.done = true;
+                return self.gap_from.take().map(|r| Ok(self.gap(r, self.next)));
+            }
+            if self.next < self.read_until {
+                if let Err(e) = self.fill().await {
+                    self.end();
+                    return Some(Err(e));
+                }
+                continue;
+            }
+            if let Some(ev) = self.stash.take() {
+                self.accept(ev);
+                continue;
+            }
+            match self.rx.recv().await {
+                Ok(Live::Event(ev)) => self.accept(ev),
+                Ok(Live::Closed { at }) => {
+                    self.close_at = Some(at);
+                    self.read_until = self.read_until.max(at);
+                }
+                Ok(Live::Removed) => {
+                    self.end();
+                    return None;
+                }
+                Err(RecvError::Lagged(_)) => {
+                    Metrics::add(&self.core.metrics.lag_recoveries, 1);
+                    self.refresh(false);
+                }
+                Err(RecvError::Closed) => self.refresh(true),
+            }
+        }
+    }
+
+    /// Turns the subscription into a `Stream`.
+    pub fn into_stream(self) -> impl Stream<Item = Result<Delivery>> + Send + 'static {
+        futures_util::stream::unfold(self, |mut sub| async move {
+            sub.next().await.map(|item| (item, sub))
+        })
+    }
+
+    fn end(&mut self) {
+        self.done = true;
+        self.stash = None;
+        self.buf.clear();
+        self.gap_from = None;
+    }
+
+    fn gap(&self, requested_offset: u64, first_available_offset: u64) -> Delivery {
+        Metrics::add(&self.core.metrics.gap_notices, 1);
+        Delivery::Gap {
+            requested_offset,
+            first_available_offset,
+        }
+    }
+
+    /// Takes a live event: skip it if already delivered, queue it if it is the next one, and
+    /// otherwise keep it aside and read the hole before it from the log.
+    fn accept(&mut self, ev: Arc<RecordedEvent>) {
+        if ev.offset < self.next {
+            return;
+        }
+        if ev.offset == self.next {
+            self.next += 1;
+            self.buf.push_back(ev);
+        } else {
+            self.read_until = ev.offset;
+            self.stash = Some(ev);
+        }
+    }
+
+    /// Re-reads the published state after lagging (or after the channel went away).
+    fn refresh(&mut self, resubscribe: bool) {
+        let mut st = self.q.lock();
+        if st.removed {
+            drop(st);
+            self.end();
+            return;
+        }
+        if resubscribe {
+            self.rx = st.hub.subscribe(self.core.config.broadcast_capacity);
+        }
+        self.read_until = self.read_until.max(st.next_offset);
+        if st.closed {
+            self.close_at = Some(st.next_offset);
+        }
+        self.finished_at = st.finished_at;
+    }
+
+    /// Reads the next chunk of `next..read_until` from the log.
+    async fn fill(&mut self) -> Result<()> {
+        let (store, qid, from, to) = (
+            self.core.store.clone(),
+            self.q.id,
+            self.next,
+            self.read_until,
+        );
+        let limit = self.core.config.replay_chunk;
+        let events = tokio::task::spawn_blocking(move || store.read_range(qid, from, to, limit))
+            .await
+            .map_err(|e| Error::storage(format!("replay task failed: {e}")))??;
+        match events.first() {
+            None => {
+                // Everything owed below `read_until` is gone.
+                self.gap_from.get_or_insert(from);
+                self.next = to;
+                self.refresh(false);
+            }
+            Some(first) => {
+                if first.offset > from {
+                    self.gap_from.get_or_insert(from);
+                    self.refresh(false);
+                }
+                for e in events {
+                    self.next = e.offset + 1;
+                    let event_type = EventType::from_code(e.header.event_type)
+                        .ok_or_else(|| Error::storage("corrupt event record: unknown type"))?;
+                    self.buf.push_back(Arc::new(RecordedEvent::new(
+                        e.offset,
+                        event_type,
+                        e.header.terminal,
+                        e.json,
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
