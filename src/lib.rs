@@ -49,6 +49,8 @@ mod store;
 mod subscription;
 mod writer;
 
+pub mod server;
+
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use compaction::CleanupReport;
 pub use config::{Config, Durability};

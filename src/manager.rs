@@ -418,8 +418,10 @@ impl QueueManager {
             .await
     }
 
-    /// Commits what was submitted, syncs, stops the writer and waits for it. Later operations
-    /// on any handle fail with [`Error::ShuttingDown`]; open subscriptions keep reading the log.
+    /// Commits what was submitted, syncs, stops the writer, waits for it and closes the
+    /// database file, so the directory can be reopened at once. Later operations on any handle
+    /// fail with [`Error::ShuttingDown`]; open subscriptions end with that error if they need
+    /// the log.
     ///
     /// # Errors
     ///
@@ -440,6 +442,8 @@ impl QueueManager {
         if let Some(handle) = handle {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
+        let store = self.core.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
         result
     }
 }

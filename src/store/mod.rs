@@ -14,6 +14,7 @@
 pub(crate) mod codec;
 
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use bytes::Bytes;
 use redb::{
@@ -66,9 +67,10 @@ pub(crate) struct Opened {
     pub next_queue_id: u64,
 }
 
-/// The database handle.
+/// The database handle. `close` releases the file (and its lock) even while other parts of
+/// the process still hold the `Store`; they then get [`Error::ShuttingDown`].
 pub(crate) struct Store {
-    db: Database,
+    db: RwLock<Option<Database>>,
     path: PathBuf,
 }
 
@@ -99,7 +101,10 @@ impl Store {
             }
             Err(e) => return Err(Error::storage(format!("opening {}: {e}", path.display()))),
         };
-        let store = Store { db, path };
+        let store = Store {
+            db: RwLock::new(Some(db)),
+            path,
+        };
         let (queues, next_queue_id) = store.init_and_load()?;
         Ok(Opened {
             store,
@@ -108,8 +113,32 @@ impl Store {
         })
     }
 
+    fn begin_write(&self) -> Result<redb::WriteTransaction> {
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        guard
+            .as_ref()
+            .ok_or(Error::ShuttingDown)?
+            .begin_write()
+            .map_err(st)
+    }
+
+    fn begin_read(&self) -> Result<redb::ReadTransaction> {
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        guard
+            .as_ref()
+            .ok_or(Error::ShuttingDown)?
+            .begin_read()
+            .map_err(st)
+    }
+
+    /// Closes the database file. Later operations fail with [`Error::ShuttingDown`].
+    pub(crate) fn close(&self) {
+        let db = self.db.write().unwrap_or_else(|p| p.into_inner()).take();
+        drop(db);
+    }
+
     fn init_and_load(&self) -> Result<(Vec<LoadedQueue>, u64)> {
-        let txn = self.db.begin_write().map_err(st)?;
+        let txn = self.begin_write()?;
         let (queues, next_id) = {
             let mut meta = txn.open_table(META).map_err(st)?;
             let found = meta.get(KEY_FORMAT).map_err(st)?.map(|v| v.value());
@@ -167,7 +196,7 @@ impl Store {
         if from >= to || limit == 0 {
             return Ok(Vec::new());
         }
-        let txn = self.db.begin_read().map_err(st)?;
+        let txn = self.begin_read()?;
         let table = txn.open_table(EVENTS).map_err(st)?;
         let mut out = Vec::with_capacity(limit.min((to - from) as usize));
         for row in table.range((qid, from)..(qid, to)).map_err(st)? {
@@ -196,7 +225,7 @@ impl Store {
         mode: SyncMode,
         f: impl FnOnce(&mut StoreWriter<'_>) -> Result<T>,
     ) -> Result<T> {
-        let mut txn = self.db.begin_write().map_err(st)?;
+        let mut txn = self.begin_write()?;
         txn.set_durability(match mode {
             SyncMode::Sync => Durability::Immediate,
             SyncMode::NoSync => Durability::None,

@@ -1,1 +1,3 @@
-
+mod helpers;
+mod http;
+mod library;

@@ -1,0 +1,519 @@
+//! One queue: the seed's queue tests (7–18) and the contract's subscription rules.
+
+use std::time::Duration;
+
+use eventqueue::{
+    CompleteEvent, Delivery, ErrorEvent, Event, QueueOptions, StatusEvent, TaskState,
+};
+use serde_json::json;
+
+use super::*;
+
+#[tokio::test]
+async fn enqueued_event_reaches_a_subscriber() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let (t, k) = (tenant("tenant1"), task("workflow_123"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    let ev = phase(&t, &k, 0);
+    let id = ev.event_id.clone();
+    assert_eq!(q.enqueue(ev).await.unwrap(), 0);
+    let mut sub = q.subscribe(0).unwrap();
+    let Some(Delivery::Event(got)) = next(&mut sub).await else {
+        panic!("no event")
+    };
+    let parsed = got.event().unwrap();
+    assert_eq!(parsed.event_id, id);
+    assert_eq!(parsed.offset, Some(0));
+    assert_eq!(
+        parsed.tenant_id, t,
+        "subscribed events carry their tenant id"
+    );
+}
+
+#[tokio::test]
+async fn events_arrive_in_enqueue_order_and_replay_from_an_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let (t, k) = (tenant("t"), task("wf"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(q.latest_offset(), 0);
+    for n in 0..5 {
+        assert_eq!(q.enqueue(phase(&t, &k, n)).await.unwrap(), n);
+    }
+    assert_eq!(q.latest_offset(), 5);
+    let mut all = q.subscribe(0).unwrap();
+    assert_eq!(offsets(&mut all, 5).await, vec![0, 1, 2, 3, 4]);
+    let mut from3 = q.subscribe(3).unwrap();
+    let got = offsets(&mut from3, 2).await;
+    assert_eq!(got, vec![3, 4]);
+    // Event JSON carries the phase it was enqueued with.
+    let mut again = q.subscribe(3).unwrap();
+    let Some(Delivery::Event(e)) = next(&mut again).await else {
+        panic!()
+    };
+    assert!(std::str::from_utf8(e.json()).unwrap().contains("phase_3"));
+}
+
+#[tokio::test]
+async fn parked_subscriber_receives_every_event_despite_trimming() {
+    // Seed 11: buffer of 3, a subscriber waiting before six enqueues gets 0..5 in order.
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let (t, k) = (tenant("t"), task("wf"));
+    let q = m.create_queue(&t, &k, with_buffer(3)).await.unwrap();
+    let mut sub = q.subscribe(0).unwrap();
+    for n in 0..6 {
+        q.enqueue(phase(&t, &k, n)).await.unwrap();
+    }
+    assert_eq!(offsets(&mut sub, 6).await, vec![0, 1, 2, 3, 4, 5]);
+    assert_eq!(q.info().event_count, 3);
+}
+
+#[tokio::test]
+async fn latest_offset_counts_dropped_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let (t, k) = (tenant("t"), task("wf"));
+    let q = m.create_queue(&t, &k, with_buffer(2)).await.unwrap();
+    for n in 0..5 {
+        q.enqueue(phase(&t, &k, n)).await.unwrap();
+    }
+    assert_eq!(q.latest_offset(), 5);
+    assert_eq!(q.first_offset(), 3);
+
+    let q5 = m
+        .create_queue(&t, &task("wf5"), with_buffer(5))
+        .await
+        .unwrap();
+    for n in 0..10 {
+        q5.enqueue(phase(&t, &task("wf5"), n)).await.unwrap();
+    }
+    let info = q5.info();
+    assert_eq!(
+        (info.event_count, info.latest_offset, info.first_offset),
+        (5, 10, 5)
+    );
+}
+
+#[tokio::test]
+async fn replay_below_retention_says_gap_then_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let (t, k) = (tenant("t"), task("wf"));
+    let q = m.create_queue(&t, &k, with_buffer(2)).await.unwrap();
+    for n in 0..5 {
+        q.enqueue(phase(&t, &k, n)).await.unwrap();
+    }
+    let mut sub = q.subscribe(0).unwrap();
+    assert_eq!(sub.first_offset(), 3);
+    assert_eq!(
+        next(&mut sub).await,
+        Some(Delivery::Gap {
+            requested_offset: 0,
+            first_available_offset: 3
+        })
+    );
+    assert_eq!(offsets(&mut sub, 2).await, vec![3, 4]);
+    // Then it follows live.
+    q.enqueue(phase(&t, &k, 5)).await.unwrap();
+    assert_eq!(offsets(&mut sub, 1).await, vec![5]);
+    assert_eq!(
+        m.metrics()
+            .gap_notices
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test]
+async fn cancel_sets_the_token_with_reason_and_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let (t, k) = (tenant("t"), task("wf"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    let fresh = q.cancellation();
+    assert!(!fresh.is_cancelled && fresh.reason.is_none() && fresh.cancel_time.is_none());
+    let token = q.cancellation_token();
+    q.cancel(Some("Timeout exceeded")).await.unwrap();
+    let c = q.cancellation();
+    assert!(c.is_cancelled);
+    assert_eq!(c.reason.as_deref(), Some("Timeout exceeded"));
+    assert!(c.cancel_time.is_some());
+    assert!(token.is_cancelled() && q.is_cancelled());
+    // Cancelling appends no event and does not end streams.
+    assert_eq!(q.latest_offset(), 0);
+    // A second cancel keeps the first reason.
+    q.cancel(Some("other")).await.unwrap();
+    assert_eq!(q.cancellation().reason.as_deref(), Some("Timeout exceeded"));
+}
+
+#[tokio::test]
+async fn close_ends_an_active_subscriber_after_what_came_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let (t, k) = (tenant("t"), task("wf"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    let mut sub = q.subscribe(0).unwrap();
+    let waiter = tokio::spawn(async move { drain(&mut sub).await });
+    for n in 0..3 {
+        q.enqueue(phase(&t, &k, n)).await.unwrap();
+    }
+    q.close().await.unwrap();
+    let got = waiter.await.unwrap();
+    assert_eq!(event_offsets(&got), vec![0, 1, 2]);
+    assert!(q.is_closed());
+    // Enqueue on a closed queue fails; close is idempotent; the queue stays replayable.
+    let err = q.enqueue(phase(&t, &k, 9)).await.unwrap_err();
+    assert!(
+        matches!(err, eventqueue::Error::QueueClosed { .. }),
+        "{err}"
+    );
+    q.close().await.unwrap();
+    let mut late = q.subscribe(0).unwrap();
+    assert_eq!(event_offsets(&drain(&mut late).await), vec![0, 1, 2]);
+}
+
+#[tokio::test]
+async fn two_live_subscribers_each_receive_the_same_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let (t, k) = (tenant("t"), task("wf"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    let mut dashboard = q.subscribe(0).unwrap();
+    let mut cli = q.subscribe(0).unwrap();
+    assert_eq!(q.info().subscriber_count, 2);
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let e = phase(&t, &k, n);
+        ids.push(e.event_id.clone());
+        q.enqueue(e).await.unwrap();
+    }
+    for sub in [&mut dashboard, &mut cli] {
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let Some(Delivery::Event(e)) = next(sub).await else {
+                panic!()
+            };
+            got.push(e.event().unwrap().event_id);
+        }
+        assert_eq!(got, ids);
+    }
+    drop(dashboard);
+    assert_eq!(q.info().subscriber_count, 1);
+}
+
+#[tokio::test]
+async fn fresh_queue_info_is_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let q = m
+        .create_queue(&tenant("t"), &task("wf"), QueueOptions::default())
+        .await
+        .unwrap();
+    let i = q.info();
+    assert_eq!(
+        (i.event_count, i.subscriber_count, i.latest_offset),
+        (0, 0, 0)
+    );
+    assert!(!i.is_closed && !i.is_cancelled && !i.is_finished);
+    assert_eq!(i.ttl_minutes, 30.0);
+    assert_eq!(i.max_buffer_size, 1000);
+    let json = serde_json::to_value(&i).unwrap();
+    let keys: Vec<&str> = json
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|s| s.as_str())
+        .collect();
+    for field in [
+        "task_id",
+        "tenant_id",
+        "kind",
+        "event_count",
+        "subscriber_count",
+        "is_closed",
+        "is_cancelled",
+        "cancel_reason",
+        "is_finished",
+        "created_at",
+        "last_activity",
+        "ttl_minutes",
+        "max_buffer_size",
+        "first_offset",
+        "latest_offset",
+    ] {
+        assert!(keys.contains(&field), "missing {field}");
+    }
+}
+
+#[tokio::test]
+async fn terminal_event_ends_streams_but_later_events_are_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let (t, k) = (tenant("t"), task("wf"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    let mut live = q.subscribe(0).unwrap();
+    q.enqueue(phase(&t, &k, 0)).await.unwrap();
+    // status: completed is not terminal.
+    q.enqueue(Event::new(&t, &k, StatusEvent::new(TaskState::Completed)))
+        .await
+        .unwrap();
+    q.enqueue(Event::new(
+        &t,
+        &k,
+        CompleteEvent::new(json!({"answer": 42})),
+    ))
+    .await
+    .unwrap();
+    q.enqueue(phase(&t, &k, 3)).await.unwrap();
+    assert!(q.is_finished());
+    assert_eq!(q.finished_at(), Some(2));
+    assert_eq!(q.latest_offset(), 4);
+    assert_eq!(event_offsets(&drain(&mut live).await), vec![0, 1, 2]);
+    let mut replay = q.subscribe(1).unwrap();
+    assert_eq!(event_offsets(&drain(&mut replay).await), vec![1, 2]);
+    // A subscription starting past the terminal event yields nothing.
+    let mut past = q.subscribe(3).unwrap();
+    assert!(drain(&mut past).await.is_empty());
+    // Cancel of a finished task is refused.
+    let err = q.cancel(None).await.unwrap_err();
+    assert!(matches!(err, eventqueue::Error::TaskFinished { .. }));
+}
+
+#[tokio::test]
+async fn non_recoverable_error_and_failed_status_are_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let t = tenant("t");
+    let (a, b, c) = (task("a"), task("b"), task("c"));
+    let qa = m
+        .create_queue(&t, &a, QueueOptions::default())
+        .await
+        .unwrap();
+    qa.enqueue(Event::new(&t, &a, ErrorEvent::new("Io", "disk gone")))
+        .await
+        .unwrap();
+    assert!(!qa.is_finished(), "a recoverable error is not terminal");
+    qa.enqueue(Event::new(
+        &t,
+        &a,
+        ErrorEvent::new("Io", "fatal").non_recoverable(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(qa.finished_at(), Some(1));
+    let qb = m
+        .create_queue(&t, &b, QueueOptions::default())
+        .await
+        .unwrap();
+    qb.enqueue(Event::new(&t, &b, StatusEvent::new(TaskState::Failed)))
+        .await
+        .unwrap();
+    let qc = m
+        .create_queue(&t, &c, QueueOptions::default())
+        .await
+        .unwrap();
+    qc.enqueue(Event::new(&t, &c, StatusEvent::new(TaskState::Cancelled)))
+        .await
+        .unwrap();
+    assert!(qb.is_finished() && qc.is_finished());
+}
+
+#[tokio::test]
+async fn events_must_match_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let (t, k) = (tenant("t"), task("wf"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    let wrong_task = phase(&t, &task("other"), 0);
+    let err = q.enqueue(wrong_task).await.unwrap_err();
+    assert!(err.to_string().contains("task_id"), "{err}");
+    let wrong_tenant = phase(&tenant("u"), &k, 0);
+    let err = q.enqueue(wrong_tenant).await.unwrap_err();
+    assert!(err.to_string().contains("tenant_id"), "{err}");
+    // A batch with one invalid event stores none.
+    let bad = Event::new(&t, &k, eventqueue::ProgressEvent::new(11, 10));
+    let err = q
+        .enqueue_batch(vec![phase(&t, &k, 0), bad])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("current"), "{err}");
+    assert_eq!(q.latest_offset(), 0);
+}
+
+#[tokio::test]
+async fn delete_ends_subscribers_and_removes_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let (t, k) = (tenant("t"), task("wf"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    q.enqueue(phase(&t, &k, 0)).await.unwrap();
+    let mut sub = q.subscribe(1).unwrap();
+    let waiter = tokio::spawn(async move { drain(&mut sub).await });
+    assert!(m.delete_queue(&t, &k).await.unwrap());
+    assert!(waiter.await.unwrap().is_empty());
+    assert!(m.get_queue(&t, &k).is_none());
+    assert!(!m.delete_queue(&t, &k).await.unwrap());
+    assert!(matches!(
+        q.enqueue(phase(&t, &k, 1)).await.unwrap_err(),
+        eventqueue::Error::QueueNotFound { .. }
+    ));
+    assert!(q.subscribe(0).is_err());
+    // The same task id can be created again and starts from offset 0 with no old events.
+    let q2 = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(q2.latest_offset(), 0);
+    q2.enqueue(phase(&t, &k, 7)).await.unwrap();
+    let mut s = q2.subscribe(0).unwrap();
+    let Some(Delivery::Event(e)) = next(&mut s).await else {
+        panic!()
+    };
+    assert!(std::str::from_utf8(e.json()).unwrap().contains("phase_7"));
+}
+
+#[tokio::test]
+async fn idle_queue_holds_no_live_channel() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let (t, k) = (tenant("t"), task("wf"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    assert!(!q.has_live_channel());
+    let sub = q.subscribe(0).unwrap();
+    assert!(q.has_live_channel());
+    drop(sub);
+    q.enqueue(phase(&t, &k, 0)).await.unwrap();
+    assert!(
+        !q.has_live_channel(),
+        "the channel is dropped once nobody listens"
+    );
+}
+
+#[tokio::test]
+async fn subscription_past_latest_waits_for_new_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let (t, k) = (tenant("t"), task("wf"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    q.enqueue(phase(&t, &k, 0)).await.unwrap();
+    let mut sub = q.subscribe(3).unwrap();
+    for n in 1..5 {
+        q.enqueue(phase(&t, &k, n)).await.unwrap();
+    }
+    assert_eq!(offsets(&mut sub, 2).await, vec![3, 4]);
+}
+
+#[tokio::test]
+async fn ttl_zero_expires_at_the_next_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let t = tenant("t");
+    let zero = m
+        .create_queue(
+            &t,
+            &task("zero"),
+            QueueOptions::default().with_ttl(Duration::ZERO),
+        )
+        .await
+        .unwrap();
+    let mut sub = zero.subscribe(0).unwrap();
+    m.create_queue(&t, &task("live"), QueueOptions::default())
+        .await
+        .unwrap();
+    let report = m.cleanup_expired().await.unwrap();
+    assert_eq!(report.queues_expired, 1);
+    assert!(m.get_queue(&t, &task("zero")).is_none());
+    assert!(m.get_queue(&t, &task("live")).is_some());
+    assert!(
+        drain(&mut sub).await.is_empty(),
+        "subscribers of an expired queue end"
+    );
+}
+
+async fn small_channel(dir: &std::path::Path) -> eventqueue::QueueManager {
+    eventqueue::QueueManager::open(eventqueue::Config {
+        broadcast_capacity: 2,
+        ..config(dir)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn stalled_subscriber_catches_up_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = small_channel(dir.path()).await;
+    let (t, k) = (tenant("t"), task("wf"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    let mut stalled = q.subscribe(0).unwrap();
+    for n in 0..10 {
+        q.enqueue(phase(&t, &k, n)).await.unwrap();
+    }
+    assert_eq!(offsets(&mut stalled, 10).await, (0..10).collect::<Vec<_>>());
+    let lags = m
+        .metrics()
+        .lag_recoveries
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        lags >= 1,
+        "the subscriber must have lagged the capacity-2 channel"
+    );
+    // And it re-joins live.
+    q.enqueue(phase(&t, &k, 10)).await.unwrap();
+    assert_eq!(offsets(&mut stalled, 1).await, vec![10]);
+}
+
+#[tokio::test]
+async fn subscriber_behind_retention_gets_a_gap_then_the_retained_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = small_channel(dir.path()).await;
+    let (t, k) = (tenant("t"), task("wf"));
+    let q = m.create_queue(&t, &k, with_buffer(3)).await.unwrap();
+    let mut stalled = q.subscribe(0).unwrap();
+    for n in 0..10 {
+        q.enqueue(phase(&t, &k, n)).await.unwrap();
+    }
+    assert_eq!(
+        next(&mut stalled).await,
+        Some(Delivery::Gap {
+            requested_offset: 0,
+            first_available_offset: 7
+        })
+    );
+    assert_eq!(offsets(&mut stalled, 3).await, vec![7, 8, 9]);
+}

@@ -1,0 +1,149 @@
+//! Reopening a data directory restores everything; offsets are never reused.
+
+use eventqueue::{Error, QueueManager, QueueOptions};
+
+use super::*;
+
+#[tokio::test]
+async fn reopen_restores_queues_offsets_events_and_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tenant("t");
+    let (a, b, c) = (task("a"), task("b"), task("c"));
+    {
+        let m = open(dir.path()).await;
+        let qa = m.create_queue(&t, &a, with_buffer(3)).await.unwrap();
+        for n in 0..5 {
+            qa.enqueue(phase(&t, &a, n)).await.unwrap();
+        }
+        let qb = m
+            .create_queue(&t, &b, QueueOptions::default())
+            .await
+            .unwrap();
+        qb.enqueue(phase(&t, &b, 0)).await.unwrap();
+        qb.close().await.unwrap();
+        let qc = m
+            .create_queue(&t, &c, QueueOptions::default())
+            .await
+            .unwrap();
+        qc.cancel(Some("stop")).await.unwrap();
+        m.shutdown().await.unwrap();
+        assert!(matches!(
+            qa.enqueue(phase(&t, &a, 9)).await.unwrap_err(),
+            Error::ShuttingDown
+        ));
+    }
+    let m = open(dir.path()).await;
+    let qa = m.get_queue(&t, &a).unwrap();
+    assert_eq!((qa.first_offset(), qa.latest_offset()), (2, 5));
+    let mut sub = qa.subscribe(0).unwrap();
+    let first = next(&mut sub).await.unwrap();
+    assert!(matches!(
+        first,
+        Delivery::Gap {
+            requested_offset: 0,
+            first_available_offset: 2
+        }
+    ));
+    assert_eq!(offsets(&mut sub, 3).await, vec![2, 3, 4]);
+    // Offsets continue, never reused.
+    assert_eq!(qa.enqueue(phase(&t, &a, 5)).await.unwrap(), 5);
+    let qb = m.get_queue(&t, &b).unwrap();
+    assert!(qb.is_closed());
+    assert!(qb.enqueue(phase(&t, &b, 1)).await.is_err());
+    let qc = m.get_queue(&t, &c).unwrap();
+    assert!(qc.is_cancelled());
+    assert_eq!(qc.cancellation().reason.as_deref(), Some("stop"));
+    assert!(qc.cancellation_token().is_cancelled());
+}
+
+#[tokio::test]
+async fn finished_state_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, k) = (tenant("t"), task("wf"));
+    {
+        let m = open(dir.path()).await;
+        let q = m
+            .create_queue(&t, &k, QueueOptions::default())
+            .await
+            .unwrap();
+        q.enqueue(phase(&t, &k, 0)).await.unwrap();
+        q.enqueue(eventqueue::Event::new(
+            &t,
+            &k,
+            eventqueue::CompleteEvent::new(serde_json::json!({})),
+        ))
+        .await
+        .unwrap();
+        m.shutdown().await.unwrap();
+    }
+    let m = open(dir.path()).await;
+    let q = m.get_queue(&t, &k).unwrap();
+    assert_eq!(q.finished_at(), Some(1));
+    let mut sub = q.subscribe(0).unwrap();
+    assert_eq!(event_offsets(&drain(&mut sub).await), vec![0, 1]);
+}
+
+#[tokio::test]
+async fn deleted_queue_stays_deleted_and_ids_are_not_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, k) = (tenant("t"), task("wf"));
+    {
+        let m = open(dir.path()).await;
+        let q = m
+            .create_queue(&t, &k, QueueOptions::default())
+            .await
+            .unwrap();
+        q.enqueue(phase(&t, &k, 0)).await.unwrap();
+        m.delete_queue(&t, &k).await.unwrap();
+        m.shutdown().await.unwrap();
+    }
+    let m = open(dir.path()).await;
+    assert!(m.get_queue(&t, &k).is_none());
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    let mut sub = q.subscribe(0).unwrap();
+    q.enqueue(phase(&t, &k, 42)).await.unwrap();
+    let Some(Delivery::Event(e)) = next(&mut sub).await else {
+        panic!()
+    };
+    assert!(std::str::from_utf8(e.json()).unwrap().contains("phase_42"));
+}
+
+#[tokio::test]
+async fn a_second_open_of_a_held_directory_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let _m = open(dir.path()).await;
+    let err = QueueManager::open(config(dir.path())).await.unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+    assert!(err.to_string().contains("in use"), "{err}");
+}
+
+#[tokio::test]
+async fn unknown_format_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    open(dir.path()).await.shutdown().await.unwrap();
+    {
+        let db = redb::Database::create(dir.path().join(eventqueue::DB_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn
+                .open_table(redb::TableDefinition::<&str, u64>::new("meta"))
+                .unwrap();
+            meta.insert("format_version", 99).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let err = QueueManager::open(config(dir.path())).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::UnsupportedFormat {
+                found: 99,
+                expected: 1
+            }
+        ),
+        "{err}"
+    );
+}

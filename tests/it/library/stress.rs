@@ -1,0 +1,154 @@
+//! Stress: producers and subscribers joining at random moments, with a live channel of
+//! capacity 2 so that lag recovery runs constantly. Every subscriber must see a dense, ordered
+//! sequence — or, where retention dropped events, a gap notice that exactly covers the hole.
+
+use std::sync::Arc;
+
+use eventqueue::{Config, Delivery, QueueManager, Subscription};
+
+use super::*;
+
+async fn manager(dir: &std::path::Path) -> QueueManager {
+    QueueManager::open(Config {
+        broadcast_capacity: 2,
+        replay_chunk: 7,
+        ..config(dir)
+    })
+    .await
+    .unwrap()
+}
+
+/// Reads a subscription to its end and checks the sequence: each event is the expected
+/// offset, or follows a gap notice from the expected offset to it. Returns (first, end, gaps).
+async fn check(mut sub: Subscription, from: u64) -> (u64, u64, usize) {
+    let mut expected = from;
+    let mut gaps = 0;
+    let mut pending_gap: Option<u64> = None;
+    while let Some(d) = next(&mut sub).await {
+        match d {
+            Delivery::Gap {
+                requested_offset,
+                first_available_offset,
+            } => {
+                assert_eq!(requested_offset, expected, "gap must start where we were");
+                assert!(first_available_offset > expected);
+                assert!(pending_gap.is_none(), "two gap notices in a row");
+                pending_gap = Some(first_available_offset);
+                gaps += 1;
+            }
+            Delivery::Event(e) => {
+                if let Some(f) = pending_gap.take() {
+                    expected = f;
+                }
+                assert_eq!(e.offset(), expected, "hole or duplicate");
+                expected += 1;
+            }
+        }
+    }
+    if let Some(f) = pending_gap {
+        expected = f;
+    }
+    (from, expected, gaps)
+}
+
+async fn run(max_buffer: u64, producers: usize, per_producer: u64, subscribers: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager(dir.path()).await;
+    let (t, k) = (tenant("t"), task("stress"));
+    let q = m
+        .create_queue(&t, &k, with_buffer(max_buffer))
+        .await
+        .unwrap();
+    let total = producers as u64 * per_producer;
+    let mut prod = Vec::new();
+    for p in 0..producers {
+        let (q, t, k) = (q.clone(), t.clone(), k.clone());
+        prod.push(tokio::spawn(async move {
+            for i in 0..per_producer {
+                if (i + p as u64).is_multiple_of(3) {
+                    let batch = vec![phase(&t, &k, i), phase(&t, &k, i)];
+                    q.enqueue_batch(batch).await.unwrap();
+                } else {
+                    q.enqueue(phase(&t, &k, i)).await.unwrap();
+                }
+                if i.is_multiple_of(16) {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }));
+    }
+    let latest = Arc::new(q.clone());
+    let mut subs = Vec::new();
+    for s in 0..subscribers {
+        let q = latest.clone();
+        subs.push(tokio::spawn(async move {
+            // Join at a pseudo-random moment, from a pseudo-random offset at or below latest.
+            for _ in 0..(s * 7 % 13) {
+                tokio::task::yield_now().await;
+            }
+            let now = q.latest_offset();
+            let from = if s.is_multiple_of(3) {
+                0
+            } else {
+                now.saturating_sub((s as u64 * 37) % 50)
+            };
+            let sub = q.subscribe(from).unwrap();
+            check(sub, from).await
+        }));
+    }
+    for p in prod {
+        p.await.unwrap();
+    }
+    q.close().await.unwrap();
+    let written = q.latest_offset();
+    assert!(written >= total);
+    for s in subs {
+        let (from, end, _gaps) = s.await.unwrap();
+        assert_eq!(
+            end,
+            written.max(from),
+            "subscriber from {from} stopped early"
+        );
+    }
+    m.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn capacity_two_loses_nothing_that_is_retained() {
+    // Retention large enough that nothing is trimmed: no gaps allowed at all.
+    let dir = tempfile::tempdir().unwrap();
+    let m = manager(dir.path()).await;
+    let (t, k) = (tenant("t"), task("dense"));
+    let q = m.create_queue(&t, &k, with_buffer(100_000)).await.unwrap();
+    let mut subs = Vec::new();
+    for _ in 0..8 {
+        subs.push(tokio::spawn(check(q.subscribe(0).unwrap(), 0)));
+    }
+    let mut prod = Vec::new();
+    for _ in 0..4 {
+        let (q, t, k) = (q.clone(), t.clone(), k.clone());
+        prod.push(tokio::spawn(async move {
+            for i in 0..200 {
+                q.enqueue(phase(&t, &k, i)).await.unwrap();
+            }
+        }));
+    }
+    for p in prod {
+        p.await.unwrap();
+    }
+    q.close().await.unwrap();
+    for s in subs {
+        assert_eq!(s.await.unwrap(), (0, 800, 0));
+    }
+    m.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_joiners_see_dense_sequences() {
+    run(100_000, 4, 150, 24).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_joiners_under_trimming_see_gaps_never_holes() {
+    run(20, 4, 150, 24).await;
+}
