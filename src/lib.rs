@@ -49,6 +49,7 @@ mod store;
 mod subscription;
 mod writer;
 
+pub mod bench;
 pub mod server;
 
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -250,8 +250,22 @@ impl Writer {
             if self.process(cmds) {
                 return;
             }
+            if self.failed.is_none()
+                && let Err(e) = self.store.maybe_checkpoint()
+            {
+                self.fail(&e);
+            }
         }
-        let _ = self.sync_now();
+        if self.failed.is_none()
+            && let Err(e) = self.store.checkpoint()
+        {
+            self.fail(&e);
+        }
+    }
+
+    fn fail(&mut self, e: &Error) {
+        tracing::error!(error = %e, "storage failure; refusing further writes until reopen");
+        self.failed = Some(Arc::from(e.to_string()));
     }
 
     /// Applies one batch. Returns true when a shutdown was processed.
@@ -292,6 +306,13 @@ impl Writer {
             finish(w, &mut batch)?;
             Ok(outcomes)
         });
+        let shutting_down = cmds.iter().any(|c| matches!(c, Command::Shutdown { .. }));
+        // The last batch before a shutdown is followed by a durable checkpoint, so the log is
+        // empty when the directory is closed; its callers are acknowledged after it.
+        let result = match result {
+            Ok(outcomes) if shutting_down => self.store.checkpoint().map(|()| outcomes),
+            other => other,
+        };
         match result {
             Ok(outcomes) => {
                 let events: u64 = batch.stages.iter().map(|s| s.appended).sum();
@@ -313,8 +334,7 @@ impl Writer {
                 stop
             }
             Err(e) => {
-                tracing::error!(error = %e, "commit failed; refusing further writes until reopen");
-                self.failed = Some(Arc::from(e.to_string()));
+                self.fail(&e);
                 let mut stop = false;
                 for cmd in cmds {
                     stop |= matches!(cmd, Command::Shutdown { .. });
@@ -323,14 +343,6 @@ impl Writer {
                 stop
             }
         }
-    }
-
-    fn sync_now(&mut self) -> Result<()> {
-        if self.failed.is_none() && self.unsynced.load(Ordering::Acquire) {
-            self.store.write(SyncMode::Sync, |_| Ok(()))?;
-            self.unsynced.store(false, Ordering::Release);
-        }
-        Ok(())
     }
 }
 

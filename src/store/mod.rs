@@ -12,9 +12,11 @@
 //! in `spawn_blocking`, never on an async worker.
 
 pub(crate) mod codec;
+pub(crate) mod wal;
 
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use redb::{
@@ -23,6 +25,7 @@ use redb::{
 
 use crate::error::{Error, Result};
 use codec::{EventHeader, FORMAT_VERSION, QueueRecord};
+use wal::{Wal, WalOp};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const QUEUES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("queues");
@@ -31,17 +34,31 @@ const EVENT_IDS: TableDefinition<(u64, &str), u64> = TableDefinition::new("event
 
 const KEY_FORMAT: &str = "format_version";
 const KEY_NEXT_QUEUE_ID: &str = "next_queue_id";
+const KEY_APPLIED_LSN: &str = "applied_lsn";
+
+/// A checkpoint runs when the log grows past this size…
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+/// …or when it holds records older than this.
+const CHECKPOINT_AGE: Duration = Duration::from_millis(200);
 
 /// Name of the database file inside the data directory.
 pub const DB_FILE: &str = "eventqueue.redb";
 
-/// Whether a commit waits for fsync.
+/// Whether a commit waits for its log record to be fsync'd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SyncMode {
-    /// fsync before the commit returns.
+    /// fdatasync the log before the commit returns.
     Sync,
-    /// Commit without fsync; a later `Sync` commit makes it durable.
+    /// Append to the log without fsync; a later [`Store::sync`] makes it durable.
     NoSync,
+}
+
+/// The log and its bookkeeping; only the writer thread uses it.
+#[derive(Debug)]
+struct LogState {
+    wal: Wal,
+    next_lsn: u64,
+    oldest_unchecked: Option<Instant>,
 }
 
 /// One stored event, as read back for replay.
@@ -71,6 +88,7 @@ pub(crate) struct Opened {
 /// the process still hold the `Store`; they then get [`Error::ShuttingDown`].
 pub(crate) struct Store {
     db: RwLock<Option<Database>>,
+    log: Mutex<LogState>,
     path: PathBuf,
 }
 
@@ -101,11 +119,17 @@ impl Store {
             }
             Err(e) => return Err(Error::storage(format!("opening {}: {e}", path.display()))),
         };
+        let (wal, records) = Wal::open(data_dir)?;
         let store = Store {
             db: RwLock::new(Some(db)),
+            log: Mutex::new(LogState {
+                wal,
+                next_lsn: 1,
+                oldest_unchecked: None,
+            }),
             path,
         };
-        let (queues, next_queue_id) = store.init_and_load()?;
+        let (queues, next_queue_id) = store.init_and_load(records)?;
         Ok(Opened {
             store,
             queues,
@@ -137,9 +161,16 @@ impl Store {
         drop(db);
     }
 
-    fn init_and_load(&self) -> Result<(Vec<LoadedQueue>, u64)> {
-        let txn = self.begin_write()?;
-        let (queues, next_id) = {
+    fn log(&self) -> std::sync::MutexGuard<'_, LogState> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks the format, re-applies log records redb does not hold yet, checkpoints, and
+    /// loads every queue record.
+    fn init_and_load(&self, records: Vec<wal::LoggedRecord>) -> Result<(Vec<LoadedQueue>, u64)> {
+        let mut txn = self.begin_write()?;
+        txn.set_durability(Durability::Immediate).map_err(st)?;
+        let applied = {
             let mut meta = txn.open_table(META).map_err(st)?;
             let found = meta.get(KEY_FORMAT).map_err(st)?.map(|v| v.value());
             match found {
@@ -155,13 +186,55 @@ impl Store {
                         .map_err(st)?;
                 }
             }
+            let applied = meta
+                .get(KEY_APPLIED_LSN)
+                .map_err(st)?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            txn.open_table(EVENTS).map_err(st)?;
+            txn.open_table(EVENT_IDS).map_err(st)?;
+            txn.open_table(QUEUES).map_err(st)?;
+            applied
+        };
+        txn.commit().map_err(st)?;
+
+        let mut last = applied;
+        let mut replayed = 0usize;
+        for (lsn, payload) in records {
+            if lsn <= last {
+                continue;
+            }
+            if lsn != last + 1 {
+                return Err(Error::storage(format!(
+                    "log record {lsn} follows {last}: the log does not belong to this database"
+                )));
+            }
+            let ops = wal::decode_ops(&payload)?;
+            self.apply_replayed(lsn, ops)?;
+            last = lsn;
+            replayed += 1;
+        }
+        if replayed > 0 {
+            tracing::info!(
+                records = replayed,
+                "re-applied log records after an unclean stop"
+            );
+        }
+        {
+            let mut log = self.log();
+            log.next_lsn = last + 1;
+        }
+        // Make everything durable in redb and start with an empty log.
+        self.checkpoint()?;
+
+        let txn = self.begin_read()?;
+        let (queues, next_id) = {
+            let meta = txn.open_table(META).map_err(st)?;
             let next_id = meta
                 .get(KEY_NEXT_QUEUE_ID)
                 .map_err(st)?
                 .map(|v| v.value())
                 .unwrap_or(1);
-            txn.open_table(EVENTS).map_err(st)?;
-            txn.open_table(EVENT_IDS).map_err(st)?;
             let table = txn.open_table(QUEUES).map_err(st)?;
             let mut queues = Vec::with_capacity(table.len().map_err(st)? as usize);
             for row in table.iter().map_err(st)? {
@@ -175,8 +248,67 @@ impl Store {
             }
             (queues, next_id)
         };
-        txn.commit().map_err(st)?;
         Ok((queues, next_id))
+    }
+
+    fn apply_replayed(&self, lsn: u64, ops: Vec<WalOp>) -> Result<()> {
+        let mut txn = self.begin_write()?;
+        txn.set_durability(Durability::None).map_err(st)?;
+        {
+            let mut w = StoreWriter::open(&txn, false)?;
+            for op in ops {
+                match op {
+                    WalOp::SetNextQueueId(id) => w.set_next_queue_id(id)?,
+                    WalOp::PutQueue {
+                        tenant,
+                        task,
+                        record,
+                    } => w.put_queue_bytes(&tenant, &task, &record)?,
+                    WalOp::RemoveQueue { tenant, task } => w.remove_queue(&tenant, &task)?,
+                    WalOp::Append {
+                        qid,
+                        offset,
+                        event_id,
+                        record,
+                    } => w.append(qid, offset, &event_id, &record)?,
+                    WalOp::Trim { qid, from, to } => {
+                        w.trim(qid, from, to)?;
+                    }
+                    WalOp::Purge { qid } => {
+                        w.purge(qid)?;
+                    }
+                }
+            }
+            w.meta.insert(KEY_APPLIED_LSN, lsn).map_err(st)?;
+        }
+        txn.commit().map_err(st)?;
+        Ok(())
+    }
+
+    /// Makes every commit so far durable in redb with one fsync'd commit and empties the log.
+    pub(crate) fn checkpoint(&self) -> Result<()> {
+        let mut log = self.log();
+        let mut txn = self.begin_write()?;
+        txn.set_durability(Durability::Immediate).map_err(st)?;
+        txn.commit().map_err(st)?;
+        log.wal.reset()?;
+        log.oldest_unchecked = None;
+        Ok(())
+    }
+
+    /// Checkpoints when the log is large or old; called by the writer between batches.
+    pub(crate) fn maybe_checkpoint(&self) -> Result<bool> {
+        let due = {
+            let log = self.log();
+            log.wal.len() > CHECKPOINT_BYTES
+                || log
+                    .oldest_unchecked
+                    .is_some_and(|t| t.elapsed() >= CHECKPOINT_AGE)
+        };
+        if due {
+            self.checkpoint()?;
+        }
+        Ok(due)
     }
 
     /// Path of the database file.
@@ -214,32 +346,40 @@ impl Store {
         Ok(out)
     }
 
-    /// Runs `f` in one write transaction and commits it. If `f` fails the transaction is
-    /// aborted and nothing of it is stored.
+    /// Runs `f` in one write transaction, logs its changes and commits it (see [`wal`] for
+    /// the ordering). With [`SyncMode::Sync`] the log record is fsync'd before this returns.
+    /// If `f` fails, or the log cannot be written, the transaction is dropped and nothing of it
+    /// is stored or visible.
     ///
     /// # Errors
     ///
-    /// Whatever `f` returns, or the commit's storage error.
+    /// Whatever `f` returns, or a storage error from the log or the commit.
     pub(crate) fn write<T>(
         &self,
         mode: SyncMode,
         f: impl FnOnce(&mut StoreWriter<'_>) -> Result<T>,
     ) -> Result<T> {
+        let mut log = self.log();
         let mut txn = self.begin_write()?;
-        txn.set_durability(match mode {
-            SyncMode::Sync => Durability::Immediate,
-            SyncMode::NoSync => Durability::None,
-        })
-        .map_err(st)?;
-        let value = {
-            let mut w = StoreWriter {
-                meta: txn.open_table(META).map_err(st)?,
-                queues: txn.open_table(QUEUES).map_err(st)?,
-                events: txn.open_table(EVENTS).map_err(st)?,
-                ids: txn.open_table(EVENT_IDS).map_err(st)?,
-            };
-            f(&mut w)?
+        txn.set_durability(Durability::None).map_err(st)?;
+        let lsn = log.next_lsn;
+        let (value, payload) = {
+            let mut w = StoreWriter::open(&txn, true)?;
+            let value = f(&mut w)?;
+            let payload = w.log.take().unwrap_or_default();
+            if !payload.is_empty() {
+                w.meta.insert(KEY_APPLIED_LSN, lsn).map_err(st)?;
+            }
+            (value, payload)
         };
+        if !payload.is_empty() {
+            log.wal.append(lsn, &payload)?;
+            log.next_lsn += 1;
+            log.oldest_unchecked.get_or_insert_with(Instant::now);
+        }
+        if mode == SyncMode::Sync {
+            log.wal.sync()?;
+        }
         txn.commit().map_err(st)?;
         Ok(value)
     }
@@ -250,18 +390,39 @@ impl Store {
     }
 }
 
-/// The tables of one open write transaction.
+/// The tables of one open write transaction. Every change goes through here and, outside
+/// recovery, is also encoded into the batch's log record.
 pub(crate) struct StoreWriter<'t> {
     meta: redb::Table<'t, &'static str, u64>,
     queues: redb::Table<'t, (&'static str, &'static str), &'static [u8]>,
     events: redb::Table<'t, (u64, u64), &'static [u8]>,
     ids: redb::Table<'t, (u64, &'static str), u64>,
+    log: Option<Vec<u8>>,
+}
+
+impl<'t> StoreWriter<'t> {
+    fn open(txn: &'t redb::WriteTransaction, logged: bool) -> Result<Self> {
+        Ok(StoreWriter {
+            meta: txn.open_table(META).map_err(st)?,
+            queues: txn.open_table(QUEUES).map_err(st)?,
+            events: txn.open_table(EVENTS).map_err(st)?,
+            ids: txn.open_table(EVENT_IDS).map_err(st)?,
+            log: logged.then(Vec::new),
+        })
+    }
 }
 
 impl StoreWriter<'_> {
+    fn record(&mut self, op: impl FnOnce() -> WalOp) -> Result<()> {
+        match &mut self.log {
+            Some(payload) => wal::encode_op(&op(), payload),
+            None => Ok(()),
+        }
+    }
+
     pub(crate) fn set_next_queue_id(&mut self, id: u64) -> Result<()> {
         self.meta.insert(KEY_NEXT_QUEUE_ID, id).map_err(st)?;
-        Ok(())
+        self.record(|| WalOp::SetNextQueueId(id))
     }
 
     pub(crate) fn put_queue(
@@ -271,15 +432,24 @@ impl StoreWriter<'_> {
         record: &QueueRecord,
     ) -> Result<()> {
         let bytes = codec::encode_queue(record)?;
-        self.queues
-            .insert((tenant, task), bytes.as_slice())
-            .map_err(st)?;
-        Ok(())
+        self.put_queue_bytes(tenant, task, &bytes)
+    }
+
+    fn put_queue_bytes(&mut self, tenant: &str, task: &str, bytes: &[u8]) -> Result<()> {
+        self.queues.insert((tenant, task), bytes).map_err(st)?;
+        self.record(|| WalOp::PutQueue {
+            tenant: tenant.to_string(),
+            task: task.to_string(),
+            record: bytes.to_vec(),
+        })
     }
 
     pub(crate) fn remove_queue(&mut self, tenant: &str, task: &str) -> Result<()> {
         self.queues.remove((tenant, task)).map_err(st)?;
-        Ok(())
+        self.record(|| WalOp::RemoveQueue {
+            tenant: tenant.to_string(),
+            task: task.to_string(),
+        })
     }
 
     /// The offset of the retained event of queue `qid` with this id, if any.
@@ -301,7 +471,12 @@ impl StoreWriter<'_> {
     ) -> Result<()> {
         self.events.insert((qid, offset), record).map_err(st)?;
         self.ids.insert((qid, event_id), offset).map_err(st)?;
-        Ok(())
+        self.record(|| WalOp::Append {
+            qid,
+            offset,
+            event_id: event_id.to_string(),
+            record: record.to_vec(),
+        })
     }
 
     /// Removes the events of `qid` with offsets in `from..to` and their id-index entries.
@@ -316,6 +491,7 @@ impl StoreWriter<'_> {
             self.ids.remove((qid, id.as_str())).map_err(st)?;
             removed += 1;
         }
+        self.record(|| WalOp::Trim { qid, from, to })?;
         Ok(removed)
     }
 
@@ -331,6 +507,7 @@ impl StoreWriter<'_> {
         self.ids
             .retain_in((qid, "")..(qid + 1, ""), |_, _| false)
             .map_err(st)?;
+        self.record(|| WalOp::Purge { qid })?;
         Ok(removed)
     }
 }

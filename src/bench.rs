@@ -1,0 +1,553 @@
+//! `eventqueue bench`: measures this machine's disk and CPU through the library, with a raw
+//! append + fdatasync floor measured in the same run as the baseline.
+//!
+//! Every figure is a ratio-friendly pair: the raw floor and what eventqueue achieves on the
+//! same disk at the same moment (the host may throttle the disk; compare within one run).
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::{
+    Config, Delivery, Durability, Event, ProgressEvent, QueueManager, QueueOptions, TaskId,
+    TenantId,
+};
+
+/// Called with a short description as each step starts.
+pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// What to run.
+#[derive(Clone, Default)]
+pub struct BenchOptions {
+    /// Directory on the disk to measure; a temporary directory inside it is used and removed.
+    pub data_dir: Option<PathBuf>,
+    /// Smaller sizes, for a run under a minute.
+    pub quick: bool,
+    /// Called with a short description as each step starts.
+    pub progress: Option<Progress>,
+    /// Run only the steps whose name contains this (`raw`, `sequential`, `appends`,
+    /// `buffered`, `replay`, `fanout`, `reopen`, `idle`).
+    pub only: Option<String>,
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Latency {
+    /// Median.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+}
+
+impl Latency {
+    fn of(mut samples: Vec<Duration>) -> Self {
+        if samples.is_empty() {
+            return Self::default();
+        }
+        samples.sort_unstable();
+        let at = |q: f64| {
+            let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+            samples[i].as_secs_f64() * 1e3
+        };
+        Self {
+            p50_ms: at(0.50),
+            p99_ms: at(0.99),
+        }
+    }
+}
+
+/// Durable appends with a number of concurrent producers, each with one enqueue in flight.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AppendFigures {
+    /// Concurrent producers.
+    pub producers: usize,
+    /// `immediate` or `buffered`.
+    pub durability: &'static str,
+    /// Acknowledged events per second.
+    pub events_per_sec: f64,
+    /// Enqueue → acknowledgement.
+    pub ack: Latency,
+    /// Average events per commit.
+    pub avg_batch: f64,
+}
+
+/// Fan-out figures.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FanoutFigures {
+    /// Subscribers of the one queue.
+    pub subscribers: usize,
+    /// Events published, at 1000 events/s.
+    pub events: u64,
+    /// Deliveries missing at the end (must be 0).
+    pub lost: u64,
+    /// Enqueue start → delivery to a subscriber (includes the commit).
+    pub latency: Latency,
+}
+
+/// Reopen figures.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ReopenFigures {
+    /// Events stored.
+    pub events: u64,
+    /// Queues they are spread over.
+    pub queues: u64,
+    /// Time to reopen after a clean shutdown, ms.
+    pub reopen_ms: f64,
+}
+
+/// The whole report (`--json` prints it as one object; skipped steps are `null`).
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct BenchReport {
+    /// Where it ran.
+    pub data_dir: String,
+    /// Quick mode.
+    pub quick: bool,
+    /// 300-byte append + fdatasync on a plain file: the disk's floor.
+    pub raw_fdatasync: Option<Latency>,
+    /// One producer, sequential enqueues.
+    pub sequential_ack: Option<Latency>,
+    /// Sequential ack p50 divided by raw fdatasync p50.
+    pub sequential_vs_raw_p50: Option<f64>,
+    /// Concurrent producers, immediate and buffered durability.
+    pub appends: Vec<AppendFigures>,
+    /// Events replayed.
+    pub replay_events: Option<u64>,
+    /// Replay rate from the log (events/s).
+    pub replay_events_per_sec: Option<f64>,
+    /// In-process fan-out.
+    pub fanout: Option<FanoutFigures>,
+    /// Reopen after a clean shutdown.
+    pub reopen: Option<ReopenFigures>,
+    /// Idle queues created for the memory figure.
+    pub idle_queues: Option<u64>,
+    /// Resident memory added by them, MB (Linux only; 0 elsewhere).
+    pub idle_queues_rss_mb: Option<f64>,
+}
+
+fn tenant() -> TenantId {
+    TenantId::default_tenant()
+}
+
+fn task(name: String) -> crate::Result<TaskId> {
+    TaskId::new(name)
+}
+
+/// ~300 bytes of JSON, like a typical progress event.
+fn event(t: &TenantId, k: &TaskId, n: u64) -> Event {
+    Event::new(
+        t,
+        k,
+        ProgressEvent::new(n % 100, 100)
+            .step("processing_video")
+            .details(serde_json::json!({"video": "sample_video_0001.mp4", "stage": "embedding", "pad": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"})),
+    )
+}
+
+fn bench_config(dir: &Path, durability: Durability) -> Config {
+    Config {
+        durability,
+        max_buffer_size: 10_000_000,
+        ..Config::new(dir)
+    }
+}
+
+/// Runs every measurement.
+///
+/// # Errors
+///
+/// Any storage error on the measured disk.
+pub async fn run(opts: BenchOptions) -> crate::Result<BenchReport> {
+    let base = match &opts.data_dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir(),
+    };
+    std::fs::create_dir_all(&base).map_err(crate::Error::storage)?;
+    let root = tempfile::Builder::new()
+        .prefix("eventqueue-bench-")
+        .tempdir_in(&base)
+        .map_err(crate::Error::storage)?;
+    let say = |s: &str| {
+        if let Some(p) = &opts.progress {
+            p(s)
+        }
+    };
+    let q = opts.quick;
+    let step = |name: &str| root.path().join(name);
+
+    let want = |name: &str| opts.only.as_deref().is_none_or(|o| name.contains(o));
+    let mut report = BenchReport {
+        data_dir: base.display().to_string(),
+        quick: q,
+        ..BenchReport::default()
+    };
+
+    if want("raw") {
+        say("raw append + fdatasync");
+        report.raw_fdatasync = Some(raw_floor(step("raw"), if q { 500 } else { 2000 }).await?);
+    }
+    if want("sequential") {
+        say("sequential enqueue (1 producer)");
+        let n = if q { 500 } else { 2000 };
+        let seq = appends(step("seq"), 1, n, Durability::Immediate).await?;
+        report.sequential_ack = Some(seq.ack);
+        if let Some(raw) = report.raw_fdatasync.filter(|r| r.p50_ms > 0.0) {
+            report.sequential_vs_raw_p50 = Some(seq.ack.p50_ms / raw.p50_ms);
+        }
+    }
+    for (name, durability, counts) in [
+        (
+            "appends-immediate",
+            Durability::Immediate,
+            &[1usize, 8, 64, 256][..],
+        ),
+        (
+            "appends-buffered",
+            Durability::buffered(),
+            &[1usize, 64][..],
+        ),
+    ] {
+        if !want(name) {
+            continue;
+        }
+        for &producers in counts {
+            say(&format!("{name}, {producers} producers"));
+            let per = (if q { 3000 } else { 20_000 }) / producers + 20;
+            let dir = step(&format!("{name}-{producers}"));
+            report
+                .appends
+                .push(appends(dir, producers, per, durability).await?);
+        }
+    }
+    if want("replay") {
+        let n = if q { 100_000 } else { 1_000_000 };
+        say(&format!("replay of {n} events"));
+        report.replay_events_per_sec = Some(replay(step("replay"), n).await?);
+        report.replay_events = Some(n);
+    }
+    if want("fanout") {
+        let (subs, n) = if q { (1000, 1000) } else { (1000, 5000) };
+        say(&format!("fan-out to {subs} subscribers at 1000 events/s"));
+        let (lost, latency) = fanout(step("fanout"), subs, n).await?;
+        report.fanout = Some(FanoutFigures {
+            subscribers: subs,
+            events: n,
+            lost,
+            latency,
+        });
+    }
+    if want("reopen") {
+        let (events, queues) = if q {
+            (100_000, 1000)
+        } else {
+            (1_000_000, 10_000)
+        };
+        say(&format!("reopen with {events} events in {queues} queues"));
+        let reopen_ms = reopen(step("reopen"), events, queues).await?;
+        report.reopen = Some(ReopenFigures {
+            events,
+            queues,
+            reopen_ms,
+        });
+    }
+    if want("idle") {
+        say("10k idle queues");
+        report.idle_queues = Some(10_000);
+        report.idle_queues_rss_mb = Some(idle_rss(step("idle"), 10_000).await?);
+    }
+    Ok(report)
+}
+
+async fn raw_floor(dir: PathBuf, n: usize) -> crate::Result<Latency> {
+    tokio::task::spawn_blocking(move || -> crate::Result<Latency> {
+        std::fs::create_dir_all(&dir).map_err(crate::Error::storage)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("raw.log"))
+            .map_err(crate::Error::storage)?;
+        let rec = [b'x'; 300];
+        let mut samples = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            f.write_all(&rec).map_err(crate::Error::storage)?;
+            f.sync_data().map_err(crate::Error::storage)?;
+            samples.push(t.elapsed());
+        }
+        Ok(Latency::of(samples))
+    })
+    .await
+    .map_err(crate::Error::storage)?
+}
+
+async fn appends(
+    dir: PathBuf,
+    producers: usize,
+    per_producer: usize,
+    durability: Durability,
+) -> crate::Result<AppendFigures> {
+    let m = QueueManager::open(bench_config(&dir, durability)).await?;
+    let t = tenant();
+    let mut queues = Vec::new();
+    // 100 streams, as in the comparison workloads; producers spread over them.
+    let streams: usize = std::env::var("EQ_STREAMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    for i in 0..producers.min(streams) {
+        let k = task(format!("stream-{i}"))?;
+        queues.push(m.create_queue(&t, &k, QueueOptions::default()).await?);
+    }
+    let (appended0, commits0) = (
+        m.metrics().events_appended.load(Ordering::Relaxed),
+        m.metrics().commits.load(Ordering::Relaxed),
+    );
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for p in 0..producers {
+        let q = queues[p % queues.len()].clone();
+        let t = t.clone();
+        handles.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(per_producer);
+            for n in 0..per_producer {
+                let e = event(&t, q.task_id(), n as u64);
+                let s = Instant::now();
+                q.enqueue(e).await?;
+                lat.push(s.elapsed());
+            }
+            crate::Result::Ok(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.map_err(crate::Error::storage)??);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let appended = m.metrics().events_appended.load(Ordering::Relaxed) - appended0;
+    let commits = (m.metrics().commits.load(Ordering::Relaxed) - commits0).max(1);
+    m.shutdown().await?;
+    Ok(AppendFigures {
+        producers,
+        durability: match durability {
+            Durability::Immediate => "immediate",
+            Durability::Buffered { .. } => "buffered",
+        },
+        events_per_sec: all.len() as f64 / elapsed,
+        ack: Latency::of(all),
+        avg_batch: appended as f64 / commits as f64,
+    })
+}
+
+async fn replay(dir: PathBuf, n: u64) -> crate::Result<f64> {
+    let m = QueueManager::open(bench_config(&dir, Durability::Immediate)).await?;
+    let t = tenant();
+    let k = task("replay".into())?;
+    let q = m.create_queue(&t, &k, QueueOptions::default()).await?;
+    let mut written = 0;
+    while written < n {
+        let batch: Vec<Event> = (0..1000.min(n - written))
+            .map(|i| event(&t, &k, i))
+            .collect();
+        written += batch.len() as u64;
+        q.enqueue_batch(batch).await?;
+    }
+    let mut sub = q.subscribe(0)?;
+    let start = Instant::now();
+    let mut got = 0;
+    while got < n {
+        match sub.next().await {
+            Some(Ok(Delivery::Event(_))) => got += 1,
+            Some(Ok(Delivery::Gap { .. })) => {}
+            Some(Err(e)) => return Err(e),
+            None => break,
+        }
+    }
+    let rate = got as f64 / start.elapsed().as_secs_f64();
+    drop(sub);
+    m.shutdown().await?;
+    Ok(rate)
+}
+
+async fn fanout(dir: PathBuf, subscribers: usize, n: u64) -> crate::Result<(u64, Latency)> {
+    let m = QueueManager::open(bench_config(&dir, Durability::Immediate)).await?;
+    let t = tenant();
+    let k = task("fanout".into())?;
+    let q = m.create_queue(&t, &k, QueueOptions::default()).await?;
+    let origin = Instant::now();
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let mut subs = Vec::new();
+    for _ in 0..subscribers {
+        let mut sub = q.subscribe(0)?;
+        let sent = sent.clone();
+        subs.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(n as usize);
+            let mut got = 0u64;
+            while got < n {
+                match sub.next().await {
+                    Some(Ok(Delivery::Event(e))) => {
+                        let now = origin.elapsed().as_nanos() as u64;
+                        let at = sent[e.offset() as usize].load(Ordering::Acquire);
+                        lat.push(Duration::from_nanos(now.saturating_sub(at)));
+                        got += 1;
+                    }
+                    Some(Ok(Delivery::Gap { .. })) => {}
+                    _ => break,
+                }
+            }
+            (got, lat)
+        }));
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for i in 0..n {
+        tick.tick().await;
+        sent[i as usize].store(origin.elapsed().as_nanos() as u64, Ordering::Release);
+        q.enqueue(event(&t, &k, i)).await?;
+    }
+    let mut lost = 0;
+    let mut all = Vec::new();
+    for s in subs {
+        let (got, lat) = s.await.map_err(crate::Error::storage)?;
+        lost += n - got;
+        all.extend(lat);
+    }
+    m.shutdown().await?;
+    Ok((lost, Latency::of(all)))
+}
+
+async fn reopen(dir: PathBuf, events: u64, queues: u64) -> crate::Result<f64> {
+    {
+        let m = QueueManager::open(bench_config(&dir, Durability::Immediate)).await?;
+        let t = tenant();
+        let per = events / queues;
+        let mut handles = Vec::new();
+        for w in 0..16u64 {
+            let (m, t) = (m.clone(), t.clone());
+            handles.push(tokio::spawn(async move {
+                let mut i = w;
+                while i < queues {
+                    let k = task(format!("q-{i}"))?;
+                    let q = m.create_queue(&t, &k, QueueOptions::default()).await?;
+                    let batch = (0..per).map(|n| event(&t, &k, n)).collect();
+                    q.enqueue_batch(batch).await?;
+                    i += 16;
+                }
+                crate::Result::Ok(())
+            }));
+        }
+        for h in handles {
+            h.await.map_err(crate::Error::storage)??;
+        }
+        m.shutdown().await?;
+    }
+    let start = Instant::now();
+    let m = QueueManager::open(bench_config(&dir, Durability::Immediate)).await?;
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    if m.list_queues(None).len() as u64 != queues {
+        return Err(crate::Error::storage("reopen lost queues"));
+    }
+    m.shutdown().await?;
+    Ok(ms)
+}
+
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn idle_rss(dir: PathBuf, n: u64) -> crate::Result<f64> {
+    let m = QueueManager::open(bench_config(&dir, Durability::Immediate)).await?;
+    let t = tenant();
+    let before = rss_kb();
+    let mut handles = Vec::new();
+    for w in 0..64u64 {
+        let (m, t) = (m.clone(), t.clone());
+        handles.push(tokio::spawn(async move {
+            let mut i = w;
+            while i < n {
+                m.create_queue(&t, &task(format!("idle-{i}"))?, QueueOptions::default())
+                    .await?;
+                i += 64;
+            }
+            crate::Result::Ok(())
+        }));
+    }
+    for h in handles {
+        h.await.map_err(crate::Error::storage)??;
+    }
+    let after = rss_kb();
+    m.shutdown().await?;
+    Ok(after.saturating_sub(before) as f64 / 1024.0)
+}
+
+impl BenchReport {
+    /// The human table.
+    pub fn to_table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let quick = if self.quick { " (quick)" } else { "" };
+        let _ = writeln!(s, "eventqueue bench — data dir {}{quick}", self.data_dir);
+        let _ = writeln!(s, "\n| measurement | figure |\n|---|---|");
+        if let Some(r) = self.raw_fdatasync {
+            let _ = writeln!(
+                s,
+                "| raw 300 B append + fdatasync | p50 {:.3} ms, p99 {:.3} ms |",
+                r.p50_ms, r.p99_ms
+            );
+        }
+        if let Some(a) = self.sequential_ack {
+            let ratio = self
+                .sequential_vs_raw_p50
+                .map(|r| format!(" ({r:.2}× raw p50)"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "| 1 producer, sequential enqueue ack | p50 {:.3} ms, p99 {:.3} ms{ratio} |",
+                a.p50_ms, a.p99_ms
+            );
+        }
+        for a in &self.appends {
+            let _ = writeln!(
+                s,
+                "| {} appends, {} producers | {:.0} events/s, ack p50 {:.2} ms p99 {:.2} ms, {:.1} events/commit |",
+                a.durability,
+                a.producers,
+                a.events_per_sec,
+                a.ack.p50_ms,
+                a.ack.p99_ms,
+                a.avg_batch
+            );
+        }
+        if let (Some(n), Some(rate)) = (self.replay_events, self.replay_events_per_sec) {
+            let _ = writeln!(s, "| replay of {n} events | {rate:.0} events/s |");
+        }
+        if let Some(f) = &self.fanout {
+            let _ = writeln!(
+                s,
+                "| fan-out, {} subscribers × {} events at 1k/s | enqueue→delivery p50 {:.2} ms, p99 {:.2} ms, lost {} |",
+                f.subscribers, f.events, f.latency.p50_ms, f.latency.p99_ms, f.lost
+            );
+        }
+        if let Some(r) = &self.reopen {
+            let _ = writeln!(
+                s,
+                "| reopen, {} events in {} queues | {:.1} ms |",
+                r.events, r.queues, r.reopen_ms
+            );
+        }
+        if let (Some(n), Some(mb)) = (self.idle_queues, self.idle_queues_rss_mb) {
+            let _ = writeln!(s, "| {n} idle queues | +{mb:.1} MB RSS |");
+        }
+        s
+    }
+}

@@ -1,0 +1,301 @@
+//! The write-ahead log that makes group commits cheap to fsync.
+//!
+//! A durable redb commit rewrites every B-tree page on the path of each change plus its own
+//! allocator and table-root pages, then fsyncs them: about twenty scattered page writes per
+//! commit, measured at ~0.9 ms per commit on this kind of virtual disk against ~0.18 ms for a
+//! 300-byte append + fdatasync. So each group commit is applied to redb as a *non-durable*
+//! commit (visible to readers in this process, lost on a crash) and its changes are appended
+//! to this log as one record, which is fdatasync'd before anyone is acknowledged. A periodic
+//! *checkpoint* makes redb durable with one `Durability::Immediate` commit and empties the log.
+//!
+//! # Ordering
+//!
+//! For each batch: (1) the changes are applied inside a redb write transaction that also
+//! records the batch's log sequence number (LSN) in the `meta` table; (2) the record is
+//! appended to the log and fdatasync'd; (3) the redb transaction is committed (non-durable);
+//! (4) subscribers are notified and callers acknowledged. If (2) fails, the transaction is
+//! dropped and nothing of the batch is visible. If the process dies after (2), recovery
+//! re-applies the record.
+//!
+//! # Recovery
+//!
+//! On open, redb comes back at its last durable commit, whose `applied_lsn` tells which log
+//! records it already contains. Every later record is re-applied in order, then a durable
+//! checkpoint is committed and the log is emptied. Records carry a CRC-32C of their content: a
+//! torn record at the tail (a crash during the append, before its fsync, so never
+//! acknowledged) ends the replay.
+//!
+//! Record layout: `len: u32 LE | crc32: u32 LE | lsn: u64 LE | payload (len bytes)`, where the
+//! payload is a sequence of postcard-encoded [`WalOp`]s.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Name of the log file inside the data directory.
+pub const WAL_FILE: &str = "eventqueue.wal";
+
+const HEADER: usize = 16;
+
+/// One physical change, replayed exactly as it was first applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum WalOp {
+    SetNextQueueId(u64),
+    PutQueue {
+        tenant: String,
+        task: String,
+        record: Vec<u8>,
+    },
+    RemoveQueue {
+        tenant: String,
+        task: String,
+    },
+    Append {
+        qid: u64,
+        offset: u64,
+        event_id: String,
+        record: Vec<u8>,
+    },
+    Trim {
+        qid: u64,
+        from: u64,
+        to: u64,
+    },
+    Purge {
+        qid: u64,
+    },
+}
+
+/// Encodes one op onto the end of a payload buffer.
+pub(crate) fn encode_op(op: &WalOp, payload: &mut Vec<u8>) -> Result<()> {
+    let buf = std::mem::take(payload);
+    *payload = postcard::to_extend(op, buf).map_err(Error::storage)?;
+    Ok(())
+}
+
+/// Decodes every op of a payload.
+pub(crate) fn decode_ops(mut payload: &[u8]) -> Result<Vec<WalOp>> {
+    let mut ops = Vec::new();
+    while !payload.is_empty() {
+        let (op, rest) = postcard::take_from_bytes::<WalOp>(payload)
+            .map_err(|e| Error::storage(format!("corrupt log record: {e}")))?;
+        ops.push(op);
+        payload = rest;
+    }
+    Ok(ops)
+}
+
+/// An intact record read back on open: its LSN and payload.
+pub(crate) type LoggedRecord = (u64, Vec<u8>);
+
+/// The open log file.
+#[derive(Debug)]
+pub(crate) struct Wal {
+    file: File,
+    path: PathBuf,
+    len: u64,
+    buf: Vec<u8>,
+}
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::storage(format!("{what} {}: {e}", path.display()))
+}
+
+impl Wal {
+    /// Opens the log and returns it with every intact record (lsn, payload), in order. A torn
+    /// or corrupt tail is cut off.
+    pub(crate) fn open(dir: &Path) -> Result<(Self, Vec<LoggedRecord>)> {
+        let path = dir.join(WAL_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| io("opening", &path, e))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .map_err(|e| io("reading", &path, e))?;
+        let mut records = Vec::new();
+        let mut at = 0usize;
+        while bytes.len() - at >= HEADER {
+            let h = &bytes[at..at + HEADER];
+            let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+            let mut lsn_bytes = [0u8; 8];
+            lsn_bytes.copy_from_slice(&h[8..16]);
+            let end = at + HEADER + len;
+            if end > bytes.len() {
+                break;
+            }
+            let mut hasher = crc32fast::Hasher::new();
+            hasher.update(&lsn_bytes);
+            hasher.update(&bytes[at + HEADER..end]);
+            if hasher.finalize() != crc {
+                break;
+            }
+            records.push((
+                u64::from_le_bytes(lsn_bytes),
+                bytes[at + HEADER..end].to_vec(),
+            ));
+            at = end;
+        }
+        if at != bytes.len() {
+            tracing::warn!(
+                valid = at,
+                total = bytes.len(),
+                "cutting a torn record off the end of the log (it was never acknowledged)"
+            );
+            file.set_len(at as u64)
+                .map_err(|e| io("truncating", &path, e))?;
+        }
+        file.seek(SeekFrom::Start(at as u64))
+            .map_err(|e| io("seeking", &path, e))?;
+        Ok((
+            Self {
+                file,
+                path,
+                len: at as u64,
+                buf: Vec::new(),
+            },
+            records,
+        ))
+    }
+
+    /// Appends one record (not yet synced).
+    pub(crate) fn append(&mut self, lsn: u64, payload: &[u8]) -> Result<()> {
+        let len = u32::try_from(payload.len())
+            .map_err(|_| Error::storage("log record larger than 4 GiB"))?;
+        let lsn_bytes = lsn.to_le_bytes();
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&lsn_bytes);
+        hasher.update(payload);
+        self.buf.clear();
+        self.buf.extend_from_slice(&len.to_le_bytes());
+        self.buf.extend_from_slice(&hasher.finalize().to_le_bytes());
+        self.buf.extend_from_slice(&lsn_bytes);
+        self.buf.extend_from_slice(payload);
+        if let Err(e) = self.file.write_all(&self.buf) {
+            // Leave no partial record behind for the next append to follow.
+            let _ = self.file.set_len(self.len);
+            let _ = self.file.seek(SeekFrom::Start(self.len));
+            return Err(io("appending to", &self.path, e));
+        }
+        self.len += self.buf.len() as u64;
+        Ok(())
+    }
+
+    /// fdatasync: every appended record is durable when this returns.
+    pub(crate) fn sync(&mut self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| io("syncing", &self.path, e))
+    }
+
+    /// Empties the log (after a durable checkpoint made its records redundant).
+    pub(crate) fn reset(&mut self) -> Result<()> {
+        self.file
+            .set_len(0)
+            .map_err(|e| io("truncating", &self.path, e))?;
+        self.file
+            .seek(SeekFrom::Start(0))
+            .map_err(|e| io("seeking", &self.path, e))?;
+        self.file
+            .sync_all()
+            .map_err(|e| io("syncing", &self.path, e))?;
+        self.len = 0;
+        Ok(())
+    }
+
+    /// Current size in bytes.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(n: u64) -> WalOp {
+        WalOp::Append {
+            qid: 1,
+            offset: n,
+            event_id: format!("evt_{n}"),
+            record: vec![n as u8; 40],
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_a_torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut wal, recs) = Wal::open(dir.path()).unwrap();
+            assert!(recs.is_empty());
+            for lsn in 1..=3 {
+                let mut payload = Vec::new();
+                encode_op(&op(lsn), &mut payload).unwrap();
+                encode_op(
+                    &WalOp::Trim {
+                        qid: 1,
+                        from: 0,
+                        to: lsn,
+                    },
+                    &mut payload,
+                )
+                .unwrap();
+                wal.append(lsn, &payload).unwrap();
+            }
+            wal.sync().unwrap();
+        }
+        // Tear the last record.
+        let path = dir.path().join(WAL_FILE);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 3).unwrap();
+        let (mut wal, recs) = Wal::open(dir.path()).unwrap();
+        assert_eq!(recs.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(
+            decode_ops(&recs[1].1).unwrap(),
+            vec![
+                op(2),
+                WalOp::Trim {
+                    qid: 1,
+                    from: 0,
+                    to: 2
+                }
+            ]
+        );
+        // Appending after the cut continues cleanly.
+        let mut payload = Vec::new();
+        encode_op(&op(9), &mut payload).unwrap();
+        wal.append(3, &payload).unwrap();
+        drop(wal);
+        let (_, recs) = Wal::open(dir.path()).unwrap();
+        assert_eq!(recs.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_flipped_byte_ends_the_replay_there() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut wal, _) = Wal::open(dir.path()).unwrap();
+            for lsn in 1..=3 {
+                let mut payload = Vec::new();
+                encode_op(&op(lsn), &mut payload).unwrap();
+                wal.append(lsn, &payload).unwrap();
+            }
+        }
+        let path = dir.path().join(WAL_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let second = bytes.len() / 3 + 20;
+        bytes[second] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let (_, recs) = Wal::open(dir.path()).unwrap();
+        assert_eq!(recs.len(), 1);
+    }
+}
