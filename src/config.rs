@@ -48,6 +48,10 @@ pub struct Config {
     pub max_commit_events: usize,
     /// Events read from the log per replay step. Default 512.
     pub replay_chunk: usize,
+    /// Longest time commits stay only in the write-ahead log before redb itself is made
+    /// durable (a checkpoint) and the log emptied. Bounds recovery work after a crash; each
+    /// checkpoint costs one durable redb commit. Default 1 s.
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for Config {
@@ -61,6 +65,7 @@ impl Default for Config {
             cache_size_bytes: 64 << 20,
             max_commit_events: 8192,
             replay_chunk: 512,
+            checkpoint_interval: Duration::from_secs(1),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! and the cleanup loop.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::ids::{TaskId, TenantId};
 use crate::metrics::Metrics;
 use crate::queue::{EventQueue, QueueInfo, QueueOptions, QueueShared};
-use crate::store::{Store, SyncMode};
+use crate::store::Store;
 use crate::writer::{Command, NewQueue, Registry, Reply, Writer};
 
 /// Capacity of the writer's command channel; callers wait (asynchronously) beyond it.
@@ -32,7 +32,6 @@ pub(crate) struct Core {
     pub registry: Arc<Registry>,
     pub clock: Arc<dyn Clock>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    stop_ticker: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Core {
@@ -52,12 +51,6 @@ impl Core {
             .await
             .map_err(|_| Error::ShuttingDown)?;
         rx.await.map_err(|_| Error::ShuttingDown)?
-    }
-}
-
-impl Drop for Core {
-    fn drop(&mut self) {
-        self.stop_ticker.store(true, Ordering::Release);
     }
 }
 
@@ -111,8 +104,8 @@ impl QueueManager {
     /// As [`QueueManager::open`].
     pub async fn open_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self> {
         let dir = config.data_dir.clone();
-        let cache = config.cache_size_bytes;
-        let opened = tokio::task::spawn_blocking(move || Store::open(&dir, cache))
+        let (cache, every) = (config.cache_size_bytes, config.checkpoint_interval);
+        let opened = tokio::task::spawn_blocking(move || Store::open(&dir, cache, every))
             .await
             .map_err(|e| Error::storage(format!("open task failed: {e}")))??;
         let mut map = HashMap::with_capacity(opened.queues.len());
@@ -130,31 +123,27 @@ impl QueueManager {
         let registry = Arc::new(Registry::new(map));
         let metrics = Arc::new(Metrics::default());
         let (tx, rx) = mpsc::channel(COMMAND_CHANNEL);
-        let unsynced = Arc::new(AtomicBool::new(false));
-        let mode = match config.durability {
-            Durability::Immediate => SyncMode::Sync,
-            Durability::Buffered { .. } => SyncMode::NoSync,
-        };
         let writer = Writer {
             store: store.clone(),
             registry: registry.clone(),
             clock: clock.clone(),
             metrics: metrics.clone(),
             rx,
-            mode,
+            flush_interval: match config.durability {
+                Durability::Immediate => None,
+                Durability::Buffered { flush_interval } => Some(flush_interval),
+            },
             max_commit_events: config.max_commit_events.max(1),
             next_queue_id: opened.next_queue_id,
-            failed: None,
-            unsynced: unsynced.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("eventqueue-writer".into())
-            .spawn(move || writer.run())
+            .spawn(move || {
+                if let Err(e) = writer.run() {
+                    tracing::error!(error = %e, "the writer could not start");
+                }
+            })
             .map_err(|e| Error::storage(format!("cannot start writer thread: {e}")))?;
-        let stop_ticker = Arc::new(AtomicBool::new(false));
-        if let Durability::Buffered { flush_interval } = config.durability {
-            spawn_flusher(tx.clone(), unsynced, stop_ticker.clone(), flush_interval)?;
-        }
         Ok(Self {
             core: Arc::new(Core {
                 store,
@@ -164,7 +153,6 @@ impl QueueManager {
                 registry,
                 clock,
                 writer_thread: Mutex::new(Some(handle)),
-                stop_ticker,
             }),
             cleanup: Arc::new(Mutex::new(None)),
         })
@@ -428,7 +416,6 @@ impl QueueManager {
     /// A storage error from the final sync.
     pub async fn shutdown(&self) -> Result<()> {
         self.stop_cleanup_loop();
-        self.core.stop_ticker.store(true, Ordering::Release);
         let result = match self.core.call(|reply| Command::Shutdown { reply }).await {
             Err(Error::ShuttingDown) => Ok(()),
             other => other,
@@ -454,28 +441,4 @@ fn missing_is_false<T: Into<bool>>(r: Result<T>) -> Result<bool> {
         Err(Error::QueueNotFound { .. }) => Ok(false),
         Err(e) => Err(e),
     }
-}
-
-/// In buffered mode: asks the writer for an fsync'd commit at least every `interval` while
-/// commits without fsync are outstanding.
-fn spawn_flusher(
-    tx: mpsc::Sender<Command>,
-    unsynced: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    interval: Duration,
-) -> Result<()> {
-    std::thread::Builder::new()
-        .name("eventqueue-flush".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Acquire) {
-                std::thread::sleep(interval);
-                if unsynced.load(Ordering::Acquire)
-                    && tx.blocking_send(Command::Sync { reply: None }).is_err()
-                {
-                    return;
-                }
-            }
-        })
-        .map(|_| ())
-        .map_err(|e| Error::storage(format!("cannot start flush thread: {e}")))
 }

@@ -152,9 +152,9 @@ pub(crate) struct CancelInfo {
     pub time: Timestamp,
 }
 
-/// The published state of a queue. Only the writer mutates it, after a commit.
-#[derive(Debug)]
-pub(crate) struct QueueState {
+/// A queue's mutable state at one point of the commit pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct View {
     pub first_offset: u64,
     pub next_offset: u64,
     pub closed: bool,
@@ -162,7 +162,21 @@ pub(crate) struct QueueState {
     pub cancel: Option<CancelInfo>,
     pub last_activity: Timestamp,
     pub removed: bool,
+}
+
+/// The published state of a queue: what callers and subscribers see. It is advanced only
+/// after the changes are durable, together with the live channel (see `hub`).
+#[derive(Debug)]
+pub(crate) struct QueueState {
+    pub view: View,
     pub hub: Hub,
+}
+
+impl std::ops::Deref for QueueState {
+    type Target = View;
+    fn deref(&self) -> &View {
+        &self.view
+    }
 }
 
 /// What every handle of one queue shares.
@@ -176,6 +190,9 @@ pub(crate) struct QueueShared {
     pub ttl: Duration,
     pub max_buffer_size: u64,
     pub state: Mutex<QueueState>,
+    /// The state as of the writer's latest commit, which may run ahead of the published state
+    /// while that commit's log record is being fsync'd. Only the writer thread uses it.
+    pub committed: Mutex<View>,
     pub cancel_token: CancellationToken,
     pub subscribers: AtomicUsize,
 }
@@ -190,6 +207,15 @@ impl QueueShared {
         if cancel.is_some() {
             cancel_token.cancel();
         }
+        let view = View {
+            first_offset: rec.first_offset,
+            next_offset: rec.next_offset,
+            closed: rec.closed,
+            finished_at: rec.finished_at,
+            cancel,
+            last_activity: Timestamp::from_micros(rec.last_activity_us),
+            removed: false,
+        };
         Self {
             id: rec.id,
             tenant_id,
@@ -199,15 +225,10 @@ impl QueueShared {
             ttl: Duration::from_millis(rec.ttl_ms),
             max_buffer_size: rec.max_buffer_size,
             state: Mutex::new(QueueState {
-                first_offset: rec.first_offset,
-                next_offset: rec.next_offset,
-                closed: rec.closed,
-                finished_at: rec.finished_at,
-                cancel,
-                last_activity: Timestamp::from_micros(rec.last_activity_us),
-                removed: false,
+                view: view.clone(),
                 hub: Hub::default(),
             }),
+            committed: Mutex::new(view),
             cancel_token,
             subscribers: AtomicUsize::new(0),
         }
@@ -219,7 +240,12 @@ impl QueueShared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn record(&self, st: &QueueState) -> QueueRecord {
+    /// The writer's view (see `committed`).
+    pub(crate) fn committed(&self) -> MutexGuard<'_, View> {
+        self.committed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn record(&self, st: &View) -> QueueRecord {
         QueueRecord {
             id: self.id,
             kind: self.kind.code(),

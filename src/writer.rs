@@ -1,23 +1,39 @@
-//! The group-commit writer: the one owner of write transactions.
+//! The group-commit pipeline: the one owner of write transactions.
 //!
-//! A dedicated thread drains the command channel: it blocks for the first command, then takes
-//! whatever else is already waiting (up to `max_commit_events` events), applies all of it in one
-//! redb transaction, commits (fsync'd in immediate mode), and only then publishes to live
-//! subscribers and acknowledges every caller. Throughput therefore grows with the number of
-//! waiting callers while each acknowledgement still means "committed".
+//! Two threads, in a pipeline:
 //!
-//! Offsets are assigned inside the transaction from the queue's staged state; `max_buffer_size`
-//! trimming happens in the same transaction, so the bound holds right after each commit.
+//! 1. The **writer** drains the command channel: it blocks for the first command, then takes
+//!    whatever else is already waiting (up to `max_commit_events` events), applies all of it in
+//!    one redb transaction, appends the batch's changes to the write-ahead log, commits, and
+//!    hands the batch to the acknowledger. It then starts on the next batch at once.
+//! 2. The **acknowledger** takes every batch handed over so far, fsyncs the log once for all
+//!    of them (in immediate durability), and only then publishes them to live subscribers and
+//!    acknowledges their callers, in batch order.
 //!
-//! If a commit fails, every caller of that batch gets the error, nothing of the batch is
-//! published, and the writer refuses all later writes with [`Error::StoreFailed`]: the in-memory
-//! state was never advanced, and redb's state after a failed commit is only trustworthy after a
-//! reopen.
+//! So throughput grows with the number of waiting callers, the fsync of one batch overlaps the
+//! CPU work of the next, and each acknowledgement still means "durable".
+//!
+//! # Ordering
+//!
+//! Offsets are assigned inside the transaction from the writer's *committed* view of each
+//! queue, which runs ahead of the *published* view while batches wait for their fsync.
+//! Subscribers read the log only below the published offset, so they never see an event whose
+//! log record is not yet durable. `max_buffer_size` trimming happens in the same transaction,
+//! so the bound holds right after each commit.
+//!
+//! # Failure
+//!
+//! If a commit or a log write fails, that batch's callers get the error and nothing of it is
+//! visible. If an fsync fails, every batch waiting for it gets the error. Either way the
+//! pipeline then refuses all later writes with [`Error::StoreFailed`] until the store is
+//! reopened, rather than pretend later commits are fine; recovery on reopen keeps exactly the
+//! log records that reached the disk (a caller that got an error may find its event stored,
+//! as after a timeout; idempotent retries make that safe).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -29,9 +45,10 @@ use crate::event::{Event, EventType, RenderedEvent, Timestamp};
 use crate::hub::Live;
 use crate::ids::{TaskId, TenantId};
 use crate::metrics::Metrics;
-use crate::queue::{CancelInfo, QueueKind, QueueShared};
+use crate::queue::{CancelInfo, QueueKind, QueueShared, View};
 use crate::store::codec::{self, EventHeader, QueueRecord};
-use crate::store::{Store, StoreWriter, SyncMode};
+use crate::store::wal::WalSyncer;
+use crate::store::{Store, StoreWriter};
 use crate::subscription::RecordedEvent;
 
 /// Every live queue by `(tenant, task)`. Written only by the writer, after commits.
@@ -117,7 +134,7 @@ pub(crate) enum Command {
         expire_at: Option<Timestamp>,
         reply: Reply<bool>,
     },
-    /// fsync everything committed so far (the buffered-mode flush).
+    /// fsync everything committed so far (a flush in buffered mode).
     Sync { reply: Option<Reply<()>> },
     /// Commit what is queued, sync, and stop.
     Shutdown { reply: Reply<()> },
@@ -144,13 +161,7 @@ enum Outcome {
 /// A queue's state as the current transaction sees it.
 struct Stage {
     q: Arc<QueueShared>,
-    first: u64,
-    next: u64,
-    closed: bool,
-    finished_at: Option<u64>,
-    cancel: Option<CancelInfo>,
-    last_activity: Timestamp,
-    removed: bool,
+    view: View,
     created: bool,
     dirty: bool,
     outbox: Vec<Live>,
@@ -159,35 +170,14 @@ struct Stage {
 
 impl Stage {
     fn of(q: &Arc<QueueShared>) -> Self {
-        let st = q.lock();
         Stage {
             q: q.clone(),
-            first: st.first_offset,
-            next: st.next_offset,
-            closed: st.closed,
-            finished_at: st.finished_at,
-            cancel: st.cancel.clone(),
-            last_activity: st.last_activity,
-            removed: st.removed,
+            view: q.committed().clone(),
             created: false,
             dirty: false,
             outbox: Vec::new(),
             appended: 0,
         }
-    }
-
-    fn record(&self) -> QueueRecord {
-        let mut rec = self.q.record(&self.q.lock());
-        rec.first_offset = self.first;
-        rec.next_offset = self.next;
-        rec.closed = self.closed;
-        rec.finished_at = self.finished_at;
-        rec.last_activity_us = self.last_activity.as_micros();
-        rec.cancel = self.cancel.as_ref().map(|c| codec::CancelRecord {
-            reason: c.reason.clone(),
-            time_us: c.time.as_micros(),
-        });
-        rec
     }
 }
 
@@ -210,12 +200,35 @@ impl Batch {
         };
         &mut self.stages[i]
     }
+}
 
-    fn created(&self, tenant: &TenantId, task: &TaskId) -> bool {
-        self.stages
-            .iter()
-            .any(|s| s.created && &s.q.tenant_id == tenant && &s.q.task_id == task)
+/// The first storage failure, shared by both pipeline threads.
+#[derive(Default)]
+pub(crate) struct Failure(Mutex<Option<Arc<str>>>);
+
+impl Failure {
+    fn get(&self) -> Option<Arc<str>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+
+    fn set(&self, e: &Error) {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            tracing::error!(error = %e, "storage failure; refusing further writes until reopen");
+            *slot = Some(Arc::from(e.to_string()));
+        }
+    }
+}
+
+/// A committed batch waiting for its fsync.
+struct Job {
+    batch: Batch,
+    cmds: Vec<Command>,
+    outcomes: Vec<Outcome>,
+    /// The batch wrote a log record.
+    logged: bool,
+    /// Acknowledge only after an fsync (immediate durability, flush, shutdown).
+    needs_sync: bool,
 }
 
 pub(crate) struct Writer {
@@ -224,22 +237,68 @@ pub(crate) struct Writer {
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
     pub rx: mpsc::Receiver<Command>,
-    pub mode: SyncMode,
+    /// `None` in immediate durability; the flush interval in buffered durability.
+    pub flush_interval: Option<Duration>,
     pub max_commit_events: usize,
     pub next_queue_id: u64,
-    pub failed: Option<Arc<str>>,
-    /// Set after a commit without fsync; cleared by the next fsync'd commit.
-    pub unsynced: Arc<AtomicBool>,
 }
 
 impl Writer {
-    /// Runs until a `Shutdown` command or until every sender is gone.
-    pub(crate) fn run(mut self) {
-        while let Some(first) = self.rx.blocking_recv() {
+    /// Runs the pipeline until a `Shutdown` command or until every sender is gone.
+    ///
+    /// # Errors
+    ///
+    /// Only if the acknowledger thread cannot be started.
+    pub(crate) fn run(self) -> Result<()> {
+        let syncer = self.store.log_syncer()?;
+        let failure = Arc::new(Failure::default());
+        let (jobs_tx, jobs_rx) = std_mpsc::channel();
+        let acker = Acknowledger {
+            jobs: jobs_rx,
+            syncer,
+            registry: self.registry.clone(),
+            failure: failure.clone(),
+            flush_interval: self.flush_interval,
+        };
+        let handle = std::thread::Builder::new()
+            .name("eventqueue-ack".into())
+            .spawn(move || acker.run())
+            .map_err(|e| Error::storage(format!("cannot start the acknowledger thread: {e}")))?;
+        let keys = self
+            .registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let mut stage = WriterLoop {
+            w: self,
+            failure,
+            jobs: jobs_tx,
+            keys,
+        };
+        stage.run();
+        drop(stage);
+        let _ = handle.join();
+        Ok(())
+    }
+}
+
+struct WriterLoop {
+    w: Writer,
+    failure: Arc<Failure>,
+    jobs: std_mpsc::Sender<Job>,
+    /// Queues that exist as of the latest commit (creates may not be published yet).
+    keys: HashSet<(TenantId, TaskId)>,
+}
+
+impl WriterLoop {
+    fn run(&mut self) {
+        while let Some(first) = self.w.rx.blocking_recv() {
             let mut n = first.event_count();
             let mut cmds = vec![first];
-            while n < self.max_commit_events {
-                match self.rx.try_recv() {
+            while n < self.w.max_commit_events {
+                match self.w.rx.try_recv() {
                     Ok(cmd) => {
                         n += cmd.event_count();
                         cmds.push(cmd);
@@ -250,97 +309,153 @@ impl Writer {
             if self.process(cmds) {
                 return;
             }
-            if self.failed.is_none()
-                && let Err(e) = self.store.maybe_checkpoint()
+            if self.failure.get().is_none()
+                && let Err(e) = self.w.store.maybe_checkpoint()
             {
-                self.fail(&e);
+                self.failure.set(&e);
             }
         }
-        if self.failed.is_none()
-            && let Err(e) = self.store.checkpoint()
+        // Every handle is gone: leave a durable store behind.
+        if self.failure.get().is_none()
+            && let Err(e) = self.w.store.checkpoint()
         {
-            self.fail(&e);
+            self.failure.set(&e);
         }
     }
 
-    fn fail(&mut self, e: &Error) {
-        tracing::error!(error = %e, "storage failure; refusing further writes until reopen");
-        self.failed = Some(Arc::from(e.to_string()));
-    }
-
-    /// Applies one batch. Returns true when a shutdown was processed.
+    /// Applies and commits one batch and hands it to the acknowledger. Returns true when a
+    /// shutdown was processed.
     fn process(&mut self, cmds: Vec<Command>) -> bool {
-        if let Some(msg) = &self.failed {
-            let mut stop = false;
+        let shutdown = cmds.iter().any(|c| matches!(c, Command::Shutdown { .. }));
+        if let Some(msg) = self.failure.get() {
             for cmd in cmds {
-                stop |= matches!(cmd, Command::Shutdown { .. });
                 reply_err(cmd, Error::StoreFailed(msg.clone()));
             }
-            return stop;
+            return shutdown;
         }
-        let wants_sync = cmds
-            .iter()
-            .any(|c| matches!(c, Command::Sync { .. } | Command::Shutdown { .. }));
-        let mode = if wants_sync {
-            SyncMode::Sync
-        } else {
-            self.mode
-        };
-        let now = self.clock.now();
+        let needs_sync = self.w.flush_interval.is_none()
+            || cmds
+                .iter()
+                .any(|c| matches!(c, Command::Sync { .. } | Command::Shutdown { .. }));
+        let now = self.w.clock.now();
         let started = Instant::now();
         let mut batch = Batch::default();
-        let mut next_queue_id = self.next_queue_id;
-        let registry = self.registry.clone();
-        let result = self.store.write(mode, |w| {
+        let mut next_queue_id = self.w.next_queue_id;
+        let keys = &mut self.keys;
+        let result = self.w.store.write(|w| {
             let mut outcomes = Vec::with_capacity(cmds.len());
             for cmd in &cmds {
-                outcomes.push(apply(
-                    w,
-                    &mut batch,
-                    &registry,
-                    &mut next_queue_id,
-                    cmd,
-                    now,
-                )?);
+                outcomes.push(apply(w, &mut batch, keys, &mut next_queue_id, cmd, now)?);
             }
             finish(w, &mut batch)?;
             Ok(outcomes)
         });
-        let shutting_down = cmds.iter().any(|c| matches!(c, Command::Shutdown { .. }));
         // The last batch before a shutdown is followed by a durable checkpoint, so the log is
-        // empty when the directory is closed; its callers are acknowledged after it.
+        // empty when the directory is closed.
         let result = match result {
-            Ok(outcomes) if shutting_down => self.store.checkpoint().map(|()| outcomes),
+            Ok(ok) if shutdown => self.w.store.checkpoint().map(|()| ok),
             other => other,
         };
         match result {
-            Ok(outcomes) => {
+            Ok((outcomes, logged)) => {
                 let events: u64 = batch.stages.iter().map(|s| s.appended).sum();
-                Metrics::add(&self.metrics.commits, 1);
-                Metrics::add(&self.metrics.events_appended, events);
-                self.metrics.batch_size.observe(events as f64);
-                self.metrics
-                    .commit_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                self.next_queue_id = next_queue_id;
-                self.unsynced
-                    .store(mode == SyncMode::NoSync, Ordering::Release);
-                publish(&self.registry, batch);
-                let mut stop = false;
-                for (cmd, outcome) in cmds.into_iter().zip(outcomes) {
-                    stop |= matches!(cmd, Command::Shutdown { .. });
-                    reply(cmd, outcome);
+                let m = &self.w.metrics;
+                Metrics::add(&m.commits, 1);
+                Metrics::add(&m.events_appended, events);
+                m.batch_size.observe(events as f64);
+                m.commit_seconds.observe(started.elapsed().as_secs_f64());
+                self.w.next_queue_id = next_queue_id;
+                for stage in &batch.stages {
+                    *stage.q.committed() = stage.view.clone();
                 }
-                stop
+                let job = Job {
+                    batch,
+                    cmds,
+                    outcomes,
+                    logged,
+                    needs_sync,
+                };
+                if let Err(std_mpsc::SendError(job)) = self.jobs.send(job) {
+                    for cmd in job.cmds {
+                        reply_err(cmd, Error::ShuttingDown);
+                    }
+                }
             }
             Err(e) => {
-                self.fail(&e);
-                let mut stop = false;
+                // Creates and removals of this batch were not committed.
+                for stage in &batch.stages {
+                    let key = (stage.q.tenant_id.clone(), stage.q.task_id.clone());
+                    if stage.created {
+                        self.keys.remove(&key);
+                    } else if stage.view.removed {
+                        self.keys.insert(key);
+                    }
+                }
+                self.failure.set(&e);
                 for cmd in cmds {
-                    stop |= matches!(cmd, Command::Shutdown { .. });
                     reply_err(cmd, e.clone());
                 }
-                stop
+            }
+        }
+        shutdown
+    }
+}
+
+/// The second pipeline stage: fsync, then publish and acknowledge, in batch order.
+struct Acknowledger {
+    jobs: std_mpsc::Receiver<Job>,
+    syncer: WalSyncer,
+    registry: Arc<Registry>,
+    failure: Arc<Failure>,
+    flush_interval: Option<Duration>,
+}
+
+impl Acknowledger {
+    fn run(self) {
+        let mut unsynced = false;
+        let mut last_sync = Instant::now();
+        // In buffered durability, wake at least every flush interval to sync what is pending.
+        let idle_wait = self.flush_interval.unwrap_or(Duration::from_secs(3600));
+        loop {
+            let mut jobs = match self.jobs.recv_timeout(idle_wait) {
+                Ok(job) => vec![job],
+                Err(std_mpsc::RecvTimeoutError::Timeout) => Vec::new(),
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            while let Ok(job) = self.jobs.try_recv() {
+                jobs.push(job);
+            }
+            unsynced |= jobs.iter().any(|j| j.logged);
+            let due = self
+                .flush_interval
+                .is_some_and(|every| last_sync.elapsed() >= every);
+            if unsynced && (due || jobs.iter().any(|j| j.needs_sync)) {
+                if let Err(e) = self.syncer.sync() {
+                    self.failure.set(&e);
+                    for job in jobs {
+                        for cmd in job.cmds {
+                            reply_err(cmd, e.clone());
+                        }
+                    }
+                    continue;
+                }
+                unsynced = false;
+                last_sync = Instant::now();
+            }
+            for job in jobs {
+                // A batch committed after a failed fsync is not acknowledged as durable.
+                if job.needs_sync
+                    && let Some(msg) = self.failure.get()
+                {
+                    for cmd in job.cmds {
+                        reply_err(cmd, Error::StoreFailed(msg.clone()));
+                    }
+                    continue;
+                }
+                publish(&self.registry, job.batch);
+                for (cmd, outcome) in job.cmds.into_iter().zip(job.outcomes) {
+                    reply(cmd, outcome);
+                }
             }
         }
     }
@@ -349,7 +464,7 @@ impl Writer {
 fn apply(
     w: &mut StoreWriter<'_>,
     batch: &mut Batch,
-    registry: &Registry,
+    keys: &mut HashSet<(TenantId, TaskId)>,
     next_queue_id: &mut u64,
     cmd: &Command,
     now: Timestamp,
@@ -357,10 +472,10 @@ fn apply(
     Ok(match cmd {
         Command::Append { queue, events, .. } => {
             let stage = batch.stage(queue);
-            if stage.removed {
+            if stage.view.removed {
                 return Ok(Outcome::Failed(not_found(queue)));
             }
-            if stage.closed {
+            if stage.view.closed {
                 return Ok(Outcome::Failed(Error::QueueClosed {
                     task_id: queue.task_id.to_string(),
                 }));
@@ -371,13 +486,13 @@ fn apply(
                     offsets.push(existing);
                     continue;
                 }
-                let offset = stage.next;
+                let offset = stage.view.next_offset;
                 let (record, json_at) = ev.encode(offset)?;
                 w.append(queue.id, offset, &ev.event_id, &record)?;
-                stage.next += 1;
+                stage.view.next_offset += 1;
                 stage.appended += 1;
-                if ev.terminal && stage.finished_at.is_none() {
-                    stage.finished_at = Some(offset);
+                if ev.terminal && stage.view.finished_at.is_none() {
+                    stage.view.finished_at = Some(offset);
                 }
                 let json = Bytes::from(record).slice(json_at..);
                 stage.outbox.push(Live::Event(Arc::new(RecordedEvent::new(
@@ -389,18 +504,14 @@ fn apply(
                 offsets.push(offset);
             }
             if stage.appended > 0 {
-                stage.last_activity = now;
+                stage.view.last_activity = now;
                 stage.dirty = true;
             }
             Outcome::Offsets(offsets)
         }
         Command::Create { spec, .. } => {
             let key = (spec.tenant.clone(), spec.task.clone());
-            let exists = registry
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains_key(&key);
-            if exists || batch.created(&spec.tenant, &spec.task) {
+            if keys.contains(&key) {
                 return Ok(Outcome::Failed(Error::QueueExists {
                     tenant_id: spec.tenant.to_string(),
                     task_id: spec.task.to_string(),
@@ -427,6 +538,7 @@ fn apply(
                 spec.task.clone(),
                 &record,
             ));
+            keys.insert(key);
             let stage = batch.stage(&q);
             stage.created = true;
             stage.dirty = true;
@@ -434,29 +546,29 @@ fn apply(
         }
         Command::Close { queue, .. } => {
             let stage = batch.stage(queue);
-            if stage.removed {
+            if stage.view.removed {
                 return Ok(Outcome::Failed(not_found(queue)));
             }
-            if !stage.closed {
-                stage.closed = true;
+            if !stage.view.closed {
+                stage.view.closed = true;
                 stage.dirty = true;
-                let at = stage.next;
+                let at = stage.view.next_offset;
                 stage.outbox.push(Live::Closed { at });
             }
             Outcome::Done
         }
         Command::Cancel { queue, reason, .. } => {
             let stage = batch.stage(queue);
-            if stage.removed {
+            if stage.view.removed {
                 return Ok(Outcome::Failed(not_found(queue)));
             }
-            if stage.finished_at.is_some() {
+            if stage.view.finished_at.is_some() {
                 return Ok(Outcome::Failed(Error::TaskFinished {
                     task_id: queue.task_id.to_string(),
                 }));
             }
-            if stage.cancel.is_none() {
-                stage.cancel = Some(CancelInfo {
+            if stage.view.cancel.is_none() {
+                stage.view.cancel = Some(CancelInfo {
                     reason: reason.clone(),
                     time: now,
                 });
@@ -468,16 +580,17 @@ fn apply(
             queue, expire_at, ..
         } => {
             let stage = batch.stage(queue);
-            if stage.removed {
+            if stage.view.removed {
                 return Ok(Outcome::Failed(not_found(queue)));
             }
             if let Some(now) = expire_at
-                && stage.last_activity.saturating_add(queue.ttl) > *now
+                && stage.view.last_activity.saturating_add(queue.ttl) > *now
             {
                 return Ok(Outcome::Removed(false));
             }
-            stage.removed = true;
+            stage.view.removed = true;
             stage.outbox.push(Live::Removed);
+            keys.remove(&(queue.tenant_id.clone(), queue.task_id.clone()));
             Outcome::Removed(true)
         }
         Command::Sync { .. } | Command::Shutdown { .. } => Outcome::Done,
@@ -488,7 +601,7 @@ fn apply(
 fn finish(w: &mut StoreWriter<'_>, batch: &mut Batch) -> Result<()> {
     for stage in &mut batch.stages {
         let q = stage.q.clone();
-        if stage.removed {
+        if stage.view.removed {
             w.remove_queue(q.tenant_id.as_str(), q.task_id.as_str())?;
             w.purge(q.id)?;
             continue;
@@ -496,43 +609,38 @@ fn finish(w: &mut StoreWriter<'_>, batch: &mut Batch) -> Result<()> {
         if !stage.dirty {
             continue;
         }
-        let retained = stage.next - stage.first;
-        if retained > q.max_buffer_size {
-            let new_first = stage.next - q.max_buffer_size;
-            w.trim(q.id, stage.first, new_first)?;
-            stage.first = new_first;
+        let v = &mut stage.view;
+        if v.next_offset - v.first_offset > q.max_buffer_size {
+            let new_first = v.next_offset - q.max_buffer_size;
+            w.trim(q.id, v.first_offset, new_first)?;
+            v.first_offset = new_first;
         }
-        w.put_queue(q.tenant_id.as_str(), q.task_id.as_str(), &stage.record())?;
+        w.put_queue(q.tenant_id.as_str(), q.task_id.as_str(), &q.record(v))?;
     }
     Ok(())
 }
 
-/// Applies committed stages to the shared state and sends to live subscribers. Each queue's
+/// Applies durable stages to the published state and sends to live subscribers. Each queue's
 /// state is advanced and its messages sent under that queue's lock (see `hub`).
 fn publish(registry: &Registry, batch: Batch) {
     for stage in batch.stages {
         let q = stage.q;
+        let removed = stage.view.removed;
         {
             let mut st = q.lock();
-            st.first_offset = stage.first;
-            st.next_offset = stage.next;
-            st.closed = stage.closed;
-            st.finished_at = stage.finished_at;
-            st.last_activity = stage.last_activity;
-            if stage.cancel.is_some() && st.cancel.is_none() {
+            if stage.view.cancel.is_some() && st.view.cancel.is_none() {
                 q.cancel_token.cancel();
             }
-            st.cancel = stage.cancel;
+            st.view = stage.view;
             for msg in stage.outbox {
                 st.hub.publish(msg);
             }
-            if stage.removed {
-                st.removed = true;
+            if removed {
                 st.hub.shut();
             }
         }
         let key = (q.tenant_id.clone(), q.task_id.clone());
-        if stage.removed {
+        if removed {
             let mut reg = registry.write().unwrap_or_else(|p| p.into_inner());
             if reg.get(&key).is_some_and(|cur| Arc::ptr_eq(cur, &q)) {
                 reg.remove(&key);

@@ -36,22 +36,12 @@ const KEY_FORMAT: &str = "format_version";
 const KEY_NEXT_QUEUE_ID: &str = "next_queue_id";
 const KEY_APPLIED_LSN: &str = "applied_lsn";
 
-/// A checkpoint runs when the log grows past this size…
+/// A checkpoint runs when the log grows past this size, or when it holds records older than
+/// the configured checkpoint interval.
 const CHECKPOINT_BYTES: u64 = 64 << 20;
-/// …or when it holds records older than this.
-const CHECKPOINT_AGE: Duration = Duration::from_millis(200);
 
 /// Name of the database file inside the data directory.
 pub const DB_FILE: &str = "eventqueue.redb";
-
-/// Whether a commit waits for its log record to be fsync'd.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum SyncMode {
-    /// fdatasync the log before the commit returns.
-    Sync,
-    /// Append to the log without fsync; a later [`Store::sync`] makes it durable.
-    NoSync,
-}
 
 /// The log and its bookkeeping; only the writer thread uses it.
 #[derive(Debug)]
@@ -90,6 +80,7 @@ pub(crate) struct Store {
     db: RwLock<Option<Database>>,
     log: Mutex<LogState>,
     path: PathBuf,
+    checkpoint_interval: Duration,
 }
 
 fn st(e: impl std::fmt::Display) -> Error {
@@ -99,7 +90,11 @@ fn st(e: impl std::fmt::Display) -> Error {
 impl Store {
     /// Opens (or creates) `data_dir/eventqueue.redb`, checks the format version and loads every
     /// queue record. Cost is proportional to the number of queues, not of events.
-    pub(crate) fn open(data_dir: &Path, cache_bytes: usize) -> Result<Opened> {
+    pub(crate) fn open(
+        data_dir: &Path,
+        cache_bytes: usize,
+        checkpoint_interval: Duration,
+    ) -> Result<Opened> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             Error::storage(format!(
                 "cannot create data directory {}: {e}",
@@ -128,6 +123,7 @@ impl Store {
                 oldest_unchecked: None,
             }),
             path,
+            checkpoint_interval,
         };
         let (queues, next_queue_id) = store.init_and_load(records)?;
         Ok(Opened {
@@ -303,7 +299,7 @@ impl Store {
             log.wal.len() > CHECKPOINT_BYTES
                 || log
                     .oldest_unchecked
-                    .is_some_and(|t| t.elapsed() >= CHECKPOINT_AGE)
+                    .is_some_and(|t| t.elapsed() >= self.checkpoint_interval)
         };
         if due {
             self.checkpoint()?;
@@ -346,19 +342,18 @@ impl Store {
         Ok(out)
     }
 
-    /// Runs `f` in one write transaction, logs its changes and commits it (see [`wal`] for
-    /// the ordering). With [`SyncMode::Sync`] the log record is fsync'd before this returns.
-    /// If `f` fails, or the log cannot be written, the transaction is dropped and nothing of it
-    /// is stored or visible.
+    /// Runs `f` in one write transaction, appends its changes to the log (not yet synced:
+    /// see [`Store::log_syncer`]) and commits it non-durably. Returns `f`'s value and whether
+    /// a log record was written. If `f` fails, or the log cannot be written, the transaction
+    /// is dropped and nothing of it is stored or visible.
     ///
     /// # Errors
     ///
     /// Whatever `f` returns, or a storage error from the log or the commit.
     pub(crate) fn write<T>(
         &self,
-        mode: SyncMode,
         f: impl FnOnce(&mut StoreWriter<'_>) -> Result<T>,
-    ) -> Result<T> {
+    ) -> Result<(T, bool)> {
         let mut log = self.log();
         let mut txn = self.begin_write()?;
         txn.set_durability(Durability::None).map_err(st)?;
@@ -372,16 +367,20 @@ impl Store {
             }
             (value, payload)
         };
-        if !payload.is_empty() {
+        let logged = !payload.is_empty();
+        if logged {
             log.wal.append(lsn, &payload)?;
             log.next_lsn += 1;
             log.oldest_unchecked.get_or_insert_with(Instant::now);
         }
-        if mode == SyncMode::Sync {
-            log.wal.sync()?;
-        }
         txn.commit().map_err(st)?;
-        Ok(value)
+        Ok((value, logged))
+    }
+
+    /// A handle that fsyncs the log from another thread, so the next batch is applied while
+    /// the previous one's record is being synced.
+    pub(crate) fn log_syncer(&self) -> Result<wal::WalSyncer> {
+        self.log().wal.syncer()
     }
 
     /// Size of the database file in bytes.

@@ -89,6 +89,23 @@ pub(crate) fn decode_ops(mut payload: &[u8]) -> Result<Vec<WalOp>> {
     Ok(ops)
 }
 
+/// fsyncs the log from the thread that acknowledges commits. An fdatasync started after a
+/// record's `write` returned makes that record durable.
+#[derive(Debug)]
+pub(crate) struct WalSyncer {
+    file: File,
+    path: PathBuf,
+}
+
+impl WalSyncer {
+    /// fdatasync the log file.
+    pub(crate) fn sync(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| io("syncing", &self.path, e))
+    }
+}
+
 /// An intact record read back on open: its LSN and payload.
 pub(crate) type LoggedRecord = (u64, Vec<u8>);
 
@@ -190,10 +207,22 @@ impl Wal {
     }
 
     /// fdatasync: every appended record is durable when this returns.
+    #[cfg(test)]
     pub(crate) fn sync(&mut self) -> Result<()> {
         self.file
             .sync_data()
             .map_err(|e| io("syncing", &self.path, e))
+    }
+
+    /// A second handle on the same file for fsyncing from another thread.
+    pub(crate) fn syncer(&self) -> Result<WalSyncer> {
+        Ok(WalSyncer {
+            file: self
+                .file
+                .try_clone()
+                .map_err(|e| io("duplicating the handle of", &self.path, e))?,
+            path: self.path.clone(),
+        })
     }
 
     /// Empties the log (after a durable checkpoint made its records redundant).
