@@ -65,4 +65,6 @@ pub use manager::{ManagerStats, QueueManager};
 pub use metrics::{Histogram, Metrics};
 pub use queue::{CancellationState, EventQueue, QueueInfo, QueueKind, QueueOptions};
 pub use store::DB_FILE;
+#[cfg(feature = "failpoints")]
+pub use store::wal::Faults;
 pub use subscription::{Delivery, RecordedEvent, Subscription};

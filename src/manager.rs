@@ -345,6 +345,12 @@ impl QueueManager {
         &self.core.config
     }
 
+    /// Fault injection for reliability tests (feature `failpoints`).
+    #[cfg(feature = "failpoints")]
+    pub fn faults(&self) -> std::sync::Arc<crate::store::wal::Faults> {
+        self.core.store.faults()
+    }
+
     /// Size of the database file in bytes.
     pub fn store_size_bytes(&self) -> u64 {
         self.core.store.file_size()

@@ -12,7 +12,7 @@
 //! in `spawn_blocking`, never on an async worker.
 
 pub(crate) mod codec;
-pub(crate) mod wal;
+pub mod wal;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
@@ -375,6 +375,12 @@ impl Store {
         }
         txn.commit().map_err(st)?;
         Ok((value, logged))
+    }
+
+    /// The fault injector of this store's log.
+    #[cfg(feature = "failpoints")]
+    pub(crate) fn faults(&self) -> std::sync::Arc<wal::Faults> {
+        self.log().wal.faults.clone()
     }
 
     /// A handle that fsyncs the log from another thread, so the next batch is applied while

@@ -89,19 +89,66 @@ pub(crate) fn decode_ops(mut payload: &[u8]) -> Result<Vec<WalOp>> {
     Ok(ops)
 }
 
+/// Injected I/O faults (feature `failpoints`): each counter is the number of operations that
+/// still succeed; a negative value means never fail.
+#[derive(Debug)]
+pub struct Faults {
+    appends_left: std::sync::atomic::AtomicI64,
+    syncs_left: std::sync::atomic::AtomicI64,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Self {
+            appends_left: std::sync::atomic::AtomicI64::new(-1),
+            syncs_left: std::sync::atomic::AtomicI64::new(-1),
+        }
+    }
+}
+
+impl Faults {
+    /// Log appends fail after `n` more succeed.
+    pub fn fail_appends_after(&self, n: i64) {
+        self.appends_left
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Log fsyncs fail after `n` more succeed.
+    pub fn fail_syncs_after(&self, n: i64) {
+        self.syncs_left
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn hit(counter: &std::sync::atomic::AtomicI64, what: &str) -> std::io::Result<()> {
+        if !cfg!(feature = "failpoints") {
+            return Ok(());
+        }
+        let left = counter.load(std::sync::atomic::Ordering::SeqCst);
+        if left < 0 {
+            return Ok(());
+        }
+        if left == 0 {
+            return Err(std::io::Error::other(format!("injected {what} failure")));
+        }
+        counter.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
 /// fsyncs the log from the thread that acknowledges commits. An fdatasync started after a
 /// record's `write` returned makes that record durable.
 #[derive(Debug)]
 pub(crate) struct WalSyncer {
     file: File,
     path: PathBuf,
+    faults: std::sync::Arc<Faults>,
 }
 
 impl WalSyncer {
     /// fdatasync the log file.
     pub(crate) fn sync(&self) -> Result<()> {
-        self.file
-            .sync_data()
+        Faults::hit(&self.faults.syncs_left, "fsync")
+            .and_then(|()| self.file.sync_data())
             .map_err(|e| io("syncing", &self.path, e))
     }
 }
@@ -116,6 +163,7 @@ pub(crate) struct Wal {
     path: PathBuf,
     len: u64,
     buf: Vec<u8>,
+    pub(crate) faults: std::sync::Arc<Faults>,
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
@@ -178,6 +226,7 @@ impl Wal {
                 path,
                 len: at as u64,
                 buf: Vec::new(),
+                faults: Default::default(),
             },
             records,
         ))
@@ -196,7 +245,9 @@ impl Wal {
         self.buf.extend_from_slice(&hasher.finalize().to_le_bytes());
         self.buf.extend_from_slice(&lsn_bytes);
         self.buf.extend_from_slice(payload);
-        if let Err(e) = self.file.write_all(&self.buf) {
+        let written = Faults::hit(&self.faults.appends_left, "log write")
+            .and_then(|()| self.file.write_all(&self.buf));
+        if let Err(e) = written {
             // Leave no partial record behind for the next append to follow.
             let _ = self.file.set_len(self.len);
             let _ = self.file.seek(SeekFrom::Start(self.len));
@@ -222,6 +273,7 @@ impl Wal {
                 .try_clone()
                 .map_err(|e| io("duplicating the handle of", &self.path, e))?,
             path: self.path.clone(),
+            faults: self.faults.clone(),
         })
     }
 
