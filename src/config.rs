@@ -46,7 +46,7 @@ pub struct Config {
     pub cache_size_bytes: usize,
     /// Most events one group commit takes. Default 8192.
     pub max_commit_events: usize,
-    /// Events read from the log per replay step. Default 512.
+    /// Events read from the log per replay step. Default 4096.
     pub replay_chunk: usize,
     /// Longest time commits stay only in the write-ahead log before redb itself is made
     /// durable (a checkpoint) and the log emptied. Bounds recovery work after a crash; each
@@ -64,7 +64,7 @@ impl Default for Config {
             broadcast_capacity: 1024,
             cache_size_bytes: 64 << 20,
             max_commit_events: 8192,
-            replay_chunk: 512,
+            replay_chunk: 4096,
             checkpoint_interval: Duration::from_secs(1),
         }
     }

@@ -367,13 +367,10 @@ impl Subscription {
                 }
                 for e in events {
                     self.next = e.offset + 1;
-                    let event_type = EventType::from_code(e.header.event_type)
+                    let event_type = EventType::from_code(e.event_type)
                         .ok_or_else(|| Error::storage("corrupt event record: unknown type"))?;
                     self.buf.push_back(Arc::new(RecordedEvent::new(
-                        e.offset,
-                        event_type,
-                        e.header.terminal,
-                        e.json,
+                        e.offset, event_type, e.terminal, e.json,
                     )));
                 }
             }

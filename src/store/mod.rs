@@ -24,7 +24,7 @@ use redb::{
 };
 
 use crate::error::{Error, Result};
-use codec::{EventHeader, FORMAT_VERSION, QueueRecord};
+use codec::{FORMAT_VERSION, QueueRecord};
 use wal::{Wal, WalOp};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -55,7 +55,8 @@ struct LogState {
 #[derive(Debug, Clone)]
 pub(crate) struct StoredEvent {
     pub offset: u64,
-    pub header: EventHeader,
+    pub event_type: u8,
+    pub terminal: bool,
     pub json: Bytes,
 }
 
@@ -332,7 +333,8 @@ impl Store {
             let (header, at) = codec::decode_event(v.value())?;
             out.push(StoredEvent {
                 offset: k.value().1,
-                header,
+                event_type: header.event_type,
+                terminal: header.terminal,
                 json: Bytes::copy_from_slice(&v.value()[at..]),
             });
             if out.len() >= limit {
@@ -490,7 +492,7 @@ impl StoreWriter<'_> {
         let mut removed = 0;
         for offset in from..to {
             let id = match self.events.remove((qid, offset)).map_err(st)? {
-                Some(guard) => codec::decode_event(guard.value())?.0.event_id,
+                Some(guard) => codec::decode_event(guard.value())?.0.event_id.to_string(),
                 None => continue,
             };
             self.ids.remove((qid, id.as_str())).map_err(st)?;
