@@ -85,7 +85,7 @@ impl PreparedEvent {
             event_type: self.event_type.code(),
             terminal: self.terminal,
             timestamp_us: self.timestamp_us,
-            event_id: self.event_id.clone(),
+            event_id: &self.event_id,
         };
         let r = &self.rendered;
         let (mut buf, start) = codec::encode_event(&header, r.prefix.len() + r.suffix.len() + 20)?;

@@ -14,18 +14,10 @@ pub(crate) const FORMAT_VERSION: u32 = 1;
 /// First byte of every event record.
 const RECORD_VERSION: u8 = 1;
 
-/// The fixed part of an event record.
+/// The fixed part of an event record. The id borrows, so neither encoding nor decoding
+/// copies it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct EventHeader {
-    pub event_type: u8,
-    pub terminal: bool,
-    pub timestamp_us: i64,
-    pub event_id: String,
-}
-
-/// The header as decoded without copying: the id borrows from the record.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub(crate) struct HeaderRef<'a> {
+pub(crate) struct EventHeader<'a> {
     pub event_type: u8,
     pub terminal: bool,
     pub timestamp_us: i64,
@@ -57,7 +49,7 @@ pub(crate) struct CancelRecord {
 
 /// Encodes `header` followed by `json` into one record buffer. Returns the buffer and the
 /// position where the JSON starts.
-pub(crate) fn encode_event(header: &EventHeader, json_len: usize) -> Result<(Vec<u8>, usize)> {
+pub(crate) fn encode_event(header: &EventHeader<'_>, json_len: usize) -> Result<(Vec<u8>, usize)> {
     let mut buf = Vec::with_capacity(1 + 24 + header.event_id.len() + json_len);
     buf.push(RECORD_VERSION);
     let mut buf = postcard::to_extend(header, buf).map_err(Error::storage)?;
@@ -67,10 +59,10 @@ pub(crate) fn encode_event(header: &EventHeader, json_len: usize) -> Result<(Vec
 }
 
 /// Splits a record into its header and the position of its JSON.
-pub(crate) fn decode_event(record: &[u8]) -> Result<(HeaderRef<'_>, usize)> {
+pub(crate) fn decode_event(record: &[u8]) -> Result<(EventHeader<'_>, usize)> {
     match record.split_first() {
         Some((&RECORD_VERSION, rest)) => {
-            let (header, json) = postcard::take_from_bytes::<HeaderRef<'_>>(rest)
+            let (header, json) = postcard::take_from_bytes::<EventHeader<'_>>(rest)
                 .map_err(|e| Error::storage(format!("corrupt event record: {e}")))?;
             Ok((header, record.len() - json.len()))
         }
@@ -97,21 +89,13 @@ mod tests {
             event_type: 3,
             terminal: true,
             timestamp_us: 1_764_000_000_123_456,
-            event_id: "evt_0123456789ab".into(),
+            event_id: "evt_0123456789ab",
         };
         let json = br#"{"a":1}"#;
         let (mut buf, start) = encode_event(&header, json.len()).unwrap();
         buf.extend_from_slice(json);
         let (back, at) = decode_event(&buf).unwrap();
-        assert_eq!(
-            (
-                back.event_type,
-                back.terminal,
-                back.timestamp_us,
-                back.event_id
-            ),
-            (3, true, header.timestamp_us, header.event_id.as_str())
-        );
+        assert_eq!(back, header);
         assert_eq!(at, start);
         assert_eq!(&buf[at..], json);
     }

@@ -25,7 +25,7 @@ use redb::{
 
 use crate::error::{Error, Result};
 use codec::{FORMAT_VERSION, QueueRecord};
-use wal::{Wal, WalOp};
+use wal::{Wal, WalOp, WalOpRef};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const QUEUES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("queues");
@@ -420,16 +420,16 @@ impl<'t> StoreWriter<'t> {
 }
 
 impl StoreWriter<'_> {
-    fn record(&mut self, op: impl FnOnce() -> WalOp) -> Result<()> {
+    fn record(&mut self, op: WalOpRef<'_>) -> Result<()> {
         match &mut self.log {
-            Some(payload) => wal::encode_op(&op(), payload),
+            Some(payload) => wal::encode_op(&op, payload),
             None => Ok(()),
         }
     }
 
     pub(crate) fn set_next_queue_id(&mut self, id: u64) -> Result<()> {
         self.meta.insert(KEY_NEXT_QUEUE_ID, id).map_err(st)?;
-        self.record(|| WalOp::SetNextQueueId(id))
+        self.record(WalOpRef::SetNextQueueId(id))
     }
 
     pub(crate) fn put_queue(
@@ -444,19 +444,16 @@ impl StoreWriter<'_> {
 
     fn put_queue_bytes(&mut self, tenant: &str, task: &str, bytes: &[u8]) -> Result<()> {
         self.queues.insert((tenant, task), bytes).map_err(st)?;
-        self.record(|| WalOp::PutQueue {
-            tenant: tenant.to_string(),
-            task: task.to_string(),
-            record: bytes.to_vec(),
+        self.record(WalOpRef::PutQueue {
+            tenant,
+            task,
+            record: bytes,
         })
     }
 
     pub(crate) fn remove_queue(&mut self, tenant: &str, task: &str) -> Result<()> {
         self.queues.remove((tenant, task)).map_err(st)?;
-        self.record(|| WalOp::RemoveQueue {
-            tenant: tenant.to_string(),
-            task: task.to_string(),
-        })
+        self.record(WalOpRef::RemoveQueue { tenant, task })
     }
 
     /// The offset of the retained event of queue `qid` with this id, if any.
@@ -478,11 +475,11 @@ impl StoreWriter<'_> {
     ) -> Result<()> {
         self.events.insert((qid, offset), record).map_err(st)?;
         self.ids.insert((qid, event_id), offset).map_err(st)?;
-        self.record(|| WalOp::Append {
+        self.record(WalOpRef::Append {
             qid,
             offset,
-            event_id: event_id.to_string(),
-            record: record.to_vec(),
+            event_id,
+            record,
         })
     }
 
@@ -498,7 +495,7 @@ impl StoreWriter<'_> {
             self.ids.remove((qid, id.as_str())).map_err(st)?;
             removed += 1;
         }
-        self.record(|| WalOp::Trim { qid, from, to })?;
+        self.record(WalOpRef::Trim { qid, from, to })?;
         Ok(removed)
     }
 
@@ -514,7 +511,7 @@ impl StoreWriter<'_> {
         self.ids
             .retain_in((qid, "")..(qid + 1, ""), |_, _| false)
             .map_err(st)?;
-        self.record(|| WalOp::Purge { qid })?;
+        self.record(WalOpRef::Purge { qid })?;
         Ok(removed)
     }
 }
