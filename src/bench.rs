@@ -29,8 +29,9 @@ pub struct BenchOptions {
     pub quick: bool,
     /// Called with a short description as each step starts.
     pub progress: Option<Progress>,
-    /// Run only the steps whose name contains this (`raw`, `sequential`, `appends`,
-    /// `buffered`, `replay`, `fanout`, `reopen`, `idle`).
+    /// Run only the steps whose name contains one of these comma-separated words (steps:
+    /// `raw`, `sequential`, `appends-immediate`, `appends-buffered`, `replay`, `fanout`,
+    /// `reopen`, `idle`).
     pub only: Option<String>,
 }
 
@@ -178,7 +179,12 @@ pub async fn run(opts: BenchOptions) -> crate::Result<BenchReport> {
     let q = opts.quick;
     let step = |name: &str| root.path().join(name);
 
-    let want = |name: &str| opts.only.as_deref().is_none_or(|o| name.contains(o));
+    let want = |name: &str| {
+        opts.only.as_deref().is_none_or(|o| {
+            o.split(',')
+                .any(|w| !w.is_empty() && name.contains(w.trim()))
+        })
+    };
     let mut report = BenchReport {
         data_dir: base.display().to_string(),
         quick: q,

@@ -1,5 +1,359 @@
-//! The `eventqueue` command.
+//! The `eventqueue` command: `eventqueue serve` runs the HTTP server.
+//!
+//! This is the only place that reads arguments and the environment and installs a logger.
+//! Every setting comes from, in order of precedence: a flag, an `EVENTQUEUE_*` environment
+//! variable, the TOML file given by `--config`, the default.
 
-fn main() {
-    println!("eventqueue");
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use eventqueue::server::{self, AppState, ServerConfig};
+use eventqueue::{Config, Durability, QueueManager};
+use serde::Deserialize;
+use tracing_subscriber::EnvFilter;
+
+/// How long after the first shutdown signal the process exits regardless.
+const HARD_EXIT: Duration = Duration::from_secs(5);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "eventqueue",
+    version,
+    about = "A durable, embedded event log for task progress"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the HTTP API (SSE streams, producer endpoints, metrics).
+    Serve(ServeArgs),
+    /// Measure this machine's disk and CPU through eventqueue, against a raw fdatasync floor
+    /// measured in the same run.
+    ///
+    /// Example: `eventqueue bench --quick --data-dir /var/lib/eventqueue`
+    Bench(BenchArgs),
+}
+
+/// Flags of `eventqueue bench`.
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Directory on the disk to measure (a temporary directory is made inside it and removed)
+    /// [default: the system temporary directory]
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Smaller sizes: a run under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Run only the steps whose name contains one of these comma-separated words (steps: raw,
+    /// sequential, appends-immediate, appends-buffered, replay, fanout, reopen, idle).
+    #[arg(long, value_name = "STEP")]
+    only: Option<String>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum DurabilityArg {
+    /// Acknowledge after an fsync'd commit.
+    Immediate,
+    /// Acknowledge after a commit; fsync at least every flush interval.
+    Buffered,
+}
+
+/// Flags of `eventqueue serve`. Unset flags fall back to the environment, then the config
+/// file, then the default.
+#[derive(clap::Args, Debug, Default)]
+struct ServeArgs {
+    /// TOML file with any of the settings below (keys as the flags, with underscores).
+    #[arg(long, env = "EVENTQUEUE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory of the database [default: ./data]
+    #[arg(long, env = "EVENTQUEUE_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8000]
+    #[arg(long, env = "EVENTQUEUE_BIND", value_name = "ADDR")]
+    bind: Option<SocketAddr>,
+    /// TTL of queues created without one, counted from their last activity [default: 30]
+    #[arg(long, env = "EVENTQUEUE_DEFAULT_TTL_MINUTES", value_name = "MINUTES")]
+    default_ttl_minutes: Option<f64>,
+    /// Retained events per queue for queues created without a bound [default: 1000]
+    #[arg(long, env = "EVENTQUEUE_MAX_BUFFER_SIZE", value_name = "N")]
+    max_buffer_size: Option<u64>,
+    /// Period of the expiry sweep [default: 60]
+    #[arg(long, env = "EVENTQUEUE_CLEANUP_INTERVAL_SECS", value_name = "SECS")]
+    cleanup_interval_secs: Option<u64>,
+    /// Interval of keepalive comments on idle SSE streams [default: 15]
+    #[arg(long, env = "EVENTQUEUE_KEEPALIVE_SECS", value_name = "SECS")]
+    keepalive_secs: Option<u64>,
+    /// When enqueues are acknowledged [default: immediate]
+    #[arg(long, env = "EVENTQUEUE_DURABILITY", value_enum)]
+    durability: Option<DurabilityArg>,
+    /// In buffered durability, the longest time between a commit and its fsync; ignored with
+    /// immediate durability [default: 100]
+    #[arg(long, env = "EVENTQUEUE_FLUSH_INTERVAL_MS", value_name = "MS")]
+    flush_interval_ms: Option<u64>,
+    /// Largest request body in bytes [default: 2097152]
+    #[arg(long, env = "EVENTQUEUE_MAX_BODY_BYTES", value_name = "BYTES")]
+    max_body_bytes: Option<usize>,
+    /// Largest JSON of one event in bytes [default: 1048576]
+    #[arg(long, env = "EVENTQUEUE_MAX_EVENT_BYTES", value_name = "BYTES")]
+    max_event_bytes: Option<usize>,
+    /// Most events in one enqueue request [default: 1000]
+    #[arg(long, env = "EVENTQUEUE_MAX_BATCH_EVENTS", value_name = "N")]
+    max_batch_events: Option<usize>,
+}
+
+/// The `--config` file: the same settings as the flags.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    bind: Option<SocketAddr>,
+    default_ttl_minutes: Option<f64>,
+    max_buffer_size: Option<u64>,
+    cleanup_interval_secs: Option<u64>,
+    keepalive_secs: Option<u64>,
+    durability: Option<DurabilityArg>,
+    flush_interval_ms: Option<u64>,
+    max_body_bytes: Option<usize>,
+    max_event_bytes: Option<usize>,
+    max_batch_events: Option<usize>,
+}
+
+/// Everything `serve` needs, resolved.
+#[derive(Debug)]
+struct Settings {
+    bind: SocketAddr,
+    store: Config,
+    server: ServerConfig,
+}
+
+fn resolve(args: ServeArgs) -> Result<Settings, String> {
+    let file = match &args.config {
+        Some(path) => read_config(path)?,
+        None => FileConfig::default(),
+    };
+    let mut store = Config::new(
+        args.data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("./data")),
+    );
+    if let Some(minutes) = args.default_ttl_minutes.or(file.default_ttl_minutes) {
+        store.default_ttl = (minutes >= 0.0)
+            .then(|| Duration::try_from_secs_f64(minutes * 60.0).ok())
+            .flatten()
+            .ok_or_else(|| format!("default_ttl_minutes must be >= 0, got {minutes}"))?;
+    }
+    if let Some(n) = args.max_buffer_size.or(file.max_buffer_size) {
+        if n == 0 {
+            return Err("max_buffer_size must be at least 1".into());
+        }
+        store.max_buffer_size = n;
+    }
+    let flush_ms = args.flush_interval_ms.or(file.flush_interval_ms);
+    store.durability = match args.durability.or(file.durability) {
+        // A flush interval means nothing when every commit is fsync'd; it is ignored.
+        None | Some(DurabilityArg::Immediate) => Durability::Immediate,
+        Some(DurabilityArg::Buffered) => Durability::Buffered {
+            flush_interval: Duration::from_millis(flush_ms.unwrap_or(100).max(1)),
+        },
+    };
+    let mut server = ServerConfig::default();
+    if let Some(secs) = args.cleanup_interval_secs.or(file.cleanup_interval_secs) {
+        if secs == 0 {
+            return Err("cleanup_interval_secs must be at least 1".into());
+        }
+        server.cleanup_interval = Some(Duration::from_secs(secs));
+    }
+    if let Some(secs) = args.keepalive_secs.or(file.keepalive_secs) {
+        if secs == 0 {
+            return Err("keepalive_secs must be at least 1".into());
+        }
+        server.keepalive = Duration::from_secs(secs);
+    }
+    if let Some(n) = args.max_body_bytes.or(file.max_body_bytes) {
+        server.max_body_bytes = n;
+    }
+    if let Some(n) = args.max_event_bytes.or(file.max_event_bytes) {
+        server.max_event_bytes = n;
+    }
+    if let Some(n) = args.max_batch_events.or(file.max_batch_events) {
+        server.max_batch_events = n;
+    }
+    let bind = args
+        .bind
+        .or(file.bind)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000)));
+    Ok(Settings {
+        bind,
+        store,
+        server,
+    })
+}
+
+fn read_config(path: &Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("invalid config file {}: {e}", path.display()))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Bench(args) => runtime.block_on(bench(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn bench(args: BenchArgs) -> Result<(), String> {
+    let progress: eventqueue::bench::Progress = std::sync::Arc::new(|step: &str| {
+        eprintln!("… {step}");
+    });
+    let report = eventqueue::bench::run(eventqueue::bench::BenchOptions {
+        data_dir: args.data_dir,
+        quick: args.quick,
+        progress: Some(progress),
+        only: args.only,
+    })
+    .await
+    .map_err(|e| format!("bench failed: {e}"))?;
+    if args.json {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        println!("{json}");
+    } else {
+        println!("{}", report.to_table());
+    }
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    let settings = resolve(args)?;
+    if !settings.bind.ip().is_loopback() {
+        return Err(server::ServeError::NotLoopback(settings.bind).to_string());
+    }
+    let listener = tokio::net::TcpListener::bind(settings.bind)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.bind))?;
+    let manager = QueueManager::open(settings.store)
+        .await
+        .map_err(|e| e.to_string())?;
+    let state = AppState::new(manager, settings.server);
+    server::serve(state, listener, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves at the first SIGTERM or Ctrl-C. From then on, a second signal, or [`HARD_EXIT`]
+/// passing, ends the process at once.
+async fn shutdown_signal() {
+    signal().await;
+    tracing::info!("shutdown requested; a second signal exits at once");
+    tokio::spawn(async {
+        tokio::select! {
+            () = signal() => tracing::warn!("second signal: exiting now"),
+            () = tokio::time::sleep(HARD_EXIT) => tracing::warn!("shutdown took too long: exiting now"),
+        }
+        std::process::exit(130);
+    });
+}
+
+async fn signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_config_file_which_wins_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eq.toml");
+        std::fs::write(
+            &path,
+            "bind = \"127.0.0.1:9000\"\nkeepalive_secs = 7\nmax_body_bytes = 10\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            max_body_bytes: Some(20),
+            ..ServeArgs::default()
+        };
+        let s = resolve(args).unwrap();
+        assert_eq!(s.bind, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(s.server.keepalive, Duration::from_secs(7));
+        assert_eq!(s.server.max_body_bytes, 20);
+        assert_eq!(s.server.max_event_bytes, 1 << 20);
+        assert_eq!(s.store.data_dir, PathBuf::from("./data"));
+    }
+
+    #[test]
+    fn unknown_config_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eq.toml");
+        std::fs::write(&path, "bnd = \"127.0.0.1:9000\"\n").unwrap();
+        let err = resolve(ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("bnd"), "{err}");
+    }
+
+    #[test]
+    fn cli_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 }

@@ -1,1 +1,18 @@
-//! HTTP API tests.
+//! HTTP API tests: router tests without sockets (`router`), real-socket SSE tests (`sse`), and
+//! server lifecycle tests — graceful shutdown and restart (`lifecycle`).
+
+mod lifecycle;
+mod router;
+mod sse;
+
+use serde_json::{Value, json};
+
+/// A `status: working` event in phase `phase`.
+pub fn working(phase: usize) -> Value {
+    json!({"event_type": "status", "state": "working", "phase": format!("phase_{phase}")})
+}
+
+/// A `complete` event (terminal).
+pub fn complete() -> Value {
+    json!({"event_type": "complete", "result": {"ok": true}, "summary": "done"})
+}

@@ -1,5 +1,6 @@
 //! Library tests: queues, manager, restart, idempotency, model-based properties, stress.
 
+mod bench;
 mod crash;
 mod faults;
 mod idempotency;

@@ -1,0 +1,182 @@
+//! [`ApiError`]: every error the HTTP API answers, as `{"detail": "…"}` with its status code.
+//!
+//! Client errors carry a message that names what is wrong. Internal errors (storage, I/O) are
+//! logged in full and answered with a generic detail, so nothing of the server's insides leaks.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::error::Error;
+
+/// An error answer of the HTTP API: a status code and the `detail` text of its JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    status: StatusCode,
+    detail: String,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    detail: &'a str,
+}
+
+impl ApiError {
+    /// An error with the given status and detail text.
+    pub fn new(status: StatusCode, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            detail: detail.into(),
+        }
+    }
+
+    /// `400 Bad Request`.
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, detail)
+    }
+
+    /// `404 Not Found`.
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, detail)
+    }
+
+    /// `404` with the text `No queue found for task {task_id}`.
+    pub fn no_queue(task_id: impl std::fmt::Display) -> Self {
+        Self::not_found(format!("No queue found for task {task_id}"))
+    }
+
+    /// `409 Conflict`.
+    pub fn conflict(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, detail)
+    }
+
+    /// `413 Payload Too Large`.
+    pub fn too_large(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, detail)
+    }
+
+    /// `503 Service Unavailable`: the server is shutting down.
+    pub fn shutting_down() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        )
+    }
+
+    /// The status code.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The detail text.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    /// Prefixes the detail (for example with the index of an event in a batch).
+    pub(crate) fn context(mut self, prefix: impl std::fmt::Display) -> Self {
+        self.detail = format!("{prefix}: {}", self.detail);
+        self
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.status, self.detail)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl From<Error> for ApiError {
+    fn from(err: Error) -> Self {
+        match &err {
+            Error::InvalidId { .. } | Error::InvalidEvent { .. } => {
+                Self::bad_request(err.to_string())
+            }
+            Error::QueueNotFound { task_id } => Self::no_queue(task_id),
+            Error::QueueExists { .. } | Error::QueueClosed { .. } | Error::TaskFinished { .. } => {
+                Self::conflict(err.to_string())
+            }
+            Error::ShuttingDown => Self::shutting_down(),
+            Error::Storage(msg) | Error::StoreFailed(msg) if is_out_of_space(msg) => {
+                tracing::error!(error = %err, "storage full");
+                Self::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient storage")
+            }
+            _ => {
+                tracing::error!(error = %err, "internal error");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal server error")
+            }
+        }
+    }
+}
+
+/// Whether a storage error says the disk is full.
+fn is_out_of_space(msg: &str) -> bool {
+    let msg = msg.to_ascii_lowercase();
+    msg.contains("no space left") || msg.contains("disk full") || msg.contains("enospc")
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(Body {
+                detail: &self.detail,
+            }),
+        )
+            .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_library_errors_to_status_codes() {
+        let cases = [
+            (
+                Error::InvalidId {
+                    field: "task_id",
+                    reason: "x".into(),
+                },
+                400,
+            ),
+            (
+                Error::QueueNotFound {
+                    task_id: "t".into(),
+                },
+                404,
+            ),
+            (
+                Error::QueueExists {
+                    tenant_id: "a".into(),
+                    task_id: "t".into(),
+                },
+                409,
+            ),
+            (
+                Error::QueueClosed {
+                    task_id: "t".into(),
+                },
+                409,
+            ),
+            (
+                Error::TaskFinished {
+                    task_id: "t".into(),
+                },
+                409,
+            ),
+            (Error::ShuttingDown, 503),
+            (Error::Storage("disk on fire at /secret/path".into()), 500),
+            (Error::StoreFailed("No space left on device".into()), 507),
+        ];
+        for (err, status) in cases {
+            let api = ApiError::from(err);
+            assert_eq!(api.status().as_u16(), status, "{api}");
+            assert!(!api.detail().contains("/secret/path"));
+        }
+    }
+}
