@@ -17,6 +17,33 @@ use crate::manager::Core;
 use crate::queue::QueueShared;
 use crate::writer::Command;
 
+/// What an offline compaction did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CompactReport {
+    /// File size before, bytes.
+    pub bytes_before: u64,
+    /// File size after, bytes.
+    pub bytes_after: u64,
+}
+
+/// Shrinks the database file of a data directory that no server holds.
+///
+/// A running store reuses the space of removed events but never returns it to the
+/// filesystem; this rewrites the file so it does. Blocking: call it from a plain thread or
+/// `spawn_blocking`.
+///
+/// # Errors
+///
+/// [`crate::Error::Locked`] while another process (a server) holds the database; storage
+/// errors.
+pub fn compact_offline(data_dir: &std::path::Path) -> Result<CompactReport> {
+    let (bytes_before, bytes_after) = crate::store::Store::compact_offline(data_dir)?;
+    Ok(CompactReport {
+        bytes_before,
+        bytes_after,
+    })
+}
+
 /// What one cleanup pass did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct CleanupReport {

@@ -52,6 +52,9 @@ pub struct Config {
     /// durable (a checkpoint) and the log emptied. Bounds recovery work after a crash; each
     /// checkpoint costs one durable redb commit. Default 1 s.
     pub checkpoint_interval: Duration,
+    /// Most events removed per step when purging a deleted or expired queue; steps interleave
+    /// with appends so a large deletion never holds them up. Default 256.
+    pub purge_step: u64,
 }
 
 impl Default for Config {
@@ -66,6 +69,7 @@ impl Default for Config {
             max_commit_events: 8192,
             replay_chunk: 4096,
             checkpoint_interval: Duration::from_secs(1),
+            purge_step: 256,
         }
     }
 }

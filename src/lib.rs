@@ -53,7 +53,7 @@ pub mod bench;
 pub mod server;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use compaction::CleanupReport;
+pub use compaction::{CleanupReport, CompactReport, compact_offline};
 pub use config::{Config, Durability};
 pub use error::{Error, Result};
 pub use event::{

@@ -122,6 +122,9 @@ impl QueueManager {
         let store = Arc::new(opened.store);
         let registry = Arc::new(Registry::new(map));
         let metrics = Arc::new(Metrics::default());
+        metrics
+            .pending_purges
+            .store(opened.pending_purges.len() as u64, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(COMMAND_CHANNEL);
         let writer = Writer {
             store: store.clone(),
@@ -135,6 +138,8 @@ impl QueueManager {
             },
             max_commit_events: config.max_commit_events.max(1),
             next_queue_id: opened.next_queue_id,
+            pending_purges: opened.pending_purges,
+            purge_step: config.purge_step.max(1),
         };
         let handle = std::thread::Builder::new()
             .name("eventqueue-writer".into())
@@ -362,7 +367,18 @@ impl QueueManager {
     ///
     /// Storage errors.
     pub async fn cleanup_expired(&self) -> Result<CleanupReport> {
-        compaction::expire_once(&self.core, self.core.clock.now()).await
+        self.compact_once(self.core.clock.now()).await
+    }
+
+    /// Removes every queue idle for at least its TTL at `now` (one expiry sweep). Each removal
+    /// is its own writer command, so appends interleave with the sweep; the removed queues'
+    /// events are then purged in bounded steps.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    pub async fn compact_once(&self, now: crate::event::Timestamp) -> Result<CleanupReport> {
+        compaction::expire_once(&self.core, now).await
     }
 
     /// Starts the background cleanup loop (idempotent: a running loop is kept).

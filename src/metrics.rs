@@ -74,6 +74,8 @@ pub struct Metrics {
     pub gap_notices: AtomicU64,
     /// Events removed by trimming, expiry and deletion.
     pub events_removed: AtomicU64,
+    /// Deleted or expired queues whose events are still being removed in bounded steps.
+    pub pending_purges: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -90,6 +92,7 @@ impl Default for Metrics {
             lag_recoveries: AtomicU64::new(0),
             gap_notices: AtomicU64::new(0),
             events_removed: AtomicU64::new(0),
+            pending_purges: AtomicU64::new(0),
         }
     }
 }

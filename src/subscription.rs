@@ -363,7 +363,12 @@ impl Subscription {
             Some(first) => {
                 if first.offset > from {
                     self.gap_from.get_or_insert(from);
+                    // The refresh may learn that the queue is gone: then the stream ends here
+                    // and nothing read past the hole may be delivered.
                     self.refresh(false);
+                    if self.done {
+                        return Ok(());
+                    }
                 }
                 for e in events {
                     self.next = e.offset + 1;

@@ -162,21 +162,27 @@ enum Outcome {
 struct Stage {
     q: Arc<QueueShared>,
     view: View,
+    /// The queue was already removed before this batch.
+    was_removed: bool,
     created: bool,
     dirty: bool,
     outbox: Vec<Live>,
     appended: u64,
+    trimmed: u64,
 }
 
 impl Stage {
     fn of(q: &Arc<QueueShared>) -> Self {
+        let view = q.committed().clone();
         Stage {
             q: q.clone(),
-            view: q.committed().clone(),
+            was_removed: view.removed,
+            view,
             created: false,
             dirty: false,
             outbox: Vec::new(),
             appended: 0,
+            trimmed: 0,
         }
     }
 }
@@ -241,7 +247,15 @@ pub(crate) struct Writer {
     pub flush_interval: Option<Duration>,
     pub max_commit_events: usize,
     pub next_queue_id: u64,
+    /// Deleted queues whose events are still to be removed.
+    pub pending_purges: Vec<u64>,
+    /// Most events one purge step removes.
+    pub purge_step: u64,
 }
+
+/// While appends keep coming, one purge step runs at most this often, so a large deletion
+/// never holds appends behind it.
+const PURGE_PACE: Duration = Duration::from_millis(10);
 
 impl Writer {
     /// Runs the pipeline until a `Shutdown` command or until every sender is gone.
@@ -271,11 +285,14 @@ impl Writer {
             .keys()
             .cloned()
             .collect();
+        let purges = self.pending_purges.iter().copied().collect();
         let mut stage = WriterLoop {
             w: self,
             failure,
             jobs: jobs_tx,
             keys,
+            purges,
+            last_purge: Instant::now(),
         };
         stage.run();
         drop(stage);
@@ -290,11 +307,31 @@ struct WriterLoop {
     jobs: std_mpsc::Sender<Job>,
     /// Queues that exist as of the latest commit (creates may not be published yet).
     keys: HashSet<(TenantId, TaskId)>,
+    /// Deleted queues whose events are still to be removed, oldest deletion first.
+    purges: std::collections::VecDeque<u64>,
+    last_purge: Instant,
 }
 
 impl WriterLoop {
     fn run(&mut self) {
-        while let Some(first) = self.w.rx.blocking_recv() {
+        loop {
+            let first = if self.purges.is_empty() || self.failure.get().is_some() {
+                match self.w.rx.blocking_recv() {
+                    Some(cmd) => cmd,
+                    None => break,
+                }
+            } else {
+                // Idle with deletions pending: purge step by step, checking for commands
+                // between steps.
+                match self.w.rx.try_recv() {
+                    Ok(cmd) => cmd,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        self.purge_step();
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            };
             let mut n = first.event_count();
             let mut cmds = vec![first];
             while n < self.w.max_commit_events {
@@ -309,6 +346,9 @@ impl WriterLoop {
             if self.process(cmds) {
                 return;
             }
+            if !self.purges.is_empty() && self.last_purge.elapsed() >= PURGE_PACE {
+                self.purge_step();
+            }
             if self.failure.get().is_none()
                 && let Err(e) = self.w.store.maybe_checkpoint()
             {
@@ -320,6 +360,32 @@ impl WriterLoop {
             && let Err(e) = self.w.store.checkpoint()
         {
             self.failure.set(&e);
+        }
+    }
+
+    /// Removes one bounded step of the oldest pending deletion. Its log record needs no fsync
+    /// of its own: if a crash loses it, the purge mark is still there and the step is redone.
+    fn purge_step(&mut self) {
+        self.last_purge = Instant::now();
+        let Some(&qid) = self.purges.front() else {
+            return;
+        };
+        if self.failure.get().is_some() {
+            return;
+        }
+        let step = self.w.purge_step.max(1);
+        match self.w.store.write(|w| w.purge_some(qid, step)) {
+            Ok(((removed, done), _)) => {
+                Metrics::add(&self.w.metrics.events_removed, removed);
+                if done {
+                    self.purges.pop_front();
+                    self.w.metrics.pending_purges.store(
+                        self.purges.len() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                }
+            }
+            Err(e) => self.failure.set(&e),
         }
     }
 
@@ -362,12 +428,23 @@ impl WriterLoop {
                 let m = &self.w.metrics;
                 Metrics::add(&m.commits, 1);
                 Metrics::add(&m.events_appended, events);
+                Metrics::add(
+                    &m.events_removed,
+                    batch.stages.iter().map(|s| s.trimmed).sum(),
+                );
                 m.batch_size.observe(events as f64);
                 m.commit_seconds.observe(started.elapsed().as_secs_f64());
                 self.w.next_queue_id = next_queue_id;
                 for stage in &batch.stages {
                     *stage.q.committed() = stage.view.clone();
+                    if stage.view.removed && !stage.was_removed {
+                        self.purges.push_back(stage.q.id);
+                    }
                 }
+                m.pending_purges.store(
+                    self.purges.len() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 let job = Job {
                     batch,
                     cmds,
@@ -387,7 +464,7 @@ impl WriterLoop {
                     let key = (stage.q.tenant_id.clone(), stage.q.task_id.clone());
                     if stage.created {
                         self.keys.remove(&key);
-                    } else if stage.view.removed {
+                    } else if stage.view.removed && !stage.was_removed {
                         self.keys.insert(key);
                     }
                 }
@@ -601,9 +678,12 @@ fn apply(
 fn finish(w: &mut StoreWriter<'_>, batch: &mut Batch) -> Result<()> {
     for stage in &mut batch.stages {
         let q = stage.q.clone();
+        if stage.was_removed {
+            continue;
+        }
         if stage.view.removed {
             w.remove_queue(q.tenant_id.as_str(), q.task_id.as_str())?;
-            w.purge(q.id)?;
+            w.mark_purge(q.id)?;
             continue;
         }
         if !stage.dirty {
@@ -612,7 +692,7 @@ fn finish(w: &mut StoreWriter<'_>, batch: &mut Batch) -> Result<()> {
         let v = &mut stage.view;
         if v.next_offset - v.first_offset > q.max_buffer_size {
             let new_first = v.next_offset - q.max_buffer_size;
-            w.trim(q.id, v.first_offset, new_first)?;
+            stage.trimmed = w.trim(q.id, v.first_offset, new_first)?;
             v.first_offset = new_first;
         }
         w.put_queue(q.tenant_id.as_str(), q.task_id.as_str(), &q.record(v))?;

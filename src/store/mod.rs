@@ -31,6 +31,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const QUEUES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("queues");
 const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events");
 const EVENT_IDS: TableDefinition<(u64, &str), u64> = TableDefinition::new("event_ids");
+/// Deleted queues whose events are still being removed, in bounded steps.
+const PURGE: TableDefinition<u64, ()> = TableDefinition::new("purge");
 
 const KEY_FORMAT: &str = "format_version";
 const KEY_NEXT_QUEUE_ID: &str = "next_queue_id";
@@ -73,6 +75,8 @@ pub(crate) struct Opened {
     pub store: Store,
     pub queues: Vec<LoadedQueue>,
     pub next_queue_id: u64,
+    /// Deleted queues whose events are still to be removed.
+    pub pending_purges: Vec<u64>,
 }
 
 /// The database handle. `close` releases the file (and its lock) even while other parts of
@@ -126,11 +130,12 @@ impl Store {
             path,
             checkpoint_interval,
         };
-        let (queues, next_queue_id) = store.init_and_load(records)?;
+        let (queues, next_queue_id, pending_purges) = store.init_and_load(records)?;
         Ok(Opened {
             store,
             queues,
             next_queue_id,
+            pending_purges,
         })
     }
 
@@ -152,6 +157,23 @@ impl Store {
             .map_err(st)
     }
 
+    /// Opens the directory (recovering the log), then rewrites the file to release the space
+    /// of freed pages, which redb otherwise reuses but never returns to the filesystem.
+    /// Needs exclusive access: fails with [`Error::Locked`] while a server holds the file.
+    /// Returns the file size before and after.
+    pub(crate) fn compact_offline(data_dir: &Path) -> Result<(u64, u64)> {
+        let opened = Store::open(data_dir, 64 << 20, Duration::from_secs(1))?;
+        let store = opened.store;
+        let before = store.file_size();
+        let db = store.db.write().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(mut db) = db else {
+            return Err(Error::ShuttingDown);
+        };
+        while db.compact().map_err(st)? {}
+        drop(db);
+        Ok((before, store.file_size()))
+    }
+
     /// Closes the database file. Later operations fail with [`Error::ShuttingDown`].
     pub(crate) fn close(&self) {
         let db = self.db.write().unwrap_or_else(|p| p.into_inner()).take();
@@ -164,7 +186,10 @@ impl Store {
 
     /// Checks the format, re-applies log records redb does not hold yet, checkpoints, and
     /// loads every queue record.
-    fn init_and_load(&self, records: Vec<wal::LoggedRecord>) -> Result<(Vec<LoadedQueue>, u64)> {
+    fn init_and_load(
+        &self,
+        records: Vec<wal::LoggedRecord>,
+    ) -> Result<(Vec<LoadedQueue>, u64, Vec<u64>)> {
         let mut txn = self.begin_write()?;
         txn.set_durability(Durability::Immediate).map_err(st)?;
         let applied = {
@@ -191,6 +216,7 @@ impl Store {
             txn.open_table(EVENTS).map_err(st)?;
             txn.open_table(EVENT_IDS).map_err(st)?;
             txn.open_table(QUEUES).map_err(st)?;
+            txn.open_table(PURGE).map_err(st)?;
             applied
         };
         txn.commit().map_err(st)?;
@@ -245,7 +271,11 @@ impl Store {
             }
             (queues, next_id)
         };
-        Ok((queues, next_id))
+        let mut purges = Vec::new();
+        for row in txn.open_table(PURGE).map_err(st)?.iter().map_err(st)? {
+            purges.push(row.map_err(st)?.0.value());
+        }
+        Ok((queues, next_id, purges))
     }
 
     fn apply_replayed(&self, lsn: u64, ops: Vec<WalOp>) -> Result<()> {
@@ -271,9 +301,10 @@ impl Store {
                     WalOp::Trim { qid, from, to } => {
                         w.trim(qid, from, to)?;
                     }
-                    WalOp::Purge { qid } => {
-                        w.purge(qid)?;
+                    WalOp::Purge { qid, max } => {
+                        w.purge_some(qid, max)?;
                     }
+                    WalOp::MarkPurge { qid } => w.mark_purge(qid)?,
                 }
             }
             w.meta.insert(KEY_APPLIED_LSN, lsn).map_err(st)?;
@@ -404,6 +435,7 @@ pub(crate) struct StoreWriter<'t> {
     queues: redb::Table<'t, (&'static str, &'static str), &'static [u8]>,
     events: redb::Table<'t, (u64, u64), &'static [u8]>,
     ids: redb::Table<'t, (u64, &'static str), u64>,
+    purge: redb::Table<'t, u64, ()>,
     log: Option<Vec<u8>>,
 }
 
@@ -414,6 +446,7 @@ impl<'t> StoreWriter<'t> {
             queues: txn.open_table(QUEUES).map_err(st)?,
             events: txn.open_table(EVENTS).map_err(st)?,
             ids: txn.open_table(EVENT_IDS).map_err(st)?,
+            purge: txn.open_table(PURGE).map_err(st)?,
             log: logged.then(Vec::new),
         })
     }
@@ -499,19 +532,43 @@ impl StoreWriter<'_> {
         Ok(removed)
     }
 
-    /// Removes every event and id-index entry of `qid`. Returns how many events were removed.
-    pub(crate) fn purge(&mut self, qid: u64) -> Result<u64> {
+    /// Marks a deleted queue's events for removal by [`StoreWriter::purge_some`]. Queue ids
+    /// are never reused, so the remaining events are unreachable meanwhile.
+    pub(crate) fn mark_purge(&mut self, qid: u64) -> Result<()> {
+        self.purge.insert(qid, ()).map_err(st)?;
+        self.record(WalOpRef::MarkPurge { qid })
+    }
+
+    /// Removes up to `max` of `qid`'s events, oldest first, with their index entries; clears
+    /// the purge mark when none remain. Returns how many events were removed and whether the
+    /// queue is now empty.
+    pub(crate) fn purge_some(&mut self, qid: u64, max: u64) -> Result<(u64, bool)> {
+        let mut ids = Vec::new();
         let mut removed = 0u64;
-        self.events
-            .retain_in((qid, 0)..=(qid, u64::MAX), |_, _| {
+        {
+            let extracted = self
+                .events
+                .extract_from_if((qid, 0)..=(qid, u64::MAX), |_, _| true)
+                .map_err(st)?;
+            for row in extracted.take(usize::try_from(max).unwrap_or(usize::MAX)) {
+                let (_, v) = row.map_err(st)?;
+                ids.push(codec::decode_event(v.value())?.0.event_id.to_string());
                 removed += 1;
-                false
-            })
-            .map_err(st)?;
-        self.ids
-            .retain_in((qid, "")..(qid + 1, ""), |_, _| false)
-            .map_err(st)?;
-        self.record(WalOpRef::Purge { qid })?;
-        Ok(removed)
+            }
+        }
+        for id in &ids {
+            self.ids.remove((qid, id.as_str())).map_err(st)?;
+        }
+        let done = removed < max;
+        if done {
+            // Index entries whose events were trimmed concurrently cannot exist (they are
+            // removed together), but clear the range anyway so nothing of the queue remains.
+            self.ids
+                .retain_in((qid, "")..(qid + 1, ""), |_, _| false)
+                .map_err(st)?;
+            self.purge.remove(qid).map_err(st)?;
+        }
+        self.record(WalOpRef::Purge { qid, max })?;
+        Ok((removed, done))
     }
 }

@@ -65,7 +65,14 @@ pub(crate) enum WalOp {
         from: u64,
         to: u64,
     },
+    /// Remove up to `max` of the queue's events (oldest first) and their index entries;
+    /// forget the queue's purge mark once none remain.
     Purge {
+        qid: u64,
+        max: u64,
+    },
+    /// The queue was deleted: its events are to be purged in bounded steps.
+    MarkPurge {
         qid: u64,
     },
 }
@@ -98,6 +105,10 @@ pub(crate) enum WalOpRef<'a> {
         to: u64,
     },
     Purge {
+        qid: u64,
+        max: u64,
+    },
+    MarkPurge {
         qid: u64,
     },
 }
@@ -401,7 +412,11 @@ mod tests {
                     to: 3,
                 },
             ),
-            (WalOpRef::Purge { qid: 4 }, WalOp::Purge { qid: 4 }),
+            (
+                WalOpRef::Purge { qid: 4, max: 10 },
+                WalOp::Purge { qid: 4, max: 10 },
+            ),
+            (WalOpRef::MarkPurge { qid: 5 }, WalOp::MarkPurge { qid: 5 }),
         ];
         let mut payload = Vec::new();
         for (r, _) in &ops {
