@@ -31,8 +31,10 @@ pub struct BenchOptions {
     pub progress: Option<Progress>,
     /// Run only the steps whose name contains one of these comma-separated words (steps:
     /// `raw`, `sequential`, `appends-immediate`, `appends-buffered`, `replay`, `fanout`,
-    /// `reopen`, `idle`).
+    /// `reopen`, `idle`, `sweep`, `churn`).
     pub only: Option<String>,
+    /// Seconds of the churn step (default 30; 5 with `quick`).
+    pub churn_secs: Option<u64>,
 }
 
 /// Latency percentiles in milliseconds.
@@ -127,6 +129,38 @@ pub struct BenchReport {
     pub idle_queues: Option<u64>,
     /// Resident memory added by them, MB (Linux only; 0 elsewhere).
     pub idle_queues_rss_mb: Option<f64>,
+    /// Producer latency while an expiry sweep removes many events.
+    pub sweep: Option<SweepFigures>,
+    /// File size under steady churn.
+    pub churn: Option<ChurnFigures>,
+}
+
+/// An expiry sweep racing producers.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SweepFigures {
+    /// Queues expired by the sweep.
+    pub queues: u64,
+    /// Events they held.
+    pub events: u64,
+    /// Concurrent producers (one enqueue in flight each).
+    pub producers: usize,
+    /// Producer acks with no sweep running.
+    pub ack_without_sweep: Latency,
+    /// Producer acks while the sweep and its purge ran.
+    pub ack_during_sweep: Latency,
+    /// Time until the sweep's events were all removed, ms.
+    pub sweep_ms: f64,
+}
+
+/// Steady churn: queues written, then deleted, continuously.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChurnFigures {
+    /// Seconds the churn ran.
+    pub seconds: u64,
+    /// Events written (and removed again).
+    pub events: u64,
+    /// File size in MB, sampled once per tenth of the run.
+    pub file_mb: Vec<f64>,
 }
 
 fn tenant() -> TenantId {
@@ -263,6 +297,19 @@ pub async fn run(opts: BenchOptions) -> crate::Result<BenchReport> {
         say("10k idle queues");
         report.idle_queues = Some(10_000);
         report.idle_queues_rss_mb = Some(idle_rss(step("idle"), 10_000).await?);
+    }
+    if want("sweep") {
+        let (queues, per) = if q { (1000, 100) } else { (10_000, 100) };
+        say(&format!(
+            "expiry sweep of {} events in {queues} queues, 8 producers",
+            queues * per
+        ));
+        report.sweep = Some(sweep(step("sweep"), queues, per, 8).await?);
+    }
+    if want("churn") {
+        let secs = opts.churn_secs.unwrap_or(if q { 5 } else { 30 });
+        say(&format!("churn for {secs} s"));
+        report.churn = Some(churn(step("churn"), secs).await?);
     }
     Ok(report)
 }
@@ -459,6 +506,144 @@ async fn reopen(dir: PathBuf, events: u64, queues: u64) -> crate::Result<f64> {
     Ok(ms)
 }
 
+/// Runs `producers` sequential producers until `stop`, returning their ack latencies.
+async fn produce_until(
+    m: &QueueManager,
+    producers: usize,
+    stop: tokio_util::sync::CancellationToken,
+) -> crate::Result<Vec<Duration>> {
+    let t = tenant();
+    let mut handles = Vec::new();
+    for p in 0..producers {
+        let k = task(format!("producer-{p}"))?;
+        let q = m
+            .get_or_create_queue(
+                &t,
+                &k,
+                QueueOptions::default().with_ttl(Duration::from_secs(86_400)),
+            )
+            .await?;
+        let (t, stop) = (t.clone(), stop.clone());
+        handles.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut n = 0;
+            while !stop.is_cancelled() {
+                let e = event(&t, q.task_id(), n);
+                let s = Instant::now();
+                q.enqueue(e).await?;
+                lat.push(s.elapsed());
+                n += 1;
+            }
+            crate::Result::Ok(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.map_err(crate::Error::storage)??);
+    }
+    Ok(all)
+}
+
+async fn sweep(
+    dir: PathBuf,
+    queues: u64,
+    per: u64,
+    producers: usize,
+) -> crate::Result<SweepFigures> {
+    let m = QueueManager::open(bench_config(&dir, Durability::Immediate)).await?;
+    let t = tenant();
+    let mut handles = Vec::new();
+    for w in 0..16u64 {
+        let (m, t) = (m.clone(), t.clone());
+        handles.push(tokio::spawn(async move {
+            let mut i = w;
+            while i < queues {
+                let k = task(format!("old-{i}"))?;
+                let opts = QueueOptions::default().with_ttl(Duration::from_secs(60));
+                let q = m.create_queue(&t, &k, opts).await?;
+                q.enqueue_batch((0..per).map(|n| event(&t, &k, n)).collect())
+                    .await?;
+                i += 16;
+            }
+            crate::Result::Ok(())
+        }));
+    }
+    for h in handles {
+        h.await.map_err(crate::Error::storage)??;
+    }
+    // Baseline: producers alone.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let timer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            stop.cancel();
+        })
+    };
+    let without = produce_until(&m, producers, stop).await?;
+    let _ = timer.await;
+    // The same producers while every old queue expires and is purged.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let during = {
+        let (m2, stop2) = (m.clone(), stop.clone());
+        let producing = tokio::spawn(async move { produce_until(&m2, producers, stop2).await });
+        let started = Instant::now();
+        let later = crate::Timestamp::now().saturating_add(Duration::from_secs(3600));
+        m.compact_once(later).await?;
+        while m.metrics().pending_purges.load(Ordering::Relaxed) > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let sweep_ms = started.elapsed().as_secs_f64() * 1e3;
+        stop.cancel();
+        let lat = producing.await.map_err(crate::Error::storage)??;
+        (lat, sweep_ms)
+    };
+    m.shutdown().await?;
+    Ok(SweepFigures {
+        queues,
+        events: queues * per,
+        producers,
+        ack_without_sweep: Latency::of(without),
+        ack_during_sweep: Latency::of(during.0),
+        sweep_ms: during.1,
+    })
+}
+
+async fn churn(dir: PathBuf, secs: u64) -> crate::Result<ChurnFigures> {
+    let m = QueueManager::open(bench_config(&dir, Durability::Immediate)).await?;
+    let t = tenant();
+    let started = Instant::now();
+    let total = Duration::from_secs(secs);
+    let mut samples = Vec::new();
+    let mut next_sample = Duration::ZERO;
+    let mut events = 0u64;
+    let mut i = 0u64;
+    let live = 20;
+    while started.elapsed() < total {
+        let k = task(format!("churn-{i}"))?;
+        let q = m.create_queue(&t, &k, QueueOptions::default()).await?;
+        q.enqueue_batch((0..200).map(|n| event(&t, &k, n)).collect())
+            .await?;
+        events += 200;
+        if i >= live {
+            m.delete_queue(&t, &task(format!("churn-{}", i - live))?)
+                .await?;
+        }
+        i += 1;
+        if started.elapsed() >= next_sample {
+            samples.push(m.store_size_bytes() as f64 / (1 << 20) as f64);
+            next_sample += total / 10;
+        }
+    }
+    samples.push(m.store_size_bytes() as f64 / (1 << 20) as f64);
+    m.shutdown().await?;
+    Ok(ChurnFigures {
+        seconds: secs,
+        events,
+        file_mb: samples,
+    })
+}
+
 fn rss_kb() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -553,6 +738,30 @@ impl BenchReport {
         }
         if let (Some(n), Some(mb)) = (self.idle_queues, self.idle_queues_rss_mb) {
             let _ = writeln!(s, "| {n} idle queues | +{mb:.1} MB RSS |");
+        }
+        if let Some(w) = &self.sweep {
+            let _ = writeln!(
+                s,
+                "| expiry sweep of {} events in {} queues, {} producers | ack p99 {:.2} ms during vs {:.2} ms without (p50 {:.2} vs {:.2}); purged in {:.0} ms |",
+                w.events,
+                w.queues,
+                w.producers,
+                w.ack_during_sweep.p99_ms,
+                w.ack_without_sweep.p99_ms,
+                w.ack_during_sweep.p50_ms,
+                w.ack_without_sweep.p50_ms,
+                w.sweep_ms
+            );
+        }
+        if let Some(c) = &self.churn {
+            let sizes: Vec<String> = c.file_mb.iter().map(|m| format!("{m:.1}")).collect();
+            let _ = writeln!(
+                s,
+                "| churn {} s, {} events written and deleted | file MB over time: {} |",
+                c.seconds,
+                c.events,
+                sizes.join(" → ")
+            );
         }
         s
     }

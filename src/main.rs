@@ -244,6 +244,7 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
         quick: args.quick,
         progress: Some(progress),
         only: args.only,
+        churn_secs: None,
     })
     .await
     .map_err(|e| format!("bench failed: {e}"))?;

@@ -9,6 +9,7 @@ async fn bench_steps_report_what_they_measured() {
         quick: true,
         progress: None,
         only: Some("raw,replay,reopen".into()),
+        churn_secs: None,
     })
     .await
     .unwrap();
