@@ -559,11 +559,11 @@ fn apply(
             }
             let mut offsets = Vec::with_capacity(events.len());
             for ev in events {
-                if let Some(existing) = w.find_event_id(queue.id, &ev.event_id)? {
+                let offset = stage.view.next_offset;
+                if let Some(existing) = w.claim_event_id(queue.id, &ev.event_id, offset)? {
                     offsets.push(existing);
                     continue;
                 }
-                let offset = stage.view.next_offset;
                 let (record, json_at) = ev.encode(offset)?;
                 w.append(queue.id, offset, &ev.event_id, &record)?;
                 stage.view.next_offset += 1;

@@ -297,7 +297,10 @@ impl Store {
                         offset,
                         event_id,
                         record,
-                    } => w.append(qid, offset, &event_id, &record)?,
+                    } => {
+                        w.claim_event_id(qid, &event_id, offset)?;
+                        w.append(qid, offset, &event_id, &record)?;
+                    }
                     WalOp::Trim { qid, from, to } => {
                         w.trim(qid, from, to)?;
                     }
@@ -489,16 +492,28 @@ impl StoreWriter<'_> {
         self.record(WalOpRef::RemoveQueue { tenant, task })
     }
 
-    /// The offset of the retained event of queue `qid` with this id, if any.
-    pub(crate) fn find_event_id(&self, qid: u64, event_id: &str) -> Result<Option<u64>> {
-        Ok(self
+    /// Indexes `event_id` of queue `qid` at `offset`, unless the queue retains an event with
+    /// that id already: then the index is left as it was and the stored offset is returned.
+    /// One B-tree insert in the common case instead of a lookup and an insert.
+    pub(crate) fn claim_event_id(
+        &mut self,
+        qid: u64,
+        event_id: &str,
+        offset: u64,
+    ) -> Result<Option<u64>> {
+        let existing = self
             .ids
-            .get((qid, event_id))
+            .insert((qid, event_id), offset)
             .map_err(st)?
-            .map(|v| v.value()))
+            .map(|v| v.value());
+        if let Some(stored) = existing {
+            self.ids.insert((qid, event_id), stored).map_err(st)?;
+        }
+        Ok(existing)
     }
 
-    /// Stores one encoded record at `(qid, offset)` and indexes its id.
+    /// Stores one encoded record at `(qid, offset)`, whose id [`StoreWriter::claim_event_id`]
+    /// already indexed.
     pub(crate) fn append(
         &mut self,
         qid: u64,
@@ -507,7 +522,6 @@ impl StoreWriter<'_> {
         record: &[u8],
     ) -> Result<()> {
         self.events.insert((qid, offset), record).map_err(st)?;
-        self.ids.insert((qid, event_id), offset).map_err(st)?;
         self.record(WalOpRef::Append {
             qid,
             offset,
