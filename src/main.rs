@@ -4,6 +4,8 @@
 //! Every setting comes from, in order of precedence: a flag, an `EVENTQUEUE_*` environment
 //! variable, the TOML file given by `--config`, the default.
 
+mod cmd_token;
+
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,7 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use eventqueue::server::{self, AppState, ServerConfig};
+use eventqueue::server::{self, AppState, Auth, OpenBind, ServerConfig};
 use eventqueue::{Config, Durability, QueueManager};
 use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
@@ -30,6 +32,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve the HTTP API (SSE streams, producer endpoints, metrics).
@@ -39,6 +43,10 @@ enum Command {
     ///
     /// Example: `eventqueue bench --quick --data-dir /var/lib/eventqueue`
     Bench(BenchArgs),
+    /// Mint a bearer token with the configured JWT secret (token mode).
+    ///
+    /// Example: `eventqueue token --tenant acme --scope "subscribe publish" --ttl 1h`
+    Token(cmd_token::TokenArgs),
 }
 
 /// Flags of `eventqueue bench`.
@@ -110,6 +118,38 @@ struct ServeArgs {
     /// Most events in one enqueue request [default: 1000]
     #[arg(long, env = "EVENTQUEUE_MAX_BATCH_EVENTS", value_name = "N")]
     max_batch_events: Option<usize>,
+    /// File holding the JWT secret (at least 32 bytes); turns on token mode. The secret itself
+    /// may instead be in EVENTQUEUE_JWT_SECRET [default: none: open mode]
+    #[arg(long, env = "EVENTQUEUE_JWT_SECRET_FILE", value_name = "FILE")]
+    jwt_secret_file: Option<PathBuf>,
+    /// In open mode (no secret), serve a non-loopback address anyway: anyone who can reach it
+    /// reads and writes every tenant's queues.
+    #[arg(long)]
+    insecure_open: bool,
+    /// Comma-separated origins allowed to call the API from a browser (CORS); `*` for any
+    /// [default: none]
+    #[arg(
+        long,
+        env = "EVENTQUEUE_CORS_ORIGINS",
+        value_name = "ORIGINS",
+        value_delimiter = ','
+    )]
+    cors_origins: Option<Vec<String>>,
+    /// Most SSE streams open at once [default: 10000]
+    #[arg(long, env = "EVENTQUEUE_MAX_SSE_STREAMS", value_name = "N")]
+    max_sse_streams: Option<usize>,
+    /// Most SSE streams open at once per tenant [default: 1000]
+    #[arg(long, env = "EVENTQUEUE_MAX_SSE_STREAMS_PER_TENANT", value_name = "N")]
+    max_sse_streams_per_tenant: Option<usize>,
+    /// Most queues per tenant [default: 10000]
+    #[arg(long, env = "EVENTQUEUE_MAX_QUEUES_PER_TENANT", value_name = "N")]
+    max_queues_per_tenant: Option<usize>,
+    /// Longest wait for a request head, and for the next one on an idle connection [default: 10]
+    #[arg(long, env = "EVENTQUEUE_HEADER_READ_TIMEOUT_SECS", value_name = "SECS")]
+    header_read_timeout_secs: Option<u64>,
+    /// Longest wait for a request body [default: 30]
+    #[arg(long, env = "EVENTQUEUE_BODY_READ_TIMEOUT_SECS", value_name = "SECS")]
+    body_read_timeout_secs: Option<u64>,
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -127,6 +167,13 @@ struct FileConfig {
     max_body_bytes: Option<usize>,
     max_event_bytes: Option<usize>,
     max_batch_events: Option<usize>,
+    jwt_secret_file: Option<PathBuf>,
+    cors_origins: Option<Vec<String>>,
+    max_sse_streams: Option<usize>,
+    max_sse_streams_per_tenant: Option<usize>,
+    max_queues_per_tenant: Option<usize>,
+    header_read_timeout_secs: Option<u64>,
+    body_read_timeout_secs: Option<u64>,
 }
 
 /// Everything `serve` needs, resolved.
@@ -142,6 +189,8 @@ fn resolve(args: ServeArgs) -> Result<Settings, String> {
         Some(path) => read_config(path)?,
         None => FileConfig::default(),
     };
+    let mut server = ServerConfig::default();
+    resolve_protection(&args, &file, &mut server)?;
     let mut store = Config::new(
         args.data_dir
             .or(file.data_dir)
@@ -167,7 +216,6 @@ fn resolve(args: ServeArgs) -> Result<Settings, String> {
             flush_interval: Duration::from_millis(flush_ms.unwrap_or(100).max(1)),
         },
     };
-    let mut server = ServerConfig::default();
     if let Some(secs) = args.cleanup_interval_secs.or(file.cleanup_interval_secs) {
         if secs == 0 {
             return Err("cleanup_interval_secs must be at least 1".into());
@@ -200,6 +248,69 @@ fn resolve(args: ServeArgs) -> Result<Settings, String> {
     })
 }
 
+/// The auth mode, CORS origins and limits of `serve` (issue 4's settings).
+fn resolve_protection(
+    args: &ServeArgs,
+    file: &FileConfig,
+    server: &mut ServerConfig,
+) -> Result<(), String> {
+    let keys = cmd_token::load_keys(
+        args.jwt_secret_file.as_deref(),
+        file.jwt_secret_file.as_deref(),
+    )?;
+    server.auth = match keys {
+        Some(keys) => {
+            if args.insecure_open {
+                tracing::warn!("--insecure-open has no effect: a JWT secret is configured");
+            }
+            Auth::Token(keys)
+        }
+        None if args.insecure_open => Auth::Open(OpenBind::AnyAddress),
+        None => Auth::Open(OpenBind::LoopbackOnly),
+    };
+    if let Some(origins) = args.cors_origins.as_ref().or(file.cors_origins.as_ref()) {
+        server.cors_origins = origins
+            .iter()
+            .map(|o| o.trim())
+            .filter(|o| !o.is_empty())
+            .map(|o| {
+                o.parse()
+                    .map_err(|_| format!("cors_origins: {o:?} is not a valid origin"))
+            })
+            .collect::<Result<_, _>>()?;
+    }
+    fn at_least_one<T: PartialEq + Default>(name: &str, n: T) -> Result<T, String> {
+        if n == T::default() {
+            Err(format!("{name} must be at least 1"))
+        } else {
+            Ok(n)
+        }
+    }
+    if let Some(n) = args.max_sse_streams.or(file.max_sse_streams) {
+        server.max_sse_streams = at_least_one("max_sse_streams", n)?;
+    }
+    if let Some(n) = args
+        .max_sse_streams_per_tenant
+        .or(file.max_sse_streams_per_tenant)
+    {
+        server.max_sse_streams_per_tenant = at_least_one("max_sse_streams_per_tenant", n)?;
+    }
+    if let Some(n) = args.max_queues_per_tenant.or(file.max_queues_per_tenant) {
+        server.max_queues_per_tenant = at_least_one("max_queues_per_tenant", n)?;
+    }
+    if let Some(s) = args
+        .header_read_timeout_secs
+        .or(file.header_read_timeout_secs)
+    {
+        server.header_read_timeout =
+            Duration::from_secs(at_least_one("header_read_timeout_secs", s)?);
+    }
+    if let Some(s) = args.body_read_timeout_secs.or(file.body_read_timeout_secs) {
+        server.body_read_timeout = Duration::from_secs(at_least_one("body_read_timeout_secs", s)?);
+    }
+    Ok(())
+}
+
 fn read_config(path: &Path) -> Result<FileConfig, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
@@ -225,6 +336,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Bench(args) => runtime.block_on(bench(args)),
+        Command::Token(args) => cmd_token::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -259,9 +371,7 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
     let settings = resolve(args)?;
-    if !settings.bind.ip().is_loopback() {
-        return Err(server::ServeError::NotLoopback(settings.bind).to_string());
-    }
+    server::check_bind(&settings.server.auth, settings.bind).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(settings.bind)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", settings.bind))?;
@@ -350,6 +460,43 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.contains("bnd"), "{err}");
+    }
+
+    #[test]
+    fn a_secret_file_turns_on_token_mode_and_limits_come_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("jwt.secret");
+        std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let path = dir.path().join("eq.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "jwt_secret_file = {:?}\ncors_origins = [\"https://dash.example\"]\n\
+                 max_sse_streams_per_tenant = 3\nmax_queues_per_tenant = 4\n\
+                 header_read_timeout_secs = 2\n",
+                secret.display().to_string()
+            ),
+        )
+        .unwrap();
+        let s = resolve(ServeArgs {
+            config: Some(path),
+            max_queues_per_tenant: Some(5),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert!(s.server.auth.is_token_mode());
+        assert_eq!(s.server.cors_origins, ["https://dash.example"]);
+        assert_eq!(s.server.max_sse_streams_per_tenant, 3);
+        assert_eq!(s.server.max_queues_per_tenant, 5);
+        assert_eq!(s.server.header_read_timeout, Duration::from_secs(2));
+        // A secret too short to be safe is refused, not used.
+        std::fs::write(&secret, "short").unwrap();
+        let err = resolve(ServeArgs {
+            jwt_secret_file: Some(secret),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("32 bytes"), "{err}");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! logged in full and answered with a generic detail, so nothing of the server's insides leaks.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -15,6 +15,8 @@ use crate::error::Error;
 pub struct ApiError {
     status: StatusCode,
     detail: String,
+    /// Extra response headers (`WWW-Authenticate`, `Retry-After`).
+    headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 #[derive(Serialize)]
@@ -28,7 +30,50 @@ impl ApiError {
         Self {
             status,
             detail: detail.into(),
+            headers: Vec::new(),
         }
+    }
+
+    /// `401 Unauthorized` with a `WWW-Authenticate: Bearer` challenge; `error` is the RFC 6750
+    /// error code (`invalid_token`), absent when no credentials were sent.
+    pub fn unauthorized(detail: impl Into<String>, error: Option<&'static str>) -> Self {
+        let challenge = match error {
+            Some(code) => format!("Bearer realm=\"eventqueue\", error=\"{code}\""),
+            None => "Bearer realm=\"eventqueue\"".to_string(),
+        };
+        Self::new(StatusCode::UNAUTHORIZED, detail).with_header(header::WWW_AUTHENTICATE, challenge)
+    }
+
+    /// `403 Forbidden`: valid credentials without `scope`.
+    pub fn forbidden(detail: impl Into<String>, scope: &str) -> Self {
+        Self::new(StatusCode::FORBIDDEN, detail).with_header(
+            header::WWW_AUTHENTICATE,
+            format!("Bearer realm=\"eventqueue\", error=\"insufficient_scope\", scope=\"{scope}\""),
+        )
+    }
+
+    /// `429 Too Many Requests` with `Retry-After: {retry_after_secs}`.
+    pub fn too_many(detail: impl Into<String>, retry_after_secs: u64) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, detail)
+            .with_header(header::RETRY_AFTER, retry_after_secs.to_string())
+    }
+
+    /// `408 Request Timeout`.
+    pub fn timeout(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::REQUEST_TIMEOUT, detail)
+    }
+
+    /// Adds a response header; a value that is not a valid header value is dropped.
+    pub fn with_header(mut self, name: HeaderName, value: impl AsRef<str>) -> Self {
+        if let Ok(value) = HeaderValue::from_str(value.as_ref()) {
+            self.headers.push((name, value));
+        }
+        self
+    }
+
+    /// The extra response headers.
+    pub fn headers(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.headers
     }
 
     /// `400 Bad Request`.
@@ -120,13 +165,17 @@ fn is_out_of_space(msg: &str) -> bool {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut response = (
             self.status,
             Json(Body {
                 detail: &self.detail,
             }),
         )
-            .into_response()
+            .into_response();
+        for (name, value) in self.headers {
+            response.headers_mut().append(name, value);
+        }
+        response
     }
 }
 

@@ -11,6 +11,12 @@
 //!    [`ServerConfig::shutdown_grace`];
 //! 4. shut the [`QueueManager`] down (commit, fsync, stop the writer).
 //!
+//! Who may do what is [`ServerConfig::auth`] (open or token mode, see [`auth`]); the limits
+//! that protect the node (streams, queues, body and header read timeouts, JSON depth) are
+//! fields of [`ServerConfig`] too. Connections are served over HTTP/1.1; a client that does
+//! not send its request head within [`ServerConfig::header_read_timeout`] is disconnected,
+//! which also closes idle keep-alive connections.
+//!
 //! ```no_run
 //! use eventqueue::server::{self, AppState, ServerConfig};
 //! use eventqueue::{Config, QueueManager};
@@ -28,29 +34,37 @@
 //! # }
 //! ```
 
+pub mod auth;
 mod error;
+mod limits;
 mod metrics;
 mod routes;
 mod sse;
 mod tenant;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::manager::QueueManager;
 
+pub use auth::{Auth, OpenBind, Scopes, TokenKeys};
 pub use error::ApiError;
-pub use tenant::{TENANT_HEADER, Tenant};
+pub use limits::RETRY_AFTER_SECS;
+pub use tenant::{ACCESS_TOKEN_PARAM, Caller, Need, Reach, TENANT_HEADER, Tenant};
 
 /// Settings of the HTTP layer (the store's settings are [`crate::Config`]).
 ///
@@ -73,6 +87,26 @@ pub struct ServerConfig {
     /// After shutdown begins, how long [`serve`] waits for in-flight requests before shutting
     /// the manager down regardless. Default 3 s.
     pub shutdown_grace: Duration,
+    /// Open mode or token mode. Default: open mode, loopback only.
+    pub auth: Auth,
+    /// Origins allowed to call the API from a browser (CORS), e.g.
+    /// `https://dashboard.example.com`; `*` allows any. Default: none (no CORS headers).
+    pub cors_origins: Vec<HeaderValue>,
+    /// Most SSE streams open at once on the server; more get `429`. Default 10 000.
+    pub max_sse_streams: usize,
+    /// Most SSE streams open at once for one tenant; more get `429`. Default 1000.
+    pub max_sse_streams_per_tenant: usize,
+    /// Most queues one tenant may have (closed ones included, until they expire or are
+    /// deleted); creating more gets `429`. Default 10 000.
+    pub max_queues_per_tenant: usize,
+    /// Longest wait for a request head (and, on a keep-alive connection, for the next one);
+    /// then the connection is closed. Applies to [`serve`]. Default 10 s.
+    pub header_read_timeout: Duration,
+    /// Longest wait for a whole request body; then `408`. Default 30 s.
+    pub body_read_timeout: Duration,
+    /// Deepest nesting of arrays and objects accepted in a JSON body; deeper gets `400`.
+    /// Default 64.
+    pub max_json_depth: usize,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +118,14 @@ impl Default for ServerConfig {
             max_batch_events: 1000,
             cleanup_interval: Some(Duration::from_secs(60)),
             shutdown_grace: Duration::from_secs(3),
+            auth: Auth::default(),
+            cors_origins: Vec::new(),
+            max_sse_streams: 10_000,
+            max_sse_streams_per_tenant: 1000,
+            max_queues_per_tenant: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            max_json_depth: 64,
         }
     }
 }
@@ -100,7 +142,7 @@ struct Inner {
     manager: QueueManager,
     config: ServerConfig,
     shutdown: CancellationToken,
-    sse_streams: AtomicU64,
+    limits: limits::Limits,
 }
 
 impl AppState {
@@ -111,7 +153,7 @@ impl AppState {
                 manager,
                 config,
                 shutdown: CancellationToken::new(),
-                sse_streams: AtomicU64::new(0),
+                limits: limits::Limits::default(),
             }),
         }
     }
@@ -134,20 +176,19 @@ impl AppState {
 
     /// SSE streams currently open.
     pub fn open_streams(&self) -> u64 {
-        self.inner
-            .sse_streams
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.inner.limits.open_streams() as u64
     }
 
-    fn sse_counter(&self) -> &AtomicU64 {
-        &self.inner.sse_streams
+    fn limits(&self) -> &limits::Limits {
+        &self.inner.limits
     }
 }
 
-/// The whole HTTP API over `state`, with the body limit and request logging applied.
+/// The whole HTTP API over `state`, with the body limit, CORS and request logging applied.
 pub fn router(state: AppState) -> Router {
     let max_body = state.config().max_body_bytes;
-    Router::new()
+    let cors = cors_layer(&state.config().cors_origins);
+    let router = Router::new()
         .route("/events/workflows/{id}", get(sse::workflow_stream))
         .route("/events/ingestion/{id}", get(sse::ingestion_stream))
         .route(
@@ -174,8 +215,39 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(middleware::from_fn(log_request))
-        .with_state(state)
+        .with_state(state);
+    // CORS outside everything else, so that errors (401, 429, …) carry its headers too and a
+    // browser can read them; logging outermost.
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+    .layer(middleware::from_fn(log_request))
+}
+
+/// The CORS layer for `origins`, or none when no origin is allowed.
+fn cors_layer(origins: &[HeaderValue]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().cloned())
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("last-event-id"),
+                HeaderName::from_static(TENANT_HEADER),
+            ])
+            .expose_headers([header::RETRY_AFTER, header::WWW_AUTHENTICATE])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 async fn not_found() -> ApiError {
@@ -189,21 +261,42 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// One line per request at info: method, path (no query string: it may carry credentials),
-/// status and time to the response head. Bodies are never logged.
+/// One line per request at info: method, path, query string with credentials redacted
+/// ([`redact_query`]), status and time to the response head. Bodies and headers are never
+/// logged.
 async fn log_request(req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let query = req.uri().query().map(redact_query).unwrap_or_default();
     let start = Instant::now();
     let response = next.run(req).await;
     tracing::info!(
         %method,
         %path,
+        %query,
         status = response.status().as_u16(),
         micros = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
         "request"
     );
     response
+}
+
+/// A query string fit for logs: the values of `from_offset` and `tenant_id` are kept, every
+/// other value (`access_token` above all) is replaced by `REDACTED`.
+pub fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, _) = pair.split_once('=').unwrap_or((pair, ""));
+            if key == "from_offset" || key == "tenant_id" {
+                pair.to_string()
+            } else {
+                format!("{key}=REDACTED")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// Why [`serve`] failed.
@@ -212,7 +305,8 @@ async fn log_request(req: Request, next: Next) -> Response {
 pub enum ServeError {
     /// Open mode (no authentication) serves loopback addresses only.
     #[error(
-        "open mode (no authentication) serves loopback only; bind to 127.0.0.1 or ::1, not {0}"
+        "open mode (no authentication) serves loopback only; bind to 127.0.0.1 or ::1, not {0} \
+         (configure a JWT secret, or pass --insecure-open to accept the risk)"
     )]
     NotLoopback(std::net::SocketAddr),
     /// Accepting or serving connections failed.
@@ -223,72 +317,160 @@ pub enum ServeError {
     Store(#[from] crate::error::Error),
 }
 
+/// Checks that `auth` may serve on `addr`: open mode serves loopback only unless
+/// [`OpenBind::AnyAddress`] was chosen.
+///
+/// # Errors
+///
+/// [`ServeError::NotLoopback`].
+pub fn check_bind(auth: &Auth, addr: std::net::SocketAddr) -> Result<(), ServeError> {
+    match auth {
+        Auth::Open(OpenBind::LoopbackOnly) if !addr.ip().is_loopback() => {
+            Err(ServeError::NotLoopback(addr))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Serves the API on `listener` until `shutdown` resolves, then shuts down gracefully (see the
 /// module docs) and returns once the manager is shut down. Starts the manager's cleanup loop
 /// when [`ServerConfig::cleanup_interval`] is set.
 ///
 /// # Errors
 ///
-/// [`ServeError::NotLoopback`] when `listener` is bound to a non-loopback address (open mode);
-/// [`ServeError::Io`] when serving fails; [`ServeError::Store`] when the manager's final sync
-/// fails.
+/// [`ServeError::NotLoopback`] when `listener` is bound to a non-loopback address in open mode
+/// without [`OpenBind::AnyAddress`]; [`ServeError::Io`] when the listener has no address;
+/// [`ServeError::Store`] when the manager's final sync fails.
 pub async fn serve(
     state: AppState,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let addr = listener.local_addr()?;
-    if !addr.ip().is_loopback() {
-        return Err(ServeError::NotLoopback(addr));
-    }
+    let config = state.config().clone();
+    check_bind(&config.auth, addr)?;
     let manager = state.manager().clone();
     tracing::info!(
         data_dir = %manager.config().data_dir.display(),
         durability = ?manager.config().durability,
         "eventqueue listening on http://{addr}"
     );
-    tracing::info!(
-        "open mode: no authentication; the tenant comes from X-Tenant-ID or ?tenant_id= \
-         (default \"default\"); serving loopback only"
-    );
-    if let Some(interval) = state.config().cleanup_interval {
+    match &config.auth {
+        Auth::Token(_) => tracing::info!(
+            "token mode: requests need an HS256 bearer token (Authorization: Bearer, or \
+             ?access_token= for EventSource); the tenant comes from the token"
+        ),
+        Auth::Open(OpenBind::LoopbackOnly) => tracing::warn!(
+            "OPEN MODE: no authentication; the tenant comes from X-Tenant-ID or ?tenant_id= \
+             (default \"default\"); serving loopback only. Configure a JWT secret for \
+             anything but local development"
+        ),
+        Auth::Open(OpenBind::AnyAddress) => tracing::warn!(
+            "OPEN MODE ON {addr} (--insecure-open): NO AUTHENTICATION. Anyone who can reach \
+             this port can read, write and delete every tenant's queues"
+        ),
+    }
+    if !config.cors_origins.is_empty() {
+        tracing::info!(origins = ?config.cors_origins, "CORS enabled");
+    }
+    if let Some(interval) = config.cleanup_interval {
         manager.start_cleanup_loop(interval);
     }
     let token = state.shutdown_token().clone();
-    let grace = state.config().shutdown_grace;
-    let server = axum::serve(listener, router(state))
-        .with_graceful_shutdown(token.clone().cancelled_owned())
-        .into_future();
-    let mut server = std::pin::pin!(server);
+    let app = router(state);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout.max(Duration::from_millis(1)));
+    let connections = GracefulShutdown::new();
     let trigger = async {
         tokio::select! {
             () = shutdown => {}
             () = token.cancelled() => {}
         }
     };
-    let served = tokio::select! {
-        result = &mut server => result,
-        () = trigger => {
-            tracing::info!("shutting down: closing streams, finishing in-flight requests");
-            token.cancel();
-            tokio::select! {
-                result = &mut server => result,
-                () = tokio::time::sleep(grace) => {
-                    tracing::warn!(?grace, "requests still running after the grace period");
-                    Ok(())
+    let mut trigger = std::pin::pin!(trigger);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut trigger => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
+            Err(e) if is_connection_error(&e) => continue,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::error!(error = %e, "accept failed; retrying in 1 s");
+                tokio::select! {
+                    () = &mut trigger => break,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
                 }
             }
-        }
-    };
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let conn = connections.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: closing streams, finishing in-flight requests");
     token.cancel();
+    tokio::select! {
+        () = connections.shutdown() => {}
+        () = tokio::time::sleep(config.shutdown_grace) => {
+            tracing::warn!(
+                grace = ?config.shutdown_grace,
+                "requests still running after the grace period"
+            );
+        }
+    }
     let stopped = manager.shutdown().await;
     tracing::info!("store shut down");
-    served?;
     stopped?;
     Ok(())
+}
+
+/// Accept errors that concern one connection only (the peer went away before it was
+/// accepted): the next accept is fine.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
 }
 
 /// Renders a value as a `200 application/json` response.
 fn json<T: serde::Serialize>(value: &T) -> Response {
     axum::Json(value).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_never_reach_the_log() {
+        assert_eq!(
+            redact_query("from_offset=3&access_token=eyJ.secret.sig&tenant_id=a"),
+            "from_offset=3&access_token=REDACTED&tenant_id=a"
+        );
+        assert_eq!(redact_query("access%5Ftoken=x"), "access%5Ftoken=REDACTED");
+        assert_eq!(redact_query("flag"), "flag=REDACTED");
+    }
+
+    #[test]
+    fn open_mode_binds_loopback_unless_told_otherwise() {
+        let public: std::net::SocketAddr = "0.0.0.0:8000".parse().unwrap();
+        let local: std::net::SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        assert!(check_bind(&Auth::default(), public).is_err());
+        assert!(check_bind(&Auth::default(), local).is_ok());
+        assert!(check_bind(&Auth::Open(OpenBind::AnyAddress), public).is_ok());
+        let keys = TokenKeys::from_secret(&[7; 32]).unwrap();
+        assert!(check_bind(&Auth::Token(keys), public).is_ok());
+    }
 }

@@ -13,7 +13,8 @@ use crate::event::{Event, ProducerContext};
 use crate::ids::TaskId;
 use crate::queue::{EventQueue, QueueKind, QueueOptions};
 use crate::server::error::ApiError;
-use crate::server::tenant::Tenant;
+use crate::server::limits::check_json_depth;
+use crate::server::tenant::{Caller, Reach, Tenant};
 use crate::server::{AppState, json};
 
 /// The task id of a route's one path parameter, validated (`400` naming `task_id` otherwise).
@@ -32,7 +33,8 @@ impl<S: Send + Sync> FromRequestParts<S> for TaskPath {
 }
 
 /// A request body read whole, at most [`crate::server::ServerConfig::max_body_bytes`] long
-/// (`413` as soon as it exceeds that, before the rest is read).
+/// (`413` as soon as it exceeds that, before the rest is read), within
+/// [`crate::server::ServerConfig::body_read_timeout`] (`408` otherwise).
 #[derive(Debug, Clone)]
 pub(super) struct RawBody(pub Bytes);
 
@@ -40,8 +42,15 @@ impl FromRequest<AppState> for RawBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        Bytes::from_request(req, state)
+        let limit = state.config().body_read_timeout;
+        tokio::time::timeout(limit, Bytes::from_request(req, state))
             .await
+            .map_err(|_| {
+                ApiError::timeout(format!(
+                    "request body not received within {} ms",
+                    limit.as_millis()
+                ))
+            })?
             .map(Self)
             .map_err(|e| {
                 if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -59,7 +68,10 @@ impl FromRequest<AppState> for RawBody {
     }
 }
 
-fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+/// Parses a JSON body whose nesting is at most
+/// [`crate::server::ServerConfig::max_json_depth`] deep.
+pub(super) fn parse_json(state: &AppState, body: &[u8]) -> Result<Value, ApiError> {
+    check_json_depth(body, state.config().max_json_depth)?;
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))
 }
 
@@ -75,9 +87,13 @@ pub(super) async fn healthz() -> Response {
     json(&serde_json::json!({ "status": "ok" }))
 }
 
-/// `GET /events/queues`: the caller's tenant's queues.
-pub(super) async fn list_queues(State(state): State<AppState>, tenant: Tenant) -> Response {
-    json(&state.manager().list_queues(Some(&tenant.0)))
+/// `GET /events/queues`: the caller's tenant's queues (an admin token without
+/// `?tenant_id=`: every tenant's).
+pub(super) async fn list_queues(State(state): State<AppState>, caller: Caller) -> Response {
+    match caller.reach {
+        Reach::OwnTenant => json(&state.manager().list_queues(Some(&caller.tenant))),
+        Reach::AllTenants => json(&state.manager().list_queues(None)),
+    }
 }
 
 /// `POST /events/queues` `{task_id, kind?, ttl_minutes?, max_buffer_size?}` → `201` info.
@@ -86,7 +102,7 @@ pub(super) async fn create_queue(
     tenant: Tenant,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let Value::Object(mut map) = parse_json(&body)? else {
+    let Value::Object(mut map) = parse_json(&state, &body)? else {
         return Err(ApiError::bad_request(
             "the body must be a JSON object {\"task_id\", \"kind\"?, \"ttl_minutes\"?, \"max_buffer_size\"?}",
         ));
@@ -145,10 +161,11 @@ pub(super) async fn create_queue(
             "{field}: unknown field (expected task_id, kind, ttl_minutes, max_buffer_size)"
         )));
     }
-    let queue = state
-        .manager()
-        .create_queue(&tenant.0, &task_id, options)
-        .await?;
+    let manager = state.manager();
+    let limit = state.config().max_queues_per_tenant;
+    let existing = || manager.list_queues(Some(&tenant.0)).len();
+    let _reservation = state.limits().reserve_queue(&tenant.0, limit, existing)?;
+    let queue = manager.create_queue(&tenant.0, &task_id, options).await?;
     Ok((StatusCode::CREATED, axum::Json(queue.info())).into_response())
 }
 
@@ -229,7 +246,7 @@ pub(super) async fn enqueue(
         tenant_id: &tenant.0,
         task_id: &task,
     };
-    let events = match parse_json(&body)? {
+    let events = match parse_json(&state, &body)? {
         Value::Object(mut map) if map.contains_key("events") => {
             let items = map.remove("events");
             if let Some(field) = map.keys().next() {
@@ -360,7 +377,7 @@ async fn cancel(
     RawBody(body): RawBody,
     route: TaskRoute,
 ) -> Result<Response, ApiError> {
-    let reason = cancel_reason(&body)?;
+    let reason = cancel_reason(&state, &body)?;
     match state
         .manager()
         .cancel_task(&tenant.0, &task, reason.as_deref())
@@ -381,11 +398,11 @@ async fn cancel(
 }
 
 /// The optional `{"reason": str}` of a cancel request; an empty body has none.
-fn cancel_reason(body: &[u8]) -> Result<Option<String>, ApiError> {
+fn cancel_reason(state: &AppState, body: &[u8]) -> Result<Option<String>, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    let Value::Object(map) = parse_json(body)? else {
+    let Value::Object(map) = parse_json(state, body)? else {
         return Err(ApiError::bad_request(
             "the body must be a JSON object {\"reason\": str}",
         ));

@@ -19,7 +19,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes};
@@ -93,7 +92,8 @@ fn resume_point(
                 .and_then(|n| n.checked_add(1))
                 .ok_or_else(|| {
                     ApiError::bad_request(format!(
-                        "Last-Event-ID: must be an event offset (a non-negative integer), got {text:?}"
+                        "Last-Event-ID: must be an event offset (a non-negative integer), got {}",
+                        preview(text)
                     ))
                 });
         }
@@ -104,9 +104,22 @@ fn resume_point(
         None => Ok(0),
         Some(text) => text.trim().parse::<u64>().map_err(|_| {
             ApiError::bad_request(format!(
-                "from_offset: must be a non-negative integer, got {text:?}"
+                "from_offset: must be a non-negative integer, got {}",
+                preview(&text)
             ))
         }),
+    }
+}
+
+/// A client's value quoted for an error message, cut to 40 characters (a hostile header can
+/// be kilobytes long).
+fn preview(text: &str) -> String {
+    const MAX: usize = 40;
+    if text.chars().count() <= MAX {
+        format!("{text:?}")
+    } else {
+        let head: String = text.chars().take(MAX).collect();
+        format!("{head:?}… ({} bytes)", text.len())
     }
 }
 
@@ -130,6 +143,17 @@ fn stream(
     if queue.finished_at().is_some_and(|f| from > f) {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
+    let config = state.config();
+    state.limits().open_stream(
+        &tenant,
+        config.max_sse_streams,
+        config.max_sse_streams_per_tenant,
+    )?;
+    // From here the slot is given back when the guard drops, whatever happens.
+    let guard = StreamGuard {
+        state: state.clone(),
+        tenant: tenant.clone(),
+    };
     let sub = queue.subscribe(from).map_err(|e| match e {
         crate::error::Error::QueueNotFound { .. } => route.not_found(&task),
         other => other.into(),
@@ -150,7 +174,6 @@ fn stream(
         .max(std::time::Duration::from_millis(1));
     let mut ticker = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    state.sse_counter().fetch_add(1, Ordering::Relaxed);
     tracing::debug!(%tenant, %task, from, "stream opened");
     let body = SseBody {
         connected: Some(connected),
@@ -158,7 +181,7 @@ fn stream(
         shutdown: Box::pin(shutdown.cancelled_owned()),
         keepalive: ticker,
         done: false,
-        _guard: StreamGuard(state),
+        _guard: guard,
     };
     Ok((
         [
@@ -233,18 +256,15 @@ fn put_frame(out: &mut BytesMut, delivery: &Delivery) {
     }
 }
 
-/// Decrements the open-stream count when a stream's body is dropped.
-struct StreamGuard(AppState);
-
-impl StreamGuard {
-    fn counter(&self) -> &AtomicU64 {
-        self.0.sse_counter()
-    }
+/// Gives a stream's slot back (open-stream counts) when its body is dropped.
+struct StreamGuard {
+    state: AppState,
+    tenant: TenantId,
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.counter().fetch_sub(1, Ordering::Relaxed);
+        self.state.limits().close_stream(&self.tenant);
     }
 }
 
