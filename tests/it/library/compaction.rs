@@ -164,3 +164,29 @@ async fn expiry_during_a_replay_ends_it_without_holes() {
     }
     assert!(m.get_queue(&tenant("t"), &task("expiring")).is_none());
 }
+
+#[tokio::test]
+async fn the_compact_command_refuses_a_held_directory_and_shrinks_a_free_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    fill(&m, "q", 500).await;
+    let run = |dir: std::path::PathBuf| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_eventqueue"))
+            .args(["compact", "--data-dir"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let d = dir.path().to_path_buf();
+    let held = tokio::task::spawn_blocking(move || run(d)).await.unwrap();
+    assert!(!held.status.success());
+    let stderr = String::from_utf8_lossy(&held.stderr);
+    assert!(stderr.contains("stop the server"), "{stderr}");
+    m.shutdown().await.unwrap();
+    let d = dir.path().to_path_buf();
+    let free = tokio::task::spawn_blocking(move || run(d)).await.unwrap();
+    assert!(free.status.success(), "{}", String::from_utf8_lossy(&free.stderr));
+    assert!(String::from_utf8_lossy(&free.stdout).contains("compacted"));
+    let m = open(dir.path()).await;
+    assert_eq!(m.get_queue(&tenant("t"), &task("q")).unwrap().latest_offset(), 500);
+}
