@@ -35,6 +35,8 @@ pub struct BenchOptions {
     pub only: Option<String>,
     /// Seconds of the churn step (default 30; 5 with `quick`).
     pub churn_secs: Option<u64>,
+    /// Queues the append steps spread their producers over (default 100).
+    pub streams: Option<usize>,
 }
 
 /// Latency percentiles in milliseconds.
@@ -213,6 +215,7 @@ pub async fn run(opts: BenchOptions) -> crate::Result<BenchReport> {
     let q = opts.quick;
     let step = |name: &str| root.path().join(name);
 
+    let streams = opts.streams.unwrap_or(100).max(1);
     let want = |name: &str| {
         opts.only.as_deref().is_none_or(|o| {
             o.split(',')
@@ -232,7 +235,7 @@ pub async fn run(opts: BenchOptions) -> crate::Result<BenchReport> {
     if want("sequential") {
         say("sequential enqueue (1 producer)");
         let n = if q { 500 } else { 2000 };
-        let seq = appends(step("seq"), 1, n, Durability::Immediate).await?;
+        let seq = appends(step("seq"), 1, n, Durability::Immediate, 1).await?;
         report.sequential_ack = Some(seq.ack);
         if let Some(raw) = report.raw_fdatasync.filter(|r| r.p50_ms > 0.0) {
             report.sequential_vs_raw_p50 = Some(seq.ack.p50_ms / raw.p50_ms);
@@ -259,7 +262,7 @@ pub async fn run(opts: BenchOptions) -> crate::Result<BenchReport> {
             let dir = step(&format!("{name}-{producers}"));
             report
                 .appends
-                .push(appends(dir, producers, per, durability).await?);
+                .push(appends(dir, producers, per, durability, streams).await?);
         }
     }
     if want("replay") {
@@ -341,15 +344,12 @@ async fn appends(
     producers: usize,
     per_producer: usize,
     durability: Durability,
+    streams: usize,
 ) -> crate::Result<AppendFigures> {
     let m = QueueManager::open(bench_config(&dir, durability)).await?;
     let t = tenant();
     let mut queues = Vec::new();
     // 100 streams, as in the comparison workloads; producers spread over them.
-    let streams: usize = std::env::var("EQ_STREAMS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
     for i in 0..producers.min(streams) {
         let k = task(format!("stream-{i}"))?;
         queues.push(m.create_queue(&t, &k, QueueOptions::default()).await?);

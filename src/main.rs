@@ -77,6 +77,9 @@ struct BenchArgs {
     /// [default: 30; 5 with --quick]
     #[arg(long, value_name = "SECS")]
     churn_secs: Option<u64>,
+    /// Queues the append steps spread their producers over [default: 100]
+    #[arg(long, value_name = "N")]
+    streams: Option<usize>,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -369,6 +372,7 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
         progress: Some(progress),
         only: args.only,
         churn_secs: args.churn_secs,
+        streams: args.streams,
     })
     .await
     .map_err(|e| format!("bench failed: {e}"))?;

@@ -10,6 +10,7 @@ async fn bench_steps_report_what_they_measured() {
         progress: None,
         only: Some("raw,replay,reopen".into()),
         churn_secs: None,
+        streams: None,
     })
     .await
     .unwrap();
