@@ -1,0 +1,302 @@
+//! eventqueue over its HTTP API (open mode on loopback): `POST /events/queues/{task}/events`
+//! to append, SSE `GET /events/workflows/{task}?from_offset=0` to replay and follow.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::{Bytes, BytesMut};
+
+use crate::drive::{self, CLIENTS, DEPTH, Measure, Plan, STREAMS, Subscribers, Tally, Window};
+use crate::servers::{Server, free_addr};
+
+/// Queues are created with room for every event of the run: nothing is trimmed, as in the
+/// peers' unbounded streams.
+const MAX_BUFFER: u64 = 10_000_000;
+
+pub struct Eventqueue {
+    base: String,
+    tasks: Vec<String>,
+}
+
+/// A progress event of [`drive::EVENT_BYTES`] bytes whose details carry `sent_us`.
+pub fn event_json(sent_us: u64) -> String {
+    let head = format!(
+        "{{\"event_type\":\"progress\",\"current\":1,\"total\":100,\"step\":\"processing_video\",\
+         \"details\":{{\"sent_us\":{sent_us},\"pad\":\""
+    );
+    let pad = drive::EVENT_BYTES.saturating_sub(head.len() + 3);
+    format!("{head}{}\"}}}}", "x".repeat(pad))
+}
+
+fn batch_json(n: usize) -> String {
+    let events: Vec<String> = (0..n).map(|_| event_json(0)).collect();
+    format!("{{\"events\":[{}]}}", events.join(","))
+}
+
+/// A client with its own connection pool: one "client" of a workload.
+fn http_client() -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .build()
+        .context("building an HTTP client")
+}
+
+/// Starts `eventqueue serve` in `durability` (`immediate` / `buffered`) on a fresh data
+/// directory, open mode (no JWT secret), request logging off (`RUST_LOG=warn`), and creates
+/// the 100 queues.
+pub async fn start(bin: &Path, dir: &Path, durability: &str) -> Result<(Server, Eventqueue)> {
+    let addr = free_addr()?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--bind")
+        .arg(addr.to_string())
+        .arg("--durability")
+        .arg(durability);
+    // Settings come from the flags above only: no token mode, no config file from the caller.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("EVENTQUEUE_") {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd.env("RUST_LOG", "warn");
+    let server = Server::spawn(
+        &format!("eventqueue ({durability})"),
+        cmd,
+        addr,
+        dir.join("server.log"),
+    )?;
+    let eq = Eventqueue {
+        base: format!("http://{addr}"),
+        tasks: (0..STREAMS).map(|i| format!("bench_s{i}")).collect(),
+    };
+    let http = http_client()?;
+    let health = http
+        .get(format!("{}/healthz", eq.base))
+        .send()
+        .await
+        .context("GET /healthz")?;
+    if !health.status().is_success() {
+        bail!("GET /healthz answered {}", health.status());
+    }
+    for t in &eq.tasks {
+        eq.create(&http, t).await?;
+    }
+    Ok((server, eq))
+}
+
+async fn post(http: &reqwest::Client, url: &str, body: Bytes) -> Result<()> {
+    let resp = http
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let status = resp.status();
+    let text = resp.bytes().await.with_context(|| format!("POST {url}"))?;
+    if !status.is_success() {
+        bail!(
+            "POST {url} answered {status}: {}",
+            String::from_utf8_lossy(&text)
+        );
+    }
+    Ok(())
+}
+
+impl Eventqueue {
+    async fn create(&self, http: &reqwest::Client, task: &str) -> Result<()> {
+        let body = format!("{{\"task_id\":\"{task}\",\"max_buffer_size\":{MAX_BUFFER}}}");
+        post(http, &format!("{}/events/queues", self.base), body.into()).await
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.tasks
+            .iter()
+            .map(|t| format!("{}/events/queues/{t}/events", self.base))
+            .collect()
+    }
+
+    /// `clients` HTTP clients, each with one request in flight, one event per request
+    /// (`depth` = 1), or `depth` concurrent requests per client.
+    pub async fn requests(&self, plan: &Plan, clients: usize, depth: usize) -> Result<Measure> {
+        let body = Bytes::from(event_json(0));
+        self.drive(plan, clients, depth, body, 1).await
+    }
+
+    /// 8 clients, each sending batches of 16 events, one request in flight.
+    pub async fn batches(&self, plan: &Plan) -> Result<Measure> {
+        let body = Bytes::from(batch_json(DEPTH));
+        self.drive(plan, CLIENTS, 1, body, DEPTH as u64).await
+    }
+
+    async fn drive(
+        &self,
+        plan: &Plan,
+        clients: usize,
+        depth: usize,
+        body: Bytes,
+        per_request: u64,
+    ) -> Result<Measure> {
+        let mut https = Vec::new();
+        for _ in 0..clients {
+            let http = http_client()?;
+            // Open the client's `depth` connections before the clock starts.
+            let health = format!("{}/healthz", self.base);
+            let opened = futures_util::future::join_all(
+                (0..depth).map(|_| async { http.get(&health).send().await?.bytes().await }),
+            )
+            .await;
+            for r in opened {
+                r.context("GET /healthz")?;
+            }
+            https.push(http);
+        }
+        let urls = self.urls();
+        let w = std::sync::Arc::new(Window::start(plan));
+        let mut futures = Vec::new();
+        for (c, http) in https.iter().enumerate() {
+            for d in 0..depth {
+                let (w, urls, body, http) = (w.clone(), urls.clone(), body.clone(), http.clone());
+                futures.push(async move {
+                    let mut t = Tally::new();
+                    let mut k = c * 37 + d * 7;
+                    while w.open() {
+                        let start = Instant::now();
+                        post(&http, &urls[k % STREAMS], body.clone()).await?;
+                        t.ack(&w, start, per_request);
+                        k += 1;
+                    }
+                    Ok(t)
+                });
+            }
+        }
+        Ok(Measure::from_tallies(
+            drive::join_clients(futures).await?,
+            plan,
+        ))
+    }
+
+    /// Fills queue `bench_replay` with `n` events (batches of 1000), then reads them back
+    /// over one SSE stream from offset 0.
+    pub async fn replay(&self, n: u64) -> Result<Measure> {
+        let http = http_client()?;
+        let task = "bench_replay";
+        self.create(&http, task).await?;
+        let url = format!("{}/events/queues/{task}/events", self.base);
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(1000);
+            post(&http, &url, batch_json(k as usize).into()).await?;
+            left -= k;
+        }
+        let start = Instant::now();
+        let mut sse = Sse::open(
+            &http,
+            &format!("{}/events/workflows/{task}?from_offset=0", self.base),
+        )
+        .await?;
+        let mut read = 0u64;
+        while read < n {
+            match tokio::time::timeout(Duration::from_secs(30), sse.next_frame()).await {
+                Ok(Ok(Some(frame))) if frame.starts_with(b"id: ") => read += 1,
+                Ok(Ok(Some(_))) => {}
+                Ok(Ok(None)) => bail!("the replay stream ended after {read} of {n} events"),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => bail!("replay stalled after {read} of {n} events"),
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        Ok(Measure {
+            events: read,
+            secs,
+            events_per_s: read as f64 / secs,
+            ..Default::default()
+        })
+    }
+
+    /// One publisher (one event per request, on schedule) and `plan.subscribers` SSE streams
+    /// on the same queue.
+    pub async fn fanout(&self, plan: &Plan, rate: u64) -> Result<Measure> {
+        let http = http_client()?;
+        let task = format!("bench_fanout{rate}");
+        self.create(&http, &task).await?;
+        let stream_url = format!("{}/events/workflows/{task}?from_offset=0", self.base);
+        let mut subs = Subscribers::new();
+        let sub_http = http_client()?;
+        for _ in 0..plan.subscribers {
+            let (http, url) = (sub_http.clone(), stream_url.clone());
+            subs.spawn(|tally, ready| async move {
+                let mut sse = Sse::open(&http, &url).await?;
+                while let Some(frame) = sse.next_frame().await? {
+                    if frame.starts_with(b"event: connected") {
+                        ready.fetch_add(1, Ordering::SeqCst);
+                    } else if frame.starts_with(b"id: ") {
+                        tally
+                            .lock()
+                            .map_err(|_| anyhow!("poisoned"))?
+                            .deliver(&frame);
+                    }
+                }
+                Ok(())
+            });
+        }
+        subs.wait_ready(Duration::from_secs(60)).await?;
+        let url = format!("{}/events/queues/{task}/events", self.base);
+        let mut pacer = drive::Pacer::new(rate, plan.fanout_secs);
+        while pacer.tick().await.is_some() {
+            post(&http, &url, event_json(drive::now_us()).into()).await?;
+        }
+        let published = pacer.published();
+        drive::settle(Duration::from_secs(5), || subs.all_received(published)).await;
+        subs.finish(published, plan.fanout_secs).await
+    }
+}
+
+/// Splits an SSE body into frames (text up to a blank line).
+struct Sse {
+    resp: reqwest::Response,
+    buf: BytesMut,
+    scanned: usize,
+}
+
+impl Sse {
+    async fn open(http: &reqwest::Client, url: &str) -> Result<Self> {
+        let resp = http
+            .get(url)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        if !resp.status().is_success() {
+            bail!("GET {url} answered {}", resp.status());
+        }
+        Ok(Sse {
+            resp,
+            buf: BytesMut::new(),
+            scanned: 0,
+        })
+    }
+
+    async fn next_frame(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            if let Some(pos) = self.buf[self.scanned..]
+                .windows(2)
+                .position(|w| w == b"\n\n")
+            {
+                let frame = self.buf.split_to(self.scanned + pos + 2).freeze();
+                self.scanned = 0;
+                return Ok(Some(frame));
+            }
+            self.scanned = self.buf.len().saturating_sub(1);
+            match self.resp.chunk().await.context("reading an SSE stream")? {
+                Some(chunk) => self.buf.extend_from_slice(&chunk),
+                None => return Ok(None),
+            }
+        }
+    }
+}
