@@ -66,5 +66,7 @@ pub use metrics::{Histogram, Metrics};
 pub use queue::{CancellationState, EventQueue, QueueInfo, QueueKind, QueueOptions};
 pub use store::DB_FILE;
 #[cfg(feature = "failpoints")]
+pub use store::sim::PowerLoss;
+#[cfg(feature = "failpoints")]
 pub use store::wal::Faults;
 pub use subscription::{Delivery, RecordedEvent, Subscription};

@@ -103,9 +103,32 @@ impl QueueManager {
     ///
     /// As [`QueueManager::open`].
     pub async fn open_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self> {
+        Self::open_on(config, clock, None).await
+    }
+
+    /// Opens the store on a simulated machine whose power can be cut at its N-th sync (feature
+    /// `failpoints`): see [`crate::PowerLoss`]. Shut the manager down after the cut, call
+    /// [`crate::PowerLoss::settle`], then reopen the directory with [`QueueManager::open`].
+    ///
+    /// # Errors
+    ///
+    /// As [`QueueManager::open`].
+    #[cfg(feature = "failpoints")]
+    pub async fn open_with_power_loss(
+        config: Config,
+        power: Arc<crate::store::sim::PowerLoss>,
+    ) -> Result<Self> {
+        Self::open_on(config, Arc::new(SystemClock), Some(power)).await
+    }
+
+    async fn open_on(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        power: Option<crate::store::Power>,
+    ) -> Result<Self> {
         let dir = config.data_dir.clone();
         let (cache, every) = (config.cache_size_bytes, config.checkpoint_interval);
-        let opened = tokio::task::spawn_blocking(move || Store::open(&dir, cache, every))
+        let opened = tokio::task::spawn_blocking(move || Store::open_on(&dir, cache, every, power))
             .await
             .map_err(|e| Error::storage(format!("open task failed: {e}")))??;
         let mut map = HashMap::with_capacity(opened.queues.len());

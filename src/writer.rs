@@ -23,12 +23,22 @@
 //!
 //! # Failure
 //!
-//! If a commit or a log write fails, that batch's callers get the error and nothing of it is
-//! visible. If an fsync fails, every batch waiting for it gets the error. Either way the
-//! pipeline then refuses all later writes with [`Error::StoreFailed`] until the store is
-//! reopened, rather than pretend later commits are fine; recovery on reopen keeps exactly the
-//! log records that reached the disk (a caller that got an error may find its event stored,
-//! as after a timeout; idempotent retries make that safe).
+//! - A failed **log write** (a full disk, typically) whose partial record was cut off again
+//!   fails only its batch: the redb transaction is dropped unapplied, the log ends where it
+//!   ended before, and nothing of the batch is visible or acknowledged. The next batch is
+//!   tried normally, so writes resume by themselves once space is freed — provided no
+//!   checkpoint ran out of space meanwhile (below).
+//! - A failed **commit** or **checkpoint** (a full disk included: redb writes its pages at
+//!   checkpoints), a log write that could not be cut back, and any
+//!   failed **fsync** are permanent: the batch's callers (and, for an fsync, every batch
+//!   waiting for it) get the error, and the pipeline refuses all later writes with
+//!   [`Error::StoreFailed`] until the store is reopened, rather than pretend later commits are
+//!   fine. After a failed fsync the kernel may have dropped the unsynced pages, so nothing
+//!   written since the last good sync can be trusted in place; after a failed redb write redb
+//!   itself refuses further work until reopened.
+//!
+//! Recovery on reopen keeps exactly the log records that reached the disk (a caller that got
+//! an error may find its event stored, as after a timeout; idempotent retries make that safe).
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
@@ -48,7 +58,7 @@ use crate::metrics::Metrics;
 use crate::queue::{CancelInfo, QueueKind, QueueShared, View};
 use crate::store::codec::{self, EventHeader, QueueRecord};
 use crate::store::wal::WalSyncer;
-use crate::store::{Store, StoreWriter};
+use crate::store::{Store, StoreWriter, WriteError};
 use crate::subscription::RecordedEvent;
 
 /// Every live queue by `(tenant, task)`. Written only by the writer, after commits.
@@ -257,6 +267,10 @@ pub(crate) struct Writer {
 /// never holds appends behind it.
 const PURGE_PACE: Duration = Duration::from_millis(10);
 
+/// After a purge step was refused (its log write failed: a full disk), idle retries wait this
+/// long between attempts.
+const PURGE_RETRY: Duration = Duration::from_millis(100);
+
 impl Writer {
     /// Runs the pipeline until a `Shutdown` command or until every sender is gone.
     ///
@@ -293,6 +307,7 @@ impl Writer {
             keys,
             purges,
             last_purge: Instant::now(),
+            purge_refused: false,
         };
         stage.run();
         drop(stage);
@@ -310,6 +325,8 @@ struct WriterLoop {
     /// Deleted queues whose events are still to be removed, oldest deletion first.
     purges: std::collections::VecDeque<u64>,
     last_purge: Instant,
+    /// The last purge step was refused (a full disk): idle retries back off.
+    purge_refused: bool,
 }
 
 impl WriterLoop {
@@ -326,6 +343,10 @@ impl WriterLoop {
                 match self.w.rx.try_recv() {
                     Ok(cmd) => cmd,
                     Err(mpsc::error::TryRecvError::Empty) => {
+                        if self.purge_refused {
+                            // Do not spin on a full disk; commands still get through.
+                            std::thread::sleep(PURGE_RETRY);
+                        }
                         self.purge_step();
                         continue;
                     }
@@ -376,6 +397,7 @@ impl WriterLoop {
         let step = self.w.purge_step.max(1);
         match self.w.store.write(|w| w.purge_some(qid, step)) {
             Ok(((removed, done), _)) => {
+                self.purge_refused = false;
                 Metrics::add(&self.w.metrics.events_removed, removed);
                 if done {
                     self.purges.pop_front();
@@ -385,7 +407,9 @@ impl WriterLoop {
                     );
                 }
             }
-            Err(e) => self.failure.set(&e),
+            // The step is redone later (its purge mark is still there).
+            Err(WriteError::Rejected(_)) => self.purge_refused = true,
+            Err(WriteError::Fatal(e)) => self.failure.set(&e),
         }
     }
 
@@ -419,7 +443,12 @@ impl WriterLoop {
         // The last batch before a shutdown is followed by a durable checkpoint, so the log is
         // empty when the directory is closed.
         let result = match result {
-            Ok(ok) if shutdown => self.w.store.checkpoint().map(|()| ok),
+            Ok(ok) if shutdown => self
+                .w
+                .store
+                .checkpoint()
+                .map(|()| ok)
+                .map_err(WriteError::Fatal),
             other => other,
         };
         match result {
@@ -458,7 +487,7 @@ impl WriterLoop {
                     }
                 }
             }
-            Err(e) => {
+            Err(failed) => {
                 // Creates and removals of this batch were not committed.
                 for stage in &batch.stages {
                     let key = (stage.q.tenant_id.clone(), stage.q.task_id.clone());
@@ -468,7 +497,12 @@ impl WriterLoop {
                         self.keys.insert(key);
                     }
                 }
-                self.failure.set(&e);
+                // A rejected batch left the store as it was: only its callers fail (a full
+                // disk: the next batch may fit). Anything else stops writes until reopen.
+                if let WriteError::Fatal(e) = &failed {
+                    self.failure.set(e);
+                }
+                let e = failed.error();
                 for cmd in cmds {
                     reply_err(cmd, e.clone());
                 }

@@ -12,6 +12,8 @@
 //! in `spawn_blocking`, never on an async worker.
 
 pub(crate) mod codec;
+#[cfg(feature = "failpoints")]
+pub mod sim;
 pub mod wal;
 
 use std::path::{Path, PathBuf};
@@ -25,7 +27,39 @@ use redb::{
 
 use crate::error::{Error, Result};
 use codec::{FORMAT_VERSION, QueueRecord};
-use wal::{Wal, WalOp, WalOpRef};
+use wal::{AppendError, Wal, WalOp, WalOpRef};
+
+/// A simulated machine to open the store on (feature `failpoints`); uninhabited otherwise.
+#[cfg(feature = "failpoints")]
+pub(crate) type Power = std::sync::Arc<sim::PowerLoss>;
+/// A simulated machine to open the store on (feature `failpoints`); uninhabited otherwise.
+#[cfg(not(feature = "failpoints"))]
+pub(crate) type Power = std::convert::Infallible;
+
+/// How [`Store::write`] failed.
+#[derive(Debug)]
+pub(crate) enum WriteError {
+    /// Nothing of the transaction was committed or logged (the log write failed and was cut
+    /// back): the store is exactly as before and can take the next write.
+    Rejected(Error),
+    /// The store may no longer match what its users were told: refuse writes until reopen.
+    Fatal(Error),
+}
+
+impl WriteError {
+    /// The underlying error.
+    pub(crate) fn error(&self) -> &Error {
+        match self {
+            WriteError::Rejected(e) | WriteError::Fatal(e) => e,
+        }
+    }
+}
+
+impl From<Error> for WriteError {
+    fn from(e: Error) -> Self {
+        WriteError::Fatal(e)
+    }
+}
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const QUEUES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("queues");
@@ -100,6 +134,16 @@ impl Store {
         cache_bytes: usize,
         checkpoint_interval: Duration,
     ) -> Result<Opened> {
+        Self::open_on(data_dir, cache_bytes, checkpoint_interval, None)
+    }
+
+    /// As [`Store::open`]; with `power`, both files live on that simulated machine.
+    pub(crate) fn open_on(
+        data_dir: &Path,
+        cache_bytes: usize,
+        checkpoint_interval: Duration,
+        power: Option<Power>,
+    ) -> Result<Opened> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             Error::storage(format!(
                 "cannot create data directory {}: {e}",
@@ -107,10 +151,11 @@ impl Store {
             ))
         })?;
         let path = data_dir.join(DB_FILE);
-        let db = match redb::Builder::new()
-            .set_cache_size(cache_bytes)
-            .create(&path)
-        {
+        if !path.exists() {
+            Self::create_fresh(data_dir, &path, power.as_ref())?;
+        }
+        let created = Self::open_db(&path, cache_bytes, power.as_ref());
+        let db = match created {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(Error::Locked {
@@ -119,7 +164,12 @@ impl Store {
             }
             Err(e) => return Err(Error::storage(format!("opening {}: {e}", path.display()))),
         };
-        let (wal, records) = Wal::open(data_dir)?;
+        #[cfg_attr(not(feature = "failpoints"), allow(unused_mut))]
+        let (mut wal, records) = Wal::open(data_dir)?;
+        #[cfg(feature = "failpoints")]
+        if let Some(power) = power {
+            wal.simulate_power(power);
+        }
         let store = Store {
             db: RwLock::new(Some(db)),
             log: Mutex::new(LogState {
@@ -137,6 +187,70 @@ impl Store {
             next_queue_id,
             pending_purges,
         })
+    }
+
+    fn open_db(
+        path: &Path,
+        cache_bytes: usize,
+        power: Option<&Power>,
+    ) -> Result<Database, redb::DatabaseError> {
+        let mut builder = redb::Builder::new();
+        builder.set_cache_size(cache_bytes);
+        match power {
+            None => builder.create(path),
+            #[cfg(feature = "failpoints")]
+            Some(power) => {
+                let backend = sim::SimBackend::open(path, power.clone())?;
+                builder.create_with_backend(backend)
+            }
+            #[cfg(not(feature = "failpoints"))]
+            Some(never) => match *never {},
+        }
+    }
+
+    /// Creates the database file atomically: a crash while redb creates a file can leave one
+    /// without its header, which redb then refuses to open ("not a redb database"). So the file
+    /// is created under a temporary name, stamped with the format version in a durable commit,
+    /// and only then renamed into place (and the directory synced). A leftover temporary file
+    /// is from such a crash: nothing in it was ever acknowledged.
+    fn create_fresh(data_dir: &Path, path: &Path, power: Option<&Power>) -> Result<()> {
+        let tmp = data_dir.join(format!("{DB_FILE}.new"));
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            Error::storage(format!("{what} {}: {e}", tmp.display()))
+        };
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail("removing", &e)),
+        }
+        {
+            let db = match Self::open_db(&tmp, 1 << 20, power) {
+                Ok(db) => db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                    return Err(Error::Locked {
+                        path: tmp.display().to_string(),
+                    });
+                }
+                Err(e) => return Err(fail("creating", &e)),
+            };
+            let mut txn = db.begin_write().map_err(|e| fail("creating", &e))?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(|e| fail("creating", &e))?;
+            {
+                let mut meta = txn.open_table(META).map_err(|e| fail("creating", &e))?;
+                meta.insert(KEY_FORMAT, u64::from(FORMAT_VERSION))
+                    .map_err(|e| fail("creating", &e))?;
+            }
+            txn.commit().map_err(|e| fail("creating", &e))?;
+        }
+        #[cfg(feature = "failpoints")]
+        if let Some(power) = power {
+            power.check().map_err(|e| fail("renaming", &e))?;
+        }
+        std::fs::rename(&tmp, path).map_err(|e| fail("renaming", &e))?;
+        std::fs::File::open(data_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| fail("syncing the directory of", &e))
     }
 
     fn begin_write(&self) -> Result<redb::WriteTransaction> {
@@ -233,7 +347,11 @@ impl Store {
                 )));
             }
             let ops = wal::decode_ops(&payload)?;
-            self.apply_replayed(lsn, ops)?;
+            {
+                let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+                let db = guard.as_ref().ok_or(Error::ShuttingDown)?;
+                Self::apply_replayed(db, lsn, ops)?;
+            }
             last = lsn;
             replayed += 1;
         }
@@ -278,8 +396,8 @@ impl Store {
         Ok((queues, next_id, purges))
     }
 
-    fn apply_replayed(&self, lsn: u64, ops: Vec<WalOp>) -> Result<()> {
-        let mut txn = self.begin_write()?;
+    fn apply_replayed(db: &Database, lsn: u64, ops: Vec<WalOp>) -> Result<()> {
+        let mut txn = db.begin_write().map_err(st)?;
         txn.set_durability(Durability::None).map_err(st)?;
         {
             let mut w = StoreWriter::open(&txn, false)?;
@@ -317,6 +435,11 @@ impl Store {
     }
 
     /// Makes every commit so far durable in redb with one fsync'd commit and empties the log.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors, a full disk included. After a failed redb write redb refuses further
+    /// work until reopened, so every failure here is permanent for this handle.
     pub(crate) fn checkpoint(&self) -> Result<()> {
         let mut log = self.log();
         let mut txn = self.begin_write()?;
@@ -328,6 +451,10 @@ impl Store {
     }
 
     /// Checkpoints when the log is large or old; called by the writer between batches.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::checkpoint`].
     pub(crate) fn maybe_checkpoint(&self) -> Result<bool> {
         let due = {
             let log = self.log();
@@ -385,11 +512,15 @@ impl Store {
     ///
     /// # Errors
     ///
-    /// Whatever `f` returns, or a storage error from the log or the commit.
+    /// [`WriteError::Rejected`] when the log write failed and was cut back: nothing of the
+    /// transaction is stored and the store can take the next write (a full disk, for one).
+    /// [`WriteError::Fatal`] for whatever `f` returns, a log that could not be cut back, or a
+    /// failed commit: redb and the log may then disagree with what the caller believes, so the
+    /// caller must stop writing until the store is reopened (recovery sorts it out).
     pub(crate) fn write<T>(
         &self,
         f: impl FnOnce(&mut StoreWriter<'_>) -> Result<T>,
-    ) -> Result<(T, bool)> {
+    ) -> Result<(T, bool), WriteError> {
         let mut log = self.log();
         let mut txn = self.begin_write()?;
         txn.set_durability(Durability::None).map_err(st)?;
@@ -405,7 +536,12 @@ impl Store {
         };
         let logged = !payload.is_empty();
         if logged {
-            log.wal.append(lsn, &payload)?;
+            match log.wal.append(lsn, &payload) {
+                Ok(()) => {}
+                // Dropping `txn` aborts it: redb is unchanged.
+                Err(AppendError::RolledBack(e)) => return Err(WriteError::Rejected(e)),
+                Err(AppendError::Broken(e)) => return Err(WriteError::Fatal(e)),
+            }
             log.next_lsn += 1;
             log.oldest_unchecked.get_or_insert_with(Instant::now);
         }

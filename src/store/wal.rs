@@ -152,6 +152,9 @@ pub(crate) fn decode_ops(mut payload: &[u8]) -> Result<Vec<WalOp>> {
 pub struct Faults {
     appends_left: std::sync::atomic::AtomicI64,
     syncs_left: std::sync::atomic::AtomicI64,
+    /// Simulated power loss shared with the redb backend.
+    #[cfg(feature = "failpoints")]
+    power: Option<std::sync::Arc<super::sim::PowerLoss>>,
 }
 
 impl Default for Faults {
@@ -159,6 +162,8 @@ impl Default for Faults {
         Self {
             appends_left: std::sync::atomic::AtomicI64::new(-1),
             syncs_left: std::sync::atomic::AtomicI64::new(-1),
+            #[cfg(feature = "failpoints")]
+            power: None,
         }
     }
 }
@@ -191,6 +196,39 @@ impl Faults {
         counter.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
+
+    /// A write or resize of the log: fails once the simulated power is off.
+    fn power_check(&self) -> std::io::Result<()> {
+        #[cfg(feature = "failpoints")]
+        if let Some(p) = &self.power {
+            return p.check();
+        }
+        Ok(())
+    }
+
+    /// An fdatasync of the log. Under simulated power loss it is a sync point of the machine
+    /// (no real fsync: the simulated disk is the file); otherwise `sync` runs.
+    fn power_sync(
+        &self,
+        file: &File,
+        sync: impl FnOnce() -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        #[cfg(feature = "failpoints")]
+        if let Some(p) = &self.power {
+            return p.sync_log(|| file.metadata().map(|m| m.len()));
+        }
+        let _ = file;
+        sync()
+    }
+
+    /// The log was truncated to `len`.
+    fn power_truncated(&self, len: u64) {
+        #[cfg(feature = "failpoints")]
+        if let Some(p) = &self.power {
+            p.log_truncated(len);
+        }
+        let _ = len;
+    }
 }
 
 /// fsyncs the log from the thread that acknowledges commits. An fdatasync started after a
@@ -206,13 +244,51 @@ impl WalSyncer {
     /// fdatasync the log file.
     pub(crate) fn sync(&self) -> Result<()> {
         Faults::hit(&self.faults.syncs_left, "fsync")
-            .and_then(|()| self.file.sync_data())
+            .and_then(|()| self.faults.power_sync(&self.file, || self.file.sync_data()))
             .map_err(|e| io("syncing", &self.path, e))
     }
 }
 
+/// How a log append failed.
+#[derive(Debug)]
+pub(crate) enum AppendError {
+    /// Nothing of the record remains in the log: the log can take the next append.
+    RolledBack(Error),
+    /// A partial record may remain: the log must not be appended to until it is reopened.
+    Broken(Error),
+}
+
 /// An intact record read back on open: its LSN and payload.
 pub(crate) type LoggedRecord = (u64, Vec<u8>);
+
+/// Every intact record at the start of `bytes`, and where they end.
+fn parse(bytes: &[u8]) -> (Vec<LoggedRecord>, usize) {
+    let mut records = Vec::new();
+    let mut at = 0usize;
+    while bytes.len() - at >= HEADER {
+        let h = &bytes[at..at + HEADER];
+        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+        let mut lsn_bytes = [0u8; 8];
+        lsn_bytes.copy_from_slice(&h[8..16]);
+        let end = at + HEADER + len;
+        if end > bytes.len() {
+            break;
+        }
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&lsn_bytes);
+        hasher.update(&bytes[at + HEADER..end]);
+        if hasher.finalize() != crc {
+            break;
+        }
+        records.push((
+            u64::from_le_bytes(lsn_bytes),
+            bytes[at + HEADER..end].to_vec(),
+        ));
+        at = end;
+    }
+    (records, at)
+}
 
 /// The open log file.
 #[derive(Debug)]
@@ -243,30 +319,7 @@ impl Wal {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .map_err(|e| io("reading", &path, e))?;
-        let mut records = Vec::new();
-        let mut at = 0usize;
-        while bytes.len() - at >= HEADER {
-            let h = &bytes[at..at + HEADER];
-            let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
-            let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-            let mut lsn_bytes = [0u8; 8];
-            lsn_bytes.copy_from_slice(&h[8..16]);
-            let end = at + HEADER + len;
-            if end > bytes.len() {
-                break;
-            }
-            let mut hasher = crc32fast::Hasher::new();
-            hasher.update(&lsn_bytes);
-            hasher.update(&bytes[at + HEADER..end]);
-            if hasher.finalize() != crc {
-                break;
-            }
-            records.push((
-                u64::from_le_bytes(lsn_bytes),
-                bytes[at + HEADER..end].to_vec(),
-            ));
-            at = end;
-        }
+        let (records, at) = parse(&bytes);
         if at != bytes.len() {
             tracing::warn!(
                 valid = at,
@@ -291,9 +344,15 @@ impl Wal {
     }
 
     /// Appends one record (not yet synced).
-    pub(crate) fn append(&mut self, lsn: u64, payload: &[u8]) -> Result<()> {
+    ///
+    /// # Errors
+    ///
+    /// [`AppendError::RolledBack`] when the write failed and the log was cut back to its
+    /// previous end (nothing of the record remains), [`AppendError::Broken`] when that cut
+    /// failed as well.
+    pub(crate) fn append(&mut self, lsn: u64, payload: &[u8]) -> Result<(), AppendError> {
         let len = u32::try_from(payload.len())
-            .map_err(|_| Error::storage("log record larger than 4 GiB"))?;
+            .map_err(|_| AppendError::RolledBack(Error::storage("log record larger than 4 GiB")))?;
         let lsn_bytes = lsn.to_le_bytes();
         let mut hasher = crc32fast::Hasher::new();
         hasher.update(&lsn_bytes);
@@ -304,12 +363,23 @@ impl Wal {
         self.buf.extend_from_slice(&lsn_bytes);
         self.buf.extend_from_slice(payload);
         let written = Faults::hit(&self.faults.appends_left, "log write")
+            .and_then(|()| self.faults.power_check())
             .and_then(|()| self.file.write_all(&self.buf));
         if let Err(e) = written {
-            // Leave no partial record behind for the next append to follow.
-            let _ = self.file.set_len(self.len);
-            let _ = self.file.seek(SeekFrom::Start(self.len));
-            return Err(io("appending to", &self.path, e));
+            // Leave no partial record behind for the next append to follow. If that fails
+            // too, the log's end is unknown and the store must stop writing.
+            let err = io("appending to", &self.path, e);
+            let rolled_back = self
+                .faults
+                .power_check()
+                .and_then(|()| self.file.set_len(self.len))
+                .and_then(|()| self.file.seek(SeekFrom::Start(self.len)));
+            return Err(match rolled_back {
+                Ok(_) => AppendError::RolledBack(err),
+                Err(e2) => AppendError::Broken(Error::storage(format!(
+                    "{err}; then cutting the partial record off failed: {e2}"
+                ))),
+            });
         }
         self.len += self.buf.len() as u64;
         Ok(())
@@ -337,17 +407,28 @@ impl Wal {
 
     /// Empties the log (after a durable checkpoint made its records redundant).
     pub(crate) fn reset(&mut self) -> Result<()> {
-        self.file
-            .set_len(0)
+        self.faults
+            .power_check()
+            .and_then(|()| self.file.set_len(0))
             .map_err(|e| io("truncating", &self.path, e))?;
+        self.faults.power_truncated(0);
+        self.len = 0;
         self.file
             .seek(SeekFrom::Start(0))
             .map_err(|e| io("seeking", &self.path, e))?;
-        self.file
-            .sync_all()
+        self.faults
+            .power_sync(&self.file, || self.file.sync_all())
             .map_err(|e| io("syncing", &self.path, e))?;
-        self.len = 0;
         Ok(())
+    }
+
+    /// Shares a simulated machine with the redb backend (before any syncer is made).
+    #[cfg(feature = "failpoints")]
+    pub(crate) fn simulate_power(&mut self, power: std::sync::Arc<super::sim::PowerLoss>) {
+        self.faults = std::sync::Arc::new(Faults {
+            power: Some(power),
+            ..Faults::default()
+        });
     }
 
     /// Current size in bytes.

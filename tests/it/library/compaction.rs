@@ -185,8 +185,17 @@ async fn the_compact_command_refuses_a_held_directory_and_shrinks_a_free_one() {
     m.shutdown().await.unwrap();
     let d = dir.path().to_path_buf();
     let free = tokio::task::spawn_blocking(move || run(d)).await.unwrap();
-    assert!(free.status.success(), "{}", String::from_utf8_lossy(&free.stderr));
+    assert!(
+        free.status.success(),
+        "{}",
+        String::from_utf8_lossy(&free.stderr)
+    );
     assert!(String::from_utf8_lossy(&free.stdout).contains("compacted"));
     let m = open(dir.path()).await;
-    assert_eq!(m.get_queue(&tenant("t"), &task("q")).unwrap().latest_offset(), 500);
+    assert_eq!(
+        m.get_queue(&tenant("t"), &task("q"))
+            .unwrap()
+            .latest_offset(),
+        500
+    );
 }
