@@ -126,4 +126,38 @@ mod tests {
         };
         assert_eq!(decode_queue(&encode_queue(&rec).unwrap()).unwrap(), rec);
     }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("EVENTQUEUE_FUZZ_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2048),
+            ..ProptestConfig::default()
+        })]
+
+        /// The record decoders never panic on arbitrary bytes: a corrupt record is an error.
+        #[test]
+        fn decoders_reject_garbage_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            if let Ok((header, at)) = decode_event(&bytes) {
+                prop_assert!(at <= bytes.len());
+                prop_assert!(header.event_id.len() <= bytes.len());
+            }
+            let _ = decode_queue(&bytes);
+            let _ = crate::store::wal::decode_ops(&bytes);
+        }
+
+        /// Flipping one byte of a valid record never panics the decoder.
+        #[test]
+        fn decoders_survive_one_flipped_byte(pos in 0usize..64, bit in 0u8..8) {
+            let header = EventHeader { event_type: 1, terminal: false, timestamp_us: 42, event_id: "evt_0123456789ab" };
+            let (mut buf, _) = encode_event(&header, 8).unwrap();
+            buf.extend_from_slice(b"{\"a\":1}");
+            let i = pos % buf.len();
+            buf[i] ^= 1 << bit;
+            let _ = decode_event(&buf);
+        }
+    }
 }
