@@ -53,7 +53,7 @@ use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventType, RenderedEvent, Timestamp};
 use crate::hub::Live;
-use crate::ids::{TaskId, TenantId};
+use crate::ids::{EventId, TaskId, TenantId};
 use crate::metrics::Metrics;
 use crate::queue::{CancelInfo, QueueKind, QueueShared, View};
 use crate::store::codec::{self, EventHeader, QueueRecord};
@@ -69,7 +69,7 @@ pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
 /// An event validated and rendered by its producer, waiting for its offset.
 #[derive(Debug)]
 pub(crate) struct PreparedEvent {
-    event_id: String,
+    event_id: EventId,
     event_type: EventType,
     terminal: bool,
     timestamp_us: i64,
@@ -81,7 +81,7 @@ impl PreparedEvent {
     /// producers; the writer only splices in the offset).
     pub(crate) fn new(event: &Event) -> Self {
         Self {
-            event_id: event.event_id.as_str().to_string(),
+            event_id: event.event_id.clone(),
             event_type: event.event_type(),
             terminal: event.is_terminal(),
             timestamp_us: event.timestamp.as_micros(),
@@ -95,7 +95,7 @@ impl PreparedEvent {
             event_type: self.event_type.code(),
             terminal: self.terminal,
             timestamp_us: self.timestamp_us,
-            event_id: &self.event_id,
+            event_id: self.event_id.as_str(),
         };
         let r = &self.rendered;
         let (mut buf, start) = codec::encode_event(&header, r.prefix.len() + r.suffix.len() + 20)?;
@@ -594,12 +594,12 @@ fn apply(
             let mut offsets = Vec::with_capacity(events.len());
             for ev in events {
                 let offset = stage.view.next_offset;
-                if let Some(existing) = w.claim_event_id(queue.id, &ev.event_id, offset)? {
+                if let Some(existing) = w.claim_event_id(queue.id, ev.event_id.as_str(), offset)? {
                     offsets.push(existing);
                     continue;
                 }
                 let (record, json_at) = ev.encode(offset)?;
-                w.append(queue.id, offset, &ev.event_id, &record)?;
+                w.append(queue.id, offset, ev.event_id.as_str(), &record)?;
                 stage.view.next_offset += 1;
                 stage.appended += 1;
                 if ev.terminal && stage.view.finished_at.is_none() {
