@@ -3,21 +3,13 @@
 //! store refuse further writes until reopened. Swept over every operation in
 //! `reliability::faults_sweep`.
 
-use eventqueue::{Delivery, Error, QueueOptions};
+use eventqueue::{Error, QueueOptions};
 
 use super::*;
 
 async fn replay_all(q: &eventqueue::EventQueue) -> Vec<u64> {
     let latest = q.latest_offset();
-    let mut sub = q.subscribe(0).unwrap();
-    let mut got = Vec::new();
-    while (got.len() as u64) < latest {
-        match next(&mut sub).await {
-            Some(Delivery::Event(e)) => got.push(e.offset()),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    got
+    offsets(&mut q.subscribe(0).unwrap(), latest as usize).await
 }
 
 #[tokio::test]

@@ -58,6 +58,14 @@ pub async fn next(sub: &mut Subscription) -> Option<Delivery> {
         .map(|r| r.unwrap())
 }
 
+/// The next delivery, which must be an event.
+pub async fn next_event(sub: &mut Subscription) -> std::sync::Arc<eventqueue::RecordedEvent> {
+    match next(sub).await {
+        Some(Delivery::Event(e)) => e,
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
 /// Reads `n` deliveries and returns the event offsets (panics on a gap).
 pub async fn offsets(sub: &mut Subscription, n: usize) -> Vec<u64> {
     let mut out = Vec::new();

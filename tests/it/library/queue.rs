@@ -22,9 +22,7 @@ async fn enqueued_event_reaches_a_subscriber() {
     let id = ev.event_id.clone();
     assert_eq!(q.enqueue(ev).await.unwrap(), 0);
     let mut sub = q.subscribe(0).unwrap();
-    let Some(Delivery::Event(got)) = next(&mut sub).await else {
-        panic!("no event")
-    };
+    let got = next_event(&mut sub).await;
     let parsed = got.event().unwrap();
     assert_eq!(parsed.event_id, id);
     assert_eq!(parsed.offset, Some(0));
@@ -55,9 +53,7 @@ async fn events_arrive_in_enqueue_order_and_replay_from_an_offset() {
     assert_eq!(got, vec![3, 4]);
     // Event JSON carries the phase it was enqueued with.
     let mut again = q.subscribe(3).unwrap();
-    let Some(Delivery::Event(e)) = next(&mut again).await else {
-        panic!()
-    };
+    let e = next_event(&mut again).await;
     assert!(std::str::from_utf8(e.json()).unwrap().contains("phase_3"));
 }
 
@@ -207,9 +203,7 @@ async fn two_live_subscribers_each_receive_the_same_events() {
     for sub in [&mut dashboard, &mut cli] {
         let mut got = Vec::new();
         for _ in 0..3 {
-            let Some(Delivery::Event(e)) = next(sub).await else {
-                panic!()
-            };
+            let e = next_event(sub).await;
             got.push(e.event().unwrap().event_id);
         }
         assert_eq!(got, ids);
@@ -392,9 +386,7 @@ async fn delete_ends_subscribers_and_removes_the_queue() {
     assert_eq!(q2.latest_offset(), 0);
     q2.enqueue(phase(&t, &k, 7)).await.unwrap();
     let mut s = q2.subscribe(0).unwrap();
-    let Some(Delivery::Event(e)) = next(&mut s).await else {
-        panic!()
-    };
+    let e = next_event(&mut s).await;
     assert!(std::str::from_utf8(e.json()).unwrap().contains("phase_7"));
 }
 

@@ -105,9 +105,7 @@ async fn deleted_queue_stays_deleted_and_ids_are_not_reused() {
         .unwrap();
     let mut sub = q.subscribe(0).unwrap();
     q.enqueue(phase(&t, &k, 42)).await.unwrap();
-    let Some(Delivery::Event(e)) = next(&mut sub).await else {
-        panic!()
-    };
+    let e = next_event(&mut sub).await;
     assert!(std::str::from_utf8(e.json()).unwrap().contains("phase_42"));
 }
 
