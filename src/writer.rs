@@ -3,9 +3,11 @@
 //! Two threads, in a pipeline:
 //!
 //! 1. The **writer** drains the command channel: it blocks for the first command, then takes
-//!    whatever else is already waiting (up to `max_commit_events` events), applies all of it in
-//!    one redb transaction, appends the batch's changes to the write-ahead log, commits, and
-//!    hands the batch to the acknowledger. It then starts on the next batch at once.
+//!    whatever else is already waiting (up to `max_commit_events` events), applies all of it
+//!    as one batch, appends the batch's changes to the write-ahead log as one record, and hands
+//!    the batch to the acknowledger. It then starts on the next batch at once. The store keeps
+//!    logged batches in memory and writes them into redb in bulk between batches (see
+//!    `store::pending`).
 //! 2. The **acknowledger** takes every batch handed over so far, fsyncs the log once for all
 //!    of them (in immediate durability), and only then publishes them to live subscribers and
 //!    acknowledges their callers, in batch order.
@@ -58,7 +60,7 @@ use crate::metrics::Metrics;
 use crate::queue::{CancelInfo, QueueKind, QueueShared, View};
 use crate::store::codec::{self, EventHeader, QueueRecord};
 use crate::store::wal::WalSyncer;
-use crate::store::{Store, StoreWriter, WriteError};
+use crate::store::{BatchWriter, Store, StoredEvent, WriteError};
 use crate::subscription::RecordedEvent;
 
 /// Every live queue by `(tenant, task)`. Written only by the writer, after commits.
@@ -432,7 +434,7 @@ impl WriterLoop {
         let mut batch = Batch::default();
         let mut next_queue_id = self.w.next_queue_id;
         let keys = &mut self.keys;
-        let result = self.w.store.write(|w| {
+        let result = self.w.store.write_batch(|w| {
             let mut outcomes = Vec::with_capacity(cmds.len());
             for cmd in &cmds {
                 outcomes.push(apply(w, &mut batch, keys, &mut next_queue_id, cmd, now)?);
@@ -573,7 +575,7 @@ impl Acknowledger {
 }
 
 fn apply(
-    w: &mut StoreWriter<'_>,
+    w: &mut BatchWriter<'_>,
     batch: &mut Batch,
     keys: &mut HashSet<(TenantId, TaskId)>,
     next_queue_id: &mut u64,
@@ -594,18 +596,32 @@ fn apply(
             let mut offsets = Vec::with_capacity(events.len());
             for ev in events {
                 let offset = stage.view.next_offset;
-                if let Some(existing) = w.claim_event_id(queue.id, ev.event_id.as_str(), offset)? {
+                let retained_from = stage.view.first_offset;
+                if let Some(existing) =
+                    w.claim_event_id(queue.id, &ev.event_id, offset, retained_from)?
+                {
                     offsets.push(existing);
                     continue;
                 }
                 let (record, json_at) = ev.encode(offset)?;
-                w.append(queue.id, offset, ev.event_id.as_str(), &record)?;
+                let record = Bytes::from(record);
+                let json = record.slice(json_at..);
+                w.append(
+                    queue.id,
+                    &ev.event_id,
+                    &record,
+                    StoredEvent {
+                        offset,
+                        event_type: ev.event_type.code(),
+                        terminal: ev.terminal,
+                        json: json.clone(),
+                    },
+                )?;
                 stage.view.next_offset += 1;
                 stage.appended += 1;
                 if ev.terminal && stage.view.finished_at.is_none() {
                     stage.view.finished_at = Some(offset);
                 }
-                let json = Bytes::from(record).slice(json_at..);
                 stage.outbox.push(Live::Event(Arc::new(RecordedEvent::new(
                     offset,
                     ev.event_type,
@@ -709,14 +725,14 @@ fn apply(
 }
 
 /// Trims, persists queue records and removes deleted queues, all inside the transaction.
-fn finish(w: &mut StoreWriter<'_>, batch: &mut Batch) -> Result<()> {
+fn finish(w: &mut BatchWriter<'_>, batch: &mut Batch) -> Result<()> {
     for stage in &mut batch.stages {
         let q = stage.q.clone();
         if stage.was_removed {
             continue;
         }
         if stage.view.removed {
-            w.remove_queue(q.tenant_id.as_str(), q.task_id.as_str())?;
+            w.remove_queue(q.id, q.tenant_id.as_str(), q.task_id.as_str())?;
             w.mark_purge(q.id)?;
             continue;
         }
