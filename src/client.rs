@@ -579,20 +579,20 @@ impl Client {
     }
 }
 
-/// The message of an error and of its sources, joined: reqwest's own text alone is often just
-/// "error sending request".
+/// A short description of a reqwest error: its root cause (`Connection refused (os error
+/// 111)`, `connection closed before message completed`), which says more than reqwest's own
+/// "error sending request for url (…)"; a timeout is named as such.
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
+    let mut root = e;
+    while let Some(source) = root.source() {
+        root = source;
     }
-    text
+    let text = root.to_string();
+    if std::ptr::addr_eq(root, e) || text.is_empty() {
+        e.to_string()
+    } else {
+        text
+    }
 }
 
 fn preview(bytes: &[u8]) -> &[u8] {
@@ -941,7 +941,12 @@ impl Subscription {
                         return Some(Ok(StreamItem::End(EndReason::QueueGone)));
                     }
                     Err(e) if e.is_retryable() => {
-                        return Some(self.schedule_retry(e.to_string()));
+                        let reason = match e {
+                            // The URL is the subscription's own: the cause is what matters.
+                            ClientError::Transport { reason, .. } => reason,
+                            e => e.to_string(),
+                        };
+                        return Some(self.schedule_retry(reason));
                     }
                     Err(e) => {
                         self.state = SubState::Done;
@@ -979,7 +984,8 @@ impl Subscription {
                                     return Some(self.schedule_retry(reason));
                                 }
                                 Err(e) if e.is_retryable() => {
-                                    return Some(self.schedule_retry(e.to_string()));
+                                    let reason = "the server ended the stream".to_string();
+                                    return Some(self.schedule_retry(reason));
                                 }
                                 Err(e) => {
                                     self.state = SubState::Done;

@@ -50,6 +50,7 @@ mod subscription;
 mod writer;
 
 pub mod bench;
+pub mod cli;
 pub mod client;
 pub mod server;
 
