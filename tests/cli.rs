@@ -243,14 +243,71 @@ fn watch_exit_codes_follow_the_tasks_outcome() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
 }
 
-/// Closes a queue through the library's HTTP client (the CLI has no close command).
-fn close_queue(server: &Server, task: &str) -> bool {
+/// Runs one call of the library's HTTP client (for what the CLI has no command for).
+fn with_client<T>(server: &Server, f: impl AsyncFnOnce(eventqueue::client::Client) -> T) -> T {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let client = eventqueue::client::Client::new(server.url()).unwrap();
-    rt.block_on(client.close_queue(task)).is_ok()
+    rt.block_on(f(client))
+}
+
+/// Closes a queue.
+fn close_queue(server: &Server, task: &str) -> bool {
+    with_client(server, async |c| c.close_queue(task).await.is_ok())
+}
+
+#[test]
+fn watch_reports_gaps_and_deleted_queues() {
+    let server = Server::start();
+    // Retention keeps 3 events: a watch from 0 is told that 0..7 are gone, then gets 7..=9.
+    with_client(&server, async |c| {
+        let options = eventqueue::client::CreateQueue {
+            max_buffer_size: Some(3),
+            ..Default::default()
+        };
+        c.create_queue("small", &options).await.unwrap();
+    });
+    let mut events: Vec<Value> = (1..=9).map(|i| progress(i, 10)).collect();
+    events.push(complete());
+    server.publish("small", &events);
+    let out = server.cmd(&["watch", "small", "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(offsets(&stdout_of(&out)), [7, 8, 9]);
+    assert!(
+        stderr_of(&out).contains("events 0..7 were dropped"),
+        "{out:?}"
+    );
+
+    // A queue deleted while watched ends the watch with 1, said plainly.
+    server.publish("doomed", &[status("working")]);
+    let child = Command::new(bin())
+        .args(["watch", "doomed"])
+        .env("EVENTQUEUE_URL", server.url())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Deleted once the watcher is subscribed.
+    let started = Instant::now();
+    loop {
+        let out = server.cmd(&["info", "doomed", "--json"]).output().unwrap();
+        let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+        if info["subscriber_count"] == 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < HANG_GUARD,
+            "the watcher never subscribed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    with_client(&server, async |c| c.delete_queue("doomed").await.unwrap());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stdout_of(&out).contains("deleted or expired"), "{out:?}");
 }
 
 #[test]

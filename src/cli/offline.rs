@@ -245,8 +245,11 @@ struct TenantReport {
     newest_event: Option<String>,
 }
 
-/// Keeps the earlier / later of two RFC 3339 timestamps.
-fn keep(slot: &mut Option<(i64, String)>, candidate: Option<(i64, String)>, later: bool) {
+/// An event's timestamp: microseconds since the epoch (to compare) and its text (to print).
+type Stamp = (i64, String);
+
+/// Keeps the earlier / later of two timestamps.
+fn keep(slot: &mut Option<Stamp>, candidate: Option<Stamp>, later: bool) {
     if let Some((us, text)) = candidate {
         let replace = match slot {
             None => true,
@@ -270,7 +273,7 @@ pub fn inspect(args: InspectArgs) -> Result<Outcome, CliError> {
             .unwrap_or(0)
     };
     let (store, queues) = open(&args.data_dir)?;
-    let stamp = |qid: u64, offset: u64| -> Result<Option<(i64, String)>, CliError> {
+    let stamp = |qid: u64, offset: u64| -> Result<Option<Stamp>, CliError> {
         let evs = store
             .read_range(qid, offset, offset + 1, 1)
             .map_err(|e| CliError::failure(format!("reading the store: {e}")))?;
@@ -294,8 +297,7 @@ pub fn inspect(args: InspectArgs) -> Result<Outcome, CliError> {
     };
     let mut oldest_all = None;
     let mut newest_all = None;
-    let mut per_tenant: BTreeMap<String, (Option<(i64, String)>, Option<(i64, String)>)> =
-        BTreeMap::new();
+    let mut per_tenant: BTreeMap<String, (Option<Stamp>, Option<Stamp>)> = BTreeMap::new();
     let result = (|| -> Result<(), CliError> {
         for q in &queues {
             let r = &q.record;

@@ -19,6 +19,8 @@ pub(super) struct View {
     /// Every bar made, kept alive so that finished bars stay on screen (a dropped bar is
     /// wiped at the next redraw).
     all_bars: Vec<ProgressBar>,
+    /// stdout was closed by its reader (`watch … | head`).
+    closed: std::cell::Cell<bool>,
 }
 
 const RED: &str = "\x1b[31m";
@@ -42,6 +44,7 @@ impl View {
             bars,
             steps: BTreeMap::new(),
             all_bars: Vec::new(),
+            closed: std::cell::Cell::new(false),
         }
     }
 
@@ -62,10 +65,18 @@ impl View {
             }
             None => {
                 let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "{text}");
-                let _ = out.flush();
+                if let Err(e) = writeln!(out, "{text}").and_then(|()| out.flush())
+                    && e.kind() == std::io::ErrorKind::BrokenPipe
+                {
+                    self.closed.set(true);
+                }
             }
         }
+    }
+
+    /// Whether stdout's reader has gone away.
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed.get()
     }
 
     /// A message on stderr (bars are hidden while it is written).

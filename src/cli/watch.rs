@@ -50,15 +50,20 @@ enum Output {
 }
 
 impl Output {
-    fn event(&mut self, ev: &StreamEvent) {
+    /// Shows an event; false once stdout's reader has gone away (`watch … | head`).
+    fn event(&mut self, ev: &StreamEvent) -> bool {
         match self {
             Output::Json => {
                 let mut out = std::io::stdout().lock();
-                // A closed stdout (`| head`) is not worth an error of its own.
-                let _ = writeln!(out, "{}", ev.data);
-                let _ = out.flush();
+                match writeln!(out, "{}", ev.data).and_then(|()| out.flush()) {
+                    Err(e) => e.kind() != std::io::ErrorKind::BrokenPipe,
+                    Ok(()) => true,
+                }
             }
-            Output::Human(view) => view.event(ev),
+            Output::Human(view) => {
+                view.event(ev);
+                !view.is_closed()
+            }
         }
     }
 
@@ -150,7 +155,10 @@ pub async fn watch(args: WatchArgs) -> Result<Outcome, CliError> {
                 }
             }
             Ok(StreamItem::Event(ev)) => {
-                out.event(&ev);
+                if !out.event(&ev) {
+                    // Nobody reads any more: stop quietly, as `cat` does.
+                    return Ok(Outcome::Success);
+                }
                 if ev.is_terminal() {
                     terminal = Some(ev);
                 }
