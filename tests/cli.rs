@@ -25,10 +25,16 @@ struct Server {
     child: Option<Child>,
     dir: tempfile::TempDir,
     port: u16,
+    /// Extra `serve` flags.
+    flags: Vec<String>,
 }
 
 impl Server {
     fn start() -> Server {
+        Self::start_with(&[])
+    }
+
+    fn start_with(flags: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -39,6 +45,7 @@ impl Server {
             child: None,
             dir,
             port,
+            flags: flags.iter().map(|f| f.to_string()).collect(),
         };
         server.restart();
         server
@@ -67,6 +74,7 @@ impl Server {
             .arg(self.data_dir())
             .arg("--bind")
             .arg(format!("127.0.0.1:{}", self.port))
+            .args(&self.flags)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -554,6 +562,67 @@ fn queues_info_and_cancel() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(stderr_of(&out).contains("http://127.0.0.1:1"), "{out:?}");
+}
+
+#[test]
+fn token_mode_takes_the_token_from_the_environment() {
+    let secrets = tempfile::tempdir().unwrap();
+    let secret = secrets.path().join("jwt.secret");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef-cli-test").unwrap();
+    let secret = secret.to_str().unwrap();
+    let server = Server::start_with(&["--jwt-secret-file", secret]);
+    let token = |scope: &str| {
+        let out = server
+            .cmd(&[
+                "token",
+                "--jwt-secret-file",
+                secret,
+                "--tenant",
+                "acme",
+                "--scope",
+                scope,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        stdout_of(&out).trim().to_string()
+    };
+    let (writer, reader) = (token("publish"), token("subscribe"));
+    server
+        .cmd(&[
+            "publish",
+            "wf",
+            "--create",
+            "--event",
+            r#"{"event_type": "complete", "result": {}}"#,
+        ])
+        .env("EVENTQUEUE_TOKEN", &writer)
+        .assert()
+        .success();
+    let out = server
+        .cmd(&["watch", "wf", "--json"])
+        .env("EVENTQUEUE_TOKEN", &reader)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let event: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(event["tenant_id"], "acme");
+    // Without a token: refused, with the hint; with the wrong scope: said so.
+    let out = server.cmd(&["watch", "wf"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr_of(&out).contains("EVENTQUEUE_TOKEN"), "{out:?}");
+    let out = server
+        .cmd(&[
+            "publish",
+            "wf",
+            "--event",
+            r#"{"event_type": "complete", "result": {}}"#,
+        ])
+        .env("EVENTQUEUE_TOKEN", &reader)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr_of(&out).contains("scope"), "{out:?}");
 }
 
 /// Events of two tenants and two tasks with known types and timestamps.
