@@ -101,6 +101,18 @@ impl Server {
         }
     }
 
+    /// SIGTERM, then wait: a graceful shutdown, which ends every SSE stream cleanly.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let sent = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(sent.success());
+            assert!(child.wait().unwrap().success(), "unclean shutdown");
+        }
+    }
+
     /// An `eventqueue` command aimed at this server (through the environment, as a person
     /// would set it up).
     fn cmd(&self, args: &[&str]) -> assert_cmd::Command {
@@ -384,13 +396,21 @@ fn watch_reconnects_across_a_server_restart_without_duplicates_or_holes() {
                 .expect("watch printed too little"),
         );
     }
-    // Killed while the watcher is connected, restarted on the same port and data.
+    // Killed while the watcher is connected (the stream breaks off), restarted on the same
+    // port and data.
     server.kill();
     server.restart();
-    server.publish(
-        "wf",
-        &[progress(3, 6), progress(4, 6), progress(6, 6), complete()],
-    );
+    server.publish("wf", &[progress(3, 6), progress(4, 6)]);
+    while lines.len() < 5 {
+        lines.push(
+            rx.recv_timeout(HANG_GUARD)
+                .expect("watch printed too little"),
+        );
+    }
+    // Stopped gracefully (the stream ends cleanly, without the task's end), restarted.
+    server.stop();
+    server.restart();
+    server.publish("wf", &[progress(6, 6), complete()]);
     while let Ok(line) = rx.recv_timeout(HANG_GUARD) {
         lines.push(line);
     }
