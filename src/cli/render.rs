@@ -16,9 +16,11 @@ pub(super) struct View {
     bars: Option<MultiProgress>,
     /// The bar of each running step.
     steps: BTreeMap<String, ProgressBar>,
-    /// Every bar made, kept alive so that finished bars stay on screen (a dropped bar is
-    /// wiped at the next redraw).
-    all_bars: Vec<ProgressBar>,
+    /// Whether any bar was drawn.
+    drew_bars: bool,
+    /// Finished bars still on screen, oldest first, with their step names. They are kept
+    /// alive: a dropped bar is wiped at the next redraw.
+    finished: std::collections::VecDeque<(String, ProgressBar)>,
     /// stdout was closed by its reader (`watch … | head`).
     closed: std::cell::Cell<bool>,
 }
@@ -30,6 +32,9 @@ const CYAN: &str = "\x1b[36m";
 const BOLD: &str = "\x1b[1m";
 const DIM: &str = "\x1b[2m";
 const RESET: &str = "\x1b[0m";
+
+/// Finished bars kept on screen; older ones are turned into lines.
+const MAX_FINISHED_BARS: usize = 5;
 
 /// The step name of a progress event without one.
 const DEFAULT_STEP: &str = "progress";
@@ -43,7 +48,8 @@ impl View {
             terminal,
             bars,
             steps: BTreeMap::new(),
-            all_bars: Vec::new(),
+            drew_bars: false,
+            finished: std::collections::VecDeque::new(),
             closed: std::cell::Cell::new(false),
         }
     }
@@ -170,29 +176,44 @@ impl View {
             ));
             return;
         };
-        let bar = self.steps.entry(step.clone()).or_insert_with(|| {
-            let style = ProgressStyle::with_template(
-                "{prefix:>16.bold} [{bar:30.cyan/blue}] {pos}/{len} ({percent}%) {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
-            let bar = bars.add(ProgressBar::new(total).with_style(style));
-            bar.set_prefix(step.clone());
-            self.all_bars.push(bar.clone());
-            bar
-        });
+        let bar = match self.steps.get(&step) {
+            Some(bar) => bar.clone(),
+            None => {
+                let style = ProgressStyle::with_template(
+                    "{prefix:>16.bold} [{bar:30.cyan/blue}] {pos}/{len} ({percent}%) {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ");
+                let bar = bars.add(ProgressBar::new(total).with_style(style));
+                bar.set_prefix(step.clone());
+                self.drew_bars = true;
+                self.steps.insert(step.clone(), bar.clone());
+                bar
+            }
+        };
         bar.set_length(total);
         bar.set_position(current.min(total));
         if total > 0 && current >= total {
             bar.finish_with_message("done");
             self.steps.remove(&step);
+            self.finished.push_back((step, bar));
+            if self.finished.len() > MAX_FINISHED_BARS
+                && let Some((old_step, old)) = self.finished.pop_front()
+            {
+                // A long workflow's bars would outgrow the screen: the oldest finished one
+                // becomes a line above the bars.
+                bars.remove(&old);
+                let len = old.length().unwrap_or(0);
+                let _ = bars.println(format!("{old_step:>16} done ({len}/{len})"));
+            }
         }
     }
 
     /// Stops every running bar, leaving its last state on screen.
     pub(super) fn finish_bars(&mut self) {
-        for (_, bar) in std::mem::take(&mut self.steps) {
+        for (step, bar) in std::mem::take(&mut self.steps) {
             bar.abandon();
+            self.finished.push_back((step, bar));
         }
     }
 
@@ -200,7 +221,7 @@ impl View {
     pub(super) fn outcome(&mut self, ok: bool, text: &str) {
         self.finish_bars();
         let painted = self.paint(if ok { GREEN } else { RED }, text);
-        if self.all_bars.is_empty() {
+        if !self.drew_bars {
             self.line(&painted);
         } else {
             // Below the bars, which stay on screen in their final state.
