@@ -898,6 +898,16 @@ impl Subscription {
         &self.task_id
     }
 
+    /// The subscription as a [`Stream`](futures_util::Stream) of what
+    /// [`Subscription::next`] yields.
+    pub fn into_stream(
+        self,
+    ) -> impl futures_util::Stream<Item = Result<StreamItem, ClientError>> + Send + 'static {
+        futures_util::stream::unfold(self, |mut sub| async move {
+            sub.next().await.map(|item| (item, sub))
+        })
+    }
+
     /// The next item, or `None` after [`StreamItem::End`] or an error.
     ///
     /// # Errors
@@ -922,37 +932,43 @@ impl Subscription {
                     tokio::time::sleep(*delay).await;
                     self.state = SubState::Idle;
                 }
-                SubState::Idle => match self.connect().await {
-                    Ok(Some(open)) => {
-                        self.state = SubState::Open(Box::new(open));
-                        if self.reconnecting {
-                            self.reconnecting = false;
-                            return Some(Ok(StreamItem::Reconnected {
-                                resume_from: self.next_offset,
-                            }));
+                SubState::Idle => {
+                    let connected = match self.connect_request() {
+                        Ok(req) => open_stream(&self.client, req).await,
+                        Err(e) => Err(e),
+                    };
+                    match connected {
+                        Ok(Some(open)) => {
+                            self.state = SubState::Open(Box::new(open));
+                            if self.reconnecting {
+                                self.reconnecting = false;
+                                return Some(Ok(StreamItem::Reconnected {
+                                    resume_from: self.next_offset,
+                                }));
+                            }
+                        }
+                        Ok(None) => {
+                            self.state = SubState::Done;
+                            return Some(Ok(StreamItem::End(EndReason::AlreadyFinished)));
+                        }
+                        Err(e) if e.is_not_found() && self.reconnecting => {
+                            self.state = SubState::Done;
+                            return Some(Ok(StreamItem::End(EndReason::QueueGone)));
+                        }
+                        Err(e) if e.is_retryable() => {
+                            let reason = match e {
+                                // The URL is the subscription's own: the cause is what matters.
+                                ClientError::Transport { reason, .. } => reason,
+                                e => e.to_string(),
+                            };
+                            return Some(self.schedule_retry(reason));
+                        }
+                        Err(e) => {
+                            self.state = SubState::Done;
+                            return Some(Err(e));
                         }
                     }
-                    Ok(None) => {
-                        self.state = SubState::Done;
-                        return Some(Ok(StreamItem::End(EndReason::AlreadyFinished)));
-                    }
-                    Err(e) if e.is_not_found() && self.reconnecting => {
-                        self.state = SubState::Done;
-                        return Some(Ok(StreamItem::End(EndReason::QueueGone)));
-                    }
-                    Err(e) if e.is_retryable() => {
-                        let reason = match e {
-                            // The URL is the subscription's own: the cause is what matters.
-                            ClientError::Transport { reason, .. } => reason,
-                            e => e.to_string(),
-                        };
-                        return Some(self.schedule_retry(reason));
-                    }
-                    Err(e) => {
-                        self.state = SubState::Done;
-                        return Some(Err(e));
-                    }
-                },
+                }
                 SubState::Open(open) => {
                     let read = tokio::time::timeout(self.options.idle_timeout, open.read())
                         .await
@@ -974,7 +990,13 @@ impl Subscription {
                         }
                         Read::Eof => {
                             self.state = SubState::Idle;
-                            match self.ended_without_terminal().await {
+                            match ended_without_terminal(
+                                &self.client,
+                                &self.task_id,
+                                self.next_offset,
+                            )
+                            .await
+                            {
                                 Ok(Some(reason)) => {
                                     self.state = SubState::Done;
                                     return Some(Ok(StreamItem::End(reason)));
@@ -1060,20 +1082,9 @@ impl Subscription {
         })
     }
 
-    /// After a clean end without a terminal event: is the stream over for good?
-    async fn ended_without_terminal(&self) -> Result<Option<EndReason>, ClientError> {
-        match self.client.queue_info(&self.task_id).await {
-            Ok(info) if info.is_closed && self.next_offset >= info.latest_offset => {
-                Ok(Some(EndReason::Closed))
-            }
-            Ok(_) => Ok(None),
-            Err(e) if e.is_not_found() => Ok(Some(EndReason::QueueGone)),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Opens a connection at the resume point; `None` for `204 No Content`.
-    async fn connect(&self) -> Result<Option<OpenStream>, ClientError> {
+    /// The request that opens a connection at the resume point. (Built without awaiting, so
+    /// that `next` borrows only the [`Client`] across awaits and its future is `Send`.)
+    fn connect_request(&self) -> Result<RequestBuilder, ClientError> {
         let path = format!(
             "{}{}",
             self.options.route.prefix(),
@@ -1093,28 +1104,52 @@ impl Subscription {
         if resume {
             req = req.header("Last-Event-ID", (self.next_offset - 1).to_string());
         }
-        // A stream has no overall time limit; only the response head has one.
-        let resp = tokio::time::timeout(self.client.timeout, self.client.send(req))
-            .await
-            .map_err(|_| ClientError::Transport {
-                url: self.client.base.clone(),
-                reason: format!("no answer within {:?}", self.client.timeout),
-            })??;
-        if resp.status() == StatusCode::NO_CONTENT {
-            return Ok(None);
-        }
-        let resp = check(resp).await?;
-        if !is_event_stream(resp.headers()) {
-            return Err(ClientError::Decode(
-                "the stream route did not answer with text/event-stream".into(),
-            ));
-        }
-        Ok(Some(OpenStream {
-            body: resp.bytes_stream().boxed(),
-            buf: BytesMut::new(),
-            frame: Frame::default(),
-        }))
+        Ok(req)
     }
+}
+
+/// After a clean end without a terminal event: is the stream over for good?
+async fn ended_without_terminal(
+    client: &Client,
+    task_id: &str,
+    next_offset: u64,
+) -> Result<Option<EndReason>, ClientError> {
+    match client.queue_info(task_id).await {
+        Ok(info) if info.is_closed && next_offset >= info.latest_offset => {
+            Ok(Some(EndReason::Closed))
+        }
+        Ok(_) => Ok(None),
+        Err(e) if e.is_not_found() => Ok(Some(EndReason::QueueGone)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends a stream request; `None` for `204 No Content`.
+async fn open_stream(
+    client: &Client,
+    req: RequestBuilder,
+) -> Result<Option<OpenStream>, ClientError> {
+    // A stream has no overall time limit; only the response head has one.
+    let resp = tokio::time::timeout(client.timeout, client.send(req))
+        .await
+        .map_err(|_| ClientError::Transport {
+            url: client.base.clone(),
+            reason: format!("no answer within {:?}", client.timeout),
+        })??;
+    if resp.status() == StatusCode::NO_CONTENT {
+        return Ok(None);
+    }
+    let resp = check(resp).await?;
+    if !is_event_stream(resp.headers()) {
+        return Err(ClientError::Decode(
+            "the stream route did not answer with text/event-stream".into(),
+        ));
+    }
+    Ok(Some(OpenStream {
+        body: resp.bytes_stream().boxed(),
+        buf: BytesMut::new(),
+        frame: Frame::default(),
+    }))
 }
 
 fn is_event_stream(headers: &HeaderMap<HeaderValue>) -> bool {
@@ -1282,6 +1317,15 @@ mod tests {
         };
         let delays: Vec<_> = (1..=5).map(|a| p.delay(a).as_millis()).collect();
         assert_eq!(delays, [100, 200, 400, 500, 500]);
+    }
+
+    #[test]
+    fn subscriptions_can_be_read_on_spawned_tasks() {
+        fn send<T: Send>(_: &T) {}
+        let client = Client::new("http://127.0.0.1:1").unwrap();
+        let mut sub = client.subscribe("t", SubscribeOptions::default());
+        send(&sub.next());
+        send(&sub.into_stream());
     }
 
     #[test]
