@@ -1152,6 +1152,10 @@ async fn open_stream(
     }))
 }
 
+/// Longest SSE line accepted (an event's JSON is at most 1 MiB by default on the server); a
+/// longer one means the peer is not an eventqueue server, and memory must stay bounded.
+const MAX_LINE_BYTES: usize = 64 << 20;
+
 fn is_event_stream(headers: &HeaderMap<HeaderValue>) -> bool {
     headers
         .get(reqwest::header::CONTENT_TYPE)
@@ -1169,6 +1173,11 @@ impl OpenStream {
                     Ok(None) => {}
                     Err(reason) => return Read::Failed(reason),
                 }
+            }
+            if self.buf.len() > MAX_LINE_BYTES {
+                return Read::Failed(format!(
+                    "the server sent a line longer than {MAX_LINE_BYTES} bytes"
+                ));
             }
             match self.body.next().await {
                 Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
