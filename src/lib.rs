@@ -50,6 +50,8 @@ mod subscription;
 mod writer;
 
 pub mod bench;
+pub mod cli;
+pub mod client;
 pub mod server;
 
 pub use clock::{Clock, ManualClock, SystemClock};

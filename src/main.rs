@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use eventqueue::cli;
 use eventqueue::server::{self, AppState, Auth, OpenBind, ServerConfig};
 use eventqueue::{Config, Durability, QueueManager};
 use serde::Deserialize;
@@ -53,6 +54,36 @@ enum Command {
     /// A running server reuses the space of removed events but never returns it to the
     /// filesystem; this does. Example: `eventqueue compact --data-dir ./data`
     Compact(cmd_compact::CompactArgs),
+    /// Follow a task live: state, phase, a progress bar per running step, artifacts, errors,
+    /// the result. Reconnects by itself (resuming with Last-Event-ID) when the connection drops.
+    ///
+    /// Example: `eventqueue watch workflow_123`
+    Watch(cli::WatchArgs),
+    /// List the queues of your tenant.
+    ///
+    /// Example: `eventqueue queues`
+    Queues(cli::QueuesArgs),
+    /// Show one queue's info.
+    ///
+    /// Example: `eventqueue info workflow_123`
+    Info(cli::InfoArgs),
+    /// Ask a task's producer to stop.
+    ///
+    /// Example: `eventqueue cancel workflow_123 --reason "user pressed stop"`
+    Cancel(cli::CancelArgs),
+    /// Publish events to a queue: one (--event), a file of JSON lines, or JSON lines from stdin.
+    ///
+    /// Example: `producer | eventqueue publish workflow_123 -`
+    Publish(cli::PublishArgs),
+    /// Print a stopped server's stored events as JSON lines, with filters (offline).
+    ///
+    /// Example: `eventqueue dump --data-dir ./data --task workflow_123 --type status,error`
+    Dump(cli::DumpArgs),
+    /// Summarise a stopped server's store: format version, sizes, queues and events per
+    /// tenant, oldest and newest event (offline).
+    ///
+    /// Example: `eventqueue inspect --data-dir ./data`
+    Inspect(cli::InspectArgs),
 }
 
 /// Flags of `eventqueue bench`.
@@ -352,6 +383,13 @@ fn main() -> ExitCode {
         Command::Bench(args) => runtime.block_on(bench(args)),
         Command::Token(args) => cmd_token::run(args),
         Command::Compact(args) => cmd_compact::run(args),
+        Command::Watch(args) => return cli::exit_code(runtime.block_on(cli::watch(args))),
+        Command::Queues(args) => return cli::exit_code(runtime.block_on(cli::queues(args))),
+        Command::Info(args) => return cli::exit_code(runtime.block_on(cli::info(args))),
+        Command::Cancel(args) => return cli::exit_code(runtime.block_on(cli::cancel(args))),
+        Command::Publish(args) => return cli::exit_code(runtime.block_on(cli::publish(args))),
+        Command::Dump(args) => return cli::exit_code(cli::dump(args)),
+        Command::Inspect(args) => return cli::exit_code(cli::inspect(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
