@@ -101,7 +101,8 @@ struct BenchArgs {
     json: bool,
     /// Run only the steps whose name contains one of these comma-separated words (steps: raw,
     /// sequential, appends-immediate, appends-buffered, replay, fanout, reopen, idle, sweep,
-    /// churn).
+    /// churn, http-enqueue, http-replay, http-fanout; `http` runs the three over loopback
+    /// HTTP).
     #[arg(long, value_name = "STEP")]
     only: Option<String>,
     /// Seconds of the churn step (file size under steady write-and-delete)
@@ -401,9 +402,25 @@ fn main() -> ExitCode {
 }
 
 async fn bench(args: BenchArgs) -> Result<(), String> {
-    let progress: eventqueue::bench::Progress = std::sync::Arc::new(|step: &str| {
-        eprintln!("… {step}");
-    });
+    // A bar on a terminal (stderr); plain lines otherwise, so logs stay readable.
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}] {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(250));
+    let shown = !bar.is_hidden();
+    let on_step = bar.clone();
+    let progress: eventqueue::bench::Progress =
+        std::sync::Arc::new(move |n: usize, total: usize, step: &str| {
+            if shown {
+                on_step.set_length(total as u64);
+                on_step.set_position(n.saturating_sub(1) as u64);
+                on_step.set_message(step.to_string());
+            } else {
+                eprintln!("… [{n}/{total}] {step}");
+            }
+        });
     let report = eventqueue::bench::run(eventqueue::bench::BenchOptions {
         data_dir: args.data_dir,
         quick: args.quick,
@@ -413,7 +430,9 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
         streams: args.streams,
     })
     .await
-    .map_err(|e| format!("bench failed: {e}"))?;
+    .map_err(|e| format!("bench failed: {e}"));
+    bar.finish_and_clear();
+    let report = report?;
     if args.json {
         let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
         println!("{json}");
