@@ -58,7 +58,9 @@ pub struct Config {
     /// Appends are logged at once but written into redb in bulk, once the logged batches
     /// not yet in redb hold this many bytes (or at the next checkpoint): fewer, larger redb
     /// transactions cost much less CPU per event; until then those events are served from
-    /// memory. Default 4 MiB.
+    /// memory. Writing them in is a pause of the writer (~8 µs per event on a 2-vCPU Xeon), so
+    /// larger values trade tail latency for little: on that machine 16 KiB already cost only
+    /// ~2 % more CPU per event than 4 MiB. Default 256 KiB.
     pub apply_bytes: usize,
 }
 
@@ -75,7 +77,7 @@ impl Default for Config {
             replay_chunk: 4096,
             checkpoint_interval: Duration::from_secs(1),
             purge_step: 256,
-            apply_bytes: 4 << 20,
+            apply_bytes: 256 << 10,
         }
     }
 }

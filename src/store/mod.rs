@@ -193,7 +193,7 @@ impl Store {
                 oldest_unchecked: None,
             }),
             pending: RwLock::new(Pending::default()),
-            apply_bytes: 4 << 20,
+            apply_bytes: 256 << 10,
             path,
             checkpoint_interval,
         };
