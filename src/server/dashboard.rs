@@ -4,18 +4,22 @@
 //!
 //! The assets need no credentials: they hold no tenant data. The page asks for a token (token
 //! mode) or a tenant (open mode) and calls the API like any other client, so every call it
-//! makes is authenticated and scoped as usual.
+//! makes is authenticated and scoped as usual. `GET /dashboard/mode` tells the page which mode
+//! the server runs in (`{"mode": "token"}` or `{"mode": "open"}`) — what any request's `401`
+//! would tell anyway — so that it asks for a token before calling the API rather than after a
+//! refused call.
 //!
 //! Every asset is sent with a strict `Content-Security-Policy` (scripts and styles from this
 //! origin only, no inline code, API calls to this origin only, no framing), `nosniff` and
 //! `no-referrer` (an `?access_token=` in a URL must not leak through a `Referer`).
 
 use axum::Router;
+use axum::extract::State;
 use axum::http::{HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::server::AppState;
+use crate::server::{AppState, Auth};
 
 const INDEX_HTML: &str = include_str!("dashboard/index.html");
 const APP_JS: &str = include_str!("dashboard/app.js");
@@ -33,6 +37,19 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/", get(index))
         .route("/dashboard/app.js", get(app_js))
         .route("/dashboard/app.css", get(app_css))
+        .route("/dashboard/mode", get(mode))
+}
+
+async fn mode(State(state): State<AppState>) -> Response {
+    let mode = match state.config().auth {
+        Auth::Open(_) => "open",
+        Auth::Token(_) => "token",
+    };
+    let mut response = crate::server::json(&serde_json::json!({ "mode": mode }));
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 async fn index() -> Response {

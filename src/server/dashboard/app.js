@@ -54,6 +54,8 @@
     token: readSetting('eventqueue.token'),
     tenant: readSetting('eventqueue.tenant'),
   };
+  // 'open' or 'token', from GET /dashboard/mode; null when unknown.
+  let serverMode = null;
 
   function fetchHeaders(json) {
     const h = {};
@@ -134,6 +136,11 @@
     if (s < 3600) return Math.floor(s / 60) + ' min ago';
     if (s < 86400) return Math.floor(s / 3600) + ' h ago';
     return Math.floor(s / 86400) + ' d ago';
+  }
+
+  function when(ts) {
+    const d = new Date(ts);
+    return Number.isNaN(d.getTime()) ? String(ts) : d.toLocaleString() + ' (' + ago(ts) + ')';
   }
 
   function clock(ts) {
@@ -395,6 +402,7 @@
     infoTimer: null,
     reconnectTimer: null,
     state: null,
+    infoError: null, // HTTP status of the last failed info poll
   };
 
   function startQueue(task) {
@@ -436,10 +444,12 @@
       const info = await api('GET', '/events/queues/' + encodeURIComponent(task));
       if (page.task !== task) return;
       page.info = info;
+      page.infoError = null;
       showNotice('');
       renderInfo(info);
     } catch (err) {
       if (page.task !== task) return;
+      page.infoError = err instanceof ApiError ? err.status : 0;
       showNotice(explain(err));
       if (err.status === 404 && page.es) {
         page.es.close();
@@ -464,8 +474,8 @@
       ['Tenant', info.tenant_id],
       ['Events', info.latest_offset + ' (retained: ' + info.event_count + ', from offset ' + info.first_offset + ')'],
       ['Subscribers', info.subscriber_count],
-      ['Created', info.created_at],
-      ['Last activity', info.last_activity + ' (' + ago(info.last_activity) + ')'],
+      ['Created', when(info.created_at)],
+      ['Last activity', when(info.last_activity)],
       ['TTL', info.ttl_minutes + ' min after last activity'],
     ];
     if (info.is_cancelled) rows.push(['Cancel reason', info.cancel_reason || '(none given)']);
@@ -474,9 +484,9 @@
       d.append(el('dt', null, k), el('dd', null, v));
       meta.append(d);
     }
-    $('cancel-button').disabled = Boolean(info.is_finished);
-    if (info.is_finished) $('cancel-status').textContent = 'The task has finished.';
-    else if (info.is_cancelled) {
+    // A finished task cannot be cancelled (the server answers 409).
+    $('cancel-form').hidden = Boolean(info.is_finished);
+    if (info.is_cancelled) {
       $('cancel-status').textContent = 'Cancellation requested: ' + (info.cancel_reason || '(no reason)');
     }
   }
@@ -542,8 +552,17 @@
     const task = page.task;
     if (es.readyState === EventSource.CLOSED) {
       // The browser gave up (a 4xx/5xx answer, e.g. 503 while the server shuts down):
-      // reconnect ourselves from the next offset.
+      // reconnect ourselves from the next offset, unless the answer will not change by
+      // itself (refused credentials, the queue gone).
       setStreamStatus('disconnected; reconnecting…');
+      await pollInfo();
+      if ([401, 403, 404].includes(page.infoError)) {
+        if (page.task === task && page.es === es) {
+          page.ended = true;
+          setStreamStatus('Stream stopped.');
+        }
+        return;
+      }
       clearTimeout(page.reconnectTimer);
       page.reconnectTimer = setTimeout(() => {
         if (page.task === task && page.es === es && !page.ended) openStream();
@@ -672,6 +691,11 @@
     stopList();
     stopQueue();
     showNotice('');
+    if (serverMode === 'token' && !creds.token) {
+      // Asked before any API call, so the page never provokes a 401 by itself.
+      showNotice('This server runs in token mode: paste a token above and press Connect.');
+      return;
+    }
     const hash = location.hash || '#/';
     const m = /^#\/queue\/(.+)$/.exec(hash);
     if (m) {
@@ -688,6 +712,10 @@
   }
 
   function showMode() {
+    if (serverMode === 'open' && creds.token) {
+      $('mode').textContent = 'open mode: the token is not needed';
+      return;
+    }
     $('mode').textContent = creds.token
       ? 'token mode' + (creds.tenant ? ' · tenant ' + creds.tenant : '')
       : 'open mode · tenant ' + (creds.tenant || 'default');
@@ -712,8 +740,14 @@
     $('conn').addEventListener('submit', onConnect);
     $('cancel-form').addEventListener('submit', onCancel);
     window.addEventListener('hashchange', route);
-    showMode();
-    route();
+    fetch('/dashboard/mode', { cache: 'no-store' })
+      .then((r) => (r.ok ? r.json() : null))
+      .catch(() => null)
+      .then((m) => {
+        serverMode = m && (m.mode === 'open' || m.mode === 'token') ? m.mode : null;
+        showMode();
+        route();
+      });
   }
 
   if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', init);

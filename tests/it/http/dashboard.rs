@@ -44,6 +44,17 @@ async fn assets_are_served_without_a_token_in_token_mode() {
 }
 
 #[tokio::test]
+async fn the_mode_route_says_open_or_token_without_credentials() {
+    let token_app = App::token_mode().await;
+    let reply = token_app.send(&Req::new("GET", "/dashboard/mode")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json(), serde_json::json!({"mode": "token"}));
+    let open_app = App::open_mode().await;
+    let reply = open_app.send(&Req::new("GET", "/dashboard/mode")).await;
+    assert_eq!(reply.json(), serde_json::json!({"mode": "open"}));
+}
+
+#[tokio::test]
 async fn the_page_has_no_inline_script_or_style() {
     let app = App::open_mode().await;
     let reply = app.send(&Req::new("GET", "/")).await;
