@@ -234,7 +234,14 @@ async function main() {
 
     // ---- the queue page, live ----------------------------------------------------------
     phase = 'queue page';
-    await page.click('li[data-task="wf-alpha"] a.qlink');
+    // Keyboard: a focused link keeps its focus while the list refreshes, and Enter opens it.
+    await page.focus('li[data-task="wf-alpha"] a.qlink');
+    const polled = await page.textContent('#list-status');
+    await waitFor(page, (before) => document.getElementById('list-status').textContent !== before,
+      polled, 'the next poll of the list');
+    check(await page.evaluate(() => document.activeElement.matches('li[data-task="wf-alpha"] a.qlink')),
+      'the focused link keeps its focus across a poll');
+    await page.keyboard.press('Enter');
     await waitFor(page, () => document.querySelectorAll('#timeline li.ev').length === 3,
       null, 'the three retained events');
     await api('POST', '/events/queues/wf-alpha/events', {
@@ -307,7 +314,7 @@ async function main() {
     await waitFor(page, () => /finished/.test(document.getElementById('stream-status').textContent),
       null, 'the stream to end on the terminal event');
     check(await page.textContent('#queue-state') === 'cancelled', 'state badge says cancelled');
-    await waitFor(page, () => document.getElementById('cancel-form').hidden, null,
+    await waitFor(page, () => getComputedStyle(document.getElementById('cancel-form')).display === 'none', null,
       'the cancel form to go once the task finished');
     log('the cancel button cancelled the task (queue info shows it)');
     await shot(page, 'queue-laptop.png');

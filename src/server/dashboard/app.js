@@ -227,7 +227,8 @@
   }
 
   // Reads the events of `task` from `summary.next` up to the latest offset the stream
-  // announces, updating `summary`; then lets the stream go.
+  // announces, updating `summary`; then lets the stream go. (While it reads, the queue's
+  // subscriber count includes it.)
   async function catchUp(task, summary) {
     const ctrl = new AbortController();
     const timer = setTimeout(() => ctrl.abort(), 15000);
@@ -347,30 +348,43 @@
     $('list-empty').hidden = queues.length > 0;
   }
 
+  // Builds an item's elements once and then only updates them, so that a focused link keeps
+  // its focus across polls.
   function fillItem(li, info, s) {
-    li.replaceChildren();
-    const head = el('div', 'qhead');
-    const link = el('a', 'qlink', info.task_id);
-    link.href = '#/queue/' + encodeURIComponent(info.task_id);
-    head.append(link, badge(info.kind, 'kind'));
+    if (!li.parts) {
+      const head = el('div', 'qhead');
+      const link = el('a', 'qlink', info.task_id);
+      link.href = '#/queue/' + encodeURIComponent(info.task_id);
+      const kind = badge('', 'kind');
+      const state = badge('', 'state');
+      state.dataset.role = 'state';
+      const flags = el('span', 'flags');
+      head.append(link, kind, state, flags);
+      const row = el('div', 'progress-row');
+      const bar = el('progress');
+      bar.max = 100;
+      bar.setAttribute('aria-label', 'Progress of ' + info.task_id);
+      const text = el('span', 'muted');
+      row.append(bar, text);
+      const meta = el('div', 'muted small');
+      li.append(head, row, meta);
+      li.parts = { kind, state, flags, bar, text, meta };
+    }
+    const p = li.parts;
+    p.kind.textContent = info.kind;
     const state = s.state || (info.latest_offset > 0 ? 'working' : 'pending');
-    const st = badge(state, 'state ' + stateClass(state));
-    st.dataset.role = 'state';
-    head.append(st);
-    if (info.is_finished) head.append(badge('finished', 'flag finished'));
-    if (info.is_cancelled) head.append(badge('cancelled', 'flag cancelled'));
-    if (info.is_closed) head.append(badge('closed', 'flag closed'));
-    const row = el('div', 'progress-row');
-    const bar = el('progress');
-    bar.max = 100;
-    bar.value = s.progress ? Number(s.progress.percentage) || 0 : 0;
-    bar.setAttribute('aria-label', 'Progress of ' + info.task_id);
-    row.append(bar, el('span', 'muted', progressText(s.progress)));
-    const meta = el('div', 'muted small',
-      'last activity ' + ago(info.last_activity) +
+    p.state.textContent = state;
+    p.state.className = 'badge state ' + stateClass(state);
+    const flags = [];
+    if (info.is_finished) flags.push(badge('finished', 'flag finished'));
+    if (info.is_cancelled) flags.push(badge('cancel requested', 'flag cancelled'));
+    if (info.is_closed) flags.push(badge('closed', 'flag closed'));
+    p.flags.replaceChildren(...flags);
+    p.bar.value = s.progress ? Number(s.progress.percentage) || 0 : 0;
+    p.text.textContent = progressText(s.progress);
+    p.meta.textContent = 'last activity ' + ago(info.last_activity) +
       ' · ' + info.subscriber_count + ' subscriber' + (info.subscriber_count === 1 ? '' : 's') +
-      ' · ' + info.latest_offset + ' event' + (info.latest_offset === 1 ? '' : 's'));
-    li.append(head, row, meta);
+      ' · ' + info.latest_offset + ' event' + (info.latest_offset === 1 ? '' : 's');
   }
 
   function scheduleSummary(task, s) {
@@ -466,7 +480,7 @@
     const flags = $('queue-flags');
     flags.replaceChildren();
     if (info.is_finished) flags.append(badge('finished', 'flag finished'));
-    if (info.is_cancelled) flags.append(badge('cancelled', 'flag cancelled'));
+    if (info.is_cancelled) flags.append(badge('cancel requested', 'flag cancelled'));
     if (info.is_closed) flags.append(badge('closed', 'flag closed'));
     const meta = $('queue-meta');
     meta.replaceChildren();
