@@ -6,8 +6,9 @@
 // moves its bar; the queue page shows events arriving live; after the server is killed
 // (SIGKILL) and restarted on the same port and data directory the page resumes without
 // duplicate or missing events; the cancel button cancels (queue info shows it); a gap notice
-// and the final result are rendered. In open mode: the tenant field selects the tenant. No
-// console errors or uncaught page errors anywhere.
+// and the final result are rendered. In open mode: the tenant field selects the tenant, and
+// closing a queue ends the page's stream. No console errors or uncaught page errors anywhere
+// (but the failed requests the browser logs while the server is down).
 //
 // Screenshots of every page go to $CI_ARTIFACTS (default target/ci-artifacts/dashboard).
 //
@@ -385,6 +386,10 @@ async function main() {
     await waitFor(page2, () => document.querySelectorAll('#timeline li.ev').length === 1, null,
       'job-a timeline over EventSource with ?tenant_id=');
     log('open mode: the tenant field selects the tenant');
+    // Closing the queue ends its stream; the page stops instead of reconnecting forever.
+    await teamA('POST', '/events/queues/job-a/close');
+    await waitFor(page2, () => /queue is closed/.test(document.getElementById('stream-status').textContent),
+      null, 'the page to stop following the closed queue');
     await shot(page2, 'open-mode-queue.png');
     await ctx2.close();
 

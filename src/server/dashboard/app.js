@@ -562,37 +562,38 @@
     }
   }
 
+  // A stream error: the server went away, answered with an error, or ended the stream.
   async function onStreamError(es) {
     const task = page.task;
-    if (es.readyState === EventSource.CLOSED) {
+    const gaveUp = es.readyState === EventSource.CLOSED;
+    setStreamStatus('disconnected; reconnecting…');
+    await pollInfo();
+    if (page.task !== task || page.es !== es || page.ended) return;
+    const info = page.info;
+    if (gaveUp && [401, 403, 404].includes(page.infoError)) {
+      // Refused credentials or the queue gone: retrying would not change the answer.
+      es.close();
+      page.ended = true;
+      setStreamStatus('Stream stopped.');
+      return;
+    }
+    if (info && (info.is_closed || info.is_finished) && page.last + 1 >= info.latest_offset) {
+      // A closed queue's stream ends and would be reopened forever (a finished one answers
+      // 204): stop once everything was shown.
+      es.close();
+      page.ended = true;
+      setStreamStatus(info.is_closed ? 'The queue is closed; every event is shown.'
+        : 'The task has finished; the stream has ended.');
+      return;
+    }
+    if (gaveUp) {
       // The browser gave up (a 4xx/5xx answer, e.g. 503 while the server shuts down):
-      // reconnect ourselves from the next offset, unless the answer will not change by
-      // itself (refused credentials, the queue gone).
-      setStreamStatus('disconnected; reconnecting…');
-      await pollInfo();
-      if ([401, 403, 404].includes(page.infoError)) {
-        if (page.task === task && page.es === es) {
-          page.ended = true;
-          setStreamStatus('Stream stopped.');
-        }
-        return;
-      }
+      // reconnect ourselves from the next offset. Otherwise the browser reconnects by
+      // itself, with Last-Event-ID.
       clearTimeout(page.reconnectTimer);
       page.reconnectTimer = setTimeout(() => {
         if (page.task === task && page.es === es && !page.ended) openStream();
       }, RECONNECT_MS);
-      return;
-    }
-    // The browser reconnects by itself with Last-Event-ID. A stream that ended because the
-    // queue was closed would reconnect forever: stop once everything was shown.
-    setStreamStatus('disconnected; reconnecting…');
-    await pollInfo();
-    const info = page.info;
-    if (page.task === task && page.es === es && info && info.is_closed &&
-        page.last + 1 >= info.latest_offset) {
-      es.close();
-      page.ended = true;
-      setStreamStatus('The queue is closed; every event is shown.');
     }
   }
 
