@@ -35,6 +35,7 @@
 //! ```
 
 pub mod auth;
+mod dashboard;
 mod error;
 mod limits;
 mod metrics;
@@ -212,6 +213,8 @@ pub fn router(state: AppState) -> Router {
         .route("/events/queues/{task_id}/close", post(routes::close_queue))
         .route("/healthz", get(routes::healthz))
         .route("/metrics", get(metrics::render))
+        // The web dashboard's page and assets (no credentials: the page asks for them).
+        .merge(dashboard::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

@@ -1,10 +1,12 @@
 //! HTTP API tests: router tests without sockets (`router`), real-socket SSE tests (`sse`),
 //! server lifecycle tests — graceful shutdown and restart (`lifecycle`), token mode and limits
 //! (`auth`), hostile input and slow clients (`hostile`), tenant isolation as a property
-//! (`isolation`), and a proptest-driven fuzz of event JSON parsing (`fuzz`).
+//! (`isolation`), the dashboard's assets (`dashboard`), and a proptest-driven fuzz of event
+//! JSON parsing (`fuzz`).
 
 mod app;
 mod auth;
+mod dashboard;
 mod fuzz;
 mod hostile;
 mod isolation;
