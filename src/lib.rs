@@ -35,6 +35,7 @@
 //! # }
 //! ```
 
+mod checkpoint;
 mod clock;
 mod compaction;
 mod config;
@@ -52,6 +53,10 @@ mod writer;
 pub mod bench;
 pub mod server;
 
+pub use checkpoint::{
+    Checkpoint, CheckpointStore, Resume, SavedCheckpoint, StoredCheckpoint, TaskCheckpoint,
+    TaskStatus, WorkflowStatus,
+};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use compaction::{CleanupReport, CompactReport, compact_offline};
 pub use config::{Config, Durability};

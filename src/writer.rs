@@ -49,6 +49,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::checkpoint::{PreparedSave, SavedCheckpoint};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventType, RenderedEvent, Timestamp};
@@ -146,6 +147,11 @@ pub(crate) enum Command {
     },
     /// fsync everything committed so far (a flush in buffered mode).
     Sync { reply: Option<Reply<()>> },
+    /// Saves a workflow checkpoint and appends its events in the same transaction.
+    SaveCheckpoint {
+        save: Box<PreparedSave>,
+        reply: Reply<SavedCheckpoint>,
+    },
     /// Commit what is queued, sync, and stop.
     Shutdown { reply: Reply<()> },
 }
@@ -164,6 +170,7 @@ enum Outcome {
     Offsets(Vec<u64>),
     Created(Arc<QueueShared>),
     Removed(bool),
+    Saved(SavedCheckpoint),
     Done,
     Failed(Error),
 }
@@ -705,6 +712,7 @@ fn apply(
             Outcome::Removed(true)
         }
         Command::Sync { .. } | Command::Shutdown { .. } => Outcome::Done,
+        Command::SaveCheckpoint { save, .. } => apply_checkpoint(w, batch, save, now)?,
     })
 }
 
@@ -788,6 +796,9 @@ fn reply(cmd: Command, outcome: Outcome) {
         (Command::Delete { reply, .. }, Outcome::Removed(removed)) => {
             let _ = reply.send(Ok(removed));
         }
+        (Command::SaveCheckpoint { reply, .. }, Outcome::Saved(saved)) => {
+            let _ = reply.send(Ok(saved));
+        }
         (
             Command::Close { reply, .. }
             | Command::Cancel { reply, .. }
@@ -816,6 +827,9 @@ fn reply_err(cmd: Command, e: Error) {
         Command::Delete { reply, .. } => {
             let _ = reply.send(Err(e));
         }
+        Command::SaveCheckpoint { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
         Command::Close { reply, .. }
         | Command::Cancel { reply, .. }
         | Command::Shutdown { reply } => {
@@ -827,4 +841,90 @@ fn reply_err(cmd: Command, e: Error) {
             }
         }
     }
+}
+
+/// Applies a checkpoint save: the checkpoint row, then its events, in the batch's transaction.
+///
+/// Every check that can refuse the save runs before the first write, so a refusal
+/// ([`Outcome::Failed`]) leaves the transaction untouched; an error after the first write
+/// fails the whole transaction (and with it the batch), so the checkpoint and its events are
+/// committed and logged together or not at all. The events' offsets are known before they are
+/// appended (the next offsets of the queue: their ids are checked to be new), so the checkpoint
+/// row records them.
+fn apply_checkpoint(
+    w: &mut StoreWriter<'_>,
+    batch: &mut Batch,
+    save: &PreparedSave,
+    now: Timestamp,
+) -> Result<Outcome> {
+    if w.checkpoint_id_taken(save.tenant.as_str(), &save.checkpoint_id)? {
+        return Ok(Outcome::Failed(Error::InvalidCheckpoint {
+            field: "checkpoint_id".into(),
+            reason: format!("{} already exists", save.checkpoint_id),
+        }));
+    }
+    // A queue removed since the save was prepared is as no queue: the save goes ahead alone.
+    let queue = save.queue.as_ref().filter(|q| !batch.stage(q).view.removed);
+    let mut record = save.record.clone();
+    record.created_at_us = now.as_micros();
+    if let Some(q) = queue {
+        if batch.stage(q).view.closed {
+            return Ok(Outcome::Failed(Error::QueueClosed {
+                task_id: q.task_id.to_string(),
+            }));
+        }
+        for ev in &save.events {
+            if w.retained_event_id(q.id, ev.event_id.as_str())?.is_some() {
+                return Ok(Outcome::Failed(Error::invalid_event(
+                    "event_id",
+                    format!("{} is already used in the queue", ev.event_id),
+                )));
+            }
+        }
+        let next = batch.stage(q).view.next_offset;
+        let mut offsets = (next..).take(save.events.len());
+        record.status_offset = offsets.next();
+        record.progress_offset = offsets.next();
+    }
+    let bytes = crate::store::checkpoints::encode_checkpoint(&record)?;
+    let seq = w.put_checkpoint(
+        save.tenant.as_str(),
+        save.workflow.as_str(),
+        &save.checkpoint_id,
+        &bytes,
+    )?;
+    if let Some(e) = &save.inject {
+        return Err(e.clone());
+    }
+    if let Some(q) = queue {
+        let stage = batch.stage(q);
+        for ev in &save.events {
+            let offset = stage.view.next_offset;
+            w.claim_event_id(q.id, ev.event_id.as_str(), offset)?;
+            let (record, json_at) = ev.encode(offset)?;
+            w.append(q.id, offset, ev.event_id.as_str(), &record)?;
+            stage.view.next_offset += 1;
+            stage.appended += 1;
+            if ev.terminal && stage.view.finished_at.is_none() {
+                stage.view.finished_at = Some(offset);
+            }
+            let json = Bytes::from(record).slice(json_at..);
+            stage.outbox.push(Live::Event(Arc::new(RecordedEvent::new(
+                offset,
+                ev.event_type,
+                ev.terminal,
+                json,
+            ))));
+        }
+        if !save.events.is_empty() {
+            stage.view.last_activity = now;
+            stage.dirty = true;
+        }
+    }
+    Ok(Outcome::Saved(SavedCheckpoint {
+        checkpoint_id: save.checkpoint_id.clone(),
+        seq,
+        status_offset: record.status_offset,
+        progress_offset: record.progress_offset,
+    }))
 }

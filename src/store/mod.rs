@@ -6,11 +6,14 @@
 //! - `events`: `(queue id, offset) -> event record` (see [`codec`]).
 //! - `event_ids`: `(queue id, event id) -> offset`, the idempotency index; written and trimmed in
 //!   the same transaction as the events it points at.
+//! - `checkpoints`, `checkpoint_ids`: workflow checkpoints (see [`checkpoints`]), written in the
+//!   same transaction as the events a save emits.
 //!
 //! Queue ids are numeric and never reused, so the events of a deleted queue can never be read as
 //! another queue's. Every function here is synchronous: callers run them on the writer thread or
 //! in `spawn_blocking`, never on an async worker.
 
+pub(crate) mod checkpoints;
 pub(crate) mod codec;
 #[cfg(feature = "failpoints")]
 pub mod sim;
@@ -311,6 +314,13 @@ impl Store {
             let found = meta.get(KEY_FORMAT).map_err(st)?.map(|v| v.value());
             match found {
                 Some(v) if v == u64::from(FORMAT_VERSION) => {}
+                // Version 1 lacks only the checkpoint tables (created below) and the log op
+                // that writes them: upgraded in place, so that older builds refuse the file
+                // instead of meeting a log op they cannot decode.
+                Some(1) => {
+                    meta.insert(KEY_FORMAT, u64::from(FORMAT_VERSION))
+                        .map_err(st)?;
+                }
                 Some(v) => {
                     return Err(Error::UnsupportedFormat {
                         found: u32::try_from(v).unwrap_or(u32::MAX),
@@ -331,6 +341,7 @@ impl Store {
             txn.open_table(EVENT_IDS).map_err(st)?;
             txn.open_table(QUEUES).map_err(st)?;
             txn.open_table(PURGE).map_err(st)?;
+            checkpoints::create_tables(&txn)?;
             applied
         };
         txn.commit().map_err(st)?;
@@ -426,6 +437,13 @@ impl Store {
                         w.purge_some(qid, max)?;
                     }
                     WalOp::MarkPurge { qid } => w.mark_purge(qid)?,
+                    WalOp::PutCheckpoint {
+                        tenant,
+                        workflow,
+                        seq,
+                        checkpoint_id,
+                        record,
+                    } => w.insert_checkpoint(&tenant, &workflow, seq, &checkpoint_id, &record)?,
                 }
             }
             w.meta.insert(KEY_APPLIED_LSN, lsn).map_err(st)?;
@@ -576,6 +594,8 @@ pub(crate) struct StoreWriter<'t> {
     ids: redb::Table<'t, (u64, &'static str), u64>,
     purge: redb::Table<'t, u64, ()>,
     log: Option<Vec<u8>>,
+    /// For tables opened only when needed (checkpoints).
+    txn: &'t redb::WriteTransaction,
 }
 
 impl<'t> StoreWriter<'t> {
@@ -587,6 +607,7 @@ impl<'t> StoreWriter<'t> {
             ids: txn.open_table(EVENT_IDS).map_err(st)?,
             purge: txn.open_table(PURGE).map_err(st)?,
             log: logged.then(Vec::new),
+            txn,
         })
     }
 }

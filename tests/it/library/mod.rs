@@ -1,6 +1,7 @@
 //! Library tests: queues, manager, restart, idempotency, model-based properties, stress.
 
 mod bench;
+mod checkpoint;
 mod compaction;
 mod crash;
 mod faults;
