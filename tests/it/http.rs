@@ -5,6 +5,7 @@
 
 mod app;
 mod auth;
+mod checkpoint;
 mod fuzz;
 mod hostile;
 mod isolation;
