@@ -51,6 +51,7 @@ mod subscription;
 mod writer;
 
 pub mod bench;
+pub mod client;
 pub mod server;
 
 pub use checkpoint::{
