@@ -374,6 +374,19 @@ impl Checkpoint {
         Ok(checkpoint)
     }
 
+    /// The JSON that [`Checkpoint::from_json`] reads (the body of
+    /// `POST /events/workflows/{id}/checkpoints`).
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "workflow_id": self.workflow_id,
+            "status": self.status,
+            "current_phase": self.current_phase,
+            "total_phases": self.total_phases,
+            "tasks": self.tasks,
+            "state": self.state,
+        })
+    }
+
     /// The events a save emits when the workflow's queue exists: `status`, then `progress`
     /// when the checkpoint has tasks.
     fn events(&self, tenant: &TenantId, checkpoint_id: &str) -> Vec<Event> {
@@ -507,7 +520,7 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {
 }
 
 /// What a save stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct SavedCheckpoint {
     /// The new checkpoint's id, `ckpt_` + 12 lowercase hex chars.
     pub checkpoint_id: String,

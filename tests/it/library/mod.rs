@@ -7,6 +7,7 @@ mod crash;
 mod faults;
 mod idempotency;
 mod manager;
+mod producer;
 mod props;
 mod queue;
 mod restart;
