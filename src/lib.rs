@@ -52,6 +52,7 @@ mod writer;
 
 pub mod bench;
 pub mod client;
+pub mod demo;
 pub mod producer;
 pub mod server;
 

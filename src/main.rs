@@ -5,6 +5,7 @@
 //! variable, the TOML file given by `--config`, the default.
 
 mod cmd_compact;
+mod cmd_demo;
 mod cmd_token;
 
 use std::io::IsTerminal;
@@ -53,6 +54,11 @@ enum Command {
     /// A running server reuses the space of removed events but never returns it to the
     /// filesystem; this does. Example: `eventqueue compact --data-dir ./data`
     Compact(cmd_compact::CompactArgs),
+    /// Publish a simulated workflow and ingestion job to a running server, to watch and cancel.
+    ///
+    /// Start `eventqueue serve` first; the demo prints the commands that watch and cancel its
+    /// tasks. Example: `eventqueue demo --videos 20 --delay-ms 500`
+    Demo(cmd_demo::DemoArgs),
 }
 
 /// Flags of `eventqueue bench`.
@@ -352,6 +358,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => runtime.block_on(bench(args)),
         Command::Token(args) => cmd_token::run(args),
         Command::Compact(args) => cmd_compact::run(args),
+        Command::Demo(args) => runtime.block_on(cmd_demo::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
