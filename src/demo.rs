@@ -21,7 +21,9 @@ use serde_json::json;
 
 use crate::checkpoint::{Checkpoint, TaskStatus, WorkflowStatus};
 use crate::client::{ClientError, CreateQueue, DEFAULT_URL};
-use crate::event::{ArtifactEvent, CompleteEvent, ErrorEvent, ProgressEvent, StatusEvent, TaskState};
+use crate::event::{
+    ArtifactEvent, CompleteEvent, ErrorEvent, ProgressEvent, StatusEvent, TaskState,
+};
 use crate::ids::{TaskId, TenantId};
 use crate::producer::{EventSink, HttpSink, Outcome, ProducerError, Reporter};
 
@@ -109,7 +111,8 @@ impl DemoOptions {
             headers.push_str(&format!(" -H 'X-Tenant-ID: {tenant}'"));
         }
         let (wf, job) = (&self.workflow_id, &self.ingestion_id);
-        let mut lines = vec!["Watch (in another terminal; a late watcher replays from the start):".into()];
+        let mut lines =
+            vec!["Watch (in another terminal; a late watcher replays from the start):".into()];
         if self.workflow {
             lines.push(format!("  curl -N{headers} {base}/events/workflows/{wf}"));
         }
@@ -149,7 +152,9 @@ pub async fn run(options: &DemoOptions, narrate: Narrate) -> Result<DemoReport, 
     let tenant = options
         .tenant
         .as_ref()
-        .map_or("the server's default tenant".to_string(), |t| format!("tenant {t}"));
+        .map_or("the server's default tenant".to_string(), |t| {
+            format!("tenant {t}")
+        });
     narrate(format!("eventqueue demo on {} ({tenant})", options.url));
     if options.workflow {
         narrate(format!(
@@ -220,7 +225,11 @@ fn describe(outcome: Option<&Outcome>) -> String {
 }
 
 /// Creates the queue of `task` (an existing one is reused) and returns its sink.
-async fn prepare(options: &DemoOptions, task: &TaskId, kind: &str) -> Result<HttpSink, ProducerError> {
+async fn prepare(
+    options: &DemoOptions,
+    task: &TaskId,
+    kind: &str,
+) -> Result<HttpSink, ProducerError> {
     let sink = options.sink(task)?;
     let create = CreateQueue {
         kind: Some(kind.to_string()),
@@ -363,9 +372,12 @@ pub async fn run_ingestion(
                     tokio::time::sleep(delay).await;
                     if n == error_at {
                         r.error(
-                            ErrorEvent::new("DecodeWarning", format!("corrupt frame in {video}; skipped"))
-                                .code("E_FRAME")
-                                .context(json!({ "video": video, "frame": 1412 })),
+                            ErrorEvent::new(
+                                "DecodeWarning",
+                                format!("corrupt frame in {video}; skipped"),
+                            )
+                            .code("E_FRAME")
+                            .context(json!({ "video": video, "frame": 1412 })),
                         )
                         .await?;
                         narrate(format!("{label} {video}: recoverable error reported"));

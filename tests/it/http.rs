@@ -10,6 +10,7 @@ mod fuzz;
 mod hostile;
 mod isolation;
 mod lifecycle;
+mod producer;
 mod router;
 mod sse;
 
