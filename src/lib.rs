@@ -9,7 +9,12 @@
 //! - offsets are per queue, dense, 0-based and never reused;
 //! - a subscription delivers in offset order with no duplicates and no holes; events dropped
 //!   by retention are reported as a gap, never skipped silently;
-//! - a slow subscriber never blocks producers or other subscribers.
+//! - a slow subscriber never blocks producers or other subscribers;
+//! - a workflow checkpoint ([`CheckpointStore`]) and the status / progress events it emits are
+//!   committed together or not at all.
+//!
+//! Producers report through [`producer::Reporter`] (typed emitters, a cancellation boundary
+//! check, and an outcome that is always reported), in process or over HTTP.
 //!
 //! ```
 //! use eventqueue::{Config, Delivery, Event, QueueManager, QueueOptions, StatusEvent, TaskId,

@@ -205,8 +205,9 @@ const HTTP_SEND_ATTEMPTS: u32 = 4;
 /// A queue on an eventqueue server, for producers in another process.
 ///
 /// Sends go to `POST /events/queues/{task_id}/events` (retried with the same event ids after a
-/// transport error or a retryable status: idempotent), cancellation is read from the enqueue
-/// answers and from `GET /events/queues/{task_id}`, checkpoints go to
+/// transport error or a retryable status: idempotent; [`Sent::cancelled`] carries the answer's
+/// cancel flag), the boundary check reads `GET /events/queues/{task_id}` (one request per
+/// check, which also gives the reason), checkpoints go to
 /// `POST /events/workflows/{task_id}/checkpoints` (not retried: a save is not idempotent).
 #[derive(Clone, Debug)]
 pub struct HttpSink {
@@ -214,7 +215,6 @@ pub struct HttpSink {
     http: reqwest::Client,
     token: Option<String>,
     task: TaskId,
-    cancelled: Arc<AtomicBool>,
 }
 
 impl HttpSink {
@@ -239,7 +239,6 @@ impl HttpSink {
             http,
             token: None,
             task: task.clone(),
-            cancelled: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -294,9 +293,6 @@ impl EventSink for HttpSink {
                 Err(e) => return Err(e.into()),
             }
         };
-        if outcome.cancelled {
-            self.cancelled.store(true, Ordering::Relaxed);
-        }
         Ok(Sent {
             offsets: outcome.offsets,
             cancelled: outcome.cancelled,
@@ -307,7 +303,6 @@ impl EventSink for HttpSink {
         // One request per boundary: the info carries the reason as well.
         let info = self.client.queue_info(self.task.as_str()).await?;
         if info.is_cancelled {
-            self.cancelled.store(true, Ordering::Relaxed);
             return Ok(Some(Cancellation {
                 reason: info.cancel_reason,
             }));
@@ -323,7 +318,6 @@ impl EventSink for HttpSink {
         struct Answer {
             #[serde(flatten)]
             saved: SavedCheckpoint,
-            cancelled: bool,
         }
         // Ids are made of URL-safe characters only: no encoding needed in the path.
         let url = format!(
@@ -371,9 +365,6 @@ impl EventSink for HttpSink {
         }
         let answer: Answer = serde_json::from_slice(&body)
             .map_err(|e| ClientError::Decode(format!("checkpoint answer: {e}")))?;
-        if answer.cancelled {
-            self.cancelled.store(true, Ordering::Relaxed);
-        }
         Ok(answer.saved)
     }
 }
