@@ -55,6 +55,11 @@ pub struct Config {
     /// Most events removed per step when purging a deleted or expired queue; steps interleave
     /// with appends so a large deletion never holds them up. Default 256.
     pub purge_step: u64,
+    /// Appends are logged at once but written into redb in bulk, once the logged batches
+    /// not yet in redb hold this many bytes (or at the next checkpoint): fewer, larger redb
+    /// transactions cost much less CPU per event; until then those events are served from
+    /// memory. Default 4 MiB.
+    pub apply_bytes: usize,
 }
 
 impl Default for Config {
@@ -70,6 +75,7 @@ impl Default for Config {
             replay_chunk: 4096,
             checkpoint_interval: Duration::from_secs(1),
             purge_step: 256,
+            apply_bytes: 4 << 20,
         }
     }
 }

@@ -142,7 +142,9 @@ impl QueueManager {
             ));
             map.insert((tenant, task), shared);
         }
-        let store = Arc::new(opened.store);
+        let mut store = opened.store;
+        store.set_apply_bytes(config.apply_bytes);
+        let store = Arc::new(store);
         let registry = Arc::new(Registry::new(map));
         let metrics = Arc::new(Metrics::default());
         metrics

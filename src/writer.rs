@@ -3,9 +3,11 @@
 //! Two threads, in a pipeline:
 //!
 //! 1. The **writer** drains the command channel: it blocks for the first command, then takes
-//!    whatever else is already waiting (up to `max_commit_events` events), applies all of it in
-//!    one redb transaction, appends the batch's changes to the write-ahead log, commits, and
-//!    hands the batch to the acknowledger. It then starts on the next batch at once.
+//!    whatever else is already waiting (up to `max_commit_events` events), applies all of it
+//!    as one batch, appends the batch's changes to the write-ahead log as one record, and hands
+//!    the batch to the acknowledger. It then starts on the next batch at once. The store keeps
+//!    logged batches in memory and writes them into redb in bulk between batches (see
+//!    `store::pending`).
 //! 2. The **acknowledger** takes every batch handed over so far, fsyncs the log once for all
 //!    of them (in immediate durability), and only then publishes them to live subscribers and
 //!    acknowledges their callers, in batch order.
@@ -59,7 +61,7 @@ use crate::metrics::Metrics;
 use crate::queue::{CancelInfo, QueueKind, QueueShared, View};
 use crate::store::codec::{self, EventHeader, QueueRecord};
 use crate::store::wal::WalSyncer;
-use crate::store::{Store, StoreWriter, WriteError};
+use crate::store::{BatchWriter, Store, StoreWriter, StoredEvent, WriteError};
 use crate::subscription::RecordedEvent;
 
 /// Every live queue by `(tenant, task)`. Written only by the writer, after commits.
@@ -371,7 +373,7 @@ impl WriterLoop {
                     Err(_) => break,
                 }
             }
-            if self.process(cmds) {
+            if self.process_all(cmds) {
                 return;
             }
             if !self.purges.is_empty() && self.last_purge.elapsed() >= PURGE_PACE {
@@ -420,6 +422,19 @@ impl WriterLoop {
         }
     }
 
+    /// Processes what was collected: each checkpoint save as a batch of its own (it is
+    /// written in a redb transaction of its own, see [`apply_checkpoint`]), then the rest as
+    /// one batch. Returns true when a shutdown was processed.
+    fn process_all(&mut self, cmds: Vec<Command>) -> bool {
+        let (saves, rest): (Vec<_>, Vec<_>) = cmds
+            .into_iter()
+            .partition(|c| matches!(c, Command::SaveCheckpoint { .. }));
+        for save in saves {
+            self.process(vec![save]);
+        }
+        !rest.is_empty() && self.process(rest)
+    }
+
     /// Applies and commits one batch and hands it to the acknowledger. Returns true when a
     /// shutdown was processed.
     fn process(&mut self, cmds: Vec<Command>) -> bool {
@@ -439,14 +454,22 @@ impl WriterLoop {
         let mut batch = Batch::default();
         let mut next_queue_id = self.w.next_queue_id;
         let keys = &mut self.keys;
-        let result = self.w.store.write(|w| {
-            let mut outcomes = Vec::with_capacity(cmds.len());
-            for cmd in &cmds {
-                outcomes.push(apply(w, &mut batch, keys, &mut next_queue_id, cmd, now)?);
-            }
-            finish(w, &mut batch)?;
-            Ok(outcomes)
-        });
+        let result = if let [Command::SaveCheckpoint { save, .. }] = cmds.as_slice() {
+            self.w.store.write(|w| {
+                let outcome = apply_checkpoint(w, &mut batch, save, now)?;
+                finish_checkpoint(w, &mut batch)?;
+                Ok(vec![outcome])
+            })
+        } else {
+            self.w.store.write_batch(|w| {
+                let mut outcomes = Vec::with_capacity(cmds.len());
+                for cmd in &cmds {
+                    outcomes.push(apply(w, &mut batch, keys, &mut next_queue_id, cmd, now)?);
+                }
+                finish(w, &mut batch)?;
+                Ok(outcomes)
+            })
+        };
         // The last batch before a shutdown is followed by a durable checkpoint, so the log is
         // empty when the directory is closed.
         let result = match result {
@@ -580,7 +603,7 @@ impl Acknowledger {
 }
 
 fn apply(
-    w: &mut StoreWriter<'_>,
+    w: &mut BatchWriter<'_>,
     batch: &mut Batch,
     keys: &mut HashSet<(TenantId, TaskId)>,
     next_queue_id: &mut u64,
@@ -601,18 +624,32 @@ fn apply(
             let mut offsets = Vec::with_capacity(events.len());
             for ev in events {
                 let offset = stage.view.next_offset;
-                if let Some(existing) = w.claim_event_id(queue.id, ev.event_id.as_str(), offset)? {
+                let retained_from = stage.view.first_offset;
+                if let Some(existing) =
+                    w.claim_event_id(queue.id, &ev.event_id, offset, retained_from)?
+                {
                     offsets.push(existing);
                     continue;
                 }
                 let (record, json_at) = ev.encode(offset)?;
-                w.append(queue.id, offset, ev.event_id.as_str(), &record)?;
+                let record = Bytes::from(record);
+                let json = record.slice(json_at..);
+                w.append(
+                    queue.id,
+                    &ev.event_id,
+                    &record,
+                    StoredEvent {
+                        offset,
+                        event_type: ev.event_type.code(),
+                        terminal: ev.terminal,
+                        json: json.clone(),
+                    },
+                )?;
                 stage.view.next_offset += 1;
                 stage.appended += 1;
                 if ev.terminal && stage.view.finished_at.is_none() {
                     stage.view.finished_at = Some(offset);
                 }
-                let json = Bytes::from(record).slice(json_at..);
                 stage.outbox.push(Live::Event(Arc::new(RecordedEvent::new(
                     offset,
                     ev.event_type,
@@ -712,19 +749,22 @@ fn apply(
             Outcome::Removed(true)
         }
         Command::Sync { .. } | Command::Shutdown { .. } => Outcome::Done,
-        Command::SaveCheckpoint { save, .. } => apply_checkpoint(w, batch, save, now)?,
+        // Saves are batches of their own (`process_all`); never here.
+        Command::SaveCheckpoint { .. } => {
+            Outcome::Failed(Error::storage("internal: a checkpoint save in a log batch"))
+        }
     })
 }
 
 /// Trims, persists queue records and removes deleted queues, all inside the transaction.
-fn finish(w: &mut StoreWriter<'_>, batch: &mut Batch) -> Result<()> {
+fn finish(w: &mut BatchWriter<'_>, batch: &mut Batch) -> Result<()> {
     for stage in &mut batch.stages {
         let q = stage.q.clone();
         if stage.was_removed {
             continue;
         }
         if stage.view.removed {
-            w.remove_queue(q.tenant_id.as_str(), q.task_id.as_str())?;
+            w.remove_queue(q.id, q.tenant_id.as_str(), q.task_id.as_str())?;
             w.mark_purge(q.id)?;
             continue;
         }
@@ -843,7 +883,9 @@ fn reply_err(cmd: Command, e: Error) {
     }
 }
 
-/// Applies a checkpoint save: the checkpoint row, then its events, in the batch's transaction.
+/// Applies a checkpoint save: the checkpoint row, then its events, in one redb write
+/// transaction ([`Store::write`], which first writes every pending batch into redb, so the
+/// reads here see everything logged before) whose changes are logged as one record.
 ///
 /// Every check that can refuse the save runs before the first write, so a refusal
 /// ([`Outcome::Failed`]) leaves the transaction untouched; an error after the first write
@@ -873,8 +915,11 @@ fn apply_checkpoint(
                 task_id: q.task_id.to_string(),
             }));
         }
+        let retained_from = batch.stage(q).view.first_offset;
         for ev in &save.events {
-            if w.retained_event_id(q.id, ev.event_id.as_str())?.is_some() {
+            if w.retained_event_id(q.id, ev.event_id.as_str())?
+                .is_some_and(|at| at >= retained_from)
+            {
                 return Ok(Outcome::Failed(Error::invalid_event(
                     "event_id",
                     format!("{} is already used in the queue", ev.event_id),
@@ -900,9 +945,8 @@ fn apply_checkpoint(
         let stage = batch.stage(q);
         for ev in &save.events {
             let offset = stage.view.next_offset;
-            w.claim_event_id(q.id, ev.event_id.as_str(), offset)?;
             let (record, json_at) = ev.encode(offset)?;
-            w.append(q.id, offset, ev.event_id.as_str(), &record)?;
+            w.append_event(q.id, offset, ev.event_id.as_str(), &record)?;
             stage.view.next_offset += 1;
             stage.appended += 1;
             if ev.terminal && stage.view.finished_at.is_none() {
@@ -927,4 +971,23 @@ fn apply_checkpoint(
         status_offset: record.status_offset,
         progress_offset: record.progress_offset,
     }))
+}
+
+/// [`finish`] for a checkpoint save's transaction: trims the queue the save appended to beyond
+/// its retention bound and persists its record.
+fn finish_checkpoint(w: &mut StoreWriter<'_>, batch: &mut Batch) -> Result<()> {
+    for stage in &mut batch.stages {
+        if stage.was_removed || stage.view.removed || !stage.dirty {
+            continue;
+        }
+        let q = stage.q.clone();
+        let v = &mut stage.view;
+        if v.next_offset - v.first_offset > q.max_buffer_size {
+            let new_first = v.next_offset - q.max_buffer_size;
+            stage.trimmed = w.trim(q.id, v.first_offset, new_first)?;
+            v.first_offset = new_first;
+        }
+        w.put_queue_record(q.tenant_id.as_str(), q.task_id.as_str(), &q.record(v))?;
+    }
+    Ok(())
 }

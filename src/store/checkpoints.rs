@@ -97,6 +97,36 @@ impl StoreWriter<'_> {
             .map(|v| v.value()))
     }
 
+    /// Appends one encoded event record at `(qid, offset)` and indexes its id, as a logged
+    /// `Append` op. The caller checked that the id is not retained.
+    pub(crate) fn append_event(
+        &mut self,
+        qid: u64,
+        offset: u64,
+        event_id: &str,
+        record: &[u8],
+    ) -> Result<()> {
+        self.ids.insert((qid, event_id), offset).map_err(st)?;
+        self.events.insert((qid, offset), record).map_err(st)?;
+        self.record(WalOpRef::Append {
+            qid,
+            offset,
+            event_id,
+            record,
+        })
+    }
+
+    /// Writes a queue's record, as a logged `PutQueue` op.
+    pub(crate) fn put_queue_record(
+        &mut self,
+        tenant: &str,
+        task: &str,
+        record: &super::codec::QueueRecord,
+    ) -> Result<()> {
+        let bytes = super::codec::encode_queue(record)?;
+        self.put_queue_bytes(tenant, task, &bytes)
+    }
+
     /// Stores a new checkpoint of `workflow` as the workflow's latest and returns its `seq`.
     /// The caller checked that `checkpoint_id` is not taken.
     pub(crate) fn put_checkpoint(

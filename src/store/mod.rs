@@ -5,9 +5,15 @@
 //! - `queues`: `(tenant, task) -> QueueRecord` (postcard).
 //! - `events`: `(queue id, offset) -> event record` (see [`codec`]).
 //! - `event_ids`: `(queue id, event id) -> offset`, the idempotency index; written and trimmed in
-//!   the same transaction as the events it points at.
+//!   the same transaction as the events it points at (an entry below its queue's first retained
+//!   offset is stale: see [`pending`]).
 //! - `checkpoints`, `checkpoint_ids`: workflow checkpoints (see [`checkpoints`]), written in the
-//!   same transaction as the events a save emits.
+//!   same transaction and log record as the events a save emits.
+//!
+//! Writes: the writer builds each batch with a [`BatchWriter`], which only encodes the batch's
+//! log record; the record is appended to the write-ahead log ([`wal`]) and the batch kept in
+//! memory ([`pending`]) until enough has gathered to write it into redb in one transaction
+//! (or until the next checkpoint, which also makes redb durable and empties the log).
 //!
 //! Queue ids are numeric and never reused, so the events of a deleted queue can never be read as
 //! another queue's. Every function here is synchronous: callers run them on the writer thread or
@@ -15,6 +21,7 @@
 
 pub(crate) mod checkpoints;
 pub(crate) mod codec;
+mod pending;
 #[cfg(feature = "failpoints")]
 pub mod sim;
 pub mod wal;
@@ -30,6 +37,8 @@ use redb::{
 
 use crate::error::{Error, Result};
 use codec::{FORMAT_VERSION, QueueRecord};
+pub(crate) use pending::BatchWriter;
+use pending::{AppliedIds, Pending};
 use wal::{AppendError, Wal, WalOp, WalOpRef};
 
 /// A simulated machine to open the store on (feature `failpoints`); uninhabited otherwise.
@@ -121,6 +130,12 @@ pub(crate) struct Opened {
 pub(crate) struct Store {
     db: RwLock<Option<Database>>,
     log: Mutex<LogState>,
+    /// Logged batches not yet applied to redb (see [`pending`]).
+    pending: RwLock<Pending>,
+    /// Pending batches are applied once their records hold this many bytes (or at the next
+    /// checkpoint): large enough that one transaction touches each B-tree page for many
+    /// events, small enough that applying them is a short pause of the writer.
+    apply_bytes: usize,
     path: PathBuf,
     checkpoint_interval: Duration,
 }
@@ -180,6 +195,8 @@ impl Store {
                 next_lsn: 1,
                 oldest_unchecked: None,
             }),
+            pending: RwLock::new(Pending::default()),
+            apply_bytes: 4 << 20,
             path,
             checkpoint_interval,
         };
@@ -413,43 +430,79 @@ impl Store {
         {
             let mut w = StoreWriter::open(&txn, false)?;
             for op in ops {
-                match op {
-                    WalOp::SetNextQueueId(id) => w.set_next_queue_id(id)?,
-                    WalOp::PutQueue {
-                        tenant,
-                        task,
-                        record,
-                    } => w.put_queue_bytes(&tenant, &task, &record)?,
-                    WalOp::RemoveQueue { tenant, task } => w.remove_queue(&tenant, &task)?,
-                    WalOp::Append {
-                        qid,
-                        offset,
-                        event_id,
-                        record,
-                    } => {
-                        w.claim_event_id(qid, &event_id, offset)?;
-                        w.append(qid, offset, &event_id, &record)?;
-                    }
-                    WalOp::Trim { qid, from, to } => {
-                        w.trim(qid, from, to)?;
-                    }
-                    WalOp::Purge { qid, max } => {
-                        w.purge_some(qid, max)?;
-                    }
-                    WalOp::MarkPurge { qid } => w.mark_purge(qid)?,
-                    WalOp::PutCheckpoint {
-                        tenant,
-                        workflow,
-                        seq,
-                        checkpoint_id,
-                        record,
-                    } => w.insert_checkpoint(&tenant, &workflow, seq, &checkpoint_id, &record)?,
-                }
+                w.apply_op(op)?;
             }
             w.meta.insert(KEY_APPLIED_LSN, lsn).map_err(st)?;
         }
         txn.commit().map_err(st)?;
         Ok(())
+    }
+
+    fn pending(&self) -> std::sync::RwLockReadGuard<'_, Pending> {
+        self.pending.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pending_mut(&self) -> std::sync::RwLockWriteGuard<'_, Pending> {
+        self.pending.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies every logged batch that redb does not hold yet, in one transaction with the
+    /// given durability (an empty durable transaction when none is pending). Only the writer
+    /// thread calls this, so no batch is added meanwhile.
+    fn apply_pending(&self, durability: Durability) -> Result<()> {
+        let records = std::mem::take(&mut self.pending_mut().records);
+        if records.is_empty() && matches!(durability, Durability::None) {
+            return Ok(());
+        }
+        let applied = (|| {
+            let mut txn = self.begin_write()?;
+            txn.set_durability(durability).map_err(st)?;
+            {
+                let mut ops = Vec::new();
+                for (_, payload) in &records {
+                    ops.extend(wal::decode_ops(payload)?);
+                }
+                // A queue record is rewritten by every batch that touches the queue; only its
+                // last write (or its removal) needs to reach redb.
+                let mut last_write = std::collections::HashMap::new();
+                for (i, op) in ops.iter().enumerate() {
+                    if let WalOp::PutQueue { tenant, task, .. }
+                    | WalOp::RemoveQueue { tenant, task } = op
+                    {
+                        last_write.insert((tenant.as_str(), task.as_str()), i);
+                    }
+                }
+                let keep: Vec<bool> = ops
+                    .iter()
+                    .enumerate()
+                    .map(|(i, op)| match op {
+                        WalOp::PutQueue { tenant, task, .. } => {
+                            last_write.get(&(tenant.as_str(), task.as_str())) == Some(&i)
+                        }
+                        _ => true,
+                    })
+                    .collect();
+                drop(last_write);
+                let mut w = StoreWriter::open(&txn, false)?;
+                for (op, keep) in ops.into_iter().zip(keep) {
+                    if keep {
+                        w.apply_op(op)?;
+                    }
+                }
+                if let Some((lsn, _)) = records.last() {
+                    w.meta.insert(KEY_APPLIED_LSN, *lsn).map_err(st)?;
+                }
+            }
+            txn.commit().map_err(st)
+        })();
+        let mut pending = self.pending_mut();
+        match applied {
+            // Readers found these batches here until now; from now on redb has them.
+            Ok(()) => pending.clear_applied(),
+            // Still only in the log: keep serving them from here (writes stop after this).
+            Err(_) => pending.records = records,
+        }
+        applied
     }
 
     /// Makes every commit so far durable in redb with one fsync'd commit and empties the log.
@@ -460,9 +513,8 @@ impl Store {
     /// work until reopened, so every failure here is permanent for this handle.
     pub(crate) fn checkpoint(&self) -> Result<()> {
         let mut log = self.log();
-        let mut txn = self.begin_write()?;
-        txn.set_durability(Durability::Immediate).map_err(st)?;
-        txn.commit().map_err(st)?;
+        // Every logged batch goes into this durable commit before the log is emptied.
+        self.apply_pending(Durability::Immediate)?;
         log.wal.reset()?;
         log.oldest_unchecked = None;
         Ok(())
@@ -483,8 +535,15 @@ impl Store {
         };
         if due {
             self.checkpoint()?;
+        } else if self.pending().bytes >= self.apply_bytes {
+            self.apply_pending(Durability::None)?;
         }
         Ok(due)
+    }
+
+    /// See [`crate::Config::apply_bytes`].
+    pub(crate) fn set_apply_bytes(&mut self, bytes: usize) {
+        self.apply_bytes = bytes;
     }
 
     /// Path of the database file.
@@ -504,9 +563,29 @@ impl Store {
         if from >= to || limit == 0 {
             return Ok(Vec::new());
         }
+        // Pending first, redb second (see [`pending`] for why nothing falls in between).
+        let pending = self.pending().read(qid, from, to, limit);
+        let (start, end) = (from.max(pending.applied.start), to.min(pending.applied.end));
+        let mut out = Vec::with_capacity(limit.min((to - from) as usize));
+        if start < end {
+            self.read_applied(qid, start, end, limit, &mut out)?;
+        }
+        let room = limit - out.len();
+        out.extend(pending.events.into_iter().take(room));
+        Ok(out)
+    }
+
+    /// [`Store::read_range`] of what redb holds.
+    fn read_applied(
+        &self,
+        qid: u64,
+        from: u64,
+        to: u64,
+        limit: usize,
+        out: &mut Vec<StoredEvent>,
+    ) -> Result<()> {
         let txn = self.begin_read()?;
         let table = txn.open_table(EVENTS).map_err(st)?;
-        let mut out = Vec::with_capacity(limit.min((to - from) as usize));
         for row in table.range((qid, from)..(qid, to)).map_err(st)? {
             let (k, v) = row.map_err(st)?;
             let (header, at) = codec::decode_event(v.value())?;
@@ -520,7 +599,45 @@ impl Store {
                 break;
             }
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Builds one batch with `f`, appends its log record (not yet synced: see
+    /// [`Store::log_syncer`]) and adds it to the pending batches, which redb gets later (see
+    /// [`pending`]). Returns `f`'s value and whether a log record was written. If `f` fails,
+    /// or the log cannot be written, nothing of the batch is stored or visible.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::write`].
+    pub(crate) fn write_batch<T>(
+        &self,
+        f: impl FnOnce(&mut BatchWriter<'_>) -> Result<T>,
+    ) -> Result<(T, bool), WriteError> {
+        let mut log = self.log();
+        let lsn = log.next_lsn;
+        let (value, changes) = {
+            let pending = self.pending();
+            let mut applied = AppliedIndex {
+                store: self,
+                table: None,
+            };
+            let mut w = BatchWriter::new(&pending, &mut applied);
+            let value = f(&mut w)?;
+            (value, w.into_changes())
+        };
+        let logged = !changes.payload.is_empty();
+        if logged {
+            match log.wal.append(lsn, &changes.payload) {
+                Ok(()) => {}
+                Err(AppendError::RolledBack(e)) => return Err(WriteError::Rejected(e)),
+                Err(AppendError::Broken(e)) => return Err(WriteError::Fatal(e)),
+            }
+            log.next_lsn += 1;
+            log.oldest_unchecked.get_or_insert_with(Instant::now);
+            self.pending_mut().add(lsn, changes);
+        }
+        Ok((value, logged))
     }
 
     /// Runs `f` in one write transaction, appends its changes to the log (not yet synced:
@@ -539,6 +656,8 @@ impl Store {
         &self,
         f: impl FnOnce(&mut StoreWriter<'_>) -> Result<T>,
     ) -> Result<(T, bool), WriteError> {
+        // `f` reads redb, which must hold every earlier batch first.
+        self.apply_pending(Durability::None)?;
         let mut log = self.log();
         let mut txn = self.begin_write()?;
         txn.set_durability(Durability::None).map_err(st)?;
@@ -585,6 +704,25 @@ impl Store {
     }
 }
 
+/// The id index as redb holds it, opened on first use by a batch.
+struct AppliedIndex<'s> {
+    store: &'s Store,
+    table: Option<redb::ReadOnlyTable<(u64, &'static str), u64>>,
+}
+
+impl AppliedIds for AppliedIndex<'_> {
+    fn get(&mut self, qid: u64, event_id: &str) -> Result<Option<u64>> {
+        let table = match &mut self.table {
+            Some(t) => t,
+            None => {
+                let txn = self.store.begin_read()?;
+                self.table.insert(txn.open_table(EVENT_IDS).map_err(st)?)
+            }
+        };
+        Ok(table.get((qid, event_id)).map_err(st)?.map(|v| v.value()))
+    }
+}
+
 /// The tables of one open write transaction. Every change goes through here and, outside
 /// recovery, is also encoded into the batch's log record.
 pub(crate) struct StoreWriter<'t> {
@@ -613,6 +751,44 @@ impl<'t> StoreWriter<'t> {
 }
 
 impl StoreWriter<'_> {
+    /// Applies one logged op (recovery, and pending batches). The log is the truth: an
+    /// append indexes its id at its offset unconditionally.
+    fn apply_op(&mut self, op: WalOp) -> Result<()> {
+        match op {
+            WalOp::SetNextQueueId(id) => self.set_next_queue_id(id),
+            WalOp::PutQueue {
+                tenant,
+                task,
+                record,
+            } => self.put_queue_bytes(&tenant, &task, &record),
+            WalOp::RemoveQueue { tenant, task } => self.remove_queue(&tenant, &task),
+            WalOp::Append {
+                qid,
+                offset,
+                event_id,
+                record,
+            } => {
+                self.ids
+                    .insert((qid, event_id.as_str()), offset)
+                    .map_err(st)?;
+                self.events
+                    .insert((qid, offset), record.as_slice())
+                    .map_err(st)?;
+                Ok(())
+            }
+            WalOp::Trim { qid, from, to } => self.trim(qid, from, to).map(|_| ()),
+            WalOp::Purge { qid, max } => self.purge_some(qid, max).map(|_| ()),
+            WalOp::MarkPurge { qid } => self.mark_purge(qid),
+            WalOp::PutCheckpoint {
+                tenant,
+                workflow,
+                seq,
+                checkpoint_id,
+                record,
+            } => self.insert_checkpoint(&tenant, &workflow, seq, &checkpoint_id, &record),
+        }
+    }
+
     fn record(&mut self, op: WalOpRef<'_>) -> Result<()> {
         match &mut self.log {
             Some(payload) => wal::encode_op(&op, payload),
@@ -623,16 +799,6 @@ impl StoreWriter<'_> {
     pub(crate) fn set_next_queue_id(&mut self, id: u64) -> Result<()> {
         self.meta.insert(KEY_NEXT_QUEUE_ID, id).map_err(st)?;
         self.record(WalOpRef::SetNextQueueId(id))
-    }
-
-    pub(crate) fn put_queue(
-        &mut self,
-        tenant: &str,
-        task: &str,
-        record: &QueueRecord,
-    ) -> Result<()> {
-        let bytes = codec::encode_queue(record)?;
-        self.put_queue_bytes(tenant, task, &bytes)
     }
 
     fn put_queue_bytes(&mut self, tenant: &str, task: &str, bytes: &[u8]) -> Result<()> {
@@ -647,44 +813,6 @@ impl StoreWriter<'_> {
     pub(crate) fn remove_queue(&mut self, tenant: &str, task: &str) -> Result<()> {
         self.queues.remove((tenant, task)).map_err(st)?;
         self.record(WalOpRef::RemoveQueue { tenant, task })
-    }
-
-    /// Indexes `event_id` of queue `qid` at `offset`, unless the queue retains an event with
-    /// that id already: then the index is left as it was and the stored offset is returned.
-    /// One B-tree insert in the common case instead of a lookup and an insert.
-    pub(crate) fn claim_event_id(
-        &mut self,
-        qid: u64,
-        event_id: &str,
-        offset: u64,
-    ) -> Result<Option<u64>> {
-        let existing = self
-            .ids
-            .insert((qid, event_id), offset)
-            .map_err(st)?
-            .map(|v| v.value());
-        if let Some(stored) = existing {
-            self.ids.insert((qid, event_id), stored).map_err(st)?;
-        }
-        Ok(existing)
-    }
-
-    /// Stores one encoded record at `(qid, offset)`, whose id [`StoreWriter::claim_event_id`]
-    /// already indexed.
-    pub(crate) fn append(
-        &mut self,
-        qid: u64,
-        offset: u64,
-        event_id: &str,
-        record: &[u8],
-    ) -> Result<()> {
-        self.events.insert((qid, offset), record).map_err(st)?;
-        self.record(WalOpRef::Append {
-            qid,
-            offset,
-            event_id,
-            record,
-        })
     }
 
     /// Removes the events of `qid` with offsets in `from..to` and their id-index entries.

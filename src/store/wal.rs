@@ -48,6 +48,7 @@ pub(crate) enum WalOp {
     PutQueue {
         tenant: String,
         task: String,
+        #[serde(deserialize_with = "byte_buf::deserialize")]
         record: Vec<u8>,
     },
     RemoveQueue {
@@ -58,6 +59,7 @@ pub(crate) enum WalOp {
         qid: u64,
         offset: u64,
         event_id: String,
+        #[serde(deserialize_with = "byte_buf::deserialize")]
         record: Vec<u8>,
     },
     Trim {
@@ -82,6 +84,7 @@ pub(crate) enum WalOp {
         workflow: String,
         seq: u64,
         checkpoint_id: String,
+        #[serde(deserialize_with = "byte_buf::deserialize")]
         record: Vec<u8>,
     },
 }
@@ -130,17 +133,45 @@ pub(crate) enum WalOpRef<'a> {
     },
 }
 
-/// Serialises a byte slice as a sequence of `u8`, the way `Vec<u8>` (de)serialises.
+/// Serialises a byte slice the way `Vec<u8>` (de)serialises in postcard: a varint length and
+/// the bytes (postcard encodes a byte string and a sequence of `u8` identically), in one call
+/// rather than one per byte.
 mod serde_bytes_compat {
     use serde::Serializer;
-    use serde::ser::SerializeSeq;
 
     pub(super) fn serialize<S: Serializer>(bytes: &&[u8], s: S) -> Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(Some(bytes.len()))?;
-        for b in bytes.iter() {
-            seq.serialize_element(b)?;
+        s.serialize_bytes(bytes)
+    }
+}
+
+/// Deserialises a `Vec<u8>` as a byte string (one copy) rather than element by element; the
+/// encoding is the same in postcard.
+mod byte_buf {
+    use serde::Deserializer;
+    use serde::de::{SeqAccess, Visitor};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Bytes;
+        impl<'de> Visitor<'de> for Bytes {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+                while let Some(b) = seq.next_element()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
         }
-        seq.end()
+        d.deserialize_byte_buf(Bytes)
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use eventqueue::{Delivery, Error, EventId};
+use eventqueue::{Config, Delivery, Error, EventId, QueueManager};
 use proptest::prelude::*;
 
 use super::*;
@@ -61,11 +61,21 @@ impl ModelQueue {
     }
 }
 
-async fn run(ops: Vec<Op>) {
+/// Runs `ops` against a manager that writes pending batches into redb once they hold
+/// `apply_bytes` (small values mix batches served from memory and from redb in every step).
+async fn run(ops: Vec<Op>, apply_bytes: usize) {
     let dir = tempfile::tempdir().unwrap();
     let t = tenant("t");
     let names = [task("q0"), task("q1"), task("q2")];
-    let mut m = open(dir.path()).await;
+    let open = |dir: std::path::PathBuf| async move {
+        QueueManager::open(Config {
+            apply_bytes,
+            ..config(&dir)
+        })
+        .await
+        .unwrap()
+    };
+    let mut m = open(dir.path().to_path_buf()).await;
     let mut model: BTreeMap<usize, ModelQueue> = BTreeMap::new();
     let mut serial = 0u64;
     for op in ops {
@@ -179,7 +189,7 @@ async fn run(ops: Vec<Op>) {
             }
             Op::Reopen => {
                 m.shutdown().await.unwrap();
-                m = open(dir.path()).await;
+                m = open(dir.path().to_path_buf()).await;
             }
         }
     }
@@ -189,20 +199,23 @@ async fn run(ops: Vec<Op>) {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
     #[test]
-    fn store_matches_the_model(ops in proptest::collection::vec(op(), 1..40)) {
+    fn store_matches_the_model(
+        ops in proptest::collection::vec(op(), 1..40),
+        apply_bytes in prop_oneof![Just(1usize), 1..2048usize, Just(4usize << 20)],
+    ) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(run(ops));
+        rt.block_on(run(ops, apply_bytes));
     }
 }
 
 #[tokio::test]
 async fn reopen_in_the_middle_of_history_keeps_the_model() {
     // A fixed sequence that exercises trim + reopen + gap, independent of random search.
-    run(vec![
+    let ops = vec![
         Op::Create { q: 0, max: 2 },
         Op::Enqueue {
             q: 0,
@@ -218,6 +231,9 @@ async fn reopen_in_the_middle_of_history_keeps_the_model() {
         Op::Subscribe { q: 0, from: 0 },
         Op::Close { q: 0 },
         Op::Subscribe { q: 0, from: 2 },
-    ])
-    .await;
+    ];
+    // Everything still in memory, everything in redb, and a mix.
+    for apply_bytes in [4 << 20, 1, 300] {
+        run(ops.clone(), apply_bytes).await;
+    }
 }

@@ -8,10 +8,13 @@ use eventqueue::{Config, Delivery, QueueManager, Subscription};
 
 use super::*;
 
-async fn manager(dir: &std::path::Path) -> QueueManager {
+/// With `apply_bytes` 1, every batch is written into redb right after it is logged, so
+/// subscribers' reads race the hand-over from memory to redb all the time.
+async fn manager(dir: &std::path::Path, apply_bytes: usize) -> QueueManager {
     QueueManager::open(Config {
         broadcast_capacity: 2,
         replay_chunk: 7,
+        apply_bytes,
         ..config(dir)
     })
     .await
@@ -51,9 +54,15 @@ async fn check(mut sub: Subscription, from: u64) -> (u64, u64, usize) {
     (from, expected, gaps)
 }
 
-async fn run(max_buffer: u64, producers: usize, per_producer: u64, subscribers: usize) {
+async fn run(
+    max_buffer: u64,
+    producers: usize,
+    per_producer: u64,
+    subscribers: usize,
+    apply_bytes: usize,
+) {
     let dir = tempfile::tempdir().unwrap();
-    let m = manager(dir.path()).await;
+    let m = manager(dir.path(), apply_bytes).await;
     let (t, k) = (tenant("t"), task("stress"));
     let q = m
         .create_queue(&t, &k, with_buffer(max_buffer))
@@ -117,7 +126,7 @@ async fn run(max_buffer: u64, producers: usize, per_producer: u64, subscribers: 
 async fn capacity_two_loses_nothing_that_is_retained() {
     // Retention large enough that nothing is trimmed: no gaps allowed at all.
     let dir = tempfile::tempdir().unwrap();
-    let m = manager(dir.path()).await;
+    let m = manager(dir.path(), Config::default().apply_bytes).await;
     let (t, k) = (tenant("t"), task("dense"));
     let q = m.create_queue(&t, &k, with_buffer(100_000)).await.unwrap();
     let mut subs = Vec::new();
@@ -145,10 +154,22 @@ async fn capacity_two_loses_nothing_that_is_retained() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn random_joiners_see_dense_sequences() {
-    run(100_000, 4, 150, 24).await;
+    run(100_000, 4, 150, 24, Config::default().apply_bytes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn random_joiners_under_trimming_see_gaps_never_holes() {
-    run(20, 4, 150, 24).await;
+    run(20, 4, 150, 24, Config::default().apply_bytes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_joiners_see_dense_sequences_while_batches_move_to_redb() {
+    run(100_000, 4, 150, 24, 1).await;
+    run(100_000, 4, 150, 24, 2000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_joiners_under_trimming_while_batches_move_to_redb() {
+    run(20, 4, 150, 24, 1).await;
+    run(20, 4, 150, 24, 2000).await;
 }

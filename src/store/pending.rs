@@ -1,0 +1,250 @@
+//! Changes that are in the write-ahead log but not yet in redb.
+//!
+//! The writer logs every batch (the log record is what makes it durable) but applies batches
+//! to redb only later, many at a time: redb copies and rewrites every B-tree page a
+//! transaction touches, so a transaction per batch of a few events spread over many queues
+//! costs a page copy per event and table, while one transaction for thousands of events
+//! touches each page once. Until it is applied, a batch lives here, where readers and the
+//! writer's idempotency check find it.
+//!
+//! # Why readers never miss an event
+//!
+//! Only the writer thread adds to or applies the pending set. It adds a batch here right
+//! after logging it, before the acknowledger publishes it, so every published event is either
+//! pending or applied. Applying commits the redb transaction first and only then drops the
+//! batches from here. A reader looks here first and reads redb afterwards, below the oldest
+//! offset it found here: whatever it did not find here had been applied before it looked, and
+//! redb's later read transaction sees it.
+//!
+//! # The idempotency index
+//!
+//! Trims are applied to redb later too, so until then redb's id index may still name events
+//! that are already trimmed. A claimed id therefore counts only if its offset is at or above
+//! the queue's first retained offset; an older entry is stale and is overwritten.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::StoredEvent;
+use super::codec::{self, QueueRecord};
+use super::wal::{self, WalOpRef};
+use crate::error::Result;
+use crate::ids::EventId;
+
+/// Logged batches not yet applied to redb, and indexes over them for readers.
+#[derive(Default)]
+pub(crate) struct Pending {
+    /// The batches' log records, oldest first: `(lsn, payload)`.
+    pub(super) records: Vec<(u64, Vec<u8>)>,
+    /// Payload bytes in `records`.
+    pub(super) bytes: usize,
+    /// Events appended by `records` and not trimmed since: queue id → offset → event.
+    events: HashMap<u64, BTreeMap<u64, StoredEvent>>,
+    /// Id-index entries written by `records`: queue id → event id → offset.
+    ids: HashMap<u64, HashMap<EventId, u64>>,
+    /// Queues trimmed by `records`: queue id → first offset kept. redb may still hold the
+    /// trimmed events; readers must not see them.
+    trimmed: HashMap<u64, u64>,
+}
+
+impl Pending {
+    /// Adds one logged batch.
+    pub(super) fn add(&mut self, lsn: u64, batch: BatchChanges) {
+        self.bytes += batch.payload.len();
+        self.records.push((lsn, batch.payload));
+        for (qid, ev) in batch.events {
+            self.events.entry(qid).or_default().insert(ev.offset, ev);
+        }
+        for (qid, ids) in batch.ids {
+            self.ids.entry(qid).or_default().extend(ids);
+        }
+        // A batch trims after it appends (see the writer), so applying trims last is its order.
+        for (qid, to) in batch.trims {
+            let kept = self.trimmed.entry(qid).or_default();
+            *kept = (*kept).max(to);
+            if let Some(events) = self.events.get_mut(&qid) {
+                *events = events.split_off(&to);
+                if events.is_empty() {
+                    self.events.remove(&qid);
+                }
+            }
+        }
+        for qid in batch.removed {
+            self.events.remove(&qid);
+            self.ids.remove(&qid);
+            self.trimmed.remove(&qid);
+        }
+    }
+
+    /// Forgets the indexes once every record has been applied to redb.
+    pub(super) fn clear_applied(&mut self) {
+        debug_assert!(self.records.is_empty());
+        self.events.clear();
+        self.ids.clear();
+        self.trimmed.clear();
+        self.bytes = 0;
+    }
+
+    /// What a reader of `qid`'s offsets `from..to` (at most `limit`) finds here.
+    pub(super) fn read(&self, qid: u64, from: u64, to: u64, limit: usize) -> PendingRead {
+        let kept_from = self.trimmed.get(&qid).copied().unwrap_or(0);
+        let Some(events) = self.events.get(&qid) else {
+            return PendingRead {
+                events: Vec::new(),
+                applied: kept_from..u64::MAX,
+            };
+        };
+        let first = events.keys().next().copied().unwrap_or(u64::MAX);
+        let start = from.max(kept_from);
+        let found = if start < to {
+            events
+                .range(start..to)
+                .take(limit)
+                .map(|(_, e)| e.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        PendingRead {
+            events: found,
+            applied: kept_from..first,
+        }
+    }
+}
+
+/// A reader's share of [`Pending`] for one queue.
+pub(super) struct PendingRead {
+    /// The pending events asked for, in offset order.
+    pub(super) events: Vec<StoredEvent>,
+    /// The offsets whose retained events are in redb: below it they are trimmed (though redb
+    /// may still hold them), above it they are pending.
+    pub(super) applied: std::ops::Range<u64>,
+}
+
+/// What one batch adds to [`Pending`].
+#[derive(Default)]
+pub(super) struct BatchChanges {
+    pub(super) payload: Vec<u8>,
+    events: Vec<(u64, StoredEvent)>,
+    ids: HashMap<u64, HashMap<EventId, u64>>,
+    /// `(queue id, new first offset)`.
+    trims: Vec<(u64, u64)>,
+    removed: Vec<u64>,
+}
+
+/// Looks up id-index entries that are already in redb.
+pub(super) trait AppliedIds {
+    fn get(&mut self, qid: u64, event_id: &str) -> Result<Option<u64>>;
+}
+
+/// Builds one batch: encodes its log record and its pending changes. Nothing reaches redb or
+/// the log until [`super::Store::write_batch`] logs the record.
+pub(crate) struct BatchWriter<'a> {
+    pending: &'a Pending,
+    applied: &'a mut dyn AppliedIds,
+    changes: BatchChanges,
+}
+
+impl<'a> BatchWriter<'a> {
+    pub(super) fn new(pending: &'a Pending, applied: &'a mut dyn AppliedIds) -> Self {
+        BatchWriter {
+            pending,
+            applied,
+            changes: BatchChanges::default(),
+        }
+    }
+
+    pub(super) fn into_changes(self) -> BatchChanges {
+        self.changes
+    }
+
+    fn record(&mut self, op: WalOpRef<'_>) -> Result<()> {
+        wal::encode_op(&op, &mut self.changes.payload)
+    }
+
+    pub(crate) fn set_next_queue_id(&mut self, id: u64) -> Result<()> {
+        self.record(WalOpRef::SetNextQueueId(id))
+    }
+
+    pub(crate) fn put_queue(
+        &mut self,
+        tenant: &str,
+        task: &str,
+        record: &QueueRecord,
+    ) -> Result<()> {
+        let bytes = codec::encode_queue(record)?;
+        self.record(WalOpRef::PutQueue {
+            tenant,
+            task,
+            record: &bytes,
+        })
+    }
+
+    /// Removes queue `qid`'s record (its events are removed by purge steps later).
+    pub(crate) fn remove_queue(&mut self, qid: u64, tenant: &str, task: &str) -> Result<()> {
+        self.changes.removed.push(qid);
+        self.record(WalOpRef::RemoveQueue { tenant, task })
+    }
+
+    /// Indexes `event_id` of queue `qid` at `offset`, unless the queue retains an event with
+    /// that id already (at or above `retained_from`): then the stored offset is returned and
+    /// nothing is indexed.
+    pub(crate) fn claim_event_id(
+        &mut self,
+        qid: u64,
+        event_id: &EventId,
+        offset: u64,
+        retained_from: u64,
+    ) -> Result<Option<u64>> {
+        let id = event_id.as_str();
+        let local = self.changes.ids.get(&qid).and_then(|m| m.get(id)).copied();
+        let found = match local {
+            Some(o) => Some(o),
+            None => match self.pending.ids.get(&qid).and_then(|m| m.get(id)).copied() {
+                Some(o) => Some(o),
+                None => self.applied.get(qid, id)?,
+            },
+        };
+        if let Some(stored) = found.filter(|&o| o >= retained_from) {
+            return Ok(Some(stored));
+        }
+        self.changes
+            .ids
+            .entry(qid)
+            .or_default()
+            .insert(event_id.clone(), offset);
+        Ok(None)
+    }
+
+    /// Stores one encoded record, whose id [`BatchWriter::claim_event_id`] already indexed;
+    /// `event` is the same event as readers get it (its JSON a slice of `record`).
+    pub(crate) fn append(
+        &mut self,
+        qid: u64,
+        event_id: &EventId,
+        record: &[u8],
+        event: StoredEvent,
+    ) -> Result<()> {
+        let offset = event.offset;
+        self.changes.events.push((qid, event));
+        self.record(WalOpRef::Append {
+            qid,
+            offset,
+            event_id: event_id.as_str(),
+            record,
+        })
+    }
+
+    /// Removes the events of `qid` with offsets in `from..to` and their id-index entries.
+    /// Offsets are dense, so that is `to - from` events.
+    pub(crate) fn trim(&mut self, qid: u64, from: u64, to: u64) -> Result<u64> {
+        self.changes.trims.push((qid, to));
+        self.record(WalOpRef::Trim { qid, from, to })?;
+        Ok(to.saturating_sub(from))
+    }
+
+    /// Marks a deleted queue's events for removal by purge steps. Queue ids are never reused,
+    /// so the remaining events are unreachable meanwhile.
+    pub(crate) fn mark_purge(&mut self, qid: u64) -> Result<()> {
+        self.record(WalOpRef::MarkPurge { qid })
+    }
+}
