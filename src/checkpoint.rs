@@ -18,9 +18,9 @@
 //!
 //! # Atomicity
 //!
-//! A save is one command to the writer thread, applied inside one batch: the checkpoint row
-//! and the event appends are written in the same redb write transaction and encoded into the
-//! same write-ahead-log record. Every check that can refuse the save (queue closed, id taken)
+//! A save is one command to the writer thread, processed as a batch of its own: the
+//! checkpoint row and the event appends are written in the same redb write transaction and
+//! encoded into the same write-ahead-log record. Every check that can refuse the save (queue closed, id taken)
 //! runs before anything is written, and any failure after the first write fails the whole
 //! transaction, which is then dropped. So redb commits both or neither; the log record (one
 //! CRC-checked unit, fsync'd before the save is acknowledged) holds both or neither, and
