@@ -225,10 +225,25 @@ impl HttpSink {
     /// [`ClientError::InvalidUrl`] for a URL that is not `http://` / `https://`.
     pub fn new(base_url: &str, task: &TaskId) -> Result<Self, ClientError> {
         let client = Client::new(base_url)?;
-        let http = reqwest::Client::builder()
-            .no_proxy()
+        // As `Client`: loopback servers are reached directly, never through a proxy.
+        let loopback = reqwest::Url::parse(base_url)
+            .ok()
+            .and_then(|url| url.host_str().map(str::to_string))
+            .is_some_and(|host| {
+                host == "localhost"
+                    || host
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            });
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
+            .timeout(Duration::from_secs(30));
+        if loopback {
+            builder = builder.no_proxy();
+        }
+        let http = builder
             .build()
             .map_err(|e| ClientError::InvalidUrl {
                 url: base_url.to_string(),
