@@ -12,13 +12,16 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+mod http;
+pub use http::{HttpEnqueueFigures, HttpFanoutFigures};
+
 use crate::{
     Config, Delivery, Durability, Event, ProgressEvent, QueueManager, QueueOptions, TaskId,
     TenantId,
 };
 
-/// Called with a short description as each step starts.
-pub type Progress = Arc<dyn Fn(&str) + Send + Sync>;
+/// Called as each step starts: its number (from 1), the number of steps, a short description.
+pub type Progress = Arc<dyn Fn(usize, usize, &str) + Send + Sync>;
 
 /// What to run.
 #[derive(Clone, Default)]
@@ -31,7 +34,8 @@ pub struct BenchOptions {
     pub progress: Option<Progress>,
     /// Run only the steps whose name contains one of these comma-separated words (steps:
     /// `raw`, `sequential`, `appends-immediate`, `appends-buffered`, `replay`, `fanout`,
-    /// `reopen`, `idle`, `sweep`, `churn`).
+    /// `reopen`, `idle`, `sweep`, `churn`, `http-enqueue`, `http-replay`, `http-fanout`).
+    /// A word matches every step whose name contains it: `http` runs the three HTTP steps.
     pub only: Option<String>,
     /// Seconds of the churn step (default 30; 5 with `quick`).
     pub churn_secs: Option<u64>,
@@ -135,6 +139,14 @@ pub struct BenchReport {
     pub sweep: Option<SweepFigures>,
     /// File size under steady churn.
     pub churn: Option<ChurnFigures>,
+    /// Loopback HTTP enqueues (1 client × 1 event, 8 clients × 16 events per request).
+    pub http_enqueue: Vec<HttpEnqueueFigures>,
+    /// Events replayed over SSE to one client.
+    pub http_replay_events: Option<u64>,
+    /// SSE replay rate to one client (events/s).
+    pub http_replay_events_per_sec: Option<f64>,
+    /// Loopback SSE fan-out to 100 and 1000 clients.
+    pub http_fanout: Vec<HttpFanoutFigures>,
 }
 
 /// An expiry sweep racing producers.
@@ -207,11 +219,6 @@ pub async fn run(opts: BenchOptions) -> crate::Result<BenchReport> {
         .prefix("eventqueue-bench-")
         .tempdir_in(&base)
         .map_err(crate::Error::storage)?;
-    let say = |s: &str| {
-        if let Some(p) = &opts.progress {
-            p(s)
-        }
-    };
     let q = opts.quick;
     let step = |name: &str| root.path().join(name);
 
@@ -221,6 +228,18 @@ pub async fn run(opts: BenchOptions) -> crate::Result<BenchReport> {
             o.split(',')
                 .any(|w| !w.is_empty() && name.contains(w.trim()))
         })
+    };
+    let total: usize = STEPS
+        .iter()
+        .filter(|(name, _)| want(name))
+        .map(|(_, parts)| parts)
+        .sum();
+    let started = std::sync::atomic::AtomicUsize::new(0);
+    let say = |s: &str| {
+        let n = started.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(p) = &opts.progress {
+            p(n, total, s)
+        }
     };
     let mut report = BenchReport {
         data_dir: base.display().to_string(),
@@ -314,8 +333,56 @@ pub async fn run(opts: BenchOptions) -> crate::Result<BenchReport> {
         say(&format!("churn for {secs} s"));
         report.churn = Some(churn(step("churn"), secs).await?);
     }
+    if want("http-enqueue") {
+        let events = if q { 3000 } else { 40_000 };
+        for (clients, batch) in [(1usize, 1usize), (8, 16)] {
+            say(&format!(
+                "HTTP enqueue, {clients} clients × {batch} events per request"
+            ));
+            let per_client = (events / (clients * batch)).max(20);
+            let dir = step(&format!("http-enqueue-{clients}x{batch}"));
+            report
+                .http_enqueue
+                .push(http::enqueue(&dir, clients, batch, per_client, streams).await?);
+        }
+    }
+    if want("http-replay") {
+        let n = if q { 20_000 } else { 100_000 };
+        say(&format!("SSE replay of {n} events to one client"));
+        report.http_replay_events_per_sec = Some(http::replay(&step("http-replay"), n).await?);
+        report.http_replay_events = Some(n);
+    }
+    if want("http-fanout") {
+        let n = if q { 1000 } else { 5000 };
+        for clients in [100usize, 1000] {
+            say(&format!(
+                "SSE fan-out to {clients} clients at 1000 events/s"
+            ));
+            let dir = step(&format!("http-fanout-{clients}"));
+            report
+                .http_fanout
+                .push(http::fanout(&dir, clients, n).await?);
+        }
+    }
     Ok(report)
 }
+
+/// Every step in the order it runs, with the number of measurements it makes.
+const STEPS: [(&str, usize); 13] = [
+    ("raw", 1),
+    ("sequential", 1),
+    ("appends-immediate", 4),
+    ("appends-buffered", 2),
+    ("replay", 1),
+    ("fanout", 1),
+    ("reopen", 1),
+    ("idle", 1),
+    ("sweep", 1),
+    ("churn", 1),
+    ("http-enqueue", 2),
+    ("http-replay", 1),
+    ("http-fanout", 2),
+];
 
 async fn raw_floor(dir: PathBuf, n: usize) -> crate::Result<Latency> {
     tokio::task::spawn_blocking(move || -> crate::Result<Latency> {
@@ -761,6 +828,26 @@ impl BenchReport {
                 c.seconds,
                 c.events,
                 sizes.join(" → ")
+            );
+        }
+        for h in &self.http_enqueue {
+            let _ = writeln!(
+                s,
+                "| HTTP enqueue, {} clients × {} events/request | {:.0} events/s, request p50 {:.2} ms p99 {:.2} ms |",
+                h.clients, h.batch, h.events_per_sec, h.request.p50_ms, h.request.p99_ms
+            );
+        }
+        if let (Some(n), Some(rate)) = (self.http_replay_events, self.http_replay_events_per_sec) {
+            let _ = writeln!(
+                s,
+                "| SSE replay of {n} events, 1 client | {rate:.0} events/s |"
+            );
+        }
+        for f in &self.http_fanout {
+            let _ = writeln!(
+                s,
+                "| SSE fan-out, {} clients × {} events at 1k/s | enqueue→client p50 {:.2} ms, p99 {:.2} ms, lost {} |",
+                f.clients, f.events, f.latency.p50_ms, f.latency.p99_ms, f.lost
             );
         }
         s

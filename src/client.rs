@@ -579,20 +579,20 @@ impl Client {
     }
 }
 
-/// The message of an error and of its sources, joined: reqwest's own text alone is often just
-/// "error sending request".
+/// A short description of a reqwest error: its root cause (`Connection refused (os error
+/// 111)`, `connection closed before message completed`), which says more than reqwest's own
+/// "error sending request for url (…)"; a timeout is named as such.
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
+    let mut root = e;
+    while let Some(source) = root.source() {
+        root = source;
     }
-    text
+    let text = root.to_string();
+    if std::ptr::addr_eq(root, e) || text.is_empty() {
+        e.to_string()
+    } else {
+        text
+    }
 }
 
 fn preview(bytes: &[u8]) -> &[u8] {
@@ -898,6 +898,16 @@ impl Subscription {
         &self.task_id
     }
 
+    /// The subscription as a [`Stream`](futures_util::Stream) of what
+    /// [`Subscription::next`] yields.
+    pub fn into_stream(
+        self,
+    ) -> impl futures_util::Stream<Item = Result<StreamItem, ClientError>> + Send + 'static {
+        futures_util::stream::unfold(self, |mut sub| async move {
+            sub.next().await.map(|item| (item, sub))
+        })
+    }
+
     /// The next item, or `None` after [`StreamItem::End`] or an error.
     ///
     /// # Errors
@@ -922,32 +932,43 @@ impl Subscription {
                     tokio::time::sleep(*delay).await;
                     self.state = SubState::Idle;
                 }
-                SubState::Idle => match self.connect().await {
-                    Ok(Some(open)) => {
-                        self.state = SubState::Open(Box::new(open));
-                        if self.reconnecting {
-                            self.reconnecting = false;
-                            return Some(Ok(StreamItem::Reconnected {
-                                resume_from: self.next_offset,
-                            }));
+                SubState::Idle => {
+                    let connected = match self.connect_request() {
+                        Ok(req) => open_stream(&self.client, req).await,
+                        Err(e) => Err(e),
+                    };
+                    match connected {
+                        Ok(Some(open)) => {
+                            self.state = SubState::Open(Box::new(open));
+                            if self.reconnecting {
+                                self.reconnecting = false;
+                                return Some(Ok(StreamItem::Reconnected {
+                                    resume_from: self.next_offset,
+                                }));
+                            }
+                        }
+                        Ok(None) => {
+                            self.state = SubState::Done;
+                            return Some(Ok(StreamItem::End(EndReason::AlreadyFinished)));
+                        }
+                        Err(e) if e.is_not_found() && self.reconnecting => {
+                            self.state = SubState::Done;
+                            return Some(Ok(StreamItem::End(EndReason::QueueGone)));
+                        }
+                        Err(e) if e.is_retryable() => {
+                            let reason = match e {
+                                // The URL is the subscription's own: the cause is what matters.
+                                ClientError::Transport { reason, .. } => reason,
+                                e => e.to_string(),
+                            };
+                            return Some(self.schedule_retry(reason));
+                        }
+                        Err(e) => {
+                            self.state = SubState::Done;
+                            return Some(Err(e));
                         }
                     }
-                    Ok(None) => {
-                        self.state = SubState::Done;
-                        return Some(Ok(StreamItem::End(EndReason::AlreadyFinished)));
-                    }
-                    Err(e) if e.is_not_found() && self.reconnecting => {
-                        self.state = SubState::Done;
-                        return Some(Ok(StreamItem::End(EndReason::QueueGone)));
-                    }
-                    Err(e) if e.is_retryable() => {
-                        return Some(self.schedule_retry(e.to_string()));
-                    }
-                    Err(e) => {
-                        self.state = SubState::Done;
-                        return Some(Err(e));
-                    }
-                },
+                }
                 SubState::Open(open) => {
                     let read = tokio::time::timeout(self.options.idle_timeout, open.read())
                         .await
@@ -969,7 +990,13 @@ impl Subscription {
                         }
                         Read::Eof => {
                             self.state = SubState::Idle;
-                            match self.ended_without_terminal().await {
+                            match ended_without_terminal(
+                                &self.client,
+                                &self.task_id,
+                                self.next_offset,
+                            )
+                            .await
+                            {
                                 Ok(Some(reason)) => {
                                     self.state = SubState::Done;
                                     return Some(Ok(StreamItem::End(reason)));
@@ -979,7 +1006,8 @@ impl Subscription {
                                     return Some(self.schedule_retry(reason));
                                 }
                                 Err(e) if e.is_retryable() => {
-                                    return Some(self.schedule_retry(e.to_string()));
+                                    let reason = "the server ended the stream".to_string();
+                                    return Some(self.schedule_retry(reason));
                                 }
                                 Err(e) => {
                                     self.state = SubState::Done;
@@ -1054,20 +1082,9 @@ impl Subscription {
         })
     }
 
-    /// After a clean end without a terminal event: is the stream over for good?
-    async fn ended_without_terminal(&self) -> Result<Option<EndReason>, ClientError> {
-        match self.client.queue_info(&self.task_id).await {
-            Ok(info) if info.is_closed && self.next_offset >= info.latest_offset => {
-                Ok(Some(EndReason::Closed))
-            }
-            Ok(_) => Ok(None),
-            Err(e) if e.is_not_found() => Ok(Some(EndReason::QueueGone)),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Opens a connection at the resume point; `None` for `204 No Content`.
-    async fn connect(&self) -> Result<Option<OpenStream>, ClientError> {
+    /// The request that opens a connection at the resume point. (Built without awaiting, so
+    /// that `next` borrows only the [`Client`] across awaits and its future is `Send`.)
+    fn connect_request(&self) -> Result<RequestBuilder, ClientError> {
         let path = format!(
             "{}{}",
             self.options.route.prefix(),
@@ -1087,29 +1104,57 @@ impl Subscription {
         if resume {
             req = req.header("Last-Event-ID", (self.next_offset - 1).to_string());
         }
-        // A stream has no overall time limit; only the response head has one.
-        let resp = tokio::time::timeout(self.client.timeout, self.client.send(req))
-            .await
-            .map_err(|_| ClientError::Transport {
-                url: self.client.base.clone(),
-                reason: format!("no answer within {:?}", self.client.timeout),
-            })??;
-        if resp.status() == StatusCode::NO_CONTENT {
-            return Ok(None);
-        }
-        let resp = check(resp).await?;
-        if !is_event_stream(resp.headers()) {
-            return Err(ClientError::Decode(
-                "the stream route did not answer with text/event-stream".into(),
-            ));
-        }
-        Ok(Some(OpenStream {
-            body: resp.bytes_stream().boxed(),
-            buf: BytesMut::new(),
-            frame: Frame::default(),
-        }))
+        Ok(req)
     }
 }
+
+/// After a clean end without a terminal event: is the stream over for good?
+async fn ended_without_terminal(
+    client: &Client,
+    task_id: &str,
+    next_offset: u64,
+) -> Result<Option<EndReason>, ClientError> {
+    match client.queue_info(task_id).await {
+        Ok(info) if info.is_closed && next_offset >= info.latest_offset => {
+            Ok(Some(EndReason::Closed))
+        }
+        Ok(_) => Ok(None),
+        Err(e) if e.is_not_found() => Ok(Some(EndReason::QueueGone)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sends a stream request; `None` for `204 No Content`.
+async fn open_stream(
+    client: &Client,
+    req: RequestBuilder,
+) -> Result<Option<OpenStream>, ClientError> {
+    // A stream has no overall time limit; only the response head has one.
+    let resp = tokio::time::timeout(client.timeout, client.send(req))
+        .await
+        .map_err(|_| ClientError::Transport {
+            url: client.base.clone(),
+            reason: format!("no answer within {:?}", client.timeout),
+        })??;
+    if resp.status() == StatusCode::NO_CONTENT {
+        return Ok(None);
+    }
+    let resp = check(resp).await?;
+    if !is_event_stream(resp.headers()) {
+        return Err(ClientError::Decode(
+            "the stream route did not answer with text/event-stream".into(),
+        ));
+    }
+    Ok(Some(OpenStream {
+        body: resp.bytes_stream().boxed(),
+        buf: BytesMut::new(),
+        frame: Frame::default(),
+    }))
+}
+
+/// Longest SSE line accepted (an event's JSON is at most 1 MiB by default on the server); a
+/// longer one means the peer is not an eventqueue server, and memory must stay bounded.
+const MAX_LINE_BYTES: usize = 64 << 20;
 
 fn is_event_stream(headers: &HeaderMap<HeaderValue>) -> bool {
     headers
@@ -1128,6 +1173,11 @@ impl OpenStream {
                     Ok(None) => {}
                     Err(reason) => return Read::Failed(reason),
                 }
+            }
+            if self.buf.len() > MAX_LINE_BYTES {
+                return Read::Failed(format!(
+                    "the server sent a line longer than {MAX_LINE_BYTES} bytes"
+                ));
             }
             match self.body.next().await {
                 Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
@@ -1276,6 +1326,15 @@ mod tests {
         };
         let delays: Vec<_> = (1..=5).map(|a| p.delay(a).as_millis()).collect();
         assert_eq!(delays, [100, 200, 400, 500, 500]);
+    }
+
+    #[test]
+    fn subscriptions_can_be_read_on_spawned_tasks() {
+        fn send<T: Send>(_: &T) {}
+        let client = Client::new("http://127.0.0.1:1").unwrap();
+        let mut sub = client.subscribe("t", SubscribeOptions::default());
+        send(&sub.next());
+        send(&sub.into_stream());
     }
 
     #[test]

@@ -56,6 +56,7 @@ mod subscription;
 mod writer;
 
 pub mod bench;
+pub mod cli;
 pub mod client;
 pub mod demo;
 pub mod producer;

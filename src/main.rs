@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use eventqueue::cli;
 use eventqueue::server::{self, AppState, Auth, OpenBind, ServerConfig};
 use eventqueue::{Config, Durability, QueueManager};
 use serde::Deserialize;
@@ -54,6 +55,36 @@ enum Command {
     /// A running server reuses the space of removed events but never returns it to the
     /// filesystem; this does. Example: `eventqueue compact --data-dir ./data`
     Compact(cmd_compact::CompactArgs),
+    /// Follow a task live: state, phase, a progress bar per running step, artifacts, errors,
+    /// the result. Reconnects by itself (resuming with Last-Event-ID) when the connection drops.
+    ///
+    /// Example: `eventqueue watch workflow_123`
+    Watch(cli::WatchArgs),
+    /// List the queues of your tenant.
+    ///
+    /// Example: `eventqueue queues`
+    Queues(cli::QueuesArgs),
+    /// Show one queue's info.
+    ///
+    /// Example: `eventqueue info workflow_123`
+    Info(cli::InfoArgs),
+    /// Ask a task's producer to stop.
+    ///
+    /// Example: `eventqueue cancel workflow_123 --reason "user pressed stop"`
+    Cancel(cli::CancelArgs),
+    /// Publish events to a queue: one (--event), a file of JSON lines, or JSON lines from stdin.
+    ///
+    /// Example: `producer | eventqueue publish workflow_123 -`
+    Publish(cli::PublishArgs),
+    /// Print a stopped server's stored events as JSON lines, with filters (offline).
+    ///
+    /// Example: `eventqueue dump --data-dir ./data --task workflow_123 --type status,error`
+    Dump(cli::DumpArgs),
+    /// Summarise a stopped server's store: format version, sizes, queues and events per
+    /// tenant, oldest and newest event (offline).
+    ///
+    /// Example: `eventqueue inspect --data-dir ./data`
+    Inspect(cli::InspectArgs),
     /// Publish a simulated workflow and ingestion job to a running server, to watch and cancel.
     ///
     /// Start `eventqueue serve` first; the demo prints the commands that watch and cancel its
@@ -76,7 +107,8 @@ struct BenchArgs {
     json: bool,
     /// Run only the steps whose name contains one of these comma-separated words (steps: raw,
     /// sequential, appends-immediate, appends-buffered, replay, fanout, reopen, idle, sweep,
-    /// churn).
+    /// churn, http-enqueue, http-replay, http-fanout; `http` runs the three over loopback
+    /// HTTP).
     #[arg(long, value_name = "STEP")]
     only: Option<String>,
     /// Seconds of the churn step (file size under steady write-and-delete)
@@ -358,6 +390,13 @@ fn main() -> ExitCode {
         Command::Bench(args) => runtime.block_on(bench(args)),
         Command::Token(args) => cmd_token::run(args),
         Command::Compact(args) => cmd_compact::run(args),
+        Command::Watch(args) => return cli::exit_code(runtime.block_on(cli::watch(args))),
+        Command::Queues(args) => return cli::exit_code(runtime.block_on(cli::queues(args))),
+        Command::Info(args) => return cli::exit_code(runtime.block_on(cli::info(args))),
+        Command::Cancel(args) => return cli::exit_code(runtime.block_on(cli::cancel(args))),
+        Command::Publish(args) => return cli::exit_code(runtime.block_on(cli::publish(args))),
+        Command::Dump(args) => return cli::exit_code(cli::dump(args)),
+        Command::Inspect(args) => return cli::exit_code(cli::inspect(args)),
         Command::Demo(args) => runtime.block_on(cmd_demo::run(args)),
     };
     match result {
@@ -370,9 +409,25 @@ fn main() -> ExitCode {
 }
 
 async fn bench(args: BenchArgs) -> Result<(), String> {
-    let progress: eventqueue::bench::Progress = std::sync::Arc::new(|step: &str| {
-        eprintln!("… {step}");
-    });
+    // A bar on a terminal (stderr); plain lines otherwise, so logs stay readable.
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}] {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(250));
+    let shown = !bar.is_hidden();
+    let on_step = bar.clone();
+    let progress: eventqueue::bench::Progress =
+        std::sync::Arc::new(move |n: usize, total: usize, step: &str| {
+            if shown {
+                on_step.set_length(total as u64);
+                on_step.set_position(n.saturating_sub(1) as u64);
+                on_step.set_message(step.to_string());
+            } else {
+                eprintln!("… [{n}/{total}] {step}");
+            }
+        });
     let report = eventqueue::bench::run(eventqueue::bench::BenchOptions {
         data_dir: args.data_dir,
         quick: args.quick,
@@ -382,7 +437,9 @@ async fn bench(args: BenchArgs) -> Result<(), String> {
         streams: args.streams,
     })
     .await
-    .map_err(|e| format!("bench failed: {e}"))?;
+    .map_err(|e| format!("bench failed: {e}"));
+    bar.finish_and_clear();
+    let report = report?;
     if args.json {
         let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
         println!("{json}");

@@ -243,12 +243,10 @@ impl HttpSink {
         if loopback {
             builder = builder.no_proxy();
         }
-        let http = builder
-            .build()
-            .map_err(|e| ClientError::InvalidUrl {
-                url: base_url.to_string(),
-                reason: format!("cannot build an HTTP client: {e}"),
-            })?;
+        let http = builder.build().map_err(|e| ClientError::InvalidUrl {
+            url: base_url.to_string(),
+            reason: format!("cannot build an HTTP client: {e}"),
+        })?;
         Ok(Self {
             client,
             http,

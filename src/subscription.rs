@@ -49,6 +49,10 @@ use crate::hub::Live;
 use crate::manager::Core;
 use crate::metrics::Metrics;
 use crate::queue::QueueShared;
+use crate::store::StoredEvent;
+
+/// A read of one chunk of the log on the blocking pool.
+type ReadTask = tokio::task::JoinHandle<Result<Vec<StoredEvent>>>;
 
 /// A committed event as stored: its offset, type, and JSON bytes (offset included), shared by
 /// every subscriber that receives it.
@@ -155,6 +159,8 @@ pub struct Subscription {
     /// A live event received ahead of `next`, delivered once the log filled the hole.
     stash: Option<Arc<RecordedEvent>>,
     buf: VecDeque<Arc<RecordedEvent>>,
+    /// The next chunk of the log, being read while `buf` is delivered: `(from, to, read)`.
+    prefetch: Option<(u64, u64, ReadTask)>,
     done: bool,
     first_to_send: u64,
     latest_at_start: u64,
@@ -193,6 +199,7 @@ impl Subscription {
             gap_from: None,
             stash: None,
             buf: VecDeque::new(),
+            prefetch: None,
             done,
             first_to_send: if from < st_next {
                 from.max(st_first)
@@ -296,6 +303,7 @@ impl Subscription {
     fn end(&mut self) {
         self.done = true;
         self.stash = None;
+        self.prefetch = None;
         self.buf.clear();
         self.gap_from = None;
     }
@@ -341,16 +349,27 @@ impl Subscription {
         self.finished_at = st.finished_at;
     }
 
-    /// Reads the next chunk of `next..read_until` from the log.
-    async fn fill(&mut self) -> Result<()> {
-        let (store, qid, from, to) = (
-            self.core.store.clone(),
-            self.q.id,
-            self.next,
-            self.read_until,
-        );
+    /// Starts reading up to one chunk of `from..to` from the log on the blocking pool.
+    fn read(&self, from: u64, to: u64) -> ReadTask {
+        let (store, qid) = (self.core.store.clone(), self.q.id);
         let limit = self.core.config.replay_chunk;
-        let events = tokio::task::spawn_blocking(move || store.read_range(qid, from, to, limit))
+        tokio::task::spawn_blocking(move || store.read_range(qid, from, to, limit))
+    }
+
+    /// Reads the next chunk of `next..read_until` from the log, and starts reading the chunk
+    /// after it, so that the log is read while this one is delivered. A chunk read ahead is
+    /// used only if it starts exactly where delivery got to; it may end below `read_until`
+    /// (which only grows), and then the next chunk covers the rest.
+    async fn fill(&mut self) -> Result<()> {
+        let (from, to, read) = match self.prefetch.take() {
+            Some((from, to, read)) if from == self.next => (from, to, read),
+            _ => (
+                self.next,
+                self.read_until,
+                self.read(self.next, self.read_until),
+            ),
+        };
+        let events = read
             .await
             .map_err(|e| Error::storage(format!("replay task failed: {e}")))??;
         match events.first() {
@@ -379,6 +398,13 @@ impl Subscription {
                     )));
                 }
             }
+        }
+        if self.next < self.read_until && !self.done {
+            self.prefetch = Some((
+                self.next,
+                self.read_until,
+                self.read(self.next, self.read_until),
+            ));
         }
         Ok(())
     }

@@ -584,21 +584,54 @@ impl Store {
         limit: usize,
         out: &mut Vec<StoredEvent>,
     ) -> Result<()> {
+        /// Events' JSON is copied into shared buffers of about this size, one allocation for
+        /// many events (an event kept alive keeps its buffer).
+        const SHARED: usize = 256 << 10;
         let txn = self.begin_read()?;
         let table = txn.open_table(EVENTS).map_err(st)?;
+        // (offset, type, terminal, JSON range in `buf`) of the events since the last flush.
+        let mut metas: Vec<(u64, u8, bool, std::ops::Range<usize>)> = Vec::new();
+        let mut buf: Vec<u8> = Vec::new();
+        let flush = |metas: &mut Vec<(u64, u8, bool, std::ops::Range<usize>)>,
+                     buf: &mut Vec<u8>,
+                     out: &mut Vec<StoredEvent>| {
+            let shared = Bytes::from(std::mem::take(buf));
+            out.extend(
+                metas
+                    .drain(..)
+                    .map(|(offset, event_type, terminal, at)| StoredEvent {
+                        offset,
+                        event_type,
+                        terminal,
+                        json: shared.slice(at),
+                    }),
+            );
+        };
+        let mut taken = out.len();
         for row in table.range((qid, from)..(qid, to)).map_err(st)? {
             let (k, v) = row.map_err(st)?;
-            let (header, at) = codec::decode_event(v.value())?;
-            out.push(StoredEvent {
-                offset: k.value().1,
-                event_type: header.event_type,
-                terminal: header.terminal,
-                json: Bytes::copy_from_slice(&v.value()[at..]),
-            });
-            if out.len() >= limit {
+            let record = v.value();
+            let (header, at) = codec::decode_event(record)?;
+            if buf.is_empty() {
+                buf.reserve(SHARED.max(record.len()));
+            } else if buf.len() + record.len() > buf.capacity() {
+                flush(&mut metas, &mut buf, out);
+                buf.reserve(SHARED.max(record.len()));
+            }
+            let start = buf.len();
+            buf.extend_from_slice(&record[at..]);
+            metas.push((
+                k.value().1,
+                header.event_type,
+                header.terminal,
+                start..buf.len(),
+            ));
+            taken += 1;
+            if taken >= limit {
                 break;
             }
         }
+        flush(&mut metas, &mut buf, out);
         Ok(())
     }
 
