@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use eventqueue::client::{Client, DEFAULT_URL, Route};
+use eventqueue::cli::ConnArgs;
+use eventqueue::client::{Client, Route};
 use eventqueue::demo::{self, DemoOptions, Narrate};
 use eventqueue::{TaskId, TenantId};
 
@@ -19,20 +20,9 @@ pub enum Only {
 /// Flags of `eventqueue demo`.
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
-    /// The server to publish to.
-    #[arg(long, env = "EVENTQUEUE_URL", value_name = "URL", default_value = DEFAULT_URL)]
-    url: String,
-    /// Bearer token for a server in token mode (scopes: publish subscribe).
-    #[arg(
-        long,
-        env = "EVENTQUEUE_TOKEN",
-        value_name = "TOKEN",
-        hide_env_values = true
-    )]
-    token: Option<String>,
-    /// Tenant to act for on an open-mode server (X-Tenant-ID) [default: the server's default]
-    #[arg(long, value_name = "TENANT")]
-    tenant: Option<String>,
+    /// The server, and who is calling.
+    #[command(flatten)]
+    conn: ConnArgs,
     /// Videos the ingestion job processes.
     #[arg(long, value_name = "N", default_value_t = 8)]
     videos: u64,
@@ -53,10 +43,12 @@ pub struct DemoArgs {
 /// Runs the demo; Ctrl-C cancels both tasks through the server (they stop at their next
 /// boundary and report `status: cancelled`).
 pub async fn run(args: DemoArgs) -> Result<(), String> {
-    let mut options = DemoOptions::new(args.url).map_err(|e| e.to_string())?;
-    options.token = args.token;
+    let mut options = DemoOptions::new(args.conn.url).map_err(|e| e.to_string())?;
+    options.token = args.conn.token.filter(|t| !t.trim().is_empty());
     options.tenant = args
+        .conn
         .tenant
+        .filter(|t| !t.is_empty())
         .map(TenantId::new)
         .transpose()
         .map_err(|e| e.to_string())?;

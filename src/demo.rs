@@ -104,11 +104,17 @@ impl DemoOptions {
     pub fn commands(&self) -> Vec<String> {
         let base = self.url.trim_end_matches('/');
         let mut headers = String::new();
+        let mut flags = String::new();
         if self.token.is_some() {
             headers.push_str(" -H \"Authorization: Bearer $TOKEN\"");
+            flags.push_str(" --token \"$TOKEN\"");
         }
         if let Some(tenant) = &self.tenant {
             headers.push_str(&format!(" -H 'X-Tenant-ID: {tenant}'"));
+            flags.push_str(&format!(" --tenant {tenant}"));
+        }
+        if base != DEFAULT_URL {
+            flags.push_str(&format!(" --url {base}"));
         }
         let (wf, job) = (&self.workflow_id, &self.ingestion_id);
         let mut lines =
@@ -118,6 +124,15 @@ impl DemoOptions {
         }
         if self.ingestion {
             lines.push(format!("  curl -N{headers} {base}/events/ingestion/{job}"));
+        }
+        lines.push("or with the CLI (progress bars; reconnects by itself):".into());
+        if self.workflow {
+            lines.push(format!("  cargo run --release -- watch{flags} {wf}"));
+        }
+        if self.ingestion {
+            lines.push(format!(
+                "  cargo run --release -- watch{flags} --ingestion {job}"
+            ));
             lines.push("Cancel the ingestion job (it stops before the next video):".into());
             lines.push(format!(
                 "  curl -X POST{headers} {base}/events/ingestion/{job}/cancel -d '{{\"reason\": \"user pressed stop\"}}'"
