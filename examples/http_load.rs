@@ -28,12 +28,11 @@ use std::time::{Duration, Instant};
 use axum::body::{Body, Bytes};
 use axum::routing::get;
 use clap::{Parser, Subcommand};
+use eventqueue::bench::http::{SendTimes, sse_client};
 use eventqueue::server::{self, AppState, ServerConfig};
 use eventqueue::{Config, QueueManager};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{Barrier, broadcast, oneshot};
 
 #[derive(Parser)]
@@ -153,65 +152,8 @@ fn start_raw_server(
     })
 }
 
-/// Send times of offsets, in microseconds since `epoch` (0 = not sent yet).
-struct SendTimes {
-    epoch: Instant,
-    at: Vec<AtomicU64>,
-}
-
 /// What a client reports: events seen and, when timed, `(offset, receive time)` pairs.
-type ClientResult = (u64, Vec<(u64, u64)>);
-
-/// One SSE client: reads until it saw offset `last`; returns the offsets' count and, when
-/// `times` is given, each offset's receive time (microseconds since `times.epoch`).
-async fn sse_client(
-    addr: SocketAddr,
-    path: String,
-    last: u64,
-    connected: Arc<Barrier>,
-    times: Option<Arc<SendTimes>>,
-) -> ClientResult {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut pending: Vec<u8> = Vec::with_capacity(128 * 1024);
-    let mut seen_connected = false;
-    let mut count = 0u64;
-    let mut received = Vec::new();
-    loop {
-        let n = stream.read(&mut buf).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        pending.extend_from_slice(&buf[..n]);
-        let Some(end) = pending.iter().rposition(|b| *b == b'\n') else {
-            continue;
-        };
-        let mut done = false;
-        for line in pending[..end].split(|b| *b == b'\n') {
-            if let Some(id) = line.strip_prefix(b"id: ") {
-                let offset: u64 = std::str::from_utf8(id).unwrap().trim().parse().unwrap();
-                count += 1;
-                if let Some(t) = &times {
-                    received.push((offset, t.epoch.elapsed().as_micros() as u64));
-                }
-                if offset == last {
-                    done = true;
-                }
-            } else if !seen_connected && line.starts_with(b"event: connected") {
-                seen_connected = true;
-                connected.wait().await;
-            }
-        }
-        pending.drain(..=end);
-        if done {
-            break;
-        }
-    }
-    (count, received)
-}
+type ClientResult = eventqueue::Result<(u64, Vec<(u64, u64)>)>;
 
 async fn post(client: &reqwest::Client, url: &str, body: &Value) -> Value {
     let r = client.post(url).json(body).send().await.unwrap();
@@ -319,7 +261,7 @@ fn main() {
             let mut delivered = 0;
             let mut lat = Vec::new();
             for h in handles {
-                let (n, received) = crt.block_on(h).unwrap();
+                let (n, received) = crt.block_on(h).unwrap().unwrap();
                 delivered += n;
                 lat.extend(received.into_iter().map(|(offset, at)| {
                     at.saturating_sub(times.at[offset as usize].load(Ordering::Acquire)) as u32
@@ -368,7 +310,7 @@ fn main() {
             });
             let mut delivered = 0;
             for h in handles {
-                delivered += crt.block_on(h).unwrap().0;
+                delivered += crt.block_on(h).unwrap().unwrap().0;
             }
             let elapsed = start.elapsed();
             println!(
@@ -402,7 +344,7 @@ fn main() {
             });
             let mut delivered = 0;
             for h in handles {
-                delivered += crt.block_on(h).unwrap().0;
+                delivered += crt.block_on(h).unwrap().unwrap().0;
             }
             let elapsed = start.elapsed();
             println!(

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-mod http;
+pub mod http;
 pub use http::{HttpEnqueueFigures, HttpFanoutFigures};
 
 use crate::{

@@ -371,11 +371,17 @@ fn read_config(path: &Path) -> Result<FileConfig, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The server logs at `info`; other commands print their own output and log only problems
+    // (the bench's in-process servers would otherwise interleave their lines with its report).
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
         )
         .init();
     let runtime = match tokio::runtime::Runtime::new() {

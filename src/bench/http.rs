@@ -173,7 +173,7 @@ pub(super) async fn replay(dir: &Path, n: u64) -> Result<f64> {
     let start = Instant::now();
     let (count, _) = sse_client(
         server.addr,
-        "/events/workflows/replay",
+        "/events/workflows/replay".into(),
         n - 1,
         connected,
         None,
@@ -206,7 +206,7 @@ pub(super) async fn fanout(dir: &Path, clients: usize, n: u64) -> Result<HttpFan
         .map(|_| {
             tokio::spawn(sse_client(
                 server.addr,
-                "/events/workflows/fanout",
+                "/events/workflows/fanout".into(),
                 n - 1,
                 connected.clone(),
                 Some(times.clone()),
@@ -249,17 +249,26 @@ pub(super) async fn fanout(dir: &Path, clients: usize, n: u64) -> Result<HttpFan
 }
 
 /// When each offset was published, in microseconds since `epoch` (0 = not yet).
-struct SendTimes {
-    epoch: Instant,
-    at: Vec<AtomicU64>,
+#[derive(Debug)]
+pub struct SendTimes {
+    /// The clock's zero.
+    pub epoch: Instant,
+    /// Publish time of each offset.
+    pub at: Vec<AtomicU64>,
 }
 
-/// Reads one SSE stream from offset 0 until it has seen offset `last`. Waits on `connected`
-/// once the server's `connected` frame arrived. Returns how many events it read and, with
-/// `times`, when it read each (microseconds since `times.epoch`).
-async fn sse_client(
+/// Reads one SSE stream (`path`, e.g. `/events/workflows/t`) over a raw TCP connection until
+/// it has seen offset `last`, picking out only `id:` lines, so that the client costs little
+/// next to the server. Waits on `connected` once the server's `connected` frame arrived.
+/// Returns how many events it read and, with `times`, when it read each (microseconds since
+/// `times.epoch`).
+///
+/// # Errors
+///
+/// A failed connection or read, or a malformed `id:` line.
+pub async fn sse_client(
     addr: SocketAddr,
-    path: &'static str,
+    path: String,
     last: u64,
     connected: Arc<Barrier>,
     times: Option<Arc<SendTimes>>,

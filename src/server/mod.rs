@@ -272,20 +272,33 @@ async fn method_not_allowed() -> ApiError {
 /// One line per request at info: method, path, query string with credentials redacted
 /// ([`redact_query`]), status and time to the response head. Bodies and headers are never
 /// logged.
+/// Logs each request: a success at `debug` (a line per request costs a busy server more than
+/// the request itself), a client error at `info`, a server error at `warn`.
 async fn log_request(req: Request, next: Next) -> Response {
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let query = req.uri().query().map(redact_query).unwrap_or_default();
+    let uri = req.uri().clone();
     let start = Instant::now();
     let response = next.run(req).await;
-    tracing::info!(
-        %method,
-        %path,
-        %query,
-        status = response.status().as_u16(),
-        micros = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
-        "request"
-    );
+    let status = response.status();
+    macro_rules! log {
+        ($level:ident) => {
+            tracing::$level!(
+                %method,
+                path = uri.path(),
+                query = %uri.query().map(redact_query).unwrap_or_default(),
+                status = status.as_u16(),
+                micros = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
+                "request"
+            )
+        };
+    }
+    if status.is_server_error() {
+        log!(warn);
+    } else if status.is_client_error() {
+        log!(info);
+    } else {
+        log!(debug);
+    }
     response
 }
 

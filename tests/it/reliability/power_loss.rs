@@ -8,12 +8,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventqueue::{Config, PowerLoss, QueueManager, QueueOptions};
+use eventqueue::{Config, Durability, PowerLoss, QueueManager, QueueOptions};
 
 use super::*;
 
 /// What the workload was told succeeded.
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone)]
 struct Told {
     created: BTreeSet<String>,
     closed: BTreeSet<String>,
@@ -54,6 +54,9 @@ fn buffers(name: &str) -> u64 {
 struct Setup {
     every: Duration,
     apply_bytes: usize,
+    /// Buffered durability: only what was acknowledged before a completed `flush` must
+    /// survive the cut.
+    buffered: bool,
 }
 
 fn config(dir: &std::path::Path, setup: Setup) -> Config {
@@ -61,13 +64,32 @@ fn config(dir: &std::path::Path, setup: Setup) -> Config {
         cache_size_bytes: 1 << 20,
         checkpoint_interval: setup.every,
         apply_bytes: setup.apply_bytes,
+        durability: if setup.buffered {
+            // Long enough that only explicit flushes sync within the workload.
+            Durability::Buffered {
+                flush_interval: Duration::from_secs(3600),
+            }
+        } else {
+            Durability::Immediate
+        },
         ..Config::new(dir)
+    }
+}
+
+/// After each phase of the workload in buffered durability: flush, and once the flush
+/// completed, remember what had been acknowledged by then as what must survive.
+async fn flushed(m: &QueueManager, told: &Shared, durable: &Option<Shared>) {
+    if let Some(durable) = durable {
+        let snapshot = told.lock().unwrap().clone();
+        if m.flush().await.is_ok() {
+            *durable.lock().unwrap() = snapshot;
+        }
     }
 }
 
 /// A small workload touching every kind of write. Keeps going after failures (which come only
 /// after the cut); records only what was acknowledged.
-async fn workload(m: &QueueManager, told: &Shared) {
+async fn workload(m: &QueueManager, told: &Shared, durable: &Option<Shared>) {
     let t = tenant("t");
     let mut queues = BTreeMap::new();
     for name in ["a", "b", "c", "d"] {
@@ -77,6 +99,7 @@ async fn workload(m: &QueueManager, told: &Shared) {
             queues.insert(name, q);
         }
     }
+    flushed(m, told, durable).await;
     let Some(a) = queues.get("a").cloned() else {
         return;
     };
@@ -100,6 +123,7 @@ async fn workload(m: &QueueManager, told: &Shared) {
             told.lock().unwrap().closed.insert("b".into());
         }
     }
+    flushed(m, told, durable).await;
     // Concurrent producers share group commits.
     let mut tasks = Vec::new();
     for p in 0..3u64 {
@@ -123,6 +147,7 @@ async fn workload(m: &QueueManager, told: &Shared) {
     for h in tasks {
         h.await.unwrap();
     }
+    flushed(m, told, durable).await;
     // An idempotent retry returns the stored offset and appends nothing.
     let e = marked(&t, &task("a"), "a-s0", 0);
     if let Ok(off) = a.enqueue(e.clone()).await {
@@ -133,6 +158,7 @@ async fn workload(m: &QueueManager, told: &Shared) {
     {
         told.lock().unwrap().cancelled.insert("c".into());
     }
+    flushed(m, told, durable).await;
     if let Some(d) = queues.get("d") {
         for i in 0..3 {
             let id = format!("d-{i}");
@@ -146,6 +172,7 @@ async fn workload(m: &QueueManager, told: &Shared) {
             told.lock().unwrap().deleted.insert("d".into());
         }
     }
+    flushed(m, told, durable).await;
 }
 
 /// Reopens the image and checks it against what the workload was told.
@@ -206,10 +233,11 @@ async fn run(cut: Option<u64>, torn: u64, setup: Setup) -> u64 {
         power.cut_at_sync(n);
     }
     let told: Shared = Arc::default();
+    let durable: Option<Shared> = setup.buffered.then(Arc::default);
     let label = format!("cut at sync {cut:?} ({setup:?}, torn tail {torn})");
     match QueueManager::open_with_power_loss(config(dir.path(), setup), power.clone()).await {
         Ok(m) => {
-            workload(&m, &told).await;
+            workload(&m, &told, &durable).await;
             if !power.is_cut() {
                 // Nothing failed yet: the power goes off after the workload.
                 power.cut_now();
@@ -221,7 +249,14 @@ async fn run(cut: Option<u64>, torn: u64, setup: Setup) -> u64 {
     }
     let syncs = power.syncs();
     power.settle(dir.path(), torn).unwrap();
-    let told = std::mem::take(&mut *told.lock().unwrap());
+    let mut told = std::mem::take(&mut *told.lock().unwrap());
+    if let Some(durable) = durable {
+        // Only what a completed flush covered must be there; a delete tried later may have
+        // reached the disk all the same.
+        let tried = std::mem::take(&mut told.delete_tried);
+        told = std::mem::take(&mut *durable.lock().unwrap());
+        told.delete_tried = tried;
+    }
     verify(dir.path(), setup, &told, &label).await;
     syncs
 }
@@ -243,6 +278,7 @@ async fn power_loss_at_every_sync_with_a_checkpoint_after_each_batch() {
     sweep(Setup {
         every: Duration::ZERO,
         apply_bytes: Config::default().apply_bytes,
+        buffered: false,
     })
     .await;
 }
@@ -252,6 +288,7 @@ async fn power_loss_at_every_sync_with_everything_in_the_log() {
     sweep(Setup {
         every: Duration::from_secs(3600),
         apply_bytes: Config::default().apply_bytes,
+        buffered: false,
     })
     .await;
 }
@@ -263,6 +300,19 @@ async fn power_loss_at_every_sync_with_batches_written_into_redb_between_checkpo
     sweep(Setup {
         every: Duration::from_secs(3600),
         apply_bytes: 1,
+        buffered: false,
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_loss_at_every_sync_in_buffered_durability_keeps_what_was_flushed() {
+    for (every, apply_bytes) in [(Duration::ZERO, 1), (Duration::from_secs(3600), 1 << 20)] {
+        sweep(Setup {
+            every,
+            apply_bytes,
+            buffered: true,
+        })
+        .await;
+    }
 }
