@@ -26,6 +26,14 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A checkpoint failed validation; `field` names the offending field.
+    #[error("invalid checkpoint: {field}: {reason}")]
+    InvalidCheckpoint {
+        /// The offending field (`current_phase`, `tasks[0].status`, `state`, …).
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// `create_queue` of a queue that already exists.
     #[error("Queue already exists: {task_id} (tenant {tenant_id})")]
     QueueExists {

@@ -9,7 +9,12 @@
 //! - offsets are per queue, dense, 0-based and never reused;
 //! - a subscription delivers in offset order with no duplicates and no holes; events dropped
 //!   by retention are reported as a gap, never skipped silently;
-//! - a slow subscriber never blocks producers or other subscribers.
+//! - a slow subscriber never blocks producers or other subscribers;
+//! - a workflow checkpoint ([`CheckpointStore`]) and the status / progress events it emits are
+//!   committed together or not at all.
+//!
+//! Producers report through [`producer::Reporter`] (typed emitters, a cancellation boundary
+//! check, and an outcome that is always reported), in process or over HTTP.
 //!
 //! ```
 //! use eventqueue::{Config, Delivery, Event, QueueManager, QueueOptions, StatusEvent, TaskId,
@@ -35,6 +40,7 @@
 //! # }
 //! ```
 
+mod checkpoint;
 mod clock;
 mod compaction;
 mod config;
@@ -52,8 +58,14 @@ mod writer;
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod demo;
+pub mod producer;
 pub mod server;
 
+pub use checkpoint::{
+    Checkpoint, CheckpointStore, Resume, SavedCheckpoint, StoredCheckpoint, TaskCheckpoint,
+    TaskStatus, WorkflowStatus,
+};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use compaction::{CleanupReport, CompactReport, compact_offline};
 pub use config::{Config, Durability};

@@ -5,6 +5,7 @@
 //! variable, the TOML file given by `--config`, the default.
 
 mod cmd_compact;
+mod cmd_demo;
 mod cmd_token;
 
 use std::io::IsTerminal;
@@ -84,6 +85,11 @@ enum Command {
     ///
     /// Example: `eventqueue inspect --data-dir ./data`
     Inspect(cli::InspectArgs),
+    /// Publish a simulated workflow and ingestion job to a running server, to watch and cancel.
+    ///
+    /// Start `eventqueue serve` first; the demo prints the commands that watch and cancel its
+    /// tasks. Example: `eventqueue demo --videos 20 --delay-ms 500`
+    Demo(cmd_demo::DemoArgs),
 }
 
 /// Flags of `eventqueue bench`.
@@ -397,6 +403,7 @@ fn main() -> ExitCode {
         Command::Publish(args) => return cli::exit_code(runtime.block_on(cli::publish(args))),
         Command::Dump(args) => return cli::exit_code(cli::dump(args)),
         Command::Inspect(args) => return cli::exit_code(cli::inspect(args)),
+        Command::Demo(args) => runtime.block_on(cmd_demo::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -266,6 +266,14 @@ impl QueueManager {
         self.lookup(tenant, task).map(|q| self.handle(q))
     }
 
+    /// The checkpoint store of `tenant`'s workflows (see [`crate::CheckpointStore`]).
+    pub fn checkpoints(&self, tenant: &TenantId) -> crate::checkpoint::CheckpointStore {
+        crate::checkpoint::CheckpointStore {
+            core: self.core.clone(),
+            tenant: tenant.clone(),
+        }
+    }
+
     /// Info of every queue of `tenant` (all tenants when `None`), sorted by tenant then task.
     pub fn list_queues(&self, tenant: Option<&TenantId>) -> Vec<QueueInfo> {
         let queues: Vec<Arc<QueueShared>> = self

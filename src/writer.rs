@@ -51,6 +51,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::checkpoint::{PreparedSave, SavedCheckpoint};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventType, RenderedEvent, Timestamp};
@@ -60,7 +61,7 @@ use crate::metrics::Metrics;
 use crate::queue::{CancelInfo, QueueKind, QueueShared, View};
 use crate::store::codec::{self, EventHeader, QueueRecord};
 use crate::store::wal::WalSyncer;
-use crate::store::{BatchWriter, Store, StoredEvent, WriteError};
+use crate::store::{BatchWriter, Store, StoreWriter, StoredEvent, WriteError};
 use crate::subscription::RecordedEvent;
 
 /// Every live queue by `(tenant, task)`. Written only by the writer, after commits.
@@ -148,6 +149,11 @@ pub(crate) enum Command {
     },
     /// fsync everything committed so far (a flush in buffered mode).
     Sync { reply: Option<Reply<()>> },
+    /// Saves a workflow checkpoint and appends its events in the same transaction.
+    SaveCheckpoint {
+        save: Box<PreparedSave>,
+        reply: Reply<SavedCheckpoint>,
+    },
     /// Commit what is queued, sync, and stop.
     Shutdown { reply: Reply<()> },
 }
@@ -166,6 +172,7 @@ enum Outcome {
     Offsets(Vec<u64>),
     Created(Arc<QueueShared>),
     Removed(bool),
+    Saved(SavedCheckpoint),
     Done,
     Failed(Error),
 }
@@ -366,7 +373,7 @@ impl WriterLoop {
                     Err(_) => break,
                 }
             }
-            if self.process(cmds) {
+            if self.process_all(cmds) {
                 return;
             }
             if !self.purges.is_empty() && self.last_purge.elapsed() >= PURGE_PACE {
@@ -415,6 +422,19 @@ impl WriterLoop {
         }
     }
 
+    /// Processes what was collected: each checkpoint save as a batch of its own (it is
+    /// written in a redb transaction of its own, see [`apply_checkpoint`]), then the rest as
+    /// one batch. Returns true when a shutdown was processed.
+    fn process_all(&mut self, cmds: Vec<Command>) -> bool {
+        let (saves, rest): (Vec<_>, Vec<_>) = cmds
+            .into_iter()
+            .partition(|c| matches!(c, Command::SaveCheckpoint { .. }));
+        for save in saves {
+            self.process(vec![save]);
+        }
+        !rest.is_empty() && self.process(rest)
+    }
+
     /// Applies and commits one batch and hands it to the acknowledger. Returns true when a
     /// shutdown was processed.
     fn process(&mut self, cmds: Vec<Command>) -> bool {
@@ -434,14 +454,22 @@ impl WriterLoop {
         let mut batch = Batch::default();
         let mut next_queue_id = self.w.next_queue_id;
         let keys = &mut self.keys;
-        let result = self.w.store.write_batch(|w| {
-            let mut outcomes = Vec::with_capacity(cmds.len());
-            for cmd in &cmds {
-                outcomes.push(apply(w, &mut batch, keys, &mut next_queue_id, cmd, now)?);
-            }
-            finish(w, &mut batch)?;
-            Ok(outcomes)
-        });
+        let result = if let [Command::SaveCheckpoint { save, .. }] = cmds.as_slice() {
+            self.w.store.write(|w| {
+                let outcome = apply_checkpoint(w, &mut batch, save, now)?;
+                finish_checkpoint(w, &mut batch)?;
+                Ok(vec![outcome])
+            })
+        } else {
+            self.w.store.write_batch(|w| {
+                let mut outcomes = Vec::with_capacity(cmds.len());
+                for cmd in &cmds {
+                    outcomes.push(apply(w, &mut batch, keys, &mut next_queue_id, cmd, now)?);
+                }
+                finish(w, &mut batch)?;
+                Ok(outcomes)
+            })
+        };
         // The last batch before a shutdown is followed by a durable checkpoint, so the log is
         // empty when the directory is closed.
         let result = match result {
@@ -721,6 +749,10 @@ fn apply(
             Outcome::Removed(true)
         }
         Command::Sync { .. } | Command::Shutdown { .. } => Outcome::Done,
+        // Saves are batches of their own (`process_all`); never here.
+        Command::SaveCheckpoint { .. } => {
+            Outcome::Failed(Error::storage("internal: a checkpoint save in a log batch"))
+        }
     })
 }
 
@@ -804,6 +836,9 @@ fn reply(cmd: Command, outcome: Outcome) {
         (Command::Delete { reply, .. }, Outcome::Removed(removed)) => {
             let _ = reply.send(Ok(removed));
         }
+        (Command::SaveCheckpoint { reply, .. }, Outcome::Saved(saved)) => {
+            let _ = reply.send(Ok(saved));
+        }
         (
             Command::Close { reply, .. }
             | Command::Cancel { reply, .. }
@@ -832,6 +867,9 @@ fn reply_err(cmd: Command, e: Error) {
         Command::Delete { reply, .. } => {
             let _ = reply.send(Err(e));
         }
+        Command::SaveCheckpoint { reply, .. } => {
+            let _ = reply.send(Err(e));
+        }
         Command::Close { reply, .. }
         | Command::Cancel { reply, .. }
         | Command::Shutdown { reply } => {
@@ -843,4 +881,113 @@ fn reply_err(cmd: Command, e: Error) {
             }
         }
     }
+}
+
+/// Applies a checkpoint save: the checkpoint row, then its events, in one redb write
+/// transaction ([`Store::write`], which first writes every pending batch into redb, so the
+/// reads here see everything logged before) whose changes are logged as one record.
+///
+/// Every check that can refuse the save runs before the first write, so a refusal
+/// ([`Outcome::Failed`]) leaves the transaction untouched; an error after the first write
+/// fails the whole transaction (and with it the batch), so the checkpoint and its events are
+/// committed and logged together or not at all. The events' offsets are known before they are
+/// appended (the next offsets of the queue: their ids are checked to be new), so the checkpoint
+/// row records them.
+fn apply_checkpoint(
+    w: &mut StoreWriter<'_>,
+    batch: &mut Batch,
+    save: &PreparedSave,
+    now: Timestamp,
+) -> Result<Outcome> {
+    if w.checkpoint_id_taken(save.tenant.as_str(), &save.checkpoint_id)? {
+        return Ok(Outcome::Failed(Error::InvalidCheckpoint {
+            field: "checkpoint_id".into(),
+            reason: format!("{} already exists", save.checkpoint_id),
+        }));
+    }
+    // A queue removed since the save was prepared is as no queue: the save goes ahead alone.
+    let queue = save.queue.as_ref().filter(|q| !batch.stage(q).view.removed);
+    let mut record = save.record.clone();
+    record.created_at_us = now.as_micros();
+    if let Some(q) = queue {
+        if batch.stage(q).view.closed {
+            return Ok(Outcome::Failed(Error::QueueClosed {
+                task_id: q.task_id.to_string(),
+            }));
+        }
+        let retained_from = batch.stage(q).view.first_offset;
+        for ev in &save.events {
+            if w.retained_event_id(q.id, ev.event_id.as_str())?
+                .is_some_and(|at| at >= retained_from)
+            {
+                return Ok(Outcome::Failed(Error::invalid_event(
+                    "event_id",
+                    format!("{} is already used in the queue", ev.event_id),
+                )));
+            }
+        }
+        let next = batch.stage(q).view.next_offset;
+        let mut offsets = (next..).take(save.events.len());
+        record.status_offset = offsets.next();
+        record.progress_offset = offsets.next();
+    }
+    let bytes = crate::store::checkpoints::encode_checkpoint(&record)?;
+    let seq = w.put_checkpoint(
+        save.tenant.as_str(),
+        save.workflow.as_str(),
+        &save.checkpoint_id,
+        &bytes,
+    )?;
+    if let Some(e) = &save.inject {
+        return Err(e.clone());
+    }
+    if let Some(q) = queue {
+        let stage = batch.stage(q);
+        for ev in &save.events {
+            let offset = stage.view.next_offset;
+            let (record, json_at) = ev.encode(offset)?;
+            w.append_event(q.id, offset, ev.event_id.as_str(), &record)?;
+            stage.view.next_offset += 1;
+            stage.appended += 1;
+            if ev.terminal && stage.view.finished_at.is_none() {
+                stage.view.finished_at = Some(offset);
+            }
+            let json = Bytes::from(record).slice(json_at..);
+            stage.outbox.push(Live::Event(Arc::new(RecordedEvent::new(
+                offset,
+                ev.event_type,
+                ev.terminal,
+                json,
+            ))));
+        }
+        if !save.events.is_empty() {
+            stage.view.last_activity = now;
+            stage.dirty = true;
+        }
+    }
+    Ok(Outcome::Saved(SavedCheckpoint {
+        checkpoint_id: save.checkpoint_id.clone(),
+        seq,
+        status_offset: record.status_offset,
+        progress_offset: record.progress_offset,
+    }))
+}
+
+/// [`finish`] for a checkpoint save's transaction: trims the queue the save appended to beyond
+/// its retention bound and persists its record.
+fn finish_checkpoint(w: &mut StoreWriter<'_>, batch: &mut Batch) -> Result<()> {
+    for stage in &mut batch.stages {
+        if stage.was_removed || stage.view.removed || !stage.dirty {
+            continue;
+        }
+        let q = stage.q.clone();
+        let v = &mut stage.view;
+        if v.next_offset - v.first_offset > q.max_buffer_size {
+            let new_first = v.next_offset - q.max_buffer_size;
+            stage.trimmed = w.trim(q.id, v.first_offset, new_first)?;
+            v.first_offset = new_first;
+        }
+        w.put_queue_record(q.tenant_id.as_str(), q.task_id.as_str(), &q.record(v))?;
+    }
+    Ok(())
 }

@@ -767,7 +767,7 @@ fn dump_filters_and_refuses_a_locked_database() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["format_version"], 1);
+    assert_eq!(report["format_version"], 2);
     assert_eq!(report["queues"], 3);
     assert_eq!(report["events"], 12);
     assert_eq!(report["tenants"]["acme"]["queues"], 1);
@@ -781,14 +781,14 @@ fn dump_filters_and_refuses_a_locked_database() {
         .output()
         .unwrap();
     let text = stdout_of(&out);
-    assert!(text.contains("format version  1"), "{text}");
+    assert!(text.contains("format version  2"), "{text}");
     assert!(text.contains("acme"), "{text}");
 }
 
 #[test]
 fn every_subcommand_has_help_with_an_example() {
     for cmd in [
-        "watch", "queues", "info", "cancel", "publish", "dump", "inspect",
+        "watch", "queues", "info", "cancel", "publish", "dump", "inspect", "demo",
     ] {
         let out = assert_cmd::Command::new(bin())
             .args([cmd, "--help"])

@@ -137,9 +137,9 @@ impl std::error::Error for ApiError {}
 impl From<Error> for ApiError {
     fn from(err: Error) -> Self {
         match &err {
-            Error::InvalidId { .. } | Error::InvalidEvent { .. } => {
-                Self::bad_request(err.to_string())
-            }
+            Error::InvalidId { .. }
+            | Error::InvalidEvent { .. }
+            | Error::InvalidCheckpoint { .. } => Self::bad_request(err.to_string()),
             Error::QueueNotFound { task_id } => Self::no_queue(task_id),
             Error::QueueExists { .. } | Error::QueueClosed { .. } | Error::TaskFinished { .. } => {
                 Self::conflict(err.to_string())

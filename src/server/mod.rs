@@ -201,6 +201,14 @@ pub fn router(state: AppState) -> Router {
             post(routes::cancel_ingestion),
         )
         .route(
+            "/events/workflows/{id}/checkpoints",
+            post(routes::save_checkpoint),
+        )
+        .route(
+            "/events/workflows/{id}/checkpoints/latest",
+            get(routes::latest_checkpoint),
+        )
+        .route(
             "/events/queues",
             get(routes::list_queues).post(routes::create_queue),
         )

@@ -417,3 +417,59 @@ fn reason_field(mut map: Map<String, Value>) -> Result<Option<String>, ApiError>
         Some(_) => Err(ApiError::bad_request("reason: must be a string")),
     }
 }
+
+#[derive(Serialize)]
+struct CheckpointSavedBody<'a> {
+    workflow_id: &'a TaskId,
+    #[serde(flatten)]
+    saved: crate::checkpoint::SavedCheckpoint,
+    /// Whether the workflow's queue is cancelled (false without a queue), so a producer in
+    /// another process learns of a cancel from its save as from an enqueue.
+    cancelled: bool,
+}
+
+/// `POST /events/workflows/{id}/checkpoints`: saves a checkpoint of the caller's tenant's
+/// workflow and, when its queue exists, appends the status / progress events, atomically.
+/// `201 {"workflow_id", "checkpoint_id", "seq", "status_offset", "progress_offset",
+/// "cancelled"}`. A workflow without a queue is not an error: the checkpoint is saved alone.
+pub(super) async fn save_checkpoint(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    TaskPath(workflow): TaskPath,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    let value = parse_json(&state, &body)?;
+    let checkpoint = crate::checkpoint::Checkpoint::from_json(value, &workflow)?;
+    let store = state.manager().checkpoints(&tenant.0);
+    let saved = store.save(checkpoint).await?;
+    let cancelled = store.queue(&workflow).is_some_and(|q| q.is_cancelled());
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(CheckpointSavedBody {
+            workflow_id: &workflow,
+            saved,
+            cancelled,
+        }),
+    )
+        .into_response())
+}
+
+/// `GET /events/workflows/{id}/checkpoints/latest`: the workflow's newest checkpoint, `404`
+/// when it has none (or belongs to another tenant).
+pub(super) async fn latest_checkpoint(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    TaskPath(workflow): TaskPath,
+) -> Result<Response, ApiError> {
+    match state
+        .manager()
+        .checkpoints(&tenant.0)
+        .latest(&workflow)
+        .await?
+    {
+        Some(checkpoint) => Ok(json(&checkpoint)),
+        None => Err(ApiError::not_found(format!(
+            "No checkpoint found for workflow {workflow}"
+        ))),
+    }
+}

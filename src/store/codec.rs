@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// Version of the whole file layout, stored in the `meta` table and checked on open.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// 2 added the checkpoint tables and the log op that writes them; a version-1 file is
+/// upgraded in place on open.
+pub(crate) const FORMAT_VERSION: u32 = 2;
 /// First byte of every event record.
 const RECORD_VERSION: u8 = 1;
 

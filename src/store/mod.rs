@@ -7,6 +7,8 @@
 //! - `event_ids`: `(queue id, event id) -> offset`, the idempotency index; written and trimmed in
 //!   the same transaction as the events it points at (an entry below its queue's first retained
 //!   offset is stale: see [`pending`]).
+//! - `checkpoints`, `checkpoint_ids`: workflow checkpoints (see [`checkpoints`]), written in the
+//!   same transaction and log record as the events a save emits.
 //!
 //! Writes: the writer builds each batch with a [`BatchWriter`], which only encodes the batch's
 //! log record; the record is appended to the write-ahead log ([`wal`]) and the batch kept in
@@ -17,6 +19,7 @@
 //! another queue's. Every function here is synchronous: callers run them on the writer thread or
 //! in `spawn_blocking`, never on an async worker.
 
+pub(crate) mod checkpoints;
 pub(crate) mod codec;
 mod pending;
 #[cfg(feature = "failpoints")]
@@ -328,6 +331,13 @@ impl Store {
             let found = meta.get(KEY_FORMAT).map_err(st)?.map(|v| v.value());
             match found {
                 Some(v) if v == u64::from(FORMAT_VERSION) => {}
+                // Version 1 lacks only the checkpoint tables (created below) and the log op
+                // that writes them: upgraded in place, so that older builds refuse the file
+                // instead of meeting a log op they cannot decode.
+                Some(1) => {
+                    meta.insert(KEY_FORMAT, u64::from(FORMAT_VERSION))
+                        .map_err(st)?;
+                }
                 Some(v) => {
                     return Err(Error::UnsupportedFormat {
                         found: u32::try_from(v).unwrap_or(u32::MAX),
@@ -348,6 +358,7 @@ impl Store {
             txn.open_table(EVENT_IDS).map_err(st)?;
             txn.open_table(QUEUES).map_err(st)?;
             txn.open_table(PURGE).map_err(st)?;
+            checkpoints::create_tables(&txn)?;
             applied
         };
         txn.commit().map_err(st)?;
@@ -754,6 +765,8 @@ pub(crate) struct StoreWriter<'t> {
     ids: redb::Table<'t, (u64, &'static str), u64>,
     purge: redb::Table<'t, u64, ()>,
     log: Option<Vec<u8>>,
+    /// For tables opened only when needed (checkpoints).
+    txn: &'t redb::WriteTransaction,
 }
 
 impl<'t> StoreWriter<'t> {
@@ -765,6 +778,7 @@ impl<'t> StoreWriter<'t> {
             ids: txn.open_table(EVENT_IDS).map_err(st)?,
             purge: txn.open_table(PURGE).map_err(st)?,
             log: logged.then(Vec::new),
+            txn,
         })
     }
 }
@@ -798,6 +812,13 @@ impl StoreWriter<'_> {
             WalOp::Trim { qid, from, to } => self.trim(qid, from, to).map(|_| ()),
             WalOp::Purge { qid, max } => self.purge_some(qid, max).map(|_| ()),
             WalOp::MarkPurge { qid } => self.mark_purge(qid),
+            WalOp::PutCheckpoint {
+                tenant,
+                workflow,
+                seq,
+                checkpoint_id,
+                record,
+            } => self.insert_checkpoint(&tenant, &workflow, seq, &checkpoint_id, &record),
         }
     }
 

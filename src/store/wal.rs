@@ -77,6 +77,16 @@ pub(crate) enum WalOp {
     MarkPurge {
         qid: u64,
     },
+    /// A workflow checkpoint stored at `seq`, with the removal of the workflow's checkpoints
+    /// beyond the retention bound (format version 2; added last so older records decode).
+    PutCheckpoint {
+        tenant: String,
+        workflow: String,
+        seq: u64,
+        checkpoint_id: String,
+        #[serde(deserialize_with = "byte_buf::deserialize")]
+        record: Vec<u8>,
+    },
 }
 
 /// [`WalOp`] with borrowed fields, for encoding without copies. Same variants in the same
@@ -112,6 +122,14 @@ pub(crate) enum WalOpRef<'a> {
     },
     MarkPurge {
         qid: u64,
+    },
+    PutCheckpoint {
+        tenant: &'a str,
+        workflow: &'a str,
+        seq: u64,
+        checkpoint_id: &'a str,
+        #[serde(with = "serde_bytes_compat")]
+        record: &'a [u8],
     },
 }
 
@@ -182,6 +200,8 @@ pub(crate) fn decode_ops(mut payload: &[u8]) -> Result<Vec<WalOp>> {
 pub struct Faults {
     appends_left: std::sync::atomic::AtomicI64,
     syncs_left: std::sync::atomic::AtomicI64,
+    /// Checkpoint saves: fail between writing the checkpoint and appending its events.
+    checkpoint_saves_left: std::sync::atomic::AtomicI64,
     /// Simulated power loss shared with the redb backend.
     #[cfg(feature = "failpoints")]
     power: Option<std::sync::Arc<super::sim::PowerLoss>>,
@@ -192,6 +212,7 @@ impl Default for Faults {
         Self {
             appends_left: std::sync::atomic::AtomicI64::new(-1),
             syncs_left: std::sync::atomic::AtomicI64::new(-1),
+            checkpoint_saves_left: std::sync::atomic::AtomicI64::new(-1),
             #[cfg(feature = "failpoints")]
             power: None,
         }
@@ -210,6 +231,19 @@ impl Faults {
     pub fn fail_syncs_after(&self, n: i64) {
         self.syncs_left
             .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Checkpoint saves fail after `n` more succeed: the failing save has written its
+    /// checkpoint into the batch's transaction but not yet appended its events.
+    pub fn fail_checkpoint_saves_after(&self, n: i64) {
+        self.checkpoint_saves_left
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The failpoint between a checkpoint's write and its events' append.
+    pub(crate) fn checkpoint_save(&self) -> Result<()> {
+        Self::hit(&self.checkpoint_saves_left, "checkpoint save")
+            .map_err(|e| Error::storage(format!("saving a checkpoint: {e}")))
     }
 
     fn hit(counter: &std::sync::atomic::AtomicI64, what: &str) -> std::io::Result<()> {

@@ -6,11 +6,13 @@
 
 mod app;
 mod auth;
+mod checkpoint;
 mod dashboard;
 mod fuzz;
 mod hostile;
 mod isolation;
 mod lifecycle;
+mod producer;
 mod router;
 mod sse;
 

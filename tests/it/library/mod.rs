@@ -1,11 +1,13 @@
 //! Library tests: queues, manager, restart, idempotency, model-based properties, stress.
 
 mod bench;
+mod checkpoint;
 mod compaction;
 mod crash;
 mod faults;
 mod idempotency;
 mod manager;
+mod producer;
 mod props;
 mod queue;
 mod restart;

@@ -139,7 +139,7 @@ async fn unknown_format_version_is_refused() {
             err,
             Error::UnsupportedFormat {
                 found: 99,
-                expected: 1
+                expected: 2
             }
         ),
         "{err}"
