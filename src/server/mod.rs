@@ -34,6 +34,7 @@
 //! # }
 //! ```
 
+pub mod a2a;
 pub mod auth;
 mod error;
 mod limits;
@@ -61,6 +62,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::manager::QueueManager;
 
+pub use a2a::A2aConfig;
 pub use auth::{Auth, OpenBind, Scopes, TokenKeys};
 pub use error::ApiError;
 pub use limits::RETRY_AFTER_SECS;
@@ -107,6 +109,8 @@ pub struct ServerConfig {
     /// Deepest nesting of arrays and objects accepted in a JSON body; deeper gets `400`.
     /// Default 64.
     pub max_json_depth: usize,
+    /// The A2A agent card's name, description, version and public URL (see [`a2a`]).
+    pub a2a: A2aConfig,
 }
 
 impl Default for ServerConfig {
@@ -126,6 +130,7 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             max_json_depth: 64,
+            a2a: A2aConfig::default(),
         }
     }
 }
@@ -212,6 +217,8 @@ pub fn router(state: AppState) -> Router {
         .route("/events/queues/{task_id}/close", post(routes::close_queue))
         .route("/healthz", get(routes::healthz))
         .route("/metrics", get(metrics::render))
+        .route("/.well-known/agent-card.json", get(a2a::agent_card))
+        .route("/a2a", post(a2a::rpc))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

@@ -3,6 +3,7 @@
 //! (`auth`), hostile input and slow clients (`hostile`), tenant isolation as a property
 //! (`isolation`), and a proptest-driven fuzz of event JSON parsing (`fuzz`).
 
+mod a2a;
 mod app;
 mod auth;
 mod fuzz;
