@@ -1174,10 +1174,7 @@ async fn subscribe(
             },
         }),
     );
-    let period = config
-        .keepalive
-        .min(A2A_KEEPALIVE_MAX)
-        .max(Duration::from_millis(1));
+    let period = keepalive_period(config.keepalive);
     let mut keepalive = tokio::time::interval_at(Instant::now() + period, period);
     keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tracing::debug!(tenant = %caller.tenant, task = %params.task, from, "A2A stream opened");
@@ -1214,12 +1211,19 @@ async fn subscribe(
         .into_response())
 }
 
+/// The keepalive interval of A2A streams: the server's, but at most [`A2A_KEEPALIVE_MAX`].
+fn keepalive_period(configured: Duration) -> Duration {
+    configured
+        .min(A2A_KEEPALIVE_MAX)
+        .max(Duration::from_millis(1))
+}
+
 /// Appends one SSE frame: an optional `id:` line and one `data:` line (compact JSON has no
 /// line breaks). No `event:` name: an A2A client aborts on `event: error`.
 fn put_frame(out: &mut BytesMut, id: Option<u64>, data: &Value) {
     use std::io::Write;
     if let Some(id) = id {
-        let _ = write!((&mut *out).writer(), "id: {id}\n");
+        let _ = writeln!((&mut *out).writer(), "id: {id}");
     }
     out.put_slice(b"data: ");
     // Serialising a JSON value into memory cannot fail.
@@ -1339,6 +1343,27 @@ mod tests {
     }
 
     #[test]
+    fn a2a_streams_keep_alive_at_least_every_3_s() {
+        assert_eq!(keepalive_period(Duration::from_secs(15)), A2A_KEEPALIVE_MAX);
+        assert_eq!(A2A_KEEPALIVE_MAX, Duration::from_secs(3));
+        assert_eq!(
+            keepalive_period(Duration::from_millis(50)),
+            Duration::from_millis(50)
+        );
+    }
+
+    #[test]
+    fn public_urls_are_checked() {
+        assert_eq!(
+            check_public_url("https://events.example.com/").unwrap(),
+            "https://events.example.com"
+        );
+        for bad in ["events.example.com", "ftp://x", "http://x/?a=1", "http://"] {
+            assert!(check_public_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn partial_artifacts_append_after_their_first_chunk() {
         let mut m = Mapper::default();
         let chunk = |partial: bool| {
@@ -1374,12 +1399,9 @@ mod tests {
             (TaskState::Failed, "TASK_STATE_FAILED"),
             (TaskState::Cancelled, "TASK_STATE_CANCELED"),
         ] {
-            let [Update::Status { status, .. }] = m
-                .map(&event(StatusEvent::new(state).phase("p")), 0)
-                .try_into()
-                .unwrap()
-            else {
-                panic!("not a status update");
+            let updates = m.map(&event(StatusEvent::new(state).phase("p")), 0);
+            let [Update::Status { status, .. }] = updates.as_slice() else {
+                panic!("not one status update: {updates:?}");
             };
             assert_eq!(status.state.name(Version::V1), a2a);
         }
