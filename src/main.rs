@@ -601,6 +601,36 @@ mod tests {
     }
 
     #[test]
+    fn a2a_card_settings_come_from_flags_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eq.toml");
+        std::fs::write(
+            &path,
+            "a2a_name = \"jobs\"\na2a_version = \"2.1\"\n\
+             a2a_public_url = \"https://events.example.com/\"\n",
+        )
+        .unwrap();
+        let s = resolve(ServeArgs {
+            config: Some(path.clone()),
+            a2a_version: Some("3.0".into()),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(s.server.a2a.name, "jobs");
+        assert_eq!(s.server.a2a.version, "3.0");
+        assert_eq!(
+            s.server.a2a.public_url.as_deref(),
+            Some("https://events.example.com")
+        );
+        let err = resolve(ServeArgs {
+            a2a_public_url: Some("events.example.com".into()),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("a2a_public_url"), "{err}");
+    }
+
+    #[test]
     fn cli_parses() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
