@@ -7,14 +7,17 @@ timeout in between, which only the server's keepalive comments bridge), resumes 
 Last-Event-ID, cancels another task, and checks the error mapping. Events are produced over
 eventqueue's own HTTP API. Any mismatch raises: the process exits non-zero.
 
-Usage: python interop.py BASE_URL [PAUSE_SECONDS]
+With --token, the server is in token mode: the same client, given a bearer token, follows and
+cancels a task of the token's tenant, and is refused without it.
+
+Usage: python interop.py BASE_URL [--token TOKEN] [--pause SECONDS]
 """
 
+import argparse
 import asyncio
-import sys
 
 import httpx
-from a2a.client import ClientCallContext, ClientConfig, create_client
+from a2a.client import A2AClientError, ClientCallContext, ClientConfig, create_client
 from a2a.client.card_resolver import A2ACardResolver
 from a2a.types.a2a_pb2 import (
     CancelTaskRequest,
@@ -29,8 +32,14 @@ from a2a.utils.errors import (
 )
 from google.protobuf.json_format import MessageToDict
 
-BASE = sys.argv[1].rstrip("/")
-PAUSE = float(sys.argv[2]) if len(sys.argv) > 2 else 6.0
+ARGS = argparse.ArgumentParser()
+ARGS.add_argument("base")
+ARGS.add_argument("--token")
+# Longer than the client's 5 s read timeout.
+ARGS.add_argument("--pause", type=float, default=6.0)
+ARGS = ARGS.parse_args()
+BASE = ARGS.base.rstrip("/")
+PAUSE = ARGS.pause
 
 
 def check(cond, what):
@@ -228,7 +237,52 @@ async def variant(http, version):
           "CancelTask, errors: ok")
 
 
+async def token_mode(token):
+    auth = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(timeout=10.0, trust_env=False, headers=auth) as http:
+        card = await A2ACardResolver(http, BASE).get_agent_card()
+        check("bearer" in card.security_schemes, "token mode: the card declares a bearer scheme")
+        eq(len(card.security_requirements), 1, "token mode: the card requires it")
+
+        # Without credentials the endpoint refuses, as every other route does.
+        bare = await create_client(card, ClientConfig())
+        try:
+            await bare.get_task(GetTaskRequest(id="anything"))
+            raise AssertionError("GetTask without a token succeeded")
+        except A2AClientError as e:
+            check("401" in str(e), f"token mode: expected HTTP 401, got {e}")
+        await bare.close()
+
+        client = await create_client(
+            card, ClientConfig(httpx_client=httpx.AsyncClient(headers=auth, trust_env=False))
+        )
+        job = "job-token"
+        await create_queue(http, job)
+        await publish(http, job, {"event_type": "status", "state": "working"})
+        task = await client.get_task(GetTaskRequest(id=job))
+        eq(TaskState.Name(task.status.state), "TASK_STATE_WORKING", "token mode: GetTask")
+        eq(task.metadata["tenant_id"], "acme", "token mode: the token's tenant")
+        received = []
+        async for resp in client.subscribe(SubscribeToTaskRequest(id=job)):
+            received.append(summarize(resp))
+            if len(received) == 1:
+                await publish(http, job, {"event_type": "complete", "result": {"ok": True}})
+        eq([r[0] for r in received], ["task", "artifact", "status"], "token mode: stream")
+        eq(received[-1][1], "TASK_STATE_COMPLETED", "token mode: completed")
+
+        victim = "cancel-token"
+        await create_queue(http, victim)
+        task = await client.cancel_task(CancelTaskRequest(id=victim))
+        check(task.metadata["cancel_requested"], "token mode: CancelTask")
+        await client.close()
+    print("A2A 1.0, token mode: card, refusal without a token, GetTask, SubscribeToTask, "
+          "CancelTask: ok")
+
+
 async def main():
+    if ARGS.token:
+        await token_mode(ARGS.token)
+        return
     async with httpx.AsyncClient(timeout=10.0, trust_env=False) as http:
         for version in ("1.0", "0.3"):
             await variant(http, version)
