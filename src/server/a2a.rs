@@ -14,7 +14,7 @@
 //!
 //! # Mapping
 //!
-//! Each of our events becomes one or two A2A stream results ([`Mapper`]):
+//! Each of our events becomes one or two A2A stream results:
 //!
 //! | event | A2A |
 //! |---|---|
@@ -33,8 +33,8 @@
 //! task first (as of the resume point), then one result per mapped event. Frames carry no
 //! `event:` name (an A2A client aborts on `event: error`); the frame completing an event carries
 //! `id: <offset>`. The stream ends after the task's terminal event (or close, delete, expiry,
-//! shutdown). A keepalive comment is sent at most every [`A2A_KEEPALIVE_MAX`] (the A2A client
-//! gives up after 5 s of silence), or more often when [`ServerConfig::keepalive`] is shorter.
+//! shutdown). A keepalive comment breaks every silence of [`A2A_KEEPALIVE_MAX`] (the A2A client
+//! gives up after 5 s), or of [`ServerConfig::keepalive`] when that is shorter.
 //!
 //! Resume point: `Last-Event-ID: N` → N + 1, which wins over `params.metadata.from_offset`;
 //! by default the queue's latest offset (the task, then what happens next). Subscribing to a
