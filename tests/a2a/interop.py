@@ -155,8 +155,6 @@ async def variant(http, version):
         if producer is None:
             producer = asyncio.create_task(produce())
     await producer
-    complete = await rest(http, "GET", f"/events/queues/{job}")
-    complete_id = None
     eq(received[0], ("task", job, "TASK_STATE_WORKING"), "stream: first the task")
     expected = [
         ("status", "TASK_STATE_WORKING", 2,
@@ -181,7 +179,8 @@ async def variant(http, version):
                    [{"text": "done"},
                     {"data": {"summary": "done", "execution_time_seconds": 1.5}}]),
        "stream: completed")
-    check(complete["is_finished"], "queue finished")
+    info = await rest(http, "GET", f"/events/queues/{job}")
+    check(info["is_finished"], "queue finished")
 
     # GetTask after the end: final state and both artifacts (chunks appended).
     task = await client.get_task(GetTaskRequest(id=job))
