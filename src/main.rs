@@ -202,6 +202,19 @@ struct ServeArgs {
     /// Longest wait for a request body [default: 30]
     #[arg(long, env = "EVENTQUEUE_BODY_READ_TIMEOUT_SECS", value_name = "SECS")]
     body_read_timeout_secs: Option<u64>,
+    /// Name in the A2A agent card [default: eventqueue]
+    #[arg(long, env = "EVENTQUEUE_A2A_NAME", value_name = "NAME")]
+    a2a_name: Option<String>,
+    /// Description in the A2A agent card (a note on resuming streams is appended)
+    #[arg(long, env = "EVENTQUEUE_A2A_DESCRIPTION", value_name = "TEXT")]
+    a2a_description: Option<String>,
+    /// Version in the A2A agent card [default: this program's version]
+    #[arg(long, env = "EVENTQUEUE_A2A_VERSION", value_name = "VERSION")]
+    a2a_version: Option<String>,
+    /// Public base URL of this server (e.g. https://events.example.com), from which the A2A
+    /// agent card's JSON-RPC URL is built [default: http:// + the request's Host header]
+    #[arg(long, env = "EVENTQUEUE_A2A_PUBLIC_URL", value_name = "URL")]
+    a2a_public_url: Option<String>,
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -226,6 +239,10 @@ struct FileConfig {
     max_queues_per_tenant: Option<usize>,
     header_read_timeout_secs: Option<u64>,
     body_read_timeout_secs: Option<u64>,
+    a2a_name: Option<String>,
+    a2a_description: Option<String>,
+    a2a_version: Option<String>,
+    a2a_public_url: Option<String>,
 }
 
 /// Everything `serve` needs, resolved.
@@ -243,6 +260,7 @@ fn resolve(args: ServeArgs) -> Result<Settings, String> {
     };
     let mut server = ServerConfig::default();
     resolve_protection(&args, &file, &mut server)?;
+    resolve_a2a(&args, &file, &mut server)?;
     let mut store = Config::new(
         args.data_dir
             .or(file.data_dir)
@@ -359,6 +377,35 @@ fn resolve_protection(
     }
     if let Some(s) = args.body_read_timeout_secs.or(file.body_read_timeout_secs) {
         server.body_read_timeout = Duration::from_secs(at_least_one("body_read_timeout_secs", s)?);
+    }
+    Ok(())
+}
+
+/// The A2A agent card's settings.
+fn resolve_a2a(
+    args: &ServeArgs,
+    file: &FileConfig,
+    server: &mut ServerConfig,
+) -> Result<(), String> {
+    if let Some(name) = args.a2a_name.as_ref().or(file.a2a_name.as_ref()) {
+        server.a2a.name = name.clone();
+    }
+    if let Some(text) = args
+        .a2a_description
+        .as_ref()
+        .or(file.a2a_description.as_ref())
+    {
+        server.a2a.description = text.clone();
+    }
+    if let Some(version) = args.a2a_version.as_ref().or(file.a2a_version.as_ref()) {
+        server.a2a.version = version.clone();
+    }
+    if let Some(url) = args
+        .a2a_public_url
+        .as_ref()
+        .or(file.a2a_public_url.as_ref())
+    {
+        server.a2a.public_url = Some(server::a2a::check_public_url(url)?);
     }
     Ok(())
 }
@@ -583,6 +630,36 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.contains("32 bytes"), "{err}");
+    }
+
+    #[test]
+    fn a2a_card_settings_come_from_flags_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eq.toml");
+        std::fs::write(
+            &path,
+            "a2a_name = \"jobs\"\na2a_version = \"2.1\"\n\
+             a2a_public_url = \"https://events.example.com/\"\n",
+        )
+        .unwrap();
+        let s = resolve(ServeArgs {
+            config: Some(path.clone()),
+            a2a_version: Some("3.0".into()),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(s.server.a2a.name, "jobs");
+        assert_eq!(s.server.a2a.version, "3.0");
+        assert_eq!(
+            s.server.a2a.public_url.as_deref(),
+            Some("https://events.example.com")
+        );
+        let err = resolve(ServeArgs {
+            a2a_public_url: Some("events.example.com".into()),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("a2a_public_url"), "{err}");
     }
 
     #[test]

@@ -34,6 +34,7 @@
 //! # }
 //! ```
 
+pub mod a2a;
 pub mod auth;
 mod dashboard;
 mod error;
@@ -62,6 +63,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::manager::QueueManager;
 
+pub use a2a::A2aConfig;
 pub use auth::{Auth, OpenBind, Scopes, TokenKeys};
 pub use error::ApiError;
 pub use limits::RETRY_AFTER_SECS;
@@ -108,6 +110,8 @@ pub struct ServerConfig {
     /// Deepest nesting of arrays and objects accepted in a JSON body; deeper gets `400`.
     /// Default 64.
     pub max_json_depth: usize,
+    /// The A2A agent card's name, description, version and public URL (see [`a2a`]).
+    pub a2a: A2aConfig,
 }
 
 impl Default for ServerConfig {
@@ -127,6 +131,7 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             max_json_depth: 64,
+            a2a: A2aConfig::default(),
         }
     }
 }
@@ -223,6 +228,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics::render))
         // The web dashboard's page and assets (no credentials: the page asks for them).
         .merge(dashboard::routes())
+        .route("/.well-known/agent-card.json", get(a2a::agent_card))
+        .route("/a2a", post(a2a::rpc))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
@@ -255,6 +262,7 @@ fn cors_layer(origins: &[HeaderValue]) -> Option<CorsLayer> {
                 header::CONTENT_TYPE,
                 HeaderName::from_static("last-event-id"),
                 HeaderName::from_static(TENANT_HEADER),
+                HeaderName::from_static("a2a-version"),
             ])
             .expose_headers([header::RETRY_AFTER, header::WWW_AUTHENTICATE])
             .max_age(Duration::from_secs(600)),

@@ -108,6 +108,16 @@ impl Caller {
     /// `401` for missing, malformed, forged or expired credentials (token mode); `403` for a
     /// token without the needed scope; `400` for an invalid tenant id or query string.
     pub fn resolve(parts: &Parts, state: &AppState) -> Result<Self, ApiError> {
+        Self::resolve_for(parts, state, Need::of(parts))
+    }
+
+    /// As [`Caller::resolve`], for a route whose needed scope depends on more than its method
+    /// and path (the A2A endpoint, whose JSON-RPC method says it).
+    ///
+    /// # Errors
+    ///
+    /// As [`Caller::resolve`].
+    pub fn resolve_for(parts: &Parts, state: &AppState, need: Need) -> Result<Self, ApiError> {
         match &state.config().auth {
             Auth::Open(_) => Ok(Self {
                 tenant: open_mode_tenant(parts)?,
@@ -119,7 +129,6 @@ impl Caller {
                 let claims = keys
                     .verify(&token)
                     .map_err(|e| ApiError::unauthorized(e.to_string(), Some("invalid_token")))?;
-                let need = Need::of(parts);
                 if !need.granted_by(claims.scopes) {
                     let has = if claims.scopes == Scopes::NONE {
                         "none".to_string()

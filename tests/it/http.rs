@@ -5,6 +5,7 @@
 //! HTTP producer helpers and the demo (`producer`), and a proptest-driven fuzz of event JSON
 //! parsing (`fuzz`).
 
+mod a2a;
 mod app;
 mod auth;
 mod checkpoint;
