@@ -61,7 +61,7 @@ use crate::metrics::Metrics;
 use crate::queue::{CancelInfo, QueueKind, QueueShared, View};
 use crate::store::codec::{self, EventHeader, QueueRecord};
 use crate::store::wal::WalSyncer;
-use crate::store::{BatchWriter, Store, StoreWriter, StoredEvent, WriteError};
+use crate::store::{BatchWriter, Frozen, Store, StoreWriter, StoredEvent, WriteError};
 use crate::subscription::RecordedEvent;
 
 /// Every live queue by `(tenant, task)`. Written only by the writer, after commits.
@@ -301,6 +301,22 @@ impl Writer {
             .name("eventqueue-ack".into())
             .spawn(move || acker.run())
             .map_err(|e| Error::storage(format!("cannot start the acknowledger thread: {e}")))?;
+        // The bulk-write thread: writes frozen generations of logged batches into redb while
+        // the writer goes on (see `store::pending`).
+        let (bulk_tx, bulk_rx) = std_mpsc::channel::<Frozen>();
+        let bulk = {
+            let (store, failure) = (self.store.clone(), failure.clone());
+            std::thread::Builder::new()
+                .name("eventqueue-bulk".into())
+                .spawn(move || {
+                    for frozen in bulk_rx {
+                        if let Err(e) = store.apply_frozen(frozen) {
+                            failure.set(&e);
+                        }
+                    }
+                })
+                .map_err(|e| Error::storage(format!("cannot start the bulk-write thread: {e}")))?
+        };
         let keys = self
             .registry
             .read()
@@ -313,6 +329,7 @@ impl Writer {
             w: self,
             failure,
             jobs: jobs_tx,
+            bulk: bulk_tx,
             keys,
             purges,
             last_purge: Instant::now(),
@@ -321,6 +338,7 @@ impl Writer {
         stage.run();
         drop(stage);
         let _ = handle.join();
+        let _ = bulk.join();
         Ok(())
     }
 }
@@ -329,6 +347,8 @@ struct WriterLoop {
     w: Writer,
     failure: Arc<Failure>,
     jobs: std_mpsc::Sender<Job>,
+    /// Generations of logged batches for the bulk-write thread.
+    bulk: std_mpsc::Sender<Frozen>,
     /// Queues that exist as of the latest commit (creates may not be published yet).
     keys: HashSet<(TenantId, TaskId)>,
     /// Deleted queues whose events are still to be removed, oldest deletion first.
@@ -379,10 +399,13 @@ impl WriterLoop {
             if !self.purges.is_empty() && self.last_purge.elapsed() >= PURGE_PACE {
                 self.purge_step();
             }
-            if self.failure.get().is_none()
-                && let Err(e) = self.w.store.maybe_checkpoint()
-            {
-                self.failure.set(&e);
+            if self.failure.get().is_none() {
+                if let Err(e) = self.w.store.maybe_checkpoint() {
+                    self.failure.set(&e);
+                } else if let Some(frozen) = self.w.store.freeze() {
+                    // Should the thread be gone, the next checkpoint writes it in.
+                    let _ = self.bulk.send(frozen);
+                }
             }
         }
         // Every handle is gone: leave a durable store behind.

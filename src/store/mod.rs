@@ -27,7 +27,7 @@ pub mod sim;
 pub mod wal;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -88,6 +88,13 @@ const KEY_APPLIED_LSN: &str = "applied_lsn";
 /// the configured checkpoint interval.
 const CHECKPOINT_BYTES: u64 = 64 << 20;
 
+/// When the batches gathering in memory reach this many times `apply_bytes` while a bulk
+/// write is still running, the writer writes them in itself.
+const BACKLOG: usize = 8;
+
+/// A generation of logged batches handed to the bulk-write thread ([`Store::freeze`]).
+pub(crate) struct Frozen(Arc<pending::Generation>);
+
 /// Name of the database file inside the data directory.
 pub const DB_FILE: &str = "eventqueue.redb";
 
@@ -132,6 +139,8 @@ pub(crate) struct Store {
     log: Mutex<LogState>,
     /// Logged batches not yet applied to redb (see [`pending`]).
     pending: RwLock<Pending>,
+    /// Held while batches are written into redb, by the bulk-write thread or the writer.
+    applying: Mutex<()>,
     /// Pending batches are applied once their records hold this many bytes (or at the next
     /// checkpoint): large enough that one transaction touches each B-tree page for many
     /// events, small enough that applying them is a short pause of the writer.
@@ -196,6 +205,7 @@ impl Store {
                 oldest_unchecked: None,
             }),
             pending: RwLock::new(Pending::default()),
+            applying: Mutex::new(()),
             apply_bytes: 256 << 10,
             path,
             checkpoint_interval,
@@ -446,63 +456,116 @@ impl Store {
         self.pending.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Writes `records` (logged batches, oldest first) into redb in one transaction with the
+    /// given durability, and records the last one's sequence number as applied.
+    fn apply_records(&self, records: &[(u64, Vec<u8>)], durability: Durability) -> Result<()> {
+        let mut txn = self.begin_write()?;
+        txn.set_durability(durability).map_err(st)?;
+        {
+            let mut ops = Vec::new();
+            for (_, payload) in records {
+                ops.extend(wal::decode_ops(payload)?);
+            }
+            // A queue record is rewritten by every batch that touches the queue; only its
+            // last write (or its removal) needs to reach redb.
+            let mut last_write = std::collections::HashMap::new();
+            for (i, op) in ops.iter().enumerate() {
+                if let WalOp::PutQueue { tenant, task, .. } | WalOp::RemoveQueue { tenant, task } =
+                    op
+                {
+                    last_write.insert((tenant.as_str(), task.as_str()), i);
+                }
+            }
+            let keep: Vec<bool> = ops
+                .iter()
+                .enumerate()
+                .map(|(i, op)| match op {
+                    WalOp::PutQueue { tenant, task, .. } => {
+                        last_write.get(&(tenant.as_str(), task.as_str())) == Some(&i)
+                    }
+                    _ => true,
+                })
+                .collect();
+            drop(last_write);
+            let mut w = StoreWriter::open(&txn, false)?;
+            for (op, keep) in ops.into_iter().zip(keep) {
+                if keep {
+                    w.apply_op(op)?;
+                }
+            }
+            if let Some((lsn, _)) = records.last() {
+                w.meta.insert(KEY_APPLIED_LSN, *lsn).map_err(st)?;
+            }
+        }
+        txn.commit().map_err(st)
+    }
+
     /// Applies every logged batch that redb does not hold yet, in one transaction with the
-    /// given durability (an empty durable transaction when none is pending). Only the writer
-    /// thread calls this, so no batch is added meanwhile.
+    /// given durability (an empty durable transaction when none is pending), after waiting
+    /// for a bulk write in progress. Only the writer thread calls this, with the log locked,
+    /// so no batch is added meanwhile.
     fn apply_pending(&self, durability: Durability) -> Result<()> {
-        let records = std::mem::take(&mut self.pending_mut().records);
+        let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        // A frozen generation still here was handed to the bulk-write thread, which has not
+        // started on it: write it in first (the thread then finds it gone and skips it).
+        let frozen = self.pending().frozen.clone();
+        if let Some(frozen) = frozen {
+            self.apply_records(&frozen.records, Durability::None)?;
+            self.pending_mut().frozen = None;
+        }
+        let records = std::mem::take(&mut self.pending_mut().active.records);
         if records.is_empty() && matches!(durability, Durability::None) {
             return Ok(());
         }
-        let applied = (|| {
-            let mut txn = self.begin_write()?;
-            txn.set_durability(durability).map_err(st)?;
-            {
-                let mut ops = Vec::new();
-                for (_, payload) in &records {
-                    ops.extend(wal::decode_ops(payload)?);
-                }
-                // A queue record is rewritten by every batch that touches the queue; only its
-                // last write (or its removal) needs to reach redb.
-                let mut last_write = std::collections::HashMap::new();
-                for (i, op) in ops.iter().enumerate() {
-                    if let WalOp::PutQueue { tenant, task, .. }
-                    | WalOp::RemoveQueue { tenant, task } = op
-                    {
-                        last_write.insert((tenant.as_str(), task.as_str()), i);
-                    }
-                }
-                let keep: Vec<bool> = ops
-                    .iter()
-                    .enumerate()
-                    .map(|(i, op)| match op {
-                        WalOp::PutQueue { tenant, task, .. } => {
-                            last_write.get(&(tenant.as_str(), task.as_str())) == Some(&i)
-                        }
-                        _ => true,
-                    })
-                    .collect();
-                drop(last_write);
-                let mut w = StoreWriter::open(&txn, false)?;
-                for (op, keep) in ops.into_iter().zip(keep) {
-                    if keep {
-                        w.apply_op(op)?;
-                    }
-                }
-                if let Some((lsn, _)) = records.last() {
-                    w.meta.insert(KEY_APPLIED_LSN, *lsn).map_err(st)?;
-                }
-            }
-            txn.commit().map_err(st)
-        })();
+        let applied = self.apply_records(&records, durability);
         let mut pending = self.pending_mut();
         match applied {
             // Readers found these batches here until now; from now on redb has them.
-            Ok(()) => pending.clear_applied(),
+            Ok(()) => pending.active.clear_applied(),
             // Still only in the log: keep serving them from here (writes stop after this).
-            Err(_) => pending.records = records,
+            Err(_) => pending.active.records = records,
         }
         applied
+    }
+
+    /// Hands the batches gathered so far to the bulk-write thread when they reach
+    /// `apply_bytes` and no other bulk write is in progress: they become the frozen
+    /// generation, still served from memory until [`Store::apply_frozen`] has written them.
+    pub(crate) fn freeze(&self) -> Option<Frozen> {
+        let mut pending = self.pending_mut();
+        if pending.frozen.is_some() || pending.active.bytes < self.apply_bytes {
+            return None;
+        }
+        let generation = Arc::new(std::mem::take(&mut pending.active));
+        pending.frozen = Some(generation.clone());
+        Some(Frozen(generation))
+    }
+
+    /// Writes a frozen generation into redb (non-durably), then forgets it: readers find its
+    /// batches in redb from then on. Runs on the bulk-write thread, while the writer goes on
+    /// logging batches; checkpoints and direct writes wait for it.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors; the generation then stays in memory and the caller must stop writes.
+    pub(crate) fn apply_frozen(&self, frozen: Frozen) -> Result<()> {
+        let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        let current = |pending: &Pending| {
+            pending
+                .frozen
+                .as_ref()
+                .is_some_and(|f| Arc::ptr_eq(f, &frozen.0))
+        };
+        if !current(&self.pending()) {
+            // The writer wrote it in already (a checkpoint or a direct write came first).
+            return Ok(());
+        }
+        self.apply_records(&frozen.0.records, Durability::None)?;
+        let mut pending = self.pending_mut();
+        if current(&pending) {
+            pending.frozen = None;
+        }
+        Ok(())
     }
 
     /// Makes every commit so far durable in redb with one fsync'd commit and empties the log.
@@ -535,7 +598,8 @@ impl Store {
         };
         if due {
             self.checkpoint()?;
-        } else if self.pending().bytes >= self.apply_bytes {
+        } else if self.pending().active.bytes >= self.apply_bytes.saturating_mul(BACKLOG) {
+            // The bulk-write thread falls behind: write in here, bounding memory.
             self.apply_pending(Durability::None)?;
         }
         Ok(due)

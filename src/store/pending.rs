@@ -7,14 +7,22 @@
 //! touches each page once. Until it is applied, a batch lives here, where readers and the
 //! writer's idempotency check find it.
 //!
+//! Batches gather in the *active* generation. Once it holds `apply_bytes`, the writer freezes
+//! it and hands it to the bulk-write thread, which writes it into redb while new batches
+//! gather; at most one generation is frozen at a time. Checkpoints and direct writes (on the
+//! writer thread) first take the same lock as the bulk write, and write in a frozen
+//! generation the thread has not started on, so redb always receives batches in log order.
+//!
 //! # Why readers never miss an event
 //!
-//! Only the writer thread adds to or applies the pending set. It adds a batch here right
-//! after logging it, before the acknowledger publishes it, so every published event is either
-//! pending or applied. Applying commits the redb transaction first and only then drops the
-//! batches from here. A reader looks here first and reads redb afterwards, below the oldest
-//! offset it found here: whatever it did not find here had been applied before it looked, and
-//! redb's later read transaction sees it.
+//! Only the writer thread adds batches. It adds a batch here right after logging it, before
+//! the acknowledger publishes it, so every published event is either pending or applied.
+//! Writing a generation in commits the redb transaction first and only then drops the
+//! generation from here. A reader looks here first (both generations, under one lock) and
+//! reads redb afterwards, below the oldest offset it found here: whatever it did not find here
+//! had been applied before it looked, and redb's later read transaction sees it. The writer
+//! holds the read lock while it builds a batch, so a generation cannot vanish between its id
+//! check here and its id check in redb.
 //!
 //! # The idempotency index
 //!
@@ -23,6 +31,7 @@
 //! the queue's first retained offset; an older entry is stale and is overwritten.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use super::StoredEvent;
 use super::codec::{self, QueueRecord};
@@ -30,9 +39,20 @@ use super::wal::{self, WalOpRef};
 use crate::error::Result;
 use crate::ids::EventId;
 
-/// Logged batches not yet applied to redb, and indexes over them for readers.
+/// Logged batches not yet applied to redb: the batches gathering now, and the batches being
+/// written into redb by the bulk-write thread (at most one such generation at a time).
+///
+/// The frozen generation is older than the active one: for a queue, its offsets are lower,
+/// and the active generation's trims apply to it too.
 #[derive(Default)]
 pub(crate) struct Pending {
+    pub(super) active: Generation,
+    pub(super) frozen: Option<Arc<Generation>>,
+}
+
+/// Logged batches and indexes over them for readers.
+#[derive(Default)]
+pub(crate) struct Generation {
     /// The batches' log records, oldest first: `(lsn, payload)`.
     pub(super) records: Vec<(u64, Vec<u8>)>,
     /// Payload bytes in `records`.
@@ -47,6 +67,52 @@ pub(crate) struct Pending {
 }
 
 impl Pending {
+    /// Adds one logged batch to the active generation.
+    pub(super) fn add(&mut self, lsn: u64, batch: BatchChanges) {
+        self.active.add(lsn, batch);
+    }
+
+    fn generations(&self) -> impl Iterator<Item = &Generation> {
+        self.frozen.as_deref().into_iter().chain([&self.active])
+    }
+
+    /// The offset a pending batch indexed `event_id` of `qid` at, newest first.
+    fn id(&self, qid: u64, event_id: &str) -> Option<u64> {
+        let find = |g: &Generation| g.ids.get(&qid).and_then(|m| m.get(event_id)).copied();
+        find(&self.active).or_else(|| self.frozen.as_deref().and_then(find))
+    }
+
+    /// What a reader of `qid`'s offsets `from..to` (at most `limit`) finds here.
+    pub(super) fn read(&self, qid: u64, from: u64, to: u64, limit: usize) -> PendingRead {
+        let kept_from = self
+            .generations()
+            .filter_map(|g| g.trimmed.get(&qid).copied())
+            .max()
+            .unwrap_or(0);
+        let start = from.max(kept_from);
+        let mut events = Vec::new();
+        let mut first = u64::MAX;
+        // Oldest generation first: offsets come out in order.
+        for g in self.generations() {
+            let Some(queue) = g.events.get(&qid) else {
+                continue;
+            };
+            if let Some((&o, _)) = queue.range(kept_from..).next() {
+                first = first.min(o);
+            }
+            if start < to && events.len() < limit {
+                let room = limit - events.len();
+                events.extend(queue.range(start..to).take(room).map(|(_, e)| e.clone()));
+            }
+        }
+        PendingRead {
+            events,
+            applied: kept_from..first,
+        }
+    }
+}
+
+impl Generation {
     /// Adds one logged batch.
     pub(super) fn add(&mut self, lsn: u64, batch: BatchChanges) {
         self.bytes += batch.payload.len();
@@ -82,32 +148,6 @@ impl Pending {
         self.ids.clear();
         self.trimmed.clear();
         self.bytes = 0;
-    }
-
-    /// What a reader of `qid`'s offsets `from..to` (at most `limit`) finds here.
-    pub(super) fn read(&self, qid: u64, from: u64, to: u64, limit: usize) -> PendingRead {
-        let kept_from = self.trimmed.get(&qid).copied().unwrap_or(0);
-        let Some(events) = self.events.get(&qid) else {
-            return PendingRead {
-                events: Vec::new(),
-                applied: kept_from..u64::MAX,
-            };
-        };
-        let first = events.keys().next().copied().unwrap_or(u64::MAX);
-        let start = from.max(kept_from);
-        let found = if start < to {
-            events
-                .range(start..to)
-                .take(limit)
-                .map(|(_, e)| e.clone())
-                .collect()
-        } else {
-            Vec::new()
-        };
-        PendingRead {
-            events: found,
-            applied: kept_from..first,
-        }
     }
 }
 
@@ -199,7 +239,7 @@ impl<'a> BatchWriter<'a> {
         let local = self.changes.ids.get(&qid).and_then(|m| m.get(id)).copied();
         let found = match local {
             Some(o) => Some(o),
-            None => match self.pending.ids.get(&qid).and_then(|m| m.get(id)).copied() {
+            None => match self.pending.id(qid, id) {
                 Some(o) => Some(o),
                 None => self.applied.get(qid, id)?,
             },
