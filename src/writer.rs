@@ -191,6 +191,29 @@ struct Stage {
 }
 
 impl Stage {
+    /// Counts `ev`, just stored at `offset` (the view's next offset) with its JSON `json`:
+    /// advances the view and queues the event for live subscribers.
+    fn appended(&mut self, ev: &PreparedEvent, offset: u64, json: Bytes) {
+        self.view.next_offset = offset + 1;
+        self.appended += 1;
+        if ev.terminal && self.view.finished_at.is_none() {
+            self.view.finished_at = Some(offset);
+        }
+        self.outbox.push(Live::Event(Arc::new(RecordedEvent::new(
+            offset,
+            ev.event_type,
+            ev.terminal,
+            json,
+        ))));
+    }
+
+    /// The first offset to keep so that the queue holds at most its `max_buffer_size` events,
+    /// when that means trimming.
+    fn trim_to(&self) -> Option<u64> {
+        let (v, max) = (&self.view, self.q.max_buffer_size);
+        (v.next_offset - v.first_offset > max).then(|| v.next_offset - max)
+    }
+
     fn of(q: &Arc<QueueShared>) -> Self {
         let view = q.committed().clone();
         Stage {
@@ -668,17 +691,7 @@ fn apply(
                         json: json.clone(),
                     },
                 )?;
-                stage.view.next_offset += 1;
-                stage.appended += 1;
-                if ev.terminal && stage.view.finished_at.is_none() {
-                    stage.view.finished_at = Some(offset);
-                }
-                stage.outbox.push(Live::Event(Arc::new(RecordedEvent::new(
-                    offset,
-                    ev.event_type,
-                    ev.terminal,
-                    json,
-                ))));
+                stage.appended(ev, offset, json);
                 offsets.push(offset);
             }
             if stage.appended > 0 {
@@ -794,13 +807,15 @@ fn finish(w: &mut BatchWriter<'_>, batch: &mut Batch) -> Result<()> {
         if !stage.dirty {
             continue;
         }
-        let v = &mut stage.view;
-        if v.next_offset - v.first_offset > q.max_buffer_size {
-            let new_first = v.next_offset - q.max_buffer_size;
-            stage.trimmed = w.trim(q.id, v.first_offset, new_first)?;
-            v.first_offset = new_first;
+        if let Some(new_first) = stage.trim_to() {
+            stage.trimmed = w.trim(q.id, stage.view.first_offset, new_first)?;
+            stage.view.first_offset = new_first;
         }
-        w.put_queue(q.tenant_id.as_str(), q.task_id.as_str(), &q.record(v))?;
+        w.put_queue(
+            q.tenant_id.as_str(),
+            q.task_id.as_str(),
+            &q.record(&stage.view),
+        )?;
     }
     Ok(())
 }
@@ -970,18 +985,7 @@ fn apply_checkpoint(
             let offset = stage.view.next_offset;
             let (record, json_at) = ev.encode(offset)?;
             w.append_event(q.id, offset, ev.event_id.as_str(), &record)?;
-            stage.view.next_offset += 1;
-            stage.appended += 1;
-            if ev.terminal && stage.view.finished_at.is_none() {
-                stage.view.finished_at = Some(offset);
-            }
-            let json = Bytes::from(record).slice(json_at..);
-            stage.outbox.push(Live::Event(Arc::new(RecordedEvent::new(
-                offset,
-                ev.event_type,
-                ev.terminal,
-                json,
-            ))));
+            stage.appended(ev, offset, Bytes::from(record).slice(json_at..));
         }
         if !save.events.is_empty() {
             stage.view.last_activity = now;
@@ -1004,13 +1008,15 @@ fn finish_checkpoint(w: &mut StoreWriter<'_>, batch: &mut Batch) -> Result<()> {
             continue;
         }
         let q = stage.q.clone();
-        let v = &mut stage.view;
-        if v.next_offset - v.first_offset > q.max_buffer_size {
-            let new_first = v.next_offset - q.max_buffer_size;
-            stage.trimmed = w.trim(q.id, v.first_offset, new_first)?;
-            v.first_offset = new_first;
+        if let Some(new_first) = stage.trim_to() {
+            stage.trimmed = w.trim(q.id, stage.view.first_offset, new_first)?;
+            stage.view.first_offset = new_first;
         }
-        w.put_queue_record(q.tenant_id.as_str(), q.task_id.as_str(), &q.record(v))?;
+        w.put_queue_record(
+            q.tenant_id.as_str(),
+            q.task_id.as_str(),
+            &q.record(&stage.view),
+        )?;
     }
     Ok(())
 }

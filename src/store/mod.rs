@@ -106,6 +106,20 @@ struct LogState {
     oldest_unchecked: Option<Instant>,
 }
 
+impl LogState {
+    /// Appends the record `lsn` (the next one) to the log.
+    fn append(&mut self, lsn: u64, payload: &[u8]) -> Result<(), WriteError> {
+        match self.wal.append(lsn, payload) {
+            Ok(()) => {}
+            Err(AppendError::RolledBack(e)) => return Err(WriteError::Rejected(e)),
+            Err(AppendError::Broken(e)) => return Err(WriteError::Fatal(e)),
+        }
+        self.next_lsn += 1;
+        self.oldest_unchecked.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+}
+
 /// One stored event, as read back for replay.
 #[derive(Debug, Clone)]
 pub(crate) struct StoredEvent {
@@ -725,13 +739,7 @@ impl Store {
         };
         let logged = !changes.payload.is_empty();
         if logged {
-            match log.wal.append(lsn, &changes.payload) {
-                Ok(()) => {}
-                Err(AppendError::RolledBack(e)) => return Err(WriteError::Rejected(e)),
-                Err(AppendError::Broken(e)) => return Err(WriteError::Fatal(e)),
-            }
-            log.next_lsn += 1;
-            log.oldest_unchecked.get_or_insert_with(Instant::now);
+            log.append(lsn, &changes.payload)?;
             self.pending_mut().add(lsn, changes);
         }
         Ok((value, logged))
@@ -770,14 +778,8 @@ impl Store {
         };
         let logged = !payload.is_empty();
         if logged {
-            match log.wal.append(lsn, &payload) {
-                Ok(()) => {}
-                // Dropping `txn` aborts it: redb is unchanged.
-                Err(AppendError::RolledBack(e)) => return Err(WriteError::Rejected(e)),
-                Err(AppendError::Broken(e)) => return Err(WriteError::Fatal(e)),
-            }
-            log.next_lsn += 1;
-            log.oldest_unchecked.get_or_insert_with(Instant::now);
+            // On failure, dropping `txn` aborts it: redb is unchanged.
+            log.append(lsn, &payload)?;
         }
         txn.commit().map_err(st)?;
         Ok((value, logged))
@@ -864,15 +866,7 @@ impl StoreWriter<'_> {
                 offset,
                 event_id,
                 record,
-            } => {
-                self.ids
-                    .insert((qid, event_id.as_str()), offset)
-                    .map_err(st)?;
-                self.events
-                    .insert((qid, offset), record.as_slice())
-                    .map_err(st)?;
-                Ok(())
-            }
+            } => self.append_event(qid, offset, &event_id, &record),
             WalOp::Trim { qid, from, to } => self.trim(qid, from, to).map(|_| ()),
             WalOp::Purge { qid, max } => self.purge_some(qid, max).map(|_| ()),
             WalOp::MarkPurge { qid } => self.mark_purge(qid),
