@@ -62,6 +62,15 @@ pub struct Config {
     /// larger values trade tail latency for little: on that machine 16 KiB already cost only
     /// ~2 % more CPU per event than 4 MiB. Default 256 KiB.
     pub apply_bytes: usize,
+    /// Free space kept on the data directory's filesystem. While less is free, commands that
+    /// add data (enqueues, queue creation, checkpoint saves) are refused with
+    /// [`crate::Error::DiskFull`] (HTTP 507), so that what frees space — deleting or expiring
+    /// queues, checkpointing the log into the database, and the compaction that follows a
+    /// deletion on a nearly full disk — always has room. Writes are taken again as soon as
+    /// enough is free. `None` (the default): 64 MiB, or a tenth of the filesystem if that is
+    /// less. `Some(0)` turns the check off: a full disk is then met by a failing write (see
+    /// the README's guarantees).
+    pub disk_reserve: Option<u64>,
 }
 
 impl Default for Config {
@@ -78,6 +87,7 @@ impl Default for Config {
             checkpoint_interval: Duration::from_secs(1),
             purge_step: 256,
             apply_bytes: 256 << 10,
+            disk_reserve: None,
         }
     }
 }

@@ -83,6 +83,11 @@ pub enum Error {
     /// pretend that later commits are fine.
     #[error("the store refuses writes after an earlier storage failure ({0}); reopen it")]
     StoreFailed(Arc<str>),
+    /// The data directory's filesystem is (nearly) full: the write was refused and nothing
+    /// of it was stored. Writes are taken again once space is freed (by deleting queues, or
+    /// outside eventqueue); see [`crate::Config::disk_reserve`].
+    #[error("disk full: {0}")]
+    DiskFull(Arc<str>),
     /// The manager is shutting down or has shut down.
     #[error("the queue manager is shut down")]
     ShuttingDown,

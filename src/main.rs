@@ -161,6 +161,11 @@ struct ServeArgs {
     /// immediate durability [default: 100]
     #[arg(long, env = "EVENTQUEUE_FLUSH_INTERVAL_MS", value_name = "MS")]
     flush_interval_ms: Option<u64>,
+    /// Free space kept on the data directory's filesystem, in MiB: below it, enqueues get 507
+    /// while deletions still work; 0 turns the check off [default: 64, or a tenth of the
+    /// filesystem if less]
+    #[arg(long, env = "EVENTQUEUE_DISK_RESERVE_MB", value_name = "MIB")]
+    disk_reserve_mb: Option<u64>,
     /// Largest request body in bytes [default: 2097152]
     #[arg(long, env = "EVENTQUEUE_MAX_BODY_BYTES", value_name = "BYTES")]
     max_body_bytes: Option<usize>,
@@ -229,6 +234,7 @@ struct FileConfig {
     keepalive_secs: Option<u64>,
     durability: Option<DurabilityArg>,
     flush_interval_ms: Option<u64>,
+    disk_reserve_mb: Option<u64>,
     max_body_bytes: Option<usize>,
     max_event_bytes: Option<usize>,
     max_batch_events: Option<usize>,
@@ -286,6 +292,12 @@ fn resolve(args: ServeArgs) -> Result<Settings, String> {
             flush_interval: Duration::from_millis(flush_ms.unwrap_or(100).max(1)),
         },
     };
+    if let Some(mb) = args.disk_reserve_mb.or(file.disk_reserve_mb) {
+        store.disk_reserve = Some(
+            mb.checked_mul(1 << 20)
+                .ok_or_else(|| format!("disk_reserve_mb is too large: {mb}"))?,
+        );
+    }
     if let Some(secs) = args.cleanup_interval_secs.or(file.cleanup_interval_secs) {
         if secs == 0 {
             return Err("cleanup_interval_secs must be at least 1".into());
@@ -580,6 +592,24 @@ mod tests {
         assert_eq!(s.server.max_body_bytes, 20);
         assert_eq!(s.server.max_event_bytes, 1 << 20);
         assert_eq!(s.store.data_dir, PathBuf::from("./data"));
+    }
+
+    #[test]
+    fn the_disk_reserve_is_given_in_mib_and_defaults_to_automatic() {
+        let s = resolve(ServeArgs::default()).unwrap();
+        assert_eq!(s.store.disk_reserve, None);
+        let s = resolve(ServeArgs {
+            disk_reserve_mb: Some(3),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(s.store.disk_reserve, Some(3 << 20));
+        let err = resolve(ServeArgs {
+            disk_reserve_mb: Some(u64::MAX),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("disk_reserve_mb"), "{err}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::ids::{TaskId, TenantId};
 use crate::metrics::Metrics;
 use crate::queue::{EventQueue, QueueInfo, QueueOptions, QueueShared};
 use crate::store::Store;
+use crate::store::space::SpaceCheck;
 use crate::writer::{Command, NewQueue, Registry, Reply, Writer};
 
 /// Capacity of the writer's command channel; callers wait (asynchronously) beyond it.
@@ -144,6 +145,12 @@ impl QueueManager {
         }
         let mut store = opened.store;
         store.set_apply_bytes(config.apply_bytes);
+        let dir = config.data_dir.clone();
+        let configured = config.disk_reserve;
+        let space = tokio::task::spawn_blocking(move || SpaceCheck::on_dir(dir, configured))
+            .await
+            .map_err(|e| Error::storage(format!("open task failed: {e}")))?;
+        store.set_disk_reserve(space.reserve());
         let store = Arc::new(store);
         let registry = Arc::new(Registry::new(map));
         let metrics = Arc::new(Metrics::default());
@@ -165,6 +172,7 @@ impl QueueManager {
             next_queue_id: opened.next_queue_id,
             pending_purges: opened.pending_purges,
             purge_step: config.purge_step.max(1),
+            space,
         };
         let handle = std::thread::Builder::new()
             .name("eventqueue-writer".into())

@@ -60,6 +60,7 @@ use crate::ids::{EventId, TaskId, TenantId};
 use crate::metrics::Metrics;
 use crate::queue::{CancelInfo, QueueKind, QueueShared, View};
 use crate::store::codec::{self, EventHeader, QueueRecord};
+use crate::store::space::SpaceCheck;
 use crate::store::wal::WalSyncer;
 use crate::store::{BatchWriter, Frozen, Store, StoreWriter, StoredEvent, WriteError};
 use crate::subscription::RecordedEvent;
@@ -293,6 +294,8 @@ pub(crate) struct Writer {
     pub pending_purges: Vec<u64>,
     /// Most events one purge step removes.
     pub purge_step: u64,
+    /// The free-space reserve (see `store::space`).
+    pub space: SpaceCheck,
 }
 
 /// While appends keep coming, one purge step runs at most this often, so a large deletion
@@ -456,6 +459,7 @@ impl WriterLoop {
                 Metrics::add(&self.w.metrics.events_removed, removed);
                 if done {
                     self.purges.pop_front();
+                    self.compact_if_low();
                     self.w.metrics.pending_purges.store(
                         self.purges.len() as u64,
                         std::sync::atomic::Ordering::Relaxed,
@@ -468,10 +472,51 @@ impl WriterLoop {
         }
     }
 
+    /// After a deletion completed: on a nearly full disk (less than twice the reserve free),
+    /// compacts the database so the deleted events' space goes back to the filesystem, where
+    /// the log and new pages can use it; otherwise redb reuses it by itself.
+    fn compact_if_low(&mut self) {
+        if self.failure.get().is_some() || !self.w.space.below(2, Instant::now()) {
+            return;
+        }
+        match self.w.store.compact_in_place() {
+            Ok((before, after)) => tracing::info!(
+                bytes_before = before,
+                bytes_after = after,
+                "disk nearly full: compacted the database after a deletion"
+            ),
+            Err(e) => self.failure.set(&e),
+        }
+    }
+
+    /// Refuses the commands that add data while the disk is below its reserve (see
+    /// `store::space`): they get [`Error::DiskFull`]; the others go on, so deletions,
+    /// cancellations and closes still work on a full disk.
+    fn admit(&mut self, cmds: Vec<Command>) -> Vec<Command> {
+        let adds = |c: &Command| {
+            matches!(
+                c,
+                Command::Append { .. } | Command::Create { .. } | Command::SaveCheckpoint { .. }
+            )
+        };
+        if !cmds.iter().any(adds) {
+            return cmds;
+        }
+        let Err(e) = self.w.space.admit(Instant::now()) else {
+            return cmds;
+        };
+        let (refused, admitted): (Vec<_>, Vec<_>) = cmds.into_iter().partition(adds);
+        for cmd in refused {
+            reply_err(cmd, e.clone());
+        }
+        admitted
+    }
+
     /// Processes what was collected: each checkpoint save as a batch of its own (it is
     /// written in a redb transaction of its own, see [`apply_checkpoint`]), then the rest as
     /// one batch. Returns true when a shutdown was processed.
     fn process_all(&mut self, cmds: Vec<Command>) -> bool {
+        let cmds = self.admit(cmds);
         let (saves, rest): (Vec<_>, Vec<_>) = cmds
             .into_iter()
             .partition(|c| matches!(c, Command::SaveCheckpoint { .. }));

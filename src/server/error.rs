@@ -145,6 +145,11 @@ impl From<Error> for ApiError {
                 Self::conflict(err.to_string())
             }
             Error::ShuttingDown => Self::shutting_down(),
+            // Its text is ours (no paths): it tells the client what to do.
+            Error::DiskFull(msg) => Self::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!("insufficient storage: {msg}"),
+            ),
             Error::Storage(msg) | Error::StoreFailed(msg) if is_out_of_space(msg) => {
                 tracing::error!(error = %err, "storage full");
                 Self::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient storage")
@@ -221,6 +226,7 @@ mod tests {
             (Error::ShuttingDown, 503),
             (Error::Storage("disk on fire at /secret/path".into()), 500),
             (Error::StoreFailed("No space left on device".into()), 507),
+            (Error::DiskFull("the data volume is full".into()), 507),
         ];
         for (err, status) in cases {
             let api = ApiError::from(err);

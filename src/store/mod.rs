@@ -24,6 +24,7 @@ pub(crate) mod codec;
 mod pending;
 #[cfg(feature = "failpoints")]
 pub mod sim;
+pub(crate) mod space;
 pub mod wal;
 
 use std::path::{Path, PathBuf};
@@ -84,9 +85,13 @@ const KEY_FORMAT: &str = "format_version";
 const KEY_NEXT_QUEUE_ID: &str = "next_queue_id";
 const KEY_APPLIED_LSN: &str = "applied_lsn";
 
-/// A checkpoint runs when the log grows past this size, or when it holds records older than
-/// the configured checkpoint interval.
+/// A checkpoint runs when the log grows past this size (or a quarter of the disk reserve, if
+/// that is less: see [`Store::set_disk_reserve`]), or when it holds records older than the
+/// configured checkpoint interval.
 const CHECKPOINT_BYTES: u64 = 64 << 20;
+
+/// How long [`Store::compact_in_place`] keeps retrying while readers hold transactions.
+const COMPACT_PATIENCE: Duration = Duration::from_secs(5);
 
 /// When the batches gathering in memory reach this many times `apply_bytes` while a bulk
 /// write is still running, the writer writes them in itself.
@@ -161,6 +166,8 @@ pub(crate) struct Store {
     apply_bytes: usize,
     path: PathBuf,
     checkpoint_interval: Duration,
+    /// The log size that makes a checkpoint due.
+    checkpoint_bytes: u64,
 }
 
 fn st(e: impl std::fmt::Display) -> Error {
@@ -223,6 +230,7 @@ impl Store {
             apply_bytes: 256 << 10,
             path,
             checkpoint_interval,
+            checkpoint_bytes: CHECKPOINT_BYTES,
         };
         let (queues, next_queue_id, pending_purges) = store.init_and_load(records)?;
         Ok(Opened {
@@ -605,7 +613,7 @@ impl Store {
     pub(crate) fn maybe_checkpoint(&self) -> Result<bool> {
         let due = {
             let log = self.log();
-            log.wal.len() > CHECKPOINT_BYTES
+            log.wal.len() > self.checkpoint_bytes
                 || log
                     .oldest_unchecked
                     .is_some_and(|t| t.elapsed() >= self.checkpoint_interval)
@@ -617,6 +625,62 @@ impl Store {
             self.apply_pending(Durability::None)?;
         }
         Ok(due)
+    }
+
+    /// Checkpoints once the log holds a quarter of the disk reserve (when that is less than
+    /// the usual threshold): the redb pages a checkpoint writes then fit in the reserve
+    /// several times over (see [`space`]).
+    pub(crate) fn set_disk_reserve(&mut self, reserve: u64) {
+        if reserve > 0 {
+            self.checkpoint_bytes = CHECKPOINT_BYTES.min((reserve / 4).max(64 << 10));
+        }
+    }
+
+    /// Checkpoints, then rewrites the database file in place so that the pages freed by
+    /// deletions go back to the filesystem (redb otherwise only reuses them). The writer calls
+    /// it when a deletion completes on a nearly full disk. Returns the file size before and
+    /// after.
+    ///
+    /// Readers wait while a compaction step runs: each step holds the database exclusively
+    /// (redb's `compact` needs that), and steps are retried while a reader's transaction is
+    /// still open, for up to [`COMPACT_PATIENCE`]; after that the file stays as it is (not an
+    /// error: it is retried at the next deletion).
+    ///
+    /// # Errors
+    ///
+    /// Storage errors of the checkpoint or of a compaction step: permanent, as for
+    /// [`Store::checkpoint`].
+    pub(crate) fn compact_in_place(&self) -> Result<(u64, u64)> {
+        let before = self.file_size();
+        let mut log = self.log();
+        // Everything logged goes into redb, durably, and the log is emptied: compaction then
+        // works on the whole database, and the log's space is free too. The log stays locked
+        // and the bulk-write thread idle (nothing is pending), so only readers compete.
+        self.apply_pending(Durability::Immediate)?;
+        log.wal.reset()?;
+        log.oldest_unchecked = None;
+        let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        let started = Instant::now();
+        loop {
+            let step = {
+                let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+                let db = guard.as_mut().ok_or(Error::ShuttingDown)?;
+                db.compact()
+            };
+            match step {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(redb::CompactionError::TransactionInProgress) => {
+                    if started.elapsed() >= COMPACT_PATIENCE {
+                        tracing::warn!("compaction gave up: readers kept transactions open");
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(st(format!("compacting {}: {e}", self.path.display()))),
+            }
+        }
+        Ok((before, self.file_size()))
     }
 
     /// See [`crate::Config::apply_bytes`].

@@ -432,7 +432,14 @@ impl Wal {
         if let Err(e) = written {
             // Leave no partial record behind for the next append to follow. If that fails
             // too, the log's end is unknown and the store must stop writing.
-            let err = io("appending to", &self.path, e);
+            let err = if e.kind() == std::io::ErrorKind::StorageFull {
+                tracing::warn!(path = %self.path.display(), "log write refused: no space left on the device");
+                Error::DiskFull(
+                    "the data volume is full; delete queues or free space on the disk".into(),
+                )
+            } else {
+                io("appending to", &self.path, e)
+            };
             let rolled_back = self
                 .faults
                 .power_check()

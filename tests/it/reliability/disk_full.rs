@@ -2,7 +2,12 @@
 //! CI). Enqueues fail with HTTP 507, the server stays up, reads and SSE keep working, and
 //! nothing is corrupted: a restart finds exactly what was acknowledged.
 //!
-//! Two cases, each made deterministic by the checkpoint interval:
+//! With the free-space reserve (the default): enqueues are refused once less than the reserve
+//! is free, and deleting a queue gives its space back (the database is compacted), so writes
+//! resume without a restart.
+//!
+//! Without a reserve (`disk_reserve: Some(0)`), the writes themselves meet the full disk; two
+//! cases, each made deterministic by the checkpoint interval:
 //! - the **log** fills the disk (no checkpoint meanwhile): only the failing batches are
 //!   refused, and writes resume by themselves, at the next offset, once space is freed;
 //! - a **checkpoint** runs out of space (redb writes its pages then): that is permanent for
@@ -78,9 +83,10 @@ struct Server {
 }
 
 impl Server {
-    async fn start(data_dir: &Path, checkpoint_interval: Duration) -> Server {
+    async fn start(data_dir: &Path, checkpoint_interval: Duration, reserve: Option<u64>) -> Server {
         let config = Config {
             checkpoint_interval,
+            disk_reserve: reserve,
             ..Config::new(data_dir)
         };
         let manager = QueueManager::open(config).await.unwrap();
@@ -180,7 +186,8 @@ async fn fill(server: &Server) -> u64 {
             StatusCode::OK => acked += 50,
             StatusCode::INSUFFICIENT_STORAGE => {
                 let body: Value = r.json().await.unwrap();
-                assert_eq!(body["detail"], "insufficient storage");
+                let detail = body["detail"].as_str().unwrap();
+                assert!(detail.starts_with("insufficient storage"), "{detail}");
                 assert!(acked > 0);
                 return acked;
             }
@@ -214,7 +221,7 @@ async fn reads_work(server: &Server, big: u64) {
 /// After a restart: `small` holds s0..s{n}; `big` its acknowledged events, plus possibly
 /// those of a batch that was refused after its log record was synced (see `StoreFailed`).
 async fn check_restart(data_dir: &Path, small: u64, big: u64, refused_but_maybe_stored: u64) {
-    let server = Server::start(data_dir, Duration::from_secs(1)).await;
+    let server = Server::start(data_dir, Duration::from_secs(1), None).await;
     let mut s = stream_from(&server, "small", 0).await;
     for i in 0..small {
         let f = s.next_event().await.unwrap();
@@ -257,7 +264,7 @@ async fn a_full_log_refuses_only_its_batches_and_writes_resume_when_space_is_fre
         return;
     };
     // No checkpoint during the test: only the log meets the full disk.
-    let server = Server::start(&data, Duration::from_secs(3600)).await;
+    let server = Server::start(&data, Duration::from_secs(3600), Some(0)).await;
     let big = fill(&server).await;
     let mut live = stream_from(&server, "small", 3).await;
     reads_work(&server, big).await;
@@ -296,7 +303,7 @@ async fn a_checkpoint_out_of_space_stops_writes_keeps_reads_and_a_restart_recove
         return;
     };
     // A checkpoint after every batch: redb's own page writes meet the full disk.
-    let server = Server::start(&data, Duration::ZERO).await;
+    let server = Server::start(&data, Duration::ZERO, Some(0)).await;
     let big = fill(&server).await;
     reads_work(&server, big).await;
     // Usually the checkpoint met the full disk first: the store then refuses writes until it
@@ -319,4 +326,103 @@ async fn a_checkpoint_out_of_space_stops_writes_keeps_reads_and_a_restart_recove
     // A restart with space recovers every acknowledged event from the log.
     // The batch refused when the checkpoint failed may have been logged and synced already.
     check_restart(&data, small, big, 50).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_the_reserve_enqueues_get_507_and_deleting_a_queue_lets_writes_resume() {
+    const RESERVE: u64 = 4 << 20;
+    let Some(fs) = Tmpfs::mount("32m") else {
+        return;
+    };
+    let data = fs.path().join("data");
+    // A checkpoint after every batch: the log never holds space a later checkpoint would
+    // give back, so only the deletion can make room.
+    let server = Server::start(&data, Duration::ZERO, Some(RESERVE)).await;
+    let big = fill(&server).await;
+    let free = |p: &Path| {
+        let s = rustix::fs::statvfs(p).unwrap();
+        s.f_bavail * s.f_frsize
+    };
+    // Refused while the reserve was still free: the writes that free space have room.
+    assert!(free(fs.path()) > RESERVE / 2, "{} free", free(fs.path()));
+    let mut live = stream_from(&server, "small", 3).await;
+    reads_work(&server, big).await;
+    let r = post(
+        &server,
+        "/events/queues/small/events",
+        &event("refused", 10),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::INSUFFICIENT_STORAGE);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("delete queues"),
+        "{body}"
+    );
+    // A queue can still be created? No: creation adds data too.
+    let r = post(&server, "/events/queues", &json!({"task_id": "new"})).await;
+    assert_eq!(r.status(), StatusCode::INSUFFICIENT_STORAGE);
+
+    // Deleting the big queue frees its space (the writer compacts the database after the
+    // deletion, on a nearly full disk): writes resume, at the next offset, without a restart.
+    let r = helpers::client()
+        .delete(server.url("/events/queues/big"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let deadline = tokio::time::Instant::now() + HANG_GUARD;
+    loop {
+        let r = post(&server, "/events/queues/small/events", &event("s3", 1000)).await;
+        match r.status() {
+            StatusCode::OK => {
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(v["offsets"], json!([3]), "a refused write left a trace");
+                break;
+            }
+            StatusCode::INSUFFICIENT_STORAGE => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "writes never resumed after the deletion ({} free)",
+                    free(fs.path())
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("{other}: {}", r.text().await.unwrap()),
+        }
+    }
+    assert!(free(fs.path()) > 2 * RESERVE, "{} free", free(fs.path()));
+    for i in 4..20 {
+        let r = post(
+            &server,
+            "/events/queues/small/events",
+            &event(&format!("s{i}"), 1000),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["offsets"], json!([i]));
+    }
+    for i in 3..20u64 {
+        let f = live.next_event().await.unwrap();
+        assert_eq!(f.id, Some(i.to_string()));
+        assert_eq!(f.json()["event_id"], format!("s{i}"));
+    }
+    drop(live);
+    server.stop().await;
+
+    // A restart finds exactly that: `small` whole, `big` gone.
+    let server = Server::start(&data, Duration::from_secs(1), Some(RESERVE)).await;
+    assert_eq!(
+        get(&server, "/events/queues/big").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    let mut s = stream_from(&server, "small", 0).await;
+    for i in 0..20u64 {
+        let f = s.next_event().await.unwrap();
+        assert_eq!(f.id, Some(i.to_string()));
+        assert_eq!(f.json()["event_id"], format!("s{i}"));
+    }
+    drop(s);
+    server.stop().await;
 }
