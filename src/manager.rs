@@ -330,6 +330,25 @@ impl QueueManager {
         )
     }
 
+    /// Checkpoints and compacts the database file in place, so that space freed by deleted,
+    /// expired and trimmed events goes back to the filesystem (the store otherwise reuses it
+    /// but keeps it). Readers wait while each compaction step runs; appends wait for the
+    /// whole compaction. The writer also does this by itself when a deletion completes on a
+    /// nearly full disk (see [`Config::disk_reserve`]).
+    ///
+    /// # Errors
+    ///
+    /// Storage errors (permanent, as for a failed commit); [`Error::StoreFailed`] after an
+    /// earlier failure.
+    pub async fn compact(&self) -> Result<crate::compaction::CompactReport> {
+        let (bytes_before, bytes_after) =
+            self.core.call(|reply| Command::Compact { reply }).await?;
+        Ok(crate::compaction::CompactReport {
+            bytes_before,
+            bytes_after,
+        })
+    }
+
     /// Cancels a task (see [`EventQueue::cancel`]). Returns whether the queue existed.
     ///
     /// # Errors

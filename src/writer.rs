@@ -157,6 +157,9 @@ pub(crate) enum Command {
     },
     /// Commit what is queued, sync, and stop.
     Shutdown { reply: Reply<()> },
+    /// Checkpoint and compact the database file in place (see [`Store::compact_in_place`]);
+    /// replies with the file size before and after.
+    Compact { reply: Reply<(u64, u64)> },
 }
 
 impl Command {
@@ -517,6 +520,37 @@ impl WriterLoop {
     /// one batch. Returns true when a shutdown was processed.
     fn process_all(&mut self, cmds: Vec<Command>) -> bool {
         let cmds = self.admit(cmds);
+        let (compactions, cmds): (Vec<_>, Vec<_>) = cmds
+            .into_iter()
+            .partition(|c| matches!(c, Command::Compact { .. }));
+        // Commands collected with a compaction were sent before it: they go first.
+        let shutdown = self.process_saves_then_rest(cmds);
+        for cmd in compactions {
+            self.compact(cmd);
+        }
+        shutdown
+    }
+
+    /// Runs a [`Command::Compact`].
+    fn compact(&mut self, cmd: Command) {
+        let result = match self.failure.get() {
+            Some(msg) => Err(Error::StoreFailed(msg)),
+            None => self
+                .w
+                .store
+                .compact_in_place()
+                .inspect_err(|e| self.failure.set(e)),
+        };
+        match (cmd, result) {
+            (Command::Compact { reply }, result) => {
+                let _ = reply.send(result);
+            }
+            (other, Err(e)) => reply_err(other, e),
+            (other, Ok(_)) => reply_err(other, Error::storage("internal: not a compaction")),
+        }
+    }
+
+    fn process_saves_then_rest(&mut self, cmds: Vec<Command>) -> bool {
         let (saves, rest): (Vec<_>, Vec<_>) = cmds
             .into_iter()
             .partition(|c| matches!(c, Command::SaveCheckpoint { .. }));
@@ -829,7 +863,8 @@ fn apply(
             keys.remove(&(queue.tenant_id.clone(), queue.task_id.clone()));
             Outcome::Removed(true)
         }
-        Command::Sync { .. } | Command::Shutdown { .. } => Outcome::Done,
+        // Never part of a batch (see `process_all`).
+        Command::Sync { .. } | Command::Shutdown { .. } | Command::Compact { .. } => Outcome::Done,
         // Saves are batches of their own (`process_all`); never here.
         Command::SaveCheckpoint { .. } => {
             Outcome::Failed(Error::storage("internal: a checkpoint save in a log batch"))
@@ -962,6 +997,9 @@ fn reply_err(cmd: Command, e: Error) {
             if let Some(reply) = reply {
                 let _ = reply.send(Err(e));
             }
+        }
+        Command::Compact { reply } => {
+            let _ = reply.send(Err(e));
         }
     }
 }
