@@ -197,6 +197,19 @@ async fn fill(server: &Server) -> u64 {
     panic!("the disk never filled");
 }
 
+/// Appends `s{i}` to `small`, which must land at offset `i` (a refused write leaves no trace).
+async fn append_small(server: &Server, i: u64) {
+    let r = post(
+        server,
+        "/events/queues/small/events",
+        &event(&format!("s{i}"), 1000),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["offsets"], json!([i]), "a refused write left a trace");
+}
+
 /// The server is up, and reads and SSE serve exactly what was acknowledged.
 async fn reads_work(server: &Server, big: u64) {
     assert_eq!(get(server, "/healthz").await.status(), StatusCode::OK);
@@ -280,15 +293,7 @@ async fn a_full_log_refuses_only_its_batches_and_writes_resume_when_space_is_fre
     // The operator frees space: writes resume at the next offset, no restart.
     std::fs::remove_file(&other).unwrap();
     for i in 3..20 {
-        let r = post(
-            &server,
-            "/events/queues/small/events",
-            &event(&format!("s{i}"), 1000),
-        )
-        .await;
-        assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
-        let v: Value = r.json().await.unwrap();
-        assert_eq!(v["offsets"], json!([i]), "a refused write left a trace");
+        append_small(&server, i).await;
         let f = live.next_event().await.unwrap();
         assert_eq!(f.id, Some(i.to_string()));
     }
@@ -393,15 +398,7 @@ async fn below_the_reserve_enqueues_get_507_and_deleting_a_queue_lets_writes_res
     }
     assert!(free(fs.path()) > 2 * RESERVE, "{} free", free(fs.path()));
     for i in 4..20 {
-        let r = post(
-            &server,
-            "/events/queues/small/events",
-            &event(&format!("s{i}"), 1000),
-        )
-        .await;
-        assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
-        let v: Value = r.json().await.unwrap();
-        assert_eq!(v["offsets"], json!([i]));
+        append_small(&server, i).await;
     }
     for i in 3..20u64 {
         let f = live.next_event().await.unwrap();
