@@ -391,6 +391,26 @@ async function main() {
     await waitFor(page2, () => /queue is closed/.test(document.getElementById('stream-status').textContent),
       null, 'the page to stop following the closed queue');
     await shot(page2, 'open-mode-queue.png');
+    // A long stream: the page keeps the newest 2000 entries and says how many it took off.
+    await teamA('POST', '/events/queues', { task_id: 'job-long', max_buffer_size: 10000 });
+    await page2.goto(openServer.base + '/#/queue/job-long');
+    await waitFor(page2, () => /^live/.test(document.getElementById('stream-status').textContent),
+      null, 'the job-long stream');
+    for (let b = 0; b < 3; b++) {
+      const evs = [];
+      for (let i = 0; i < 700; i++) evs.push({ event_type: 'progress', current: 1, total: 2, step: `s${b}-${i}` });
+      await teamA('POST', '/events/queues/job-long/events', { events: evs });
+    }
+    await waitFor(page2, () => {
+      const last = document.querySelector('#timeline li.ev:last-child');
+      return last && last.dataset.offset === '2099';
+    }, null, 'the 2100th event on the page');
+    const kept = await timelineOffsets(page2);
+    check(kept.length === 2000 && kept[0] === 100 && kept[1999] === 2099,
+      `the timeline keeps offsets 100..=2099, got ${kept.length} from ${kept[0]} to ${kept[kept.length - 1]}`);
+    const trimmedNote = await page2.textContent('#timeline li.trimmed');
+    check(/^100 earlier entries/.test(trimmedNote), `note on the entries taken off, got ${trimmedNote}`);
+    log('a long stream keeps the page at 2000 entries');
     await ctx2.close();
 
     check(problems.length === 0, 'console errors:\n  ' + problems.join('\n  '));

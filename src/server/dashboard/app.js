@@ -622,6 +622,30 @@
     $('result-json').textContent = pretty(ev.result);
   }
 
+  // The page keeps the newest TIMELINE_MAX entries, so following a long-running task does not
+  // grow the page without bound; a note at the top counts the ones taken off.
+  const TIMELINE_MAX = 2000;
+
+  function appendToTimeline(li) {
+    const tl = $('timeline');
+    tl.append(li);
+    let note = tl.querySelector('li.trimmed');
+    let excess = tl.children.length - (note ? 1 : 0) - TIMELINE_MAX;
+    if (excess <= 0) return;
+    if (!note) {
+      note = el('li', 'trimmed');
+      note.setAttribute('role', 'note');
+      tl.prepend(note);
+      page.trimmed = 0;
+    }
+    while (excess-- > 0 && note.nextElementSibling) {
+      note.nextElementSibling.remove();
+      page.trimmed++;
+    }
+    note.textContent = page.trimmed + ' earlier entries are no longer shown on this page; ' +
+      'the queue still holds what its retention keeps (replay it with eventqueue watch --from N).';
+  }
+
   function addGap(data) {
     const li = el('li', 'gap');
     li.setAttribute('role', 'note');
@@ -629,7 +653,7 @@
     const req = Number(data.requested_offset);
     li.textContent = 'Events ' + req + '–' + (first - 1) +
       ' were dropped by retention before they could be shown; continuing at offset ' + first + '.';
-    $('timeline').append(li);
+    appendToTimeline(li);
   }
 
   function addEvent(ev) {
@@ -677,7 +701,7 @@
       pre.setAttribute('aria-label', bodyLabel);
       li.append(pre);
     }
-    $('timeline').append(li);
+    appendToTimeline(li);
   }
 
   async function onCancel(e) {
