@@ -523,7 +523,7 @@ impl WriterLoop {
         let (compactions, cmds): (Vec<_>, Vec<_>) = cmds
             .into_iter()
             .partition(|c| matches!(c, Command::Compact { .. }));
-        // Commands collected with a compaction were sent before it: they go first.
+        // A compaction changes no content: it runs after whatever was collected with it.
         let shutdown = self.process_saves_then_rest(cmds);
         for cmd in compactions {
             self.compact(cmd);
