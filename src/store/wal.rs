@@ -28,26 +28,22 @@
 //! Record layout: `len: u32 LE | crc32: u32 LE | lsn: u64 LE | payload (len bytes)`, where the
 //! payload is a sequence of postcard-encoded [`WalOp`]s.
 //!
-//! # Preallocation and reuse
+//! # Preallocation
 //!
 //! An fdatasync after an append that grows the file must also commit the file's new size to
 //! the filesystem journal; after a write into blocks that already hold (synced) data it only
 //! writes the data. On this project's virtual disk that is ~0.2 ms against ~0.1 ms per sync
 //! (6 KB records), and the sync is what every durable acknowledgement waits for. So the log
 //! keeps zeros written ahead of its end ([`Wal::preallocate`], in steps, each made durable by
-//! the next sync, long before records reach it), and a checkpoint does not truncate the file:
-//! it only starts writing again at offset 0 ([`Wal::reset`]), over the records it made
-//! redundant.
+//! the next sync, long before records reach it).
 //!
-//! Past the log's end the file therefore holds zeros, or records of earlier uses of the file,
-//! which a durable checkpoint already applied to redb (their LSN is at most redb's
-//! `applied_lsn`). Reading stops at the first record that is not intact *or* whose LSN is not
-//! above its predecessor's (an older use), so recovery meets old records at most at the start
-//! of the file, where they are skipped as already applied. Anything else past the last intact
-//! record (a torn record, possibly followed by intact records that were never synced and so
-//! never acknowledged) is cut off on open as before: only an all-zero tail is kept. A failed
-//! append cuts the file back to the log's end, so nothing of an unacknowledged record remains
-//! to be mistaken for a later one.
+//! Past the log's end the file holds only zeros: reading stops there as at a torn record
+//! (a zero header is no intact record), open keeps an all-zero tail and cuts anything else
+//! past the last intact record as before (a torn record, possibly followed by intact records
+//! that were never synced and so never acknowledged), a failed append cuts the file back to
+//! the log's end, and a checkpoint truncates the file before preallocating again. So no
+//! record that recovery must not replay can ever sit past the log's end, to be read later
+//! as one following a newer record.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -352,11 +348,9 @@ pub(crate) enum AppendError {
 /// An intact record read back on open: its LSN and payload.
 pub(crate) type LoggedRecord = (u64, Vec<u8>);
 
-/// Every intact record at the start of `bytes` with increasing LSNs, where they end, and
-/// whether an intact record with a lower LSN follows (one of an earlier use of the file: see
-/// the module docs).
-fn parse(bytes: &[u8]) -> (Vec<LoggedRecord>, usize, bool) {
-    let mut records: Vec<LoggedRecord> = Vec::new();
+/// Every intact record at the start of `bytes`, and where they end.
+fn parse(bytes: &[u8]) -> (Vec<LoggedRecord>, usize) {
+    let mut records = Vec::new();
     let mut at = 0usize;
     while bytes.len() - at >= HEADER {
         let h = &bytes[at..at + HEADER];
@@ -374,14 +368,13 @@ fn parse(bytes: &[u8]) -> (Vec<LoggedRecord>, usize, bool) {
         if hasher.finalize() != crc {
             break;
         }
-        let lsn = u64::from_le_bytes(lsn_bytes);
-        if records.last().is_some_and(|&(prev, _)| lsn <= prev) {
-            return (records, at, true);
-        }
-        records.push((lsn, bytes[at + HEADER..end].to_vec()));
+        records.push((
+            u64::from_le_bytes(lsn_bytes),
+            bytes[at + HEADER..end].to_vec(),
+        ));
         at = end;
     }
-    (records, at, false)
+    (records, at)
 }
 
 /// Zeros are kept written at least this far past the log's end.
@@ -402,7 +395,7 @@ pub(crate) struct Wal {
     path: PathBuf,
     /// Where the log ends: the next record goes here.
     len: u64,
-    /// The file's length: past `len` it holds zeros or records of earlier uses of the file.
+    /// The file's length: past `len` it holds zeros.
     cap: u64,
     /// `len`, for the syncer (the simulated disk counts what a sync made durable).
     end: Arc<AtomicU64>,
@@ -429,18 +422,16 @@ impl Wal {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .map_err(|e| io("reading", &path, e))?;
-        let (records, at, old_records) = parse(&bytes);
+        let (records, at) = parse(&bytes);
         // A tail of zeros is preallocated room; anything else past the last record is cut.
         let cap = if bytes[at..].iter().all(|&b| b == 0) {
             bytes.len()
         } else {
-            if !old_records {
-                tracing::warn!(
-                    valid = at,
-                    total = bytes.len(),
-                    "cutting a torn record off the end of the log (it was never acknowledged)"
-                );
-            }
+            tracing::warn!(
+                valid = at,
+                total = bytes.len(),
+                "cutting a torn record off the end of the log (it was never acknowledged)"
+            );
             file.set_len(at as u64)
                 .map_err(|e| io("truncating", &path, e))?;
             at
@@ -558,12 +549,17 @@ impl Wal {
         })
     }
 
-    /// Empties the log (after a durable checkpoint made its records redundant): the next
-    /// record goes to offset 0, over the old ones, which the file keeps (see the module docs).
+    /// Empties the log (after a durable checkpoint made its records redundant) and writes
+    /// zeros ahead again. An empty log (nothing logged since the last reset or open) is all
+    /// zeros already and keeps them.
     pub(crate) fn reset(&mut self) -> Result<()> {
-        self.faults
-            .power_check()
-            .map_err(|e| io("resetting", &self.path, e))?;
+        if self.len > 0 {
+            self.faults
+                .power_check()
+                .and_then(|()| self.file.set_len(0))
+                .map_err(|e| io("truncating", &self.path, e))?;
+            self.cap = 0;
+        }
         self.faults.power_truncated(0);
         self.len = 0;
         self.end.store(0, Ordering::Release);
@@ -797,32 +793,25 @@ mod tests {
     }
 
     #[test]
-    fn old_records_after_a_reset_end_the_replay() {
+    fn a_reset_leaves_no_record_past_the_end() {
         let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(WAL_FILE);
         {
             let (mut wal, _) = Wal::open(dir.path()).unwrap();
             for lsn in 1..=5 {
                 wal.append(lsn, &same_size(lsn)).unwrap();
             }
-            // A checkpoint applied 1..=5; the file keeps them, and record 6 overwrites 1.
+            // A checkpoint applied 1..=5; record 6 goes to offset 0.
             wal.reset().unwrap();
             wal.append(6, &same_size(6)).unwrap();
         }
-        // Records 2..=5 are intact right after 6: reading must stop there (they are older),
-        // or a recovery would take them for records that follow 6.
+        // Had the file kept records 2..=5 right after 6, a recovery would read them as
+        // records that follow 6.
         let (_, recs) = Wal::open(dir.path()).unwrap();
         assert_eq!(recs.iter().map(|r| r.0).collect::<Vec<_>>(), vec![6]);
-        // A crash right after a reset: only the old records, which recovery skips as applied
-        // (their LSNs are at most redb's applied LSN).
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let (mut wal, _) = Wal::open(dir.path()).unwrap();
-            for lsn in 1..=3 {
-                wal.append(lsn, &same_size(lsn)).unwrap();
-            }
-            wal.reset().unwrap();
-        }
-        let (_, recs) = Wal::open(dir.path()).unwrap();
-        assert_eq!(recs.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+        let bytes = std::fs::read(&path).unwrap();
+        let first = same_size(6).len() + HEADER;
+        assert!(bytes[first..].iter().all(|&b| b == 0));
+        assert!(bytes.len() as u64 >= first as u64 + AHEAD);
     }
 }
