@@ -399,6 +399,9 @@ pub(crate) struct Wal {
     cap: u64,
     /// `len`, for the syncer (the simulated disk counts what a sync made durable).
     end: Arc<AtomicU64>,
+    /// Preallocation failed (a full disk): not tried again until the next reset, so that a
+    /// nearly full disk does not cost every append a failed write of zeros.
+    prealloc_failed: bool,
     buf: Vec<u8>,
     pub(crate) faults: std::sync::Arc<Faults>,
 }
@@ -445,6 +448,7 @@ impl Wal {
                 len: at as u64,
                 cap: cap as u64,
                 end: Arc::new(AtomicU64::new(at as u64)),
+                prealloc_failed: false,
                 buf: Vec::new(),
                 faults: Default::default(),
             },
@@ -502,10 +506,10 @@ impl Wal {
 
     /// Keeps at least [`AHEAD`] bytes of zeros written past the log's end, so that records
     /// overwrite blocks the file already has (see the module docs). Best effort: on a failure
-    /// (a full disk) the partial step is cut off again and the log simply grows by appends.
-    /// The zeros reach the disk with the next sync of the log.
+    /// (a full disk) the partial step is cut off again and the log simply grows by appends
+    /// until the next reset. The zeros reach the disk with the next sync of the log.
     fn preallocate(&mut self) {
-        while self.cap < self.len + AHEAD {
+        while !self.prealloc_failed && self.cap < self.len + AHEAD {
             let from = self.cap;
             let mut at = from;
             let mut written = Ok(());
@@ -522,6 +526,7 @@ impl Wal {
                     .faults
                     .power_check()
                     .and_then(|()| self.file.set_len(from));
+                self.prealloc_failed = true;
                 return;
             }
             self.cap = at;
@@ -566,6 +571,7 @@ impl Wal {
         self.file
             .seek(SeekFrom::Start(0))
             .map_err(|e| io("seeking", &self.path, e))?;
+        self.prealloc_failed = false;
         self.preallocate();
         self.faults
             .power_sync(&self.end, || self.file.sync_all())
