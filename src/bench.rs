@@ -36,6 +36,8 @@ pub struct BenchOptions {
     /// `raw`, `sequential`, `appends-immediate`, `appends-buffered`, `replay`, `fanout`,
     /// `reopen`, `idle`, `sweep`, `churn`, `http-enqueue`, `http-replay`, `http-fanout`).
     /// A word matches every step whose name contains it: `http` runs the three HTTP steps.
+    /// An append step's measurements are named `<step>-<producers>`, so
+    /// `appends-immediate-64` runs only that one.
     pub only: Option<String>,
     /// Seconds of the churn step (default 30; 5 with `quick`).
     pub churn_secs: Option<u64>,
@@ -272,10 +274,14 @@ pub async fn run(opts: BenchOptions) -> crate::Result<BenchReport> {
             &[1usize, 64][..],
         ),
     ] {
-        if !want(name) {
+        if !counts.iter().any(|p| want(&format!("{name}-{p}"))) {
             continue;
         }
         for &producers in counts {
+            // `--only appends-immediate-64` runs one count of the step.
+            if !want(&format!("{name}-{producers}")) {
+                continue;
+            }
             say(&format!("{name}, {producers} producers"));
             let per = (if q { 3000 } else { 20_000 }) / producers + 20;
             let dir = step(&format!("{name}-{producers}"));

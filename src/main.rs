@@ -108,7 +108,8 @@ struct BenchArgs {
     /// Run only the steps whose name contains one of these comma-separated words (steps: raw,
     /// sequential, appends-immediate, appends-buffered, replay, fanout, reopen, idle, sweep,
     /// churn, http-enqueue, http-replay, http-fanout; `http` runs the three over loopback
-    /// HTTP).
+    /// HTTP; an append step's name with `-N` appended, e.g. appends-immediate-64, runs only its
+    /// N-producer measurement).
     #[arg(long, value_name = "STEP")]
     only: Option<String>,
     /// Seconds of the churn step (file size under steady write-and-delete)
