@@ -201,15 +201,9 @@ impl Eventqueue {
             &format!("{}/events/workflows/{task}?from_offset=0", self.base),
         )
         .await?;
-        let mut read = 0u64;
-        while read < n {
-            match tokio::time::timeout(Duration::from_secs(30), sse.next_frame()).await {
-                Ok(Ok(Some(frame))) if frame.starts_with(b"id: ") => read += 1,
-                Ok(Ok(Some(_))) => {}
-                Ok(Ok(None)) => bail!("the replay stream ended after {read} of {n} events"),
-                Ok(Err(e)) => return Err(e),
-                Err(_) => bail!("replay stalled after {read} of {n} events"),
-            }
+        let read = sse.count_events(n, Duration::from_secs(30)).await?;
+        if read < n {
+            bail!("the replay stream ended after {read} of {n} events");
         }
         let secs = start.elapsed().as_secs_f64();
         Ok(Measure {
@@ -262,7 +256,9 @@ impl Eventqueue {
 struct Sse {
     resp: reqwest::Response,
     buf: BytesMut,
+    /// Where the search for the next blank line resumes (the bytes before it hold none).
     scanned: usize,
+    blank_line: memchr::memmem::Finder<'static>,
 }
 
 impl Sse {
@@ -279,23 +275,63 @@ impl Sse {
             resp,
             buf: BytesMut::new(),
             scanned: 0,
+            blank_line: memchr::memmem::Finder::new(b"\n\n"),
         })
+    }
+
+    /// Appends the next chunk of the body; false at its end.
+    async fn fill(&mut self) -> Result<bool> {
+        match self.resp.chunk().await.context("reading an SSE stream")? {
+            Some(chunk) => {
+                self.buf.extend_from_slice(&chunk);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     async fn next_frame(&mut self) -> Result<Option<Bytes>> {
         loop {
-            if let Some(pos) = self.buf[self.scanned..]
-                .windows(2)
-                .position(|w| w == b"\n\n")
-            {
+            if let Some(pos) = self.blank_line.find(&self.buf[self.scanned..]) {
                 let frame = self.buf.split_to(self.scanned + pos + 2).freeze();
                 self.scanned = 0;
                 return Ok(Some(frame));
             }
             self.scanned = self.buf.len().saturating_sub(1);
-            match self.resp.chunk().await.context("reading an SSE stream")? {
-                Some(chunk) => self.buf.extend_from_slice(&chunk),
-                None => return Ok(None),
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Reads until `n` event frames (`id: …` first) have arrived or the stream ends, without
+    /// copying frames out; returns how many arrived. Fails when no byte comes for `stall`.
+    async fn count_events(&mut self, n: u64, stall: Duration) -> Result<u64> {
+        let mut read = 0u64;
+        loop {
+            let mut start = 0;
+            let mut from = self.scanned;
+            while read < n {
+                let Some(pos) = self.blank_line.find(&self.buf[from..]) else {
+                    break;
+                };
+                let end = from + pos + 2;
+                if self.buf[start..end].starts_with(b"id: ") {
+                    read += 1;
+                }
+                start = end;
+                from = end;
+            }
+            let _ = self.buf.split_to(start);
+            self.scanned = self.buf.len().saturating_sub(1);
+            if read >= n {
+                return Ok(read);
+            }
+            match tokio::time::timeout(stall, self.fill()).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => return Ok(read),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => bail!("replay stalled after {read} of {n} events"),
             }
         }
     }
