@@ -90,9 +90,13 @@ pub async fn start(bin: &Path, dir: &Path, durability: &str) -> Result<(Server, 
     Ok((server, eq))
 }
 
-async fn post(http: &reqwest::Client, url: &str, body: Bytes) -> Result<()> {
+/// POSTs `body` as JSON to `url` (a string, or a [`reqwest::Url`] parsed once for a loop).
+async fn post<U>(http: &reqwest::Client, url: U, body: Bytes) -> Result<()>
+where
+    U: reqwest::IntoUrl + std::fmt::Display + Clone,
+{
     let resp = http
-        .post(url)
+        .post(url.clone())
         .header("content-type", "application/json")
         .body(body)
         .send()
@@ -115,10 +119,14 @@ impl Eventqueue {
         post(http, &format!("{}/events/queues", self.base), body.into()).await
     }
 
-    fn urls(&self) -> Vec<String> {
+    /// The enqueue URL of every queue, parsed once (not per request).
+    fn urls(&self) -> Result<Vec<reqwest::Url>> {
         self.tasks
             .iter()
-            .map(|t| format!("{}/events/queues/{t}/events", self.base))
+            .map(|t| {
+                let url = format!("{}/events/queues/{t}/events", self.base);
+                reqwest::Url::parse(&url).with_context(|| format!("parsing {url}"))
+            })
             .collect()
     }
 
@@ -157,7 +165,7 @@ impl Eventqueue {
             }
             https.push(http);
         }
-        let urls = self.urls();
+        let urls = self.urls()?;
         let w = std::sync::Arc::new(Window::start(plan));
         let mut futures = Vec::new();
         for (c, http) in https.iter().enumerate() {
@@ -168,7 +176,7 @@ impl Eventqueue {
                     let mut k = c * 37 + d * 7;
                     while w.open() {
                         let start = Instant::now();
-                        post(&http, &urls[k % STREAMS], body.clone()).await?;
+                        post(&http, urls[k % STREAMS].clone(), body.clone()).await?;
                         t.ack(&w, start, per_request);
                         k += 1;
                     }
