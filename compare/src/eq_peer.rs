@@ -17,6 +17,7 @@ use crate::servers::{Server, free_addr};
 const MAX_BUFFER: u64 = 10_000_000;
 
 pub struct Eventqueue {
+    addr: std::net::SocketAddr,
     base: String,
     tasks: Vec<String>,
 }
@@ -72,6 +73,7 @@ pub async fn start(bin: &Path, dir: &Path, durability: &str) -> Result<(Server, 
         dir.join("server.log"),
     )?;
     let eq = Eventqueue {
+        addr,
         base: format!("http://{addr}"),
         tasks: (0..STREAMS).map(|i| format!("bench_s{i}")).collect(),
     };
@@ -90,6 +92,7 @@ pub async fn start(bin: &Path, dir: &Path, durability: &str) -> Result<(Server, 
     Ok((server, eq))
 }
 
+/// POSTs `body` as JSON to `url` (setup requests; the timed ones go through [`Conn`]).
 async fn post(http: &reqwest::Client, url: &str, body: Bytes) -> Result<()> {
     let resp = http
         .post(url)
@@ -115,10 +118,14 @@ impl Eventqueue {
         post(http, &format!("{}/events/queues", self.base), body.into()).await
     }
 
-    fn urls(&self) -> Vec<String> {
+    /// The enqueue path of every queue, parsed once (not per request).
+    fn paths(&self) -> Result<Vec<hyper::Uri>> {
         self.tasks
             .iter()
-            .map(|t| format!("{}/events/queues/{t}/events", self.base))
+            .map(|t| {
+                let path = format!("/events/queues/{t}/events");
+                path.parse().with_context(|| format!("parsing {path}"))
+            })
             .collect()
     }
 
@@ -143,38 +150,30 @@ impl Eventqueue {
         body: Bytes,
         per_request: u64,
     ) -> Result<Measure> {
-        let mut https = Vec::new();
-        for _ in 0..clients {
-            let http = http_client()?;
-            // Open the client's `depth` connections before the clock starts.
-            let health = format!("{}/healthz", self.base);
-            let opened = futures_util::future::join_all(
-                (0..depth).map(|_| async { http.get(&health).send().await?.bytes().await }),
-            )
-            .await;
-            for r in opened {
-                r.context("GET /healthz")?;
+        // Every request in flight has its own keep-alive connection, opened before the clock
+        // starts.
+        let mut conns = Vec::new();
+        for c in 0..clients {
+            for d in 0..depth {
+                conns.push((c, d, Conn::open(self.addr).await?));
             }
-            https.push(http);
         }
-        let urls = self.urls();
+        let paths = self.paths()?;
         let w = std::sync::Arc::new(Window::start(plan));
         let mut futures = Vec::new();
-        for (c, http) in https.iter().enumerate() {
-            for d in 0..depth {
-                let (w, urls, body, http) = (w.clone(), urls.clone(), body.clone(), http.clone());
-                futures.push(async move {
-                    let mut t = Tally::new();
-                    let mut k = c * 37 + d * 7;
-                    while w.open() {
-                        let start = Instant::now();
-                        post(&http, &urls[k % STREAMS], body.clone()).await?;
-                        t.ack(&w, start, per_request);
-                        k += 1;
-                    }
-                    Ok(t)
-                });
-            }
+        for (c, d, mut conn) in conns {
+            let (w, paths, body) = (w.clone(), paths.clone(), body.clone());
+            futures.push(async move {
+                let mut t = Tally::new();
+                let mut k = c * 37 + d * 7;
+                while w.open() {
+                    let start = Instant::now();
+                    conn.post(&paths[k % STREAMS], body.clone()).await?;
+                    t.ack(&w, start, per_request);
+                    k += 1;
+                }
+                Ok(t)
+            });
         }
         Ok(Measure::from_tallies(
             drive::join_clients(futures).await?,
@@ -201,15 +200,9 @@ impl Eventqueue {
             &format!("{}/events/workflows/{task}?from_offset=0", self.base),
         )
         .await?;
-        let mut read = 0u64;
-        while read < n {
-            match tokio::time::timeout(Duration::from_secs(30), sse.next_frame()).await {
-                Ok(Ok(Some(frame))) if frame.starts_with(b"id: ") => read += 1,
-                Ok(Ok(Some(_))) => {}
-                Ok(Ok(None)) => bail!("the replay stream ended after {read} of {n} events"),
-                Ok(Err(e)) => return Err(e),
-                Err(_) => bail!("replay stalled after {read} of {n} events"),
-            }
+        let read = sse.count_events(n, Duration::from_secs(30)).await?;
+        if read < n {
+            bail!("the replay stream ended after {read} of {n} events");
         }
         let secs = start.elapsed().as_secs_f64();
         Ok(Measure {
@@ -247,10 +240,13 @@ impl Eventqueue {
             });
         }
         subs.wait_ready(Duration::from_secs(60)).await?;
-        let url = format!("{}/events/queues/{task}/events", self.base);
+        let path: hyper::Uri = format!("/events/queues/{task}/events")
+            .parse()
+            .context("parsing the enqueue path")?;
+        let mut conn = Conn::open(self.addr).await?;
         let mut pacer = drive::Pacer::new(rate, plan.fanout_secs);
         while pacer.tick().await.is_some() {
-            post(&http, &url, event_json(drive::now_us()).into()).await?;
+            conn.post(&path, event_json(drive::now_us()).into()).await?;
         }
         let published = pacer.published();
         drive::settle(Duration::from_secs(5), || subs.all_received(published)).await;
@@ -258,11 +254,70 @@ impl Eventqueue {
     }
 }
 
+/// One keep-alive HTTP/1.1 connection of a throughput workload: hyper's connection-level
+/// client, whose connection runs in its own task fed by a channel (as a redis-rs multiplexed
+/// connection does), with no pool or URL parsing per request.
+struct Conn {
+    send: hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>,
+    host: hyper::header::HeaderValue,
+}
+
+impl Conn {
+    async fn open(addr: std::net::SocketAddr) -> Result<Self> {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        tcp.set_nodelay(true).context("TCP_NODELAY")?;
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .context("HTTP/1.1 handshake")?;
+        tokio::spawn(async move {
+            // Ends when the connection is dropped; an error shows up in the next request.
+            let _ = conn.await;
+        });
+        let host =
+            hyper::header::HeaderValue::from_str(&addr.to_string()).context("host header")?;
+        Ok(Conn { send, host })
+    }
+
+    /// POSTs `body` as JSON to `path` and reads the whole answer; fails unless it is a 2xx.
+    async fn post(&mut self, path: &hyper::Uri, body: Bytes) -> Result<()> {
+        use http_body_util::BodyExt;
+        self.send.ready().await.context("connection closed")?;
+        let req = hyper::Request::post(path.clone())
+            .header(hyper::header::HOST, self.host.clone())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(body))
+            .context("building a request")?;
+        let resp = self
+            .send
+            .send_request(req)
+            .await
+            .with_context(|| format!("POST {path}"))?;
+        let status = resp.status();
+        let text = resp
+            .into_body()
+            .collect()
+            .await
+            .with_context(|| format!("POST {path}"))?
+            .to_bytes();
+        if !status.is_success() {
+            bail!(
+                "POST {path} answered {status}: {}",
+                String::from_utf8_lossy(&text)
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Splits an SSE body into frames (text up to a blank line).
 struct Sse {
     resp: reqwest::Response,
     buf: BytesMut,
+    /// Where the search for the next blank line resumes (the bytes before it hold none).
     scanned: usize,
+    blank_line: memchr::memmem::Finder<'static>,
 }
 
 impl Sse {
@@ -279,23 +334,63 @@ impl Sse {
             resp,
             buf: BytesMut::new(),
             scanned: 0,
+            blank_line: memchr::memmem::Finder::new(b"\n\n"),
         })
+    }
+
+    /// Appends the next chunk of the body; false at its end.
+    async fn fill(&mut self) -> Result<bool> {
+        match self.resp.chunk().await.context("reading an SSE stream")? {
+            Some(chunk) => {
+                self.buf.extend_from_slice(&chunk);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     async fn next_frame(&mut self) -> Result<Option<Bytes>> {
         loop {
-            if let Some(pos) = self.buf[self.scanned..]
-                .windows(2)
-                .position(|w| w == b"\n\n")
-            {
+            if let Some(pos) = self.blank_line.find(&self.buf[self.scanned..]) {
                 let frame = self.buf.split_to(self.scanned + pos + 2).freeze();
                 self.scanned = 0;
                 return Ok(Some(frame));
             }
             self.scanned = self.buf.len().saturating_sub(1);
-            match self.resp.chunk().await.context("reading an SSE stream")? {
-                Some(chunk) => self.buf.extend_from_slice(&chunk),
-                None => return Ok(None),
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Reads until `n` event frames (`id: …` first) have arrived or the stream ends, without
+    /// copying frames out; returns how many arrived. Fails when no byte comes for `stall`.
+    async fn count_events(&mut self, n: u64, stall: Duration) -> Result<u64> {
+        let mut read = 0u64;
+        loop {
+            let mut start = 0;
+            let mut from = self.scanned;
+            while read < n {
+                let Some(pos) = self.blank_line.find(&self.buf[from..]) else {
+                    break;
+                };
+                let end = from + pos + 2;
+                if self.buf[start..end].starts_with(b"id: ") {
+                    read += 1;
+                }
+                start = end;
+                from = end;
+            }
+            let _ = self.buf.split_to(start);
+            self.scanned = self.buf.len().saturating_sub(1);
+            if read >= n {
+                return Ok(read);
+            }
+            match tokio::time::timeout(stall, self.fill()).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => return Ok(read),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => bail!("replay stalled after {read} of {n} events"),
             }
         }
     }

@@ -51,6 +51,14 @@ struct Args {
     /// Run only these systems (comma-separated: redis, nats, eventqueue).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     only: Option<Vec<String>>,
+    /// Run only these workloads (comma-separated: sequential1, sequential8, in_flight8x16,
+    /// batch8x16, replay, fanout100, fanout1000), e.g. to profile one of them.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    workloads: Option<Vec<String>>,
+    /// Length of the measured window of the throughput workloads, in milliseconds (default:
+    /// 4000, `--quick` 1000), e.g. to profile a server under a steady load.
+    #[arg(long, value_name = "MS")]
+    measure_ms: Option<u64>,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
@@ -214,7 +222,10 @@ async fn main() {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let plan = Plan::new(args.quick);
+    let mut plan = Plan::new(args.quick);
+    if let Some(ms) = args.measure_ms {
+        plan.measure = std::time::Duration::from_millis(ms);
+    }
     let base = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
     let work = tempfile::Builder::new()
@@ -345,6 +356,13 @@ async fn run_section(section: &[System], plan: &Plan, args: &Args, work: &Path) 
         runs.push(run);
     }
     for w in WORKLOADS {
+        if !args.workloads.as_ref().is_none_or(|list| {
+            let name = serde_json::to_value(w).ok();
+            list.iter()
+                .any(|l| name.as_ref().and_then(|n| n.as_str()) == Some(l.as_str()))
+        }) {
+            continue;
+        }
         for (run, slot) in runs.iter_mut().zip(live.iter_mut()) {
             let Some((server, peer)) = slot else { continue };
             if !w.applies_to(run.system.kind) {

@@ -149,21 +149,27 @@ impl Drop for QueueReservation<'_> {
 /// `400` naming the limit.
 pub(crate) fn check_json_depth(body: &[u8], max: usize) -> Result<(), ApiError> {
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in body {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                // Skip the string: jump from one quote or backslash to the next.
+                i += 1;
+                loop {
+                    match memchr::memchr2(b'"', b'\\', &body[i..]) {
+                        // Unterminated: the parser reports it.
+                        None => return Ok(()),
+                        Some(at) if body[i + at] == b'\\' => i += at + 2,
+                        Some(at) => {
+                            i += at;
+                            break;
+                        }
+                    }
+                    if i >= body.len() {
+                        return Ok(());
+                    }
+                }
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
                 if depth > max {
@@ -175,6 +181,7 @@ pub(crate) fn check_json_depth(body: &[u8], max: usize) -> Result<(), ApiError> 
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     Ok(())
 }
@@ -191,6 +198,13 @@ mod tests {
         assert!(check_json_depth(ok.as_bytes(), 64).is_ok());
         let in_string = format!("{{\"a\": \"{}\\\"{}\"}}", "[".repeat(100), "{".repeat(100));
         assert!(check_json_depth(in_string.as_bytes(), 2).is_ok());
+        // An escaped backslash ends before the closing quote: the brackets after it count.
+        assert!(check_json_depth(br#"["a\\", [[1]]]"#, 2).is_err());
+        assert!(check_json_depth(br#"["a\\", [1]]"#, 2).is_ok());
+        // Unterminated strings and a trailing backslash pass (the parser reports them).
+        assert!(check_json_depth(br#"["abc\"#, 1).is_ok());
+        assert!(check_json_depth(br#"["abc"#, 1).is_ok());
+        assert!(check_json_depth(br#"[""]"#, 1).is_ok());
     }
 
     #[test]
