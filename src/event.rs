@@ -1035,7 +1035,7 @@ fn push_json<T: serde::Serialize + ?Sized>(buf: &mut Vec<u8>, value: &T) {
 }
 
 /// Formats `n` in decimal into `buf`, returning the digits.
-fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
     loop {
         i -= 1;

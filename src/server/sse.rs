@@ -237,7 +237,7 @@ fn put_frame(out: &mut BytesMut, delivery: &Delivery) {
             let json = ev.json();
             let event_type = ev.event_type().as_str().as_bytes();
             let mut digits = [0u8; 20];
-            let offset = decimal(ev.offset(), &mut digits);
+            let offset = crate::event::decimal(ev.offset(), &mut digits);
             out.reserve(json.len() + offset.len() + event_type.len() + 24);
             out.put_slice(b"id: ");
             out.put_slice(offset);
@@ -257,20 +257,6 @@ fn put_frame(out: &mut BytesMut, delivery: &Delivery) {
             );
         }
     }
-}
-
-/// `n` in decimal, written at the end of `buf`.
-fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &buf[i..]
 }
 
 /// Gives a stream's slot back (open-stream counts) when its body is dropped.
@@ -343,7 +329,7 @@ impl Stream for SseBody {
 
 #[cfg(test)]
 mod tests {
-    use super::decimal;
+    use crate::event::decimal;
 
     #[test]
     fn decimal_writes_every_u64() {
