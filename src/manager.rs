@@ -129,9 +129,13 @@ impl QueueManager {
     ) -> Result<Self> {
         let dir = config.data_dir.clone();
         let (cache, every) = (config.cache_size_bytes, config.checkpoint_interval);
-        let opened = tokio::task::spawn_blocking(move || Store::open_on(&dir, cache, every, power))
-            .await
-            .map_err(|e| Error::storage(format!("open task failed: {e}")))??;
+        let reserve = config.disk_reserve;
+        let (opened, space) = tokio::task::spawn_blocking(move || {
+            let opened = Store::open_on(&dir, cache, every, power)?;
+            Ok::<_, Error>((opened, SpaceCheck::on_dir(dir, reserve)))
+        })
+        .await
+        .map_err(|e| Error::storage(format!("open task failed: {e}")))??;
         let mut map = HashMap::with_capacity(opened.queues.len());
         for lq in opened.queues {
             let tenant = TenantId::new(&lq.tenant)?;
@@ -145,11 +149,6 @@ impl QueueManager {
         }
         let mut store = opened.store;
         store.set_apply_bytes(config.apply_bytes);
-        let dir = config.data_dir.clone();
-        let configured = config.disk_reserve;
-        let space = tokio::task::spawn_blocking(move || SpaceCheck::on_dir(dir, configured))
-            .await
-            .map_err(|e| Error::storage(format!("open task failed: {e}")))?;
         store.set_disk_reserve(space.reserve());
         let store = Arc::new(store);
         let registry = Arc::new(Registry::new(map));

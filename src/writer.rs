@@ -482,13 +482,12 @@ impl WriterLoop {
         if self.failure.get().is_some() || !self.w.space.below(2, Instant::now()) {
             return;
         }
-        match self.w.store.compact_in_place() {
-            Ok((before, after)) => tracing::info!(
+        if let Ok((before, after)) = self.compact() {
+            tracing::info!(
                 bytes_before = before,
                 bytes_after = after,
                 "disk nearly full: compacted the database after a deletion"
-            ),
-            Err(e) => self.failure.set(&e),
+            );
         }
     }
 
@@ -519,35 +518,36 @@ impl WriterLoop {
     /// written in a redb transaction of its own, see [`apply_checkpoint`]), then the rest as
     /// one batch. Returns true when a shutdown was processed.
     fn process_all(&mut self, cmds: Vec<Command>) -> bool {
-        let cmds = self.admit(cmds);
-        let (compactions, cmds): (Vec<_>, Vec<_>) = cmds
+        let mut compactions = Vec::new();
+        let cmds = self
+            .admit(cmds)
             .into_iter()
-            .partition(|c| matches!(c, Command::Compact { .. }));
+            .filter_map(|c| match c {
+                Command::Compact { reply } => {
+                    compactions.push(reply);
+                    None
+                }
+                other => Some(other),
+            })
+            .collect();
         // A compaction changes no content: it runs after whatever was collected with it.
         let shutdown = self.process_saves_then_rest(cmds);
-        for cmd in compactions {
-            self.compact(cmd);
+        for reply in compactions {
+            let _ = reply.send(self.compact());
         }
         shutdown
     }
 
-    /// Runs a [`Command::Compact`].
-    fn compact(&mut self, cmd: Command) {
-        let result = match self.failure.get() {
-            Some(msg) => Err(Error::StoreFailed(msg)),
-            None => self
-                .w
-                .store
-                .compact_in_place()
-                .inspect_err(|e| self.failure.set(e)),
-        };
-        match (cmd, result) {
-            (Command::Compact { reply }, result) => {
-                let _ = reply.send(result);
-            }
-            (other, Err(e)) => reply_err(other, e),
-            (other, Ok(_)) => reply_err(other, Error::storage("internal: not a compaction")),
+    /// Checkpoints and compacts the database in place; a failure stops writes, as for a
+    /// failed checkpoint.
+    fn compact(&mut self) -> Result<(u64, u64)> {
+        if let Some(msg) = self.failure.get() {
+            return Err(Error::StoreFailed(msg));
         }
+        self.w
+            .store
+            .compact_in_place()
+            .inspect_err(|e| self.failure.set(e))
     }
 
     fn process_saves_then_rest(&mut self, cmds: Vec<Command>) -> bool {

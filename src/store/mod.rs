@@ -597,7 +597,11 @@ impl Store {
     /// Storage errors, a full disk included. After a failed redb write redb refuses further
     /// work until reopened, so every failure here is permanent for this handle.
     pub(crate) fn checkpoint(&self) -> Result<()> {
-        let mut log = self.log();
+        self.checkpoint_locked(&mut self.log())
+    }
+
+    /// [`Store::checkpoint`] with the log already locked by the caller.
+    fn checkpoint_locked(&self, log: &mut LogState) -> Result<()> {
         // Every logged batch goes into this durable commit before the log is emptied.
         self.apply_pending(Durability::Immediate)?;
         log.wal.reset()?;
@@ -652,13 +656,11 @@ impl Store {
     /// [`Store::checkpoint`].
     pub(crate) fn compact_in_place(&self) -> Result<(u64, u64)> {
         let before = self.file_size();
-        let mut log = self.log();
         // Everything logged goes into redb, durably, and the log is emptied: compaction then
         // works on the whole database, and the log's space is free too. The log stays locked
         // and the bulk-write thread idle (nothing is pending), so only readers compete.
-        self.apply_pending(Durability::Immediate)?;
-        log.wal.reset()?;
-        log.oldest_unchecked = None;
+        let mut log = self.log();
+        self.checkpoint_locked(&mut log)?;
         let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
         let started = Instant::now();
         loop {
