@@ -354,8 +354,33 @@ impl EventQueue {
     pub async fn enqueue_batch(&self, events: Vec<Event>) -> Result<Vec<u64>> {
         let prepared = events
             .iter()
-            .map(|e| self.prepare(e))
+            .map(|e| self.prepare(e).map(|()| PreparedEvent::new(e)))
             .collect::<Result<Vec<_>>>()?;
+        self.append(prepared).await
+    }
+
+    /// [`EventQueue::enqueue_batch`] for events received from producers; those flagged `true`
+    /// came without an `event_id` (the one they hold was generated on receipt and has been
+    /// seen by nobody), so the store gives them an id derived from their offset instead,
+    /// which the idempotency index does not need to hold (see
+    /// [`crate::store::derived_ids`]).
+    pub(crate) async fn enqueue_received(&self, events: Vec<(Event, bool)>) -> Result<Vec<u64>> {
+        let prepared = events
+            .iter()
+            .map(|(e, derive_id)| {
+                self.prepare(e).map(|()| {
+                    if *derive_id {
+                        PreparedEvent::deriving_id(e)
+                    } else {
+                        PreparedEvent::new(e)
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.append(prepared).await
+    }
+
+    async fn append(&self, prepared: Vec<PreparedEvent>) -> Result<Vec<u64>> {
         if prepared.is_empty() {
             return Ok(Vec::new());
         }
@@ -368,7 +393,8 @@ impl EventQueue {
             .await
     }
 
-    fn prepare(&self, event: &Event) -> Result<PreparedEvent> {
+    /// Checks that `event` belongs to this queue and is valid.
+    fn prepare(&self, event: &Event) -> Result<()> {
         if event.task_id != self.q.task_id {
             return Err(Error::invalid_event(
                 "task_id",
@@ -387,8 +413,7 @@ impl EventQueue {
                 ),
             ));
         }
-        event.validate()?;
-        Ok(PreparedEvent::new(event))
+        event.validate()
     }
 
     /// Subscribes from `from_offset` (inclusive). See [`Subscription`] for what it yields.

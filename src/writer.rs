@@ -43,7 +43,6 @@
 //! an error may find its event stored, as after a timeout; idempotent retries make that safe).
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write as _;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -60,6 +59,7 @@ use crate::ids::{EventId, TaskId, TenantId};
 use crate::metrics::Metrics;
 use crate::queue::{CancelInfo, QueueKind, QueueShared, View};
 use crate::store::codec::{self, EventHeader, QueueRecord};
+use crate::store::derived_ids::DERIVED_LEN;
 use crate::store::space::SpaceCheck;
 use crate::store::wal::WalSyncer;
 use crate::store::{BatchWriter, Frozen, Store, StoreWriter, StoredEvent, WriteError};
@@ -78,7 +78,14 @@ pub(crate) struct PreparedEvent {
     terminal: bool,
     timestamp_us: i64,
     rendered: RenderedEvent,
+    /// The producer gave no id: the store derives it from the offset at commit (see
+    /// [`crate::store::derived_ids`]); `event_id` and the id in `rendered` are placeholders
+    /// of the same length.
+    derive_id: bool,
 }
+
+/// Where the id sits in a rendered event: `{"event_id":"` comes first.
+const ID_AT: usize = br#"{"event_id":""#.len();
 
 impl PreparedEvent {
     /// Renders `event` (on the caller's thread, so JSON encoding runs in parallel across
@@ -90,22 +97,55 @@ impl PreparedEvent {
             terminal: event.is_terminal(),
             timestamp_us: event.timestamp.as_micros(),
             rendered: event.render(),
+            derive_id: false,
         }
     }
 
-    /// The stored record (header + JSON with `offset`) and where its JSON starts.
-    fn encode(&self, offset: u64) -> Result<(Vec<u8>, usize)> {
+    /// As [`PreparedEvent::new`] for an event whose producer gave no id (its `event_id` was
+    /// generated on receipt and nobody has seen it): the store replaces it with an id derived
+    /// from the offset, which needs no idempotency-index entry.
+    pub(crate) fn deriving_id(event: &Event) -> Self {
+        let mut prepared = Self::new(event);
+        let id = prepared.event_id.as_str().as_bytes();
+        // Generated ids have the derived ids' length; anything else keeps its own id.
+        prepared.derive_id = id.len() == DERIVED_LEN
+            && prepared.rendered.prefix.get(..ID_AT) == Some(br#"{"event_id":""#.as_slice())
+            && prepared.rendered.prefix.get(ID_AT..ID_AT + DERIVED_LEN) == Some(id);
+        prepared
+    }
+
+    /// The id the store gives this event at `offset` of queue `qid`, when it derives it.
+    fn derived_id(&self, w: &BatchWriter<'_>, qid: u64, offset: u64) -> Option<[u8; DERIVED_LEN]> {
+        if self.derive_id {
+            w.derived_id(qid, offset)
+        } else {
+            None
+        }
+    }
+
+    /// The stored record (header + JSON with `offset`, and with `derived` as its id when
+    /// given) and where its JSON starts.
+    fn encode(&self, offset: u64, derived: Option<&[u8; DERIVED_LEN]>) -> Result<(Vec<u8>, usize)> {
+        let event_id = match derived {
+            // Derived ids are ASCII.
+            Some(id) => std::str::from_utf8(id).map_err(Error::storage)?,
+            None => self.event_id.as_str(),
+        };
         let header = EventHeader {
             event_type: self.event_type.code(),
             terminal: self.terminal,
             timestamp_us: self.timestamp_us,
-            event_id: self.event_id.as_str(),
+            event_id,
         };
         let r = &self.rendered;
         let (mut buf, start) = codec::encode_event(&header, r.prefix.len() + r.suffix.len() + 20)?;
         buf.extend_from_slice(&r.prefix);
-        // Writing to a Vec cannot fail.
-        let _ = write!(buf, "{offset}");
+        if let Some(id) = derived {
+            // `deriving_id` checked that the placeholder sits there, with this length.
+            buf[start + ID_AT..start + ID_AT + DERIVED_LEN].copy_from_slice(id);
+        }
+        let mut digits = [0u8; 20];
+        buf.extend_from_slice(crate::event::decimal(offset, &mut digits));
         buf.extend_from_slice(&r.suffix);
         Ok((buf, start))
     }
@@ -750,18 +790,25 @@ fn apply(
             for ev in events {
                 let offset = stage.view.next_offset;
                 let retained_from = stage.view.first_offset;
-                if let Some(existing) =
-                    w.claim_event_id(queue.id, &ev.event_id, offset, retained_from)?
+                // A derived id is new by construction (it names this offset): no index lookup.
+                let derived = ev.derived_id(w, queue.id, offset);
+                if derived.is_none()
+                    && let Some(existing) =
+                        w.claim_event_id(queue.id, &ev.event_id, offset, retained_from)?
                 {
                     offsets.push(existing);
                     continue;
                 }
-                let (record, json_at) = ev.encode(offset)?;
+                let (record, json_at) = ev.encode(offset, derived.as_ref())?;
                 let record = Bytes::from(record);
                 let json = record.slice(json_at..);
                 w.append(
                     queue.id,
-                    &ev.event_id,
+                    if derived.is_some() {
+                        ""
+                    } else {
+                        ev.event_id.as_str()
+                    },
                     &record,
                     StoredEvent {
                         offset,
@@ -1066,7 +1113,7 @@ fn apply_checkpoint(
         let stage = batch.stage(q);
         for ev in &save.events {
             let offset = stage.view.next_offset;
-            let (record, json_at) = ev.encode(offset)?;
+            let (record, json_at) = ev.encode(offset, None)?;
             w.append_event(q.id, offset, ev.event_id.as_str(), &record)?;
             stage.appended(ev, offset, Bytes::from(record).slice(json_at..));
         }

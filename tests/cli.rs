@@ -767,7 +767,7 @@ fn dump_filters_and_refuses_a_locked_database() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["format_version"], 2);
+    assert_eq!(report["format_version"], 3);
     assert_eq!(report["queues"], 3);
     assert_eq!(report["events"], 12);
     assert_eq!(report["tenants"]["acme"]["queues"], 1);
@@ -781,7 +781,7 @@ fn dump_filters_and_refuses_a_locked_database() {
         .output()
         .unwrap();
     let text = stdout_of(&out);
-    assert!(text.contains("format version  2"), "{text}");
+    assert!(text.contains("format version  3"), "{text}");
     assert!(text.contains("acme"), "{text}");
 }
 

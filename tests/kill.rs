@@ -3,6 +3,9 @@
 //! acknowledged event at its offset with the content that was sent, with dense offsets and no
 //! duplicates (apache/iggy's crash-durability method). The requests in flight at the kill are
 //! then retried with the same event ids: each gets an offset, none creates a duplicate.
+//! One producer sends its events without ids (the server derives them from the offsets, and
+//! indexes nothing): after each restart, posting such a stored event again with the id the
+//! server gave it must report its offset and append nothing.
 //!
 //! 3 kill cycles by default; `EVENTQUEUE_KILL_CYCLES=n` runs more, `EVENTQUEUE_KILL_SEED=s`
 //! replays a run (the seed is printed).
@@ -101,8 +104,12 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// The producer that sends its events without `event_id`.
+const NO_IDS: u64 = 0;
+
 /// A progress event whose every field is chosen by the producer (timestamp included), so the
-/// stored JSON must equal it field by field.
+/// stored JSON must equal it field by field. `id` is also in `details.id`, which tracks the
+/// event when the server chooses its `event_id` (see [`without_id`]).
 fn event(id: &str, n: u64) -> Value {
     json!({
         "event_id": id,
@@ -114,6 +121,12 @@ fn event(id: &str, n: u64) -> Value {
         "step": format!("step_{id}"),
         "details": {"id": id, "n": n, "pad": "x".repeat((n % 9) as usize * 50)},
     })
+}
+
+/// `ev` without its `event_id`: the server then derives one from the offset.
+fn without_id(mut ev: Value) -> Value {
+    ev.as_object_mut().unwrap().remove("event_id");
+    ev
 }
 
 /// Posts `events` to `queue`; their offsets if the server acknowledged them.
@@ -150,7 +163,7 @@ async fn post(
 fn record(acked: &Mutex<Acked>, queue: &str, offsets: &[u64], events: &[Value]) {
     let mut acked = acked.lock().unwrap();
     for (off, ev) in offsets.iter().zip(events) {
-        let id = ev["event_id"].as_str().unwrap().to_string();
+        let id = ev["details"]["id"].as_str().unwrap().to_string();
         let key = (queue.to_string(), *off);
         if let Some((prev, _)) = acked.get(&key) {
             assert_eq!(
@@ -260,6 +273,44 @@ async fn verify(server: &Server, acked: &Acked, cycle: u64) -> HashMap<String, u
     latest
 }
 
+/// Posts acknowledged events that were sent without an id again, each with the `event_id` the
+/// server stored for it: every one reports its offset, and nothing is appended.
+async fn repost_server_ids(server: &Server, acked: &Acked, cycle: u64) {
+    let http = client();
+    let mut reposted = 0;
+    for queue in QUEUES {
+        let stored = read_all(server, queue).await;
+        let latest = stored.len() as u64;
+        // The newest 100 such events of the queue: the ones the kill was closest to.
+        let without_ids: Vec<_> = acked
+            .range((queue.to_string(), 0)..=(queue.to_string(), u64::MAX))
+            .filter(|(_, (_, sent))| sent.get("event_id").is_none())
+            .collect();
+        for ((_, off), (_, sent)) in without_ids.into_iter().rev().take(100) {
+            let mut again = sent.clone();
+            again["event_id"] = stored[off]["event_id"].clone();
+            let offsets = post(&http, &server.base, queue, &[again])
+                .await
+                .expect("a repost failed");
+            assert_eq!(
+                offsets,
+                vec![*off],
+                "cycle {cycle}: {queue}: the server's id of offset {off} was not recognised"
+            );
+            reposted += 1;
+        }
+        assert_eq!(
+            read_all(server, queue).await.len() as u64,
+            latest,
+            "cycle {cycle}: {queue}: a repost appended"
+        );
+    }
+    assert!(
+        reposted > 0,
+        "cycle {cycle}: no event was sent without an id"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_events_survive_sigkill_of_the_server() {
     let cycles: u64 = std::env::var("EVENTQUEUE_KILL_CYCLES")
@@ -300,11 +351,15 @@ async fn acknowledged_events_survive_sigkill_of_the_server() {
                     let size = prng.usize(1..=8);
                     let events: Vec<Value> = (0..size as u64)
                         .map(|j| event(&format!("c{cycle}-p{p}-{i}-{j}"), i * 8 + j))
+                        .map(|ev| if p == NO_IDS { without_id(ev) } else { ev })
                         .collect();
                     match post(&http, &base, queue, &events).await {
                         Some(offsets) => record(&acked, queue, &offsets, &events),
                         None => {
-                            in_flight.lock().unwrap().push((queue.to_string(), events));
+                            // Without ids a retry is a new event: only the others retry.
+                            if p != NO_IDS {
+                                in_flight.lock().unwrap().push((queue.to_string(), events));
+                            }
                             return;
                         }
                     }
@@ -320,6 +375,7 @@ async fn acknowledged_events_survive_sigkill_of_the_server() {
         server = Server::start(dir.path()).await;
         let snapshot = acked.lock().unwrap().clone();
         verify(&server, &snapshot, cycle).await;
+        repost_server_ids(&server, &snapshot, cycle).await;
         // Retrying what was in flight never duplicates: an event that reached the log
         // reports its stored offset.
         let http = client();

@@ -277,7 +277,7 @@ pub(super) async fn enqueue(
         }
         value => vec![producer_event(value, &ctx, event_limit)?],
     };
-    let offsets = queue.enqueue_batch(events).await?;
+    let offsets = queue.enqueue_received(events).await?;
     Ok(json(&EnqueueBody {
         offsets,
         latest_offset: queue.latest_offset(),
@@ -285,11 +285,13 @@ pub(super) async fn enqueue(
     }))
 }
 
+/// Parses one event of a request body; `true` with it when the producer gave no `event_id`
+/// (the store then derives one from the offset).
 fn producer_event(
     value: Value,
     ctx: &ProducerContext<'_>,
     limit: Option<usize>,
-) -> Result<Event, ApiError> {
+) -> Result<(Event, bool), ApiError> {
     if let Some(limit) = limit {
         let len = compact_len(&value);
         if len > limit {
@@ -298,7 +300,8 @@ fn producer_event(
             )));
         }
     }
-    Ok(Event::from_producer_json(value, ctx)?)
+    let no_id = matches!(value.get("event_id"), None | Some(Value::Null));
+    Ok((Event::from_producer_json(value, ctx)?, no_id))
 }
 
 /// Length of a value's compact JSON, without building it.

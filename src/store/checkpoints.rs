@@ -88,17 +88,26 @@ impl StoreWriter<'_> {
         Ok(ids.get((tenant, checkpoint_id)).map_err(st)?.is_some())
     }
 
-    /// The offset at which queue `qid` retains an event with this id, if it does.
+    /// The offset at which queue `qid` holds an event with this id, if it does: an indexed
+    /// id, or an id derived from the offset it names (see [`super::derived_ids`]). An indexed
+    /// offset below the queue's first retained one is stale; the caller compares.
     pub(crate) fn retained_event_id(&mut self, qid: u64, event_id: &str) -> Result<Option<u64>> {
-        Ok(self
-            .ids
-            .get((qid, event_id))
-            .map_err(st)?
-            .map(|v| v.value()))
+        if let Some(at) = self.ids.get((qid, event_id)).map_err(st)? {
+            return Ok(Some(at.value()));
+        }
+        let Some(offset) = self.id_key.offset_of(qid, event_id) else {
+            return Ok(None);
+        };
+        let Some(stored) = self.events.get((qid, offset)).map_err(st)? else {
+            return Ok(None);
+        };
+        let same = super::codec::decode_event(stored.value())?.0.event_id == event_id;
+        Ok(same.then_some(offset))
     }
 
-    /// Appends one encoded event record at `(qid, offset)` and indexes its id, as a logged
-    /// `Append` op. The caller checked that the id is not retained.
+    /// Appends one encoded event record at `(qid, offset)` and indexes `event_id`, as a
+    /// logged `Append` op; an empty `event_id` indexes nothing (the record's id is derived
+    /// from its offset). The caller checked that the id is not retained.
     pub(crate) fn append_event(
         &mut self,
         qid: u64,
@@ -106,7 +115,9 @@ impl StoreWriter<'_> {
         event_id: &str,
         record: &[u8],
     ) -> Result<()> {
-        self.ids.insert((qid, event_id), offset).map_err(st)?;
+        if !event_id.is_empty() {
+            self.ids.insert((qid, event_id), offset).map_err(st)?;
+        }
         self.events.insert((qid, offset), record).map_err(st)?;
         self.record(WalOpRef::Append {
             qid,

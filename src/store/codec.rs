@@ -10,9 +10,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// Version of the whole file layout, stored in the `meta` table and checked on open.
-/// 2 added the checkpoint tables and the log op that writes them; a version-1 file is
-/// upgraded in place on open.
-pub(crate) const FORMAT_VERSION: u32 = 2;
+/// 2 added the checkpoint tables and the log op that writes them; 3 the key of derived event
+/// ids (and events whose ids are not indexed: an older build would not find them). Version-1
+/// and version-2 files are upgraded in place on open.
+pub(crate) const FORMAT_VERSION: u32 = 3;
 /// First byte of every event record.
 const RECORD_VERSION: u8 = 1;
 

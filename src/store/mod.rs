@@ -1,12 +1,14 @@
 //! The redb log. The only module that imports redb.
 //!
 //! Tables:
-//! - `meta`: `&str -> u64` — `format_version`, `next_queue_id`.
+//! - `meta`: `&str -> u64` — `format_version`, `next_queue_id`, `applied_lsn`, and the two
+//!   halves of the key of derived event ids (see [`derived_ids`]).
 //! - `queues`: `(tenant, task) -> QueueRecord` (postcard).
 //! - `events`: `(queue id, offset) -> event record` (see [`codec`]).
-//! - `event_ids`: `(queue id, event id) -> offset`, the idempotency index; written and trimmed in
-//!   the same transaction as the events it points at (an entry below its queue's first retained
-//!   offset is stale: see [`pending`]).
+//! - `event_ids`: `(queue id, event id) -> offset`, the idempotency index of the ids producers
+//!   chose; written and trimmed in the same transaction as the events it points at (an entry
+//!   below its queue's first retained offset is stale: see [`pending`]). Ids the store derived
+//!   from the offset are not indexed (see [`derived_ids`]).
 //! - `checkpoints`, `checkpoint_ids`: workflow checkpoints (see [`checkpoints`]), written in the
 //!   same transaction and log record as the events a save emits.
 //!
@@ -21,6 +23,7 @@
 
 pub(crate) mod checkpoints;
 pub(crate) mod codec;
+pub(crate) mod derived_ids;
 mod pending;
 #[cfg(feature = "failpoints")]
 pub mod sim;
@@ -38,6 +41,7 @@ use redb::{
 
 use crate::error::{Error, Result};
 use codec::{FORMAT_VERSION, QueueRecord};
+use derived_ids::IdKey;
 pub(crate) use pending::BatchWriter;
 use pending::{AppliedIds, Pending};
 use wal::{AppendError, Wal, WalOp, WalOpRef};
@@ -84,6 +88,8 @@ const PURGE: TableDefinition<u64, ()> = TableDefinition::new("purge");
 const KEY_FORMAT: &str = "format_version";
 const KEY_NEXT_QUEUE_ID: &str = "next_queue_id";
 const KEY_APPLIED_LSN: &str = "applied_lsn";
+const KEY_ID_KEY_0: &str = "derived_id_key_0";
+const KEY_ID_KEY_1: &str = "derived_id_key_1";
 
 /// A checkpoint runs when the log grows past this size (or a quarter of the disk reserve, if
 /// that is less: see [`Store::set_disk_reserve`]), or when it holds records older than the
@@ -168,6 +174,8 @@ pub(crate) struct Store {
     checkpoint_interval: Duration,
     /// The log size that makes a checkpoint due.
     checkpoint_bytes: u64,
+    /// The key of derived event ids (read from `meta` on open).
+    id_key: IdKey,
 }
 
 fn st(e: impl std::fmt::Display) -> Error {
@@ -218,7 +226,7 @@ impl Store {
         if let Some(power) = power {
             wal.simulate_power(power);
         }
-        let store = Store {
+        let mut store = Store {
             db: RwLock::new(Some(db)),
             log: Mutex::new(LogState {
                 wal,
@@ -231,6 +239,7 @@ impl Store {
             path,
             checkpoint_interval,
             checkpoint_bytes: CHECKPOINT_BYTES,
+            id_key: IdKey::from_parts(0, 0),
         };
         let (queues, next_queue_id, pending_purges) = store.init_and_load(records)?;
         Ok(Opened {
@@ -353,7 +362,7 @@ impl Store {
     /// Checks the format, re-applies log records redb does not hold yet, checkpoints, and
     /// loads every queue record.
     fn init_and_load(
-        &self,
+        &mut self,
         records: Vec<wal::LoggedRecord>,
     ) -> Result<(Vec<LoadedQueue>, u64, Vec<u64>)> {
         let mut txn = self.begin_write()?;
@@ -363,10 +372,11 @@ impl Store {
             let found = meta.get(KEY_FORMAT).map_err(st)?.map(|v| v.value());
             match found {
                 Some(v) if v == u64::from(FORMAT_VERSION) => {}
-                // Version 1 lacks only the checkpoint tables (created below) and the log op
-                // that writes them: upgraded in place, so that older builds refuse the file
-                // instead of meeting a log op they cannot decode.
-                Some(1) => {
+                // Version 1 lacks the checkpoint tables (created below) and the log op that
+                // writes them, version 2 the key of derived ids (created below, and with it
+                // events whose ids are not indexed): upgraded in place, so that older builds
+                // refuse the file instead of meeting what they cannot read.
+                Some(1 | 2) => {
                     meta.insert(KEY_FORMAT, u64::from(FORMAT_VERSION))
                         .map_err(st)?;
                 }
@@ -386,14 +396,28 @@ impl Store {
                 .map_err(st)?
                 .map(|v| v.value())
                 .unwrap_or(0);
+            let k0 = meta.get(KEY_ID_KEY_0).map_err(st)?.map(|v| v.value());
+            let k1 = meta.get(KEY_ID_KEY_1).map_err(st)?.map(|v| v.value());
+            let id_key = match (k0, k1) {
+                (Some(k0), Some(k1)) => IdKey::from_parts(k0, k1),
+                _ => {
+                    let key = IdKey::random();
+                    let (k0, k1) = key.parts();
+                    meta.insert(KEY_ID_KEY_0, k0).map_err(st)?;
+                    meta.insert(KEY_ID_KEY_1, k1).map_err(st)?;
+                    key
+                }
+            };
             txn.open_table(EVENTS).map_err(st)?;
             txn.open_table(EVENT_IDS).map_err(st)?;
             txn.open_table(QUEUES).map_err(st)?;
             txn.open_table(PURGE).map_err(st)?;
             checkpoints::create_tables(&txn)?;
-            applied
+            (applied, id_key)
         };
         txn.commit().map_err(st)?;
+        let (applied, id_key) = applied;
+        self.id_key = id_key;
 
         let mut last = applied;
         let mut replayed = 0usize;
@@ -410,7 +434,7 @@ impl Store {
             {
                 let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
                 let db = guard.as_ref().ok_or(Error::ShuttingDown)?;
-                Self::apply_replayed(db, lsn, ops)?;
+                Self::apply_replayed(db, self.id_key, lsn, ops)?;
             }
             last = lsn;
             replayed += 1;
@@ -456,11 +480,11 @@ impl Store {
         Ok((queues, next_id, purges))
     }
 
-    fn apply_replayed(db: &Database, lsn: u64, ops: Vec<WalOp>) -> Result<()> {
+    fn apply_replayed(db: &Database, id_key: IdKey, lsn: u64, ops: Vec<WalOp>) -> Result<()> {
         let mut txn = db.begin_write().map_err(st)?;
         txn.set_durability(Durability::None).map_err(st)?;
         {
-            let mut w = StoreWriter::open(&txn, false)?;
+            let mut w = StoreWriter::open(&txn, id_key, false)?;
             for op in ops {
                 w.apply_op(op)?;
             }
@@ -509,7 +533,7 @@ impl Store {
                 })
                 .collect();
             drop(last_write);
-            let mut w = StoreWriter::open(&txn, false)?;
+            let mut w = StoreWriter::open(&txn, self.id_key, false)?;
             for (op, keep) in ops.into_iter().zip(keep) {
                 if keep {
                     w.apply_op(op)?;
@@ -799,7 +823,7 @@ impl Store {
                 store: self,
                 table: None,
             };
-            let mut w = BatchWriter::new(&pending, &mut applied);
+            let mut w = BatchWriter::new(&pending, &mut applied, self.id_key);
             let value = f(&mut w)?;
             (value, w.into_changes())
         };
@@ -834,7 +858,7 @@ impl Store {
         txn.set_durability(Durability::None).map_err(st)?;
         let lsn = log.next_lsn;
         let (value, payload) = {
-            let mut w = StoreWriter::open(&txn, true)?;
+            let mut w = StoreWriter::open(&txn, self.id_key, true)?;
             let value = f(&mut w)?;
             let payload = w.log.take().unwrap_or_default();
             if !payload.is_empty() {
@@ -886,6 +910,17 @@ impl AppliedIds for AppliedIndex<'_> {
         };
         Ok(table.get((qid, event_id)).map_err(st)?.map(|v| v.value()))
     }
+
+    fn stored_id(&mut self, qid: u64, offset: u64) -> Result<Option<String>> {
+        let txn = self.store.begin_read()?;
+        let table = txn.open_table(EVENTS).map_err(st)?;
+        let Some(record) = table.get((qid, offset)).map_err(st)? else {
+            return Ok(None);
+        };
+        Ok(Some(
+            codec::decode_event(record.value())?.0.event_id.to_string(),
+        ))
+    }
 }
 
 /// The tables of one open write transaction. Every change goes through here and, outside
@@ -899,10 +934,11 @@ pub(crate) struct StoreWriter<'t> {
     log: Option<Vec<u8>>,
     /// For tables opened only when needed (checkpoints).
     txn: &'t redb::WriteTransaction,
+    id_key: IdKey,
 }
 
 impl<'t> StoreWriter<'t> {
-    fn open(txn: &'t redb::WriteTransaction, logged: bool) -> Result<Self> {
+    fn open(txn: &'t redb::WriteTransaction, id_key: IdKey, logged: bool) -> Result<Self> {
         Ok(StoreWriter {
             meta: txn.open_table(META).map_err(st)?,
             queues: txn.open_table(QUEUES).map_err(st)?,
@@ -911,6 +947,7 @@ impl<'t> StoreWriter<'t> {
             purge: txn.open_table(PURGE).map_err(st)?,
             log: logged.then(Vec::new),
             txn,
+            id_key,
         })
     }
 }
@@ -981,7 +1018,9 @@ impl StoreWriter<'_> {
                 Some(guard) => codec::decode_event(guard.value())?.0.event_id.to_string(),
                 None => continue,
             };
-            self.ids.remove((qid, id.as_str())).map_err(st)?;
+            if !self.id_key.is_derived(qid, offset, &id) {
+                self.ids.remove((qid, id.as_str())).map_err(st)?;
+            }
             removed += 1;
         }
         self.record(WalOpRef::Trim { qid, from, to })?;
@@ -1007,8 +1046,12 @@ impl StoreWriter<'_> {
                 .extract_from_if((qid, 0)..=(qid, u64::MAX), |_, _| true)
                 .map_err(st)?;
             for row in extracted.take(usize::try_from(max).unwrap_or(usize::MAX)) {
-                let (_, v) = row.map_err(st)?;
-                ids.push(codec::decode_event(v.value())?.0.event_id.to_string());
+                let (k, v) = row.map_err(st)?;
+                let offset = k.value().1;
+                let id = codec::decode_event(v.value())?.0.event_id;
+                if !self.id_key.is_derived(qid, offset, id) {
+                    ids.push(id.to_string());
+                }
                 removed += 1;
             }
         }

@@ -35,6 +35,7 @@ use std::sync::Arc;
 
 use super::StoredEvent;
 use super::codec::{self, QueueRecord};
+use super::derived_ids::{self, DERIVED_LEN, IdKey};
 use super::wal::{self, WalOpRef};
 use crate::error::Result;
 use crate::ids::EventId;
@@ -171,9 +172,10 @@ pub(super) struct BatchChanges {
     removed: Vec<u64>,
 }
 
-/// Looks up id-index entries that are already in redb.
+/// Looks up what redb already holds: id-index entries, and the id of a stored event.
 pub(super) trait AppliedIds {
     fn get(&mut self, qid: u64, event_id: &str) -> Result<Option<u64>>;
+    fn stored_id(&mut self, qid: u64, offset: u64) -> Result<Option<String>>;
 }
 
 /// Builds one batch: encodes its log record and its pending changes. Nothing reaches redb or
@@ -181,16 +183,28 @@ pub(super) trait AppliedIds {
 pub(crate) struct BatchWriter<'a> {
     pending: &'a Pending,
     applied: &'a mut dyn AppliedIds,
+    id_key: IdKey,
     changes: BatchChanges,
 }
 
 impl<'a> BatchWriter<'a> {
-    pub(super) fn new(pending: &'a Pending, applied: &'a mut dyn AppliedIds) -> Self {
+    pub(super) fn new(
+        pending: &'a Pending,
+        applied: &'a mut dyn AppliedIds,
+        id_key: IdKey,
+    ) -> Self {
         BatchWriter {
             pending,
             applied,
+            id_key,
             changes: BatchChanges::default(),
         }
+    }
+
+    /// The id the store derives for the event at `offset` of queue `qid` (see
+    /// [`derived_ids`]), if the offset has one.
+    pub(crate) fn derived_id(&self, qid: u64, offset: u64) -> Option<[u8; DERIVED_LEN]> {
+        self.id_key.derive(qid, offset)
     }
 
     pub(super) fn into_changes(self) -> BatchChanges {
@@ -247,6 +261,9 @@ impl<'a> BatchWriter<'a> {
         if let Some(stored) = found.filter(|&o| o >= retained_from) {
             return Ok(Some(stored));
         }
+        if let Some(stored) = self.derived_retained(qid, id, retained_from..offset)? {
+            return Ok(Some(stored));
+        }
         self.changes
             .ids
             .entry(qid)
@@ -255,12 +272,46 @@ impl<'a> BatchWriter<'a> {
         Ok(None)
     }
 
-    /// Stores one encoded record, whose id [`BatchWriter::claim_event_id`] already indexed;
-    /// `event` is the same event as readers get it (its JSON a slice of `record`).
+    /// The offset of `qid` in `retained` whose derived id is `event_id`, if the event stored
+    /// there has that id: in this batch, pending, or in redb.
+    fn derived_retained(
+        &mut self,
+        qid: u64,
+        event_id: &str,
+        retained: std::ops::Range<u64>,
+    ) -> Result<Option<u64>> {
+        let Some(offset) = self
+            .id_key
+            .offset_of(qid, event_id)
+            .filter(|o| retained.contains(o))
+        else {
+            return Ok(None);
+        };
+        let here = self
+            .changes
+            .events
+            .iter()
+            .rev()
+            .find(|(q, e)| *q == qid && e.offset == offset)
+            .map(|(_, e)| e.json.clone());
+        let json = here.or_else(|| {
+            let read = self.pending.read(qid, offset, offset + 1, 1);
+            read.events.into_iter().next().map(|e| e.json)
+        });
+        let same = match json {
+            Some(json) => derived_ids::json_event_id(&json) == Some(event_id),
+            None => self.applied.stored_id(qid, offset)?.as_deref() == Some(event_id),
+        };
+        Ok(same.then_some(offset))
+    }
+
+    /// Stores one encoded record, whose id [`BatchWriter::claim_event_id`] already indexed
+    /// (`event_id`), or whose id is derived from its offset (`event_id` empty: nothing is
+    /// indexed); `event` is the same event as readers get it (its JSON a slice of `record`).
     pub(crate) fn append(
         &mut self,
         qid: u64,
-        event_id: &EventId,
+        event_id: &str,
         record: &[u8],
         event: StoredEvent,
     ) -> Result<()> {
@@ -269,7 +320,7 @@ impl<'a> BatchWriter<'a> {
         self.record(WalOpRef::Append {
             qid,
             offset,
-            event_id: event_id.as_str(),
+            event_id,
             record,
         })
     }

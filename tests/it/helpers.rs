@@ -49,7 +49,18 @@ impl TestServer {
 
     /// Starts a server on `dir` (for example one a stopped server used).
     pub async fn start_in(dir: TempDir, config: ServerConfig) -> Self {
-        let manager = QueueManager::open(Config::new(dir.path())).await.unwrap();
+        Self::start_tuned(dir, |_| {}, config).await
+    }
+
+    /// [`TestServer::start_in`] with the store's settings changed by `tune`.
+    pub async fn start_tuned(
+        dir: TempDir,
+        tune: impl FnOnce(&mut Config),
+        config: ServerConfig,
+    ) -> Self {
+        let mut store_config = Config::new(dir.path());
+        tune(&mut store_config);
+        let manager = QueueManager::open(store_config).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = AppState::new(manager, config);

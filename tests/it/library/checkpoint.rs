@@ -570,13 +570,15 @@ async fn a_version_1_database_is_upgraded_in_place() {
     let meta = redb::TableDefinition::<&str, u64>::new("meta");
     let path = dir.path().join(eventqueue::DB_FILE);
     {
-        // What version 1 wrote: no checkpoint tables.
+        // What version 1 wrote: no checkpoint tables (and no key of derived ids).
         let db = redb::Database::create(&path).unwrap();
         let txn = db.begin_write().unwrap();
-        txn.open_table(meta)
-            .unwrap()
-            .insert("format_version", 1)
-            .unwrap();
+        {
+            let mut table = txn.open_table(meta).unwrap();
+            table.insert("format_version", 1).unwrap();
+            table.remove("derived_id_key_0").unwrap();
+            table.remove("derived_id_key_1").unwrap();
+        }
         let checkpoints = redb::TableDefinition::<(&str, &str, u64), &[u8]>::new("checkpoints");
         let ids = redb::TableDefinition::<(&str, &str), (&str, u64)>::new("checkpoint_ids");
         assert!(txn.delete_table(checkpoints).unwrap());
@@ -599,7 +601,7 @@ async fn a_version_1_database_is_upgraded_in_place() {
         .unwrap()
         .unwrap()
         .value();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
 }
 
 /// Saves interleaved with concurrent enqueues (batches kept in memory and written into redb

@@ -139,9 +139,61 @@ async fn unknown_format_version_is_refused() {
             err,
             Error::UnsupportedFormat {
                 found: 99,
-                expected: 2
+                expected: 3
             }
         ),
         "{err}"
     );
+}
+
+/// A version-2 file (before derived event ids) is upgraded in place: it gets a key of derived
+/// ids, kept from then on, and the ids it indexed still make enqueues idempotent.
+#[tokio::test]
+async fn a_version_2_database_is_upgraded_in_place_and_keeps_its_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, wf) = (tenant("t"), task("wf"));
+    let events: Vec<_> = (0..3).map(|n| phase(&t, &wf, n)).collect();
+    {
+        let m = open(dir.path()).await;
+        let q = m
+            .create_queue(&t, &wf, QueueOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(q.enqueue_batch(events.clone()).await.unwrap(), [0, 1, 2]);
+        m.shutdown().await.unwrap();
+    }
+    let meta = redb::TableDefinition::<&str, u64>::new("meta");
+    let path = dir.path().join(eventqueue::DB_FILE);
+    let read_meta = |key: &str| {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+        let table = txn.open_table(meta).unwrap();
+        table.get(key).unwrap().map(|v| v.value())
+    };
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(meta).unwrap();
+            table.insert("format_version", 2).unwrap();
+            table.remove("derived_id_key_0").unwrap();
+            table.remove("derived_id_key_1").unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    assert_eq!(read_meta("derived_id_key_0"), None);
+    let mut key = None;
+    for _ in 0..2 {
+        let m = open(dir.path()).await;
+        let q = m.get_queue(&t, &wf).unwrap();
+        // Indexed before the upgrade: still found.
+        assert_eq!(q.enqueue(events[1].clone()).await.unwrap(), 1);
+        assert_eq!(q.latest_offset(), 3);
+        m.shutdown().await.unwrap();
+        assert_eq!(read_meta("format_version"), Some(3));
+        let now = (read_meta("derived_id_key_0"), read_meta("derived_id_key_1"));
+        assert!(now.0.is_some() && now.1.is_some());
+        // Created once, then kept.
+        assert_eq!(*key.get_or_insert(now), now);
+    }
 }
