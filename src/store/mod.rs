@@ -753,8 +753,11 @@ impl Store {
         out: &mut Vec<StoredEvent>,
     ) -> Result<()> {
         /// Events' JSON is copied into shared buffers of about this size, one allocation for
-        /// many events (an event kept alive keeps its buffer).
-        const SHARED: usize = 256 << 10;
+        /// many events (an event kept alive keeps its buffer). Small enough to come from the
+        /// allocator's free lists: 256 KiB buffers were mapped fresh each time, and a replay
+        /// spent a fifth of its CPU in page faults filling them (with 1024-event steps, 32 KiB
+        /// buffers cut the server's CPU per 100k-event SSE replay from ~60 to ~42 ms).
+        const SHARED: usize = 32 << 10;
         let txn = self.begin_read()?;
         let table = txn.open_table(EVENTS).map_err(st)?;
         // (offset, type, terminal, JSON range in `buf`) of the events since the last flush.
