@@ -82,6 +82,18 @@ impl TestServer {
         format!("http://{}{path}", self.addr)
     }
 
+    /// `GET path`, its body as JSON (whatever the status).
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        client()
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// The server's manager.
     pub fn manager(&self) -> &QueueManager {
         self.state.manager()

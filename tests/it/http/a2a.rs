@@ -129,14 +129,7 @@ fn status_of(result: &Value) -> (&str, &Value) {
 #[tokio::test]
 async fn the_agent_card_points_at_the_jsonrpc_endpoint_of_this_server() {
     let server = TestServer::start(config()).await;
-    let card: Value = helpers::client()
-        .get(server.url("/.well-known/agent-card.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let card: Value = server.get_json("/.well-known/agent-card.json").await;
     assert_eq!(card["name"], "eventqueue");
     assert_eq!(card["capabilities"]["streaming"], true);
     assert_eq!(
@@ -155,14 +148,9 @@ async fn the_agent_card_points_at_the_jsonrpc_endpoint_of_this_server() {
         "open mode needs no credentials"
     );
 
-    let old: Value = helpers::client()
-        .get(server.url("/.well-known/agent-card.json?version=0.3&tenant_id=acme"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let old: Value = server
+        .get_json("/.well-known/agent-card.json?version=0.3&tenant_id=acme")
+        .await;
     assert_eq!(old["url"], server.url("/a2a?tenant_id=acme"));
     assert_eq!(old["protocolVersion"], "0.3.0");
     assert_eq!(old["preferredTransport"], "JSONRPC");
@@ -185,14 +173,7 @@ async fn the_card_uses_the_configured_name_and_public_url() {
     config.a2a.public_url = Some("https://events.example.com/base".into());
     config.auth = Auth::Token(TokenKeys::from_secret(&[7; 32]).unwrap());
     let server = TestServer::start(config).await;
-    let card: Value = helpers::client()
-        .get(server.url("/.well-known/agent-card.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let card: Value = server.get_json("/.well-known/agent-card.json").await;
     assert_eq!(card["name"], "progress");
     assert_eq!(card["version"], "9.9");
     assert!(

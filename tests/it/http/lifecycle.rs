@@ -53,14 +53,7 @@ async fn graceful_shutdown_ends_streams_and_returns() {
     );
     // What was acknowledged before the shutdown is there after a restart.
     let server = TestServer::start_in(dir, helpers::server_config()).await;
-    let offset: Value = helpers::client()
-        .get(server.url("/events/queues/wf-1/offset"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let offset: Value = server.get_json("/events/queues/wf-1/offset").await;
     assert_eq!(offset["offset"], 1);
     server.stop().await;
 }
@@ -208,14 +201,7 @@ async fn ids_the_server_gave_are_idempotent_like_producers_ids() {
     let mut third = working(6);
     third["event_id"] = json!(ids[3]);
     assert_eq!(offsets_of(post(&server, path, third).await).await, [3]);
-    let latest: Value = helpers::client()
-        .get(server.url("/events/queues/wf-1/offset"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let latest: Value = server.get_json("/events/queues/wf-1/offset").await;
     assert_eq!(latest["offset"], 5, "a retry appended");
 
     // Once trimmed (the queue keeps 6 events), the id is free again.
@@ -323,14 +309,9 @@ async fn server_ids_stay_idempotent_while_batches_move_into_redb() {
             sent[q],
             "{task}: events not reposted"
         );
-        let latest: Value = helpers::client()
-            .get(server.url(&format!("/events/queues/{task}/offset")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let latest: Value = server
+            .get_json(&format!("/events/queues/{task}/offset"))
+            .await;
         assert_eq!(latest["offset"], sent[q] + 1, "{task}: a repost appended");
     }
 }

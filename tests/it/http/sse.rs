@@ -307,14 +307,7 @@ async fn the_open_stream_count_follows_clients() {
     let mut sse = open(&server, "/events/workflows/wf-1", None).await;
     sse.next_event().await.unwrap();
     assert_eq!(server.state.open_streams(), 1);
-    let info: Value = helpers::client()
-        .get(server.url("/events/queues/wf-1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = server.get_json("/events/queues/wf-1").await;
     assert_eq!(info["subscriber_count"], 1);
     publish(&server, "wf-1", complete()).await;
     sse.rest().await;
