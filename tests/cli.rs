@@ -35,20 +35,32 @@ impl Server {
     }
 
     fn start_with(flags: &[&str]) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let mut server = Server {
             child: None,
-            dir,
-            port,
+            dir: tempfile::tempdir().unwrap(),
+            port: 0,
             flags: flags.iter().map(|f| f.to_string()).collect(),
         };
-        server.restart();
-        server
+        // A free port can be taken by another process between our probe and the server's
+        // bind: then the server exits and the next port is tried.
+        for _ in 0..5 {
+            server.port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            if server.try_start() {
+                return server;
+            }
+        }
+        panic!(
+            "the server could not bind a free port; log:\n{}",
+            server.log()
+        );
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -62,7 +74,15 @@ impl Server {
     /// Starts the server (again, on the same port and data directory) and waits until it
     /// accepts connections.
     fn restart(&mut self) {
+        assert!(self.try_start(), "the server exited; log:\n{}", self.log());
+    }
+
+    /// Starts the server on `self.port` and waits until it says it listens there; false if
+    /// it exited first (the port was taken).
+    fn try_start(&mut self) -> bool {
         assert!(self.child.is_none(), "already running");
+        let listening = format!("listening on http://127.0.0.1:{}", self.port);
+        let before = self.log().matches(&listening).count();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -83,14 +103,24 @@ impl Server {
             .expect("cannot start eventqueue serve");
         self.child = Some(child);
         let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        // Its own line in the log, not just an open port: another process may hold the port.
+        while self.log().matches(&listening).count() == before
+            || std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
+        {
+            if let Some(child) = &mut self.child
+                && child.try_wait().unwrap().is_some()
+            {
+                self.child = None;
+                return false;
+            }
             assert!(
                 started.elapsed() < HANG_GUARD,
                 "the server did not come up; log:\n{}",
-                std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        true
     }
 
     /// SIGKILL, then reap: the harshest way a server can go away.
