@@ -352,11 +352,8 @@ impl EventQueue {
     ///
     /// As [`EventQueue::enqueue`]; an invalid event rejects the whole batch.
     pub async fn enqueue_batch(&self, events: Vec<Event>) -> Result<Vec<u64>> {
-        let prepared = events
-            .iter()
-            .map(|e| self.prepare(e).map(|()| PreparedEvent::new(e)))
-            .collect::<Result<Vec<_>>>()?;
-        self.append(prepared).await
+        self.enqueue_received(events.into_iter().map(|e| (e, false)).collect())
+            .await
     }
 
     /// [`EventQueue::enqueue_batch`] for events received from producers; those flagged `true`
@@ -377,10 +374,6 @@ impl EventQueue {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        self.append(prepared).await
-    }
-
-    async fn append(&self, prepared: Vec<PreparedEvent>) -> Result<Vec<u64>> {
         if prepared.is_empty() {
             return Ok(Vec::new());
         }

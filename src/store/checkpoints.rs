@@ -98,11 +98,8 @@ impl StoreWriter<'_> {
         let Some(offset) = self.id_key.offset_of(qid, event_id) else {
             return Ok(None);
         };
-        let Some(stored) = self.events.get((qid, offset)).map_err(st)? else {
-            return Ok(None);
-        };
-        let same = super::codec::decode_event(stored.value())?.0.event_id == event_id;
-        Ok(same.then_some(offset))
+        let stored = super::stored_event_id(&self.events, qid, offset)?;
+        Ok((stored.as_deref() == Some(event_id)).then_some(offset))
     }
 
     /// Appends one encoded event record at `(qid, offset)` and indexes `event_id`, as a

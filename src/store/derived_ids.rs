@@ -70,27 +70,33 @@ impl IdKey {
         (self.k0, self.k1)
     }
 
-    /// The round function of the Feistel network: 24 bits from the key, the queue, the round
+    /// The key mixed with queue `qid`: what the rounds of that queue's permutation share.
+    fn tweak(self, qid: u64) -> u64 {
+        mix(self.k0 ^ qid.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+
+    /// The round function of the Feistel network: 24 bits from the queue's tweak, the round
     /// and the other half.
-    fn round(self, qid: u64, round: u64, half: u64) -> u64 {
-        let tweak = mix(self.k0 ^ qid.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    fn round(self, tweak: u64, round: u64, half: u64) -> u64 {
         mix(tweak ^ self.k1.rotate_left(round as u32 * 11) ^ (round << 56) ^ half) & HALF_MASK
     }
 
     /// The permutation of 48-bit values for queue `qid`.
     fn permute(self, qid: u64, value: u64) -> u64 {
+        let tweak = self.tweak(qid);
         let (mut left, mut right) = (value >> HALF, value & HALF_MASK);
         for r in 0..ROUNDS {
-            (left, right) = (right, left ^ self.round(qid, r, right));
+            (left, right) = (right, left ^ self.round(tweak, r, right));
         }
         (left << HALF) | right
     }
 
     /// The inverse of [`IdKey::permute`].
     fn unpermute(self, qid: u64, value: u64) -> u64 {
+        let tweak = self.tweak(qid);
         let (mut left, mut right) = (value >> HALF, value & HALF_MASK);
         for r in (0..ROUNDS).rev() {
-            (left, right) = (right ^ self.round(qid, r, left), left);
+            (left, right) = (right ^ self.round(tweak, r, left), left);
         }
         (left << HALF) | right
     }

@@ -367,7 +367,7 @@ impl Store {
     ) -> Result<(Vec<LoadedQueue>, u64, Vec<u64>)> {
         let mut txn = self.begin_write()?;
         txn.set_durability(Durability::Immediate).map_err(st)?;
-        let applied = {
+        let (applied, id_key) = {
             let mut meta = txn.open_table(META).map_err(st)?;
             let found = meta.get(KEY_FORMAT).map_err(st)?.map(|v| v.value());
             match found {
@@ -416,7 +416,6 @@ impl Store {
             (applied, id_key)
         };
         txn.commit().map_err(st)?;
-        let (applied, id_key) = applied;
         self.id_key = id_key;
 
         let mut last = applied;
@@ -916,13 +915,21 @@ impl AppliedIds for AppliedIndex<'_> {
 
     fn stored_id(&mut self, qid: u64, offset: u64) -> Result<Option<String>> {
         let txn = self.store.begin_read()?;
-        let table = txn.open_table(EVENTS).map_err(st)?;
-        let Some(record) = table.get((qid, offset)).map_err(st)? else {
-            return Ok(None);
-        };
-        Ok(Some(
+        stored_event_id(&txn.open_table(EVENTS).map_err(st)?, qid, offset)
+    }
+}
+
+/// The id of the event stored at `offset` of queue `qid` in `events`, if there is one.
+fn stored_event_id(
+    events: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    qid: u64,
+    offset: u64,
+) -> Result<Option<String>> {
+    match events.get((qid, offset)).map_err(st)? {
+        Some(record) => Ok(Some(
             codec::decode_event(record.value())?.0.event_id.to_string(),
-        ))
+        )),
+        None => Ok(None),
     }
 }
 
