@@ -797,7 +797,7 @@ fn dump_filters_and_refuses_a_locked_database() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["format_version"], 3);
+    assert_eq!(report["format_version"], 4);
     assert_eq!(report["queues"], 3);
     assert_eq!(report["events"], 12);
     assert_eq!(report["tenants"]["acme"]["queues"], 1);
@@ -811,7 +811,7 @@ fn dump_filters_and_refuses_a_locked_database() {
         .output()
         .unwrap();
     let text = stdout_of(&out);
-    assert!(text.contains("format version  3"), "{text}");
+    assert!(text.contains("format version  4"), "{text}");
     assert!(text.contains("acme"), "{text}");
 }
 

@@ -374,9 +374,10 @@ impl Store {
                 Some(v) if v == u64::from(FORMAT_VERSION) => {}
                 // Version 1 lacks the checkpoint tables (created below) and the log op that
                 // writes them, version 2 the key of derived ids (created below, and with it
-                // events whose ids are not indexed): upgraded in place, so that older builds
+                // events whose ids are not indexed), version 3 blocks of events (its
+                // one-record values are still valid): upgraded in place, so that older builds
                 // refuse the file instead of meeting what they cannot read.
-                Some(1 | 2) => {
+                Some(1..=3) => {
                     meta.insert(KEY_FORMAT, u64::from(FORMAT_VERSION))
                         .map_err(st)?;
                 }
@@ -532,12 +533,42 @@ impl Store {
                 })
                 .collect();
             drop(last_write);
+            // Each queue's ops keep their order. Ops of different queues touch different keys
+            // and commute, and the rest (queue records, meta, workflow checkpoints) touch
+            // other tables: so each queue's ops can be applied together, and its runs of
+            // appends stored as blocks (see `codec`).
+            let (mut scoped, rest): (Vec<_>, Vec<_>) = ops
+                .into_iter()
+                .zip(keep)
+                .filter_map(|(op, keep)| keep.then_some(op))
+                .partition(|op| op.queue().is_some());
+            scoped.sort_by_key(WalOp::queue);
             let mut w = StoreWriter::open(&txn, self.id_key, false)?;
-            for (op, keep) in ops.into_iter().zip(keep) {
-                if keep {
-                    w.apply_op(op)?;
+            for op in rest {
+                w.apply_op(op)?;
+            }
+            let mut run = Run::default();
+            for op in scoped {
+                match op {
+                    WalOp::Append {
+                        qid,
+                        offset,
+                        event_id,
+                        record,
+                    } => {
+                        if !run.continues(qid, offset, record.len()) {
+                            run.store(&mut w)?;
+                            run.start(qid, offset);
+                        }
+                        run.push(event_id, record);
+                    }
+                    other => {
+                        run.store(&mut w)?;
+                        w.apply_op(other)?;
+                    }
                 }
             }
+            run.store(&mut w)?;
             if let Some((lsn, _)) = records.last() {
                 w.meta.insert(KEY_APPLIED_LSN, *lsn).map_err(st)?;
             }
@@ -778,27 +809,33 @@ impl Store {
             );
         };
         let mut taken = out.len();
-        for row in table.range((qid, from)..(qid, to)).map_err(st)? {
+        // The value holding `from` may start before it (a block).
+        let start = row_at(&table, qid, from)?.map_or(from, |(first, _)| first);
+        'rows: for row in table.range((qid, start)..(qid, to)).map_err(st)? {
             let (k, v) = row.map_err(st)?;
-            let record = v.value();
-            let (header, at) = codec::decode_event(record)?;
-            if buf.is_empty() {
-                buf.reserve(SHARED.max(record.len()));
-            } else if buf.len() + record.len() > buf.capacity() {
-                flush(&mut metas, &mut buf, out);
-                buf.reserve(SHARED.max(record.len()));
-            }
-            let start = buf.len();
-            buf.extend_from_slice(&record[at..]);
-            metas.push((
-                k.value().1,
-                header.event_type,
-                header.terminal,
-                start..buf.len(),
-            ));
-            taken += 1;
-            if taken >= limit {
-                break;
+            let first = k.value().1;
+            for (offset, record) in (first..).zip(codec::records(v.value())) {
+                if offset < from {
+                    continue;
+                }
+                if offset >= to {
+                    break 'rows;
+                }
+                let record = record?;
+                let (header, at) = codec::decode_event(record)?;
+                if buf.is_empty() {
+                    buf.reserve(SHARED.max(record.len()));
+                } else if buf.len() + record.len() > buf.capacity() {
+                    flush(&mut metas, &mut buf, out);
+                    buf.reserve(SHARED.max(record.len()));
+                }
+                let start = buf.len();
+                buf.extend_from_slice(&record[at..]);
+                metas.push((offset, header.event_type, header.terminal, start..buf.len()));
+                taken += 1;
+                if taken >= limit {
+                    break 'rows;
+                }
             }
         }
         flush(&mut metas, &mut buf, out);
@@ -919,16 +956,82 @@ impl AppliedIds for AppliedIndex<'_> {
     }
 }
 
+/// Appends of one queue at consecutive offsets, gathered to be stored as one block.
+#[derive(Default)]
+struct Run {
+    qid: u64,
+    first: u64,
+    bytes: usize,
+    ids: Vec<String>,
+    records: Vec<Vec<u8>>,
+}
+
+impl Run {
+    /// Whether an append at `offset` of `qid` extends this run (an empty run takes nothing:
+    /// [`Run::start`] comes first).
+    fn continues(&self, qid: u64, offset: u64, len: usize) -> bool {
+        !self.records.is_empty()
+            && self.qid == qid
+            && self.first + self.records.len() as u64 == offset
+            && self.bytes + len <= codec::BLOCK_BYTES
+    }
+
+    fn start(&mut self, qid: u64, first: u64) {
+        self.qid = qid;
+        self.first = first;
+    }
+
+    fn push(&mut self, event_id: String, record: Vec<u8>) {
+        self.bytes += record.len();
+        self.ids.push(event_id);
+        self.records.push(record);
+    }
+
+    /// Stores the run (if any) and empties it.
+    fn store(&mut self, w: &mut StoreWriter<'_>) -> Result<()> {
+        w.put_block(self.qid, self.first, &self.ids, &self.records)?;
+        self.bytes = 0;
+        self.ids.clear();
+        self.records.clear();
+        Ok(())
+    }
+}
+
+/// An `events` value and the offset of its first event.
+type Row<'t> = (u64, redb::AccessGuard<'t, &'static [u8]>);
+
+/// The last `events` row of queue `qid` at or before `offset`: the value that holds `offset`
+/// if any does (values hold consecutive offsets from their key).
+fn row_at<'t>(
+    events: &'t impl ReadableTable<(u64, u64), &'static [u8]>,
+    qid: u64,
+    offset: u64,
+) -> Result<Option<Row<'t>>> {
+    match events
+        .range((qid, 0)..=(qid, offset))
+        .map_err(st)?
+        .next_back()
+    {
+        Some(row) => {
+            let (k, v) = row.map_err(st)?;
+            Ok(Some((k.value().1, v)))
+        }
+        None => Ok(None),
+    }
+}
+
 /// The id of the event stored at `offset` of queue `qid` in `events`, if there is one.
 fn stored_event_id(
     events: &impl ReadableTable<(u64, u64), &'static [u8]>,
     qid: u64,
     offset: u64,
 ) -> Result<Option<String>> {
-    match events.get((qid, offset)).map_err(st)? {
-        Some(record) => Ok(Some(
-            codec::decode_event(record.value())?.0.event_id.to_string(),
-        )),
+    let Some((first, value)) = row_at(events, qid, offset)? else {
+        return Ok(None);
+    };
+    let nth = usize::try_from(offset - first).unwrap_or(usize::MAX);
+    match codec::records(value.value()).nth(nth) {
+        Some(record) => Ok(Some(codec::decode_event(record?)?.0.event_id.to_string())),
         None => Ok(None),
     }
 }
@@ -1023,18 +1126,72 @@ impl StoreWriter<'_> {
     /// Returns how many events were removed.
     pub(crate) fn trim(&mut self, qid: u64, from: u64, to: u64) -> Result<u64> {
         let mut removed = 0;
-        for offset in from..to {
-            let id = match self.events.remove((qid, offset)).map_err(st)? {
-                Some(guard) => codec::decode_event(guard.value())?.0.event_id.to_string(),
-                None => continue,
-            };
-            if !self.id_key.is_derived(qid, offset, &id) {
-                self.ids.remove((qid, id.as_str())).map_err(st)?;
+        if from < to {
+            // The values holding offsets in `from..to`; the first may start before `from`
+            // and the last end at or after `to` (blocks): what they hold outside the range
+            // is stored again, under its first offset.
+            let start = row_at(&self.events, qid, from)?.map_or(from, |(first, _)| first);
+            let keys = self
+                .events
+                .range((qid, start)..(qid, to))
+                .map_err(st)?
+                .map(|row| row.map(|(k, _)| k.value().1).map_err(st))
+                .collect::<Result<Vec<u64>>>()?;
+            for first in keys {
+                let (mut before, mut after, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+                if let Some(value) = self.events.remove((qid, first)).map_err(st)? {
+                    for (offset, record) in (first..).zip(codec::records(value.value())) {
+                        let record = record?;
+                        if offset < from {
+                            before.push(record.to_vec());
+                        } else if offset >= to {
+                            after.push(record.to_vec());
+                        } else {
+                            let id = codec::decode_event(record)?.0.event_id;
+                            if !self.id_key.is_derived(qid, offset, id) {
+                                ids.push(id.to_string());
+                            }
+                            removed += 1;
+                        }
+                    }
+                }
+                for id in &ids {
+                    self.ids.remove((qid, id.as_str())).map_err(st)?;
+                }
+                self.put_value(qid, first, &before)?;
+                self.put_value(qid, to, &after)?;
             }
-            removed += 1;
         }
         self.record(WalOpRef::Trim { qid, from, to })?;
         Ok(removed)
+    }
+
+    /// Stores `records` (consecutive offsets from `first`) as one value, if there are any.
+    fn put_value(&mut self, qid: u64, first: u64, records: &[Vec<u8>]) -> Result<()> {
+        if let Some(value) = codec::encode_value(records) {
+            self.events
+                .insert((qid, first), value.as_ref())
+                .map_err(st)?;
+        }
+        Ok(())
+    }
+
+    /// Stores logged appends of `qid` at consecutive offsets from `first` as one value and
+    /// indexes their ids (an empty id is derived from the offset: not indexed). Not logged
+    /// itself: it applies `Append` ops that are.
+    fn put_block(
+        &mut self,
+        qid: u64,
+        first: u64,
+        ids: &[String],
+        records: &[Vec<u8>],
+    ) -> Result<()> {
+        for (offset, id) in (first..).zip(ids) {
+            if !id.is_empty() {
+                self.ids.insert((qid, id.as_str()), offset).map_err(st)?;
+            }
+        }
+        self.put_value(qid, first, records)
     }
 
     /// Marks a deleted queue's events for removal by [`StoreWriter::purge_some`]. Queue ids
@@ -1044,31 +1201,37 @@ impl StoreWriter<'_> {
         self.record(WalOpRef::MarkPurge { qid })
     }
 
-    /// Removes up to `max` of `qid`'s events, oldest first, with their index entries; clears
-    /// the purge mark when none remain. Returns how many events were removed and whether the
-    /// queue is now empty.
+    /// Removes `max` of `qid`'s events (or all that remain, if fewer), oldest first, with
+    /// their index entries; whole values go, so a block may take a step past `max`. Clears the
+    /// purge mark when none remain. Returns how many events were removed and whether the queue
+    /// is now empty.
     pub(crate) fn purge_some(&mut self, qid: u64, max: u64) -> Result<(u64, bool)> {
         let mut ids = Vec::new();
         let mut removed = 0u64;
+        let mut done = false;
         {
-            let extracted = self
+            let mut extracted = self
                 .events
                 .extract_from_if((qid, 0)..=(qid, u64::MAX), |_, _| true)
                 .map_err(st)?;
-            for row in extracted.take(usize::try_from(max).unwrap_or(usize::MAX)) {
+            while removed < max {
+                let Some(row) = extracted.next() else {
+                    done = true;
+                    break;
+                };
                 let (k, v) = row.map_err(st)?;
-                let offset = k.value().1;
-                let id = codec::decode_event(v.value())?.0.event_id;
-                if !self.id_key.is_derived(qid, offset, id) {
-                    ids.push(id.to_string());
+                for (offset, record) in (k.value().1..).zip(codec::records(v.value())) {
+                    let id = codec::decode_event(record?)?.0.event_id;
+                    if !self.id_key.is_derived(qid, offset, id) {
+                        ids.push(id.to_string());
+                    }
+                    removed += 1;
                 }
-                removed += 1;
             }
         }
         for id in &ids {
             self.ids.remove((qid, id.as_str())).map_err(st)?;
         }
-        let done = removed < max;
         if done {
             // Index entries whose events were trimmed concurrently cannot exist (they are
             // removed together), but clear the range anyway so nothing of the queue remains.

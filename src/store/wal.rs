@@ -87,7 +87,8 @@ pub(crate) enum WalOp {
         from: u64,
         to: u64,
     },
-    /// Remove up to `max` of the queue's events (oldest first) and their index entries;
+    /// Remove `max` of the queue's events (oldest first, whole stored values, so a block may
+    /// take it past `max`) and their index entries;
     /// forget the queue's purge mark once none remain.
     Purge {
         qid: u64,
@@ -107,6 +108,22 @@ pub(crate) enum WalOp {
         #[serde(deserialize_with = "byte_buf::deserialize")]
         record: Vec<u8>,
     },
+}
+
+impl WalOp {
+    /// The queue whose events (and id-index entries) the op alone touches, if any.
+    pub(crate) fn queue(&self) -> Option<u64> {
+        match self {
+            WalOp::Append { qid, .. }
+            | WalOp::Trim { qid, .. }
+            | WalOp::Purge { qid, .. }
+            | WalOp::MarkPurge { qid } => Some(*qid),
+            WalOp::SetNextQueueId(_)
+            | WalOp::PutQueue { .. }
+            | WalOp::RemoveQueue { .. }
+            | WalOp::PutCheckpoint { .. } => None,
+        }
+    }
 }
 
 /// [`WalOp`] with borrowed fields, for encoding without copies. Same variants in the same

@@ -601,7 +601,7 @@ async fn a_version_1_database_is_upgraded_in_place() {
         .unwrap()
         .unwrap()
         .value();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
 }
 
 /// Saves interleaved with concurrent enqueues (batches kept in memory and written into redb

@@ -42,8 +42,15 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 #[tokio::test]
 async fn deletion_is_purged_in_steps_while_appends_continue() {
     let dir = tempfile::tempdir().unwrap();
-    let m = QueueManager::open(small_steps(dir.path())).await.unwrap();
-    fill(&m, "big", 3000).await;
+    // One stored value per step (events are stored in blocks of ~20): hundreds of steps, so
+    // the purge is still pending when the deletion returns.
+    let m = QueueManager::open(Config {
+        purge_step: 1,
+        ..config(dir.path())
+    })
+    .await
+    .unwrap();
+    fill(&m, "big", 10_000).await;
     let (t, k) = (tenant("t"), task("live"));
     let live = m
         .create_queue(&t, &k, QueueOptions::default())
@@ -61,7 +68,7 @@ async fn deletion_is_purged_in_steps_while_appends_continue() {
     })
     .await;
     let removed = m.metrics().events_removed.load(Ordering::Relaxed) - removed_before;
-    assert_eq!(removed, 3000);
+    assert_eq!(removed, 10_000);
 }
 
 #[tokio::test]

@@ -139,7 +139,7 @@ async fn unknown_format_version_is_refused() {
             err,
             Error::UnsupportedFormat {
                 found: 99,
-                expected: 3
+                expected: 4
             }
         ),
         "{err}"
@@ -190,7 +190,7 @@ async fn a_version_2_database_is_upgraded_in_place_and_keeps_its_ids() {
         assert_eq!(q.enqueue(events[1].clone()).await.unwrap(), 1);
         assert_eq!(q.latest_offset(), 3);
         m.shutdown().await.unwrap();
-        assert_eq!(read_meta("format_version"), Some(3));
+        assert_eq!(read_meta("format_version"), Some(4));
         let now = (read_meta("derived_id_key_0"), read_meta("derived_id_key_1"));
         assert!(now.0.is_some() && now.1.is_some());
         // Created once, then kept.
