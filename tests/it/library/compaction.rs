@@ -15,6 +15,16 @@ fn small_steps(dir: &std::path::Path) -> Config {
     }
 }
 
+/// A purge step removes one stored value (events are stored in blocks of ~20).
+async fn one_value_per_step(dir: &std::path::Path) -> QueueManager {
+    QueueManager::open(Config {
+        purge_step: 1,
+        ..config(dir)
+    })
+    .await
+    .unwrap()
+}
+
 async fn fill(m: &QueueManager, name: &str, n: u64) -> eventqueue::EventQueue {
     let (t, k) = (tenant("t"), task(name));
     let q = m
@@ -42,14 +52,8 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 #[tokio::test]
 async fn deletion_is_purged_in_steps_while_appends_continue() {
     let dir = tempfile::tempdir().unwrap();
-    // One stored value per step (events are stored in blocks of ~20): hundreds of steps, so
-    // the purge is still pending when the deletion returns.
-    let m = QueueManager::open(Config {
-        purge_step: 1,
-        ..config(dir.path())
-    })
-    .await
-    .unwrap();
+    // Hundreds of steps, so the purge is still pending when the deletion returns.
+    let m = one_value_per_step(dir.path()).await;
     fill(&m, "big", 10_000).await;
     let (t, k) = (tenant("t"), task("live"));
     let live = m
@@ -75,12 +79,7 @@ async fn deletion_is_purged_in_steps_while_appends_continue() {
 async fn a_purge_interrupted_by_shutdown_resumes_after_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let m = QueueManager::open(Config {
-            purge_step: 1,
-            ..config(dir.path())
-        })
-        .await
-        .unwrap();
+        let m = one_value_per_step(dir.path()).await;
         fill(&m, "big", 2000).await;
         m.delete_queue(&tenant("t"), &task("big")).await.unwrap();
         m.shutdown().await.unwrap();
