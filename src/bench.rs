@@ -729,9 +729,6 @@ fn rss_kb() -> u64 {
         .unwrap_or(0)
 }
 
-/// How long the idle step waits after creating its queues before reading the RSS.
-const IDLE_SETTLE: Duration = Duration::from_secs(1);
-
 async fn idle_rss(dir: PathBuf, n: u64) -> crate::Result<f64> {
     let m = QueueManager::open(bench_config(&dir, Durability::Immediate)).await?;
     let t = tenant();
@@ -752,9 +749,6 @@ async fn idle_rss(dir: PathBuf, n: u64) -> crate::Result<f64> {
     for h in handles {
         h.await.map_err(crate::Error::storage)??;
     }
-    // What an idle server holds, not what the creations' garbage holds for a moment: the
-    // allocator returns freed pages to the OS after a short delay (mimalloc: ~0.1 s).
-    tokio::time::sleep(IDLE_SETTLE).await;
     let after = rss_kb();
     m.shutdown().await?;
     Ok(after.saturating_sub(before) as f64 / 1024.0)

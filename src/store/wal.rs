@@ -88,8 +88,8 @@ pub(crate) enum WalOp {
         to: u64,
     },
     /// Remove `max` of the queue's events (oldest first, whole stored values, so a block may
-    /// take it past `max`) and their index entries;
-    /// forget the queue's purge mark once none remain.
+    /// take it past `max`) and their index entries; forget the queue's purge mark once none
+    /// remain.
     Purge {
         qid: u64,
         max: u64,
@@ -111,7 +111,8 @@ pub(crate) enum WalOp {
 }
 
 impl WalOp {
-    /// The queue whose events (and id-index entries) the op alone touches, if any.
+    /// The queue whose rows alone the op touches (its events, id-index entries and purge
+    /// mark, all keyed by the queue's id), if any.
     pub(crate) fn queue(&self) -> Option<u64> {
         match self {
             WalOp::Append { qid, .. }
