@@ -30,6 +30,36 @@ pub async fn manager() -> (QueueManager, TempDir) {
     (manager, dir)
 }
 
+const META: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+
+/// The `meta` value `key` of the (stopped) store in `dir`.
+pub fn read_meta(dir: &std::path::Path, key: &str) -> Option<u64> {
+    let db = redb::Database::create(dir.join(eventqueue::DB_FILE)).unwrap();
+    let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+    let table = txn.open_table(META).unwrap();
+    table.get(key).unwrap().map(|v| v.value())
+}
+
+/// Turns the (stopped) store in `dir` back into what a build of format `version` (1 or 2)
+/// wrote: that version number and no key of derived ids; `more` changes whatever else that
+/// version lacked, in the same transaction.
+pub fn make_older_format(
+    dir: &std::path::Path,
+    version: u64,
+    more: impl FnOnce(&redb::WriteTransaction),
+) {
+    let db = redb::Database::create(dir.join(eventqueue::DB_FILE)).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut table = txn.open_table(META).unwrap();
+        table.insert("format_version", version).unwrap();
+        table.remove("derived_id_key_0").unwrap();
+        table.remove("derived_id_key_1").unwrap();
+    }
+    more(&txn);
+    txn.commit().unwrap();
+}
+
 /// A real server on `127.0.0.1:0` over a temporary data directory, run in-process.
 pub struct TestServer {
     /// Where it listens.

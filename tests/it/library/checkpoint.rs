@@ -13,6 +13,7 @@ use eventqueue::{
 use serde_json::{Value, json};
 
 use super::*;
+use crate::helpers::{make_older_format, read_meta};
 
 fn event_json(e: &eventqueue::RecordedEvent) -> Value {
     serde_json::from_slice(e.json()).unwrap()
@@ -567,24 +568,13 @@ async fn a_version_1_database_is_upgraded_in_place() {
         q.enqueue(phase(&t, &wf, 0)).await.unwrap();
         m.shutdown().await.unwrap();
     }
-    let meta = redb::TableDefinition::<&str, u64>::new("meta");
-    let path = dir.path().join(eventqueue::DB_FILE);
-    {
-        // What version 1 wrote: no checkpoint tables (and no key of derived ids).
-        let db = redb::Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut table = txn.open_table(meta).unwrap();
-            table.insert("format_version", 1).unwrap();
-            table.remove("derived_id_key_0").unwrap();
-            table.remove("derived_id_key_1").unwrap();
-        }
+    // What version 1 wrote: no checkpoint tables (and no key of derived ids).
+    make_older_format(dir.path(), 1, |txn| {
         let checkpoints = redb::TableDefinition::<(&str, &str, u64), &[u8]>::new("checkpoints");
         let ids = redb::TableDefinition::<(&str, &str), (&str, u64)>::new("checkpoint_ids");
         assert!(txn.delete_table(checkpoints).unwrap());
         assert!(txn.delete_table(ids).unwrap());
-        txn.commit().unwrap();
-    }
+    });
     {
         let m = open(dir.path()).await;
         assert_eq!(m.get_queue(&t, &wf).unwrap().latest_offset(), 1);
@@ -592,16 +582,7 @@ async fn a_version_1_database_is_upgraded_in_place() {
         assert_eq!(saved.status_offset, Some(1));
         m.shutdown().await.unwrap();
     }
-    let db = redb::Database::create(&path).unwrap();
-    let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
-    let version = txn
-        .open_table(meta)
-        .unwrap()
-        .get("format_version")
-        .unwrap()
-        .unwrap()
-        .value();
-    assert_eq!(version, 4);
+    assert_eq!(read_meta(dir.path(), "format_version"), Some(4));
 }
 
 /// Saves interleaved with concurrent enqueues (batches kept in memory and written into redb

@@ -3,6 +3,7 @@
 use eventqueue::{Error, QueueManager, QueueOptions};
 
 use super::*;
+use crate::helpers::{make_older_format, read_meta};
 
 #[tokio::test]
 async fn reopen_restores_queues_offsets_events_and_flags() {
@@ -162,26 +163,8 @@ async fn a_version_2_database_is_upgraded_in_place_and_keeps_its_ids() {
         assert_eq!(q.enqueue_batch(events.clone()).await.unwrap(), [0, 1, 2]);
         m.shutdown().await.unwrap();
     }
-    let meta = redb::TableDefinition::<&str, u64>::new("meta");
-    let path = dir.path().join(eventqueue::DB_FILE);
-    let read_meta = |key: &str| {
-        let db = redb::Database::create(&path).unwrap();
-        let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
-        let table = txn.open_table(meta).unwrap();
-        table.get(key).unwrap().map(|v| v.value())
-    };
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut table = txn.open_table(meta).unwrap();
-            table.insert("format_version", 2).unwrap();
-            table.remove("derived_id_key_0").unwrap();
-            table.remove("derived_id_key_1").unwrap();
-        }
-        txn.commit().unwrap();
-    }
-    assert_eq!(read_meta("derived_id_key_0"), None);
+    make_older_format(dir.path(), 2, |_| {});
+    assert_eq!(read_meta(dir.path(), "derived_id_key_0"), None);
     let mut key = None;
     for _ in 0..2 {
         let m = open(dir.path()).await;
@@ -190,8 +173,11 @@ async fn a_version_2_database_is_upgraded_in_place_and_keeps_its_ids() {
         assert_eq!(q.enqueue(events[1].clone()).await.unwrap(), 1);
         assert_eq!(q.latest_offset(), 3);
         m.shutdown().await.unwrap();
-        assert_eq!(read_meta("format_version"), Some(4));
-        let now = (read_meta("derived_id_key_0"), read_meta("derived_id_key_1"));
+        assert_eq!(read_meta(dir.path(), "format_version"), Some(4));
+        let now = (
+            read_meta(dir.path(), "derived_id_key_0"),
+            read_meta(dir.path(), "derived_id_key_1"),
+        );
         assert!(now.0.is_some() && now.1.is_some());
         // Created once, then kept.
         assert_eq!(*key.get_or_insert(now), now);
