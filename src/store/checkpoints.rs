@@ -112,10 +112,7 @@ impl StoreWriter<'_> {
         event_id: &str,
         record: &[u8],
     ) -> Result<()> {
-        if !event_id.is_empty() {
-            self.ids.insert((qid, event_id), offset).map_err(st)?;
-        }
-        self.events.insert((qid, offset), record).map_err(st)?;
+        self.put_block(qid, offset, &[event_id], &[record])?;
         self.record(WalOpRef::Append {
             qid,
             offset,

@@ -1167,7 +1167,7 @@ impl StoreWriter<'_> {
     }
 
     /// Stores `records` (consecutive offsets from `first`) as one value, if there are any.
-    fn put_value(&mut self, qid: u64, first: u64, records: &[Vec<u8>]) -> Result<()> {
+    fn put_value<R: AsRef<[u8]>>(&mut self, qid: u64, first: u64, records: &[R]) -> Result<()> {
         if let Some(value) = codec::encode_value(records) {
             self.events
                 .insert((qid, first), value.as_ref())
@@ -1176,19 +1176,21 @@ impl StoreWriter<'_> {
         Ok(())
     }
 
-    /// Stores logged appends of `qid` at consecutive offsets from `first` as one value and
-    /// indexes their ids (an empty id is derived from the offset: not indexed). Not logged
-    /// itself: it applies `Append` ops that are.
-    fn put_block(
+    /// Stores events of `qid` at consecutive offsets from `first` as one value and indexes
+    /// their ids (an empty id is derived from the offset: not indexed). Not logged itself:
+    /// [`StoreWriter::append_event`] logs, and applying logged runs of appends calls it
+    /// directly.
+    fn put_block<I: AsRef<str>, R: AsRef<[u8]>>(
         &mut self,
         qid: u64,
         first: u64,
-        ids: &[String],
-        records: &[Vec<u8>],
+        ids: &[I],
+        records: &[R],
     ) -> Result<()> {
         for (offset, id) in (first..).zip(ids) {
+            let id = id.as_ref();
             if !id.is_empty() {
-                self.ids.insert((qid, id.as_str()), offset).map_err(st)?;
+                self.ids.insert((qid, id), offset).map_err(st)?;
             }
         }
         self.put_value(qid, first, records)
