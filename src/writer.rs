@@ -321,6 +321,8 @@ struct Job {
     logged: bool,
     /// Acknowledge only after an fsync (immediate durability, flush, shutdown).
     needs_sync: bool,
+    /// When the writer began the batch (for `Metrics::commit_seconds`).
+    started: Instant,
 }
 
 pub(crate) struct Writer {
@@ -363,6 +365,7 @@ impl Writer {
             jobs: jobs_rx,
             syncer,
             registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
             failure: failure.clone(),
             flush_interval: self.flush_interval,
         };
@@ -469,9 +472,21 @@ impl WriterLoop {
                 self.purge_step();
             }
             if self.failure.get().is_none() {
-                if let Err(e) = self.w.store.maybe_checkpoint() {
-                    self.failure.set(&e);
-                } else if let Some(frozen) = self.w.store.freeze() {
+                let started = Instant::now();
+                match self.w.store.maybe_checkpoint() {
+                    Err(e) => {
+                        self.failure.set(&e);
+                        continue;
+                    }
+                    Ok(true) => {
+                        let m = &self.w.metrics;
+                        Metrics::add(&m.checkpoints, 1);
+                        m.checkpoint_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                    }
+                    Ok(false) => {}
+                }
+                if let Some(frozen) = self.w.store.freeze() {
                     // Should the thread be gone, the next checkpoint writes it in.
                     let _ = self.bulk.send(frozen);
                 }
@@ -657,7 +672,6 @@ impl WriterLoop {
                     batch.stages.iter().map(|s| s.trimmed).sum(),
                 );
                 m.batch_size.observe(events as f64);
-                m.commit_seconds.observe(started.elapsed().as_secs_f64());
                 self.w.next_queue_id = next_queue_id;
                 for stage in &batch.stages {
                     *stage.q.committed() = stage.view.clone();
@@ -675,6 +689,7 @@ impl WriterLoop {
                     outcomes,
                     logged,
                     needs_sync,
+                    started,
                 };
                 if let Err(std_mpsc::SendError(job)) = self.jobs.send(job) {
                     for cmd in job.cmds {
@@ -712,6 +727,7 @@ struct Acknowledger {
     jobs: std_mpsc::Receiver<Job>,
     syncer: WalSyncer,
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
     failure: Arc<Failure>,
     flush_interval: Option<Duration>,
 }
@@ -758,6 +774,9 @@ impl Acknowledger {
                     }
                     continue;
                 }
+                self.metrics
+                    .commit_seconds
+                    .observe(job.started.elapsed().as_secs_f64());
                 publish(&self.registry, job.batch);
                 for (cmd, outcome) in job.cmds.into_iter().zip(job.outcomes) {
                     reply(cmd, outcome);

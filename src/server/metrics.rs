@@ -40,7 +40,18 @@ pub(super) async fn render(State(state): State<AppState>) -> Response {
     );
     m.commit_seconds.render(
         "eventqueue_commit_seconds",
-        "Commit duration in seconds, fsync included.",
+        "Seconds from the start of a commit until it is acknowledged, fsync included.",
+        &mut out,
+    );
+    counter(
+        &mut out,
+        "eventqueue_checkpoints_total",
+        "Periodic checkpoints: the database made durable and the log emptied.",
+        Metrics::get(&m.checkpoints),
+    );
+    m.checkpoint_seconds.render(
+        "eventqueue_checkpoint_seconds",
+        "Checkpoint duration in seconds; appends wait while one runs.",
         &mut out,
     );
     gauge(

@@ -231,3 +231,47 @@ async fn expiry_after_restart() {
     assert_eq!(m.cleanup_expired().await.unwrap().queues_expired, 1);
     assert!(m.list_queues(None).is_empty());
 }
+
+/// Every acknowledged commit is timed once (by the acknowledger, after its fsync), and each
+/// periodic checkpoint is counted and timed.
+#[tokio::test]
+async fn commits_and_checkpoints_are_measured() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = QueueManager::open(eventqueue::Config {
+        checkpoint_interval: Duration::from_millis(1),
+        ..config(dir.path())
+    })
+    .await
+    .unwrap();
+    let (t, k) = (tenant("t"), task("measured"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    // Each enqueue finds the log's records older than the interval: a checkpoint follows it.
+    for i in 0..10 {
+        q.enqueue(phase(&t, &k, i)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let metrics = m.metrics();
+    // Every commit was acknowledged, and is timed before its acknowledgement.
+    assert_eq!(
+        metrics.commit_seconds.count(),
+        eventqueue::Metrics::get(&metrics.commits)
+    );
+    assert!(metrics.commit_seconds.count() >= 11);
+    // A checkpoint may still be running after the last acknowledgement.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let checkpoints = eventqueue::Metrics::get(&metrics.checkpoints);
+        if checkpoints >= 1 && metrics.checkpoint_seconds.count() == checkpoints {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "checkpoints {checkpoints}, timed {}",
+            metrics.checkpoint_seconds.count()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
