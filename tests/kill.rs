@@ -35,34 +35,55 @@ struct Server {
 }
 
 impl Server {
+    /// Starts `eventqueue serve` on a port the system picks (`--bind 127.0.0.1:0`, so no other
+    /// process can take it between a probe and the bind) and reads the address from the line
+    /// the server logs once it listens.
     async fn start(dir: &Path) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let log_path = dir.join("server.log");
+        // The log is appended across restarts: this start's lines begin here.
+        let from = std::fs::metadata(&log_path).map_or(0, |m| m.len() as usize);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join("server.log"))
+            .open(&log_path)
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_eventqueue"))
             .arg("serve")
             .arg("--data-dir")
             .arg(dir.join("data"))
             .arg("--bind")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg("127.0.0.1:0")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("cannot start eventqueue serve");
-        let server = Server {
+        let mut server = Server {
             child,
-            base: format!("http://127.0.0.1:{port}"),
+            base: String::new(),
         };
         let started = Instant::now();
+        let log_text = || {
+            let text = std::fs::read(&log_path).unwrap_or_default();
+            String::from_utf8_lossy(text.get(from..).unwrap_or_default()).into_owned()
+        };
+        loop {
+            let listening = log_text().lines().find_map(|l| {
+                let (_, rest) = l.split_once("eventqueue listening on ")?;
+                rest.split_whitespace().next().map(str::to_owned)
+            });
+            if let Some(base) = listening {
+                server.base = base;
+                break;
+            }
+            assert!(
+                started.elapsed() < HANG_GUARD,
+                "the server did not log its address; log:\n{}",
+                log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         loop {
             if let Ok(r) = client().get(server.url("/healthz")).send().await
                 && r.status().is_success()
@@ -72,7 +93,7 @@ impl Server {
             assert!(
                 started.elapsed() < HANG_GUARD,
                 "the server did not come up; log:\n{}",
-                std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+                log_text()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
