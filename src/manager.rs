@@ -149,7 +149,6 @@ impl QueueManager {
         }
         let mut store = opened.store;
         store.set_apply_bytes(config.apply_bytes);
-        store.set_disk_reserve(space.reserve());
         let store = Arc::new(store);
         let registry = Arc::new(Registry::new(map));
         let metrics = Arc::new(Metrics::default());

@@ -62,7 +62,7 @@ use crate::store::codec::{self, EventHeader, QueueRecord};
 use crate::store::derived_ids::DERIVED_LEN;
 use crate::store::space::SpaceCheck;
 use crate::store::wal::WalSyncer;
-use crate::store::{BatchWriter, Frozen, Store, StoreWriter, StoredEvent, WriteError};
+use crate::store::{self, BatchWriter, Frozen, Store, StoreWriter, StoredEvent, WriteError};
 use crate::subscription::RecordedEvent;
 
 /// Every live queue by `(tenant, task)`. Written only by the writer, after commits.
@@ -472,8 +472,9 @@ impl WriterLoop {
                 self.purge_step();
             }
             if self.failure.get().is_none() {
+                let limit = self.checkpoint_limit();
                 let started = Instant::now();
-                match self.w.store.maybe_checkpoint() {
+                match self.w.store.maybe_checkpoint(limit) {
                     Err(e) => {
                         self.failure.set(&e);
                         continue;
@@ -498,6 +499,17 @@ impl WriterLoop {
         {
             self.failure.set(&e);
         }
+    }
+
+    /// The log size that makes a checkpoint due now (see [`store::checkpoint_limit`]).
+    fn checkpoint_limit(&mut self) -> u64 {
+        let reserve = self.w.space.reserve();
+        let free = if reserve == 0 {
+            None
+        } else {
+            self.w.space.free(Instant::now())
+        };
+        store::checkpoint_limit(reserve, free)
     }
 
     /// Removes one bounded step of the oldest pending deletion. Its log record needs no fsync
