@@ -275,3 +275,35 @@ async fn commits_and_checkpoints_are_measured() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// A small disk reserve on a disk with room does not shrink the log's checkpoint bound to a
+/// quarter of the reserve (a checkpoint every 2 MiB here): ~4.5 MiB of log, no checkpoint.
+#[tokio::test]
+async fn a_small_reserve_on_a_roomy_disk_keeps_checkpoints_large() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = QueueManager::open(eventqueue::Config {
+        disk_reserve: Some(8 << 20),
+        checkpoint_interval: Duration::from_secs(3600),
+        ..config(dir.path())
+    })
+    .await
+    .unwrap();
+    let (t, k) = (tenant("t"), task("roomy"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default().with_max_buffer_size(10_000))
+        .await
+        .unwrap();
+    let filler = "x".repeat(1000);
+    for chunk in 0..8u64 {
+        let batch = (0..500)
+            .map(|i| {
+                let status = eventqueue::StatusEvent::new(eventqueue::TaskState::Working)
+                    .phase(format!("{}-{filler}", chunk * 500 + i));
+                eventqueue::Event::new(&t, &k, status)
+            })
+            .collect();
+        q.enqueue_batch(batch).await.unwrap();
+    }
+    assert_eq!(q.latest_offset(), 4000);
+    assert_eq!(eventqueue::Metrics::get(&m.metrics().checkpoints), 0);
+}
