@@ -150,7 +150,18 @@ impl From<Error> for ApiError {
                 StatusCode::INSUFFICIENT_STORAGE,
                 format!("insufficient storage: {msg}"),
             ),
-            Error::Storage(msg) | Error::StoreFailed(msg) if is_out_of_space(msg) => {
+            // Freeing space is not enough here: the store stopped writes (see
+            // `Error::StoreFailed`), and only a restart takes them again.
+            Error::StoreFailed(msg) if is_out_of_space(msg) => {
+                tracing::error!(error = %err, "storage full; writes stopped until a restart");
+                Self::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "insufficient storage: the disk filled up during a database write, so \
+                     writes are stopped until the server is restarted with space freed; \
+                     reads go on",
+                )
+            }
+            Error::Storage(msg) if is_out_of_space(msg) => {
                 tracing::error!(error = %err, "storage full");
                 Self::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient storage")
             }
@@ -233,5 +244,14 @@ mod tests {
             assert_eq!(api.status().as_u16(), status, "{api}");
             assert!(!api.detail().contains("/secret/path"));
         }
+        // A full disk that stopped writes tells the client that only a restart helps; one
+        // that failed a single write does not.
+        let stopped = ApiError::from(Error::StoreFailed("No space left on device".into()));
+        assert!(stopped.detail().contains("restarted"), "{stopped}");
+        let one = ApiError::from(Error::Storage(
+            "No space left on device (os error 28)".into(),
+        ));
+        assert_eq!(one.status().as_u16(), 507);
+        assert_eq!(one.detail(), "insufficient storage");
     }
 }
