@@ -156,7 +156,7 @@ impl From<Error> for ApiError {
                 tracing::error!(error = %err, "storage full; writes stopped until a restart");
                 Self::new(
                     StatusCode::INSUFFICIENT_STORAGE,
-                    "insufficient storage: the disk filled up during a database write, so \
+                    "insufficient storage: the disk filled up during a storage write, so \
                      writes are stopped until the server is restarted with space freed; \
                      reads go on",
                 )
