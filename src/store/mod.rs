@@ -1033,6 +1033,13 @@ fn row_at<'t>(
     }
 }
 
+/// The id under which the event `record`, stored at `offset` of queue `qid`, is in the id
+/// index: `None` when its id is derived from the offset (not indexed).
+fn indexed_id(id_key: IdKey, qid: u64, offset: u64, record: &[u8]) -> Result<Option<&str>> {
+    let id = codec::decode_event(record)?.0.event_id;
+    Ok((!id_key.is_derived(qid, offset, id)).then_some(id))
+}
+
 /// The id of the event stored at `offset` of queue `qid` in `events`, if there is one.
 fn stored_event_id(
     events: &impl ReadableTable<(u64, u64), &'static [u8]>,
@@ -1160,8 +1167,7 @@ impl StoreWriter<'_> {
                         } else if offset >= to {
                             after.push(record.to_vec());
                         } else {
-                            let id = codec::decode_event(record)?.0.event_id;
-                            if !self.id_key.is_derived(qid, offset, id) {
+                            if let Some(id) = indexed_id(self.id_key, qid, offset, record)? {
                                 ids.push(id.to_string());
                             }
                             removed += 1;
@@ -1236,8 +1242,7 @@ impl StoreWriter<'_> {
                 };
                 let (k, v) = row.map_err(st)?;
                 for (offset, record) in (k.value().1..).zip(codec::records(v.value())) {
-                    let id = codec::decode_event(record?)?.0.event_id;
-                    if !self.id_key.is_derived(qid, offset, id) {
+                    if let Some(id) = indexed_id(self.id_key, qid, offset, record?)? {
                         ids.push(id.to_string());
                     }
                     removed += 1;
