@@ -239,20 +239,8 @@ impl Subscription {
     /// while reading the log may repeat that read.
     pub async fn next(&mut self) -> Option<Result<Delivery>> {
         loop {
-            if let Some(ev) = self.buf.pop_front() {
-                if self.finished_at.is_some_and(|f| ev.offset > f) {
-                    self.end();
-                    return None;
-                }
-                if let Some(requested) = self.gap_from.take() {
-                    let first = ev.offset;
-                    self.buf.push_front(ev);
-                    return Some(Ok(self.gap(requested, first)));
-                }
-                if ev.terminal {
-                    self.end();
-                }
-                return Some(Ok(Delivery::Event(ev)));
+            if let Some(delivery) = self.ready() {
+                return Some(Ok(delivery));
             }
             if self.done {
                 return None;
@@ -293,10 +281,70 @@ impl Subscription {
         }
     }
 
+    /// Deliveries that are ready together, at most `max` (at least one): waits for the first
+    /// as [`next`](Self::next) does, then takes what is already read behind it without
+    /// waiting. A replay is delivered a read chunk at a time this way rather than an await
+    /// per event. `None` when the stream has ended.
+    ///
+    /// # Errors
+    ///
+    /// As [`next`](Self::next); deliveries taken before the error are not lost: the error comes
+    /// only from the wait for the first one.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`next`](Self::next): only the wait for the first delivery can be cancelled.
+    pub async fn next_batch(&mut self, max: usize) -> Option<Result<Vec<Delivery>>> {
+        let first = match self.next().await? {
+            Ok(delivery) => delivery,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut out = Vec::with_capacity(max.clamp(1, self.buf.len() + 1));
+        out.push(first);
+        while out.len() < max {
+            match self.ready() {
+                Some(delivery) => out.push(delivery),
+                None => break,
+            }
+        }
+        Some(Ok(out))
+    }
+
+    /// The next delivery when one is ready without waiting: the next read event, or the gap
+    /// notice owed before it. `None` when none is buffered, or when the stream ended here (the
+    /// queue finished below the next buffered event; `done` is set then).
+    fn ready(&mut self) -> Option<Delivery> {
+        let ev = self.buf.pop_front()?;
+        if self.finished_at.is_some_and(|f| ev.offset > f) {
+            self.end();
+            return None;
+        }
+        if let Some(requested) = self.gap_from.take() {
+            let first = ev.offset;
+            self.buf.push_front(ev);
+            return Some(self.gap(requested, first));
+        }
+        if ev.terminal {
+            self.end();
+        }
+        Some(Delivery::Event(ev))
+    }
+
     /// Turns the subscription into a `Stream`.
     pub fn into_stream(self) -> impl Stream<Item = Result<Delivery>> + Send + 'static {
         futures_util::stream::unfold(self, |mut sub| async move {
             sub.next().await.map(|item| (item, sub))
+        })
+    }
+
+    /// Turns the subscription into a `Stream` of [`next_batch`](Self::next_batch)es of at most
+    /// `max` deliveries.
+    pub fn into_batches(
+        self,
+        max: usize,
+    ) -> impl Stream<Item = Result<Vec<Delivery>>> + Send + 'static {
+        futures_util::stream::unfold(self, move |mut sub| async move {
+            sub.next_batch(max).await.map(|item| (item, sub))
         })
     }
 

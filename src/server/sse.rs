@@ -44,6 +44,10 @@ use crate::subscription::Delivery;
 /// Coalescing stops once a chunk holds this many bytes.
 const CHUNK_BYTES: usize = 64 * 1024;
 
+/// Deliveries taken from the subscription at a time (a chunk may pass `CHUNK_BYTES` by up to
+/// one such batch).
+const BATCH: usize = 64;
+
 const KEEPALIVE: &[u8] = b": keepalive\n\n";
 
 /// Query parameters of a stream request.
@@ -177,7 +181,7 @@ fn stream(
     tracing::debug!(%tenant, %task, from, "stream opened");
     let body = SseBody {
         connected: Some(connected),
-        events: Box::pin(sub.into_stream()),
+        events: Box::pin(sub.into_batches(BATCH)),
         shutdown: Box::pin(shutdown.cancelled_owned()),
         keepalive: ticker,
         done: false,
@@ -228,6 +232,21 @@ fn connected_frame(task: &TaskId, tenant: &TenantId, offset: u64, latest: u64) -
     out.freeze()
 }
 
+/// At least what [`put_frame`] appends for a delivery.
+fn frame_len(delivery: &Delivery) -> usize {
+    match delivery {
+        Delivery::Event(ev) => {
+            ev.json().len() + ev.event_type().as_str().len() + ID_DIGITS + FRAME_SYNTAX
+        }
+        Delivery::Gap { .. } => 160,
+    }
+}
+
+/// The most digits of an offset.
+const ID_DIGITS: usize = 20;
+/// `id: `, `\nevent: `, `\ndata: `, `\n\n`.
+const FRAME_SYNTAX: usize = 4 + 8 + 7 + 2;
+
 /// Appends one delivery's frame. Formatting machinery is avoided on the per-event path: a
 /// replay frames thousands of events per chunk.
 fn put_frame(out: &mut BytesMut, delivery: &Delivery) {
@@ -238,7 +257,7 @@ fn put_frame(out: &mut BytesMut, delivery: &Delivery) {
             let event_type = ev.event_type().as_str().as_bytes();
             let mut digits = [0u8; 20];
             let offset = crate::event::decimal(ev.offset(), &mut digits);
-            out.reserve(json.len() + offset.len() + event_type.len() + 24);
+            out.reserve(json.len() + offset.len() + event_type.len() + FRAME_SYNTAX);
             out.put_slice(b"id: ");
             out.put_slice(offset);
             out.put_slice(b"\nevent: ");
@@ -271,7 +290,7 @@ impl Drop for StreamGuard {
     }
 }
 
-type Deliveries = Pin<Box<dyn Stream<Item = Result<Delivery>> + Send>>;
+type Deliveries = Pin<Box<dyn Stream<Item = Result<Vec<Delivery>>> + Send>>;
 
 /// The body of one SSE response.
 struct SseBody {
@@ -301,7 +320,13 @@ impl Stream for SseBody {
         let mut out = BytesMut::new();
         while out.len() < CHUNK_BYTES {
             match this.events.poll_next_unpin(cx) {
-                Poll::Ready(Some(Ok(delivery))) => put_frame(&mut out, &delivery),
+                Poll::Ready(Some(Ok(batch))) => {
+                    // One allocation for the batch rather than growth per frame.
+                    out.reserve(batch.iter().map(frame_len).sum());
+                    for delivery in &batch {
+                        put_frame(&mut out, delivery);
+                    }
+                }
                 Poll::Ready(Some(Err(e))) => {
                     tracing::error!(error = %e, "stream ended by a read error");
                     this.done = true;

@@ -561,3 +561,77 @@ async fn replay_of_megabytes_from_redb_and_memory_returns_every_event_intact() {
     assert_eq!(seen, n);
     m.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn batches_deliver_exactly_what_next_delivers() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let (t, k) = (tenant("t"), task("wf"));
+    let q = m.create_queue(&t, &k, with_buffer(5)).await.unwrap();
+    for n in 0..8 {
+        q.enqueue(phase(&t, &k, n)).await.unwrap();
+    }
+    q.enqueue(Event::new(&t, &k, CompleteEvent::new(json!({"n": 8}))))
+        .await
+        .unwrap();
+    for n in 9..11 {
+        q.enqueue(phase(&t, &k, n)).await.unwrap();
+    }
+    // Offsets 0–5 are trimmed, 8 is terminal: a gap, then 6, 7, 8, then the end.
+    let one_by_one = drain(&mut q.subscribe(0).unwrap()).await;
+    assert_eq!(
+        one_by_one.first(),
+        Some(&Delivery::Gap {
+            requested_offset: 0,
+            first_available_offset: 6
+        })
+    );
+    assert_eq!(event_offsets(&one_by_one), vec![6, 7, 8]);
+    for max in [1, 2, 3, 64] {
+        let mut sub = q.subscribe(0).unwrap();
+        let mut batched = Vec::new();
+        loop {
+            let batch = tokio::time::timeout(Duration::from_secs(20), sub.next_batch(max))
+                .await
+                .expect("subscription stalled");
+            let Some(batch) = batch else { break };
+            let batch = batch.unwrap();
+            assert!(
+                (1..=max).contains(&batch.len()),
+                "a batch of {} with max {max}",
+                batch.len()
+            );
+            batched.extend(batch);
+        }
+        assert_eq!(batched, one_by_one, "max {max}");
+        assert!(sub.is_ended());
+    }
+}
+
+#[tokio::test]
+async fn a_batch_follows_live_events_after_the_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let (t, k) = (tenant("t"), task("wf"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    for n in 0..3 {
+        q.enqueue(phase(&t, &k, n)).await.unwrap();
+    }
+    let mut sub = q.subscribe(1).unwrap();
+    let replayed = sub.next_batch(64).await.unwrap().unwrap();
+    assert_eq!(event_offsets(&replayed), vec![1, 2]);
+    // Nothing ready: the next batch waits for the next live event.
+    let waiting = tokio::spawn(async move { sub.next_batch(64).await.map(|b| b.unwrap()) });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!waiting.is_finished());
+    q.enqueue(phase(&t, &k, 3)).await.unwrap();
+    let live = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("subscription stalled")
+        .unwrap()
+        .unwrap();
+    assert_eq!(event_offsets(&live), vec![3]);
+}
