@@ -42,7 +42,11 @@ pub struct Config {
     /// Capacity of each queue's live broadcast channel; a subscriber further behind than this
     /// catches up from the log. Default 1024.
     pub broadcast_capacity: usize,
-    /// redb page cache in bytes. Default 64 MiB.
+    /// redb page cache in bytes: pages read, and pages written into redb since the last
+    /// checkpoint. Default 128 MiB. One budget covers both, so a replay that reads more than
+    /// the cache minus those written pages makes the reader write them out on its own
+    /// thread; with 64 MiB, a 100k-event replay right after the events were written did, at
+    /// half the speed of a later replay of the same events.
     pub cache_size_bytes: usize,
     /// Most events one group commit takes. Default 8192.
     pub max_commit_events: usize,
@@ -83,7 +87,7 @@ impl Default for Config {
             max_buffer_size: 1000,
             durability: Durability::Immediate,
             broadcast_capacity: 1024,
-            cache_size_bytes: 64 << 20,
+            cache_size_bytes: 128 << 20,
             max_commit_events: 8192,
             replay_chunk: 1024,
             checkpoint_interval: Duration::from_secs(1),

@@ -167,6 +167,10 @@ struct ServeArgs {
     /// filesystem if less]
     #[arg(long, env = "EVENTQUEUE_DISK_RESERVE_MB", value_name = "MIB")]
     disk_reserve_mb: Option<u64>,
+    /// Page cache of the database in MiB: recently read and written pages, held in memory
+    /// [default: 128]
+    #[arg(long, env = "EVENTQUEUE_CACHE_MB", value_name = "MIB")]
+    cache_mb: Option<u64>,
     /// Largest request body in bytes [default: 2097152]
     #[arg(long, env = "EVENTQUEUE_MAX_BODY_BYTES", value_name = "BYTES")]
     max_body_bytes: Option<usize>,
@@ -236,6 +240,7 @@ struct FileConfig {
     durability: Option<DurabilityArg>,
     flush_interval_ms: Option<u64>,
     disk_reserve_mb: Option<u64>,
+    cache_mb: Option<u64>,
     max_body_bytes: Option<usize>,
     max_event_bytes: Option<usize>,
     max_batch_events: Option<usize>,
@@ -298,6 +303,15 @@ fn resolve(args: ServeArgs) -> Result<Settings, String> {
             mb.checked_mul(1 << 20)
                 .ok_or_else(|| format!("disk_reserve_mb is too large: {mb}"))?,
         );
+    }
+    if let Some(mb) = args.cache_mb.or(file.cache_mb) {
+        if mb == 0 {
+            return Err("cache_mb must be at least 1".into());
+        }
+        store.cache_size_bytes = mb
+            .checked_mul(1 << 20)
+            .and_then(|b| usize::try_from(b).ok())
+            .ok_or_else(|| format!("cache_mb is too large: {mb}"))?;
     }
     if let Some(secs) = args.cleanup_interval_secs.or(file.cleanup_interval_secs) {
         if secs == 0 {
@@ -621,6 +635,36 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.contains("disk_reserve_mb"), "{err}");
+    }
+
+    #[test]
+    fn the_cache_is_given_in_mib() {
+        let s = resolve(ServeArgs::default()).unwrap();
+        assert_eq!(s.store.cache_size_bytes, 128 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eq.toml");
+        std::fs::write(&path, "cache_mb = 32\n").unwrap();
+        let s = resolve(ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(s.store.cache_size_bytes, 32 << 20);
+        let s = resolve(ServeArgs {
+            config: Some(path),
+            cache_mb: Some(512),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(s.store.cache_size_bytes, 512 << 20);
+        for bad in [0, u64::MAX] {
+            let err = resolve(ServeArgs {
+                cache_mb: Some(bad),
+                ..ServeArgs::default()
+            })
+            .unwrap_err();
+            assert!(err.contains("cache_mb"), "{err}");
+        }
     }
 
     #[test]
