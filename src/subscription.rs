@@ -281,10 +281,11 @@ impl Subscription {
         }
     }
 
-    /// Deliveries that are ready together, at most `max` (at least one): waits for the first
-    /// as [`next`](Self::next) does, then takes what is already read behind it without
-    /// waiting. A replay is delivered a read chunk at a time this way rather than an await
-    /// per event. `None` when the stream has ended.
+    /// Deliveries that are ready together: waits for the first as [`next`](Self::next) does,
+    /// then takes what is already read behind it without waiting, until the batch holds `max`
+    /// deliveries or events of `max_bytes` of JSON (so at least one delivery, and at most
+    /// `max_bytes` plus one event's JSON). A replay is delivered a read chunk at a time this
+    /// way rather than an await per event. `None` when the stream has ended.
     ///
     /// # Errors
     ///
@@ -294,16 +295,25 @@ impl Subscription {
     /// # Cancel safety
     ///
     /// As [`next`](Self::next): only the wait for the first delivery can be cancelled.
-    pub async fn next_batch(&mut self, max: usize) -> Option<Result<Vec<Delivery>>> {
+    pub async fn next_batch(
+        &mut self,
+        max: usize,
+        max_bytes: usize,
+    ) -> Option<Result<Vec<Delivery>>> {
         let first = match self.next().await? {
             Ok(delivery) => delivery,
             Err(e) => return Some(Err(e)),
         };
+        let json_len = |d: &Delivery| d.as_event().map_or(0, |ev| ev.json().len());
+        let mut bytes = json_len(&first);
         let mut out = Vec::with_capacity(max.clamp(1, self.buf.len() + 1));
         out.push(first);
-        while out.len() < max {
+        while out.len() < max && bytes < max_bytes {
             match self.ready() {
-                Some(delivery) => out.push(delivery),
+                Some(delivery) => {
+                    bytes += json_len(&delivery);
+                    out.push(delivery);
+                }
                 None => break,
             }
         }
@@ -337,14 +347,14 @@ impl Subscription {
         })
     }
 
-    /// Turns the subscription into a `Stream` of [`next_batch`](Self::next_batch)es of at most
-    /// `max` deliveries.
+    /// Turns the subscription into a `Stream` of [`next_batch`](Self::next_batch)es.
     pub fn into_batches(
         self,
         max: usize,
+        max_bytes: usize,
     ) -> impl Stream<Item = Result<Vec<Delivery>>> + Send + 'static {
         futures_util::stream::unfold(self, move |mut sub| async move {
-            sub.next_batch(max).await.map(|item| (item, sub))
+            sub.next_batch(max, max_bytes).await.map(|item| (item, sub))
         })
     }
 

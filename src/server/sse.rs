@@ -44,8 +44,8 @@ use crate::subscription::Delivery;
 /// Coalescing stops once a chunk holds this many bytes.
 const CHUNK_BYTES: usize = 64 * 1024;
 
-/// Deliveries taken from the subscription at a time (a chunk may pass `CHUNK_BYTES` by up to
-/// one such batch).
+/// Deliveries taken from the subscription at a time. A batch also stops once its events hold
+/// `CHUNK_BYTES` of JSON, so a chunk stays under about twice `CHUNK_BYTES` plus one event.
 const BATCH: usize = 64;
 
 const KEEPALIVE: &[u8] = b": keepalive\n\n";
@@ -181,7 +181,7 @@ fn stream(
     tracing::debug!(%tenant, %task, from, "stream opened");
     let body = SseBody {
         connected: Some(connected),
-        events: Box::pin(sub.into_batches(BATCH)),
+        events: Box::pin(sub.into_batches(BATCH, CHUNK_BYTES)),
         shutdown: Box::pin(shutdown.cancelled_owned()),
         keepalive: ticker,
         done: false,

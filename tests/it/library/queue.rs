@@ -591,7 +591,7 @@ async fn batches_deliver_exactly_what_next_delivers() {
         let mut sub = q.subscribe(0).unwrap();
         let mut batched = Vec::new();
         loop {
-            let batch = tokio::time::timeout(Duration::from_secs(20), sub.next_batch(max))
+            let batch = tokio::time::timeout(Duration::from_secs(20), sub.next_batch(max, 1 << 20))
                 .await
                 .expect("subscription stalled");
             let Some(batch) = batch else { break };
@@ -621,10 +621,11 @@ async fn a_batch_follows_live_events_after_the_replay() {
         q.enqueue(phase(&t, &k, n)).await.unwrap();
     }
     let mut sub = q.subscribe(1).unwrap();
-    let replayed = sub.next_batch(64).await.unwrap().unwrap();
+    let replayed = sub.next_batch(64, 1 << 20).await.unwrap().unwrap();
     assert_eq!(event_offsets(&replayed), vec![1, 2]);
     // Nothing ready: the next batch waits for the next live event.
-    let waiting = tokio::spawn(async move { sub.next_batch(64).await.map(|b| b.unwrap()) });
+    let waiting =
+        tokio::spawn(async move { sub.next_batch(64, 1 << 20).await.map(|b| b.unwrap()) });
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert!(!waiting.is_finished());
     q.enqueue(phase(&t, &k, 3)).await.unwrap();
@@ -634,4 +635,37 @@ async fn a_batch_follows_live_events_after_the_replay() {
         .unwrap()
         .unwrap();
     assert_eq!(event_offsets(&live), vec![3]);
+}
+
+#[tokio::test]
+async fn a_batch_stops_once_its_events_hold_the_byte_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = open(dir.path()).await;
+    let (t, k) = (tenant("t"), task("wf"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    for n in 0..10 {
+        q.enqueue(phase(&t, &k, n)).await.unwrap();
+    }
+    let one = first_event_json_len(&q).await;
+    // A budget of two and a half events: three per batch (the third passes it), then the rest.
+    let budget = one * 5 / 2;
+    let mut sub = q.subscribe(0).unwrap();
+    let mut sizes = Vec::new();
+    while sizes.iter().sum::<usize>() < 10 {
+        let batch = sub.next_batch(64, budget).await.unwrap().unwrap();
+        sizes.push(batch.len());
+    }
+    assert_eq!(sizes, vec![3, 3, 3, 1]);
+    // A budget of zero still delivers one at a time.
+    let mut sub = q.subscribe(0).unwrap();
+    assert_eq!(sub.next_batch(64, 0).await.unwrap().unwrap().len(), 1);
+}
+
+/// The JSON length of the queue's first event (all of them have the same length here).
+async fn first_event_json_len(q: &eventqueue::EventQueue) -> usize {
+    let mut sub = q.subscribe(0).unwrap();
+    next_event(&mut sub).await.json().len()
 }
