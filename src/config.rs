@@ -52,7 +52,9 @@ pub struct Config {
     pub max_commit_events: usize,
     /// Events read from the log per replay step. Default 1024 (about 0.5 MB of 300-byte
     /// events: a smaller step frees and reuses its memory before the allocator hands it back
-    /// to the OS, which a 4096-event step did, page faults and all).
+    /// to the OS, which a 4096-event step did, page faults and all). A step also ends once
+    /// it has copied 1 MiB of events out of the database, so large events replay in small
+    /// steps too.
     pub replay_chunk: usize,
     /// Longest time commits stay only in the write-ahead log before redb itself is made
     /// durable (a checkpoint) and the log emptied. Bounds recovery work after a crash; each

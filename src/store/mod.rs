@@ -85,6 +85,10 @@ const EVENT_IDS: TableDefinition<(u64, &str), u64> = TableDefinition::new("event
 /// Deleted queues whose events are still being removed, in bounded steps.
 const PURGE: TableDefinition<u64, ()> = TableDefinition::new("purge");
 
+/// JSON bytes one [`Store::read_range`] copies out of redb, at most (plus one event): a
+/// replay step of 1024 events of 300 bytes is ~0.3 MB, and of 1 MiB events would be a GiB.
+pub(crate) const READ_BYTES: usize = 1 << 20;
+
 const KEY_FORMAT: &str = "format_version";
 const KEY_NEXT_QUEUE_ID: &str = "next_queue_id";
 const KEY_APPLIED_LSN: &str = "applied_lsn";
@@ -763,7 +767,10 @@ impl Store {
     }
 
     /// Reads up to `limit` events of queue `qid` with offsets in `from..to`, in offset order.
-    /// Offsets missing from the result were trimmed or purged.
+    /// Offsets missing from the result were trimmed or purged. The read also stops, after at
+    /// least one event, once the events it copied out of redb hold [`READ_BYTES`] of JSON (so
+    /// a step over large events stays small); the result then ends below `to`, and a read from
+    /// its last offset + 1 goes on from there.
     pub(crate) fn read_range(
         &self,
         qid: u64,
@@ -778,15 +785,18 @@ impl Store {
         let pending = self.pending().read(qid, from, to, limit);
         let (start, end) = (from.max(pending.applied.start), to.min(pending.applied.end));
         let mut out = Vec::with_capacity(limit.min((to - from) as usize));
-        if start < end {
-            self.read_applied(qid, start, end, limit, &mut out)?;
+        let full = start < end && self.read_applied(qid, start, end, limit, &mut out)?;
+        // A read of redb cut short must not go on with pending events: they come after what
+        // it left out.
+        if !full {
+            let room = limit - out.len();
+            out.extend(pending.events.into_iter().take(room));
         }
-        let room = limit - out.len();
-        out.extend(pending.events.into_iter().take(room));
         Ok(out)
     }
 
-    /// [`Store::read_range`] of what redb holds.
+    /// [`Store::read_range`] of what redb holds. True when it stopped before `to`: at `limit`
+    /// events or at [`READ_BYTES`].
     fn read_applied(
         &self,
         qid: u64,
@@ -794,7 +804,7 @@ impl Store {
         to: u64,
         limit: usize,
         out: &mut Vec<StoredEvent>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         /// Events' JSON is copied into shared buffers of about this size, one allocation for
         /// many events (an event kept alive keeps its buffer). Small enough to come from the
         /// allocator's free lists: 256 KiB buffers were mapped fresh each time, and a replay
@@ -822,6 +832,7 @@ impl Store {
             );
         };
         let mut taken = out.len();
+        let (mut copied, mut full) = (0, false);
         // The value holding `from` may start before it (a block).
         let start = row_at(&table, qid, from)?.map_or(from, |(first, _)| first);
         'rows: for row in table.range((qid, start)..(qid, to)).map_err(st)? {
@@ -846,13 +857,15 @@ impl Store {
                 buf.extend_from_slice(&record[at..]);
                 metas.push((offset, header.event_type, header.terminal, start..buf.len()));
                 taken += 1;
-                if taken >= limit {
+                copied += buf.len() - start;
+                if taken >= limit || copied >= READ_BYTES {
+                    full = true;
                     break 'rows;
                 }
             }
         }
         flush(&mut metas, &mut buf, out);
-        Ok(())
+        Ok(full)
     }
 
     /// Builds one batch with `f`, appends its log record (not yet synced: see
