@@ -562,15 +562,26 @@ async fn replay_of_megabytes_from_redb_and_memory_returns_every_event_intact() {
     m.shutdown().await.unwrap();
 }
 
+/// A manager with queue `t`/`wf` (`options`) holding `n` phase events.
+async fn queue_with_phases(
+    dir: &std::path::Path,
+    options: QueueOptions,
+    n: u64,
+) -> (eventqueue::QueueManager, eventqueue::EventQueue) {
+    let m = open(dir).await;
+    let (t, k) = (tenant("t"), task("wf"));
+    let q = m.create_queue(&t, &k, options).await.unwrap();
+    for i in 0..n {
+        q.enqueue(phase(&t, &k, i)).await.unwrap();
+    }
+    (m, q)
+}
+
 #[tokio::test]
 async fn batches_deliver_exactly_what_next_delivers() {
     let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path()).await;
+    let (_m, q) = queue_with_phases(dir.path(), with_buffer(5), 8).await;
     let (t, k) = (tenant("t"), task("wf"));
-    let q = m.create_queue(&t, &k, with_buffer(5)).await.unwrap();
-    for n in 0..8 {
-        q.enqueue(phase(&t, &k, n)).await.unwrap();
-    }
     q.enqueue(Event::new(&t, &k, CompleteEvent::new(json!({"n": 8}))))
         .await
         .unwrap();
@@ -611,15 +622,8 @@ async fn batches_deliver_exactly_what_next_delivers() {
 #[tokio::test]
 async fn a_batch_follows_live_events_after_the_replay() {
     let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path()).await;
+    let (_m, q) = queue_with_phases(dir.path(), QueueOptions::default(), 3).await;
     let (t, k) = (tenant("t"), task("wf"));
-    let q = m
-        .create_queue(&t, &k, QueueOptions::default())
-        .await
-        .unwrap();
-    for n in 0..3 {
-        q.enqueue(phase(&t, &k, n)).await.unwrap();
-    }
     let mut sub = q.subscribe(1).unwrap();
     let replayed = sub.next_batch(64, 1 << 20).await.unwrap().unwrap();
     assert_eq!(event_offsets(&replayed), vec![1, 2]);
@@ -640,15 +644,7 @@ async fn a_batch_follows_live_events_after_the_replay() {
 #[tokio::test]
 async fn a_batch_stops_once_its_events_hold_the_byte_budget() {
     let dir = tempfile::tempdir().unwrap();
-    let m = open(dir.path()).await;
-    let (t, k) = (tenant("t"), task("wf"));
-    let q = m
-        .create_queue(&t, &k, QueueOptions::default())
-        .await
-        .unwrap();
-    for n in 0..10 {
-        q.enqueue(phase(&t, &k, n)).await.unwrap();
-    }
+    let (_m, q) = queue_with_phases(dir.path(), QueueOptions::default(), 10).await;
     let one = first_event_json_len(&q).await;
     // A budget of two and a half events: three per batch (the third passes it), then the rest.
     let budget = one * 5 / 2;
