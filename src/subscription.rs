@@ -141,8 +141,9 @@ impl Drop for SubscriberGuard {
 
 /// A stream of one queue's events from an offset; see the module docs for its guarantees.
 ///
-/// Read it with [`Subscription::next`] or turn it into a `Stream` with
-/// [`Subscription::into_stream`].
+/// Read it with [`Subscription::next`] (or [`Subscription::next_batch`], several ready
+/// deliveries at once) or turn it into a `Stream` with [`Subscription::into_stream`] (or
+/// [`Subscription::into_batches`]).
 #[derive(Debug)]
 pub struct Subscription {
     q: Arc<QueueShared>,

@@ -86,7 +86,7 @@ const EVENT_IDS: TableDefinition<(u64, &str), u64> = TableDefinition::new("event
 const PURGE: TableDefinition<u64, ()> = TableDefinition::new("purge");
 
 /// JSON bytes one [`Store::read_range`] copies out of redb, at most (plus one event): a
-/// replay step of 1024 events of 300 bytes is ~0.3 MB, and of 1 MiB events would be a GiB.
+/// replay step of 1024 events sent as 300 bytes is ~0.5 MB, and of 1 MiB events would be a GiB.
 pub(crate) const READ_BYTES: usize = 1 << 20;
 
 const KEY_FORMAT: &str = "format_version";
