@@ -247,8 +247,8 @@ const ID_DIGITS: usize = 20;
 /// `id: `, `\nevent: `, `\ndata: `, `\n\n`.
 const FRAME_SYNTAX: usize = 4 + 8 + 7 + 2;
 
-/// Appends one delivery's frame. Formatting machinery is avoided on the per-event path: a
-/// replay frames thousands of events per chunk.
+/// Appends one delivery's frame; the caller has reserved [`frame_len`] for it. Formatting
+/// machinery is avoided on the per-event path: a replay frames thousands of events per chunk.
 fn put_frame(out: &mut BytesMut, delivery: &Delivery) {
     use std::io::Write;
     match delivery {
@@ -257,7 +257,6 @@ fn put_frame(out: &mut BytesMut, delivery: &Delivery) {
             let event_type = ev.event_type().as_str().as_bytes();
             let mut digits = [0u8; 20];
             let offset = crate::event::decimal(ev.offset(), &mut digits);
-            out.reserve(json.len() + offset.len() + event_type.len() + FRAME_SYNTAX);
             out.put_slice(b"id: ");
             out.put_slice(offset);
             out.put_slice(b"\nevent: ");
