@@ -299,19 +299,14 @@ fn resolve(args: ServeArgs) -> Result<Settings, String> {
         },
     };
     if let Some(mb) = args.disk_reserve_mb.or(file.disk_reserve_mb) {
-        store.disk_reserve = Some(
-            mb.checked_mul(1 << 20)
-                .ok_or_else(|| format!("disk_reserve_mb is too large: {mb}"))?,
-        );
+        store.disk_reserve = Some(mib("disk_reserve_mb", mb)?);
     }
     if let Some(mb) = args.cache_mb.or(file.cache_mb) {
         if mb == 0 {
             return Err("cache_mb must be at least 1".into());
         }
-        store.cache_size_bytes = mb
-            .checked_mul(1 << 20)
-            .and_then(|b| usize::try_from(b).ok())
-            .ok_or_else(|| format!("cache_mb is too large: {mb}"))?;
+        store.cache_size_bytes = usize::try_from(mib("cache_mb", mb)?)
+            .map_err(|_| format!("cache_mb is too large: {mb}"))?;
     }
     if let Some(secs) = args.cleanup_interval_secs.or(file.cleanup_interval_secs) {
         if secs == 0 {
@@ -343,6 +338,12 @@ fn resolve(args: ServeArgs) -> Result<Settings, String> {
         store,
         server,
     })
+}
+
+/// Setting `key`, given in MiB, in bytes.
+fn mib(key: &str, mb: u64) -> Result<u64, String> {
+    mb.checked_mul(1 << 20)
+        .ok_or_else(|| format!("{key} is too large: {mb}"))
 }
 
 /// The auth mode, CORS origins and limits of `serve` (issue 4's settings).
