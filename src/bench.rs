@@ -662,7 +662,7 @@ async fn sweep(
         let producing = tokio::spawn(async move { produce_until(&m2, producers, stop2).await });
         let started = Instant::now();
         let later = crate::Timestamp::now().saturating_add(Duration::from_secs(3600));
-        m.compact_once(later).await?;
+        m.expire_once(later).await?;
         while m.metrics().pending_purges.load(Ordering::Relaxed) > 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -18,19 +18,17 @@
 //!
 //! # Atomicity
 //!
-//! A save is one command to the writer thread, processed as a batch of its own: the
-//! checkpoint row and the event appends are written in the same redb write transaction and
-//! encoded into the same write-ahead-log record. Every check that can refuse the save (queue closed, id taken)
-//! runs before anything is written, and any failure after the first write fails the whole
-//! transaction, which is then dropped. So redb commits both or neither; the log record (one
-//! CRC-checked unit, fsync'd before the save is acknowledged) holds both or neither, and
-//! recovery re-applies whole records only. After a crash or restart the latest checkpoint and
-//! the queue's events therefore agree: the checkpoint's recorded event offsets hold the events
-//! it emitted, and every emitted event's checkpoint exists.
+//! A save is one operation of the engine's group commit: the checkpoint and the event appends
+//! are changes of the same batch, which the store keeps whole or not at all (the storage
+//! contract). Every check that can refuse the save (queue closed, id taken) runs before
+//! anything is staged, and any failure after that fails the whole batch, which is then
+//! dropped uncommitted. After a crash or restart the latest checkpoint and the queue's events
+//! therefore agree: the checkpoint's recorded event offsets hold the events it emitted, and
+//! every emitted event's checkpoint exists.
 //!
-//! A reader may see a checkpoint whose save is committed but not yet acknowledged (its log
-//! record is being fsync'd), as the writer's commit runs ahead of the fsync. Its events become
-//! visible to subscribers once they are durable.
+//! A reader may see a checkpoint whose save is committed but not yet acknowledged (its batch
+//! is being synced), as the writer's commit runs ahead of the sync. Its events become visible
+//! to subscribers once they are durable.
 //!
 //! # Retention
 //!
@@ -43,13 +41,14 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::engine::{Core, PreparedEvent, PreparedSave};
 use crate::error::{Error, Result};
 use crate::event::{Event, ProgressEvent, StatusEvent, TaskState, Timestamp};
 use crate::ids::{TaskId, TenantId};
-use crate::manager::Core;
-use crate::queue::{EventQueue, QueueShared};
-use crate::store::checkpoints::{CheckpointRecord, LoadedCheckpoint, TaskRecord};
-use crate::writer::{Command, PreparedEvent};
+use crate::queue::EventQueue;
+use crate::storage::{CheckpointRecord, LoadedCheckpoint, Storage, TaskRecord};
+
+pub use crate::engine::SavedCheckpoint;
 
 /// Longest accepted task id inside a checkpoint, and longest workflow status, in bytes.
 const MAX_NAME_LEN: usize = 256;
@@ -432,12 +431,12 @@ impl Checkpoint {
                         result_json: if t.result.is_null() {
                             None
                         } else {
-                            Some(serde_json::to_vec(&t.result).map_err(Error::storage)?)
+                            Some(serde_json::to_vec(&t.result).map_err(Error::internal)?)
                         },
                     })
                 })
                 .collect::<Result<Vec<_>>>()?,
-            state_json: serde_json::to_vec(&self.state).map_err(Error::storage)?,
+            state_json: serde_json::to_vec(&self.state).map_err(Error::internal)?,
             // Set by the writer, which knows the commit time and the offsets.
             created_at_us: 0,
             status_offset: None,
@@ -517,19 +516,6 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {
         field: field.into(),
         reason: reason.into(),
     }
-}
-
-/// What a save stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct SavedCheckpoint {
-    /// The new checkpoint's id, `ckpt_` + 12 lowercase hex chars.
-    pub checkpoint_id: String,
-    /// Its position in the workflow's history (0 for the first save).
-    pub seq: u64,
-    /// Offset of the `status` event it emitted (`None` without a queue).
-    pub status_offset: Option<u64>,
-    /// Offset of the `progress` event it emitted (`None` without a queue or without tasks).
-    pub progress_offset: Option<u64>,
 }
 
 /// A saved checkpoint, as read back.
@@ -636,27 +622,13 @@ impl Resume {
     }
 }
 
-/// A save on its way to the writer: the checkpoint encoded, its events rendered.
-pub(crate) struct PreparedSave {
-    pub tenant: TenantId,
-    pub workflow: TaskId,
-    pub checkpoint_id: String,
-    pub record: CheckpointRecord,
-    /// The workflow's queue as found when the save was prepared. If it is gone by the time
-    /// the writer applies the save, the save goes ahead without events.
-    pub queue: Option<Arc<QueueShared>>,
-    pub events: Vec<PreparedEvent>,
-    /// Fault injection: fail between the checkpoint's write and the events' append.
-    pub inject: Option<Error>,
-}
-
 /// The checkpoints of one tenant's workflows. Cheap to clone.
 ///
 /// Get one with [`crate::QueueManager::checkpoints`] or [`EventQueue::checkpoint_store`].
 #[derive(Clone)]
 pub struct CheckpointStore {
-    pub(crate) core: Arc<Core>,
-    pub(crate) tenant: TenantId,
+    core: Arc<Core>,
+    tenant: TenantId,
 }
 
 impl std::fmt::Debug for CheckpointStore {
@@ -671,14 +643,15 @@ impl EventQueue {
     /// The checkpoint store of this queue's tenant; checkpoints of the workflow named like
     /// this queue's task emit their events into this queue.
     pub fn checkpoint_store(&self) -> CheckpointStore {
-        CheckpointStore {
-            core: self.core.clone(),
-            tenant: self.q.tenant_id.clone(),
-        }
+        CheckpointStore::new(self.core().clone(), self.tenant_id().clone())
     }
 }
 
 impl CheckpointStore {
+    pub(crate) fn new(core: Arc<Core>, tenant: TenantId) -> Self {
+        CheckpointStore { core, tenant }
+    }
+
     /// The tenant whose checkpoints these are.
     pub fn tenant_id(&self) -> &TenantId {
         &self.tenant
@@ -686,19 +659,9 @@ impl CheckpointStore {
 
     /// The queue a save of `workflow_id` emits its events into, if it exists.
     pub fn queue(&self, workflow_id: &TaskId) -> Option<EventQueue> {
-        self.lookup(workflow_id).map(|q| EventQueue {
-            q,
-            core: self.core.clone(),
-        })
-    }
-
-    fn lookup(&self, workflow_id: &TaskId) -> Option<Arc<QueueShared>> {
         self.core
-            .registry
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(self.tenant.clone(), workflow_id.clone()))
-            .cloned()
+            .lookup(&self.tenant, workflow_id)
+            .map(|q| EventQueue::new(q, self.core.clone()))
     }
 
     /// Saves a checkpoint as the workflow's latest and, when the workflow's queue exists,
@@ -719,7 +682,7 @@ impl CheckpointStore {
     pub async fn save(&self, checkpoint: Checkpoint) -> Result<SavedCheckpoint> {
         checkpoint.validate()?;
         let checkpoint_id = format!("ckpt_{:012x}", fastrand::u64(..1 << 48));
-        let queue = self.lookup(&checkpoint.workflow_id);
+        let queue = self.core.lookup(&self.tenant, &checkpoint.workflow_id);
         let events = match &queue {
             Some(_) => checkpoint
                 .events(&self.tenant, &checkpoint_id)
@@ -732,24 +695,18 @@ impl CheckpointStore {
             None => Vec::new(),
         };
         #[cfg(feature = "failpoints")]
-        let inject = self.core.store.faults().checkpoint_save().err();
+        let inject = self.core.faults().checkpoint_save().err();
         #[cfg(not(feature = "failpoints"))]
         let inject = None;
         let save = PreparedSave {
             tenant: self.tenant.clone(),
             workflow: checkpoint.workflow_id.clone(),
             record: checkpoint.to_record(&checkpoint_id)?,
-            checkpoint_id,
             queue,
             events,
             inject,
         };
-        self.core
-            .call(|reply| Command::SaveCheckpoint {
-                save: Box::new(save),
-                reply,
-            })
-            .await
+        self.core.save_checkpoint(save).await
     }
 
     /// The workflow's newest checkpoint, if any.
@@ -800,23 +757,19 @@ impl CheckpointStore {
         }))
     }
 
-    /// Runs a read on the blocking pool (redb reads never run on async workers).
+    /// Runs a read on the blocking pool (store reads never run on async workers).
     async fn read<I>(
         &self,
-        f: impl FnOnce(&crate::store::Store) -> Result<I> + Send + 'static,
+        f: impl FnOnce(&dyn Storage) -> Result<I> + Send + 'static,
     ) -> Result<Vec<StoredCheckpoint>>
     where
         I: IntoIterator<Item = LoadedCheckpoint> + Send + 'static,
     {
-        let store = self.core.store.clone();
-        let tenant = self.tenant.clone();
-        tokio::task::spawn_blocking(move || {
-            f(&store)?
-                .into_iter()
-                .map(|l| StoredCheckpoint::from_loaded(&tenant, l))
-                .collect()
-        })
-        .await
-        .map_err(|e| Error::storage(format!("checkpoint read task failed: {e}")))?
+        self.core
+            .read_checkpoints(f)
+            .await?
+            .into_iter()
+            .map(|l| StoredCheckpoint::from_loaded(&self.tenant, l))
+            .collect()
     }
 }

@@ -43,7 +43,7 @@ pub struct Config {
     /// catches up from the log. Default 1024.
     pub broadcast_capacity: usize,
     /// redb page cache in bytes: pages read, and pages written into redb since the last
-    /// checkpoint. Default 128 MiB. One budget covers both, so a replay that reads more than
+    /// fold. Default 128 MiB. One budget covers both, so a replay that reads more than
     /// the cache minus those written pages makes the reader write them out on its own
     /// thread; with 64 MiB, a 100k-event replay right after the events were written did, at
     /// half the speed of a later replay of the same events.
@@ -56,15 +56,15 @@ pub struct Config {
     /// it has copied 1 MiB of events out of the database, so large events replay in small
     /// steps too.
     pub replay_chunk: usize,
-    /// Longest time commits stay only in the write-ahead log before redb itself is made
-    /// durable (a checkpoint) and the log emptied. Bounds recovery work after a crash; each
-    /// checkpoint costs one durable redb commit. Default 1 s.
-    pub checkpoint_interval: Duration,
+    /// Longest time commits stay only in the write-ahead log before the log is folded into
+    /// redb (redb itself made durable and the log emptied). Bounds recovery work after a
+    /// crash; each fold costs one durable redb commit. Default 1 s.
+    pub fold_interval: Duration,
     /// Most events removed per step when purging a deleted or expired queue; steps interleave
     /// with appends so a large deletion never holds them up. Default 256.
     pub purge_step: u64,
     /// Appends are logged at once but written into redb in bulk, once the logged batches
-    /// not yet in redb hold this many bytes (or at the next checkpoint): fewer, larger redb
+    /// not yet in redb hold this many bytes (or at the next fold): fewer, larger redb
     /// transactions cost much less CPU per event; until then those events are served from
     /// memory. Writing them in is a pause of the writer (~8 µs per event on a 2-vCPU Xeon), so
     /// larger values trade tail latency for little: on that machine 16 KiB already cost only
@@ -73,7 +73,7 @@ pub struct Config {
     /// Free space kept on the data directory's filesystem. While less is free, commands that
     /// add data (enqueues, queue creation, checkpoint saves) are refused with
     /// [`crate::Error::DiskFull`] (HTTP 507), so that what frees space — deleting or expiring
-    /// queues, checkpointing the log into the database, and the compaction that follows a
+    /// queues, folding the log into the database, and the compaction that follows a
     /// deletion on a nearly full disk — always has room. Writes are taken again as soon as
     /// enough is free. `None` (the default): 64 MiB, or a tenth of the filesystem if that is
     /// less. `Some(0)` turns the check off: a full disk is then met by a failing write (see
@@ -92,7 +92,7 @@ impl Default for Config {
             cache_size_bytes: 128 << 20,
             max_commit_events: 8192,
             replay_chunk: 1024,
-            checkpoint_interval: Duration::from_secs(1),
+            fold_interval: Duration::from_secs(1),
             purge_step: 256,
             apply_bytes: 256 << 10,
             disk_reserve: None,

@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 /// Everything eventqueue's library API can fail with.
 ///
-/// Variants carry what a caller needs to explain the failure; [`Error::Storage`] carries the
-/// underlying I/O or database error as text, because the same failure is returned to every
-/// enqueue that shared the failed commit.
+/// Variants carry what a caller needs to explain the failure. Errors are cheap to clone: the
+/// same failure is returned to every enqueue that shared a failed commit, so
+/// [`Error::Storage`] shares its cause ([`StorageError`]) rather than flattening it to text.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -78,11 +78,11 @@ pub enum Error {
     },
     /// An I/O or database error. A failed commit is returned to every enqueue of its batch.
     #[error("storage error: {0}")]
-    Storage(Arc<str>),
+    Storage(StorageError),
     /// A commit failed earlier; the store refuses writes until it is reopened, rather than
-    /// pretend that later commits are fine.
+    /// pretend that later commits are fine. Holds that first failure.
     #[error("the store refuses writes after an earlier storage failure ({0}); reopen it")]
-    StoreFailed(Arc<str>),
+    StoreFailed(StorageError),
     /// The data directory's filesystem is (nearly) full: the write was refused and nothing
     /// of it was stored. Writes are taken again once space is freed (by deleting queues, or
     /// outside eventqueue); see [`crate::Config::disk_reserve`].
@@ -91,11 +91,99 @@ pub enum Error {
     /// The manager is shutting down or has shut down.
     #[error("the queue manager is shut down")]
     ShuttingDown,
+    /// One of the manager's worker threads panicked (a bug): the manager refuses further
+    /// writes; reopen it. Names the thread.
+    #[error("the queue manager's {0} thread panicked; reopen the store")]
+    Poisoned(Arc<str>),
+    /// A bug in eventqueue: an internal invariant did not hold. Not a storage failure.
+    #[error("internal error: {0}")]
+    Internal(Arc<str>),
+}
+
+/// A storage failure with its cause: what was being done, the kind of I/O failure (for
+/// example [`std::io::ErrorKind::StorageFull`] for a full disk; [`std::io::ErrorKind::Other`]
+/// when the cause is not an I/O error), and the underlying error as
+/// [`std::error::Error::source`].
+#[derive(Debug, Clone)]
+pub struct StorageError {
+    context: Arc<str>,
+    kind: std::io::ErrorKind,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl StorageError {
+    /// A failure described by `context` alone (no underlying error).
+    pub(crate) fn msg(context: impl std::fmt::Display) -> Self {
+        StorageError {
+            context: Arc::from(context.to_string()),
+            kind: std::io::ErrorKind::Other,
+            source: None,
+        }
+    }
+
+    /// An I/O failure while doing `context`; keeps its kind.
+    pub(crate) fn io(context: impl std::fmt::Display, err: std::io::Error) -> Self {
+        StorageError {
+            context: Arc::from(context.to_string()),
+            kind: err.kind(),
+            source: Some(Arc::new(err)),
+        }
+    }
+
+    /// A failure caused by `source`, of the given I/O kind.
+    pub(crate) fn caused(
+        context: impl std::fmt::Display,
+        kind: std::io::ErrorKind,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        StorageError {
+            context: Arc::from(context.to_string()),
+            kind,
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    /// The kind of I/O failure underneath ([`std::io::ErrorKind::Other`] when there is none).
+    pub fn kind(&self) -> std::io::ErrorKind {
+        self.kind
+    }
+
+    /// Whether the storage ran out of space (`ENOSPC`, or a quota).
+    pub fn is_storage_full(&self) -> bool {
+        matches!(
+            self.kind,
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        )
+    }
+}
+
+impl std::fmt::Display for StorageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.source {
+            Some(source) if self.context.is_empty() => write!(f, "{source}"),
+            Some(source) => write!(f, "{}: {source}", self.context),
+            None => f.write_str(&self.context),
+        }
+    }
+}
+
+impl std::error::Error for StorageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
 }
 
 impl Error {
+    /// A storage failure described by text alone.
     pub(crate) fn storage(err: impl std::fmt::Display) -> Self {
-        Error::Storage(Arc::from(err.to_string()))
+        Error::Storage(StorageError::msg(err))
+    }
+
+    /// A bug: an internal invariant did not hold.
+    pub(crate) fn internal(what: impl std::fmt::Display) -> Self {
+        Error::Internal(Arc::from(what.to_string()))
     }
 
     pub(crate) fn invalid_event(field: impl Into<String>, reason: impl Into<String>) -> Self {

@@ -40,20 +40,24 @@
 //! # }
 //! ```
 
-mod checkpoint;
+// The model: no I/O.
 mod clock;
-mod compaction;
 mod config;
 mod error;
 mod event;
-mod hub;
 mod ids;
-mod manager;
 mod metrics;
+// Storage: the trait every store keeps, and the stores.
+mod storage;
+// The engine: shared queue state, typed write operations, the group-commit pipeline.
+mod engine;
+// Front ends over the engine.
+mod checkpoint;
+mod expiry;
+mod manager;
 mod queue;
-mod store;
+mod reader;
 mod subscription;
-mod writer;
 
 pub mod bench;
 pub mod cli;
@@ -67,20 +71,21 @@ pub use checkpoint::{
     TaskStatus, WorkflowStatus,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use compaction::{CleanupReport, CompactReport, compact_offline};
 pub use config::{Config, Durability};
-pub use error::{Error, Result};
+pub use error::{Error, Result, StorageError};
 pub use event::{
     ArtifactEvent, CompleteEvent, ErrorEvent, Event, EventType, Payload, ProducerContext,
     ProgressEvent, RenderedEvent, StatusEvent, TaskState, Timestamp,
 };
+pub use expiry::{CleanupReport, CompactReport, compact_offline};
 pub use ids::{EventId, MAX_ID_LEN, TaskId, TenantId, validate_id};
 pub use manager::{ManagerStats, QueueManager};
 pub use metrics::{Histogram, Metrics};
 pub use queue::{CancellationState, EventQueue, QueueInfo, QueueKind, QueueOptions};
-pub use store::DB_FILE;
+pub use reader::LogReader;
+pub use storage::redb::DB_FILE;
 #[cfg(feature = "failpoints")]
-pub use store::sim::PowerLoss;
+pub use storage::redb::sim::PowerLoss;
 #[cfg(feature = "failpoints")]
-pub use store::wal::Faults;
+pub use storage::redb::wal::Faults;
 pub use subscription::{Delivery, RecordedEvent, Subscription};

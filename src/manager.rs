@@ -1,59 +1,21 @@
 //! [`QueueManager`]: opens a data directory, recovers every queue, and owns the writer thread
 //! and the cleanup loop.
 
-use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, SystemClock};
-use crate::compaction::{self, CleanupReport};
-use crate::config::{Config, Durability};
+use crate::config::Config;
+use crate::engine::{Core, NewQueue, Opened, QueueState};
 use crate::error::{Error, Result};
+use crate::expiry::{self, CleanupReport};
 use crate::ids::{TaskId, TenantId};
 use crate::metrics::Metrics;
-use crate::queue::{EventQueue, QueueInfo, QueueOptions, QueueShared};
-use crate::store::Store;
-use crate::store::space::SpaceCheck;
-use crate::writer::{Command, NewQueue, Registry, Reply, Writer};
-
-/// Capacity of the writer's command channel; callers wait (asynchronously) beyond it.
-const COMMAND_CHANNEL: usize = 4096;
-
-/// What every handle of one manager shares.
-pub(crate) struct Core {
-    pub store: Arc<Store>,
-    pub tx: mpsc::Sender<Command>,
-    pub config: Config,
-    pub metrics: Arc<Metrics>,
-    pub registry: Arc<Registry>,
-    pub clock: Arc<dyn Clock>,
-    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-}
-
-impl std::fmt::Debug for Core {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Core")
-            .field("path", &self.store.path())
-            .finish()
-    }
-}
-
-impl Core {
-    /// Sends a command to the writer and waits for its reply.
-    pub(crate) async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(make(tx))
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
-        rx.await.map_err(|_| Error::ShuttingDown)?
-    }
-}
+use crate::queue::{EventQueue, QueueInfo, QueueOptions};
+use crate::storage::redb::{self, Store};
 
 /// Manager-wide figures.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -117,7 +79,7 @@ impl QueueManager {
     #[cfg(feature = "failpoints")]
     pub async fn open_with_power_loss(
         config: Config,
-        power: Arc<crate::store::sim::PowerLoss>,
+        power: Arc<crate::storage::redb::sim::PowerLoss>,
     ) -> Result<Self> {
         Self::open_on(config, Arc::new(SystemClock), Some(power)).await
     }
@@ -125,89 +87,26 @@ impl QueueManager {
     async fn open_on(
         config: Config,
         clock: Arc<dyn Clock>,
-        power: Option<crate::store::Power>,
+        power: Option<redb::Power>,
     ) -> Result<Self> {
         let dir = config.data_dir.clone();
-        let (cache, every) = (config.cache_size_bytes, config.checkpoint_interval);
-        let reserve = config.disk_reserve;
-        let (opened, space) = tokio::task::spawn_blocking(move || {
-            let opened = Store::open_on(&dir, cache, every, power)?;
-            Ok::<_, Error>((opened, SpaceCheck::on_dir(dir, reserve)))
-        })
-        .await
-        .map_err(|e| Error::storage(format!("open task failed: {e}")))??;
-        let mut map = HashMap::with_capacity(opened.queues.len());
-        for lq in opened.queues {
-            let tenant = TenantId::new(&lq.tenant)?;
-            let task = TaskId::new(&lq.task)?;
-            let shared = Arc::new(QueueShared::from_record(
-                tenant.clone(),
-                task.clone(),
-                &lq.record,
-            ));
-            map.insert((tenant, task), shared);
-        }
-        let mut store = opened.store;
-        store.set_apply_bytes(config.apply_bytes);
-        let store = Arc::new(store);
-        let registry = Arc::new(Registry::new(map));
-        let metrics = Arc::new(Metrics::default());
-        metrics
-            .pending_purges
-            .store(opened.pending_purges.len() as u64, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(COMMAND_CHANNEL);
-        let writer = Writer {
-            store: store.clone(),
-            registry: registry.clone(),
-            clock: clock.clone(),
-            metrics: metrics.clone(),
-            rx,
-            flush_interval: match config.durability {
-                Durability::Immediate => None,
-                Durability::Buffered { flush_interval } => Some(flush_interval),
-            },
-            max_commit_events: config.max_commit_events.max(1),
-            next_queue_id: opened.next_queue_id,
-            pending_purges: opened.pending_purges,
-            purge_step: config.purge_step.max(1),
-            space,
+        let options = redb::Options::of(&config);
+        let (store, recovered) =
+            tokio::task::spawn_blocking(move || Store::open_on(&dir, &options, power))
+                .await
+                .map_err(|e| Error::internal(format!("open task failed: {e}")))??;
+        let opened = Opened {
+            storage: Arc::new(store),
+            recovered,
         };
-        let handle = std::thread::Builder::new()
-            .name("eventqueue-writer".into())
-            .spawn(move || {
-                if let Err(e) = writer.run() {
-                    tracing::error!(error = %e, "the writer could not start");
-                }
-            })
-            .map_err(|e| Error::storage(format!("cannot start writer thread: {e}")))?;
         Ok(Self {
-            core: Arc::new(Core {
-                store,
-                tx,
-                config,
-                metrics,
-                registry,
-                clock,
-                writer_thread: Mutex::new(Some(handle)),
-            }),
+            core: Arc::new(Core::start(opened, config, clock)?),
             cleanup: Arc::new(Mutex::new(None)),
         })
     }
 
-    fn handle(&self, q: Arc<QueueShared>) -> EventQueue {
-        EventQueue {
-            q,
-            core: self.core.clone(),
-        }
-    }
-
-    fn lookup(&self, tenant: &TenantId, task: &TaskId) -> Option<Arc<QueueShared>> {
-        self.core
-            .registry
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(tenant.clone(), task.clone()))
-            .cloned()
+    fn handle(&self, q: Arc<QueueState>) -> EventQueue {
+        EventQueue::new(q, self.core.clone())
     }
 
     /// Creates a queue; it is durable when this returns.
@@ -224,7 +123,7 @@ impl QueueManager {
     ) -> Result<EventQueue> {
         let max_buffer_size = options
             .max_buffer_size
-            .unwrap_or(self.core.config.max_buffer_size);
+            .unwrap_or(self.core.config().max_buffer_size);
         if max_buffer_size == 0 {
             return Err(Error::invalid_event(
                 "max_buffer_size",
@@ -235,13 +134,10 @@ impl QueueManager {
             tenant: tenant.clone(),
             task: task.clone(),
             kind: options.kind,
-            ttl: options.ttl.unwrap_or(self.core.config.default_ttl),
+            ttl: options.ttl.unwrap_or(self.core.config().default_ttl),
             max_buffer_size,
         };
-        let q = self
-            .core
-            .call(|reply| Command::Create { spec, reply })
-            .await?;
+        let q = self.core.create(spec).await?;
         Ok(self.handle(q))
     }
 
@@ -269,29 +165,22 @@ impl QueueManager {
 
     /// The queue, if it exists (closed queues included, until they expire).
     pub fn get_queue(&self, tenant: &TenantId, task: &TaskId) -> Option<EventQueue> {
-        self.lookup(tenant, task).map(|q| self.handle(q))
+        self.core.lookup(tenant, task).map(|q| self.handle(q))
     }
 
     /// The checkpoint store of `tenant`'s workflows (see [`crate::CheckpointStore`]).
     pub fn checkpoints(&self, tenant: &TenantId) -> crate::checkpoint::CheckpointStore {
-        crate::checkpoint::CheckpointStore {
-            core: self.core.clone(),
-            tenant: tenant.clone(),
-        }
+        crate::checkpoint::CheckpointStore::new(self.core.clone(), tenant.clone())
     }
 
     /// Info of every queue of `tenant` (all tenants when `None`), sorted by tenant then task.
     pub fn list_queues(&self, tenant: Option<&TenantId>) -> Vec<QueueInfo> {
-        let queues: Vec<Arc<QueueShared>> = self
+        let mut infos: Vec<QueueInfo> = self
             .core
-            .registry
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .queues(tenant)
             .iter()
-            .filter(|((t, _), _)| tenant.is_none_or(|want| want == t))
-            .map(|(_, q)| q.clone())
+            .map(|q| QueueInfo::of(q))
             .collect();
-        let mut infos: Vec<QueueInfo> = queues.iter().map(|q| q.info()).collect();
         infos.sort_by(|a, b| (&a.tenant_id, &a.task_id).cmp(&(&b.tenant_id, &b.task_id)));
         infos
     }
@@ -314,21 +203,13 @@ impl QueueManager {
     ///
     /// Storage errors.
     pub async fn delete_queue(&self, tenant: &TenantId, task: &TaskId) -> Result<bool> {
-        let Some(q) = self.lookup(tenant, task) else {
+        let Some(q) = self.core.lookup(tenant, task) else {
             return Ok(false);
         };
-        missing_is_false(
-            self.core
-                .call(|reply| Command::Delete {
-                    queue: q,
-                    expire_at: None,
-                    reply,
-                })
-                .await,
-        )
+        missing_is_false(self.core.delete(q).await)
     }
 
-    /// Checkpoints and compacts the database file in place, so that space freed by deleted,
+    /// Folds the log into the database and compacts the database file in place, so that space freed by deleted,
     /// expired and trimmed events goes back to the filesystem (the store otherwise reuses it
     /// but keeps it). Readers wait while each compaction step runs; appends wait for the
     /// whole compaction. The writer also does this by itself when a deletion completes on a
@@ -338,10 +219,9 @@ impl QueueManager {
     ///
     /// Storage errors (permanent, as for a failed commit); [`Error::StoreFailed`] after an
     /// earlier failure.
-    pub async fn compact(&self) -> Result<crate::compaction::CompactReport> {
-        let (bytes_before, bytes_after) =
-            self.core.call(|reply| Command::Compact { reply }).await?;
-        Ok(crate::compaction::CompactReport {
+    pub async fn compact(&self) -> Result<crate::expiry::CompactReport> {
+        let (bytes_before, bytes_after) = self.core.compact().await?;
+        Ok(crate::expiry::CompactReport {
             bytes_before,
             bytes_after,
         })
@@ -366,57 +246,50 @@ impl QueueManager {
 
     /// Manager-wide figures.
     pub fn stats(&self) -> ManagerStats {
-        let queues: Vec<Arc<QueueShared>> = self
-            .core
-            .registry
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let queues = self.core.queues(None);
         let mut stats = ManagerStats {
             total_queues: queues.len(),
             active_queues: 0,
             closed_queues: 0,
             finished_queues: 0,
             subscribers: 0,
-            default_ttl_minutes: self.core.config.default_ttl.as_secs_f64() / 60.0,
-            max_buffer_size: self.core.config.max_buffer_size,
+            default_ttl_minutes: self.core.config().default_ttl.as_secs_f64() / 60.0,
+            max_buffer_size: self.core.config().max_buffer_size,
         };
         for q in queues {
-            let st = q.lock();
-            if st.closed {
+            let (closed, finished) = q.with_view(|v| (v.closed, v.finished_at.is_some()));
+            if closed {
                 stats.closed_queues += 1;
             } else {
                 stats.active_queues += 1;
             }
-            if st.finished_at.is_some() {
+            if finished {
                 stats.finished_queues += 1;
             }
-            stats.subscribers += q.subscribers.load(Ordering::Relaxed);
+            stats.subscribers += q.subscribers();
         }
         stats
     }
 
     /// The manager's counters and histograms.
     pub fn metrics(&self) -> &Metrics {
-        &self.core.metrics
+        self.core.metrics()
     }
 
     /// The configuration the manager was opened with.
     pub fn config(&self) -> &Config {
-        &self.core.config
+        self.core.config()
     }
 
     /// Fault injection for reliability tests (feature `failpoints`).
     #[cfg(feature = "failpoints")]
-    pub fn faults(&self) -> std::sync::Arc<crate::store::wal::Faults> {
-        self.core.store.faults()
+    pub fn faults(&self) -> std::sync::Arc<crate::storage::redb::wal::Faults> {
+        self.core.faults()
     }
 
     /// Size of the database file in bytes.
     pub fn store_size_bytes(&self) -> u64 {
-        self.core.store.file_size()
+        self.core.store_size_bytes()
     }
 
     /// Removes every queue idle for at least its TTL at the clock's current time.
@@ -425,18 +298,18 @@ impl QueueManager {
     ///
     /// Storage errors.
     pub async fn cleanup_expired(&self) -> Result<CleanupReport> {
-        self.compact_once(self.core.clock.now()).await
+        self.expire_once(self.core.clock().now()).await
     }
 
     /// Removes every queue idle for at least its TTL at `now` (one expiry sweep). Each removal
-    /// is its own writer command, so appends interleave with the sweep; the removed queues'
-    /// events are then purged in bounded steps.
+    /// is its own writer op, so appends interleave with the sweep; the removed queues' events
+    /// are then purged in bounded steps.
     ///
     /// # Errors
     ///
     /// Storage errors.
-    pub async fn compact_once(&self, now: crate::event::Timestamp) -> Result<CleanupReport> {
-        compaction::expire_once(&self.core, now).await
+    pub async fn expire_once(&self, now: crate::event::Timestamp) -> Result<CleanupReport> {
+        expiry::expire_once(&self.core, now).await
     }
 
     /// Starts the background cleanup loop (idempotent: a running loop is kept).
@@ -447,7 +320,7 @@ impl QueueManager {
         }
         let token = CancellationToken::new();
         *slot = Some(token.clone());
-        tokio::spawn(compaction::cleanup_loop(
+        tokio::spawn(expiry::cleanup_loop(
             Arc::downgrade(&self.core),
             interval,
             token,
@@ -481,9 +354,7 @@ impl QueueManager {
     ///
     /// Storage errors.
     pub async fn flush(&self) -> Result<()> {
-        self.core
-            .call(|reply| Command::Sync { reply: Some(reply) })
-            .await
+        self.core.flush().await
     }
 
     /// Commits what was submitted, syncs, stops the writer, waits for it and closes the
@@ -496,22 +367,7 @@ impl QueueManager {
     /// A storage error from the final sync.
     pub async fn shutdown(&self) -> Result<()> {
         self.stop_cleanup_loop();
-        let result = match self.core.call(|reply| Command::Shutdown { reply }).await {
-            Err(Error::ShuttingDown) => Ok(()),
-            other => other,
-        };
-        let handle = self
-            .core
-            .writer_thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(handle) = handle {
-            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
-        }
-        let store = self.core.store.clone();
-        let _ = tokio::task::spawn_blocking(move || store.close()).await;
-        result
+        self.core.shutdown().await
     }
 }
 

@@ -69,10 +69,10 @@ pub struct Metrics {
     /// Seconds from the start of a commit until it is acknowledged: its fsync included in
     /// immediate durability, and the wait for an fsync of earlier batches in progress.
     pub commit_seconds: Histogram,
-    /// Periodic checkpoints: redb made durable and the log emptied (see `store::wal`).
-    pub checkpoints: AtomicU64,
-    /// Seconds each periodic checkpoint took. New appends wait while one runs.
-    pub checkpoint_seconds: Histogram,
+    /// Log folds: the write-ahead log written into redb, redb made durable, the log emptied.
+    pub log_folds: AtomicU64,
+    /// Seconds each log fold took. New appends wait while one runs.
+    pub log_fold_seconds: Histogram,
     /// Times a subscriber fell behind the live channel and caught up from the log.
     pub lag_recoveries: AtomicU64,
     /// Gap notices delivered.
@@ -94,8 +94,8 @@ impl Default for Metrics {
             commit_seconds: Histogram::new(&[
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
             ]),
-            checkpoints: AtomicU64::new(0),
-            checkpoint_seconds: Histogram::new(&[
+            log_folds: AtomicU64::new(0),
+            log_fold_seconds: Histogram::new(&[
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
             ]),
             lag_recoveries: AtomicU64::new(0),

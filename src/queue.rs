@@ -1,70 +1,18 @@
 //! [`EventQueue`]: the handle producers and subscribers use for one `(tenant, task)` queue.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::engine::{Core, PreparedEvent, QueueState};
 use crate::error::{Error, Result};
 use crate::event::{Event, Timestamp};
-use crate::hub::Hub;
 use crate::ids::{TaskId, TenantId};
-use crate::manager::Core;
-use crate::store::codec::{CancelRecord, QueueRecord};
 use crate::subscription::Subscription;
-use crate::writer::{Command, PreparedEvent};
 
-/// What a queue is for. For display and filtering only: every route serves every kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QueueKind {
-    /// An orchestrator workflow.
-    Workflow,
-    /// An ingestion job.
-    Ingestion,
-    /// Anything else. Default.
-    #[default]
-    Task,
-}
-
-impl QueueKind {
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QueueKind::Workflow => "workflow",
-            QueueKind::Ingestion => "ingestion",
-            QueueKind::Task => "task",
-        }
-    }
-
-    /// Parses a wire name.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "workflow" => Some(QueueKind::Workflow),
-            "ingestion" => Some(QueueKind::Ingestion),
-            "task" => Some(QueueKind::Task),
-            _ => None,
-        }
-    }
-
-    pub(crate) fn code(self) -> u8 {
-        match self {
-            QueueKind::Workflow => 0,
-            QueueKind::Ingestion => 1,
-            QueueKind::Task => 2,
-        }
-    }
-
-    pub(crate) fn from_code(code: u8) -> Self {
-        match code {
-            0 => QueueKind::Workflow,
-            1 => QueueKind::Ingestion,
-            _ => QueueKind::Task,
-        }
-    }
-}
+pub use crate::engine::QueueKind;
 
 /// Options for creating a queue; unset fields take the manager's defaults.
 #[derive(Debug, Clone, Default)]
@@ -145,144 +93,27 @@ pub struct QueueInfo {
     pub latest_offset: u64,
 }
 
-/// A persisted cancellation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct CancelInfo {
-    pub reason: Option<String>,
-    pub time: Timestamp,
-}
-
-/// A queue's mutable state at one point of the commit pipeline.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct View {
-    pub first_offset: u64,
-    pub next_offset: u64,
-    pub closed: bool,
-    pub finished_at: Option<u64>,
-    pub cancel: Option<CancelInfo>,
-    pub last_activity: Timestamp,
-    pub removed: bool,
-}
-
-/// The published state of a queue: what callers and subscribers see. It is advanced only
-/// after the changes are durable, together with the live channel (see `hub`).
-#[derive(Debug)]
-pub(crate) struct QueueState {
-    pub view: View,
-    pub hub: Hub,
-}
-
-impl std::ops::Deref for QueueState {
-    type Target = View;
-    fn deref(&self) -> &View {
-        &self.view
-    }
-}
-
-/// What every handle of one queue shares.
-#[derive(Debug)]
-pub(crate) struct QueueShared {
-    pub id: u64,
-    pub tenant_id: TenantId,
-    pub task_id: TaskId,
-    pub kind: QueueKind,
-    pub created_at: Timestamp,
-    pub ttl: Duration,
-    pub max_buffer_size: u64,
-    pub state: Mutex<QueueState>,
-    /// The state as of the writer's latest commit, which may run ahead of the published state
-    /// while that commit's log record is being fsync'd. Only the writer thread uses it.
-    pub committed: Mutex<View>,
-    pub cancel_token: CancellationToken,
-    pub subscribers: AtomicUsize,
-}
-
-impl QueueShared {
-    pub(crate) fn from_record(tenant_id: TenantId, task_id: TaskId, rec: &QueueRecord) -> Self {
-        let cancel = rec.cancel.as_ref().map(|c| CancelInfo {
-            reason: c.reason.clone(),
-            time: Timestamp::from_micros(c.time_us),
-        });
-        let cancel_token = CancellationToken::new();
-        if cancel.is_some() {
-            cancel_token.cancel();
-        }
-        let view = View {
-            first_offset: rec.first_offset,
-            next_offset: rec.next_offset,
-            closed: rec.closed,
-            finished_at: rec.finished_at,
-            cancel,
-            last_activity: Timestamp::from_micros(rec.last_activity_us),
-            removed: false,
-        };
-        Self {
-            id: rec.id,
-            tenant_id,
-            task_id,
-            kind: QueueKind::from_code(rec.kind),
-            created_at: Timestamp::from_micros(rec.created_at_us),
-            ttl: Duration::from_millis(rec.ttl_ms),
-            max_buffer_size: rec.max_buffer_size,
-            state: Mutex::new(QueueState {
-                view: view.clone(),
-                hub: Hub::default(),
-            }),
-            committed: Mutex::new(view),
-            cancel_token,
-            subscribers: AtomicUsize::new(0),
-        }
-    }
-
-    /// Locks the state. A panic while holding the lock cannot leave it half-updated (the writer
-    /// assigns whole values), so a poisoned lock is recovered.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, QueueState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The writer's view (see `committed`).
-    pub(crate) fn committed(&self) -> MutexGuard<'_, View> {
-        self.committed.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(crate) fn record(&self, st: &View) -> QueueRecord {
-        QueueRecord {
-            id: self.id,
-            kind: self.kind.code(),
-            created_at_us: self.created_at.as_micros(),
-            last_activity_us: st.last_activity.as_micros(),
-            ttl_ms: u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX),
-            max_buffer_size: self.max_buffer_size,
-            first_offset: st.first_offset,
-            next_offset: st.next_offset,
-            closed: st.closed,
-            finished_at: st.finished_at,
-            cancel: st.cancel.as_ref().map(|c| CancelRecord {
-                reason: c.reason.clone(),
-                time_us: c.time.as_micros(),
-            }),
-        }
-    }
-
-    pub(crate) fn info(&self) -> QueueInfo {
-        let st = self.lock();
-        QueueInfo {
-            task_id: self.task_id.clone(),
-            tenant_id: self.tenant_id.clone(),
-            kind: self.kind,
+impl QueueInfo {
+    /// The info of a queue's published state.
+    pub(crate) fn of(q: &QueueState) -> Self {
+        let subscriber_count = q.subscribers();
+        q.with_view(|st| QueueInfo {
+            task_id: q.task_id().clone(),
+            tenant_id: q.tenant_id().clone(),
+            kind: q.kind(),
             event_count: st.next_offset - st.first_offset,
-            subscriber_count: self.subscribers.load(Ordering::Relaxed),
+            subscriber_count,
             is_closed: st.closed,
             is_cancelled: st.cancel.is_some(),
             cancel_reason: st.cancel.as_ref().and_then(|c| c.reason.clone()),
             is_finished: st.finished_at.is_some(),
-            created_at: self.created_at,
+            created_at: q.created_at(),
             last_activity: st.last_activity,
-            ttl_minutes: self.ttl.as_secs_f64() / 60.0,
-            max_buffer_size: self.max_buffer_size,
+            ttl_minutes: q.ttl().as_secs_f64() / 60.0,
+            max_buffer_size: q.max_buffer_size(),
             first_offset: st.first_offset,
             latest_offset: st.next_offset,
-        }
+        })
     }
 }
 
@@ -292,33 +123,42 @@ impl QueueShared {
 /// with [`Error::QueueNotFound`] (subscriptions simply end).
 #[derive(Clone)]
 pub struct EventQueue {
-    pub(crate) q: Arc<QueueShared>,
-    pub(crate) core: Arc<Core>,
+    q: Arc<QueueState>,
+    core: Arc<Core>,
 }
 
 impl std::fmt::Debug for EventQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventQueue")
-            .field("tenant_id", &self.q.tenant_id)
-            .field("task_id", &self.q.task_id)
+            .field("tenant_id", self.q.tenant_id())
+            .field("task_id", self.q.task_id())
             .finish()
     }
 }
 
 impl EventQueue {
+    pub(crate) fn new(q: Arc<QueueState>, core: Arc<Core>) -> Self {
+        EventQueue { q, core }
+    }
+
+    /// The engine this handle belongs to.
+    pub(crate) fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
     /// The queue's tenant.
     pub fn tenant_id(&self) -> &TenantId {
-        &self.q.tenant_id
+        self.q.tenant_id()
     }
 
     /// The queue's task.
     pub fn task_id(&self) -> &TaskId {
-        &self.q.task_id
+        self.q.task_id()
     }
 
     /// The queue's kind.
     pub fn kind(&self) -> QueueKind {
-        self.q.kind
+        self.q.kind()
     }
 
     /// Appends one event and returns its offset once it is durable (see [`crate::Durability`]).
@@ -342,7 +182,7 @@ impl EventQueue {
         offsets
             .into_iter()
             .next()
-            .ok_or_else(|| Error::storage("writer returned no offset"))
+            .ok_or_else(|| Error::internal("the writer returned no offset"))
     }
 
     /// Appends events atomically, in order: all are stored in one commit, or none is.
@@ -359,8 +199,7 @@ impl EventQueue {
     /// [`EventQueue::enqueue_batch`] for events received from producers; those flagged `true`
     /// came without an `event_id` (the one they hold was generated on receipt and has been
     /// seen by nobody), so the store gives them an id derived from their offset instead,
-    /// which the idempotency index does not need to hold (see
-    /// [`crate::store::derived_ids`]).
+    /// which the idempotency index does not need to hold.
     pub(crate) async fn enqueue_received(&self, events: Vec<(Event, bool)>) -> Result<Vec<u64>> {
         let prepared = events
             .iter()
@@ -377,32 +216,28 @@ impl EventQueue {
         if prepared.is_empty() {
             return Ok(Vec::new());
         }
-        self.core
-            .call(|reply| Command::Append {
-                queue: self.q.clone(),
-                events: prepared,
-                reply,
-            })
-            .await
+        self.core.append(self.q.clone(), prepared).await
     }
 
     /// Checks that `event` belongs to this queue and is valid.
     fn prepare(&self, event: &Event) -> Result<()> {
-        if event.task_id != self.q.task_id {
+        if &event.task_id != self.q.task_id() {
             return Err(Error::invalid_event(
                 "task_id",
                 format!(
                     "does not match the queue (expected {}, got {})",
-                    self.q.task_id, event.task_id
+                    self.q.task_id(),
+                    event.task_id
                 ),
             ));
         }
-        if event.tenant_id != self.q.tenant_id {
+        if &event.tenant_id != self.q.tenant_id() {
             return Err(Error::invalid_event(
                 "tenant_id",
                 format!(
                     "does not match the queue (expected {}, got {})",
-                    self.q.tenant_id, event.tenant_id
+                    self.q.tenant_id(),
+                    event.tenant_id
                 ),
             ));
         }
@@ -420,17 +255,17 @@ impl EventQueue {
 
     /// One past the newest offset ever appended (dropped events included); 0 when empty.
     pub fn latest_offset(&self) -> u64 {
-        self.q.lock().next_offset
+        self.q.with_view(|v| v.next_offset)
     }
 
     /// The oldest retained offset (equals [`EventQueue::latest_offset`] when none is retained).
     pub fn first_offset(&self) -> u64 {
-        self.q.lock().first_offset
+        self.q.with_view(|v| v.first_offset)
     }
 
     /// The queue's info object.
     pub fn info(&self) -> QueueInfo {
-        self.q.info()
+        QueueInfo::of(&self.q)
     }
 
     /// Requests cancellation; persisted. Appends no event and ends no stream: the producer
@@ -443,36 +278,29 @@ impl EventQueue {
     /// storage errors as for enqueue.
     pub async fn cancel(&self, reason: Option<&str>) -> Result<()> {
         let reason = reason.map(str::to_string);
-        self.core
-            .call(|reply| Command::Cancel {
-                queue: self.q.clone(),
-                reason,
-                reply,
-            })
-            .await
+        self.core.cancel(self.q.clone(), reason).await
     }
 
     /// The cancellation state (seed: `cancellation_token`).
     pub fn cancellation(&self) -> CancellationState {
-        let st = self.q.lock();
-        match &st.cancel {
+        self.q.with_view(|st| match &st.cancel {
             Some(c) => CancellationState {
                 is_cancelled: true,
                 reason: c.reason.clone(),
                 cancel_time: Some(c.time),
             },
             None => CancellationState::default(),
-        }
+        })
     }
 
     /// A token that is cancelled when the task is; `token.cancelled().await` waits for it.
     pub fn cancellation_token(&self) -> CancellationToken {
-        self.q.cancel_token.clone()
+        self.q.cancel_token().clone()
     }
 
     /// Whether cancellation was requested.
     pub fn is_cancelled(&self) -> bool {
-        self.q.cancel_token.is_cancelled()
+        self.q.cancel_token().is_cancelled()
     }
 
     /// Closes the queue to producers; persisted and idempotent. Subscribers receive everything
@@ -483,32 +311,27 @@ impl EventQueue {
     ///
     /// [`Error::QueueNotFound`]; storage errors as for enqueue.
     pub async fn close(&self) -> Result<()> {
-        self.core
-            .call(|reply| Command::Close {
-                queue: self.q.clone(),
-                reply,
-            })
-            .await
+        self.core.close(self.q.clone()).await
     }
 
     /// Whether the queue is closed.
     pub fn is_closed(&self) -> bool {
-        self.q.lock().closed
+        self.q.with_view(|v| v.closed)
     }
 
     /// Whether a terminal event was enqueued.
     pub fn is_finished(&self) -> bool {
-        self.q.lock().finished_at.is_some()
+        self.q.with_view(|v| v.finished_at.is_some())
     }
 
     /// Offset of the first terminal event, if any.
     pub fn finished_at(&self) -> Option<u64> {
-        self.q.lock().finished_at
+        self.q.with_view(|v| v.finished_at)
     }
 
     /// Whether the queue currently holds a live broadcast channel (it does only while it has
     /// subscribers).
     pub fn has_live_channel(&self) -> bool {
-        self.q.lock().hub.is_open()
+        self.q.has_live_channel()
     }
 }

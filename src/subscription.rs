@@ -37,72 +37,20 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
 use futures_util::Stream;
 use tokio::sync::broadcast::{self, error::RecvError};
 
+use crate::engine::{Core, Live, QueueState, SubscriberGuard};
 use crate::error::{Error, Result};
-use crate::event::{Event, EventType};
-use crate::hub::Live;
-use crate::manager::Core;
+use crate::event::EventType;
 use crate::metrics::Metrics;
-use crate::queue::QueueShared;
-use crate::store::StoredEvent;
+use crate::storage::StoredEvent;
+
+pub use crate::engine::RecordedEvent;
 
 /// A read of one chunk of the log on the blocking pool.
 type ReadTask = tokio::task::JoinHandle<Result<Vec<StoredEvent>>>;
-
-/// A committed event as stored: its offset, type, and JSON bytes (offset included), shared by
-/// every subscriber that receives it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RecordedEvent {
-    offset: u64,
-    event_type: EventType,
-    terminal: bool,
-    json: Bytes,
-}
-
-impl RecordedEvent {
-    pub(crate) fn new(offset: u64, event_type: EventType, terminal: bool, json: Bytes) -> Self {
-        Self {
-            offset,
-            event_type,
-            terminal,
-            json,
-        }
-    }
-
-    /// The event's offset.
-    pub fn offset(&self) -> u64 {
-        self.offset
-    }
-
-    /// The event's type.
-    pub fn event_type(&self) -> EventType {
-        self.event_type
-    }
-
-    /// Whether this event finishes its task (see the terminal rule).
-    pub fn is_terminal(&self) -> bool {
-        self.terminal
-    }
-
-    /// The event's JSON exactly as stored (cheap to clone).
-    pub fn json(&self) -> &Bytes {
-        &self.json
-    }
-
-    /// Parses the JSON into an [`Event`].
-    ///
-    /// # Errors
-    ///
-    /// Only if the stored bytes are corrupt.
-    pub fn event(&self) -> Result<Event> {
-        Event::from_json_bytes(&self.json)
-    }
-}
 
 /// What a subscription yields.
 #[derive(Debug, Clone, PartialEq)]
@@ -129,16 +77,6 @@ impl Delivery {
     }
 }
 
-/// Counts the queue's live subscriptions.
-#[derive(Debug)]
-struct SubscriberGuard(Arc<QueueShared>);
-
-impl Drop for SubscriberGuard {
-    fn drop(&mut self) {
-        self.0.subscribers.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// A stream of one queue's events from an offset; see the module docs for its guarantees.
 ///
 /// Read it with [`Subscription::next`] (or [`Subscription::next_batch`], several ready
@@ -146,7 +84,7 @@ impl Drop for SubscriberGuard {
 /// [`Subscription::into_batches`]).
 #[derive(Debug)]
 pub struct Subscription {
-    q: Arc<QueueShared>,
+    q: Arc<QueueState>,
     core: Arc<Core>,
     rx: broadcast::Receiver<Live>,
     /// One past the last offset queued for delivery (or skipped as dropped).
@@ -169,25 +107,11 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    pub(crate) fn new(q: Arc<QueueShared>, core: Arc<Core>, from: u64) -> Result<Self> {
-        let (rx, st_next, st_first, closed, finished_at) = {
-            let mut st = q.lock();
-            if st.removed {
-                return Err(Error::QueueNotFound {
-                    task_id: q.task_id.to_string(),
-                });
-            }
-            let rx = st.hub.subscribe(core.config.broadcast_capacity);
-            (
-                rx,
-                st.next_offset,
-                st.first_offset,
-                st.closed,
-                st.finished_at,
-            )
-        };
-        q.subscribers.fetch_add(1, Ordering::Relaxed);
-        let guard = SubscriberGuard(q.clone());
+    pub(crate) fn new(q: Arc<QueueState>, core: Arc<Core>, from: u64) -> Result<Self> {
+        let (rx, st) = q.join_live(core.config().broadcast_capacity)?;
+        let (st_next, st_first, closed, finished_at) =
+            (st.next_offset, st.first_offset, st.closed, st.finished_at);
+        let guard = q.count_subscriber();
         let done = finished_at.is_some_and(|f| from > f);
         Ok(Self {
             q,
@@ -274,7 +198,7 @@ impl Subscription {
                     return None;
                 }
                 Err(RecvError::Lagged(_)) => {
-                    Metrics::add(&self.core.metrics.lag_recoveries, 1);
+                    Metrics::add(&self.core.metrics().lag_recoveries, 1);
                     self.refresh(false);
                 }
                 Err(RecvError::Closed) => self.refresh(true),
@@ -326,16 +250,16 @@ impl Subscription {
     /// queue finished below the next buffered event; `done` is set then).
     fn ready(&mut self) -> Option<Delivery> {
         let ev = self.buf.pop_front()?;
-        if self.finished_at.is_some_and(|f| ev.offset > f) {
+        if self.finished_at.is_some_and(|f| ev.offset() > f) {
             self.end();
             return None;
         }
         if let Some(requested) = self.gap_from.take() {
-            let first = ev.offset;
+            let first = ev.offset();
             self.buf.push_front(ev);
             return Some(self.gap(requested, first));
         }
-        if ev.terminal {
+        if ev.is_terminal() {
             self.end();
         }
         Some(Delivery::Event(ev))
@@ -368,7 +292,7 @@ impl Subscription {
     }
 
     fn gap(&self, requested_offset: u64, first_available_offset: u64) -> Delivery {
-        Metrics::add(&self.core.metrics.gap_notices, 1);
+        Metrics::add(&self.core.metrics().gap_notices, 1);
         Delivery::Gap {
             requested_offset,
             first_available_offset,
@@ -378,28 +302,27 @@ impl Subscription {
     /// Takes a live event: skip it if already delivered, queue it if it is the next one, and
     /// otherwise keep it aside and read the hole before it from the log.
     fn accept(&mut self, ev: Arc<RecordedEvent>) {
-        if ev.offset < self.next {
+        if ev.offset() < self.next {
             return;
         }
-        if ev.offset == self.next {
+        if ev.offset() == self.next {
             self.next += 1;
             self.buf.push_back(ev);
         } else {
-            self.read_until = ev.offset;
+            self.read_until = ev.offset();
             self.stash = Some(ev);
         }
     }
 
     /// Re-reads the published state after lagging (or after the channel went away).
     fn refresh(&mut self, resubscribe: bool) {
-        let mut st = self.q.lock();
-        if st.removed {
-            drop(st);
+        let capacity = self.core.config().broadcast_capacity;
+        let Some((rx, st)) = self.q.refresh(resubscribe.then_some(capacity)) else {
             self.end();
             return;
-        }
-        if resubscribe {
-            self.rx = st.hub.subscribe(self.core.config.broadcast_capacity);
+        };
+        if let Some(rx) = rx {
+            self.rx = rx;
         }
         self.read_until = self.read_until.max(st.next_offset);
         if st.closed {
@@ -410,9 +333,8 @@ impl Subscription {
 
     /// Starts reading up to one chunk of `from..to` from the log on the blocking pool.
     fn read(&self, from: u64, to: u64) -> ReadTask {
-        let (store, qid) = (self.core.store.clone(), self.q.id);
-        let limit = self.core.config.replay_chunk;
-        tokio::task::spawn_blocking(move || store.read_range(qid, from, to, limit))
+        let limit = self.core.config().replay_chunk;
+        self.core.spawn_read(self.q.id(), from, to, limit)
     }
 
     /// Reads the next chunk of `next..read_until` from the log, and starts reading the chunk
@@ -430,7 +352,7 @@ impl Subscription {
         };
         let events = read
             .await
-            .map_err(|e| Error::storage(format!("replay task failed: {e}")))??;
+            .map_err(|e| Error::internal(format!("replay task failed: {e}")))??;
         match events.first() {
             None => {
                 // Everything owed below `read_until` is gone.

@@ -8,15 +8,11 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{CliError, Outcome};
-use crate::error::Error;
-use crate::event::Timestamp;
-use crate::queue::QueueKind;
-use crate::store::{DB_FILE, LoadedQueue, Store, codec::FORMAT_VERSION, wal::WAL_FILE};
+use crate::{DB_FILE, Error, LogReader, QueueInfo, Timestamp};
 
 /// Events read from the store per step (bounds memory for any queue size).
 const CHUNK: usize = 1024;
@@ -80,15 +76,18 @@ pub struct InspectArgs {
 }
 
 /// Opens a data directory for reading, with clear messages for the usual mistakes.
-fn open(data_dir: &Path) -> Result<(Store, Vec<LoadedQueue>), CliError> {
+fn open(data_dir: &Path) -> Result<(LogReader, Vec<QueueInfo>), CliError> {
     if !data_dir.join(DB_FILE).exists() {
         return Err(CliError::usage(format!(
             "{} holds no eventqueue database ({DB_FILE}); pass the server's --data-dir",
             data_dir.display()
         )));
     }
-    match Store::open(data_dir, 16 << 20, Duration::from_secs(1)) {
-        Ok(opened) => Ok((opened.store, opened.queues)),
+    match LogReader::open(data_dir) {
+        Ok(reader) => {
+            let queues = reader.queues();
+            Ok((reader, queues))
+        }
         Err(Error::Locked { path }) => Err(CliError::failure(format!(
             "the database {path} is locked: a running eventqueue server holds it. Offline \
              reading needs the server stopped; to replay a running server's queue use HTTP \
@@ -146,28 +145,30 @@ pub fn dump(args: DumpArgs) -> Result<Outcome, CliError> {
         .transpose()?;
     let (store, mut queues) = open(&args.data_dir)?;
     queues.retain(|q| {
-        args.tenant.as_deref().is_none_or(|t| t == q.tenant)
-            && args.task.as_deref().is_none_or(|t| t == q.task)
+        args.tenant
+            .as_deref()
+            .is_none_or(|t| t == q.tenant_id.as_str())
+            && args.task.as_deref().is_none_or(|t| t == q.task_id.as_str())
     });
-    queues.sort_by(|a, b| (&a.tenant, &a.task).cmp(&(&b.tenant, &b.task)));
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let result = (|| -> Result<(), CliError> {
         for q in &queues {
-            let mut from = q.record.first_offset.max(args.from.unwrap_or(0));
-            let to = q.record.next_offset;
-            while from < to {
+            let mut from = q.first_offset.max(args.from.unwrap_or(0));
+            while from < q.latest_offset {
                 let chunk = store
-                    .read_range(q.record.id, from, to, CHUNK)
+                    .read(&q.tenant_id, &q.task_id, from, CHUNK)
                     .map_err(|e| CliError::failure(format!("reading the store: {e}")))?;
                 let Some(last) = chunk.last() else { break };
-                from = last.offset + 1;
+                from = last.offset() + 1;
                 for ev in &chunk {
                     if !types.is_empty() || since.is_some() {
-                        let head: Head<'_> = serde_json::from_slice(&ev.json).map_err(|e| {
+                        let head: Head<'_> = serde_json::from_slice(ev.json()).map_err(|e| {
                             CliError::failure(format!(
                                 "event {} of {}/{} is not valid JSON: {e}",
-                                ev.offset, q.tenant, q.task
+                                ev.offset(),
+                                q.tenant_id,
+                                q.task_id
                             ))
                         })?;
                         if !types.is_empty()
@@ -188,7 +189,7 @@ pub fn dump(args: DumpArgs) -> Result<Outcome, CliError> {
                             }
                         }
                     }
-                    let written = out.write_all(&ev.json).and_then(|()| out.write_all(b"\n"));
+                    let written = out.write_all(ev.json()).and_then(|()| out.write_all(b"\n"));
                     if let Err(e) = written {
                         return Err(write_error(e));
                     }
@@ -267,18 +268,13 @@ fn keep(slot: &mut Option<Stamp>, candidate: Option<Stamp>, later: bool) {
 ///
 /// A directory without a database (2); a locked or unreadable database (1).
 pub fn inspect(args: InspectArgs) -> Result<Outcome, CliError> {
-    let size = |name: &str| {
-        std::fs::metadata(args.data_dir.join(name))
-            .map(|m| m.len())
-            .unwrap_or(0)
-    };
     let (store, queues) = open(&args.data_dir)?;
-    let stamp = |qid: u64, offset: u64| -> Result<Option<Stamp>, CliError> {
+    let stamp = |q: &QueueInfo, offset: u64| -> Result<Option<Stamp>, CliError> {
         let evs = store
-            .read_range(qid, offset, offset + 1, 1)
+            .read(&q.tenant_id, &q.task_id, offset, 1)
             .map_err(|e| CliError::failure(format!("reading the store: {e}")))?;
         Ok(evs.first().and_then(|ev| {
-            let head: Head<'_> = serde_json::from_slice(&ev.json).ok()?;
+            let head: Head<'_> = serde_json::from_slice(ev.json()).ok()?;
             let text = head.timestamp?.into_owned();
             let us = Timestamp::parse_rfc3339(&text).ok()?.as_micros();
             Some((us, text))
@@ -286,7 +282,7 @@ pub fn inspect(args: InspectArgs) -> Result<Outcome, CliError> {
     };
     let mut report = Report {
         data_dir: args.data_dir.display().to_string(),
-        format_version: FORMAT_VERSION,
+        format_version: LogReader::FORMAT_VERSION,
         database_bytes: 0,
         log_bytes: 0,
         queues: 0,
@@ -300,31 +296,29 @@ pub fn inspect(args: InspectArgs) -> Result<Outcome, CliError> {
     let mut per_tenant: BTreeMap<String, (Option<Stamp>, Option<Stamp>)> = BTreeMap::new();
     let result = (|| -> Result<(), CliError> {
         for q in &queues {
-            let r = &q.record;
-            let events = r.next_offset.saturating_sub(r.first_offset);
-            let t = report.tenants.entry(q.tenant.clone()).or_default();
+            let events = q.event_count;
+            let tenant = q.tenant_id.to_string();
+            let t = report.tenants.entry(tenant.clone()).or_default();
             t.queues += 1;
             t.events += events;
-            if r.closed {
+            if q.is_closed {
                 t.closed += 1;
             } else {
                 t.open += 1;
             }
-            if r.finished_at.is_some() {
+            if q.is_finished {
                 t.finished += 1;
             }
-            if r.cancel.is_some() {
+            if q.is_cancelled {
                 t.cancelled += 1;
             }
-            *t.kinds
-                .entry(QueueKind::from_code(r.kind).as_str().to_string())
-                .or_default() += 1;
+            *t.kinds.entry(q.kind.as_str().to_string()).or_default() += 1;
             report.queues += 1;
             report.events += events;
             if events > 0 {
-                let first = stamp(r.id, r.first_offset)?;
-                let last = stamp(r.id, r.next_offset - 1)?;
-                let slot = per_tenant.entry(q.tenant.clone()).or_default();
+                let first = stamp(q, q.first_offset)?;
+                let last = stamp(q, q.latest_offset - 1)?;
+                let slot = per_tenant.entry(tenant).or_default();
                 keep(&mut slot.0, first.clone(), false);
                 keep(&mut slot.1, last.clone(), true);
                 keep(&mut oldest_all, first, false);
@@ -333,6 +327,8 @@ pub fn inspect(args: InspectArgs) -> Result<Outcome, CliError> {
         }
         Ok(())
     })();
+    // Sizes after the open, which re-applied and emptied any log.
+    (report.database_bytes, report.log_bytes) = store.file_sizes();
     store.close();
     result?;
     for (tenant, (oldest, newest)) in per_tenant {
@@ -343,9 +339,6 @@ pub fn inspect(args: InspectArgs) -> Result<Outcome, CliError> {
     }
     report.oldest_event = oldest_all.map(|o| o.1);
     report.newest_event = newest_all.map(|n| n.1);
-    // Sizes after the open, which re-applied and emptied any log.
-    report.database_bytes = size(DB_FILE);
-    report.log_bytes = size(WAL_FILE);
     if args.json {
         let text = serde_json::to_string_pretty(&report)
             .map_err(|e| CliError::failure(format!("cannot print JSON: {e}")))?;

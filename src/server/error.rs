@@ -152,7 +152,7 @@ impl From<Error> for ApiError {
             ),
             // Freeing space is not enough here: the store stopped writes (see
             // `Error::StoreFailed`), and only a restart takes them again.
-            Error::StoreFailed(msg) if is_out_of_space(msg) => {
+            Error::StoreFailed(cause) if cause.is_storage_full() => {
                 tracing::error!(error = %err, "storage full; writes stopped until a restart");
                 Self::new(
                     StatusCode::INSUFFICIENT_STORAGE,
@@ -161,7 +161,7 @@ impl From<Error> for ApiError {
                      reads go on",
                 )
             }
-            Error::Storage(msg) if is_out_of_space(msg) => {
+            Error::Storage(cause) if cause.is_storage_full() => {
                 tracing::error!(error = %err, "storage full");
                 Self::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient storage")
             }
@@ -171,12 +171,6 @@ impl From<Error> for ApiError {
             }
         }
     }
-}
-
-/// Whether a storage error says the disk is full.
-fn is_out_of_space(msg: &str) -> bool {
-    let msg = msg.to_ascii_lowercase();
-    msg.contains("no space left") || msg.contains("disk full") || msg.contains("enospc")
 }
 
 impl IntoResponse for ApiError {
@@ -235,8 +229,10 @@ mod tests {
                 409,
             ),
             (Error::ShuttingDown, 503),
-            (Error::Storage("disk on fire at /secret/path".into()), 500),
-            (Error::StoreFailed("No space left on device".into()), 507),
+            (Error::storage("disk on fire at /secret/path"), 500),
+            (Error::StoreFailed(full()), 507),
+            (Error::internal("a bug at /secret/path"), 500),
+            (Error::Poisoned("writer".into()), 500),
             (Error::DiskFull("the data volume is full".into()), 507),
         ];
         for (err, status) in cases {
@@ -246,12 +242,21 @@ mod tests {
         }
         // A full disk that stopped writes tells the client that only a restart helps; one
         // that failed a single write does not.
-        let stopped = ApiError::from(Error::StoreFailed("No space left on device".into()));
+        let stopped = ApiError::from(Error::StoreFailed(full()));
         assert!(stopped.detail().contains("restarted"), "{stopped}");
-        let one = ApiError::from(Error::Storage(
-            "No space left on device (os error 28)".into(),
-        ));
+        let one = ApiError::from(Error::Storage(full()));
         assert_eq!(one.status().as_u16(), 507);
         assert_eq!(one.detail(), "insufficient storage");
+        // The status comes from the error's kind, not from its text.
+        let says_full = ApiError::from(Error::storage("No space left on device (os error 28)"));
+        assert_eq!(says_full.status().as_u16(), 500);
+    }
+
+    /// A storage error whose cause is a full disk.
+    fn full() -> crate::StorageError {
+        crate::StorageError::io(
+            "appending to /data/eventqueue.wal",
+            std::io::Error::from(std::io::ErrorKind::StorageFull),
+        )
     }
 }

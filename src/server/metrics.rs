@@ -45,13 +45,13 @@ pub(super) async fn render(State(state): State<AppState>) -> Response {
     );
     counter(
         &mut out,
-        "eventqueue_checkpoints_total",
-        "Periodic checkpoints: the database made durable and the log emptied.",
-        Metrics::get(&m.checkpoints),
+        "eventqueue_log_folds_total",
+        "Log folds: the write-ahead log written into the database, made durable, emptied.",
+        Metrics::get(&m.log_folds),
     );
-    m.checkpoint_seconds.render(
-        "eventqueue_checkpoint_seconds",
-        "Checkpoint duration in seconds; appends wait while one runs.",
+    m.log_fold_seconds.render(
+        "eventqueue_log_fold_seconds",
+        "Log fold duration in seconds; appends wait while one runs.",
         &mut out,
     );
     gauge(

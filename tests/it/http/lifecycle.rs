@@ -236,7 +236,7 @@ async fn server_ids_stay_idempotent_while_batches_move_into_redb() {
             tempfile::tempdir().unwrap(),
             |c| {
                 c.apply_bytes = 4 << 10;
-                c.checkpoint_interval = std::time::Duration::from_millis(20);
+                c.fold_interval = std::time::Duration::from_millis(20);
             },
             helpers::server_config(),
         )

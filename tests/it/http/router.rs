@@ -837,8 +837,8 @@ async fn metrics_are_prometheus_text() {
         "eventqueue_commits_total",
         "eventqueue_commit_batch_size_bucket",
         "eventqueue_commit_seconds_count",
-        "eventqueue_checkpoints_total",
-        "eventqueue_checkpoint_seconds_bucket",
+        "eventqueue_log_folds_total",
+        "eventqueue_log_fold_seconds_bucket",
         "eventqueue_store_size_bytes",
         "eventqueue_queues_finished",
     ] {

@@ -494,7 +494,7 @@ async fn after_a_power_cut_at_any_sync_checkpoints_and_events_agree() {
         let acked = Arc::new(Mutex::new(Acked::default()));
         let config = Config {
             cache_size_bytes: 1 << 20,
-            checkpoint_interval: if n % 2 == 0 {
+            fold_interval: if n % 2 == 0 {
                 Duration::ZERO
             } else {
                 Duration::from_secs(3600)

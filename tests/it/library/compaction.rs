@@ -148,7 +148,7 @@ async fn expiry_during_a_replay_ends_it_without_holes() {
     let q = fill(&m, "expiring", 2000).await;
     let mut sub = q.subscribe(0).unwrap();
     let reader = tokio::spawn(async move { drain(&mut sub).await });
-    m.compact_once(eventqueue::Timestamp::from_micros(i64::MAX / 2))
+    m.expire_once(eventqueue::Timestamp::from_micros(i64::MAX / 2))
         .await
         .unwrap();
     let got = reader.await.unwrap();

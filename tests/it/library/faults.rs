@@ -85,3 +85,58 @@ async fn a_failed_fsync_is_never_acknowledged_and_reopen_is_consistent() {
     let n = q.enqueue(phase(&t, &k, 9)).await.unwrap();
     assert_eq!(n, got.len() as u64);
 }
+
+#[tokio::test]
+async fn a_panicked_writer_poisons_the_manager_instead_of_looking_shut_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, k) = (tenant("t"), task("wf"));
+    let m = open(dir.path()).await;
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(q.enqueue(phase(&t, &k, 0)).await.unwrap(), 0);
+    m.faults().panic_writer_after(0);
+    // The op in the batch that met the panic, and every op after it, learn why.
+    let err = q.enqueue(phase(&t, &k, 1)).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Poisoned(thread) if &**thread == "writer"),
+        "{err}"
+    );
+    let err = q.enqueue(phase(&t, &k, 2)).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Poisoned(thread) if &**thread == "writer"),
+        "{err}"
+    );
+    let err = m
+        .create_queue(&t, &task("other"), QueueOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Poisoned(_)), "{err}");
+    assert!(matches!(m.shutdown().await, Err(Error::Poisoned(_))));
+    // What was acknowledged before the panic survives a reopen.
+    let m = open(dir.path()).await;
+    let q = m.get_queue(&t, &k).unwrap();
+    assert_eq!(replay_all(&q).await, vec![0]);
+}
+
+#[tokio::test]
+async fn a_storage_error_keeps_its_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, k) = (tenant("t"), task("wf"));
+    let m = open(dir.path()).await;
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    m.faults().fail_syncs_after(0);
+    let err = q.enqueue(phase(&t, &k, 0)).await.unwrap_err();
+    let Error::Storage(cause) = &err else {
+        panic!("expected a storage error, got {err}");
+    };
+    // The injected fsync failure is the source, not flattened into text.
+    let source = std::error::Error::source(cause).expect("the cause is kept");
+    assert!(source.to_string().contains("injected"), "{source}");
+    assert!(!cause.is_storage_full());
+    let _ = m.shutdown().await;
+}

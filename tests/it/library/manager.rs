@@ -238,7 +238,7 @@ async fn expiry_after_restart() {
 async fn commits_and_checkpoints_are_measured() {
     let dir = tempfile::tempdir().unwrap();
     let m = QueueManager::open(eventqueue::Config {
-        checkpoint_interval: Duration::from_millis(1),
+        fold_interval: Duration::from_millis(1),
         ..config(dir.path())
     })
     .await
@@ -263,14 +263,14 @@ async fn commits_and_checkpoints_are_measured() {
     // A checkpoint may still be running after the last acknowledgement.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let checkpoints = eventqueue::Metrics::get(&metrics.checkpoints);
-        if checkpoints >= 1 && metrics.checkpoint_seconds.count() == checkpoints {
+        let checkpoints = eventqueue::Metrics::get(&metrics.log_folds);
+        if checkpoints >= 1 && metrics.log_fold_seconds.count() == checkpoints {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "checkpoints {checkpoints}, timed {}",
-            metrics.checkpoint_seconds.count()
+            metrics.log_fold_seconds.count()
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -283,7 +283,7 @@ async fn a_small_reserve_on_a_roomy_disk_keeps_checkpoints_large() {
     let dir = tempfile::tempdir().unwrap();
     let m = QueueManager::open(eventqueue::Config {
         disk_reserve: Some(8 << 20),
-        checkpoint_interval: Duration::from_secs(3600),
+        fold_interval: Duration::from_secs(3600),
         ..config(dir.path())
     })
     .await
@@ -305,5 +305,5 @@ async fn a_small_reserve_on_a_roomy_disk_keeps_checkpoints_large() {
         q.enqueue_batch(batch).await.unwrap();
     }
     assert_eq!(q.latest_offset(), 4000);
-    assert_eq!(eventqueue::Metrics::get(&m.metrics().checkpoints), 0);
+    assert_eq!(eventqueue::Metrics::get(&m.metrics().log_folds), 0);
 }

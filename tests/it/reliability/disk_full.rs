@@ -83,9 +83,9 @@ struct Server {
 }
 
 impl Server {
-    async fn start(data_dir: &Path, checkpoint_interval: Duration, reserve: Option<u64>) -> Server {
+    async fn start(data_dir: &Path, fold_interval: Duration, reserve: Option<u64>) -> Server {
         let config = Config {
-            checkpoint_interval,
+            fold_interval,
             disk_reserve: reserve,
             ..Config::new(data_dir)
         };

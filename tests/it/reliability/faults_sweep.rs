@@ -21,7 +21,7 @@ fn config(dir: &std::path::Path) -> Config {
     Config {
         cache_size_bytes: 1 << 20,
         // A checkpoint after every batch, so faults also meet log resets.
-        checkpoint_interval: Duration::ZERO,
+        fold_interval: Duration::ZERO,
         ..Config::new(dir)
     }
 }
@@ -49,8 +49,8 @@ async fn produce(q: &eventqueue::EventQueue) -> Outcome {
                         let prev = out.lock().unwrap().acked.insert(off, (id, sent));
                         assert!(prev.is_none(), "offset {off} acknowledged twice");
                     }
-                    Err(Error::Storage(msg) | Error::StoreFailed(msg)) => {
-                        assert!(msg.contains("injected"), "{msg}");
+                    Err(Error::Storage(cause) | Error::StoreFailed(cause)) => {
+                        assert!(cause.to_string().contains("injected"), "{cause}");
                         out.lock().unwrap().failed.insert(id);
                     }
                     Err(e) => panic!("unexpected error {e}"),

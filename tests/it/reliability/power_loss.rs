@@ -64,7 +64,7 @@ struct Setup {
 fn config(dir: &std::path::Path, setup: Setup) -> Config {
     Config {
         cache_size_bytes: 1 << 20,
-        checkpoint_interval: setup.every,
+        fold_interval: setup.every,
         apply_bytes: setup.apply_bytes,
         durability: if setup.buffered {
             // Long enough that only explicit flushes sync within the workload.

@@ -10,9 +10,61 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::sync::broadcast;
 
-use crate::subscription::RecordedEvent;
+use crate::error::Result;
+use crate::event::{Event, EventType};
+
+/// A committed event as stored: its offset, type, and JSON bytes (offset included), shared by
+/// every subscriber that receives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedEvent {
+    offset: u64,
+    event_type: EventType,
+    terminal: bool,
+    json: Bytes,
+}
+
+impl RecordedEvent {
+    pub(crate) fn new(offset: u64, event_type: EventType, terminal: bool, json: Bytes) -> Self {
+        Self {
+            offset,
+            event_type,
+            terminal,
+            json,
+        }
+    }
+
+    /// The event's offset.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The event's type.
+    pub fn event_type(&self) -> EventType {
+        self.event_type
+    }
+
+    /// Whether this event finishes its task (see the terminal rule).
+    pub fn is_terminal(&self) -> bool {
+        self.terminal
+    }
+
+    /// The event's JSON exactly as stored (cheap to clone).
+    pub fn json(&self) -> &Bytes {
+        &self.json
+    }
+
+    /// Parses the JSON into an [`Event`].
+    ///
+    /// # Errors
+    ///
+    /// Only if the stored bytes are corrupt.
+    pub fn event(&self) -> Result<Event> {
+        Event::from_json_bytes(&self.json)
+    }
+}
 
 /// What the writer sends to live subscribers, in commit order.
 #[derive(Debug, Clone)]

@@ -15,8 +15,9 @@
 //!
 //! # Why readers never miss an event
 //!
-//! Only the writer thread adds batches. It adds a batch here right after logging it, before
-//! the acknowledger publishes it, so every published event is either pending or applied.
+//! Only the writer thread adds batches. It adds a batch here right after logging it
+//! ([`super::RedbBatch`]'s commit), before the acknowledger publishes it, so every published
+//! event is either pending or applied.
 //! Writing a generation in commits the redb transaction first and only then drops the
 //! generation from here. A reader looks here first (both generations, under one lock) and
 //! reads redb afterwards, below the oldest offset it found here: whatever it did not find here
@@ -31,14 +32,16 @@
 //! the queue's first retained offset; an older entry is stale and is overwritten.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, RwLockReadGuard};
 
-use super::StoredEvent;
-use super::codec::{self, QueueRecord};
+use bytes::Bytes;
+
+use super::codec;
 use super::derived_ids::{self, DERIVED_LEN, IdKey};
 use super::wal::{self, WalOpRef};
 use crate::error::Result;
 use crate::ids::EventId;
+use crate::storage::{QueueRecord, StoredEvent};
 
 /// Logged batches not yet applied to redb: the batches gathering now, and the batches being
 /// written into redb by the bulk-write thread (at most one such generation at a time).
@@ -179,20 +182,17 @@ pub(super) trait AppliedIds {
 }
 
 /// Builds one batch: encodes its log record and its pending changes. Nothing reaches redb or
-/// the log until [`super::Store::write_batch`] logs the record.
-pub(crate) struct BatchWriter<'a> {
-    pending: &'a Pending,
-    applied: &'a mut dyn AppliedIds,
+/// the log until [`super::RedbBatch`] commits it. Holds the pending batches' read lock, so no
+/// generation vanishes between a lookup here and the lookup in redb that follows it.
+pub(super) struct BatchWriter<'a, A: AppliedIds> {
+    pending: RwLockReadGuard<'a, Pending>,
+    applied: A,
     id_key: IdKey,
     changes: BatchChanges,
 }
 
-impl<'a> BatchWriter<'a> {
-    pub(super) fn new(
-        pending: &'a Pending,
-        applied: &'a mut dyn AppliedIds,
-        id_key: IdKey,
-    ) -> Self {
+impl<'a, A: AppliedIds> BatchWriter<'a, A> {
+    pub(super) fn new(pending: RwLockReadGuard<'a, Pending>, applied: A, id_key: IdKey) -> Self {
         BatchWriter {
             pending,
             applied,
@@ -203,23 +203,24 @@ impl<'a> BatchWriter<'a> {
 
     /// The id the store derives for the event at `offset` of queue `qid` (see
     /// [`derived_ids`]), if the offset has one.
-    pub(crate) fn derived_id(&self, qid: u64, offset: u64) -> Option<[u8; DERIVED_LEN]> {
+    pub(super) fn derived_id(&self, qid: u64, offset: u64) -> Option<[u8; DERIVED_LEN]> {
         self.id_key.derive(qid, offset)
     }
 
+    /// The batch's changes; releases the pending batches' lock.
     pub(super) fn into_changes(self) -> BatchChanges {
         self.changes
     }
 
-    fn record(&mut self, op: WalOpRef<'_>) -> Result<()> {
+    pub(super) fn record(&mut self, op: WalOpRef<'_>) -> Result<()> {
         wal::encode_op(&op, &mut self.changes.payload)
     }
 
-    pub(crate) fn set_next_queue_id(&mut self, id: u64) -> Result<()> {
+    pub(super) fn set_next_queue_id(&mut self, id: u64) -> Result<()> {
         self.record(WalOpRef::SetNextQueueId(id))
     }
 
-    pub(crate) fn put_queue(
+    pub(super) fn put_queue(
         &mut self,
         tenant: &str,
         task: &str,
@@ -233,43 +234,39 @@ impl<'a> BatchWriter<'a> {
         })
     }
 
-    /// Removes queue `qid`'s record (its events are removed by purge steps later).
-    pub(crate) fn remove_queue(&mut self, qid: u64, tenant: &str, task: &str) -> Result<()> {
+    /// Removes queue `qid`'s record and marks its events for purge steps (queue ids are never
+    /// reused, so the remaining events are unreachable meanwhile).
+    pub(super) fn remove_queue(&mut self, qid: u64, tenant: &str, task: &str) -> Result<()> {
         self.changes.removed.push(qid);
-        self.record(WalOpRef::RemoveQueue { tenant, task })
+        self.record(WalOpRef::RemoveQueue { tenant, task })?;
+        self.record(WalOpRef::MarkPurge { qid })
     }
 
-    /// Indexes `event_id` of queue `qid` at `offset`, unless the queue retains an event with
-    /// that id already (at or above `retained_from`): then the stored offset is returned and
-    /// nothing is indexed.
-    pub(crate) fn claim_event_id(
+    /// The offset at which queue `qid` retains an event with id `event_id` (at or above
+    /// `retained.start`): in this batch, pending, or in redb; or whose derived id it is.
+    pub(super) fn find_event_id(
         &mut self,
         qid: u64,
-        event_id: &EventId,
-        offset: u64,
-        retained_from: u64,
+        event_id: &str,
+        retained: std::ops::Range<u64>,
     ) -> Result<Option<u64>> {
-        let id = event_id.as_str();
-        let local = self.changes.ids.get(&qid).and_then(|m| m.get(id)).copied();
+        let local = self
+            .changes
+            .ids
+            .get(&qid)
+            .and_then(|m| m.get(event_id))
+            .copied();
         let found = match local {
             Some(o) => Some(o),
-            None => match self.pending.id(qid, id) {
+            None => match self.pending.id(qid, event_id) {
                 Some(o) => Some(o),
-                None => self.applied.get(qid, id)?,
+                None => self.applied.get(qid, event_id)?,
             },
         };
-        if let Some(stored) = found.filter(|&o| o >= retained_from) {
+        if let Some(stored) = found.filter(|&o| o >= retained.start) {
             return Ok(Some(stored));
         }
-        if let Some(stored) = self.derived_retained(qid, id, retained_from..offset)? {
-            return Ok(Some(stored));
-        }
-        self.changes
-            .ids
-            .entry(qid)
-            .or_default()
-            .insert(event_id.clone(), offset);
-        Ok(None)
+        self.derived_retained(qid, event_id, retained)
     }
 
     /// The offset of `qid` in `retained` whose derived id is `event_id`, if the event stored
@@ -305,37 +302,63 @@ impl<'a> BatchWriter<'a> {
         Ok(same.then_some(offset))
     }
 
-    /// Stores one encoded record, whose id [`BatchWriter::claim_event_id`] already indexed
-    /// (`event_id`), or whose id is derived from its offset (`event_id` empty: nothing is
-    /// indexed); `event` is the same event as readers get it (its JSON a slice of `record`).
-    pub(crate) fn append(
+    /// Stores one encoded record at `offset` of `qid` (its JSON from `json_at`), indexing
+    /// `event_id` unless it is derived from the offset (`None`).
+    pub(super) fn append(
         &mut self,
         qid: u64,
-        event_id: &str,
-        record: &[u8],
-        event: StoredEvent,
+        offset: u64,
+        event_id: Option<&EventId>,
+        record: Bytes,
+        json_at: usize,
+        (event_type, terminal): (u8, bool),
     ) -> Result<()> {
-        let offset = event.offset;
-        self.changes.events.push((qid, event));
-        self.record(WalOpRef::Append {
+        if let Some(id) = event_id {
+            self.changes
+                .ids
+                .entry(qid)
+                .or_default()
+                .insert(id.clone(), offset);
+        }
+        wal::encode_op(
+            &WalOpRef::Append {
+                qid,
+                offset,
+                event_id: event_id.map_or("", EventId::as_str),
+                record: &record,
+            },
+            &mut self.changes.payload,
+        )?;
+        self.changes.events.push((
             qid,
-            offset,
-            event_id,
-            record,
-        })
+            StoredEvent {
+                offset,
+                event_type,
+                terminal,
+                json: record.slice(json_at..),
+            },
+        ));
+        Ok(())
     }
 
     /// Removes the events of `qid` with offsets in `from..to` and their id-index entries.
     /// Offsets are dense, so that is `to - from` events.
-    pub(crate) fn trim(&mut self, qid: u64, from: u64, to: u64) -> Result<u64> {
+    pub(super) fn trim(&mut self, qid: u64, from: u64, to: u64) -> Result<u64> {
         self.changes.trims.push((qid, to));
         self.record(WalOpRef::Trim { qid, from, to })?;
         Ok(to.saturating_sub(from))
     }
 
-    /// Marks a deleted queue's events for removal by purge steps. Queue ids are never reused,
-    /// so the remaining events are unreachable meanwhile.
-    pub(crate) fn mark_purge(&mut self, qid: u64) -> Result<()> {
-        self.record(WalOpRef::MarkPurge { qid })
+    /// One purge step of a deleted queue: its offsets `from..to` go (a trim of redb: the
+    /// queue's pending events were forgotten when it was removed), and with `last` its purge
+    /// mark.
+    pub(super) fn purge(&mut self, qid: u64, from: u64, to: u64, last: bool) -> Result<()> {
+        if from < to {
+            self.record(WalOpRef::Trim { qid, from, to })?;
+        }
+        if last {
+            self.record(WalOpRef::EndPurge { qid })?;
+        }
+        Ok(())
     }
 }

@@ -1,21 +1,19 @@
 //! Expiry of idle queues: [`expire_once`] (testable, with an explicit `now`) and the loop
-//! around it.
+//! around it; and offline compaction of a data directory's file ([`compact_offline`]).
 //!
 //! A queue is expired when its last activity (creation or last event) plus its TTL is at or
-//! before `now`. The check is repeated by the writer inside the removing transaction, so an
-//! event that arrives between the scan and the removal keeps the queue alive.
+//! before `now`. The check is repeated by the writer inside the removing batch, so an event
+//! that arrives between the scan and the removal keeps the queue alive.
 
-use std::sync::{Arc, Weak};
+use std::sync::Weak;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::Result;
+use crate::engine::Core;
+use crate::error::{Error, Result};
 use crate::event::Timestamp;
-use crate::manager::Core;
-use crate::queue::QueueShared;
-use crate::writer::Command;
 
 /// What an offline compaction did.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -34,10 +32,10 @@ pub struct CompactReport {
 ///
 /// # Errors
 ///
-/// [`crate::Error::Locked`] while another process (a server) holds the database; storage
+/// [`Error::Locked`] while another process (a server) holds the database; storage
 /// errors.
 pub fn compact_offline(data_dir: &std::path::Path) -> Result<CompactReport> {
-    let (bytes_before, bytes_after) = crate::store::Store::compact_offline(data_dir)?;
+    let (bytes_before, bytes_after) = crate::storage::redb::Store::compact_offline(data_dir)?;
     Ok(CompactReport {
         bytes_before,
         bytes_after,
@@ -55,34 +53,22 @@ pub struct CleanupReport {
     pub duration: Duration,
 }
 
-/// Removes every queue idle for at least its TTL at `now`, one queue per writer command so
+/// Removes every queue idle for at least its TTL at `now`, one queue per writer op so
 /// appends interleave with the removals.
 pub(crate) async fn expire_once(core: &Core, now: Timestamp) -> Result<CleanupReport> {
     let started = Instant::now();
-    let candidates: Vec<Arc<QueueShared>> = core
-        .registry
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .values()
-        .filter(|q| q.lock().last_activity.saturating_add(q.ttl) <= now)
-        .cloned()
-        .collect();
+    let mut candidates = core.queues(None);
+    candidates.retain(|q| q.is_expired_at(now));
     let mut report = CleanupReport::default();
     for q in candidates {
-        let events = q.info().event_count;
-        let removed = core
-            .call(|reply| Command::Delete {
-                queue: q.clone(),
-                expire_at: Some(now),
-                reply,
-            })
-            .await;
+        let events = q.with_view(|v| v.next_offset - v.first_offset);
+        let removed = core.expire(q, now).await;
         match removed {
             Ok(true) => {
                 report.queues_expired += 1;
                 report.events_removed += events;
             }
-            Ok(false) | Err(crate::Error::QueueNotFound { .. }) => {}
+            Ok(false) | Err(Error::QueueNotFound { .. }) => {}
             Err(e) => return Err(e),
         }
     }
@@ -107,7 +93,7 @@ pub(crate) async fn cleanup_loop(core: Weak<Core>, interval: Duration, stop: Can
             _ = tick.tick() => {}
         }
         let Some(core) = core.upgrade() else { return };
-        let now = core.clock.now();
+        let now = core.clock().now();
         if let Err(e) = expire_once(&core, now).await {
             tracing::warn!(error = %e, "cleanup pass failed");
         }

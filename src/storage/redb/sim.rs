@@ -14,7 +14,7 @@
 //!   a prefix of what followed (a torn tail: appended data may reach the disk without a sync).
 //!
 //! Reopening the directory with the ordinary file backend then recovers from that image.
-//! Truncating the log (after a checkpoint) counts as durable at once: the records it drops are
+//! Truncating the log (after a fold) counts as durable at once: the records it drops are
 //! already durable in redb, so recovery comes to the same state either way.
 
 use std::collections::BTreeMap;
@@ -85,7 +85,7 @@ impl PowerLoss {
     /// I/O errors of the real file.
     pub fn settle(&self, data_dir: &Path, torn_tail: u64) -> std::io::Result<()> {
         let durable = self.state().log_durable;
-        let path = data_dir.join(super::wal::WAL_FILE);
+        let path = data_dir.join(super::WAL_FILE);
         let file = match OpenOptions::new().write(true).open(path) {
             Ok(file) => file,
             // The power went off before the log was created.

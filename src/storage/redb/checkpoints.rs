@@ -1,4 +1,4 @@
-//! Workflow checkpoints, in the same database (and the same transactions) as the events.
+//! Workflow checkpoints, in the same database (and the same batches) as the events.
 //!
 //! Tables:
 //! - `checkpoints`: `(tenant, workflow, seq) -> checkpoint record` (see [`CheckpointRecord`]);
@@ -6,53 +6,26 @@
 //!   checkpoint.
 //! - `checkpoint_ids`: `(tenant, checkpoint id) -> (workflow, seq)`, for lookups by id.
 //!
-//! A save is one [`StoreWriter::put_checkpoint`] inside the writer's batch transaction, next to
-//! the appends of the events it emits: redb commits both or neither, and the batch's log record
-//! holds both ops, so recovery re-applies both or neither. A workflow keeps its newest
-//! [`KEEP_CHECKPOINTS`] checkpoints; older ones are removed by the save that exceeds the bound
-//! (part of the same logged op, so replay removes exactly the same ones).
+//! A save is one `PutCheckpoint` op in the writer's batch, next to the appends of the events
+//! it emits: the batch's log record holds both ops, so the batch is stored (and recovered)
+//! with both or neither. A workflow keeps its newest [`KEEP_CHECKPOINTS`] checkpoints; older
+//! ones are removed when the save that exceeds the bound is applied (a function of the op, so
+//! replay removes exactly the same ones). A batch holding a save is written into redb as soon
+//! as it is logged, so the reads here (and the next batch's sequence numbers) find it.
 
-use redb::{ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
+use redb::TableDefinition;
 
-use super::wal::WalOpRef;
 use super::{Store, StoreWriter, st};
 use crate::error::{Error, Result};
+use crate::storage::{CheckpointRecord, KEEP_CHECKPOINTS, LoadedCheckpoint};
 
 pub(super) const CHECKPOINTS: TableDefinition<(&str, &str, u64), &[u8]> =
     TableDefinition::new("checkpoints");
 pub(super) const CHECKPOINT_IDS: TableDefinition<(&str, &str), (&str, u64)> =
     TableDefinition::new("checkpoint_ids");
 
-/// Checkpoints kept per workflow; a save beyond it removes the oldest.
-pub(crate) const KEEP_CHECKPOINTS: u64 = 100;
-
 /// First byte of every checkpoint record.
 const CHECKPOINT_RECORD_VERSION: u8 = 1;
-
-/// A stored checkpoint. Free-form JSON (the workflow's state, task results) is kept as JSON
-/// text, because `serde_json::Value` does not round-trip through postcard.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct CheckpointRecord {
-    pub checkpoint_id: String,
-    pub status: String,
-    pub current_phase: u64,
-    pub total_phases: u64,
-    pub tasks: Vec<TaskRecord>,
-    pub state_json: Vec<u8>,
-    pub created_at_us: i64,
-    /// Offsets of the `status` and `progress` events the save appended, if it had a queue.
-    pub status_offset: Option<u64>,
-    pub progress_offset: Option<u64>,
-}
-
-/// One task's state inside a checkpoint.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct TaskRecord {
-    pub task_id: String,
-    pub status: String,
-    pub result_json: Option<Vec<u8>>,
-}
 
 pub(crate) fn encode_checkpoint(record: &CheckpointRecord) -> Result<Vec<u8>> {
     postcard::to_extend(record, vec![CHECKPOINT_RECORD_VERSION]).map_err(Error::storage)
@@ -69,94 +42,21 @@ pub(crate) fn decode_checkpoint(bytes: &[u8]) -> Result<CheckpointRecord> {
     }
 }
 
-/// A checkpoint as read back: its position in the workflow's history and its record.
-#[derive(Debug, Clone)]
-pub(crate) struct LoadedCheckpoint {
-    pub workflow: String,
-    pub seq: u64,
-    pub record: CheckpointRecord,
-}
-
 impl StoreWriter<'_> {
-    /// Whether `tenant` has a checkpoint with this id.
-    pub(crate) fn checkpoint_id_taken(
-        &mut self,
-        tenant: &str,
-        checkpoint_id: &str,
-    ) -> Result<bool> {
-        let ids = self.txn.open_table(CHECKPOINT_IDS).map_err(st)?;
-        Ok(ids.get((tenant, checkpoint_id)).map_err(st)?.is_some())
-    }
-
-    /// The offset at which queue `qid` holds an event with this id, if it does: an indexed
-    /// id, or an id derived from the offset it names (see [`super::derived_ids`]). An indexed
-    /// offset below the queue's first retained one is stale; the caller compares.
-    pub(crate) fn retained_event_id(&mut self, qid: u64, event_id: &str) -> Result<Option<u64>> {
-        if let Some(at) = self.ids.get((qid, event_id)).map_err(st)? {
-            return Ok(Some(at.value()));
-        }
-        let Some(offset) = self.id_key.offset_of(qid, event_id) else {
-            return Ok(None);
-        };
-        let stored = super::stored_event_id(&self.events, qid, offset)?;
-        Ok((stored.as_deref() == Some(event_id)).then_some(offset))
-    }
-
-    /// Appends one encoded event record at `(qid, offset)` and indexes `event_id`, as a
-    /// logged `Append` op; an empty `event_id` indexes nothing (the record's id is derived
-    /// from its offset). The caller checked that the id is not retained.
-    pub(crate) fn append_event(
+    /// Stores one encoded event record at `(qid, offset)` and indexes `event_id`; an empty
+    /// `event_id` indexes nothing (the record's id is derived from its offset).
+    pub(super) fn append_event(
         &mut self,
         qid: u64,
         offset: u64,
         event_id: &str,
         record: &[u8],
     ) -> Result<()> {
-        self.put_block(qid, offset, &[event_id], &[record])?;
-        self.record(WalOpRef::Append {
-            qid,
-            offset,
-            event_id,
-            record,
-        })
-    }
-
-    /// Writes a queue's record, as a logged `PutQueue` op.
-    pub(crate) fn put_queue_record(
-        &mut self,
-        tenant: &str,
-        task: &str,
-        record: &super::codec::QueueRecord,
-    ) -> Result<()> {
-        let bytes = super::codec::encode_queue(record)?;
-        self.put_queue_bytes(tenant, task, &bytes)
-    }
-
-    /// Stores a new checkpoint of `workflow` as the workflow's latest and returns its `seq`.
-    /// The caller checked that `checkpoint_id` is not taken.
-    pub(crate) fn put_checkpoint(
-        &mut self,
-        tenant: &str,
-        workflow: &str,
-        checkpoint_id: &str,
-        record: &[u8],
-    ) -> Result<u64> {
-        let seq = {
-            let table = self.txn.open_table(CHECKPOINTS).map_err(st)?;
-            let last = table
-                .range((tenant, workflow, 0)..=(tenant, workflow, u64::MAX))
-                .map_err(st)?
-                .next_back()
-                .transpose()
-                .map_err(st)?;
-            last.map_or(0, |(k, _)| k.value().2 + 1)
-        };
-        self.insert_checkpoint(tenant, workflow, seq, checkpoint_id, record)?;
-        Ok(seq)
+        self.put_block(qid, offset, &[event_id], &[record])
     }
 
     /// Inserts a checkpoint at `seq` and removes the workflow's checkpoints that fall out of
-    /// the [`KEEP_CHECKPOINTS`] bound. Logged as one op; replayed as is.
+    /// the [`KEEP_CHECKPOINTS`] bound.
     pub(super) fn insert_checkpoint(
         &mut self,
         tenant: &str,
@@ -188,18 +88,25 @@ impl StoreWriter<'_> {
                 ids.remove((tenant, id.as_str())).map_err(st)?;
             }
         }
-        drop((table, ids));
-        self.record(WalOpRef::PutCheckpoint {
-            tenant,
-            workflow,
-            seq,
-            checkpoint_id,
-            record,
-        })
+        Ok(())
     }
 }
 
 impl Store {
+    /// Whether `tenant` has a stored checkpoint with this id.
+    pub(super) fn checkpoint_id_stored(&self, tenant: &str, checkpoint_id: &str) -> Result<bool> {
+        let txn = self.begin_read()?;
+        let ids = txn.open_table(CHECKPOINT_IDS).map_err(st)?;
+        Ok(ids.get((tenant, checkpoint_id)).map_err(st)?.is_some())
+    }
+
+    /// The sequence number the workflow's next checkpoint gets, as redb holds it.
+    pub(super) fn next_checkpoint_seq(&self, tenant: &str, workflow: &str) -> Result<u64> {
+        Ok(self
+            .latest_checkpoint(tenant, workflow)?
+            .map_or(0, |c| c.seq + 1))
+    }
+
     /// The newest checkpoint of `(tenant, workflow)`.
     pub(crate) fn latest_checkpoint(
         &self,
@@ -283,6 +190,7 @@ pub(super) fn create_tables(txn: &redb::WriteTransaction) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::TaskRecord;
 
     #[test]
     fn checkpoint_record_round_trips() {
@@ -310,7 +218,7 @@ mod tests {
 
     #[test]
     fn the_checkpoint_log_op_decodes_as_written() {
-        use crate::store::wal::{WalOp, decode_ops, encode_op};
+        use crate::storage::redb::wal::{WalOp, WalOpRef, decode_ops, encode_op};
         let mut payload = Vec::new();
         encode_op(&WalOpRef::MarkPurge { qid: 1 }, &mut payload).unwrap();
         encode_op(

@@ -1,4 +1,4 @@
-//! The redb log. The only module that imports redb.
+//! The embedded store: redb plus a write-ahead log. The only module that imports redb.
 //!
 //! Tables:
 //! - `meta`: `&str -> u64` — `format_version`, `next_queue_id`, `applied_lsn`, and the two
@@ -9,17 +9,38 @@
 //!   chose; written and trimmed in the same transaction as the events it points at (an entry
 //!   below its queue's first retained offset is stale: see [`pending`]). Ids the store derived
 //!   from the offset are not indexed (see [`derived_ids`]).
-//! - `checkpoints`, `checkpoint_ids`: workflow checkpoints (see [`checkpoints`]), written in the
-//!   same transaction and log record as the events a save emits.
+//! - `checkpoints`, `checkpoint_ids`: workflow checkpoints (see [`checkpoints`]).
+//! - `purge`: deleted queues whose events are still being removed.
 //!
-//! Writes: the writer builds each batch with a [`BatchWriter`], which only encodes the batch's
-//! log record; the record is appended to the write-ahead log ([`wal`]) and the batch kept in
-//! memory ([`pending`]) until enough has gathered to write it into redb in one transaction
-//! (or until the next checkpoint, which also makes redb durable and empties the log).
+//! # The write path
+//!
+//! Every change — appends, queue records, trims, deletions and their purge steps, workflow
+//! checkpoints — takes one path. The engine builds a batch through [`Store::begin`] (a
+//! [`RedbBatch`]), which only encodes the batch's changes as one log record and indexes them
+//! for lookups; nothing touches redb yet. [`WriteBatch::commit`] then, with the log locked:
+//!
+//! 1. appends the record to the write-ahead log ([`wal`]); if that fails the record is cut off
+//!    again and nothing of the batch exists ([`WriteError::Rejected`]);
+//! 2. adds the batch to the pending batches ([`pending`]), where readers and later batches'
+//!    lookups find it at once;
+//! 3. returns. The engine's acknowledging thread fsyncs the log ([`Storage::sync`]) and only
+//!    then publishes the batch to subscribers and answers its callers.
+//!
+//! Pending batches reach redb later, many at a time, in log order: the background thread
+//! writes a *frozen* generation once enough has gathered ([`Storage::maintain`],
+//! [`Storage::background`]), and a *fold* ([`Store::fold`]) writes the rest in one durable
+//! redb commit and empties the log — when the log outgrows [`fold_limit`], when its oldest
+//! record is older than the fold interval, and at shutdown. A batch that saves a workflow
+//! checkpoint is written into redb right after it is logged (step 2), because checkpoint
+//! reads and lookups read redb only.
+//!
+//! Recovery on open re-applies every log record redb does not hold yet (redb's `meta`
+//! records the last applied sequence number in the same transaction as the changes), then
+//! folds. A torn record at the log's tail was never synced, so never acknowledged.
 //!
 //! Queue ids are numeric and never reused, so the events of a deleted queue can never be read as
-//! another queue's. Every function here is synchronous: callers run them on the writer thread or
-//! in `spawn_blocking`, never on an async worker.
+//! another queue's. Every function here is synchronous: callers run them on the engine's
+//! threads or in `spawn_blocking`, never on an async worker.
 
 pub(crate) mod checkpoints;
 pub(crate) mod codec;
@@ -30,8 +51,9 @@ pub mod sim;
 pub(crate) mod space;
 pub mod wal;
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -39,11 +61,16 @@ use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
 };
 
-use crate::error::{Error, Result};
-use codec::{FORMAT_VERSION, QueueRecord};
+use crate::error::{Error, Result, StorageError};
+use crate::ids::EventId;
+use crate::storage::{
+    CheckpointRecord, DERIVED_LEN, EventMeta, Handoff, LoadedCheckpoint, LoadedQueue, Maintenance,
+    PendingPurge, QueueRecord, Recovered, Storage, StoredEvent, WriteBatch, WriteError,
+};
+use codec::FORMAT_VERSION;
 use derived_ids::IdKey;
-pub(crate) use pending::BatchWriter;
-use pending::{AppliedIds, Pending};
+use pending::{AppliedIds, BatchWriter, Pending};
+use space::SpaceCheck;
 use wal::{AppendError, Wal, WalOp, WalOpRef};
 
 /// A simulated machine to open the store on (feature `failpoints`); uninhabited otherwise.
@@ -52,31 +79,6 @@ pub(crate) type Power = std::sync::Arc<sim::PowerLoss>;
 /// A simulated machine to open the store on (feature `failpoints`); uninhabited otherwise.
 #[cfg(not(feature = "failpoints"))]
 pub(crate) type Power = std::convert::Infallible;
-
-/// How [`Store::write`] failed.
-#[derive(Debug)]
-pub(crate) enum WriteError {
-    /// Nothing of the transaction was committed or logged (the log write failed and was cut
-    /// back): the store is exactly as before and can take the next write.
-    Rejected(Error),
-    /// The store may no longer match what its users were told: refuse writes until reopen.
-    Fatal(Error),
-}
-
-impl WriteError {
-    /// The underlying error.
-    pub(crate) fn error(&self) -> &Error {
-        match self {
-            WriteError::Rejected(e) | WriteError::Fatal(e) => e,
-        }
-    }
-}
-
-impl From<Error> for WriteError {
-    fn from(e: Error) -> Self {
-        WriteError::Fatal(e)
-    }
-}
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const QUEUES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("queues");
@@ -95,32 +97,67 @@ const KEY_APPLIED_LSN: &str = "applied_lsn";
 const KEY_ID_KEY_0: &str = "derived_id_key_0";
 const KEY_ID_KEY_1: &str = "derived_id_key_1";
 
-/// A checkpoint runs when the log grows past [`checkpoint_limit`], or when it holds records
-/// older than the configured checkpoint interval. Without a disk reserve the limit is this.
-const CHECKPOINT_BYTES: u64 = 64 << 20;
+/// A fold runs when the log grows past [`fold_limit`], or when it holds records older than
+/// the configured fold interval. Without a disk reserve the limit is this.
+const FOLD_BYTES: u64 = 64 << 20;
 
 /// With a disk reserve, the most the log grows to while the disk has room: a quarter of the
-/// default reserve. Each checkpoint costs ~17 ms plus ~1 ms per MiB of log on this project's
-/// machine, so much smaller checkpoints cost more in all (at 2 MiB: 15 % fewer events/s and a
+/// default reserve. Each fold costs ~17 ms plus ~1 ms per MiB of log on this project's
+/// machine, so much smaller folds cost more in all (at 2 MiB: 15 % fewer events/s and a
 /// p99 of 9 ms instead of 1.5 ms), and larger ones hold the writer longer each time.
-const ROOMY_CHECKPOINT_BYTES: u64 = 16 << 20;
+const ROOMY_FOLD_BYTES: u64 = 16 << 20;
 
-/// The log size that makes a checkpoint due, given the disk reserve (0: no check) and the
+/// The log size that makes a fold due, given the disk reserve (0: no check) and the
 /// free space (`None`: unknown).
 ///
-/// A checkpoint writes about the log's size in redb pages, and a checkpoint that meets a full
+/// A fold writes about the log's size in redb pages, and a fold that meets a full
 /// disk stops writes until a restart. So with a reserve the log stays under a quarter of the
-/// free space above the reserve, up to [`ROOMY_CHECKPOINT_BYTES`]: the pages fit in that room
+/// free space above the reserve, up to [`ROOMY_FOLD_BYTES`]: the pages fit in that room
 /// four times over. It may always grow to a quarter of the reserve (at least 64 KiB, at most
-/// [`CHECKPOINT_BYTES`]), which the reserve itself holds four times over: writes are refused
+/// [`FOLD_BYTES`]), which the reserve itself holds four times over: writes are refused
 /// once less than the reserve is free (see [`space`]).
-pub(crate) fn checkpoint_limit(reserve: u64, free: Option<u64>) -> u64 {
+pub(crate) fn fold_limit(reserve: u64, free: Option<u64>) -> u64 {
     if reserve == 0 {
-        return CHECKPOINT_BYTES;
+        return FOLD_BYTES;
     }
-    let floor = (reserve / 4).clamp(64 << 10, CHECKPOINT_BYTES);
+    let floor = (reserve / 4).clamp(64 << 10, FOLD_BYTES);
     let room = free.map_or(0, |f| f.saturating_sub(reserve) / 4);
-    room.min(ROOMY_CHECKPOINT_BYTES).max(floor)
+    room.min(ROOMY_FOLD_BYTES).max(floor)
+}
+
+/// How the store is opened.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    /// redb's page cache, bytes.
+    pub cache_bytes: usize,
+    /// Longest time a record stays in the log before a fold.
+    pub fold_interval: Duration,
+    /// See [`crate::Config::apply_bytes`].
+    pub apply_bytes: usize,
+    /// See [`crate::Config::disk_reserve`].
+    pub disk_reserve: Option<u64>,
+}
+
+impl Options {
+    /// The store's part of a manager's configuration.
+    pub(crate) fn of(config: &crate::config::Config) -> Self {
+        Options {
+            cache_bytes: config.cache_size_bytes,
+            fold_interval: config.fold_interval,
+            apply_bytes: config.apply_bytes,
+            disk_reserve: config.disk_reserve,
+        }
+    }
+
+    /// For offline tools: a small cache, nothing else matters.
+    pub(crate) fn offline() -> Self {
+        Options {
+            cache_bytes: 16 << 20,
+            fold_interval: Duration::from_secs(1),
+            apply_bytes: 256 << 10,
+            disk_reserve: Some(0),
+        }
+    }
 }
 
 /// How long [`Store::compact_in_place`] keeps retrying while readers hold transactions.
@@ -130,18 +167,21 @@ const COMPACT_PATIENCE: Duration = Duration::from_secs(5);
 /// write is still running, the writer writes them in itself.
 const BACKLOG: usize = 8;
 
-/// A generation of logged batches handed to the bulk-write thread ([`Store::freeze`]).
-pub(crate) struct Frozen(Arc<pending::Generation>);
+/// A generation of logged batches handed to the background thread ([`Store::freeze`]).
+struct Frozen(Arc<pending::Generation>);
 
 /// Name of the database file inside the data directory.
 pub const DB_FILE: &str = "eventqueue.redb";
+
+/// Name of the write-ahead log file inside the data directory.
+pub const WAL_FILE: &str = "eventqueue.wal";
 
 /// The log and its bookkeeping; only the writer thread uses it.
 #[derive(Debug)]
 struct LogState {
     wal: Wal,
     next_lsn: u64,
-    oldest_unchecked: Option<Instant>,
+    oldest_unfolded: Option<Instant>,
 }
 
 impl LogState {
@@ -153,35 +193,9 @@ impl LogState {
             Err(AppendError::Broken(e)) => return Err(WriteError::Fatal(e)),
         }
         self.next_lsn += 1;
-        self.oldest_unchecked.get_or_insert_with(Instant::now);
+        self.oldest_unfolded.get_or_insert_with(Instant::now);
         Ok(())
     }
-}
-
-/// One stored event, as read back for replay.
-#[derive(Debug, Clone)]
-pub(crate) struct StoredEvent {
-    pub offset: u64,
-    pub event_type: u8,
-    pub terminal: bool,
-    pub json: Bytes,
-}
-
-/// A queue as found on open.
-#[derive(Debug, Clone)]
-pub(crate) struct LoadedQueue {
-    pub tenant: String,
-    pub task: String,
-    pub record: QueueRecord,
-}
-
-/// Everything `open` recovers.
-pub(crate) struct Opened {
-    pub store: Store,
-    pub queues: Vec<LoadedQueue>,
-    pub next_queue_id: u64,
-    /// Deleted queues whose events are still to be removed.
-    pub pending_purges: Vec<u64>,
 }
 
 /// The database handle. `close` releases the file (and its lock) even while other parts of
@@ -194,37 +208,53 @@ pub(crate) struct Store {
     /// Held while batches are written into redb, by the bulk-write thread or the writer.
     applying: Mutex<()>,
     /// Pending batches are applied once their records hold this many bytes (or at the next
-    /// checkpoint): large enough that one transaction touches each B-tree page for many
+    /// fold): large enough that one transaction touches each B-tree page for many
     /// events, small enough that applying them is a short pause of the writer.
     apply_bytes: usize,
     path: PathBuf,
-    checkpoint_interval: Duration,
+    fold_interval: Duration,
     /// The key of derived event ids (read from `meta` on open).
     id_key: IdKey,
+    /// fsyncs the log from the acknowledging thread.
+    syncer: wal::WalSyncer,
+    /// The free-space reserve (see [`space`]).
+    space: Mutex<SpaceCheck>,
 }
 
-fn st(e: impl std::fmt::Display) -> Error {
-    Error::storage(e)
+/// A failure of redb, keeping it as the cause (and the kind of an I/O failure inside it).
+fn st(e: impl Into<redb::Error>) -> Error {
+    let e: redb::Error = e.into();
+    let kind = match &e {
+        redb::Error::Io(io) => io.kind(),
+        _ => std::io::ErrorKind::Other,
+    };
+    Error::Storage(StorageError::caused("", kind, e))
+}
+
+/// As [`st`], saying what was being done.
+fn st_at(context: impl std::fmt::Display, e: impl Into<redb::Error>) -> Error {
+    let e: redb::Error = e.into();
+    let kind = match &e {
+        redb::Error::Io(io) => io.kind(),
+        _ => std::io::ErrorKind::Other,
+    };
+    Error::Storage(StorageError::caused(context, kind, e))
 }
 
 impl Store {
     /// Opens (or creates) `data_dir/eventqueue.redb`, checks the format version and loads every
     /// queue record. Cost is proportional to the number of queues, not of events.
-    pub(crate) fn open(
-        data_dir: &Path,
-        cache_bytes: usize,
-        checkpoint_interval: Duration,
-    ) -> Result<Opened> {
-        Self::open_on(data_dir, cache_bytes, checkpoint_interval, None)
+    pub(crate) fn open(data_dir: &Path, options: &Options) -> Result<(Store, Recovered)> {
+        Self::open_on(data_dir, options, None)
     }
 
     /// As [`Store::open`]; with `power`, both files live on that simulated machine.
     pub(crate) fn open_on(
         data_dir: &Path,
-        cache_bytes: usize,
-        checkpoint_interval: Duration,
+        options: &Options,
         power: Option<Power>,
-    ) -> Result<Opened> {
+    ) -> Result<(Store, Recovered)> {
+        let cache_bytes = options.cache_bytes;
         std::fs::create_dir_all(data_dir).map_err(|e| {
             Error::storage(format!(
                 "cannot create data directory {}: {e}",
@@ -251,27 +281,28 @@ impl Store {
         if let Some(power) = power {
             wal.simulate_power(power);
         }
+        let syncer = wal.syncer()?;
         let mut store = Store {
             db: RwLock::new(Some(db)),
             log: Mutex::new(LogState {
                 wal,
                 next_lsn: 1,
-                oldest_unchecked: None,
+                oldest_unfolded: None,
             }),
             pending: RwLock::new(Pending::default()),
             applying: Mutex::new(()),
-            apply_bytes: 256 << 10,
+            apply_bytes: options.apply_bytes,
             path,
-            checkpoint_interval,
+            fold_interval: options.fold_interval,
             id_key: IdKey::from_parts(0, 0),
+            syncer,
+            space: Mutex::new(SpaceCheck::on_dir(
+                data_dir.to_path_buf(),
+                options.disk_reserve,
+            )),
         };
-        let (queues, next_queue_id, pending_purges) = store.init_and_load(records)?;
-        Ok(Opened {
-            store,
-            queues,
-            next_queue_id,
-            pending_purges,
-        })
+        let recovered = store.init_and_load(records)?;
+        Ok((store, recovered))
     }
 
     fn open_db(
@@ -361,8 +392,13 @@ impl Store {
     /// Needs exclusive access: fails with [`Error::Locked`] while a server holds the file.
     /// Returns the file size before and after.
     pub(crate) fn compact_offline(data_dir: &Path) -> Result<(u64, u64)> {
-        let opened = Store::open(data_dir, 64 << 20, Duration::from_secs(1))?;
-        let store = opened.store;
+        let (store, _) = Store::open(
+            data_dir,
+            &Options {
+                cache_bytes: 64 << 20,
+                ..Options::offline()
+            },
+        )?;
         let before = store.file_size();
         let db = store.db.write().unwrap_or_else(|p| p.into_inner()).take();
         let Some(mut db) = db else {
@@ -383,12 +419,9 @@ impl Store {
         self.log.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Checks the format, re-applies log records redb does not hold yet, checkpoints, and
+    /// Checks the format, re-applies log records redb does not hold yet, folds, and
     /// loads every queue record.
-    fn init_and_load(
-        &mut self,
-        records: Vec<wal::LoggedRecord>,
-    ) -> Result<(Vec<LoadedQueue>, u64, Vec<u64>)> {
+    fn init_and_load(&mut self, records: Vec<wal::LoggedRecord>) -> Result<Recovered> {
         let mut txn = self.begin_write()?;
         txn.set_durability(Durability::Immediate).map_err(st)?;
         let (applied, id_key) = {
@@ -474,7 +507,7 @@ impl Store {
             log.next_lsn = last + 1;
         }
         // Make everything durable in redb and start with an empty log.
-        self.checkpoint()?;
+        self.fold()?;
 
         let txn = self.begin_read()?;
         let (queues, next_id) = {
@@ -498,17 +531,26 @@ impl Store {
             (queues, next_id)
         };
         let mut purges = Vec::new();
+        let events = txn.open_table(EVENTS).map_err(st)?;
         for row in txn.open_table(PURGE).map_err(st)?.iter().map_err(st)? {
-            purges.push(row.map_err(st)?.0.value());
+            let qid = row.map_err(st)?.0.value();
+            purges.push(PendingPurge {
+                qid,
+                offsets: stored_offsets(&events, qid)?,
+            });
         }
-        Ok((queues, next_id, purges))
+        Ok(Recovered {
+            queues,
+            next_queue_id: next_id,
+            purges,
+        })
     }
 
     fn apply_replayed(db: &Database, id_key: IdKey, lsn: u64, ops: Vec<WalOp>) -> Result<()> {
         let mut txn = db.begin_write().map_err(st)?;
         txn.set_durability(Durability::None).map_err(st)?;
         {
-            let mut w = StoreWriter::open(&txn, id_key, false)?;
+            let mut w = StoreWriter::open(&txn, id_key)?;
             for op in ops {
                 w.apply_op(op)?;
             }
@@ -567,7 +609,7 @@ impl Store {
                 .filter_map(|(op, keep)| keep.then_some(op))
                 .partition(|op| op.queue().is_some());
             scoped.sort_by_key(WalOp::queue);
-            let mut w = StoreWriter::open(&txn, self.id_key, false)?;
+            let mut w = StoreWriter::open(&txn, self.id_key)?;
             for op in rest {
                 w.apply_op(op)?;
             }
@@ -631,7 +673,7 @@ impl Store {
     /// Hands the batches gathered so far to the bulk-write thread when they reach
     /// `apply_bytes` and no other bulk write is in progress: they become the frozen
     /// generation, still served from memory until [`Store::apply_frozen`] has written them.
-    pub(crate) fn freeze(&self) -> Option<Frozen> {
+    fn freeze(&self) -> Option<Frozen> {
         let mut pending = self.pending_mut();
         if pending.frozen.is_some() || pending.active.bytes < self.apply_bytes {
             return None;
@@ -643,12 +685,12 @@ impl Store {
 
     /// Writes a frozen generation into redb (non-durably), then forgets it: readers find its
     /// batches in redb from then on. Runs on the bulk-write thread, while the writer goes on
-    /// logging batches; checkpoints and direct writes wait for it.
+    /// logging batches; folds and checkpoint batches wait for it.
     ///
     /// # Errors
     ///
     /// Storage errors; the generation then stays in memory and the caller must stop writes.
-    pub(crate) fn apply_frozen(&self, frozen: Frozen) -> Result<()> {
+    fn apply_frozen(&self, frozen: Frozen) -> Result<()> {
         let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
         let current = |pending: &Pending| {
             pending
@@ -657,7 +699,7 @@ impl Store {
                 .is_some_and(|f| Arc::ptr_eq(f, &frozen.0))
         };
         if !current(&self.pending()) {
-            // The writer wrote it in already (a checkpoint or a direct write came first).
+            // The writer wrote it in already (a fold or a checkpoint batch came first).
             return Ok(());
         }
         self.apply_records(&frozen.0.records, Durability::None)?;
@@ -668,42 +710,43 @@ impl Store {
         Ok(())
     }
 
-    /// Makes every commit so far durable in redb with one fsync'd commit and empties the log.
+    /// Folds the log: makes every commit so far durable in redb with one fsync'd commit and
+    /// empties the log.
     ///
     /// # Errors
     ///
     /// Storage errors, a full disk included. After a failed redb write redb refuses further
     /// work until reopened, so every failure here is permanent for this handle.
-    pub(crate) fn checkpoint(&self) -> Result<()> {
-        self.checkpoint_locked(&mut self.log())
+    pub(crate) fn fold(&self) -> Result<()> {
+        self.fold_locked(&mut self.log())
     }
 
-    /// [`Store::checkpoint`] with the log already locked by the caller.
-    fn checkpoint_locked(&self, log: &mut LogState) -> Result<()> {
+    /// [`Store::fold`] with the log already locked by the caller.
+    fn fold_locked(&self, log: &mut LogState) -> Result<()> {
         // Every logged batch goes into this durable commit before the log is emptied.
         self.apply_pending(Durability::Immediate)?;
         log.wal.reset()?;
-        log.oldest_unchecked = None;
+        log.oldest_unfolded = None;
         Ok(())
     }
 
-    /// Checkpoints when the log holds more than `limit` bytes (see [`checkpoint_limit`]) or
-    /// records older than the checkpoint interval; called by the writer between batches.
-    /// Returns whether it checkpointed.
+    /// Folds when the log holds more than `limit` bytes (see [`fold_limit`]) or records
+    /// older than the fold interval; called by the writer between batches. Returns whether it
+    /// folded.
     ///
     /// # Errors
     ///
-    /// As [`Store::checkpoint`].
-    pub(crate) fn maybe_checkpoint(&self, limit: u64) -> Result<bool> {
+    /// As [`Store::fold`].
+    fn maybe_fold(&self, limit: u64) -> Result<bool> {
         let due = {
             let log = self.log();
             log.wal.len() > limit
                 || log
-                    .oldest_unchecked
-                    .is_some_and(|t| t.elapsed() >= self.checkpoint_interval)
+                    .oldest_unfolded
+                    .is_some_and(|t| t.elapsed() >= self.fold_interval)
         };
         if due {
-            self.checkpoint()?;
+            self.fold()?;
         } else if self.pending().active.bytes >= self.apply_bytes.saturating_mul(BACKLOG) {
             // The bulk-write thread falls behind: write in here, bounding memory.
             self.apply_pending(Durability::None)?;
@@ -711,7 +754,7 @@ impl Store {
         Ok(due)
     }
 
-    /// Checkpoints, then rewrites the database file in place so that the pages freed by
+    /// Folds the log, then rewrites the database file in place so that the pages freed by
     /// deletions go back to the filesystem (redb otherwise only reuses them). The writer calls
     /// it when a deletion completes on a nearly full disk. Returns the file size before and
     /// after.
@@ -723,15 +766,15 @@ impl Store {
     ///
     /// # Errors
     ///
-    /// Storage errors of the checkpoint or of a compaction step: permanent, as for
-    /// [`Store::checkpoint`].
+    /// Storage errors of the fold or of a compaction step: permanent, as for
+    /// [`Store::fold`].
     pub(crate) fn compact_in_place(&self) -> Result<(u64, u64)> {
         let before = self.file_size();
         // Everything logged goes into redb, durably, and the log is emptied: compaction then
         // works on the whole database, and the log's space is free too. The log stays locked
         // and the bulk-write thread idle (nothing is pending), so only readers compete.
         let mut log = self.log();
-        self.checkpoint_locked(&mut log)?;
+        self.fold_locked(&mut log)?;
         let _applying = self.applying.lock().unwrap_or_else(|p| p.into_inner());
         let started = Instant::now();
         loop {
@@ -750,20 +793,10 @@ impl Store {
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                Err(e) => return Err(st(format!("compacting {}: {e}", self.path.display()))),
+                Err(e) => return Err(st_at(format_args!("compacting {}", self.path.display()), e)),
             }
         }
         Ok((before, self.file_size()))
-    }
-
-    /// See [`crate::Config::apply_bytes`].
-    pub(crate) fn set_apply_bytes(&mut self, bytes: usize) {
-        self.apply_bytes = bytes;
-    }
-
-    /// Path of the database file.
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Reads up to `limit` events of queue `qid` with offsets in `from..to`, in offset order.
@@ -868,93 +901,244 @@ impl Store {
         Ok(full)
     }
 
-    /// Builds one batch with `f`, appends its log record (not yet synced: see
-    /// [`Store::log_syncer`]) and adds it to the pending batches, which redb gets later (see
-    /// [`pending`]). Returns `f`'s value and whether a log record was written. If `f` fails,
-    /// or the log cannot be written, nothing of the batch is stored or visible.
-    ///
-    /// # Errors
-    ///
-    /// As [`Store::write`].
-    pub(crate) fn write_batch<T>(
-        &self,
-        f: impl FnOnce(&mut BatchWriter<'_>) -> Result<T>,
-    ) -> Result<(T, bool), WriteError> {
-        let mut log = self.log();
-        let lsn = log.next_lsn;
-        let (value, changes) = {
-            let pending = self.pending();
-            let mut applied = AppliedIndex {
-                store: self,
-                table: None,
-            };
-            let mut w = BatchWriter::new(&pending, &mut applied, self.id_key);
-            let value = f(&mut w)?;
-            (value, w.into_changes())
-        };
-        let logged = !changes.payload.is_empty();
-        if logged {
-            log.append(lsn, &changes.payload)?;
-            self.pending_mut().add(lsn, changes);
-        }
-        Ok((value, logged))
-    }
-
-    /// Runs `f` in one write transaction, appends its changes to the log (not yet synced:
-    /// see [`Store::log_syncer`]) and commits it non-durably. Returns `f`'s value and whether
-    /// a log record was written. If `f` fails, or the log cannot be written, the transaction
-    /// is dropped and nothing of it is stored or visible.
-    ///
-    /// # Errors
-    ///
-    /// [`WriteError::Rejected`] when the log write failed and was cut back: nothing of the
-    /// transaction is stored and the store can take the next write (a full disk, for one).
-    /// [`WriteError::Fatal`] for whatever `f` returns, a log that could not be cut back, or a
-    /// failed commit: redb and the log may then disagree with what the caller believes, so the
-    /// caller must stop writing until the store is reopened (recovery sorts it out).
-    pub(crate) fn write<T>(
-        &self,
-        f: impl FnOnce(&mut StoreWriter<'_>) -> Result<T>,
-    ) -> Result<(T, bool), WriteError> {
-        // `f` reads redb, which must hold every earlier batch first.
-        self.apply_pending(Durability::None)?;
-        let mut log = self.log();
-        let mut txn = self.begin_write()?;
-        txn.set_durability(Durability::None).map_err(st)?;
-        let lsn = log.next_lsn;
-        let (value, payload) = {
-            let mut w = StoreWriter::open(&txn, self.id_key, true)?;
-            let value = f(&mut w)?;
-            let payload = w.log.take().unwrap_or_default();
-            if !payload.is_empty() {
-                w.meta.insert(KEY_APPLIED_LSN, lsn).map_err(st)?;
-            }
-            (value, payload)
-        };
-        let logged = !payload.is_empty();
-        if logged {
-            // On failure, dropping `txn` aborts it: redb is unchanged.
-            log.append(lsn, &payload)?;
-        }
-        txn.commit().map_err(st)?;
-        Ok((value, logged))
-    }
-
-    /// The fault injector of this store's log.
-    #[cfg(feature = "failpoints")]
-    pub(crate) fn faults(&self) -> std::sync::Arc<wal::Faults> {
-        self.log().wal.faults.clone()
-    }
-
-    /// A handle that fsyncs the log from another thread, so the next batch is applied while
-    /// the previous one's record is being synced.
-    pub(crate) fn log_syncer(&self) -> Result<wal::WalSyncer> {
-        self.log().wal.syncer()
-    }
-
     /// Size of the database file in bytes.
     pub(crate) fn file_size(&self) -> u64 {
         std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// One batch of the embedded store: its changes encoded as one log record (see the module
+/// docs' write path). Holds the log's lock from [`Storage::begin`] to the commit, so batches
+/// are built and logged one at a time, in log order.
+pub(crate) struct RedbBatch<'s> {
+    store: &'s Store,
+    log: MutexGuard<'s, LogState>,
+    w: BatchWriter<'s, AppliedIndex<'s>>,
+    /// Checkpoint ids saved by this batch, per tenant.
+    checkpoint_ids: HashSet<(String, String)>,
+    /// The next sequence number of each workflow this batch saved a checkpoint of.
+    checkpoint_seqs: HashMap<(String, String), u64>,
+}
+
+impl WriteBatch for RedbBatch<'_> {
+    fn derived_id(&self, qid: u64, offset: u64) -> Option<[u8; DERIVED_LEN]> {
+        self.w.derived_id(qid, offset)
+    }
+
+    fn find_event_id(
+        &mut self,
+        qid: u64,
+        event_id: &str,
+        retained: std::ops::Range<u64>,
+    ) -> Result<Option<u64>> {
+        self.w.find_event_id(qid, event_id, retained)
+    }
+
+    fn event_record(&self, meta: &EventMeta<'_>, json_len: usize) -> Result<(Vec<u8>, usize)> {
+        let header = codec::EventHeader {
+            event_type: meta.event_type,
+            terminal: meta.terminal,
+            timestamp_us: meta.timestamp_us,
+            event_id: meta.event_id,
+        };
+        codec::encode_event(&header, json_len)
+    }
+
+    fn append(
+        &mut self,
+        qid: u64,
+        offset: u64,
+        event_id: Option<&EventId>,
+        record: Bytes,
+        json_at: usize,
+        meta: (u8, bool),
+    ) -> Result<()> {
+        self.w.append(qid, offset, event_id, record, json_at, meta)
+    }
+
+    fn trim(&mut self, qid: u64, from: u64, to: u64) -> Result<u64> {
+        self.w.trim(qid, from, to)
+    }
+
+    fn put_queue(&mut self, tenant: &str, task: &str, record: &QueueRecord) -> Result<()> {
+        self.w.put_queue(tenant, task, record)
+    }
+
+    fn remove_queue(&mut self, qid: u64, tenant: &str, task: &str) -> Result<()> {
+        self.w.remove_queue(qid, tenant, task)
+    }
+
+    fn purge(&mut self, qid: u64, from: u64, to: u64, last: bool) -> Result<()> {
+        self.w.purge(qid, from, to, last)
+    }
+
+    fn set_next_queue_id(&mut self, id: u64) -> Result<()> {
+        self.w.set_next_queue_id(id)
+    }
+
+    fn checkpoint_id_taken(&mut self, tenant: &str, checkpoint_id: &str) -> Result<bool> {
+        let key = (tenant.to_string(), checkpoint_id.to_string());
+        Ok(self.checkpoint_ids.contains(&key)
+            || self.store.checkpoint_id_stored(tenant, checkpoint_id)?)
+    }
+
+    fn put_checkpoint(
+        &mut self,
+        tenant: &str,
+        workflow: &str,
+        record: &CheckpointRecord,
+    ) -> Result<u64> {
+        let key = (tenant.to_string(), workflow.to_string());
+        let seq = match self.checkpoint_seqs.get(&key) {
+            Some(&seq) => seq,
+            None => self.store.next_checkpoint_seq(tenant, workflow)?,
+        };
+        let bytes = checkpoints::encode_checkpoint(record)?;
+        self.w.record(WalOpRef::PutCheckpoint {
+            tenant,
+            workflow,
+            seq,
+            checkpoint_id: &record.checkpoint_id,
+            record: &bytes,
+        })?;
+        self.checkpoint_seqs.insert(key, seq + 1);
+        self.checkpoint_ids
+            .insert((tenant.to_string(), record.checkpoint_id.clone()));
+        Ok(seq)
+    }
+
+    fn commit(self: Box<Self>) -> Result<bool, WriteError> {
+        let RedbBatch {
+            store,
+            mut log,
+            w,
+            checkpoint_seqs,
+            ..
+        } = *self;
+        // Releases the pending batches' read lock before they take this one.
+        let changes = w.into_changes();
+        if changes.payload.is_empty() {
+            return Ok(false);
+        }
+        let lsn = log.next_lsn;
+        // On failure the record is cut off again: nothing of the batch exists.
+        log.append(lsn, &changes.payload)?;
+        store.pending_mut().add(lsn, changes);
+        if !checkpoint_seqs.is_empty() {
+            // Checkpoint reads and lookups read redb only (see `checkpoints`).
+            store.apply_pending(Durability::None)?;
+        }
+        Ok(true)
+    }
+}
+
+impl Storage for Store {
+    fn begin(&self) -> Result<Box<dyn WriteBatch + '_>> {
+        let log = self.log();
+        let applied = AppliedIndex {
+            store: self,
+            table: None,
+        };
+        let w = BatchWriter::new(self.pending(), applied, self.id_key);
+        Ok(Box::new(RedbBatch {
+            store: self,
+            log,
+            w,
+            checkpoint_ids: HashSet::new(),
+            checkpoint_seqs: HashMap::new(),
+        }))
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.syncer.sync()
+    }
+
+    fn admit(&self) -> Result<()> {
+        self.space
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(Instant::now())
+    }
+
+    fn maintain(&self) -> Result<Maintenance> {
+        let limit = {
+            let mut space = self.space.lock().unwrap_or_else(|p| p.into_inner());
+            let reserve = space.reserve();
+            let free = if reserve == 0 {
+                None
+            } else {
+                space.free(Instant::now())
+            };
+            fold_limit(reserve, free)
+        };
+        let folded = self.maybe_fold(limit)?;
+        let handoff = self.freeze().map(|frozen| Handoff(Box::new(frozen)));
+        Ok(Maintenance { folded, handoff })
+    }
+
+    fn background(&self, work: Handoff) -> Result<()> {
+        match work.0.downcast::<Frozen>() {
+            Ok(frozen) => self.apply_frozen(*frozen),
+            Err(_) => Err(Error::internal("work of another store handed to redb")),
+        }
+    }
+
+    fn fold(&self) -> Result<()> {
+        Store::fold(self)
+    }
+
+    fn compact(&self) -> Result<(u64, u64)> {
+        self.compact_in_place()
+    }
+
+    fn reclaim_if_low(&self) -> Result<Option<(u64, u64)>> {
+        let low = self
+            .space
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .below(2, Instant::now());
+        if low {
+            self.compact_in_place().map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn read_range(&self, qid: u64, from: u64, to: u64, limit: usize) -> Result<Vec<StoredEvent>> {
+        Store::read_range(self, qid, from, to, limit)
+    }
+
+    fn latest_checkpoint(&self, tenant: &str, workflow: &str) -> Result<Option<LoadedCheckpoint>> {
+        Store::latest_checkpoint(self, tenant, workflow)
+    }
+
+    fn checkpoint_by_id(
+        &self,
+        tenant: &str,
+        checkpoint_id: &str,
+    ) -> Result<Option<LoadedCheckpoint>> {
+        Store::checkpoint_by_id(self, tenant, checkpoint_id)
+    }
+
+    fn list_checkpoints(&self, tenant: &str, workflow: &str) -> Result<Vec<LoadedCheckpoint>> {
+        Store::list_checkpoints(self, tenant, workflow)
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.file_size()
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn close(&self) {
+        Store::close(self);
+    }
+
+    #[cfg(feature = "failpoints")]
+    fn faults(&self) -> Arc<wal::Faults> {
+        self.log().wal.faults.clone()
     }
 }
 
@@ -1046,6 +1230,33 @@ fn row_at<'t>(
     }
 }
 
+/// The offsets from queue `qid`'s first stored event to one past its last (empty when it has
+/// none).
+fn stored_offsets(
+    events: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    qid: u64,
+) -> Result<std::ops::Range<u64>> {
+    let mut rows = events.range((qid, 0)..=(qid, u64::MAX)).map_err(st)?;
+    let Some(first) = rows.next() else {
+        return Ok(0..0);
+    };
+    let from = first.map_err(st)?.0.value().1;
+    let to = match rows.next_back() {
+        Some(row) => {
+            let (k, v) = row.map_err(st)?;
+            k.value().1 + codec::records(v.value()).count() as u64
+        }
+        None => {
+            let mut rows = events.range((qid, from)..=(qid, from)).map_err(st)?;
+            match rows.next() {
+                Some(row) => from + codec::records(row.map_err(st)?.1.value()).count() as u64,
+                None => from,
+            }
+        }
+    };
+    Ok(from..to)
+}
+
 /// The id under which the event `record`, stored at `offset` of queue `qid`, is in the id
 /// index: `None` when its id is derived from the offset (not indexed).
 fn indexed_id(id_key: IdKey, qid: u64, offset: u64, record: &[u8]) -> Result<Option<&str>> {
@@ -1069,29 +1280,28 @@ fn stored_event_id(
     }
 }
 
-/// The tables of one open write transaction. Every change goes through here and, outside
-/// recovery, is also encoded into the batch's log record.
+/// The tables of one open write transaction, for applying logged changes to redb (pending
+/// batches, and log records at recovery). Changes are made here only as the log describes
+/// them: the log is the truth.
 pub(crate) struct StoreWriter<'t> {
     meta: redb::Table<'t, &'static str, u64>,
     queues: redb::Table<'t, (&'static str, &'static str), &'static [u8]>,
     events: redb::Table<'t, (u64, u64), &'static [u8]>,
     ids: redb::Table<'t, (u64, &'static str), u64>,
     purge: redb::Table<'t, u64, ()>,
-    log: Option<Vec<u8>>,
     /// For tables opened only when needed (checkpoints).
     txn: &'t redb::WriteTransaction,
     id_key: IdKey,
 }
 
 impl<'t> StoreWriter<'t> {
-    fn open(txn: &'t redb::WriteTransaction, id_key: IdKey, logged: bool) -> Result<Self> {
+    fn open(txn: &'t redb::WriteTransaction, id_key: IdKey) -> Result<Self> {
         Ok(StoreWriter {
             meta: txn.open_table(META).map_err(st)?,
             queues: txn.open_table(QUEUES).map_err(st)?,
             events: txn.open_table(EVENTS).map_err(st)?,
             ids: txn.open_table(EVENT_IDS).map_err(st)?,
             purge: txn.open_table(PURGE).map_err(st)?,
-            log: logged.then(Vec::new),
             txn,
             id_key,
         })
@@ -1119,6 +1329,7 @@ impl StoreWriter<'_> {
             WalOp::Trim { qid, from, to } => self.trim(qid, from, to).map(|_| ()),
             WalOp::Purge { qid, max } => self.purge_some(qid, max).map(|_| ()),
             WalOp::MarkPurge { qid } => self.mark_purge(qid),
+            WalOp::EndPurge { qid } => self.end_purge(qid),
             WalOp::PutCheckpoint {
                 tenant,
                 workflow,
@@ -1129,35 +1340,24 @@ impl StoreWriter<'_> {
         }
     }
 
-    fn record(&mut self, op: WalOpRef<'_>) -> Result<()> {
-        match &mut self.log {
-            Some(payload) => wal::encode_op(&op, payload),
-            None => Ok(()),
-        }
-    }
-
-    pub(crate) fn set_next_queue_id(&mut self, id: u64) -> Result<()> {
+    fn set_next_queue_id(&mut self, id: u64) -> Result<()> {
         self.meta.insert(KEY_NEXT_QUEUE_ID, id).map_err(st)?;
-        self.record(WalOpRef::SetNextQueueId(id))
+        Ok(())
     }
 
     fn put_queue_bytes(&mut self, tenant: &str, task: &str, bytes: &[u8]) -> Result<()> {
         self.queues.insert((tenant, task), bytes).map_err(st)?;
-        self.record(WalOpRef::PutQueue {
-            tenant,
-            task,
-            record: bytes,
-        })
+        Ok(())
     }
 
-    pub(crate) fn remove_queue(&mut self, tenant: &str, task: &str) -> Result<()> {
+    fn remove_queue(&mut self, tenant: &str, task: &str) -> Result<()> {
         self.queues.remove((tenant, task)).map_err(st)?;
-        self.record(WalOpRef::RemoveQueue { tenant, task })
+        Ok(())
     }
 
     /// Removes the events of `qid` with offsets in `from..to` and their id-index entries.
     /// Returns how many events were removed.
-    pub(crate) fn trim(&mut self, qid: u64, from: u64, to: u64) -> Result<u64> {
+    fn trim(&mut self, qid: u64, from: u64, to: u64) -> Result<u64> {
         let mut removed = 0;
         if from < to {
             // The values holding offsets in `from..to`; the first may start before `from`
@@ -1194,7 +1394,6 @@ impl StoreWriter<'_> {
                 self.put_value(qid, to, &after)?;
             }
         }
-        self.record(WalOpRef::Trim { qid, from, to })?;
         Ok(removed)
     }
 
@@ -1230,16 +1429,17 @@ impl StoreWriter<'_> {
 
     /// Marks a deleted queue's events for removal by [`StoreWriter::purge_some`]. Queue ids
     /// are never reused, so the remaining events are unreachable meanwhile.
-    pub(crate) fn mark_purge(&mut self, qid: u64) -> Result<()> {
+    fn mark_purge(&mut self, qid: u64) -> Result<()> {
         self.purge.insert(qid, ()).map_err(st)?;
-        self.record(WalOpRef::MarkPurge { qid })
+        Ok(())
     }
 
     /// Removes `max` of `qid`'s events (or all that remain, if fewer), oldest first, with
     /// their index entries; whole values go, so a block may take a step past `max`. Clears the
     /// purge mark when none remain. Returns how many events were removed and whether the queue
-    /// is now empty.
-    pub(crate) fn purge_some(&mut self, qid: u64, max: u64) -> Result<(u64, bool)> {
+    /// is now empty. Only for log records of earlier builds, whose purge steps were logged
+    /// this way; purge steps are trims now, ended by [`StoreWriter::end_purge`].
+    fn purge_some(&mut self, qid: u64, max: u64) -> Result<(u64, bool)> {
         let mut ids = Vec::new();
         let mut removed = 0u64;
         let mut done = false;
@@ -1273,8 +1473,17 @@ impl StoreWriter<'_> {
                 .map_err(st)?;
             self.purge.remove(qid).map_err(st)?;
         }
-        self.record(WalOpRef::Purge { qid, max })?;
         Ok((removed, done))
+    }
+
+    /// Forgets a deleted queue whose events are all removed: its purge mark, and any id-index
+    /// entry left (none should be: entries go with their events).
+    fn end_purge(&mut self, qid: u64) -> Result<()> {
+        self.ids
+            .retain_in((qid, "")..(qid + 1, ""), |_, _| false)
+            .map_err(st)?;
+        self.purge.remove(qid).map_err(st)?;
+        Ok(())
     }
 }
 
@@ -1286,31 +1495,31 @@ mod tests {
 
     #[test]
     fn without_a_reserve_the_log_grows_to_the_usual_limit() {
-        assert_eq!(checkpoint_limit(0, None), CHECKPOINT_BYTES);
-        assert_eq!(checkpoint_limit(0, Some(1 << 40)), CHECKPOINT_BYTES);
+        assert_eq!(fold_limit(0, None), FOLD_BYTES);
+        assert_eq!(fold_limit(0, Some(1 << 40)), FOLD_BYTES);
     }
 
     #[test]
     fn the_default_reserve_keeps_its_quarter() {
         // 64 MiB reserve: 16 MiB, whatever the free space.
         for free in [None, Some(0), Some(65 * MIB), Some(1 << 40)] {
-            assert_eq!(checkpoint_limit(64 * MIB, free), 16 * MIB, "{free:?}");
+            assert_eq!(fold_limit(64 * MIB, free), 16 * MIB, "{free:?}");
         }
         // A larger reserve: its quarter, up to the usual limit.
-        assert_eq!(checkpoint_limit(128 * MIB, Some(1 << 40)), 32 * MIB);
-        assert_eq!(checkpoint_limit(1 << 40, Some(1 << 41)), CHECKPOINT_BYTES);
+        assert_eq!(fold_limit(128 * MIB, Some(1 << 40)), 32 * MIB);
+        assert_eq!(fold_limit(1 << 40, Some(1 << 41)), FOLD_BYTES);
     }
 
     #[test]
     fn a_small_reserve_allows_a_quarter_of_the_room_above_it() {
         // 8 MiB reserve (a tenth of an 80 MiB filesystem).
-        assert_eq!(checkpoint_limit(8 * MIB, Some(1 << 40)), 16 * MIB);
-        assert_eq!(checkpoint_limit(8 * MIB, Some(48 * MIB)), 10 * MIB);
+        assert_eq!(fold_limit(8 * MIB, Some(1 << 40)), 16 * MIB);
+        assert_eq!(fold_limit(8 * MIB, Some(48 * MIB)), 10 * MIB);
         // Near the reserve, or the free space unknown: a quarter of the reserve.
-        assert_eq!(checkpoint_limit(8 * MIB, Some(12 * MIB)), 2 * MIB);
-        assert_eq!(checkpoint_limit(8 * MIB, Some(MIB)), 2 * MIB);
-        assert_eq!(checkpoint_limit(8 * MIB, None), 2 * MIB);
+        assert_eq!(fold_limit(8 * MIB, Some(12 * MIB)), 2 * MIB);
+        assert_eq!(fold_limit(8 * MIB, Some(MIB)), 2 * MIB);
+        assert_eq!(fold_limit(8 * MIB, None), 2 * MIB);
         // Never below 64 KiB.
-        assert_eq!(checkpoint_limit(4096, Some(4096)), 64 << 10);
+        assert_eq!(fold_limit(4096, Some(4096)), 64 << 10);
     }
 }

@@ -14,6 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::storage::QueueRecord;
 
 /// Version of the whole file layout, stored in the `meta` table and checked on open.
 /// 2 added the checkpoint tables and the log op that writes them; 3 the key of derived event
@@ -37,31 +38,6 @@ pub(crate) struct EventHeader<'a> {
     pub event_id: &'a str,
 }
 
-/// A queue's persistent metadata, keyed by `(tenant, task)`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct QueueRecord {
-    pub id: u64,
-    pub kind: u8,
-    pub created_at_us: i64,
-    pub last_activity_us: i64,
-    pub ttl_ms: u64,
-    pub max_buffer_size: u64,
-    pub first_offset: u64,
-    pub next_offset: u64,
-    pub closed: bool,
-    pub finished_at: Option<u64>,
-    pub cancel: Option<CancelRecord>,
-}
-
-/// A persisted cancellation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct CancelRecord {
-    pub reason: Option<String>,
-    pub time_us: i64,
-}
-
-/// Encodes `header` followed by `json` into one record buffer. Returns the buffer and the
-/// position where the JSON starts.
 pub(crate) fn encode_event(header: &EventHeader<'_>, json_len: usize) -> Result<(Vec<u8>, usize)> {
     let mut buf = Vec::with_capacity(1 + 24 + header.event_id.len() + json_len);
     buf.push(RECORD_VERSION);
@@ -163,6 +139,7 @@ pub(crate) fn decode_queue(bytes: &[u8]) -> Result<QueueRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::CancelRecord;
 
     #[test]
     fn event_record_round_trips() {
@@ -270,7 +247,7 @@ mod tests {
                 prop_assert!(header.event_id.len() <= bytes.len());
             }
             let _ = decode_queue(&bytes);
-            let _ = crate::store::wal::decode_ops(&bytes);
+            let _ = crate::storage::redb::wal::decode_ops(&bytes);
         }
 
         /// Flipping one byte of a valid record never panics the decoder.

@@ -5,12 +5,12 @@
 //! deleting a queue frees pages inside the database file, not on the filesystem. So the
 //! writer keeps a reserve: while the filesystem has less than the reserve free, commands that
 //! add data (appends, queue creation, checkpoint saves) are refused with
-//! [`Error::DiskFull`], and the writes that free space — deletions, expiry, checkpoints of the
+//! [`Error::DiskFull`], and the writes that free space — deletions, expiry, folds of the
 //! log into redb, and the compaction that follows a deletion on a nearly full disk
 //! ([`super::Store::compact_in_place`]) — always find room.
 //!
 //! The reserve holds against eventqueue's own writes. Another process that fills the
-//! filesystem to the last byte can still make a checkpoint fail; the log then stays the
+//! filesystem to the last byte can still make a fold fail; the log then stays the
 //! durable copy and a restart (with space freed) recovers it.
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,320 @@
+//! The write operations, each with its own typed reply.
+//!
+//! A front end sends an [`Op`] to the writer thread (through [`super::Core`]'s methods). Each
+//! variant is a [`Call`] of its arguments and a reply channel typed by what the operation
+//! answers. When the writer applies an op it pairs that channel with the op's result in an
+//! [`Answered`] of the same type, so a reply can only ever carry its own operation's kind of
+//! result: nothing is matched back at run time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use super::state::{QueueKind, QueueState};
+use crate::error::{Error, Result};
+use crate::event::{Event, EventType, RenderedEvent, Timestamp};
+use crate::ids::{EventId, TaskId, TenantId};
+use crate::storage::{CheckpointRecord, DERIVED_LEN, EventMeta, WriteBatch};
+
+/// The channel an operation's caller waits on. Dropped unanswered while its thread panics
+/// (a bug in the pipeline), it answers [`Error::Poisoned`] naming that thread, so the caller
+/// learns why rather than meeting a closed channel.
+pub(crate) struct Reply<T>(Option<oneshot::Sender<Result<T>>>);
+
+impl<T> Reply<T> {
+    pub(super) fn new(tx: oneshot::Sender<Result<T>>) -> Self {
+        Reply(Some(tx))
+    }
+
+    pub(super) fn send(mut self, result: Result<T>) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(result);
+        }
+    }
+}
+
+impl<T> Drop for Reply<T> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take()
+            && std::thread::panicking()
+        {
+            let _ = tx.send(Err(Error::Poisoned(panicking_thread())));
+        }
+    }
+}
+
+/// The pipeline thread that is panicking, by role (its name without the crate's prefix).
+pub(super) fn panicking_thread() -> std::sync::Arc<str> {
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or("worker");
+    std::sync::Arc::from(name.strip_prefix("eventqueue-").unwrap_or(name))
+}
+
+/// An operation's arguments and its typed reply channel.
+pub(crate) struct Call<A, T> {
+    pub(super) args: A,
+    pub(super) reply: Reply<T>,
+}
+
+impl<A, T> Call<A, T> {
+    pub(super) fn new(args: A, reply: Reply<T>) -> Self {
+        Call { args, reply }
+    }
+
+    /// Answers with an error without applying the operation.
+    pub(super) fn refuse(self, e: Error) {
+        self.reply.send(Err(e));
+    }
+}
+
+/// What the writer is asked to do.
+pub(crate) enum Op {
+    /// Appends events to a queue; answers their offsets.
+    Append(Call<Append, Vec<u64>>),
+    /// Creates a queue.
+    Create(Call<NewQueue, Arc<QueueState>>),
+    /// Closes a queue to producers.
+    Close(Call<Arc<QueueState>, ()>),
+    /// Cancels a task.
+    Cancel(Call<Cancel, ()>),
+    /// Removes a queue and its events; answers whether it was removed.
+    Delete(Call<Delete, bool>),
+    /// Saves a workflow checkpoint and appends its events, atomically.
+    SaveCheckpoint(Call<Box<PreparedSave>, SavedCheckpoint>),
+    /// Syncs everything committed so far (a flush in buffered durability).
+    Flush(Call<(), ()>),
+    /// Commits what is queued, syncs, and stops.
+    Shutdown(Call<(), ()>),
+}
+
+impl Op {
+    /// Events the op appends (for the size of a group commit).
+    pub(super) fn event_count(&self) -> usize {
+        match self {
+            Op::Append(call) => call.args.events.len(),
+            _ => 1,
+        }
+    }
+
+    /// Whether the op adds data (refused while the store is short of room).
+    pub(super) fn adds_data(&self) -> bool {
+        matches!(self, Op::Append(_) | Op::Create(_) | Op::SaveCheckpoint(_))
+    }
+
+    /// Answers with an error without applying the op.
+    pub(super) fn refuse(self, e: Error) {
+        match self {
+            Op::Append(c) => c.refuse(e),
+            Op::Create(c) => c.refuse(e),
+            Op::Close(c) => c.refuse(e),
+            Op::Cancel(c) => c.refuse(e),
+            Op::Delete(c) => c.refuse(e),
+            Op::SaveCheckpoint(c) => c.refuse(e),
+            Op::Flush(c) => c.refuse(e),
+            Op::Shutdown(c) => c.refuse(e),
+        }
+    }
+}
+
+/// [`Op::Append`]'s arguments.
+pub(crate) struct Append {
+    pub queue: Arc<QueueState>,
+    pub events: Vec<PreparedEvent>,
+}
+
+/// [`Op::Cancel`]'s arguments.
+pub(crate) struct Cancel {
+    pub queue: Arc<QueueState>,
+    pub reason: Option<String>,
+}
+
+/// [`Op::Delete`]'s arguments.
+pub(crate) struct Delete {
+    pub queue: Arc<QueueState>,
+    /// Expiry: remove only if the queue's last activity plus its TTL is at or before this
+    /// time (checked again in the batch, so an event that arrived meanwhile keeps the queue).
+    pub expire_at: Option<Timestamp>,
+}
+
+/// Resolved creation parameters ([`Op::Create`]).
+#[derive(Debug, Clone)]
+pub(crate) struct NewQueue {
+    pub tenant: TenantId,
+    pub task: TaskId,
+    pub kind: QueueKind,
+    pub ttl: Duration,
+    pub max_buffer_size: u64,
+}
+
+/// A checkpoint save, prepared by its caller ([`Op::SaveCheckpoint`]).
+pub(crate) struct PreparedSave {
+    pub tenant: TenantId,
+    pub workflow: TaskId,
+    pub record: CheckpointRecord,
+    /// The workflow's queue as found when the save was prepared. If it is gone by the time
+    /// the writer applies the save, the save goes ahead without events.
+    pub queue: Option<Arc<QueueState>>,
+    pub events: Vec<PreparedEvent>,
+    /// Fault injection: fail between the checkpoint's write and the events' append.
+    pub inject: Option<Error>,
+}
+
+/// What a save stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SavedCheckpoint {
+    /// The new checkpoint's id, `ckpt_` + 12 lowercase hex chars.
+    pub checkpoint_id: String,
+    /// Its position in the workflow's history (0 for the first save).
+    pub seq: u64,
+    /// Offset of the `status` event it emitted (`None` without a queue).
+    pub status_offset: Option<u64>,
+    /// Offset of the `progress` event it emitted (`None` without a queue or without tasks).
+    pub progress_offset: Option<u64>,
+}
+
+/// An operation's reply channel with its result, sent once the batch is acknowledged.
+pub(super) struct Answered<T> {
+    reply: Reply<T>,
+    result: Result<T>,
+}
+
+/// Every kind of [`Answered`]; each variant pairs a reply with a result of its own type.
+pub(super) enum Answer {
+    Offsets(Answered<Vec<u64>>),
+    Queue(Answered<Arc<QueueState>>),
+    Done(Answered<()>),
+    Removed(Answered<bool>),
+    Saved(Answered<SavedCheckpoint>),
+}
+
+impl<T> Answered<T> {
+    /// Pairs `reply` with `result`: the op's own result, or the error that failed the batch.
+    pub(super) fn new(reply: Reply<T>, result: Result<T>) -> Self {
+        Answered { reply, result }
+    }
+
+    fn send(self) {
+        self.reply.send(self.result);
+    }
+
+    fn fail(self, e: Error) {
+        self.reply.send(Err(e));
+    }
+}
+
+impl Answer {
+    /// Sends the result (the batch was committed and, where required, synced).
+    pub(super) fn send(self) {
+        match self {
+            Answer::Offsets(a) => a.send(),
+            Answer::Queue(a) => a.send(),
+            Answer::Done(a) => a.send(),
+            Answer::Removed(a) => a.send(),
+            Answer::Saved(a) => a.send(),
+        }
+    }
+
+    /// Sends `e` instead (the batch failed).
+    pub(super) fn fail(self, e: Error) {
+        match self {
+            Answer::Offsets(a) => a.fail(e),
+            Answer::Queue(a) => a.fail(e),
+            Answer::Done(a) => a.fail(e),
+            Answer::Removed(a) => a.fail(e),
+            Answer::Saved(a) => a.fail(e),
+        }
+    }
+}
+
+/// An event validated and rendered by its producer, waiting for its offset.
+#[derive(Debug)]
+pub(crate) struct PreparedEvent {
+    pub(super) event_id: EventId,
+    pub(super) event_type: EventType,
+    pub(super) terminal: bool,
+    timestamp_us: i64,
+    rendered: RenderedEvent,
+    /// The producer gave no id: the store may derive it from the offset at commit (see
+    /// [`WriteBatch::derived_id`]); `event_id` and the id in `rendered` are placeholders of
+    /// the same length.
+    derive_id: bool,
+}
+
+/// Where the id sits in a rendered event: `{"event_id":"` comes first.
+const ID_AT: usize = br#"{"event_id":""#.len();
+
+impl PreparedEvent {
+    /// Renders `event` (on the caller's thread, so JSON encoding runs in parallel across
+    /// producers; the writer only splices in the offset).
+    pub(crate) fn new(event: &Event) -> Self {
+        Self {
+            event_id: event.event_id.clone(),
+            event_type: event.event_type(),
+            terminal: event.is_terminal(),
+            timestamp_us: event.timestamp.as_micros(),
+            rendered: event.render(),
+            derive_id: false,
+        }
+    }
+
+    /// As [`PreparedEvent::new`] for an event whose producer gave no id (its `event_id` was
+    /// generated on receipt and nobody has seen it): a store that derives ids replaces it
+    /// with one derived from the offset, which needs no idempotency-index entry.
+    pub(crate) fn deriving_id(event: &Event) -> Self {
+        let mut prepared = Self::new(event);
+        let id = prepared.event_id.as_str().as_bytes();
+        // Generated ids have the derived ids' length; anything else keeps its own id.
+        prepared.derive_id = id.len() == DERIVED_LEN
+            && prepared.rendered.prefix.get(..ID_AT) == Some(br#"{"event_id":""#.as_slice())
+            && prepared.rendered.prefix.get(ID_AT..ID_AT + DERIVED_LEN) == Some(id);
+        prepared
+    }
+
+    /// The id the store gives this event at `offset` of queue `qid`, when it derives it.
+    pub(super) fn derived_id(
+        &self,
+        w: &dyn WriteBatch,
+        qid: u64,
+        offset: u64,
+    ) -> Option<[u8; DERIVED_LEN]> {
+        if self.derive_id {
+            w.derived_id(qid, offset)
+        } else {
+            None
+        }
+    }
+
+    /// The stored record (the store's header, then the JSON with `offset`, and with
+    /// `derived` as its id when given) and where its JSON starts.
+    pub(super) fn encode(
+        &self,
+        w: &dyn WriteBatch,
+        offset: u64,
+        derived: Option<&[u8; DERIVED_LEN]>,
+    ) -> Result<(Vec<u8>, usize)> {
+        let event_id = match derived {
+            // Derived ids are ASCII.
+            Some(id) => std::str::from_utf8(id).map_err(Error::internal)?,
+            None => self.event_id.as_str(),
+        };
+        let meta = EventMeta {
+            event_type: self.event_type.code(),
+            terminal: self.terminal,
+            timestamp_us: self.timestamp_us,
+            event_id,
+        };
+        let r = &self.rendered;
+        let (mut buf, start) = w.event_record(&meta, r.prefix.len() + r.suffix.len() + 20)?;
+        buf.extend_from_slice(&r.prefix);
+        if let Some(id) = derived {
+            // `deriving_id` checked that the placeholder sits there, with this length.
+            buf[start + ID_AT..start + ID_AT + DERIVED_LEN].copy_from_slice(id);
+        }
+        let mut digits = [0u8; 20];
+        buf.extend_from_slice(crate::event::decimal(offset, &mut digits));
+        buf.extend_from_slice(&r.suffix);
+        Ok((buf, start))
+    }
+}

@@ -1,0 +1,1054 @@
+//! The group-commit pipeline: the one writer of the store.
+//!
+//! Three threads:
+//!
+//! 1. The **writer** drains the op channel: it blocks for the first op, then takes whatever
+//!    else is already waiting (up to `max_commit_events` events), applies all of it as one
+//!    batch ([`Storage::begin`] → [`WriteBatch`]), commits the batch to the store and hands
+//!    it to the acknowledger. It then starts on the next batch at once. Between batches it
+//!    lets the store do its housekeeping ([`Storage::maintain`]) and runs purge steps.
+//! 2. The **acknowledger** takes every batch handed over so far, syncs the store once for all
+//!    of them ([`Storage::sync`], in immediate durability), and only then publishes them to
+//!    live subscribers and answers their callers, in batch order.
+//! 3. The **background** thread runs work the store hands off between batches
+//!    ([`Storage::background`]: for the embedded store, writing logged batches into redb).
+//!
+//! So throughput grows with the number of waiting callers, the sync of one batch overlaps the
+//! CPU work of the next, and each acknowledgement still means "durable".
+//!
+//! # Ordering
+//!
+//! This is the write path's ordering argument; the store's half (what a commit does, and why
+//! its readers never miss a committed batch) is in `storage::redb`'s module docs.
+//!
+//! - Offsets are assigned while the batch is built, from the writer's *committed* view of each
+//!   queue. The writer is the only thread that builds batches and the only one that changes
+//!   committed views (right after a successful commit), so offsets are dense and never reused.
+//! - The committed view runs ahead of the *published* view while batches wait for their
+//!   sync. The acknowledger publishes a batch (advances the published view and sends its live
+//!   messages, under the queue's lock) only after the sync that covers it, and batches in
+//!   commit order. Subscribers read the store only below the published offset, so they never
+//!   see an event before it is durable, and the store holds every event below it.
+//! - A queue's retention bound (`max_buffer_size`) is applied in the same batch as the appends
+//!   that exceed it, so the bound holds right after each commit. Idempotency lookups, closed /
+//!   cancelled / finished checks and expiry checks all run against the committed view inside
+//!   the batch, so two ops in one batch see each other.
+//!
+//! # Failure
+//!
+//! - A commit the store **rejected** (a full disk, typically: nothing of the batch stored)
+//!   fails only its batch's callers. The next batch is tried normally, so writes resume by
+//!   themselves once space is freed.
+//! - Any other failure — a failed commit the store could not undo, a failed sync, a failed
+//!   fold or background write — is permanent: the batch's callers (and, for a sync, every
+//!   batch waiting for it) get the error, and the pipeline refuses all later writes with
+//!   [`Error::StoreFailed`] until the store is reopened, rather than pretend later commits
+//!   are fine. After a failed fsync the kernel may have dropped the unsynced pages, so
+//!   nothing written since the last good sync can be trusted in place.
+//! - A **panic** on any of the three threads (a bug) poisons the engine: callers get
+//!   [`Error::Poisoned`] naming the thread, and writes stop.
+//!
+//! Recovery on reopen keeps exactly the batches that reached stable storage (a caller that
+//! got an error may find its event stored, as after a timeout; idempotent retries make that
+//! safe).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::hub::{Live, RecordedEvent};
+use super::ops::{
+    Answer, Answered, Append, Call, Cancel, Delete, NewQueue, Op, PreparedEvent, PreparedSave,
+    Reply, SavedCheckpoint,
+};
+use super::state::{CancelInfo, QueueState, View};
+use crate::clock::Clock;
+use crate::error::{Error, Result, StorageError};
+use crate::event::Timestamp;
+use crate::ids::{TaskId, TenantId};
+use crate::metrics::Metrics;
+use crate::storage::{PendingPurge, QueueRecord, Storage, WriteBatch, WriteError};
+
+/// Every live queue by `(tenant, task)`. Written only by the pipeline, after commits.
+pub(crate) type Registry = RwLock<HashMap<(TenantId, TaskId), Arc<QueueState>>>;
+
+/// What the writer's channel carries: an op to batch, or a compaction (which runs between
+/// batches, after whatever was collected with it).
+pub(crate) enum Request {
+    Write(Op),
+    Compact(Call<(), (u64, u64)>),
+}
+
+/// The first storage failure, shared by the pipeline's threads.
+#[derive(Default)]
+struct Failure(Mutex<Option<StorageError>>);
+
+impl Failure {
+    fn get(&self) -> Option<StorageError> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, e: &Error) {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            tracing::error!(error = %e, "storage failure; refusing further writes until reopen");
+            *slot = Some(match e {
+                Error::Storage(se) | Error::StoreFailed(se) => se.clone(),
+                other => StorageError::msg(other),
+            });
+        }
+    }
+}
+
+/// Set when one of the pipeline's threads panicked (see [`Error::Poisoned`]).
+#[derive(Debug, Default)]
+pub(crate) struct Poison(Mutex<Option<Arc<str>>>);
+
+impl Poison {
+    /// The thread that panicked, if one did.
+    pub(crate) fn get(&self) -> Option<Arc<str>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The error a caller gets when the pipeline is gone: [`Error::Poisoned`] after a panic,
+    /// [`Error::ShuttingDown`] otherwise.
+    pub(crate) fn gone(&self) -> Error {
+        match self.get() {
+            Some(thread) => Error::Poisoned(thread),
+            None => Error::ShuttingDown,
+        }
+    }
+}
+
+/// Marks the engine poisoned if the thread holding it unwinds from a panic.
+struct PoisonGuard {
+    poison: Arc<Poison>,
+    thread: &'static str,
+}
+
+impl Drop for PoisonGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(
+                thread = self.thread,
+                "a worker thread panicked; writes stop"
+            );
+            let mut slot = self.poison.0.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert_with(|| Arc::from(self.thread));
+        }
+    }
+}
+
+/// A queue's state as the current batch sees it.
+struct Stage {
+    q: Arc<QueueState>,
+    view: View,
+    /// The queue was already removed before this batch.
+    was_removed: bool,
+    created: bool,
+    dirty: bool,
+    outbox: Vec<Live>,
+    appended: u64,
+    trimmed: u64,
+}
+
+impl Stage {
+    fn of(q: &Arc<QueueState>) -> Self {
+        let view = q.committed().clone();
+        Stage {
+            q: q.clone(),
+            was_removed: view.removed,
+            view,
+            created: false,
+            dirty: false,
+            outbox: Vec::new(),
+            appended: 0,
+            trimmed: 0,
+        }
+    }
+
+    /// Appends `ev` at the view's next offset (with `derived` as its id when the store
+    /// derives one): stores it in the batch, advances the view and queues the event for
+    /// live subscribers. Returns the offset.
+    fn append(
+        &mut self,
+        w: &mut dyn WriteBatch,
+        ev: &PreparedEvent,
+        derived: Option<&[u8; crate::storage::DERIVED_LEN]>,
+    ) -> Result<u64> {
+        let offset = self.view.next_offset;
+        let (record, json_at) = ev.encode(w, offset, derived)?;
+        let record = Bytes::from(record);
+        let json = record.slice(json_at..);
+        let id = derived.is_none().then_some(&ev.event_id);
+        w.append(
+            self.q.id(),
+            offset,
+            id,
+            record,
+            json_at,
+            (ev.event_type.code(), ev.terminal),
+        )?;
+        self.view.next_offset = offset + 1;
+        self.appended += 1;
+        if ev.terminal && self.view.finished_at.is_none() {
+            self.view.finished_at = Some(offset);
+        }
+        self.outbox.push(Live::Event(Arc::new(RecordedEvent::new(
+            offset,
+            ev.event_type,
+            ev.terminal,
+            json,
+        ))));
+        Ok(offset)
+    }
+
+    /// The first offset to keep so that the queue holds at most its `max_buffer_size` events,
+    /// when that means trimming.
+    fn trim_to(&self) -> Option<u64> {
+        let (v, max) = (&self.view, self.q.max_buffer_size());
+        (v.next_offset - v.first_offset > max).then(|| v.next_offset - max)
+    }
+
+    fn touched(&mut self, now: Timestamp) {
+        if self.appended > 0 {
+            self.view.last_activity = now;
+            self.dirty = true;
+        }
+    }
+}
+
+/// The staged changes of one batch.
+#[derive(Default)]
+struct Batch {
+    stages: Vec<Stage>,
+    index: HashMap<u64, usize>,
+}
+
+impl Batch {
+    fn stage(&mut self, q: &Arc<QueueState>) -> &mut Stage {
+        let i = match self.index.get(&q.id()) {
+            Some(&i) => i,
+            None => {
+                self.stages.push(Stage::of(q));
+                self.index.insert(q.id(), self.stages.len() - 1);
+                self.stages.len() - 1
+            }
+        };
+        &mut self.stages[i]
+    }
+}
+
+/// A committed batch waiting for its sync.
+struct Job {
+    batch: Batch,
+    answers: Vec<Answer>,
+    /// The batch wrote something to the store.
+    logged: bool,
+    /// Answer only after a sync (immediate durability, flush, shutdown).
+    needs_sync: bool,
+    /// When the writer began the batch (for `Metrics::commit_seconds`).
+    started: Instant,
+}
+
+/// The writer's settings and shared state.
+pub(crate) struct Writer {
+    pub storage: Arc<dyn Storage>,
+    pub registry: Arc<Registry>,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    pub poison: Arc<Poison>,
+    pub rx: mpsc::Receiver<Request>,
+    /// `None` in immediate durability; the flush interval in buffered durability.
+    pub flush_interval: Option<Duration>,
+    pub max_commit_events: usize,
+    pub next_queue_id: u64,
+    /// Deleted queues whose events are still to be removed.
+    pub purges: Vec<PendingPurge>,
+    /// Most events one purge step removes.
+    pub purge_step: u64,
+}
+
+/// While appends keep coming, one purge step runs at most this often, so a large deletion
+/// never holds appends behind it.
+const PURGE_PACE: Duration = Duration::from_millis(10);
+
+/// After a purge step was refused (its commit was rejected: a full disk), idle retries wait
+/// this long between attempts.
+const PURGE_RETRY: Duration = Duration::from_millis(100);
+
+impl Writer {
+    /// Runs the pipeline until a shutdown op or until every sender is gone.
+    ///
+    /// # Errors
+    ///
+    /// Only if a helper thread cannot be started.
+    pub(crate) fn run(self) -> Result<()> {
+        let failure = Arc::new(Failure::default());
+        let (jobs_tx, jobs_rx) = std_mpsc::channel();
+        let acker = Acknowledger {
+            jobs: jobs_rx,
+            storage: self.storage.clone(),
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            failure: failure.clone(),
+            flush_interval: self.flush_interval,
+        };
+        let poison = self.poison.clone();
+        let ack = std::thread::Builder::new()
+            .name("eventqueue-ack".into())
+            .spawn(move || {
+                let _guard = PoisonGuard {
+                    poison,
+                    thread: "acknowledger",
+                };
+                acker.run();
+            })
+            .map_err(|e| Error::internal(format!("cannot start the acknowledger thread: {e}")))?;
+        let (bg_tx, bg_rx) = std_mpsc::channel::<crate::storage::Handoff>();
+        let background = {
+            let (storage, failure, poison) =
+                (self.storage.clone(), failure.clone(), self.poison.clone());
+            std::thread::Builder::new()
+                .name("eventqueue-bulk".into())
+                .spawn(move || {
+                    let _guard = PoisonGuard {
+                        poison,
+                        thread: "background",
+                    };
+                    for work in bg_rx {
+                        if let Err(e) = storage.background(work) {
+                            failure.set(&e);
+                        }
+                    }
+                })
+                .map_err(|e| Error::internal(format!("cannot start the background thread: {e}")))?
+        };
+        let keys = self
+            .registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let purges = self.purges.iter().cloned().collect();
+        let poison = self.poison.clone();
+        let mut stage = WriterLoop {
+            w: self,
+            failure,
+            jobs: jobs_tx,
+            background: bg_tx,
+            keys,
+            purges,
+            last_purge: Instant::now(),
+            purge_refused: false,
+        };
+        {
+            // Declared after `stage`, so dropped before it while unwinding: the engine is
+            // marked poisoned before the op channel closes.
+            let _guard = PoisonGuard {
+                poison,
+                thread: "writer",
+            };
+            stage.run();
+        }
+        drop(stage);
+        let _ = ack.join();
+        let _ = background.join();
+        Ok(())
+    }
+}
+
+struct WriterLoop {
+    w: Writer,
+    failure: Arc<Failure>,
+    jobs: std_mpsc::Sender<Job>,
+    /// Work for the background thread.
+    background: std_mpsc::Sender<crate::storage::Handoff>,
+    /// Queues that exist as of the latest commit (creates may not be published yet).
+    keys: HashSet<(TenantId, TaskId)>,
+    /// Deleted queues whose events are still to be removed, oldest deletion first; the front
+    /// one's range shrinks as steps remove it.
+    purges: VecDeque<PendingPurge>,
+    last_purge: Instant,
+    /// The last purge step was refused (a full disk): idle retries back off.
+    purge_refused: bool,
+}
+
+impl WriterLoop {
+    fn run(&mut self) {
+        loop {
+            let first = if self.purges.is_empty() || self.failure.get().is_some() {
+                match self.w.rx.blocking_recv() {
+                    Some(req) => req,
+                    None => break,
+                }
+            } else {
+                // Idle with deletions pending: purge step by step, checking for ops between
+                // steps.
+                match self.w.rx.try_recv() {
+                    Ok(req) => req,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        if self.purge_refused {
+                            // Do not spin on a full disk; ops still get through.
+                            std::thread::sleep(PURGE_RETRY);
+                        }
+                        self.purge_step();
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            };
+            let mut ops = Vec::new();
+            let mut compactions = Vec::new();
+            let mut n = 0;
+            let mut next = Some(first);
+            while let Some(req) = next.take() {
+                match req {
+                    Request::Write(op) => {
+                        n += op.event_count();
+                        ops.push(op);
+                    }
+                    Request::Compact(call) => compactions.push(call),
+                }
+                if n < self.w.max_commit_events {
+                    next = self.w.rx.try_recv().ok();
+                }
+            }
+            let ops = self.admit(ops);
+            let shutdown = !ops.is_empty() && self.process(ops);
+            // A compaction changes no content: it runs after whatever was collected with it.
+            for call in compactions {
+                let result = self.compact();
+                call.reply.send(result);
+            }
+            if shutdown {
+                return;
+            }
+            if !self.purges.is_empty() && self.last_purge.elapsed() >= PURGE_PACE {
+                self.purge_step();
+            }
+            self.maintain();
+        }
+        // Every handle is gone: leave a durable store behind.
+        if self.failure.get().is_none()
+            && let Err(e) = self.w.storage.fold()
+        {
+            self.failure.set(&e);
+        }
+    }
+
+    /// The store's housekeeping between batches (see [`Storage::maintain`]).
+    fn maintain(&mut self) {
+        if self.failure.get().is_some() {
+            return;
+        }
+        let started = Instant::now();
+        match self.w.storage.maintain() {
+            Err(e) => self.failure.set(&e),
+            Ok(done) => {
+                if done.folded {
+                    let m = &self.w.metrics;
+                    Metrics::add(&m.log_folds, 1);
+                    m.log_fold_seconds.observe(started.elapsed().as_secs_f64());
+                }
+                if let Some(work) = done.handoff {
+                    // Should the thread be gone, the next fold does the work.
+                    let _ = self.background.send(work);
+                }
+            }
+        }
+    }
+
+    /// Removes one bounded step of the oldest pending deletion, as a batch of its own. It
+    /// needs no sync of its own: if a crash loses it, the queue's purge mark is still stored
+    /// and the step is redone after reopen.
+    fn purge_step(&mut self) {
+        self.last_purge = Instant::now();
+        if self.failure.get().is_some() {
+            return;
+        }
+        let Some(purge) = self.purges.front() else {
+            return;
+        };
+        let (qid, from, end) = (purge.qid, purge.offsets.start, purge.offsets.end);
+        let to = from.saturating_add(self.w.purge_step.max(1)).min(end);
+        let last = to >= end;
+        let result = self
+            .w
+            .storage
+            .begin()
+            .map_err(WriteError::Fatal)
+            .and_then(|mut batch| {
+                batch.purge(qid, from, to, last)?;
+                batch.commit()
+            });
+        match result {
+            Ok(_) => {
+                self.purge_refused = false;
+                Metrics::add(&self.w.metrics.events_removed, to.saturating_sub(from));
+                if last {
+                    self.purges.pop_front();
+                    self.reclaim();
+                } else if let Some(front) = self.purges.front_mut() {
+                    front.offsets.start = to;
+                }
+                self.w.metrics.pending_purges.store(
+                    self.purges.len() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+            // The step is redone later.
+            Err(WriteError::Rejected(_)) => self.purge_refused = true,
+            Err(WriteError::Fatal(e)) => self.failure.set(&e),
+        }
+    }
+
+    /// After a deletion completed: lets the store give the space back when room is short.
+    fn reclaim(&mut self) {
+        if self.failure.get().is_some() {
+            return;
+        }
+        match self.w.storage.reclaim_if_low() {
+            Ok(Some((before, after))) => tracing::info!(
+                bytes_before = before,
+                bytes_after = after,
+                "disk nearly full: compacted the database after a deletion"
+            ),
+            Ok(None) => {}
+            Err(e) => self.failure.set(&e),
+        }
+    }
+
+    /// Refuses the ops that add data while the store is short of room: they get
+    /// [`Error::DiskFull`]; the others go on, so deletions, cancellations and closes still
+    /// work on a full disk.
+    fn admit(&mut self, ops: Vec<Op>) -> Vec<Op> {
+        if !ops.iter().any(Op::adds_data) {
+            return ops;
+        }
+        let Err(e) = self.w.storage.admit() else {
+            return ops;
+        };
+        let (refused, admitted): (Vec<_>, Vec<_>) = ops.into_iter().partition(Op::adds_data);
+        for op in refused {
+            op.refuse(e.clone());
+        }
+        admitted
+    }
+
+    /// Compacts the store's file; a failure stops writes, as for a failed fold.
+    fn compact(&mut self) -> Result<(u64, u64)> {
+        if let Some(e) = self.failure.get() {
+            return Err(Error::StoreFailed(e));
+        }
+        self.w
+            .storage
+            .compact()
+            .inspect_err(|e| self.failure.set(e))
+    }
+
+    /// Applies and commits one batch and hands it to the acknowledger. Returns true when a
+    /// shutdown was processed.
+    fn process(&mut self, ops: Vec<Op>) -> bool {
+        #[cfg(feature = "failpoints")]
+        if self.w.storage.faults().writer_panic() {
+            panic!("injected panic of the writer thread");
+        }
+        let shutdown = ops.iter().any(|op| matches!(op, Op::Shutdown(_)));
+        if let Some(e) = self.failure.get() {
+            for op in ops {
+                op.refuse(Error::StoreFailed(e.clone()));
+            }
+            return shutdown;
+        }
+        let needs_sync = self.w.flush_interval.is_none()
+            || ops
+                .iter()
+                .any(|op| matches!(op, Op::Flush(_) | Op::Shutdown(_)));
+        let now = self.w.clock.now();
+        let started = Instant::now();
+        let mut batch = Batch::default();
+        let mut next_queue_id = self.w.next_queue_id;
+        let mut answers = Vec::with_capacity(ops.len());
+        let result = match self.w.storage.begin() {
+            Err(e) => Err(WriteError::Fatal(e)),
+            Ok(mut w) => {
+                let mut fatal = None;
+                let mut ops = ops.into_iter();
+                for op in ops.by_ref() {
+                    let (answer, failed) = apply(
+                        &mut *w,
+                        &mut batch,
+                        &mut self.keys,
+                        &mut next_queue_id,
+                        op,
+                        now,
+                    );
+                    answers.push(answer);
+                    if failed.is_some() {
+                        fatal = failed;
+                        break;
+                    }
+                }
+                match fatal {
+                    Some(e) => {
+                        // Dropping the batch uncommitted leaves nothing of it stored.
+                        for op in ops {
+                            op.refuse(e.clone());
+                        }
+                        Err(WriteError::Fatal(e))
+                    }
+                    None => finish(&mut *w, &mut batch)
+                        .map_err(WriteError::Fatal)
+                        .and_then(|()| w.commit()),
+                }
+            }
+        };
+        // The last batch before a shutdown is followed by a fold, so the store is wholly
+        // durable in its own form when it is closed.
+        let result = match result {
+            Ok(logged) if shutdown => self
+                .w
+                .storage
+                .fold()
+                .map(|()| logged)
+                .map_err(WriteError::Fatal),
+            other => other,
+        };
+        match result {
+            Ok(logged) => {
+                let events: u64 = batch.stages.iter().map(|s| s.appended).sum();
+                let m = &self.w.metrics;
+                Metrics::add(&m.commits, 1);
+                Metrics::add(&m.events_appended, events);
+                Metrics::add(
+                    &m.events_removed,
+                    batch.stages.iter().map(|s| s.trimmed).sum(),
+                );
+                m.batch_size.observe(events as f64);
+                self.w.next_queue_id = next_queue_id;
+                for stage in &batch.stages {
+                    *stage.q.committed() = stage.view.clone();
+                    if stage.view.removed && !stage.was_removed {
+                        self.purges.push_back(PendingPurge {
+                            qid: stage.q.id(),
+                            offsets: stage.view.first_offset..stage.view.next_offset,
+                        });
+                    }
+                }
+                m.pending_purges.store(
+                    self.purges.len() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                let job = Job {
+                    batch,
+                    answers,
+                    logged,
+                    needs_sync,
+                    started,
+                };
+                if let Err(std_mpsc::SendError(job)) = self.jobs.send(job) {
+                    // The acknowledger ends only when this sender is gone: it panicked.
+                    let e = Error::Poisoned(Arc::from("acknowledger"));
+                    for answer in job.answers {
+                        answer.fail(e.clone());
+                    }
+                }
+            }
+            Err(failed) => {
+                // Creates and removals of this batch were not committed.
+                for stage in &batch.stages {
+                    let key = (stage.q.tenant_id().clone(), stage.q.task_id().clone());
+                    if stage.created {
+                        self.keys.remove(&key);
+                    } else if stage.view.removed && !stage.was_removed {
+                        self.keys.insert(key);
+                    }
+                }
+                // A rejected batch left the store as it was: only its callers fail (a full
+                // disk: the next batch may fit). Anything else stops writes until reopen.
+                if let WriteError::Fatal(e) = &failed {
+                    self.failure.set(e);
+                }
+                let e = failed.error();
+                for answer in answers {
+                    answer.fail(e.clone());
+                }
+            }
+        }
+        shutdown
+    }
+}
+
+/// The second pipeline stage: sync, then publish and answer, in batch order.
+struct Acknowledger {
+    jobs: std_mpsc::Receiver<Job>,
+    storage: Arc<dyn Storage>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    failure: Arc<Failure>,
+    flush_interval: Option<Duration>,
+}
+
+impl Acknowledger {
+    fn run(self) {
+        let mut unsynced = false;
+        let mut last_sync = Instant::now();
+        // In buffered durability, wake at least every flush interval to sync what is pending.
+        let idle_wait = self.flush_interval.unwrap_or(Duration::from_secs(3600));
+        loop {
+            let mut jobs = match self.jobs.recv_timeout(idle_wait) {
+                Ok(job) => vec![job],
+                Err(std_mpsc::RecvTimeoutError::Timeout) => Vec::new(),
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            while let Ok(job) = self.jobs.try_recv() {
+                jobs.push(job);
+            }
+            unsynced |= jobs.iter().any(|j| j.logged);
+            let due = self
+                .flush_interval
+                .is_some_and(|every| last_sync.elapsed() >= every);
+            if unsynced && (due || jobs.iter().any(|j| j.needs_sync)) {
+                if let Err(e) = self.storage.sync() {
+                    self.failure.set(&e);
+                    for job in jobs {
+                        for answer in job.answers {
+                            answer.fail(e.clone());
+                        }
+                    }
+                    continue;
+                }
+                unsynced = false;
+                last_sync = Instant::now();
+            }
+            for job in jobs {
+                // A batch committed after a failed sync is not answered as durable.
+                if job.needs_sync
+                    && let Some(e) = self.failure.get()
+                {
+                    for answer in job.answers {
+                        answer.fail(Error::StoreFailed(e.clone()));
+                    }
+                    continue;
+                }
+                self.metrics
+                    .commit_seconds
+                    .observe(job.started.elapsed().as_secs_f64());
+                publish(&self.registry, job.batch);
+                for answer in job.answers {
+                    answer.send();
+                }
+            }
+        }
+    }
+}
+
+/// An op's answer from its result: `Ok(result)` is the op's own (a refusal included),
+/// `Err(e)` a failure of the whole batch, returned as well.
+fn settle<T>(
+    reply: Reply<T>,
+    result: Result<Result<T>>,
+    wrap: fn(Answered<T>) -> Answer,
+) -> (Answer, Option<Error>) {
+    match result {
+        Ok(own) => (wrap(Answered::new(reply, own)), None),
+        Err(e) => (wrap(Answered::new(reply, Err(e.clone()))), Some(e)),
+    }
+}
+
+/// Applies one op to the batch.
+fn apply(
+    w: &mut dyn WriteBatch,
+    batch: &mut Batch,
+    keys: &mut HashSet<(TenantId, TaskId)>,
+    next_queue_id: &mut u64,
+    op: Op,
+    now: Timestamp,
+) -> (Answer, Option<Error>) {
+    match op {
+        Op::Append(Call { args, reply }) => {
+            settle(reply, append(w, batch, &args, now), Answer::Offsets)
+        }
+        Op::Create(Call { args, reply }) => settle(
+            reply,
+            create(w, batch, keys, next_queue_id, &args, now),
+            Answer::Queue,
+        ),
+        Op::Close(Call { args, reply }) => settle(reply, Ok(close(batch, &args)), Answer::Done),
+        Op::Cancel(Call { args, reply }) => {
+            settle(reply, Ok(cancel(batch, &args, now)), Answer::Done)
+        }
+        Op::Delete(Call { args, reply }) => {
+            settle(reply, Ok(delete(batch, keys, &args)), Answer::Removed)
+        }
+        Op::SaveCheckpoint(Call { args, reply }) => {
+            settle(reply, save_checkpoint(w, batch, &args, now), Answer::Saved)
+        }
+        Op::Flush(Call { reply, .. }) | Op::Shutdown(Call { reply, .. }) => {
+            (Answer::Done(Answered::new(reply, Ok(()))), None)
+        }
+    }
+}
+
+fn append(
+    w: &mut dyn WriteBatch,
+    batch: &mut Batch,
+    op: &Append,
+    now: Timestamp,
+) -> Result<Result<Vec<u64>>> {
+    let queue = &op.queue;
+    let stage = batch.stage(queue);
+    if stage.view.removed {
+        return Ok(Err(queue.not_found()));
+    }
+    if stage.view.closed {
+        return Ok(Err(Error::QueueClosed {
+            task_id: queue.task_id().to_string(),
+        }));
+    }
+    let mut offsets = Vec::with_capacity(op.events.len());
+    for ev in &op.events {
+        let next = stage.view.next_offset;
+        // A derived id is new by construction (it names this offset): no lookup.
+        let derived = ev.derived_id(w, queue.id(), next);
+        if derived.is_none()
+            && let Some(existing) = w.find_event_id(
+                queue.id(),
+                ev.event_id.as_str(),
+                stage.view.first_offset..next,
+            )?
+        {
+            offsets.push(existing);
+            continue;
+        }
+        offsets.push(stage.append(w, ev, derived.as_ref())?);
+    }
+    stage.touched(now);
+    Ok(Ok(offsets))
+}
+
+fn create(
+    w: &mut dyn WriteBatch,
+    batch: &mut Batch,
+    keys: &mut HashSet<(TenantId, TaskId)>,
+    next_queue_id: &mut u64,
+    spec: &NewQueue,
+    now: Timestamp,
+) -> Result<Result<Arc<QueueState>>> {
+    let key = (spec.tenant.clone(), spec.task.clone());
+    if keys.contains(&key) {
+        return Ok(Err(Error::QueueExists {
+            tenant_id: spec.tenant.to_string(),
+            task_id: spec.task.to_string(),
+        }));
+    }
+    let id = *next_queue_id;
+    *next_queue_id += 1;
+    w.set_next_queue_id(*next_queue_id)?;
+    let record = QueueRecord {
+        id,
+        kind: spec.kind.code(),
+        created_at_us: now.as_micros(),
+        last_activity_us: now.as_micros(),
+        ttl_ms: u64::try_from(spec.ttl.as_millis()).unwrap_or(u64::MAX),
+        max_buffer_size: spec.max_buffer_size,
+        first_offset: 0,
+        next_offset: 0,
+        closed: false,
+        finished_at: None,
+        cancel: None,
+    };
+    let q = Arc::new(QueueState::from_record(
+        spec.tenant.clone(),
+        spec.task.clone(),
+        &record,
+    ));
+    keys.insert(key);
+    let stage = batch.stage(&q);
+    stage.created = true;
+    stage.dirty = true;
+    Ok(Ok(q))
+}
+
+fn close(batch: &mut Batch, queue: &Arc<QueueState>) -> Result<()> {
+    let stage = batch.stage(queue);
+    if stage.view.removed {
+        return Err(queue.not_found());
+    }
+    if !stage.view.closed {
+        stage.view.closed = true;
+        stage.dirty = true;
+        let at = stage.view.next_offset;
+        stage.outbox.push(Live::Closed { at });
+    }
+    Ok(())
+}
+
+fn cancel(batch: &mut Batch, op: &Cancel, now: Timestamp) -> Result<()> {
+    let stage = batch.stage(&op.queue);
+    if stage.view.removed {
+        return Err(op.queue.not_found());
+    }
+    if stage.view.finished_at.is_some() {
+        return Err(Error::TaskFinished {
+            task_id: op.queue.task_id().to_string(),
+        });
+    }
+    if stage.view.cancel.is_none() {
+        stage.view.cancel = Some(CancelInfo {
+            reason: op.reason.clone(),
+            time: now,
+        });
+        stage.dirty = true;
+    }
+    Ok(())
+}
+
+fn delete(batch: &mut Batch, keys: &mut HashSet<(TenantId, TaskId)>, op: &Delete) -> Result<bool> {
+    let queue = &op.queue;
+    let stage = batch.stage(queue);
+    if stage.view.removed {
+        return Err(queue.not_found());
+    }
+    if let Some(now) = op.expire_at
+        && stage.view.last_activity.saturating_add(queue.ttl()) > now
+    {
+        return Ok(false);
+    }
+    stage.view.removed = true;
+    stage.outbox.push(Live::Removed);
+    keys.remove(&(queue.tenant_id().clone(), queue.task_id().clone()));
+    Ok(true)
+}
+
+/// A checkpoint save: the checkpoint, then its events, in the batch.
+///
+/// Every check that can refuse the save runs before its first change, so a refusal leaves the
+/// batch untouched; an error after the first change fails the whole batch (it is dropped
+/// uncommitted), so the checkpoint and its events are stored together or not at all. The
+/// events' offsets are known before they are appended (the next offsets of the queue: their
+/// ids are checked to be new), so the checkpoint records them.
+fn save_checkpoint(
+    w: &mut dyn WriteBatch,
+    batch: &mut Batch,
+    save: &PreparedSave,
+    now: Timestamp,
+) -> Result<Result<SavedCheckpoint>> {
+    let checkpoint_id = &save.record.checkpoint_id;
+    if w.checkpoint_id_taken(save.tenant.as_str(), checkpoint_id)? {
+        return Ok(Err(Error::InvalidCheckpoint {
+            field: "checkpoint_id".into(),
+            reason: format!("{checkpoint_id} already exists"),
+        }));
+    }
+    // A queue removed since the save was prepared is as no queue: the save goes ahead alone.
+    let queue = save.queue.as_ref().filter(|q| !batch.stage(q).view.removed);
+    let mut record = save.record.clone();
+    record.created_at_us = now.as_micros();
+    if let Some(q) = queue {
+        let stage = batch.stage(q);
+        if stage.view.closed {
+            return Ok(Err(Error::QueueClosed {
+                task_id: q.task_id().to_string(),
+            }));
+        }
+        let (retained_from, next) = (stage.view.first_offset, stage.view.next_offset);
+        for ev in &save.events {
+            if w.find_event_id(q.id(), ev.event_id.as_str(), retained_from..next)?
+                .is_some()
+            {
+                return Ok(Err(Error::invalid_event(
+                    "event_id",
+                    format!("{} is already used in the queue", ev.event_id),
+                )));
+            }
+        }
+        let mut offsets = (next..).take(save.events.len());
+        record.status_offset = offsets.next();
+        record.progress_offset = offsets.next();
+    }
+    let seq = w.put_checkpoint(save.tenant.as_str(), save.workflow.as_str(), &record)?;
+    if let Some(e) = &save.inject {
+        return Err(e.clone());
+    }
+    if let Some(q) = queue {
+        let stage = batch.stage(q);
+        for ev in &save.events {
+            stage.append(w, ev, None)?;
+        }
+        stage.touched(now);
+    }
+    Ok(Ok(SavedCheckpoint {
+        checkpoint_id: checkpoint_id.clone(),
+        seq,
+        status_offset: record.status_offset,
+        progress_offset: record.progress_offset,
+    }))
+}
+
+/// Trims, stores queue records and removes deleted queues, in the batch.
+fn finish(w: &mut dyn WriteBatch, batch: &mut Batch) -> Result<()> {
+    for stage in &mut batch.stages {
+        let q = stage.q.clone();
+        if stage.was_removed {
+            continue;
+        }
+        if stage.view.removed {
+            w.remove_queue(q.id(), q.tenant_id().as_str(), q.task_id().as_str())?;
+            continue;
+        }
+        if !stage.dirty {
+            continue;
+        }
+        if let Some(new_first) = stage.trim_to() {
+            stage.trimmed = w.trim(q.id(), stage.view.first_offset, new_first)?;
+            stage.view.first_offset = new_first;
+        }
+        w.put_queue(
+            q.tenant_id().as_str(),
+            q.task_id().as_str(),
+            &q.record(&stage.view),
+        )?;
+    }
+    Ok(())
+}
+
+/// Applies durable stages to the published state and sends to live subscribers. Each queue's
+/// state is advanced and its messages sent under that queue's lock (see `hub`).
+fn publish(registry: &Registry, batch: Batch) {
+    for stage in batch.stages {
+        let q = stage.q;
+        let removed = stage.view.removed;
+        {
+            let mut st = q.lock();
+            if stage.view.cancel.is_some() && st.view.cancel.is_none() {
+                q.cancel_token().cancel();
+            }
+            st.view = stage.view;
+            for msg in stage.outbox {
+                st.hub.publish(msg);
+            }
+            if removed {
+                st.hub.shut();
+            }
+        }
+        let key = (q.tenant_id().clone(), q.task_id().clone());
+        if removed {
+            let mut reg = registry.write().unwrap_or_else(|p| p.into_inner());
+            if reg.get(&key).is_some_and(|cur| Arc::ptr_eq(cur, &q)) {
+                reg.remove(&key);
+            }
+        } else if stage.created {
+            registry
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, q);
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! One queue's shared state: its settings, its *published* state (what callers and
+//! subscribers see, with its live channel) and its *committed* state (the writer's, which runs
+//! ahead of the published one while a batch waits for its sync).
+//!
+//! Fields are private to the engine. Front ends read through methods; only the pipeline
+//! changes the state, after commits (committed) and after syncs (published).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::hub::{Hub, Live};
+use crate::error::{Error, Result};
+use crate::event::Timestamp;
+use crate::ids::{TaskId, TenantId};
+use crate::storage::{CancelRecord, QueueRecord};
+
+/// What a queue is for. For display and filtering only: every route serves every kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueKind {
+    /// An orchestrator workflow.
+    Workflow,
+    /// An ingestion job.
+    Ingestion,
+    /// Anything else. Default.
+    #[default]
+    Task,
+}
+
+impl QueueKind {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueKind::Workflow => "workflow",
+            QueueKind::Ingestion => "ingestion",
+            QueueKind::Task => "task",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "workflow" => Some(QueueKind::Workflow),
+            "ingestion" => Some(QueueKind::Ingestion),
+            "task" => Some(QueueKind::Task),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            QueueKind::Workflow => 0,
+            QueueKind::Ingestion => 1,
+            QueueKind::Task => 2,
+        }
+    }
+
+    pub(crate) fn from_code(code: u8) -> Self {
+        match code {
+            0 => QueueKind::Workflow,
+            1 => QueueKind::Ingestion,
+            _ => QueueKind::Task,
+        }
+    }
+}
+
+/// A persisted cancellation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CancelInfo {
+    pub reason: Option<String>,
+    pub time: Timestamp,
+}
+
+/// A queue's mutable state at one point of the commit pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct View {
+    pub first_offset: u64,
+    pub next_offset: u64,
+    pub closed: bool,
+    pub finished_at: Option<u64>,
+    pub cancel: Option<CancelInfo>,
+    pub last_activity: Timestamp,
+    pub removed: bool,
+}
+
+/// The published state and the live channel, under one lock (see `hub`).
+#[derive(Debug)]
+pub(super) struct Published {
+    pub(super) view: View,
+    pub(super) hub: Hub,
+}
+
+/// What every handle of one queue shares.
+#[derive(Debug)]
+pub(crate) struct QueueState {
+    id: u64,
+    tenant_id: TenantId,
+    task_id: TaskId,
+    kind: QueueKind,
+    created_at: Timestamp,
+    ttl: Duration,
+    max_buffer_size: u64,
+    published: Mutex<Published>,
+    /// The state as of the writer's latest commit, which may run ahead of the published state
+    /// while that commit's log record is being synced. Only the writer thread uses it.
+    committed: Mutex<View>,
+    cancel_token: CancellationToken,
+    subscribers: AtomicUsize,
+}
+
+impl QueueState {
+    pub(crate) fn from_record(tenant_id: TenantId, task_id: TaskId, rec: &QueueRecord) -> Self {
+        let cancel = rec.cancel.as_ref().map(|c| CancelInfo {
+            reason: c.reason.clone(),
+            time: Timestamp::from_micros(c.time_us),
+        });
+        let cancel_token = CancellationToken::new();
+        if cancel.is_some() {
+            cancel_token.cancel();
+        }
+        let view = View {
+            first_offset: rec.first_offset,
+            next_offset: rec.next_offset,
+            closed: rec.closed,
+            finished_at: rec.finished_at,
+            cancel,
+            last_activity: Timestamp::from_micros(rec.last_activity_us),
+            removed: false,
+        };
+        Self {
+            id: rec.id,
+            tenant_id,
+            task_id,
+            kind: QueueKind::from_code(rec.kind),
+            created_at: Timestamp::from_micros(rec.created_at_us),
+            ttl: Duration::from_millis(rec.ttl_ms),
+            max_buffer_size: rec.max_buffer_size,
+            published: Mutex::new(Published {
+                view: view.clone(),
+                hub: Hub::default(),
+            }),
+            committed: Mutex::new(view),
+            cancel_token,
+            subscribers: AtomicUsize::new(0),
+        }
+    }
+
+    /// Locks the published state. A panic while holding the lock cannot leave it half-updated
+    /// (the pipeline assigns whole values), so a poisoned lock is recovered.
+    pub(super) fn lock(&self) -> MutexGuard<'_, Published> {
+        self.published.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The writer's view (see `committed`).
+    pub(super) fn committed(&self) -> MutexGuard<'_, View> {
+        self.committed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The queue's record with the state `st`.
+    pub(super) fn record(&self, st: &View) -> QueueRecord {
+        QueueRecord {
+            id: self.id,
+            kind: self.kind.code(),
+            created_at_us: self.created_at.as_micros(),
+            last_activity_us: st.last_activity.as_micros(),
+            ttl_ms: u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX),
+            max_buffer_size: self.max_buffer_size,
+            first_offset: st.first_offset,
+            next_offset: st.next_offset,
+            closed: st.closed,
+            finished_at: st.finished_at,
+            cancel: st.cancel.as_ref().map(|c| CancelRecord {
+                reason: c.reason.clone(),
+                time_us: c.time.as_micros(),
+            }),
+        }
+    }
+
+    /// The store's id of the queue.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The queue's tenant.
+    pub(crate) fn tenant_id(&self) -> &TenantId {
+        &self.tenant_id
+    }
+
+    /// The queue's task.
+    pub(crate) fn task_id(&self) -> &TaskId {
+        &self.task_id
+    }
+
+    /// The queue's kind.
+    pub(crate) fn kind(&self) -> QueueKind {
+        self.kind
+    }
+
+    /// When the queue was created.
+    pub(crate) fn created_at(&self) -> Timestamp {
+        self.created_at
+    }
+
+    /// Idle time after which the queue expires.
+    pub(crate) fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Most retained events.
+    pub(crate) fn max_buffer_size(&self) -> u64 {
+        self.max_buffer_size
+    }
+
+    /// Reads the published state without copying it.
+    pub(crate) fn with_view<T>(&self, f: impl FnOnce(&View) -> T) -> T {
+        f(&self.lock().view)
+    }
+
+    /// Whether the queue was idle for at least its TTL at `now`.
+    pub(crate) fn is_expired_at(&self, now: Timestamp) -> bool {
+        self.with_view(|v| v.last_activity.saturating_add(self.ttl) <= now)
+    }
+
+    /// Joins the live channel (creating it if there is none) and reads the published state,
+    /// in one critical section: every event at or past the returned `next_offset` reaches the
+    /// receiver (or is reported to it as lag), every event below it is committed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::QueueNotFound`] once the queue is removed.
+    pub(crate) fn join_live(&self, capacity: usize) -> Result<(broadcast::Receiver<Live>, View)> {
+        let mut st = self.lock();
+        if st.view.removed {
+            return Err(self.not_found());
+        }
+        let rx = st.hub.subscribe(capacity);
+        Ok((rx, st.view.clone()))
+    }
+
+    /// As [`QueueState::join_live`] with `rejoin` false: reads the published state only.
+    /// With `rejoin`, a fresh receiver replaces a lagged one, in the same critical section.
+    /// `None` once the queue is removed.
+    pub(crate) fn refresh(
+        &self,
+        rejoin: Option<usize>,
+    ) -> Option<(Option<broadcast::Receiver<Live>>, View)> {
+        let mut st = self.lock();
+        if st.view.removed {
+            return None;
+        }
+        let rx = rejoin.map(|capacity| st.hub.subscribe(capacity));
+        Some((rx, st.view.clone()))
+    }
+
+    /// Whether the queue currently holds a live broadcast channel.
+    pub(crate) fn has_live_channel(&self) -> bool {
+        self.lock().hub.is_open()
+    }
+
+    /// The token cancelled when the task is.
+    pub(crate) fn cancel_token(&self) -> &CancellationToken {
+        &self.cancel_token
+    }
+
+    /// Live subscriptions.
+    pub(crate) fn subscribers(&self) -> usize {
+        self.subscribers.load(Ordering::Relaxed)
+    }
+
+    /// Counts a subscription until the guard is dropped.
+    pub(crate) fn count_subscriber(self: &Arc<Self>) -> SubscriberGuard {
+        self.subscribers.fetch_add(1, Ordering::Relaxed);
+        SubscriberGuard(self.clone())
+    }
+
+    /// [`Error::QueueNotFound`] for this queue.
+    pub(crate) fn not_found(&self) -> Error {
+        Error::QueueNotFound {
+            task_id: self.task_id.to_string(),
+        }
+    }
+}
+
+/// Counts one live subscription of a queue while it exists.
+#[derive(Debug)]
+pub(crate) struct SubscriberGuard(Arc<QueueState>);
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        self.0.subscribers.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,414 @@
+//! The storage seam: everything the engine needs from a store, as one trait ([`Storage`]) and
+//! the plain types it speaks in. No backend's types appear here; [`redb`] (the embedded
+//! database plus a write-ahead log) is the first implementation.
+//!
+//! # The contract
+//!
+//! The engine (`crate::engine`) owns the rules: it assigns offsets, checks closed / cancelled
+//! / finished states, decides trims, and builds each group commit as one batch through
+//! [`Storage::begin`] → [`WriteBatch`] → [`WriteBatch::commit`]. A store keeps the data and
+//! answers the lookups a batch needs. What every store must guarantee:
+//!
+//! - **One writer.** The engine builds at most one batch at a time, on its writer thread.
+//!   Lookups on a batch ([`WriteBatch::find_event_id`], [`WriteBatch::checkpoint_id_taken`],
+//!   the sequence number [`WriteBatch::put_checkpoint`] returns) see every batch committed
+//!   before it and the batch's own earlier changes.
+//! - **Atomic batches.** [`WriteBatch::commit`] stores all of a batch's changes or none. A
+//!   batch dropped without a commit leaves nothing behind. A workflow checkpoint and the events
+//!   it emits are changes of one batch, so they are stored together or not at all.
+//! - **Durable when synced.** After `commit` returns, the batch survives a process kill once
+//!   [`Storage::sync`] returns (called by the engine's acknowledging thread, which may run
+//!   while the next batch is built and committed). A store whose commits are durable by
+//!   themselves (or never, as in memory) makes `sync` a no-op. Nothing is acknowledged to a
+//!   caller before the sync that covers its batch (in immediate durability).
+//! - **Readers.** [`Storage::read_range`] and the checkpoint reads see every committed batch
+//!   (they may see a batch before it is synced: the engine publishes offsets to subscribers
+//!   only after the sync, and subscribers read only below the published offset). Reads never
+//!   block a commit for long and may run on any blocking thread.
+//! - **Failures.** [`WriteError::Rejected`]: nothing of the batch was stored and the store can
+//!   take the next batch (a full disk). [`WriteError::Fatal`]: the store may no longer match
+//!   what callers were told; the engine refuses writes until it is reopened, where recovery
+//!   keeps exactly the batches that reached stable storage.
+//!
+//! Every method may block (on disk or network I/O): the engine calls them from its own
+//! threads or `spawn_blocking`, never on an async worker. A networked store blocks on its own
+//! client runtime there.
+
+pub(crate) mod redb;
+
+use std::any::Any;
+use std::ops::Range;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::ids::EventId;
+
+/// Length of an event id a store derives from the offset (see [`WriteBatch::derived_id`]).
+pub(crate) const DERIVED_LEN: usize = 16;
+
+/// One stored event, as read back for replay.
+#[derive(Debug, Clone)]
+pub(crate) struct StoredEvent {
+    pub offset: u64,
+    pub event_type: u8,
+    pub terminal: bool,
+    /// The event's JSON, offset included.
+    pub json: Bytes,
+}
+
+/// A queue's durable record: its settings and the state of its offsets and lifecycle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct QueueRecord {
+    pub id: u64,
+    pub kind: u8,
+    pub created_at_us: i64,
+    pub last_activity_us: i64,
+    pub ttl_ms: u64,
+    pub max_buffer_size: u64,
+    pub first_offset: u64,
+    pub next_offset: u64,
+    pub closed: bool,
+    pub finished_at: Option<u64>,
+    pub cancel: Option<CancelRecord>,
+}
+
+/// A persisted cancellation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct CancelRecord {
+    pub reason: Option<String>,
+    pub time_us: i64,
+}
+
+/// A stored workflow checkpoint. Free-form JSON (the workflow's state, task results) is kept
+/// as JSON text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct CheckpointRecord {
+    pub checkpoint_id: String,
+    pub status: String,
+    pub current_phase: u64,
+    pub total_phases: u64,
+    pub tasks: Vec<TaskRecord>,
+    pub state_json: Vec<u8>,
+    pub created_at_us: i64,
+    /// Offsets of the `status` and `progress` events the save appended, if it had a queue.
+    pub status_offset: Option<u64>,
+    pub progress_offset: Option<u64>,
+}
+
+/// One task's state inside a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct TaskRecord {
+    pub task_id: String,
+    pub status: String,
+    pub result_json: Option<Vec<u8>>,
+}
+
+/// Checkpoints kept per workflow; a save beyond it removes the oldest (in the same batch).
+pub(crate) const KEEP_CHECKPOINTS: u64 = 100;
+
+/// A checkpoint as read back: its position in the workflow's history and its record.
+#[derive(Debug, Clone)]
+pub(crate) struct LoadedCheckpoint {
+    pub workflow: String,
+    pub seq: u64,
+    pub record: CheckpointRecord,
+}
+
+/// A queue as found on open.
+#[derive(Debug, Clone)]
+pub(crate) struct LoadedQueue {
+    pub tenant: String,
+    pub task: String,
+    pub record: QueueRecord,
+}
+
+/// A deleted queue whose events are still to be removed: offsets `offsets` of queue `qid`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PendingPurge {
+    pub qid: u64,
+    pub offsets: Range<u64>,
+}
+
+/// Everything a store recovers on open.
+#[derive(Debug)]
+pub(crate) struct Recovered {
+    pub queues: Vec<LoadedQueue>,
+    pub next_queue_id: u64,
+    /// Deleted queues whose events are still to be removed, oldest deletion first.
+    pub purges: Vec<PendingPurge>,
+}
+
+/// An event on its way into a batch: what a store keeps besides its JSON.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EventMeta<'a> {
+    pub event_type: u8,
+    pub terminal: bool,
+    pub timestamp_us: i64,
+    /// The id as the event's JSON holds it.
+    pub event_id: &'a str,
+}
+
+/// How a commit failed.
+#[derive(Debug)]
+pub(crate) enum WriteError {
+    /// Nothing of the batch was stored: the store is exactly as before and can take the next
+    /// batch.
+    Rejected(Error),
+    /// The store may no longer match what its users were told: refuse writes until reopen.
+    Fatal(Error),
+}
+
+impl WriteError {
+    /// The underlying error.
+    pub(crate) fn error(&self) -> &Error {
+        match self {
+            WriteError::Rejected(e) | WriteError::Fatal(e) => e,
+        }
+    }
+}
+
+impl From<Error> for WriteError {
+    fn from(e: Error) -> Self {
+        WriteError::Fatal(e)
+    }
+}
+
+/// Work a store hands from the writer's thread to the engine's background thread (see
+/// [`Storage::maintain`]); opaque to the engine.
+pub(crate) struct Handoff(pub(crate) Box<dyn Any + Send>);
+
+/// What [`Storage::maintain`] did.
+#[derive(Default)]
+pub(crate) struct Maintenance {
+    /// The store folded its log into its durable state (a redb checkpoint).
+    pub folded: bool,
+    /// Work for [`Storage::background`], on the engine's background thread.
+    pub handoff: Option<Handoff>,
+}
+
+/// A store the engine keeps its queues in. See the module docs for the contract.
+pub(crate) trait Storage: Send + Sync + 'static {
+    /// Starts the next batch. The engine builds one batch at a time and either commits it or
+    /// drops it.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors; [`Error::ShuttingDown`] after [`Storage::close`].
+    fn begin(&self) -> Result<Box<dyn WriteBatch + '_>>;
+
+    /// Makes every committed batch durable. Runs on the acknowledging thread, concurrently
+    /// with the next batch's build and commit.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors; after one, nothing committed since the last good sync may be trusted.
+    fn sync(&self) -> Result<()>;
+
+    /// Refuses batches that add data while the store is short of room ([`Error::DiskFull`]);
+    /// removals and state changes are always admitted.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::DiskFull`].
+    fn admit(&self) -> Result<()>;
+
+    /// Housekeeping between batches on the writer's thread (a log fold when due, handing
+    /// applied batches to the background thread).
+    ///
+    /// # Errors
+    ///
+    /// Storage errors: permanent, as a failed commit.
+    fn maintain(&self) -> Result<Maintenance>;
+
+    /// Runs work [`Storage::maintain`] handed over, on the engine's background thread.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors: permanent, as a failed commit.
+    fn background(&self, work: Handoff) -> Result<()>;
+
+    /// Makes everything committed durable in the store's own form and empties its log (at
+    /// shutdown). Stores without a log do nothing.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    fn fold(&self) -> Result<()>;
+
+    /// Returns the space of removed events to the filesystem (compacts the file in place).
+    /// Returns the size before and after, bytes.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors: permanent, as a failed commit.
+    fn compact(&self) -> Result<(u64, u64)>;
+
+    /// After a deletion was purged: compacts when room is short, so the space goes back to
+    /// where new data can use it. Returns the size before and after, if it compacted.
+    ///
+    /// # Errors
+    ///
+    /// As [`Storage::compact`].
+    fn reclaim_if_low(&self) -> Result<Option<(u64, u64)>>;
+
+    /// Up to `limit` events of queue `qid` with offsets in `from..to`, in offset order.
+    /// Offsets missing from the result were trimmed or purged. A store may stop early (after
+    /// at least one event) to bound a read's size; a read from the last offset + 1 goes on.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    fn read_range(&self, qid: u64, from: u64, to: u64, limit: usize) -> Result<Vec<StoredEvent>>;
+
+    /// The workflow's newest checkpoint.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    fn latest_checkpoint(&self, tenant: &str, workflow: &str) -> Result<Option<LoadedCheckpoint>>;
+
+    /// A tenant's checkpoint by id, if retained.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    fn checkpoint_by_id(
+        &self,
+        tenant: &str,
+        checkpoint_id: &str,
+    ) -> Result<Option<LoadedCheckpoint>>;
+
+    /// The workflow's retained checkpoints, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    fn list_checkpoints(&self, tenant: &str, workflow: &str) -> Result<Vec<LoadedCheckpoint>>;
+
+    /// Bytes the store occupies (0 when it has no files).
+    fn size_bytes(&self) -> u64;
+
+    /// Where the store lives, for messages.
+    fn describe(&self) -> String;
+
+    /// Releases the store's files; later calls fail with [`Error::ShuttingDown`].
+    fn close(&self);
+
+    /// Fault injection of this store (feature `failpoints`).
+    #[cfg(feature = "failpoints")]
+    fn faults(&self) -> std::sync::Arc<redb::wal::Faults>;
+}
+
+/// One batch being built. Changes are staged in order; nothing is visible to readers or
+/// durable before [`WriteBatch::commit`].
+pub(crate) trait WriteBatch {
+    /// The id the store gives the event at `offset` of queue `qid` when its producer gave
+    /// none, if the store derives ids (then the id needs no idempotency lookup: it names the
+    /// offset). `None`: the event keeps the id it was given.
+    fn derived_id(&self, qid: u64, offset: u64) -> Option<[u8; DERIVED_LEN]>;
+
+    /// The offset in `retained` at which queue `qid` holds an event with this id: from earlier
+    /// batches or this one.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    fn find_event_id(
+        &mut self,
+        qid: u64,
+        event_id: &str,
+        retained: Range<u64>,
+    ) -> Result<Option<u64>>;
+
+    /// The store's record buffer for an event: the store's own header, after which the
+    /// caller writes the event's JSON (returned: the buffer and where the JSON starts).
+    ///
+    /// # Errors
+    ///
+    /// Encoding errors.
+    fn event_record(&self, meta: &EventMeta<'_>, json_len: usize) -> Result<(Vec<u8>, usize)>;
+
+    /// Appends an event at `offset` of `qid` (the queue's next offset): `record` from
+    /// [`WriteBatch::event_record`], its JSON starting at `json_at`. `event_id` is indexed for
+    /// [`WriteBatch::find_event_id`] unless it is derived (`None`).
+    ///
+    /// # Errors
+    ///
+    /// Encoding errors.
+    fn append(
+        &mut self,
+        qid: u64,
+        offset: u64,
+        event_id: Option<&EventId>,
+        record: Bytes,
+        json_at: usize,
+        meta: (u8, bool),
+    ) -> Result<()>;
+
+    /// Removes queue `qid`'s events with offsets in `from..to` (and their ids). Returns how
+    /// many offsets that covers.
+    ///
+    /// # Errors
+    ///
+    /// Encoding errors.
+    fn trim(&mut self, qid: u64, from: u64, to: u64) -> Result<u64>;
+
+    /// Stores a queue's record (creation and every change).
+    ///
+    /// # Errors
+    ///
+    /// Encoding errors.
+    fn put_queue(&mut self, tenant: &str, task: &str, record: &QueueRecord) -> Result<()>;
+
+    /// Removes a queue's record; its events become unreachable at once (queue ids are never
+    /// reused) and are removed by later [`WriteBatch::purge`] steps.
+    ///
+    /// # Errors
+    ///
+    /// Encoding errors.
+    fn remove_queue(&mut self, qid: u64, tenant: &str, task: &str) -> Result<()>;
+
+    /// One bounded step of removing a deleted queue's events: offsets `from..to`; `last`
+    /// when nothing of the queue remains after it.
+    ///
+    /// # Errors
+    ///
+    /// Encoding errors.
+    fn purge(&mut self, qid: u64, from: u64, to: u64, last: bool) -> Result<()>;
+
+    /// Records the next queue id to assign.
+    ///
+    /// # Errors
+    ///
+    /// Encoding errors.
+    fn set_next_queue_id(&mut self, id: u64) -> Result<()>;
+
+    /// Whether `tenant` has a checkpoint with this id (stored, or in this batch).
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    fn checkpoint_id_taken(&mut self, tenant: &str, checkpoint_id: &str) -> Result<bool>;
+
+    /// Stores a checkpoint as its workflow's newest (removing the oldest beyond
+    /// [`KEEP_CHECKPOINTS`]); returns its sequence number within the workflow.
+    ///
+    /// # Errors
+    ///
+    /// Storage and encoding errors.
+    fn put_checkpoint(
+        &mut self,
+        tenant: &str,
+        workflow: &str,
+        record: &CheckpointRecord,
+    ) -> Result<u64>;
+
+    /// Stores the batch: all of it or nothing. Returns whether anything was written.
+    ///
+    /// # Errors
+    ///
+    /// See [`WriteError`].
+    fn commit(self: Box<Self>) -> Result<bool, WriteError>;
+}
