@@ -42,6 +42,7 @@ mod limits;
 mod metrics;
 mod routes;
 mod sse;
+mod stream;
 mod tenant;
 
 use std::future::Future;

@@ -10,45 +10,30 @@
 //! data: <event JSON>
 //! ```
 //!
-//! Events that are ready together (replay, bursts) are framed into one chunk, so a fast
-//! subscriber costs one write per burst rather than per event. A `connected` frame comes first,
-//! a `gap` frame reports dropped events, and a `: keepalive` comment is sent every keepalive
-//! interval. The stream ends with the subscription (terminal event, close, delete,
-//! expiry) or when the server shuts down.
+//! A `connected` frame comes first, a `gap` frame reports dropped events, and a `: keepalive`
+//! comment is sent every keepalive interval. The stream ends with the subscription (terminal
+//! event, close, delete, expiry) or when the server shuts down. This module is the framing;
+//! the body, its slot, keepalive, `Last-Event-ID` and shutdown are [`super::stream`]'s, which
+//! frames the events that are ready together (replay, bursts) into one chunk, so a fast
+//! subscriber costs one write per burst rather than per event.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::ops::ControlFlow;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, BytesMut};
-use futures_util::Stream;
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::time::{Instant, Interval, MissedTickBehavior};
-use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use crate::error::Result;
-use crate::event::Timestamp;
-use crate::ids::{TaskId, TenantId};
 use crate::server::AppState;
 use crate::server::error::ApiError;
 use crate::server::routes::{TaskPath, TaskRoute};
+use crate::server::stream::{
+    self, Framing, Keepalive, LastEventId, StreamBody, StreamSlot, preview,
+};
 use crate::server::tenant::Tenant;
-use crate::subscription::Delivery;
-
-/// Coalescing stops once a chunk holds this many bytes.
-const CHUNK_BYTES: usize = 64 * 1024;
-
-/// Deliveries taken from the subscription at a time. A batch also stops once its events hold
-/// `CHUNK_BYTES` of JSON, so a chunk stays under about twice `CHUNK_BYTES` plus one event.
-const BATCH: usize = 64;
-
-const KEEPALIVE: &[u8] = b": keepalive\n\n";
+use crate::{Delivery, Error, Result, TaskId, TenantId, Timestamp};
 
 /// Query parameters of a stream request.
 #[derive(Debug, Deserialize)]
@@ -56,15 +41,25 @@ pub(super) struct StreamParams {
     from_offset: Option<String>,
 }
 
+type QueryResult =
+    std::result::Result<Query<StreamParams>, axum::extract::rejection::QueryRejection>;
+
 /// `GET /events/workflows/{id}`.
 pub(super) async fn workflow_stream(
     state: State<AppState>,
     tenant: Tenant,
     task: TaskPath,
-    headers: HeaderMap,
-    query: Result<Query<StreamParams>, axum::extract::rejection::QueryRejection>,
+    last_event_id: LastEventId,
+    query: QueryResult,
 ) -> Result<Response, ApiError> {
-    stream(state, tenant, task, headers, query, TaskRoute::Workflow)
+    open(
+        state,
+        tenant,
+        task,
+        last_event_id,
+        query,
+        TaskRoute::Workflow,
+    )
 }
 
 /// `GET /events/ingestion/{id}`.
@@ -72,35 +67,23 @@ pub(super) async fn ingestion_stream(
     state: State<AppState>,
     tenant: Tenant,
     task: TaskPath,
-    headers: HeaderMap,
-    query: Result<Query<StreamParams>, axum::extract::rejection::QueryRejection>,
+    last_event_id: LastEventId,
+    query: QueryResult,
 ) -> Result<Response, ApiError> {
-    stream(state, tenant, task, headers, query, TaskRoute::Ingestion)
+    open(
+        state,
+        tenant,
+        task,
+        last_event_id,
+        query,
+        TaskRoute::Ingestion,
+    )
 }
 
 /// The resume point: `Last-Event-ID: N` → N + 1, which wins over `?from_offset=`; default 0.
-fn resume_point(
-    headers: &HeaderMap,
-    query: Result<Query<StreamParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<u64, ApiError> {
-    if let Some(value) = headers.get("last-event-id") {
-        let text = value
-            .to_str()
-            .map_err(|_| ApiError::bad_request("Last-Event-ID: must be ASCII digits"))?
-            .trim();
-        // EventSource sends no header for an empty id; treat an empty one as absent.
-        if !text.is_empty() {
-            return text
-                .parse::<u64>()
-                .ok()
-                .and_then(|n| n.checked_add(1))
-                .ok_or_else(|| {
-                    ApiError::bad_request(format!(
-                        "Last-Event-ID: must be an event offset (a non-negative integer), got {}",
-                        preview(text)
-                    ))
-                });
-        }
+fn resume_point(last_event_id: LastEventId, query: QueryResult) -> Result<u64, ApiError> {
+    if let LastEventId(Some(from)) = last_event_id {
+        return Ok(from);
     }
     let Query(params) = query
         .map_err(|e| ApiError::bad_request(format!("invalid query string: {}", e.body_text())))?;
@@ -115,29 +98,16 @@ fn resume_point(
     }
 }
 
-/// A client's value quoted for an error message, cut to 40 characters (a hostile header can
-/// be kilobytes long).
-fn preview(text: &str) -> String {
-    const MAX: usize = 40;
-    if text.chars().count() <= MAX {
-        format!("{text:?}")
-    } else {
-        let head: String = text.chars().take(MAX).collect();
-        format!("{head:?}… ({} bytes)", text.len())
-    }
-}
-
-fn stream(
+fn open(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     TaskPath(task): TaskPath,
-    headers: HeaderMap,
-    query: Result<Query<StreamParams>, axum::extract::rejection::QueryRejection>,
+    last_event_id: LastEventId,
+    query: QueryResult,
     route: TaskRoute,
 ) -> Result<Response, ApiError> {
-    let from = resume_point(&headers, query)?;
-    let shutdown = state.shutdown_token().clone();
-    if shutdown.is_cancelled() {
+    let from = resume_point(last_event_id, query)?;
+    if stream::shutting_down(&state) {
         return Err(ApiError::shutting_down());
     }
     let queue = state
@@ -147,19 +117,10 @@ fn stream(
     if queue.finished_at().is_some_and(|f| from > f) {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    let config = state.config();
-    state.limits().open_stream(
-        &tenant,
-        config.max_sse_streams,
-        config.max_sse_streams_per_tenant,
-    )?;
-    // From here the slot is given back when the guard drops, whatever happens.
-    let guard = StreamGuard {
-        state: state.clone(),
-        tenant: tenant.clone(),
-    };
+    // From here the slot is given back when it drops, whatever happens.
+    let slot = StreamSlot::take(&state, &tenant)?;
     let sub = queue.subscribe(from).map_err(|e| match e {
-        crate::error::Error::QueueNotFound { .. } => route.not_found(&task),
+        Error::QueueNotFound { .. } => route.not_found(&task),
         other => other.into(),
     })?;
     if sub.is_ended() {
@@ -172,36 +133,9 @@ fn stream(
         sub.first_offset(),
         sub.latest_offset_at_start(),
     );
-    let keepalive = state
-        .config()
-        .keepalive
-        .max(std::time::Duration::from_millis(1));
-    let mut ticker = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tracing::debug!(%tenant, %task, from, "stream opened");
-    let body = SseBody {
-        connected: Some(connected),
-        events: Box::pin(sub.into_batches(BATCH, CHUNK_BYTES)),
-        shutdown: Box::pin(shutdown.cancelled_owned()),
-        keepalive: ticker,
-        done: false,
-        _guard: guard,
-    };
-    Ok((
-        [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            ),
-            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-            (
-                header::HeaderName::from_static("x-accel-buffering"),
-                HeaderValue::from_static("no"),
-            ),
-        ],
-        Body::from_stream(body),
-    )
-        .into_response())
+    let keepalive = Keepalive::every(state.config().keepalive);
+    Ok(StreamBody::new(&state, slot, connected, sub, SseFraming, keepalive).into_response())
 }
 
 #[derive(Serialize)]
@@ -277,77 +211,20 @@ fn put_frame(out: &mut BytesMut, delivery: &Delivery) {
     }
 }
 
-/// Gives a stream's slot back (open-stream counts) when its body is dropped.
-struct StreamGuard {
-    state: AppState,
-    tenant: TenantId,
-}
+/// Plain SSE framing: every delivery is a frame, the stream ends with the subscription.
+struct SseFraming;
 
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.state.limits().close_stream(&self.tenant);
-    }
-}
+impl Framing for SseFraming {
+    const PROTOCOL: &'static str = "SSE";
 
-type Deliveries = Pin<Box<dyn Stream<Item = Result<Vec<Delivery>>> + Send>>;
-
-/// The body of one SSE response.
-struct SseBody {
-    connected: Option<Bytes>,
-    events: Deliveries,
-    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
-    keepalive: Interval,
-    done: bool,
-    _guard: StreamGuard,
-}
-
-impl Stream for SseBody {
-    type Item = std::result::Result<Bytes, Infallible>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        if let Some(frame) = this.connected.take() {
-            return Poll::Ready(Some(Ok(frame)));
+    #[inline]
+    fn put_batch(&mut self, batch: &[Delivery], out: &mut BytesMut) -> ControlFlow<()> {
+        // One allocation for the batch rather than growth per frame.
+        out.reserve(batch.iter().map(frame_len).sum());
+        for delivery in batch {
+            put_frame(out, delivery);
         }
-        if this.done {
-            return Poll::Ready(None);
-        }
-        if this.shutdown.as_mut().poll(cx).is_ready() {
-            this.done = true;
-            return Poll::Ready(None);
-        }
-        let mut out = BytesMut::new();
-        while out.len() < CHUNK_BYTES {
-            match this.events.poll_next_unpin(cx) {
-                Poll::Ready(Some(Ok(batch))) => {
-                    // One allocation for the batch rather than growth per frame.
-                    out.reserve(batch.iter().map(frame_len).sum());
-                    for delivery in &batch {
-                        put_frame(&mut out, delivery);
-                    }
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    tracing::error!(error = %e, "stream ended by a read error");
-                    this.done = true;
-                    break;
-                }
-                Poll::Ready(None) => {
-                    this.done = true;
-                    break;
-                }
-                Poll::Pending => break,
-            }
-        }
-        if !out.is_empty() {
-            return Poll::Ready(Some(Ok(out.freeze())));
-        }
-        if this.done {
-            return Poll::Ready(None);
-        }
-        if this.keepalive.poll_tick(cx).is_ready() {
-            return Poll::Ready(Some(Ok(Bytes::from_static(KEEPALIVE))));
-        }
-        Poll::Pending
+        ControlFlow::Continue(())
     }
 }
 

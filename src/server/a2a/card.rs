@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 
 use super::RESUME_NOTE;
 use super::mapping::Version;
-use crate::ids::TenantId;
+use crate::TenantId;
 use crate::server::AppState;
 use crate::server::error::ApiError;
 

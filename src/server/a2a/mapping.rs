@@ -5,9 +5,7 @@ use std::collections::HashSet;
 
 use serde_json::{Map, Value, json};
 
-use crate::event::{Event, Payload, TaskState, Timestamp};
-use crate::ids::{TaskId, TenantId};
-use crate::queue::EventQueue;
+use crate::{Event, EventQueue, Payload, TaskId, TaskState, TenantId, Timestamp};
 
 /// The protocol version a request speaks (from its method name) or a card is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -412,7 +410,7 @@ pub(super) fn update_json(update: &Update, task: &TaskId, v: Version) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{ArtifactEvent, CompleteEvent, ErrorEvent, ProgressEvent, StatusEvent};
+    use crate::{ArtifactEvent, CompleteEvent, ErrorEvent, ProgressEvent, StatusEvent};
 
     fn event(payload: impl Into<Payload>) -> Event {
         let tenant = TenantId::new("t").unwrap();

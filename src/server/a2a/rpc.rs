@@ -1,33 +1,25 @@
 //! `POST /a2a`: JSON-RPC 2.0 requests, their errors, and the SubscribeToTask stream.
 
-use std::convert::Infallible;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, BytesMut};
-use futures_util::Stream;
 use serde_json::{Map, Value, json};
-use tokio::time::{Instant, Interval, MissedTickBehavior};
-use tokio_util::sync::CancellationToken;
 
 use super::A2A_KEEPALIVE_MAX;
 use super::mapping::{Mapper, TaskView, Version, task_json, update_json};
-use crate::error::Error;
-use crate::ids::{TaskId, TenantId};
-use crate::queue::EventQueue;
 use crate::server::AppState;
 use crate::server::error::ApiError;
 use crate::server::limits::check_json_depth;
 use crate::server::routes::RawBody;
+use crate::server::stream::{self, Framing, Keepalive, LastEventId, StreamBody, StreamSlot};
 use crate::server::tenant::{Caller, Need};
-use crate::subscription::{Delivery, RecordedEvent, Subscription};
-
-const KEEPALIVE: &[u8] = b": keepalive\n\n";
+use crate::{Delivery, Error, EventQueue, RecordedEvent, Subscription, TaskId};
 
 const PARSE_ERROR: i64 = -32700;
 const INVALID_REQUEST: i64 = -32600;
@@ -447,19 +439,10 @@ fn resume_point(
     id: &Value,
 ) -> Result<Option<u64>, RpcError> {
     let invalid = |msg: &str| RpcError::new(id, INVALID_PARAMS, msg);
-    if let Some(value) = headers.get("last-event-id") {
-        let text = value
-            .to_str()
-            .map_err(|_| invalid("Last-Event-ID: must be an event offset"))?
-            .trim();
-        if !text.is_empty() {
-            return text
-                .parse::<u64>()
-                .ok()
-                .and_then(|n| n.checked_add(1))
-                .map(Some)
-                .ok_or_else(|| invalid("Last-Event-ID: must be an event offset"));
-        }
+    match LastEventId::from_headers(headers) {
+        Ok(LastEventId(Some(from))) => return Ok(Some(from)),
+        Ok(LastEventId(None)) => {}
+        Err(_) => return Err(invalid("Last-Event-ID: must be an event offset")),
     }
     match metadata.get("from_offset") {
         None | Some(Value::Null) => Ok(None),
@@ -488,8 +471,7 @@ async fn subscribe(
     let id = req.reply_id();
     let params = task_params(req, caller)?;
     let resume = resume_point(headers, &params.metadata, &id)?;
-    let shutdown = state.shutdown_token().clone();
-    if shutdown.is_cancelled() {
+    if stream::shutting_down(state) {
         return Err(RpcError::new(
             &id,
             INTERNAL_ERROR,
@@ -509,17 +491,9 @@ async fn subscribe(
             ),
         ));
     }
-    let config = state.config();
-    if let Err(e) = state.limits().open_stream(
-        &caller.tenant,
-        config.max_sse_streams,
-        config.max_sse_streams_per_tenant,
-    ) {
-        return Ok(e.into_response());
-    }
-    let guard = StreamGuard {
-        state: state.clone(),
-        tenant: caller.tenant.clone(),
+    let slot = match StreamSlot::take(state, &caller.tenant) {
+        Ok(slot) => slot,
+        Err(e) => return Ok(e.into_response()),
     };
     let snapshot = Snapshot::read(&queue, sub, from)
         .await
@@ -537,48 +511,38 @@ async fn subscribe(
             },
         }),
     );
-    let period = keepalive_period(config.keepalive);
-    let mut keepalive = tokio::time::interval_at(Instant::now() + period, period);
-    keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tracing::debug!(tenant = %caller.tenant, task = %params.task, from, "A2A stream opened");
-    let live = LiveStream {
-        sub: snapshot.sub,
-        next: snapshot.next,
+    let mut framing = RpcFraming {
         mapper: snapshot.mapper,
         task: params.task,
         id,
         version: v,
         from,
-        keepalive,
-        shutdown,
-        _guard: guard,
     };
-    let body = futures_util::StreamExt::chain(
-        futures_util::stream::once(std::future::ready(Ok::<_, Infallible>(first.freeze()))),
-        live.into_stream(),
+    // The event the snapshot read past its end is sent with the task.
+    let flow = match &snapshot.next {
+        Some(ev) => framing.put_event(ev, &mut first),
+        None => ControlFlow::Continue(()),
+    };
+    let keepalive = Keepalive::after_silence(keepalive_period(state.config().keepalive));
+    let body = StreamBody::new(
+        state,
+        slot,
+        first.freeze(),
+        snapshot.sub,
+        framing,
+        keepalive,
     );
-    Ok((
-        [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            ),
-            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-            (
-                header::HeaderName::from_static("x-accel-buffering"),
-                HeaderValue::from_static("no"),
-            ),
-        ],
-        Body::from_stream(body),
-    )
-        .into_response())
+    Ok(match flow {
+        ControlFlow::Continue(()) => body,
+        ControlFlow::Break(()) => body.end_after_opening(),
+    }
+    .into_response())
 }
 
 /// The keepalive interval of A2A streams: the server's, but at most [`A2A_KEEPALIVE_MAX`].
 fn keepalive_period(configured: Duration) -> Duration {
-    configured
-        .min(A2A_KEEPALIVE_MAX)
-        .max(Duration::from_millis(1))
+    configured.min(A2A_KEEPALIVE_MAX)
 }
 
 /// Appends one SSE frame: an optional `id:` line and one `data:` line (compact JSON has no
@@ -594,94 +558,37 @@ fn put_frame(out: &mut BytesMut, id: Option<u64>, data: &Value) {
     out.put_slice(b"\n\n");
 }
 
-/// Gives a stream's slot back when its body is dropped.
-struct StreamGuard {
-    state: AppState,
-    tenant: TenantId,
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.state.limits().close_stream(&self.tenant);
-    }
-}
-
-/// The live part of a subscribe stream.
-struct LiveStream {
-    sub: Subscription,
-    next: Option<Arc<RecordedEvent>>,
+/// The framing of a subscribe stream: each event becomes the JSON-RPC results it maps to.
+struct RpcFraming {
     mapper: Mapper,
     task: TaskId,
     id: Value,
     version: Version,
     /// Events below this offset update the mapper but are not sent.
     from: u64,
-    keepalive: Interval,
-    shutdown: CancellationToken,
-    _guard: StreamGuard,
 }
 
-enum Step {
-    Send(Bytes),
-    Skip,
-    End,
-}
-
-impl LiveStream {
-    fn into_stream(self) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
-        futures_util::stream::unfold(self, |mut st| async move {
-            loop {
-                let delivery = match st.next.take() {
-                    Some(ev) => Some(Ok(Delivery::Event(ev))),
-                    None => tokio::select! {
-                        biased;
-                        () = st.shutdown.cancelled() => return None,
-                        delivery = st.sub.next() => delivery,
-                        _ = st.keepalive.tick() => {
-                            return Some((Ok(Bytes::from_static(KEEPALIVE)), st));
-                        }
-                    },
-                };
-                match st.step(delivery) {
-                    Step::Send(bytes) => {
-                        st.keepalive.reset();
-                        return Some((Ok(bytes), st));
-                    }
-                    Step::Skip => {}
-                    Step::End => return None,
-                }
-            }
-        })
-    }
-
-    fn step(&mut self, delivery: Option<crate::Result<Delivery>>) -> Step {
-        let ev = match delivery {
-            None => return Step::End,
-            Some(Err(e)) => {
-                tracing::error!(error = %e, "A2A stream ended by a read error");
-                return Step::End;
-            }
-            Some(Ok(Delivery::Gap { .. })) => return Step::Skip,
-            Some(Ok(Delivery::Event(ev))) => ev,
-        };
+impl RpcFraming {
+    /// Appends the frames of `ev`'s results; `Break` when `ev` is unreadable, which ends the
+    /// stream.
+    fn put_event(&mut self, ev: &RecordedEvent, out: &mut BytesMut) -> ControlFlow<()> {
         let event = match ev.event() {
             Ok(event) => event,
             Err(e) => {
                 tracing::error!(error = %e, offset = ev.offset(), "A2A stream: unreadable event");
-                return Step::End;
+                return ControlFlow::Break(());
             }
         };
         let updates = self.mapper.map(&event, ev.offset());
         if ev.offset() < self.from {
-            return Step::Skip;
+            return ControlFlow::Continue(());
         }
-        let mut out = BytesMut::new();
         let count = updates.len();
         for (i, update) in updates.iter().enumerate() {
             // The frame that completes the event carries its offset, for Last-Event-ID.
             let id = (i + 1 == count).then_some(ev.offset());
             put_frame(
-                &mut out,
+                out,
                 id,
                 &json!({
                     "jsonrpc": "2.0",
@@ -690,7 +597,22 @@ impl LiveStream {
                 }),
             );
         }
-        Step::Send(out.freeze())
+        ControlFlow::Continue(())
+    }
+}
+
+impl Framing for RpcFraming {
+    const PROTOCOL: &'static str = "A2A";
+
+    /// Gap notices are not sent: A2A has no frame for them (the mapper sees the events that
+    /// remain).
+    fn put_batch(&mut self, batch: &[Delivery], out: &mut BytesMut) -> ControlFlow<()> {
+        for delivery in batch {
+            if let Delivery::Event(ev) = delivery {
+                self.put_event(ev, out)?;
+            }
+        }
+        ControlFlow::Continue(())
     }
 }
 

@@ -1,0 +1,385 @@
+//! What every event stream shares, whatever its protocol: the plain SSE streams
+//! (`GET /events/...`, [`super::sse`]) and A2A's `SubscribeToTask` ([`super::a2a`]).
+//!
+//! - [`StreamSlot`]: the stream's place under the open-stream limits
+//!   ([`ServerConfig::max_sse_streams`], [`ServerConfig::max_sse_streams_per_tenant`]).
+//! - [`LastEventId`]: the `Last-Event-ID` header, parsed once, as the offset to resume at.
+//! - [`Keepalive`]: the `: keepalive` comment and when it is sent.
+//! - [`StreamBody`]: the response body, driven by a [`Subscription`]'s batches, with the SSE
+//!   response headers ([`StreamBody::into_response`]). It ends with the subscription, when
+//!   the protocol says so, or when the server shuts down.
+//!
+//! A protocol supplies only its framing, a [`Framing`]: how a batch of deliveries becomes
+//! frame bytes, and whether the stream ends there. It writes into the chunk the body is
+//! building, so the framing of a replay costs one buffer reservation per batch, not one
+//! allocation per event.
+//!
+//! # Why a slot is released on drop
+//!
+//! A stream can end in many ways: the subscription ends, the protocol ends it, the client
+//! goes away (the body is then dropped without being polled again), the handler fails after
+//! taking the slot, the server shuts down. Every one of them drops the body, and the slot is
+//! inside the body, so [`StreamSlot`]'s `Drop` is the one place that gives the slot back. A
+//! count decremented "at the end of the stream" would leak a slot per disconnected client
+//! until the limits refused everyone.
+//!
+//! # Shutdown
+//!
+//! [`serve`](super::serve) cancels the state's [shutdown token](AppState::shutdown_token)
+//! when its shutdown future resolves. A request for a new stream is refused from then on
+//! ([`shutting_down`]; each protocol answers it its own way), and every open body waits on
+//! the token: its cancellation wakes the body, which ends its response at that poll (after
+//! the opening frames, if they were not sent yet). The connections then close, and the
+//! server's graceful shutdown is not held up by streams that would otherwise never end.
+//!
+//! [`ServerConfig::max_sse_streams`]: super::ServerConfig::max_sse_streams
+//! [`ServerConfig::max_sse_streams_per_tenant`]: super::ServerConfig::max_sse_streams_per_tenant
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::ops::ControlFlow;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use bytes::BytesMut;
+use futures_util::{Stream, StreamExt};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::server::AppState;
+use crate::server::error::ApiError;
+use crate::{Delivery, Subscription, TenantId};
+
+/// A body stops filling a chunk once it holds this many bytes.
+pub(super) const CHUNK_BYTES: usize = 64 * 1024;
+
+/// Deliveries taken from the subscription at a time. A batch also stops once its events hold
+/// `CHUNK_BYTES` of JSON, so a chunk stays under about twice `CHUNK_BYTES` plus one event.
+const BATCH: usize = 64;
+
+/// The comment sent on a silent stream.
+const KEEPALIVE: &[u8] = b": keepalive\n\n";
+
+/// Whether the server is shutting down: new streams are refused then (see the module docs).
+pub(super) fn shutting_down(state: &AppState) -> bool {
+    state.shutdown_token().is_cancelled()
+}
+
+/// One open stream's place under the open-stream limits, given back when this is dropped
+/// (see the module docs for why on drop).
+#[derive(Debug)]
+pub(super) struct StreamSlot {
+    state: AppState,
+    tenant: TenantId,
+}
+
+impl StreamSlot {
+    /// Takes a slot for a stream of `tenant`.
+    ///
+    /// # Errors
+    ///
+    /// `429` with `Retry-After` when the server or the tenant has as many streams open as
+    /// its limit allows.
+    pub(super) fn take(state: &AppState, tenant: &TenantId) -> Result<Self, ApiError> {
+        let config = state.config();
+        state.limits().open_stream(
+            tenant,
+            config.max_sse_streams,
+            config.max_sse_streams_per_tenant,
+        )?;
+        Ok(Self {
+            state: state.clone(),
+            tenant: tenant.clone(),
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.state.limits().close_stream(&self.tenant);
+    }
+}
+
+/// The `Last-Event-ID` header as a resume point: `Last-Event-ID: N` → N + 1, the first
+/// offset the client has not received. `None` without the header, or with an empty one
+/// (EventSource sends none for an empty id; an empty one counts as absent).
+///
+/// As an extractor it rejects a bad header with the HTTP API's `400`; a protocol with errors
+/// of its own reads it with [`LastEventId::from_headers`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct LastEventId(pub(super) Option<u64>);
+
+/// Why a `Last-Event-ID` header is not an event offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum BadLastEventId {
+    /// The value is not visible ASCII.
+    NotAscii,
+    /// The value is not a non-negative integer below `u64::MAX`; it is quoted (cut short) here.
+    NotAnOffset(String),
+}
+
+impl LastEventId {
+    /// Reads the header from `headers`.
+    ///
+    /// # Errors
+    ///
+    /// When the header is there but not an event offset.
+    pub(super) fn from_headers(headers: &HeaderMap) -> Result<Self, BadLastEventId> {
+        let Some(value) = headers.get("last-event-id") else {
+            return Ok(Self(None));
+        };
+        let text = value.to_str().map_err(|_| BadLastEventId::NotAscii)?.trim();
+        if text.is_empty() {
+            return Ok(Self(None));
+        }
+        text.parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_add(1))
+            .map(|next| Self(Some(next)))
+            .ok_or_else(|| BadLastEventId::NotAnOffset(preview(text)))
+    }
+}
+
+impl<S: Sync> FromRequestParts<S> for LastEventId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        Self::from_headers(&parts.headers).map_err(ApiError::from)
+    }
+}
+
+impl From<BadLastEventId> for ApiError {
+    fn from(bad: BadLastEventId) -> Self {
+        match bad {
+            BadLastEventId::NotAscii => {
+                ApiError::bad_request("Last-Event-ID: must be ASCII digits")
+            }
+            BadLastEventId::NotAnOffset(quoted) => ApiError::bad_request(format!(
+                "Last-Event-ID: must be an event offset (a non-negative integer), got {quoted}"
+            )),
+        }
+    }
+}
+
+/// A client's value quoted for an error message, cut to 40 characters (a hostile header can
+/// be kilobytes long).
+pub(super) fn preview(text: &str) -> String {
+    const MAX: usize = 40;
+    if text.chars().count() <= MAX {
+        format!("{text:?}")
+    } else {
+        let head: String = text.chars().take(MAX).collect();
+        format!("{head:?}… ({} bytes)", text.len())
+    }
+}
+
+/// When a stream sends its `: keepalive` comment. The first is due one period after the
+/// stream opens; a period shorter than 1 ms counts as 1 ms.
+#[derive(Debug)]
+pub(super) struct Keepalive {
+    ticker: Interval,
+    /// Whether sending frames starts the period again.
+    after_silence: bool,
+}
+
+impl Keepalive {
+    /// A comment every `period`, sent when the stream has nothing else ready: amid a steady
+    /// flow of events too, at most one per period.
+    pub(super) fn every(period: Duration) -> Self {
+        Self::new(period, false)
+    }
+
+    /// A comment after every `period` without frames: no silence lasts longer.
+    pub(super) fn after_silence(period: Duration) -> Self {
+        Self::new(period, true)
+    }
+
+    fn new(period: Duration, after_silence: bool) -> Self {
+        let period = period.max(Duration::from_millis(1));
+        let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Self {
+            ticker,
+            after_silence,
+        }
+    }
+
+    /// Frames were sent.
+    fn sent(&mut self) {
+        if self.after_silence {
+            self.ticker.reset();
+        }
+    }
+}
+
+/// A protocol's framing of the deliveries a [`StreamBody`] takes from its subscription.
+pub(super) trait Framing: Send + Unpin + 'static {
+    /// Names the protocol in logs.
+    const PROTOCOL: &'static str;
+
+    /// Appends the frames of `batch` (in offset order, at least one delivery) to `out`.
+    /// `Break` ends the stream once what was appended is sent.
+    fn put_batch(&mut self, batch: &[Delivery], out: &mut BytesMut) -> ControlFlow<()>;
+}
+
+type Batches = Pin<Box<dyn Stream<Item = crate::Result<Vec<Delivery>>> + Send>>;
+
+/// The body of a stream response: the opening frames, then the framing of the
+/// subscription's batches — the batches ready together framed into one chunk, so that a fast
+/// reader costs one write per burst rather than per event — with keepalive comments in the
+/// silences.
+pub(super) struct StreamBody<F> {
+    opening: Option<Bytes>,
+    batches: Batches,
+    framing: F,
+    keepalive: Keepalive,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    done: bool,
+    _slot: StreamSlot,
+}
+
+impl<F: Framing> StreamBody<F> {
+    /// A body that sends `opening` (frames made when the stream opened), then the frames
+    /// `framing` makes of `sub`'s deliveries, until `sub` ends, `framing` ends the stream or
+    /// `state`'s server shuts down. It holds `slot` until it is dropped.
+    pub(super) fn new(
+        state: &AppState,
+        slot: StreamSlot,
+        opening: Bytes,
+        sub: Subscription,
+        framing: F,
+        keepalive: Keepalive,
+    ) -> Self {
+        Self {
+            opening: Some(opening),
+            batches: Box::pin(sub.into_batches(BATCH, CHUNK_BYTES)),
+            framing,
+            keepalive,
+            shutdown: Box::pin(state.shutdown_token().clone().cancelled_owned()),
+            done: false,
+            _slot: slot,
+        }
+    }
+
+    /// Ends the stream after its opening frames.
+    pub(super) fn end_after_opening(mut self) -> Self {
+        self.done = true;
+        self
+    }
+
+    /// The `200` response: `text/event-stream`, not to be cached nor buffered by a proxy.
+    pub(super) fn into_response(self) -> Response {
+        (
+            [
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/event-stream"),
+                ),
+                (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+                (
+                    header::HeaderName::from_static("x-accel-buffering"),
+                    HeaderValue::from_static("no"),
+                ),
+            ],
+            Body::from_stream(self),
+        )
+            .into_response()
+    }
+}
+
+impl<F: Framing> Stream for StreamBody<F> {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let Some(frames) = this.opening.take() {
+            return Poll::Ready(Some(Ok(frames)));
+        }
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if this.shutdown.as_mut().poll(cx).is_ready() {
+            this.done = true;
+            return Poll::Ready(None);
+        }
+        let mut out = BytesMut::new();
+        while out.len() < CHUNK_BYTES {
+            match this.batches.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(batch))) => {
+                    if this.framing.put_batch(&batch, &mut out).is_break() {
+                        this.done = true;
+                        break;
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::error!(error = %e, protocol = F::PROTOCOL, "stream ended by a read error");
+                    this.done = true;
+                    break;
+                }
+                Poll::Ready(None) => {
+                    this.done = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if !out.is_empty() {
+            this.keepalive.sent();
+            return Poll::Ready(Some(Ok(out.freeze())));
+        }
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if this.keepalive.ticker.poll_tick(cx).is_ready() {
+            return Poll::Ready(Some(Ok(Bytes::from_static(KEEPALIVE))));
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(value: &[u8]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "last-event-id",
+            HeaderValue::from_bytes(value).expect("a header value"),
+        );
+        headers
+    }
+
+    #[test]
+    fn last_event_id_is_the_offset_before_the_resume_point() {
+        let read = |value: &[u8]| LastEventId::from_headers(&headers(value));
+        assert_eq!(
+            LastEventId::from_headers(&HeaderMap::new()),
+            Ok(LastEventId(None))
+        );
+        assert_eq!(read(b""), Ok(LastEventId(None)));
+        assert_eq!(read(b"  "), Ok(LastEventId(None)));
+        assert_eq!(read(b" 41 "), Ok(LastEventId(Some(42))));
+        assert_eq!(read(b"0"), Ok(LastEventId(Some(1))));
+        assert_eq!(read("é".as_bytes()), Err(BadLastEventId::NotAscii));
+        assert_eq!(
+            read(b"-5"),
+            Err(BadLastEventId::NotAnOffset("\"-5\"".into()))
+        );
+        // u64::MAX has no offset after it.
+        assert!(matches!(
+            read(b"18446744073709551615"),
+            Err(BadLastEventId::NotAnOffset(_))
+        ));
+        let Err(BadLastEventId::NotAnOffset(quoted)) = read("9".repeat(1000).as_bytes()) else {
+            panic!("a long number is no offset");
+        };
+        assert!(quoted.ends_with("… (1000 bytes)"), "{quoted}");
+    }
+}
