@@ -522,7 +522,7 @@ impl<S: EventSink> Reporter<S> {
         sent.offsets
             .first()
             .copied()
-            .ok_or_else(|| ProducerError::Queue(Error::storage("the queue returned no offset")))
+            .ok_or_else(|| ProducerError::Queue(Error::internal("the queue returned no offset")))
     }
 
     /// Emits a `status` event.
