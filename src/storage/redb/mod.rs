@@ -223,12 +223,7 @@ pub(crate) struct Store {
 
 /// A failure of redb, keeping it as the cause (and the kind of an I/O failure inside it).
 fn st(e: impl Into<redb::Error>) -> Error {
-    let e: redb::Error = e.into();
-    let kind = match &e {
-        redb::Error::Io(io) => io.kind(),
-        _ => std::io::ErrorKind::Other,
-    };
-    Error::Storage(StorageError::caused("", kind, e))
+    st_at("", e)
 }
 
 /// As [`st`], saying what was being done.
@@ -256,9 +251,9 @@ impl Store {
     ) -> Result<(Store, Recovered)> {
         let cache_bytes = options.cache_bytes;
         std::fs::create_dir_all(data_dir).map_err(|e| {
-            Error::storage(format!(
-                "cannot create data directory {}: {e}",
-                data_dir.display()
+            Error::Storage(StorageError::io(
+                format_args!("cannot create data directory {}", data_dir.display()),
+                e,
             ))
         })?;
         let path = data_dir.join(DB_FILE);
@@ -273,7 +268,7 @@ impl Store {
                     path: path.display().to_string(),
                 });
             }
-            Err(e) => return Err(Error::storage(format!("opening {}: {e}", path.display()))),
+            Err(e) => return Err(st_at(format_args!("opening {}", path.display()), e)),
         };
         #[cfg_attr(not(feature = "failpoints"), allow(unused_mut))]
         let (mut wal, records) = Wal::open(data_dir)?;
@@ -331,13 +326,11 @@ impl Store {
     /// is from such a crash: nothing in it was ever acknowledged.
     fn create_fresh(data_dir: &Path, path: &Path, power: Option<&Power>) -> Result<()> {
         let tmp = data_dir.join(format!("{DB_FILE}.new"));
-        let fail = |what: &str, e: &dyn std::fmt::Display| {
-            Error::storage(format!("{what} {}: {e}", tmp.display()))
-        };
+        let fail = |what: &str, e: redb::Error| st_at(format_args!("{what} {}", tmp.display()), e);
         match std::fs::remove_file(&tmp) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(fail("removing", &e)),
+            Err(e) => return Err(fail("removing", e.into())),
         }
         {
             let db = match Self::open_db(&tmp, 1 << 20, power) {
@@ -347,26 +340,28 @@ impl Store {
                         path: tmp.display().to_string(),
                     });
                 }
-                Err(e) => return Err(fail("creating", &e)),
+                Err(e) => return Err(fail("creating", e.into())),
             };
-            let mut txn = db.begin_write().map_err(|e| fail("creating", &e))?;
+            let mut txn = db.begin_write().map_err(|e| fail("creating", e.into()))?;
             txn.set_durability(Durability::Immediate)
-                .map_err(|e| fail("creating", &e))?;
+                .map_err(|e| fail("creating", e.into()))?;
             {
-                let mut meta = txn.open_table(META).map_err(|e| fail("creating", &e))?;
+                let mut meta = txn
+                    .open_table(META)
+                    .map_err(|e| fail("creating", e.into()))?;
                 meta.insert(KEY_FORMAT, u64::from(FORMAT_VERSION))
-                    .map_err(|e| fail("creating", &e))?;
+                    .map_err(|e| fail("creating", e.into()))?;
             }
-            txn.commit().map_err(|e| fail("creating", &e))?;
+            txn.commit().map_err(|e| fail("creating", e.into()))?;
         }
         #[cfg(feature = "failpoints")]
         if let Some(power) = power {
-            power.check().map_err(|e| fail("renaming", &e))?;
+            power.check().map_err(|e| fail("renaming", e.into()))?;
         }
-        std::fs::rename(&tmp, path).map_err(|e| fail("renaming", &e))?;
+        std::fs::rename(&tmp, path).map_err(|e| fail("renaming", e.into()))?;
         std::fs::File::open(data_dir)
             .and_then(|d| d.sync_all())
-            .map_err(|e| fail("syncing the directory of", &e))
+            .map_err(|e| fail("syncing the directory of", e.into()))
     }
 
     fn begin_write(&self) -> Result<redb::WriteTransaction> {

@@ -183,3 +183,61 @@ async fn a_version_2_database_is_upgraded_in_place_and_keeps_its_ids() {
         assert_eq!(*key.get_or_insert(now), now);
     }
 }
+
+#[tokio::test]
+async fn a_log_reader_reads_a_stopped_directory_and_refuses_a_running_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, k) = (tenant("t"), task("wf"));
+    let m = open(dir.path()).await;
+    let q = m.create_queue(&t, &k, with_buffer(4)).await.unwrap();
+    for n in 0..6 {
+        q.enqueue(phase(&t, &k, n)).await.unwrap();
+    }
+    q.close().await.unwrap();
+    let path = dir.path().to_path_buf();
+    let locked = tokio::task::spawn_blocking(move || eventqueue::LogReader::open(&path))
+        .await
+        .unwrap();
+    assert!(
+        matches!(locked, Err(eventqueue::Error::Locked { .. })),
+        "{locked:?}"
+    );
+    m.shutdown().await.unwrap();
+
+    let path = dir.path().to_path_buf();
+    let (t2, k2) = (t.clone(), k.clone());
+    tokio::task::spawn_blocking(move || {
+        let reader = eventqueue::LogReader::open(&path).unwrap();
+        let queues = reader.queues();
+        assert_eq!(queues.len(), 1);
+        let info = &queues[0];
+        assert_eq!((info.first_offset, info.latest_offset), (2, 6));
+        assert!(info.is_closed);
+        // Reads start at the first retained offset and go on from the last one read.
+        let first: Vec<u64> = reader
+            .read(&t2, &k2, 0, 3)
+            .unwrap()
+            .iter()
+            .map(|e| e.offset())
+            .collect();
+        assert_eq!(first, vec![2, 3, 4]);
+        let rest = reader.read(&t2, &k2, 5, 100).unwrap();
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].offset(), 5);
+        assert!(
+            std::str::from_utf8(rest[0].json())
+                .unwrap()
+                .contains("phase_5")
+        );
+        assert!(reader.read(&t2, &k2, 6, 100).unwrap().is_empty());
+        assert!(matches!(
+            reader.read(&t2, &task("nope"), 0, 1),
+            Err(eventqueue::Error::QueueNotFound { .. })
+        ));
+    })
+    .await
+    .unwrap();
+    // The reader released the directory: a server opens it again.
+    let m = open(dir.path()).await;
+    assert_eq!(m.get_queue(&t, &k).unwrap().latest_offset(), 6);
+}
