@@ -27,23 +27,22 @@ class Frame(NamedTuple):
 class SSEParser:
     """Feed it the body's chunks; it returns the frames completed so far."""
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "_skip_lf")
 
     def __init__(self) -> None:
         self._buf = b""
+        self._skip_lf = False
 
     def feed(self, chunk: bytes) -> list[Frame]:
+        if self._skip_lf:
+            # The previous chunk ended with a CR: a LF now is the second half of that CRLF.
+            self._skip_lf = False
+            if chunk.startswith(b"\n"):
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            self._skip_lf = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buf = self._buf + chunk if self._buf else chunk
-        if b"\r" in buf:
-            # A CR at the very end may be the first half of a CRLF: keep it for the next chunk.
-            keep = buf.endswith(b"\r")
-            if keep:
-                buf = buf[:-1]
-            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            if keep:
-                blocks = buf.split(b"\n\n")
-                self._buf = blocks.pop() + b"\r"
-                return _frames(blocks)
         blocks = buf.split(b"\n\n")
         self._buf = blocks.pop()
         return _frames(blocks)

@@ -208,14 +208,15 @@ class Subscription:
                             if is_terminal(event):
                                 return
                         # The server ended the stream without a terminal event: the queue was
-                        # closed, deleted or expired, or the server is shutting down. The
-                        # reconnection tells which (204, 404, or a new stream).
+                        # closed, deleted or expired, or the server is shutting down.
                         error = "the server ended the stream"
+                if error == "the server ended the stream" and await self._ended():
+                    return
             except (httpx.TransportError, httpx.StreamError) as e:
                 error = describe(e)
             self.last_error = error
             attempt += 1
-            if error != "the server ended the stream" or attempt > 1:
+            if attempt > 1 or error != "the server ended the stream":
                 if self._max_attempts is not None and attempt > self._max_attempts:
                     raise TransportError(
                         f"subscription to {queue.task_id} gave up after {attempt - 1} "
@@ -231,6 +232,18 @@ class Subscription:
                 )
                 await asyncio.sleep(delay)
             self.reconnects += 1
+
+    async def _ended(self) -> bool:
+        """After a stream ended without a terminal event: whether the subscription is over
+        (the queue is gone, or closed with everything delivered) rather than interrupted."""
+        queue = self._queue
+        try:
+            info = await queue.get_info()
+        except QueueNotFoundError:
+            return True
+        except (EventQueueError, httpx.HTTPError):
+            return False  # the server is going away: reconnecting will tell
+        return bool(info.get("is_closed")) and self.next_offset >= int(info["latest_offset"])
 
     async def _read(self, resp: httpx.Response) -> AsyncIterator[TaskEvent]:
         parser = SSEParser()
