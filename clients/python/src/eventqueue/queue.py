@@ -413,6 +413,15 @@ class EventQueue:
     def mark_gone(self) -> None:
         self._gone = True
 
+    async def _learn_cancel(self) -> None:
+        """The server said the task is cancelled: flip the token, with the reason from the
+        queue's info (asked once)."""
+        try:
+            await self.get_info()
+        except (EventQueueError, ValueError):
+            pass
+        self._remote_cancel(None)  # if the info could not be read
+
     def _remote_cancel(self, reason: Any) -> None:
         if not self._token._cancelled:
             self._token.cancel(reason if isinstance(reason, str) else None)
@@ -450,8 +459,8 @@ class EventQueue:
             self._gone = True
             raise
         answer = resp.json()
-        if answer.get("cancelled"):
-            self._remote_cancel(None)
+        if answer.get("cancelled") and not self._token._cancelled:
+            await self._learn_cancel()
         offsets: list[int] = answer["offsets"]
         for event, offset in zip(events, offsets, strict=True):
             event.offset = offset
@@ -552,8 +561,8 @@ class EventQueue:
         from .checkpoints import save_checkpoint
 
         saved = await save_checkpoint(self._transport, self._task_id, self._tenant_id, checkpoint)
-        if saved.cancelled:
-            self._remote_cancel(None)
+        if saved.cancelled and not self._token._cancelled:
+            await self._learn_cancel()
         return saved
 
     async def latest_checkpoint(self) -> Optional[StoredCheckpoint]:
