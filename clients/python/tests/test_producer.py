@@ -66,7 +66,9 @@ async def test_dashboard_and_cli_see_the_same_phases(
     assert [e.event_id for e in a] == [e.event_id for e in b]
 
 
-async def test_reconnect_at_an_offset(manager: QueueManager, task_id: str, tenant: str) -> None:  # 39
+async def test_reconnect_at_an_offset(
+    manager: QueueManager, task_id: str, tenant: str
+) -> None:  # 39
     q = await manager.create_queue(task_id, tenant)
     p = Pipeline(q)
     for i in range(5):

@@ -40,7 +40,9 @@ def status(q: EventQueue, phase: str, state: TaskState = TaskState.WORKING) -> T
     return create_status_event(q.task_id, q.tenant_id, state, phase)
 
 
-async def collect(q: EventQueue, from_offset: int = 0, n: Optional[int] = None, **kw: Any) -> list[TaskEvent]:
+async def collect(
+    q: EventQueue, from_offset: int = 0, n: Optional[int] = None, **kw: Any
+) -> list[TaskEvent]:
     """Events of ``subscribe(from_offset)`` until it ends, or until ``n`` were read."""
     out: list[TaskEvent] = []
     async for event in q.subscribe(from_offset, **kw):
@@ -55,7 +57,9 @@ async def wait_for_subscribers(q: EventQueue, n: int) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_enqueue_then_subscribe(manager: QueueManager, task_id: str, tenant: str) -> None:  # 7
+async def test_enqueue_then_subscribe(
+    manager: QueueManager, task_id: str, tenant: str
+) -> None:  # 7
     q = await manager.create_queue(task_id, tenant)
     sent = status(q, "planning")
     assert await q.enqueue(sent) == 0
@@ -224,7 +228,7 @@ async def test_every_field_survives_the_round_trip(
     sent: list[TaskEvent] = [
         create_status_event(task_id, tenant, TaskState.INPUT_REQUIRED, "review", "waiting"),
         create_progress_event(task_id, tenant, 3, 7, "step_3", {"video": "a.mp4", "n": [1, 2.5]}),
-        create_artifact_event(task_id, tenant, "summary", {"text": "é ✓ \"q\""}, is_partial=True),
+        create_artifact_event(task_id, tenant, "summary", {"text": 'é ✓ "q"'}, is_partial=True),
         create_error_event(task_id, tenant, "Timeout", "slow", "E_T", {"try": 2}),
         create_complete_event(task_id, tenant, {"answer": 42}, "done", 10.5),
     ]

@@ -53,7 +53,10 @@ def test_progress_percentage_is_computed() -> None:  # seed 2
     # Left out of the constructor, it is computed the same way (the original required it).
     assert ProgressEvent(task_id="j", tenant_id="t", current=1, total=4).percentage == 25.0
     assert ProgressEvent(task_id="j", tenant_id="t", current=0, total=0).percentage == 0.0
-    assert ProgressEvent(task_id="j", tenant_id="t", current=1, total=4, percentage=30).percentage == 30
+    assert (
+        ProgressEvent(task_id="j", tenant_id="t", current=1, total=4, percentage=30).percentage
+        == 30
+    )
 
 
 def test_artifact_event() -> None:  # seed 3
@@ -141,13 +144,15 @@ def test_terminal_events() -> None:
     assert is_terminal(create_status_event("j", "t", TaskState.CANCELLED))
     assert is_terminal(create_status_event("j", "t", TaskState.FAILED))
     assert not is_terminal(create_status_event("j", "t", TaskState.COMPLETED))
-    assert not is_terminal(ErrorEvent(task_id="j", tenant_id="t", error_type="E", error_message="m"))
+    assert not is_terminal(
+        ErrorEvent(task_id="j", tenant_id="t", error_type="E", error_message="m")
+    )
 
 
 STREAM = (
     b'event: connected\ndata: {"type":"connected","offset":0}\n\n'
     b": keepalive\n\n"
-    b"id: 0\nevent: status\ndata: {\"a\":1}\n\n"
+    b'id: 0\nevent: status\ndata: {"a":1}\n\n'
     b"id: 1\nevent: progress\ndata: line one\ndata: line two\n\n"
     b"data: unnamed\n\n"
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
 import warnings
@@ -66,9 +67,8 @@ class CancellationToken:
         return self._reason
 
     def cancel(self, reason: Optional[str] = None) -> None:
-        """Sets the token locally (``EventQueue.cancel`` also tells the server)."""
-        if self._cancelled:
-            return
+        """Sets the token locally (``EventQueue.cancel`` also tells the server). As in the
+        original, a second cancel replaces the reason and time."""
         self._reason = reason
         self._cancel_time = datetime.now(timezone.utc)
         self._cancelled = True
@@ -416,10 +416,8 @@ class EventQueue:
     async def _learn_cancel(self) -> None:
         """The server said the task is cancelled: flip the token, with the reason from the
         queue's info (asked once)."""
-        try:
+        with contextlib.suppress(EventQueueError, ValueError):
             await self.get_info()
-        except (EventQueueError, ValueError):
-            pass
         self._remote_cancel(None)  # if the info could not be read
 
     def _remote_cancel(self, reason: Any) -> None:
