@@ -157,10 +157,10 @@ STREAM = (
     b"data: unnamed\n\n"
 )
 EXPECTED = [
-    Frame(b"connected", b'{"type":"connected","offset":0}', None),
-    Frame(b"status", b'{"a":1}', b"0"),
-    Frame(b"progress", b"line one\nline two", b"1"),
-    Frame(b"message", b"unnamed", None),
+    Frame(None, b"connected", b'{"type":"connected","offset":0}'),
+    Frame(b"0", b"status", b'{"a":1}'),
+    Frame(b"1", b"progress", b"line one\nline two"),
+    Frame(None, b"message", b"unnamed"),
 ]
 
 
@@ -182,4 +182,15 @@ def test_sse_parser_at_every_chunk_boundary(line_end: bytes) -> None:
 def test_sse_parser_keeps_an_incomplete_frame() -> None:
     parser = SSEParser()
     assert parser.feed(b"id: 5\nevent: status\ndata: {}") == []
-    assert parser.feed(b"\n\n") == [Frame(b"status", b"{}", b"5")]
+    assert parser.feed(b"\n\n") == [Frame(b"5", b"status", b"{}")]
+
+
+def test_sse_parser_runs_of_event_frames() -> None:
+    run = b"".join(b'id: %d\nevent: status\ndata: {"n":%d}\n\n' % (i, i) for i in range(50))
+    expected = [Frame(b"%d" % i, b"status", b'{"n":%d}' % i) for i in range(50)]
+    for cut in range(0, len(run), 37):
+        parser = SSEParser()
+        assert parser.feed(run[:cut]) + parser.feed(run[cut:]) == expected
+    # A run with a comment or a control frame in it takes the general path, same result.
+    mixed = b": keepalive\n\n" + run + b'event: gap\ndata: {"x":1}\n\n'
+    assert SSEParser().feed(mixed) == [*expected, Frame(None, b"gap", b'{"x":1}')]

@@ -16,11 +16,23 @@ from urllib.parse import quote
 
 import httpx
 import pydantic
+from pydantic import TypeAdapter
 
 from ._sse import SSEParser
 from ._transport import RETRYABLE_STATUS, Transport, describe, http_error
 from .errors import EventQueueError, QueueClosedError, QueueNotFoundError, TransportError
-from .types import EVENT_ADAPTER, EVENT_LIST_ADAPTER, TaskEvent, event_json, is_terminal
+from .types import (
+    EVENT_ADAPTER,
+    ArtifactEvent,
+    BaseEvent,
+    CompleteEvent,
+    ErrorEvent,
+    ProgressEvent,
+    StatusEvent,
+    TaskEvent,
+    event_json,
+    is_terminal,
+)
 
 if TYPE_CHECKING:
     from ._background import Worker
@@ -139,10 +151,12 @@ class Subscription:
         self._on_gap = on_gap or _warn_gap(queue.task_id)
         self._max_attempts = max_reconnect_attempts
         self._started = False
+        self._terminal = False
         self._gen = self._events()
 
-    def __aiter__(self) -> Subscription:
-        return self
+    def __aiter__(self) -> AsyncGenerator[TaskEvent, None]:
+        # The generator itself: `async for` then resumes it directly, one call per event.
+        return self._gen
 
     async def __anext__(self) -> TaskEvent:
         return await self._gen.__anext__()
@@ -203,10 +217,11 @@ class Subscription:
                         connected_once = True
                         self._started = True
                         attempt = 0
-                        async for event in self._read(resp):
-                            yield event
-                            if is_terminal(event):
-                                return
+                        async for events in self._read(resp):
+                            for event in events:
+                                yield event
+                        if self._terminal:
+                            return
                         # The server ended the stream without a terminal event: the queue was
                         # closed, deleted or expired, or the server is shutting down.
                         error = "the server ended the stream"
@@ -245,26 +260,34 @@ class Subscription:
             return False  # the server is going away: reconnecting will tell
         return bool(info.get("is_closed")) and self.next_offset >= int(info["latest_offset"])
 
-    async def _read(self, resp: httpx.Response) -> AsyncIterator[TaskEvent]:
+    async def _read(self, resp: httpx.Response) -> AsyncIterator[list[TaskEvent]]:
+        """The events of each received chunk, checked and in order. Sets ``_terminal`` when
+        the task's terminal event came (the list then ends with it)."""
         parser = SSEParser()
         async for chunk in resp.aiter_raw():
             frames = parser.feed(chunk)
             if not frames:
                 continue
-            batch: list[bytes] = []
-            for frame in frames:
-                kind = frame.event
-                if kind == b"connected" or kind == b"gap":
-                    if batch:
-                        for event in self._accept(batch):
-                            yield event
-                        batch = []
-                    self._control(kind, frame.data)
-                else:
-                    batch.append(frame.data)
-            if batch:
-                for event in self._accept(batch):
-                    yield event
+            out: list[TaskEvent] = []
+            run: list[bytes] = []
+            run_kind = b""
+            for _, kind, data in frames:
+                if kind != run_kind:
+                    if run:
+                        self._accept(run_kind, run, out)
+                        run = []
+                    if kind == b"connected" or kind == b"gap":
+                        self._control(kind, data)
+                        run_kind = b""
+                        continue
+                    run_kind = kind
+                run.append(data)
+            if run:
+                self._accept(run_kind, run, out)
+            if out:
+                yield out
+            if self._terminal:
+                return
 
     def _control(self, kind: bytes, data: bytes) -> None:
         try:
@@ -279,21 +302,25 @@ class Subscription:
                 self._gap(self.next_offset, first)
                 self.next_offset = first
 
-    def _accept(self, batch: list[bytes]) -> list[TaskEvent]:
+    def _accept(self, kind: bytes, run: list[bytes], out: list[TaskEvent]) -> None:
+        """Parses a run of frames of one event type (``kind``, the SSE event name) into
+        ``out``: one validation call for the run, which costs much less per event than one
+        call per event, or than a union discriminated on each event's JSON."""
+        if self._terminal:
+            return
+        adapter = _RUN_ADAPTERS.get(kind)
+        events: list[TaskEvent]
         try:
-            if len(batch) == 1:
-                events = [EVENT_ADAPTER.validate_json(batch[0])]
+            if adapter is None:
+                events = [EVENT_ADAPTER.validate_json(data) for data in run]
+            elif len(run) == 1:
+                events = [adapter[0](run[0])]
             else:
-                events = EVENT_LIST_ADAPTER.validate_json(b"[" + b",".join(batch) + b"]")
-        except pydantic.ValidationError:
-            events = []
-            for data in batch:
-                try:
-                    events.append(EVENT_ADAPTER.validate_json(data))
-                except pydantic.ValidationError as e:
-                    raise ProtocolError(f"unreadable event: {data[:200]!r}: {e}") from e
-        out: list[TaskEvent] = []
+                events = adapter[1](b"[" + b",".join(run) + b"]")
+        except pydantic.ValidationError as e:
+            raise ProtocolError(f"unreadable {kind.decode(errors='replace')} event: {e}") from e
         expected = self.next_offset
+        check = kind if kind in _MAY_END else b""
         for event in events:
             offset = event.offset
             if offset is None:
@@ -304,9 +331,24 @@ class Subscription:
                 self._gap(expected, offset)
             out.append(event)
             expected = offset + 1
+            if check and is_terminal(event):
+                self._terminal = True
+                break
         self.next_offset = expected
-        return out
 
+
+def _run_adapter(cls: type[BaseEvent]) -> tuple[Callable[[bytes], Any], Callable[[bytes], Any]]:
+    return (cls.__pydantic_validator__.validate_json, TypeAdapter(list[cls]).validate_json)  # type: ignore[valid-type]
+
+
+_RUN_ADAPTERS: dict[bytes, tuple[Callable[[bytes], Any], Callable[[bytes], Any]]] = {
+    b"status": _run_adapter(StatusEvent),
+    b"progress": _run_adapter(ProgressEvent),
+    b"artifact": _run_adapter(ArtifactEvent),
+    b"error": _run_adapter(ErrorEvent),
+    b"complete": _run_adapter(CompleteEvent),
+}
+_MAY_END = frozenset({b"status", b"error", b"complete"})
 
 EVENT_CONTROL: pydantic.TypeAdapter[dict[str, Any]] = pydantic.TypeAdapter(dict[str, Any])
 

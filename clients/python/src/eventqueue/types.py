@@ -85,13 +85,17 @@ def _percentage(data: dict[str, Any]) -> float:
 class BaseEvent(BaseModel):
     """Fields every event has."""
 
-    model_config = ConfigDict(use_enum_values=True)
+    # Strings other than keys are mostly unique (ids, timestamps): caching them costs more
+    # than it saves when a replay parses thousands of events.
+    model_config = ConfigDict(use_enum_values=True, cache_strings="keys")
 
     event_id: str = Field(default_factory=_event_id)
     task_id: str = Field(..., description="Workflow ID or Job ID")
     tenant_id: str = Field(..., description="Tenant identifier for multi-tenant isolation")
     timestamp: datetime = Field(default_factory=_utcnow)
-    event_type: EventType
+    # Each event class narrows this to its own value. A plain string, as the original's
+    # ``use_enum_values`` made it; it compares equal to the ``EventType`` member.
+    event_type: str
     offset: Optional[int] = Field(
         default=None, description="Position in the queue, assigned by the server at commit"
     )
@@ -109,7 +113,7 @@ class BaseEvent(BaseModel):
 class StatusEvent(BaseEvent):
     """Task state transition (A2A TaskStatusUpdateEvent)."""
 
-    event_type: Literal[EventType.STATUS] = EventType.STATUS
+    event_type: Literal["status"] = "status"
     state: TaskState = Field(..., description="Current task state")
     phase: Optional[str] = Field(default=None, description="Current execution phase")
     message: Optional[str] = Field(default=None, description="Human-readable status message")
@@ -118,7 +122,7 @@ class StatusEvent(BaseEvent):
 class ProgressEvent(BaseEvent):
     """Incremental progress update."""
 
-    event_type: Literal[EventType.PROGRESS] = EventType.PROGRESS
+    event_type: Literal["progress"] = "progress"
     current: int = Field(..., ge=0, description="Current progress value")
     total: int = Field(..., ge=0, description="Total progress value")
     # Computed from current and total when left out (only then: a factory with the validated
@@ -135,7 +139,7 @@ class ProgressEvent(BaseEvent):
 class ArtifactEvent(BaseEvent):
     """Intermediate artifact or result (A2A TaskArtifactUpdateEvent)."""
 
-    event_type: Literal[EventType.ARTIFACT] = EventType.ARTIFACT
+    event_type: Literal["artifact"] = "artifact"
     artifact_type: str = Field(..., description="Type of artifact (e.g. 'search_result')")
     artifact_id: str = Field(default_factory=_artifact_id)
     data: dict[str, Any] = Field(..., description="Artifact payload")
@@ -147,7 +151,7 @@ class ArtifactEvent(BaseEvent):
 class ErrorEvent(BaseEvent):
     """Error notification with context."""
 
-    event_type: Literal[EventType.ERROR] = EventType.ERROR
+    event_type: Literal["error"] = "error"
     error_type: str = Field(..., description="Error classification")
     error_message: str = Field(..., description="Human-readable error message")
     error_code: Optional[str] = Field(
@@ -162,7 +166,7 @@ class ErrorEvent(BaseEvent):
 class CompleteEvent(BaseEvent):
     """Task completion with the final result."""
 
-    event_type: Literal[EventType.COMPLETE] = EventType.COMPLETE
+    event_type: Literal["complete"] = "complete"
     result: dict[str, Any] = Field(..., description="Final result payload")
     summary: Optional[str] = Field(default=None, description="Human-readable completion summary")
     execution_time_seconds: Optional[float] = Field(
