@@ -107,12 +107,12 @@ async def replay(m: QueueManager, url: str, n: int, rounds: int) -> tuple[list[f
 
         start = time.perf_counter()
         size = 0
-        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
-            async with http.stream(
-                "GET", f"/events/workflows/{task}", headers={"x-tenant-id": "bench"}
-            ) as r:
-                async for chunk in r.aiter_raw():
-                    size += len(chunk)
+        async with (
+            httpx.AsyncClient(base_url=url, timeout=60) as http,
+            http.stream("GET", f"/events/workflows/{task}", headers={"x-tenant-id": "bench"}) as r,
+        ):
+            async for chunk in r.aiter_raw():
+                size += len(chunk)
         raw.append(n / (time.perf_counter() - start))
     return typed, raw
 
@@ -126,7 +126,7 @@ async def main() -> None:
         "--durability",
         default="immediate",
         choices=["immediate", "buffered"],
-        help="the server's; buffered takes the fsync out of each enqueue, leaving the client's own cost",
+        help="the server's; buffered takes the fsync out of each enqueue (the client's cost shows)",
     )
     args = parser.parse_args()
     print(f"server durability: {args.durability}; load average before: {os.getloadavg()}")
@@ -147,11 +147,12 @@ async def main() -> None:
     fmt = lambda xs: ", ".join(f"{x:,.0f}" for x in xs)  # noqa: E731
     print(f"load average after: {os.getloadavg()}")
     print(
-        f"python {platform.python_version()}, httpx {httpx.__version__}, eventqueue {eventqueue.__version__}, {os.cpu_count()} CPUs"
+        f"python {platform.python_version()}, httpx {httpx.__version__}, "
+        f"eventqueue {eventqueue.__version__}, {os.cpu_count()} CPUs"
     )
     print(f"sequential enqueue, bare httpx   : {fmt(bare_rates)} events/s")
     print(f"sequential enqueue, EventQueue   : {fmt(client_rates)} events/s")
-    ratios = [b / c for b, c in zip(bare_rates, client_rates)]
+    ratios = [b / c for b, c in zip(bare_rates, client_rates, strict=True)]
     print(f"  bare / client per round        : {', '.join(f'{x:.2f}' for x in ratios)}")
     print(f"replay {args.replay:,} via subscribe(): {fmt(typed)} events/s")
     print(f"replay {args.replay:,} raw httpx bytes : {fmt(raw)} events/s")
