@@ -59,12 +59,20 @@ def start_server(data_dir: str, durability: str) -> tuple[subprocess.Popen[bytes
     raise RuntimeError(log.read_text())
 
 
+# Events per second of this process's CPU time: what the client would reach with a core to
+# itself, whatever else the machine is doing.
+REPLAY_CPU: list[float] = []
+ENQUEUE_CPU: dict[str, list[float]] = {"bare": [], "client": []}
+
+
 async def enqueue_client(m: QueueManager, task: str, n: int) -> float:
     q = await m.create_queue(task, "bench", max_buffer_size=n + 10)
     events = [create_progress_event(task, "bench", i, n, "step", {"i": i}) for i in range(n)]
     start = time.perf_counter()
+    cpu = time.process_time()
     for e in events:
         await q.enqueue(e)
+    ENQUEUE_CPU["client"].append(n / (time.process_time() - cpu))
     return n / (time.perf_counter() - start)
 
 
@@ -76,9 +84,11 @@ async def enqueue_bare(url: str, m: QueueManager, task: str, n: int) -> float:
     headers = {"content-type": "application/json", "x-tenant-id": "bench"}
     async with httpx.AsyncClient(base_url=url) as http:
         start = time.perf_counter()
+        cpu = time.process_time()
         for body in bodies:
             resp = await http.post(f"/events/queues/{task}/events", content=body, headers=headers)
             resp.raise_for_status()
+        ENQUEUE_CPU["bare"].append(n / (time.process_time() - cpu))
         return n / (time.perf_counter() - start)
 
 
@@ -98,12 +108,14 @@ async def replay(m: QueueManager, url: str, n: int, rounds: int) -> tuple[list[f
     raw: list[float] = []
     for _ in range(rounds):
         start = time.perf_counter()
+        cpu = time.process_time()
         count = 0
         async for event in q.subscribe():
             assert event.offset == count
             count += 1
         assert count == n
         typed.append(n / (time.perf_counter() - start))
+        REPLAY_CPU.append(n / (time.process_time() - cpu))
 
         start = time.perf_counter()
         size = 0
@@ -115,6 +127,43 @@ async def replay(m: QueueManager, url: str, n: int, rounds: int) -> tuple[list[f
                 size += len(chunk)
         raw.append(n / (time.perf_counter() - start))
     return typed, raw
+
+
+async def ending_latencies(m: QueueManager, url: str, rounds: int) -> dict[str, list[float]]:
+    """Milliseconds from an action to what a client sees of it: a live subscriber ending after
+    close / deletion / a terminal event, and a cancel made by another client showing on the
+    token of a queue in use."""
+    out: dict[str, list[float]] = {"close": [], "delete": [], "terminal": [], "remote cancel": []}
+    other = QueueManager(url, tenant_id="bench")
+    for r in range(rounds):
+        for what in ("close", "delete", "terminal"):
+            q = await m.create_queue(f"end_{what}_{r}", "bench")
+
+            async def consume(q: eventqueue.EventQueue = q) -> float:
+                async for _ in q.subscribe():
+                    pass
+                return time.perf_counter()
+
+            reader = asyncio.create_task(consume())
+            while (await q.get_info())["subscriber_count"] == 0:
+                await asyncio.sleep(0.01)
+            start = time.perf_counter()
+            if what == "close":
+                await q.close()
+            elif what == "delete":
+                await q.delete()
+            else:
+                await q.enqueue(eventqueue.create_complete_event(q.task_id, "bench", {}))
+            out[what].append((await reader - start) * 1000)
+        q = await m.create_queue(f"cancel_{r}", "bench")
+        assert not q.cancellation_token.is_cancelled
+        start = time.perf_counter()
+        await other.cancel_task(q.task_id, "bench")
+        while not q.cancellation_token.is_cancelled:
+            await asyncio.sleep(0.001)
+        out["remote cancel"].append((time.perf_counter() - start) * 1000)
+    await other.aclose()
+    return out
 
 
 async def main() -> None:
@@ -134,6 +183,9 @@ async def main() -> None:
         proc, url = start_server(tmp, args.durability)
         try:
             m = QueueManager(url, tenant_id="bench", cancel_poll_interval=0)
+            polling = QueueManager(url, tenant_id="bench")
+            ends = await ending_latencies(polling, url, args.rounds)
+            await polling.aclose()
             client_rates: list[float] = []
             bare_rates: list[float] = []
             for r in range(args.rounds):
@@ -154,8 +206,13 @@ async def main() -> None:
     print(f"sequential enqueue, EventQueue   : {fmt(client_rates)} events/s")
     ratios = [b / c for b, c in zip(bare_rates, client_rates, strict=True)]
     print(f"  bare / client per round        : {', '.join(f'{x:.2f}' for x in ratios)}")
+    print(f"  per CPU-second of this process : bare {fmt(ENQUEUE_CPU['bare'])}")
+    print(f"                                   client {fmt(ENQUEUE_CPU['client'])}")
     print(f"replay {args.replay:,} via subscribe(): {fmt(typed)} events/s")
+    print(f"  per CPU-second of this process : {fmt(REPLAY_CPU)}")
     print(f"replay {args.replay:,} raw httpx bytes : {fmt(raw)} events/s")
+    for what, ms in ends.items():
+        print(f"{what:>13} -> seen by the client: {', '.join(f'{x:.1f}' for x in ms)} ms")
 
 
 if __name__ == "__main__":
