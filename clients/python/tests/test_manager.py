@@ -214,3 +214,20 @@ async def test_a_remote_cancel_shows_in_the_next_enqueue(
     finally:
         await polling_off.aclose()
         await other.aclose()
+
+
+async def test_an_ingestion_job_uses_the_ingestion_routes(
+    manager: QueueManager, task_id: str, tenant: str
+) -> None:  # 50, 52
+    q = await manager.create_queue(task_id, tenant, kind="ingestion")
+    assert q.kind == "ingestion" and q.stream_path.startswith("/events/ingestion/")
+    await q.enqueue(create_status_event(task_id, tenant, TaskState.WORKING, "video_1"))
+    assert await soon(asyncio.wrap_future(q.cancel("enough"))) is True
+    await q.enqueue(create_status_event(task_id, tenant, TaskState.CANCELLED))
+    got = [e async for e in q.subscribe()]
+    assert [e.offset for e in got] == [0, 1]
+    assert (await q.get_info())["cancel_reason"] == "enough"
+    await manager.delete_queue(task_id)
+    with pytest.raises(eventqueue.QueueNotFoundError) as err:
+        [e async for e in q.subscribe()]
+    assert err.value.detail == f"No active ingestion job found with ID {task_id}"  # 54

@@ -390,10 +390,9 @@ class EventQueue:
         self._last_use = time.monotonic()
         quoted = quote(task_id, safe="")
         self._base = f"/events/queues/{quoted}"
-        self.stream_path = f"/events/workflows/{quoted}"
-        self.cancel_path = f"/events/workflows/{quoted}/cancel"
+        self._quoted = quoted
+        self._kind = "task"
         self.info_path = self._base
-        self._checkpoint_path = f"/events/workflows/{quoted}/checkpoints"
         if info:
             self.apply_info(info)
         worker.watch(self)
@@ -443,8 +442,27 @@ class EventQueue:
             and now - self._last_use < window
         )
 
+    @property
+    def kind(self) -> str:
+        """``workflow``, ``ingestion`` or ``task`` (as created)."""
+        return self._kind
+
+    @property
+    def stream_path(self) -> str:
+        # Both stream routes serve any queue; an ingestion job's takes the ingestion route
+        # (whose 404 speaks of an ingestion job), everything else the workflow route.
+        route = "ingestion" if self._kind == "ingestion" else "workflows"
+        return f"/events/{route}/{self._quoted}"
+
+    @property
+    def cancel_path(self) -> str:
+        return f"{self.stream_path}/cancel"
+
     def apply_info(self, info: dict[str, Any]) -> None:
         self._info = info
+        kind = info.get("kind")
+        if isinstance(kind, str):
+            self._kind = kind
         if info.get("is_cancelled"):
             self._remote_cancel(info.get("cancel_reason"))
         if info.get("is_closed"):
