@@ -131,7 +131,8 @@ class Subscription:
     never skipped silently.
 
     Attributes: ``next_offset`` (the offset expected next), ``gaps`` (every gap seen),
-    ``reconnects`` (connections re-established), ``last_error`` (why the last one dropped).
+    ``reconnects`` (reconnection attempts made), ``last_error`` (why the last connection
+    ended or failed).
     """
 
     def __init__(
@@ -216,8 +217,10 @@ class Subscription:
                     else:
                         connected_once = True
                         self._started = True
-                        attempt = 0
                         async for events in self._read(resp):
+                            # Only a connection that delivered something resets the backoff: a
+                            # server that keeps ending streams at once is not hammered.
+                            attempt = 0
                             for event in events:
                                 yield event
                         if self._terminal:
