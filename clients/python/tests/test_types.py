@@ -137,6 +137,13 @@ def test_wire_json_parses_into_the_right_class() -> None:
         assert back == e
 
 
+def test_every_event_meets_the_protocol() -> None:
+    from eventqueue import TaskEventProtocol
+
+    assert isinstance(create_progress_event("j", "t", 1, 2), TaskEventProtocol)
+    assert not isinstance(object(), TaskEventProtocol)
+
+
 def test_terminal_events() -> None:
     assert is_terminal(create_complete_event("j", "t", {}))
     assert is_terminal(create_error_event("j", "t", "E", "m", recoverable=False))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Protocol, Union, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_serializer
 
@@ -32,6 +32,7 @@ __all__ = [
     "ProgressEvent",
     "StatusEvent",
     "TaskEvent",
+    "TaskEventProtocol",
     "TaskState",
     "create_artifact_event",
     "create_complete_event",
@@ -176,6 +177,18 @@ class CompleteEvent(BaseEvent):
 
 TaskEvent = Union[StatusEvent, ProgressEvent, ArtifactEvent, ErrorEvent, CompleteEvent]
 """Any event (a plain union, as in the original)."""
+
+
+@runtime_checkable
+class TaskEventProtocol(Protocol):
+    """What every event has, for type checking (as in the original)."""
+
+    event_id: str
+    task_id: str
+    tenant_id: str
+    timestamp: datetime
+    event_type: str
+
 
 _Tagged = Annotated[TaskEvent, Field(discriminator="event_type")]
 EVENT_ADAPTER: TypeAdapter[TaskEvent] = TypeAdapter(_Tagged)
