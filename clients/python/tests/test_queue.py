@@ -357,3 +357,44 @@ async def test_gap_warning_is_an_error_in_this_suite() -> None:
     with pytest.raises(GapWarning), warnings.catch_warnings():
         warnings.simplefilter("error", GapWarning)
         warnings.warn("x", GapWarning, stacklevel=1)
+
+
+async def test_a_slow_subscriber_misses_nothing_unsaid(
+    manager: QueueManager, task_id: str, tenant: str
+) -> None:
+    """A subscriber that stalls while the producer runs far past the retention bound: what
+    it receives and the gaps it is told of cover every offset exactly once.
+
+    3000 events of 8 KB (24 MB) are more than the stalled connection's socket buffers (a few
+    MB) and the server's live channel (1024 events) can hold, so the server must fall back
+    to the retained log (10 events) and say that the rest is gone."""
+    q = await manager.create_queue(task_id, tenant, max_buffer_size=10)
+    gaps: list[Gap] = []
+    received: list[int] = []
+    stalled = asyncio.Event()
+    resume = asyncio.Event()
+
+    async def consume() -> None:
+        async for event in q.subscribe(on_gap=gaps.append):
+            assert event.offset is not None
+            received.append(event.offset)
+            if event.offset == 0:
+                stalled.set()
+                await resume.wait()
+
+    reader = asyncio.create_task(consume())
+    blob = {"pad": "x" * 8000}
+    await q.enqueue(create_artifact_event(task_id, tenant, "chunk", blob))
+    await soon(stalled.wait())
+    n = 3000
+    await q.enqueue_batch([create_artifact_event(task_id, tenant, "chunk", blob) for _ in range(n)])
+    await q.enqueue(create_complete_event(task_id, tenant, {}))
+    resume.set()
+    await soon(reader)
+    covered = received + [
+        o for g in gaps for o in range(g.requested_offset, g.first_available_offset)
+    ]
+    assert sorted(covered) == list(range(n + 2))  # every offset once: delivered, or said dropped
+    assert received == sorted(received)
+    assert received[-1] == n + 1
+    assert gaps, "the subscriber fell behind retention: it must have been told"

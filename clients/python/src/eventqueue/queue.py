@@ -52,6 +52,8 @@ log = logging.getLogger("eventqueue")
 
 #: Most events in one enqueue request (the server's default limit).
 MAX_BATCH = 1000
+#: Most bytes of events in one enqueue request (half the server's default body limit).
+MAX_BATCH_BYTES = 1 << 20
 
 
 class CancellationToken:
@@ -496,14 +498,28 @@ class EventQueue:
         return offsets[0]
 
     async def enqueue_batch(self, events: Sequence[TaskEvent]) -> list[int]:
-        """Appends ``events`` in order; returns their offsets. Each request of up to 1000
-        events is stored atomically (one invalid event rejects its whole request)."""
+        """Appends ``events`` in order; returns their offsets. They go in requests of at most
+        1000 events and 1 MiB (the server's limits are 1000 and 2 MiB), each stored
+        atomically: one invalid event rejects its whole request, and the requests before it
+        stay stored."""
         offsets: list[int] = []
-        for start in range(0, len(events), MAX_BATCH):
-            chunk = events[start : start + MAX_BATCH]
-            body = b'{"events":[' + b",".join(event_json(e) for e in chunk) + b"]}"
-            offsets.extend(await self._post_events(body, chunk))
+        chunk: list[TaskEvent] = []
+        bodies: list[bytes] = []
+        size = 0
+        for event in events:
+            body = event_json(event)
+            if chunk and (len(chunk) == MAX_BATCH or size + len(body) > MAX_BATCH_BYTES):
+                offsets.extend(await self._post_batch(chunk, bodies))
+                chunk, bodies, size = [], [], 0
+            chunk.append(event)
+            bodies.append(body)
+            size += len(body) + 1
+        if chunk:
+            offsets.extend(await self._post_batch(chunk, bodies))
         return offsets
+
+    async def _post_batch(self, events: list[TaskEvent], bodies: list[bytes]) -> list[int]:
+        return await self._post_events(b'{"events":[' + b",".join(bodies) + b"]}", events)
 
     async def _post_events(self, body: bytes, events: Iterable[TaskEvent]) -> list[int]:
         if self._closed:
