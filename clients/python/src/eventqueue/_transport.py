@@ -148,11 +148,13 @@ class Transport:
             return client
 
     def sync_client(self) -> httpx.Client:
+        """The background worker's client. Its requests are small (a cancel, a queue's info):
+        a short time limit keeps one stuck request from holding up the others."""
         s = self.settings
         return httpx.Client(
             base_url=s.url,
             headers=self._headers,
-            timeout=httpx.Timeout(s.timeout, connect=s.connect_timeout),
+            timeout=httpx.Timeout(min(s.timeout, 5.0), connect=min(s.connect_timeout, 5.0)),
         )
 
     async def aclose(self) -> None:
