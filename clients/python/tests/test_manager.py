@@ -231,3 +231,19 @@ async def test_an_ingestion_job_uses_the_ingestion_routes(
     with pytest.raises(eventqueue.QueueNotFoundError) as err:
         [e async for e in q.subscribe()]
     assert err.value.detail == f"No active ingestion job found with ID {task_id}"  # 54
+
+
+async def test_a_queue_created_again_after_deletion_is_new(
+    manager: QueueManager, task_id: str, tenant: str
+) -> None:
+    first = await manager.create_queue(task_id, tenant)
+    await first.close()
+    other = QueueManager(manager.url, tenant_id=tenant)
+    try:
+        assert await other.delete_queue(task_id) is True  # elsewhere: this manager cannot know
+    finally:
+        await other.aclose()
+    second = await manager.create_queue(task_id, tenant)
+    assert second is not first and not second.is_closed
+    assert await second.enqueue(create_status_event(task_id, tenant, TaskState.WORKING)) == 0
+    assert await manager.get_queue(task_id) is second

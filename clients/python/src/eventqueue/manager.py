@@ -101,12 +101,14 @@ class QueueManager:
                     return q
         return None
 
-    def _adopt(self, info: dict[str, Any], tenant_id: str) -> EventQueue:
+    def _adopt(self, info: dict[str, Any], tenant_id: str, new: bool = False) -> EventQueue:
+        """The queue object for a queue the server described; ``new``: it was just created
+        (an object left from an earlier queue of that id, since deleted, is replaced)."""
         task_id = str(info.get("task_id"))
         tenant = str(info.get("tenant_id") or tenant_id)
         with self._lock:
             queue = self._queues.get((tenant, task_id))
-            if queue is None or queue.is_expired:
+            if queue is None or queue.is_expired or new:
                 queue = EventQueue(self._transport, self._worker, task_id, tenant, info)
                 self._queues[(tenant, task_id)] = queue
             else:
@@ -146,7 +148,7 @@ class QueueManager:
             # A retry after the request reached the server would answer "exists".
             idempotent=False,
         )
-        return self._adopt(resp.json(), tenant_id)
+        return self._adopt(resp.json(), tenant_id, new=True)
 
     async def get_queue(
         self, task_id: str, tenant_id: Optional[str] = None
