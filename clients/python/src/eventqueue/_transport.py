@@ -18,7 +18,7 @@ import json
 import random
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import httpx
@@ -27,8 +27,12 @@ from .errors import EventQueueError, HTTPError, TransportError, error_for_status
 
 __all__ = ["RETRYABLE_STATUS", "Settings", "Transport"]
 
-# Answers that mean "not done, try again later".
+# Answers worth repeating a request for.
 RETRYABLE_STATUS = frozenset({408, 429, 502, 503, 504})
+# Of those, the ones the server itself gives for a request it did not carry out (a proxy's
+# 502 / 504 may follow one that was): only these are repeated for a request that is not
+# idempotent.
+NOT_DONE_STATUS = frozenset({408, 429, 503})
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,6 @@ class Settings:
     #: How often the background worker asks the server whether a queue in use was cancelled
     #: elsewhere; 0 turns polling off (enqueue answers still report it).
     cancel_poll_interval: float = 0.5
-    token_claims: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def backoff(self, attempt: int) -> float:
         """Wait before retry ``attempt`` (1-based): doubling, capped, with a little jitter."""
@@ -204,7 +207,8 @@ class Transport:
                     return resp
                 error = http_error(resp, method, path)
                 attempt += 1
-                if resp.status_code not in RETRYABLE_STATUS or attempt > s.max_retries:
+                retryable = RETRYABLE_STATUS if idempotent else NOT_DONE_STATUS
+                if resp.status_code not in retryable or attempt > s.max_retries:
                     raise error
                 if resp.status_code == 429 and isinstance(error, HTTPError):
                     retry_after = getattr(error, "retry_after", None)

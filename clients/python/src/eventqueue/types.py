@@ -192,7 +192,6 @@ class TaskEventProtocol(Protocol):
 
 _Tagged = Annotated[TaskEvent, Field(discriminator="event_type")]
 EVENT_ADAPTER: TypeAdapter[TaskEvent] = TypeAdapter(_Tagged)
-EVENT_LIST_ADAPTER: TypeAdapter[list[TaskEvent]] = TypeAdapter(list[_Tagged])
 
 _TERMINAL_STATES = frozenset({TaskState.FAILED.value, TaskState.CANCELLED.value})
 
