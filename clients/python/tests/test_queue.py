@@ -398,3 +398,15 @@ async def test_a_slow_subscriber_misses_nothing_unsaid(
     assert received == sorted(received)
     assert received[-1] == n + 1
     assert gaps, "the subscriber fell behind retention: it must have been told"
+
+
+async def test_an_event_over_the_servers_limit(
+    manager: QueueManager, task_id: str, tenant: str
+) -> None:
+    q = await manager.create_queue(task_id, tenant)
+    huge = create_artifact_event(task_id, tenant, "blob", {"pad": "x" * (1 << 20)})
+    with pytest.raises(eventqueue.PayloadTooLargeError) as err:
+        await q.enqueue(huge)
+    assert err.value.status_code == 413 and "exceeds the limit" in err.value.detail
+    assert isinstance(err.value, ValueError)
+    assert await q.get_latest_offset() == 0
