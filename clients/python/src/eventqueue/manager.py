@@ -121,14 +121,15 @@ class QueueManager:
         self,
         task_id: str,
         tenant_id: str,
-        ttl_minutes: Optional[float] = None,
+        ttl_minutes: Optional[float] = 30,
         max_buffer_size: Optional[int] = None,
         *,
         kind: Optional[str] = None,
     ) -> EventQueue:
         """Creates the queue of ``(tenant_id, task_id)``. Raises ``QueueExistsError`` (a
         ``ValueError``) if it exists. ``ttl_minutes`` counts from the queue's last activity
-        (default: the manager's, 30); 0 expires it at the server's next sweep.
+        (``None``: the manager's ``default_ttl_minutes``); 0 expires it at the server's next
+        sweep (the original turned 0 into the default).
         ``kind``: ``workflow``, ``ingestion`` or ``task`` (display only)."""
         body: dict[str, Any] = {"task_id": task_id}
         ttl = self._default_ttl if ttl_minutes is None else ttl_minutes
@@ -176,7 +177,7 @@ class QueueManager:
         self,
         task_id: str,
         tenant_id: str,
-        ttl_minutes: Optional[float] = None,
+        ttl_minutes: Optional[float] = 30,
         max_buffer_size: Optional[int] = None,
         *,
         kind: Optional[str] = None,
