@@ -150,3 +150,27 @@ async def test_remote_cancel_in_token_mode(
         assert q.cancellation_token.reason == "elsewhere"
     finally:
         await other.aclose()
+
+
+async def test_a_publish_only_producer_learns_of_a_cancel_from_its_enqueues(
+    token_server: Server, acme: str, task_id: str
+) -> None:
+    producer = QueueManager(token_server.url, token=token_server.token(acme, "publish"))
+    watcher = QueueManager(token_server.url, token=token_server.token(acme, "subscribe"))
+    try:
+        q = await producer.create_queue(task_id, acme)
+
+        async def refused() -> None:  # the worker's info requests get 403: it stops asking
+            while not q.poll_refused:
+                _ = q.cancellation_token.is_cancelled
+                await asyncio.sleep(0.05)
+
+        await soon(refused())
+        assert await watcher.cancel_task(task_id, "stop") is True
+        assert not q.cancellation_token.is_cancelled
+        await q.enqueue(create_status_event(task_id, acme, TaskState.WORKING))
+        assert q.cancellation_token.is_cancelled  # from the enqueue's answer
+        assert q.cancellation_token.reason is None  # the info holding it is not readable
+    finally:
+        await producer.aclose()
+        await watcher.aclose()

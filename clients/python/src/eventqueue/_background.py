@@ -140,6 +140,8 @@ class Worker:
                 continue
             if resp.status_code == 404:
                 q.mark_gone()
+            elif resp.status_code in (401, 403):
+                q.poll_refused = True  # a token that may not read queue info: stop asking
             elif resp.status_code == 200:
                 info: Any = resp.json()
                 if isinstance(info, dict):

@@ -393,6 +393,9 @@ class EventQueue:
         self._finished = False
         self._info: dict[str, Any] = {}
         self._last_use = time.monotonic()
+        #: Set when the server refused this client the queue's info (a token without the
+        #: ``subscribe`` scope): remote cancels then show only in enqueue answers.
+        self.poll_refused = False
         quoted = quote(task_id, safe="")
         self._base = f"/events/queues/{quoted}"
         self._quoted = quoted
@@ -440,7 +443,8 @@ class EventQueue:
 
     def needs_poll(self, now: float, window: float) -> bool:
         return (
-            not self._token._cancelled
+            not self.poll_refused
+            and not self._token._cancelled
             and not self._closed
             and not self._gone
             and not self._finished
