@@ -122,6 +122,14 @@ async def test_checkpoint_without_a_queue(manager: QueueManager, tenant: str) ->
     assert saved.status_offset is None and saved.progress_offset is None
     latest = await store.latest("wf_without_queue")
     assert latest is not None and [t.task_id for t in latest.pending_tasks()] == ["a"]
+    again = await store.save("wf_without_queue", {"status": "running"})
+    listed = await store.list("wf_without_queue")
+    assert [(c.checkpoint_id, c.seq) for c in listed] == [
+        (saved.checkpoint_id, 0),
+        (again.checkpoint_id, 1),
+    ]
+    assert listed[1].status == "running"
+    assert await store.list("wf_never_saved") == []
     bad_task = {"status": "running", "tasks": [{"task_id": "a", "status": "zzz"}]}
     with pytest.raises(ValueError, match=r"tasks\.0\.status"):  # refused before sending
         await store.save("wf_without_queue", bad_task)

@@ -1,5 +1,5 @@
 """Workflow checkpoints: save one (the server appends its ``status`` / ``progress`` events to
-the workflow's queue in the same transaction) and read the latest back."""
+the workflow's queue in the same transaction), read the latest back, or list them all."""
 
 from __future__ import annotations
 
@@ -108,6 +108,18 @@ async def latest_checkpoint(
     return StoredCheckpoint.model_validate_json(resp.content)
 
 
+class _CheckpointList(BaseModel):
+    workflow_id: str
+    checkpoints: list[StoredCheckpoint]
+
+
+async def list_checkpoints(
+    transport: Transport, workflow_id: str, tenant_id: Optional[str]
+) -> list[StoredCheckpoint]:
+    resp = await transport.request("GET", _path(workflow_id), tenant=tenant_id)
+    return _CheckpointList.model_validate_json(resp.content).checkpoints
+
+
 class CheckpointStore:
     """Checkpoints of one tenant's workflows. A workflow's queue need not exist: without one,
     a save stores the checkpoint alone."""
@@ -126,3 +138,8 @@ class CheckpointStore:
     async def latest(self, workflow_id: str) -> Optional[StoredCheckpoint]:
         """The workflow's newest checkpoint, or ``None`` when it has none."""
         return await latest_checkpoint(self._transport, workflow_id, self.tenant_id)
+
+    async def list(self, workflow_id: str) -> list[StoredCheckpoint]:
+        """The workflow's retained checkpoints (its newest 100), oldest first; empty when it
+        has none."""
+        return await list_checkpoints(self._transport, workflow_id, self.tenant_id)
