@@ -55,12 +55,12 @@ mod store;
 mod subscription;
 mod writer;
 
-pub mod bench;
 pub mod cli;
 pub mod client;
-pub mod demo;
 pub mod producer;
 pub mod server;
+
+pub use cli::{bench, demo};
 
 pub use checkpoint::{
     Checkpoint, CheckpointStore, Resume, SavedCheckpoint, StoredCheckpoint, TaskCheckpoint,
