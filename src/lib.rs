@@ -55,11 +55,15 @@ mod store;
 mod subscription;
 mod writer;
 
+#[cfg(feature = "cli")]
 pub mod cli;
+#[cfg(feature = "client")]
 pub mod client;
 pub mod producer;
+#[cfg(feature = "server")]
 pub mod server;
 
+#[cfg(feature = "cli")]
 pub use cli::{bench, demo};
 
 pub use checkpoint::{
