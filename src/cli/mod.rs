@@ -7,7 +7,8 @@
 //! - `watch`, `queues`, `info`, `cancel`, `publish`: person-facing commands over HTTP, through
 //!   [`crate::client`];
 //! - `dump`, `inspect`: offline, on a data directory no server holds;
-//! - `bench` ([`bench`]) and `demo` ([`demo`]): also library modules, for tests and examples.
+//! - `bench` ([`mod@bench`]) and `demo` ([`mod@demo`]): also library modules, for tests and
+//!   examples.
 //!
 //! Each person-facing subcommand returns an [`Outcome`] or a [`CliError`] carrying its exit
 //! code; [`exit_code`] prints and maps it. Exit codes: 0 success (for `watch`: the task
