@@ -16,6 +16,18 @@
 //! Producers report through [`producer::Reporter`] (typed emitters, a cancellation boundary
 //! check, and an outcome that is always reported), in process or over HTTP.
 //!
+//! # Features
+//!
+//! `server`, `client` and `cli` are on by default; an application that only embeds the log
+//! depends on the crate with `default-features = false` and compiles no HTTP or command-line
+//! crate.
+//!
+//! - `server`: the HTTP server, `server` (axum, hyper, tower-http, jsonwebtoken);
+//! - `client`: the HTTP client, `client`, and `producer::HttpSink` (reqwest);
+//! - `cli`: the `eventqueue` binary's commands, `cli`, with `bench` and `demo`; implies
+//!   `server` and `client` (clap, indicatif, toml, tracing-subscriber, mimalloc);
+//! - `failpoints` (off by default): fault injection for the reliability tests.
+//!
 //! ```
 //! use eventqueue::{Config, Delivery, Event, QueueManager, QueueOptions, StatusEvent, TaskId,
 //!                  TaskState, TenantId};
@@ -59,12 +71,16 @@ mod queue;
 mod reader;
 mod subscription;
 
-pub mod bench;
+#[cfg(feature = "cli")]
 pub mod cli;
+#[cfg(feature = "client")]
 pub mod client;
-pub mod demo;
 pub mod producer;
+#[cfg(feature = "server")]
 pub mod server;
+
+#[cfg(feature = "cli")]
+pub use cli::{bench, demo};
 
 pub use checkpoint::{
     Checkpoint, CheckpointStore, Resume, SavedCheckpoint, StoredCheckpoint, TaskCheckpoint,

@@ -3,8 +3,8 @@
 //! its stream.
 //!
 //! A [`Reporter`] writes to an [`EventSink`]: an [`EventQueue`] in this process, or an
-//! [`HttpSink`] for a queue on an eventqueue server (a producer in another process). Both have
-//! the same shape:
+//! [`HttpSink`] for a queue on an eventqueue server (a producer in another process; feature
+//! `client`). Both have the same shape:
 //!
 //! - typed emitters: [`Reporter::status`], [`Reporter::progress`], [`Reporter::artifact`],
 //!   [`Reporter::error`], and the shortcuts [`Reporter::phase`] and [`Reporter::step`];
@@ -61,19 +61,25 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures_util::FutureExt;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::checkpoint::{Checkpoint, SavedCheckpoint};
-use crate::client::{Client, ClientError};
+#[cfg(feature = "client")]
+use crate::client::ClientError;
 use crate::error::Error;
 use crate::event::{
     ArtifactEvent, CompleteEvent, ErrorEvent, Event, Payload, ProgressEvent, StatusEvent, TaskState,
 };
-use crate::ids::{TaskId, TenantId};
+use crate::ids::TaskId;
 use crate::queue::EventQueue;
+
+#[cfg(feature = "client")]
+mod http;
+#[cfg(feature = "client")]
+pub use http::{HttpReporter, HttpSink};
 
 /// Why a producer call failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -97,6 +103,7 @@ pub enum ProducerError {
     #[error(transparent)]
     Queue(#[from] Error),
     /// The server refused or could not be reached.
+    #[cfg(feature = "client")]
     #[error(transparent)]
     Http(#[from] ClientError),
 }
@@ -198,190 +205,6 @@ impl EventSink for EventQueue {
     }
 }
 
-/// Attempts of a send over HTTP that failed in a way worth retrying (a transport error, `408`,
-/// `429`, `5xx`); the events keep their ids, so a retry never duplicates one.
-const HTTP_SEND_ATTEMPTS: u32 = 4;
-
-/// A queue on an eventqueue server, for producers in another process.
-///
-/// Sends go to `POST /events/queues/{task_id}/events` (retried with the same event ids after a
-/// transport error or a retryable status: idempotent; [`Sent::cancelled`] carries the answer's
-/// cancel flag), the boundary check reads `GET /events/queues/{task_id}` (one request per
-/// check, which also gives the reason), checkpoints go to
-/// `POST /events/workflows/{task_id}/checkpoints` (not retried: a save is not idempotent).
-#[derive(Clone, Debug)]
-pub struct HttpSink {
-    client: Client,
-    http: reqwest::Client,
-    token: Option<String>,
-    task: TaskId,
-}
-
-impl HttpSink {
-    /// A sink for queue `task` on the server at `base_url` (e.g. `http://127.0.0.1:8000`).
-    ///
-    /// # Errors
-    ///
-    /// [`ClientError::InvalidUrl`] for a URL that is not `http://` / `https://`.
-    pub fn new(base_url: &str, task: &TaskId) -> Result<Self, ClientError> {
-        let client = Client::new(base_url)?;
-        // As `Client`: loopback servers are reached directly, never through a proxy.
-        let loopback = reqwest::Url::parse(base_url)
-            .ok()
-            .and_then(|url| url.host_str().map(str::to_string))
-            .is_some_and(|host| {
-                host == "localhost"
-                    || host
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .parse::<std::net::IpAddr>()
-                        .is_ok_and(|ip| ip.is_loopback())
-            });
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30));
-        if loopback {
-            builder = builder.no_proxy();
-        }
-        let http = builder.build().map_err(|e| ClientError::InvalidUrl {
-            url: base_url.to_string(),
-            reason: format!("cannot build an HTTP client: {e}"),
-        })?;
-        Ok(Self {
-            client,
-            http,
-            token: None,
-            task: task.clone(),
-        })
-    }
-
-    /// Sends `Authorization: Bearer <token>` (token mode; the token needs `publish`, and
-    /// `subscribe` for the cancellation check's queue info).
-    pub fn with_token(mut self, token: impl Into<String>) -> Self {
-        let token = token.into();
-        self.client = self.client.with_token(token.clone());
-        self.token = Some(token);
-        self
-    }
-
-    /// Acts for `tenant` (open mode's `X-Tenant-ID`; an admin token's `?tenant_id=`).
-    pub fn with_tenant(mut self, tenant: &TenantId) -> Self {
-        self.client = self.client.with_tenant(tenant.as_str());
-        self
-    }
-
-    /// The underlying client (queue creation, info, cancel, streams).
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-
-    /// The event JSON a server accepts from a producer: the event without its queue ids and
-    /// offset (the server fills them in from the route and the caller's tenant).
-    fn wire(&self, payload: Payload) -> Value {
-        let event = Event::new(&TenantId::default_tenant(), &self.task, payload);
-        let mut value: Value = serde_json::from_slice(&event.to_json()).unwrap_or(Value::Null);
-        if let Value::Object(map) = &mut value {
-            map.remove("tenant_id");
-            map.remove("offset");
-        }
-        value
-    }
-}
-
-impl EventSink for HttpSink {
-    fn task_id(&self) -> &TaskId {
-        &self.task
-    }
-
-    async fn send(&self, payloads: Vec<Payload>) -> Result<Sent, ProducerError> {
-        let events: Vec<Value> = payloads.into_iter().map(|p| self.wire(p)).collect();
-        let mut attempt = 0;
-        let outcome = loop {
-            match self.client.publish_batch(self.task.as_str(), &events).await {
-                Ok(outcome) => break outcome,
-                Err(e) if e.is_retryable() && attempt + 1 < HTTP_SEND_ATTEMPTS => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        Ok(Sent {
-            offsets: outcome.offsets,
-            cancelled: outcome.cancelled,
-        })
-    }
-
-    async fn cancellation(&self) -> Result<Option<Cancellation>, ProducerError> {
-        // One request per boundary: the info carries the reason as well.
-        let info = self.client.queue_info(self.task.as_str()).await?;
-        if info.is_cancelled {
-            return Ok(Some(Cancellation {
-                reason: info.cancel_reason,
-            }));
-        }
-        Ok(None)
-    }
-
-    async fn save_checkpoint(
-        &self,
-        checkpoint: Checkpoint,
-    ) -> Result<SavedCheckpoint, ProducerError> {
-        #[derive(serde::Deserialize)]
-        struct Answer {
-            #[serde(flatten)]
-            saved: SavedCheckpoint,
-        }
-        // Ids are made of URL-safe characters only: no encoding needed in the path.
-        let url = format!(
-            "{}/events/workflows/{}/checkpoints",
-            self.client.base_url(),
-            checkpoint.workflow_id
-        );
-        let mut url = reqwest::Url::parse(&url).map_err(|e| ClientError::InvalidUrl {
-            url: url.clone(),
-            reason: e.to_string(),
-        })?;
-        if let Some(tenant) = self.client.tenant() {
-            url.query_pairs_mut().append_pair("tenant_id", tenant);
-        }
-        let body = serde_json::to_vec(&checkpoint.to_json())
-            .map_err(|e| ClientError::InvalidInput(format!("checkpoint JSON: {e}")))?;
-        let mut req = self
-            .http
-            .post(url)
-            .header("Content-Type", "application/json")
-            .body(body);
-        if let Some(token) = &self.token {
-            req = req.bearer_auth(token);
-        }
-        if let Some(tenant) = self.client.tenant() {
-            req = req.header("X-Tenant-ID", tenant);
-        }
-        let transport = |e: reqwest::Error| ClientError::Transport {
-            url: self.client.base_url().to_string(),
-            reason: e.to_string(),
-        };
-        let resp = req.send().await.map_err(transport)?;
-        let status = resp.status();
-        let body = resp.bytes().await.map_err(transport)?;
-        if !status.is_success() {
-            let detail = serde_json::from_slice::<Value>(&body)
-                .ok()
-                .and_then(|v| v.get("detail").and_then(Value::as_str).map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                detail,
-            }
-            .into());
-        }
-        let answer: Answer = serde_json::from_slice(&body)
-            .map_err(|e| ClientError::Decode(format!("checkpoint answer: {e}")))?;
-        Ok(answer.saved)
-    }
-}
-
 /// How a task run by [`Reporter::run`] ended; each was reported with its terminal event.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -437,9 +260,6 @@ impl<S: EventSink + std::fmt::Debug> std::fmt::Debug for Reporter<S> {
             .finish()
     }
 }
-
-/// A reporter over an [`HttpSink`].
-pub type HttpReporter = Reporter<HttpSink>;
 
 struct Inner<S: EventSink> {
     sink: S,

@@ -1,24 +1,165 @@
-//! The person-facing subcommands of the `eventqueue` binary: `watch`, `queues`, `info`,
-//! `cancel`, `publish` (over HTTP, through [`crate::client`]) and `dump`, `inspect` (offline,
-//! on a data directory no server holds).
+//! Every command of the `eventqueue` binary (feature `cli`): [`run`] parses the command line,
+//! installs the logger and runs the command; `src/main.rs` only picks the allocator and calls
+//! it. Being the process's entry point, this is the one module of the library that installs a
+//! logger and may end the process (a second shutdown signal during `serve`).
 //!
-//! Each subcommand returns an [`Outcome`] or a [`CliError`] carrying its exit code; the binary
-//! prints and exits. Exit codes: 0 success (for `watch`: the task completed), 1 failure (a
-//! failed or cancelled task, a server or storage error), 2 usage errors and unknown queues.
+//! - `serve`, `token`, `compact`: the server, its tokens and its data directory;
+//! - `watch`, `queues`, `info`, `cancel`, `publish`: person-facing commands over HTTP, through
+//!   [`crate::client`];
+//! - `dump`, `inspect`: offline, on a data directory no server holds;
+//! - `bench` ([`mod@bench`]) and `demo` ([`mod@demo`]): also library modules, for tests and
+//!   examples.
+//!
+//! Each person-facing subcommand returns an [`Outcome`] or a [`CliError`] carrying its exit
+//! code; [`exit_code`] prints and maps it. Exit codes: 0 success (for `watch`: the task
+//! completed), 1 failure (a failed or cancelled task, a server or storage error), 2 usage
+//! errors and unknown queues. The other commands exit 1 on any error, which they log.
 
+pub mod bench;
+mod compact;
+pub mod demo;
 mod offline;
 mod remote;
 mod render;
+mod serve;
+mod token;
 mod watch;
 
 use std::fmt;
+use std::io::IsTerminal;
 use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
 
 use crate::client::{Client, ClientError, DEFAULT_URL};
 
 pub use offline::{DumpArgs, InspectArgs, dump, inspect};
 pub use remote::{CancelArgs, InfoArgs, PublishArgs, QueuesArgs, cancel, info, publish, queues};
 pub use watch::{WatchArgs, watch};
+
+/// The target of the commands' own log lines: the binary's name, as when they lived in
+/// `main.rs`, so `RUST_LOG` filters and the lines people read stay the same.
+const LOG_TARGET: &str = "eventqueue";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "eventqueue",
+    version,
+    about = "A durable, embedded event log for task progress"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the HTTP API (SSE streams, producer endpoints, metrics).
+    Serve(serve::ServeArgs),
+    /// Measure this machine's disk and CPU through eventqueue, against a raw fdatasync floor
+    /// measured in the same run.
+    ///
+    /// Example: `eventqueue bench --quick --data-dir /var/lib/eventqueue`
+    Bench(bench::BenchArgs),
+    /// Mint a bearer token with the configured JWT secret (token mode).
+    ///
+    /// Example: `eventqueue token --tenant acme --scope "subscribe publish" --ttl 1h`
+    Token(token::TokenArgs),
+    /// Shrink the database file of a stopped server's data directory (offline).
+    ///
+    /// A running server reuses the space of removed events but never returns it to the
+    /// filesystem; this does. Example: `eventqueue compact --data-dir ./data`
+    Compact(compact::CompactArgs),
+    /// Follow a task live: state, phase, a progress bar per running step, artifacts, errors,
+    /// the result. Reconnects by itself (resuming with Last-Event-ID) when the connection drops.
+    ///
+    /// Example: `eventqueue watch workflow_123`
+    Watch(WatchArgs),
+    /// List the queues of your tenant.
+    ///
+    /// Example: `eventqueue queues`
+    Queues(QueuesArgs),
+    /// Show one queue's info.
+    ///
+    /// Example: `eventqueue info workflow_123`
+    Info(InfoArgs),
+    /// Ask a task's producer to stop.
+    ///
+    /// Example: `eventqueue cancel workflow_123 --reason "user pressed stop"`
+    Cancel(CancelArgs),
+    /// Publish events to a queue: one (--event), a file of JSON lines, or JSON lines from stdin.
+    ///
+    /// Example: `producer | eventqueue publish workflow_123 -`
+    Publish(PublishArgs),
+    /// Print a stopped server's stored events as JSON lines, with filters (offline).
+    ///
+    /// Example: `eventqueue dump --data-dir ./data --task workflow_123 --type status,error`
+    Dump(DumpArgs),
+    /// Summarise a stopped server's store: format version, sizes, queues and events per
+    /// tenant, oldest and newest event (offline).
+    ///
+    /// Example: `eventqueue inspect --data-dir ./data`
+    Inspect(InspectArgs),
+    /// Publish a simulated workflow and ingestion job to a running server, to watch and cancel.
+    ///
+    /// Start `eventqueue serve` first; the demo prints the commands that watch and cancel its
+    /// tasks. Example: `eventqueue demo --videos 20 --delay-ms 500`
+    Demo(demo::DemoArgs),
+}
+
+/// The `eventqueue` binary: parses the command line (flags, then `EVENTQUEUE_*` variables),
+/// installs the logger on stderr (`RUST_LOG`; by default `info` for `serve`, `warn` for the
+/// rest) and runs the command on a Tokio runtime.
+///
+/// Call it only from a program's `main`: it installs the global logger (a second call panics)
+/// and exits the process when `--help` or a usage error is printed.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    // The server logs at `info`; other commands print their own output and log only problems
+    // (the bench's in-process servers would otherwise interleave their lines with its report).
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(target: LOG_TARGET, "cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Serve(args) => runtime.block_on(serve::serve(args)),
+        Command::Bench(args) => runtime.block_on(bench::bench(args)),
+        Command::Token(args) => token::token(args),
+        Command::Compact(args) => compact::compact(args),
+        Command::Watch(args) => return exit_code(runtime.block_on(watch(args))),
+        Command::Queues(args) => return exit_code(runtime.block_on(queues(args))),
+        Command::Info(args) => return exit_code(runtime.block_on(info(args))),
+        Command::Cancel(args) => return exit_code(runtime.block_on(cancel(args))),
+        Command::Publish(args) => return exit_code(runtime.block_on(publish(args))),
+        Command::Dump(args) => return exit_code(dump(args)),
+        Command::Inspect(args) => return exit_code(inspect(args)),
+        Command::Demo(args) => runtime.block_on(demo::demo(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(target: LOG_TARGET, "{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// A failed subcommand: what to tell the user, and the exit code.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,5 +293,16 @@ fn remote_error(e: ClientError, conn: &ConnArgs, task: Option<&str>) -> CliError
         )),
         (ClientError::InvalidInput(_), _) => CliError::usage(e.to_string()),
         _ => CliError::failure(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 }

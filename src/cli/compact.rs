@@ -16,8 +16,8 @@ pub struct CompactArgs {
 }
 
 /// Runs the compaction and prints the sizes.
-pub fn run(args: CompactArgs) -> Result<(), String> {
-    match eventqueue::compact_offline(&args.data_dir) {
+pub(super) fn compact(args: CompactArgs) -> Result<(), String> {
+    match crate::compact_offline(&args.data_dir) {
         Ok(r) => {
             println!(
                 "compacted {}: {:.1} MB → {:.1} MB",
@@ -27,7 +27,7 @@ pub fn run(args: CompactArgs) -> Result<(), String> {
             );
             Ok(())
         }
-        Err(e @ eventqueue::Error::Locked { .. }) => Err(format!(
+        Err(e @ crate::Error::Locked { .. }) => Err(format!(
             "{e}. Offline compaction needs exclusive access: stop the server, then run it again."
         )),
         Err(e) => Err(format!("compaction failed: {e}")),

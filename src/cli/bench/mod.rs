@@ -859,3 +859,73 @@ impl BenchReport {
         s
     }
 }
+
+/// Flags of `eventqueue bench`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Directory on the disk to measure (a temporary directory is made inside it and removed)
+    /// [default: the system temporary directory]
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Smaller sizes: a run under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Run only the steps whose name contains one of these comma-separated words (steps: raw,
+    /// sequential, appends-immediate, appends-buffered, replay, fanout, reopen, idle, sweep,
+    /// churn, http-enqueue, http-replay, http-fanout; `http` runs the three over loopback
+    /// HTTP; an append step's name with `-N` appended, e.g. appends-immediate-64, runs only its
+    /// N-producer measurement).
+    #[arg(long, value_name = "STEP")]
+    only: Option<String>,
+    /// Seconds of the churn step (file size under steady write-and-delete)
+    /// [default: 30; 5 with --quick]
+    #[arg(long, value_name = "SECS")]
+    churn_secs: Option<u64>,
+    /// Queues the append steps spread their producers over [default: 100]
+    #[arg(long, value_name = "N")]
+    streams: Option<usize>,
+}
+
+/// Runs `eventqueue bench`: a progress bar while it measures, then the table (or JSON).
+pub(in crate::cli) async fn bench(args: BenchArgs) -> Result<(), String> {
+    // A bar on a terminal (stderr); plain lines otherwise, so logs stay readable.
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}] {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(250));
+    let shown = !bar.is_hidden();
+    let on_step = bar.clone();
+    let progress: Progress = Arc::new(move |n: usize, total: usize, step: &str| {
+        if shown {
+            on_step.set_length(total as u64);
+            on_step.set_position(n.saturating_sub(1) as u64);
+            on_step.set_message(step.to_string());
+        } else {
+            eprintln!("… [{n}/{total}] {step}");
+        }
+    });
+    let report = run(BenchOptions {
+        data_dir: args.data_dir,
+        quick: args.quick,
+        progress: Some(progress),
+        only: args.only,
+        churn_secs: args.churn_secs,
+        streams: args.streams,
+    })
+    .await
+    .map_err(|e| format!("bench failed: {e}"));
+    bar.finish_and_clear();
+    let report = report?;
+    if args.json {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        println!("{json}");
+    } else {
+        println!("{}", report.to_table());
+    }
+    Ok(())
+}

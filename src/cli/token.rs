@@ -7,8 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
-use eventqueue::TenantId;
-use eventqueue::server::auth::{Scopes, TokenKeys, parse_ttl};
+use crate::TenantId;
+use crate::server::auth::{Scopes, TokenKeys, parse_ttl};
 
 /// Environment variable holding the secret itself.
 pub const SECRET_ENV: &str = "EVENTQUEUE_JWT_SECRET";
@@ -39,7 +39,7 @@ pub struct TokenArgs {
 /// # Errors
 ///
 /// A message when the secret file cannot be read or the secret is too short.
-pub fn load_keys(
+pub(super) fn load_keys(
     flag_file: Option<&Path>,
     config_file: Option<&Path>,
 ) -> Result<Option<TokenKeys>, String> {
@@ -66,10 +66,10 @@ fn read_secret(path: &Path) -> Result<Vec<u8>, String> {
 /// # Errors
 ///
 /// A message when no secret is configured or an argument is invalid.
-pub fn run(args: TokenArgs) -> Result<(), String> {
+pub(super) fn token(args: TokenArgs) -> Result<(), String> {
     let file = match &args.config {
-        Some(path) => crate::read_config(path)?,
-        None => crate::FileConfig::default(),
+        Some(path) => super::serve::read_config(path)?,
+        None => super::serve::FileConfig::default(),
     };
     let keys = load_keys(
         args.jwt_secret_file.as_deref(),

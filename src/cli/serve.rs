@@ -1,0 +1,550 @@
+//! `eventqueue serve`: runs the HTTP server, with settings resolved from, in order of
+//! precedence: a flag, an `EVENTQUEUE_*` environment variable, the TOML file given by
+//! `--config`, the default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::ValueEnum;
+use serde::Deserialize;
+
+use super::LOG_TARGET;
+use crate::server::{self, AppState, Auth, OpenBind, ServerConfig};
+use crate::{Config, Durability, QueueManager};
+
+/// How long after the first shutdown signal the process exits regardless.
+const HARD_EXIT: Duration = Duration::from_secs(5);
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum DurabilityArg {
+    /// Acknowledge after an fsync'd commit.
+    Immediate,
+    /// Acknowledge after a commit; fsync at least every flush interval.
+    Buffered,
+}
+
+/// Flags of `eventqueue serve`. Unset flags fall back to the environment, then the config
+/// file, then the default.
+#[derive(clap::Args, Debug, Default)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (keys as the flags, with underscores).
+    #[arg(long, env = "EVENTQUEUE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory of the database [default: ./data]
+    #[arg(long, env = "EVENTQUEUE_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8000]
+    #[arg(long, env = "EVENTQUEUE_BIND", value_name = "ADDR")]
+    bind: Option<SocketAddr>,
+    /// TTL of queues created without one, counted from their last activity [default: 30]
+    #[arg(long, env = "EVENTQUEUE_DEFAULT_TTL_MINUTES", value_name = "MINUTES")]
+    default_ttl_minutes: Option<f64>,
+    /// Retained events per queue for queues created without a bound [default: 1000]
+    #[arg(long, env = "EVENTQUEUE_MAX_BUFFER_SIZE", value_name = "N")]
+    max_buffer_size: Option<u64>,
+    /// Period of the expiry sweep [default: 60]
+    #[arg(long, env = "EVENTQUEUE_CLEANUP_INTERVAL_SECS", value_name = "SECS")]
+    cleanup_interval_secs: Option<u64>,
+    /// Interval of keepalive comments on idle SSE streams [default: 15]
+    #[arg(long, env = "EVENTQUEUE_KEEPALIVE_SECS", value_name = "SECS")]
+    keepalive_secs: Option<u64>,
+    /// When enqueues are acknowledged [default: immediate]
+    #[arg(long, env = "EVENTQUEUE_DURABILITY", value_enum)]
+    durability: Option<DurabilityArg>,
+    /// In buffered durability, the longest time between a commit and its fsync; ignored with
+    /// immediate durability [default: 100]
+    #[arg(long, env = "EVENTQUEUE_FLUSH_INTERVAL_MS", value_name = "MS")]
+    flush_interval_ms: Option<u64>,
+    /// Free space kept on the data directory's filesystem, in MiB: below it, enqueues get 507
+    /// while deletions still work; 0 turns the check off [default: 64, or a tenth of the
+    /// filesystem if less]
+    #[arg(long, env = "EVENTQUEUE_DISK_RESERVE_MB", value_name = "MIB")]
+    disk_reserve_mb: Option<u64>,
+    /// Page cache of the database in MiB: recently read and written pages, held in memory
+    /// [default: 128]
+    #[arg(long, env = "EVENTQUEUE_CACHE_MB", value_name = "MIB")]
+    cache_mb: Option<u64>,
+    /// Largest request body in bytes [default: 2097152]
+    #[arg(long, env = "EVENTQUEUE_MAX_BODY_BYTES", value_name = "BYTES")]
+    max_body_bytes: Option<usize>,
+    /// Largest JSON of one event in bytes [default: 1048576]
+    #[arg(long, env = "EVENTQUEUE_MAX_EVENT_BYTES", value_name = "BYTES")]
+    max_event_bytes: Option<usize>,
+    /// Most events in one enqueue request [default: 1000]
+    #[arg(long, env = "EVENTQUEUE_MAX_BATCH_EVENTS", value_name = "N")]
+    max_batch_events: Option<usize>,
+    /// File holding the JWT secret (at least 32 bytes); turns on token mode. The secret itself
+    /// may instead be in EVENTQUEUE_JWT_SECRET [default: none: open mode]
+    #[arg(long, env = "EVENTQUEUE_JWT_SECRET_FILE", value_name = "FILE")]
+    jwt_secret_file: Option<PathBuf>,
+    /// In open mode (no secret), serve a non-loopback address anyway: anyone who can reach it
+    /// reads and writes every tenant's queues.
+    #[arg(long)]
+    insecure_open: bool,
+    /// Comma-separated origins allowed to call the API from a browser (CORS); `*` for any
+    /// [default: none]
+    #[arg(
+        long,
+        env = "EVENTQUEUE_CORS_ORIGINS",
+        value_name = "ORIGINS",
+        value_delimiter = ','
+    )]
+    cors_origins: Option<Vec<String>>,
+    /// Most SSE streams open at once [default: 10000]
+    #[arg(long, env = "EVENTQUEUE_MAX_SSE_STREAMS", value_name = "N")]
+    max_sse_streams: Option<usize>,
+    /// Most SSE streams open at once per tenant [default: 1000]
+    #[arg(long, env = "EVENTQUEUE_MAX_SSE_STREAMS_PER_TENANT", value_name = "N")]
+    max_sse_streams_per_tenant: Option<usize>,
+    /// Most queues per tenant [default: 10000]
+    #[arg(long, env = "EVENTQUEUE_MAX_QUEUES_PER_TENANT", value_name = "N")]
+    max_queues_per_tenant: Option<usize>,
+    /// Longest wait for a request head, and for the next one on an idle connection [default: 10]
+    #[arg(long, env = "EVENTQUEUE_HEADER_READ_TIMEOUT_SECS", value_name = "SECS")]
+    header_read_timeout_secs: Option<u64>,
+    /// Longest wait for a request body [default: 30]
+    #[arg(long, env = "EVENTQUEUE_BODY_READ_TIMEOUT_SECS", value_name = "SECS")]
+    body_read_timeout_secs: Option<u64>,
+    /// Name in the A2A agent card [default: eventqueue]
+    #[arg(long, env = "EVENTQUEUE_A2A_NAME", value_name = "NAME")]
+    a2a_name: Option<String>,
+    /// Description in the A2A agent card (a note on resuming streams is appended)
+    #[arg(long, env = "EVENTQUEUE_A2A_DESCRIPTION", value_name = "TEXT")]
+    a2a_description: Option<String>,
+    /// Version in the A2A agent card [default: this program's version]
+    #[arg(long, env = "EVENTQUEUE_A2A_VERSION", value_name = "VERSION")]
+    a2a_version: Option<String>,
+    /// Public base URL of this server (e.g. https://events.example.com), from which the A2A
+    /// agent card's JSON-RPC URL is built [default: http:// + the request's Host header]
+    #[arg(long, env = "EVENTQUEUE_A2A_PUBLIC_URL", value_name = "URL")]
+    a2a_public_url: Option<String>,
+}
+
+/// The `--config` file: the same settings as the flags.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileConfig {
+    data_dir: Option<PathBuf>,
+    bind: Option<SocketAddr>,
+    default_ttl_minutes: Option<f64>,
+    max_buffer_size: Option<u64>,
+    cleanup_interval_secs: Option<u64>,
+    keepalive_secs: Option<u64>,
+    durability: Option<DurabilityArg>,
+    flush_interval_ms: Option<u64>,
+    disk_reserve_mb: Option<u64>,
+    cache_mb: Option<u64>,
+    max_body_bytes: Option<usize>,
+    max_event_bytes: Option<usize>,
+    max_batch_events: Option<usize>,
+    pub(super) jwt_secret_file: Option<PathBuf>,
+    cors_origins: Option<Vec<String>>,
+    max_sse_streams: Option<usize>,
+    max_sse_streams_per_tenant: Option<usize>,
+    max_queues_per_tenant: Option<usize>,
+    header_read_timeout_secs: Option<u64>,
+    body_read_timeout_secs: Option<u64>,
+    a2a_name: Option<String>,
+    a2a_description: Option<String>,
+    a2a_version: Option<String>,
+    a2a_public_url: Option<String>,
+}
+
+/// Everything `serve` needs, resolved.
+#[derive(Debug)]
+struct Settings {
+    bind: SocketAddr,
+    store: Config,
+    server: ServerConfig,
+}
+
+fn resolve(args: ServeArgs) -> Result<Settings, String> {
+    let file = match &args.config {
+        Some(path) => read_config(path)?,
+        None => FileConfig::default(),
+    };
+    let mut server = ServerConfig::default();
+    resolve_protection(&args, &file, &mut server)?;
+    resolve_a2a(&args, &file, &mut server)?;
+    let mut store = Config::new(
+        args.data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("./data")),
+    );
+    if let Some(minutes) = args.default_ttl_minutes.or(file.default_ttl_minutes) {
+        store.default_ttl = (minutes >= 0.0)
+            .then(|| Duration::try_from_secs_f64(minutes * 60.0).ok())
+            .flatten()
+            .ok_or_else(|| format!("default_ttl_minutes must be >= 0, got {minutes}"))?;
+    }
+    if let Some(n) = args.max_buffer_size.or(file.max_buffer_size) {
+        if n == 0 {
+            return Err("max_buffer_size must be at least 1".into());
+        }
+        store.max_buffer_size = n;
+    }
+    let flush_ms = args.flush_interval_ms.or(file.flush_interval_ms);
+    store.durability = match args.durability.or(file.durability) {
+        // A flush interval means nothing when every commit is fsync'd; it is ignored.
+        None | Some(DurabilityArg::Immediate) => Durability::Immediate,
+        Some(DurabilityArg::Buffered) => Durability::Buffered {
+            flush_interval: Duration::from_millis(flush_ms.unwrap_or(100).max(1)),
+        },
+    };
+    if let Some(mb) = args.disk_reserve_mb.or(file.disk_reserve_mb) {
+        store.disk_reserve = Some(mib("disk_reserve_mb", mb)?);
+    }
+    if let Some(mb) = args.cache_mb.or(file.cache_mb) {
+        if mb == 0 {
+            return Err("cache_mb must be at least 1".into());
+        }
+        store.cache_size_bytes = usize::try_from(mib("cache_mb", mb)?)
+            .map_err(|_| format!("cache_mb is too large: {mb}"))?;
+    }
+    if let Some(secs) = args.cleanup_interval_secs.or(file.cleanup_interval_secs) {
+        if secs == 0 {
+            return Err("cleanup_interval_secs must be at least 1".into());
+        }
+        server.cleanup_interval = Some(Duration::from_secs(secs));
+    }
+    if let Some(secs) = args.keepalive_secs.or(file.keepalive_secs) {
+        if secs == 0 {
+            return Err("keepalive_secs must be at least 1".into());
+        }
+        server.keepalive = Duration::from_secs(secs);
+    }
+    if let Some(n) = args.max_body_bytes.or(file.max_body_bytes) {
+        server.max_body_bytes = n;
+    }
+    if let Some(n) = args.max_event_bytes.or(file.max_event_bytes) {
+        server.max_event_bytes = n;
+    }
+    if let Some(n) = args.max_batch_events.or(file.max_batch_events) {
+        server.max_batch_events = n;
+    }
+    let bind = args
+        .bind
+        .or(file.bind)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000)));
+    Ok(Settings {
+        bind,
+        store,
+        server,
+    })
+}
+
+/// Setting `key`, given in MiB, in bytes.
+fn mib(key: &str, mb: u64) -> Result<u64, String> {
+    mb.checked_mul(1 << 20)
+        .ok_or_else(|| format!("{key} is too large: {mb}"))
+}
+
+/// The auth mode, CORS origins and limits of `serve` (issue 4's settings).
+fn resolve_protection(
+    args: &ServeArgs,
+    file: &FileConfig,
+    server: &mut ServerConfig,
+) -> Result<(), String> {
+    let keys = super::token::load_keys(
+        args.jwt_secret_file.as_deref(),
+        file.jwt_secret_file.as_deref(),
+    )?;
+    server.auth = match keys {
+        Some(keys) => {
+            if args.insecure_open {
+                tracing::warn!(target: LOG_TARGET, "--insecure-open has no effect: a JWT secret is configured");
+            }
+            Auth::Token(keys)
+        }
+        None if args.insecure_open => Auth::Open(OpenBind::AnyAddress),
+        None => Auth::Open(OpenBind::LoopbackOnly),
+    };
+    if let Some(origins) = args.cors_origins.as_ref().or(file.cors_origins.as_ref()) {
+        server.cors_origins = origins
+            .iter()
+            .map(|o| o.trim())
+            .filter(|o| !o.is_empty())
+            .map(|o| {
+                o.parse()
+                    .map_err(|_| format!("cors_origins: {o:?} is not a valid origin"))
+            })
+            .collect::<Result<_, _>>()?;
+    }
+    fn at_least_one<T: PartialEq + Default>(name: &str, n: T) -> Result<T, String> {
+        if n == T::default() {
+            Err(format!("{name} must be at least 1"))
+        } else {
+            Ok(n)
+        }
+    }
+    if let Some(n) = args.max_sse_streams.or(file.max_sse_streams) {
+        server.max_sse_streams = at_least_one("max_sse_streams", n)?;
+    }
+    if let Some(n) = args
+        .max_sse_streams_per_tenant
+        .or(file.max_sse_streams_per_tenant)
+    {
+        server.max_sse_streams_per_tenant = at_least_one("max_sse_streams_per_tenant", n)?;
+    }
+    if let Some(n) = args.max_queues_per_tenant.or(file.max_queues_per_tenant) {
+        server.max_queues_per_tenant = at_least_one("max_queues_per_tenant", n)?;
+    }
+    if let Some(s) = args
+        .header_read_timeout_secs
+        .or(file.header_read_timeout_secs)
+    {
+        server.header_read_timeout =
+            Duration::from_secs(at_least_one("header_read_timeout_secs", s)?);
+    }
+    if let Some(s) = args.body_read_timeout_secs.or(file.body_read_timeout_secs) {
+        server.body_read_timeout = Duration::from_secs(at_least_one("body_read_timeout_secs", s)?);
+    }
+    Ok(())
+}
+
+/// The A2A agent card's settings.
+fn resolve_a2a(
+    args: &ServeArgs,
+    file: &FileConfig,
+    server: &mut ServerConfig,
+) -> Result<(), String> {
+    if let Some(name) = args.a2a_name.as_ref().or(file.a2a_name.as_ref()) {
+        server.a2a.name = name.clone();
+    }
+    if let Some(text) = args
+        .a2a_description
+        .as_ref()
+        .or(file.a2a_description.as_ref())
+    {
+        server.a2a.description = text.clone();
+    }
+    if let Some(version) = args.a2a_version.as_ref().or(file.a2a_version.as_ref()) {
+        server.a2a.version = version.clone();
+    }
+    if let Some(url) = args
+        .a2a_public_url
+        .as_ref()
+        .or(file.a2a_public_url.as_ref())
+    {
+        server.a2a.public_url = Some(server::a2a::check_public_url(url)?);
+    }
+    Ok(())
+}
+
+pub(super) fn read_config(path: &Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("invalid config file {}: {e}", path.display()))
+}
+
+/// Runs `eventqueue serve` until a shutdown signal.
+pub(super) async fn serve(args: ServeArgs) -> Result<(), String> {
+    let settings = resolve(args)?;
+    server::check_bind(&settings.server.auth, settings.bind).map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(settings.bind)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.bind))?;
+    let manager = QueueManager::open(settings.store)
+        .await
+        .map_err(|e| e.to_string())?;
+    let state = AppState::new(manager, settings.server);
+    server::serve(state, listener, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(target: LOG_TARGET, "stopped");
+    Ok(())
+}
+
+/// Resolves at the first SIGTERM or Ctrl-C. From then on, a second signal, or [`HARD_EXIT`]
+/// passing, ends the process at once.
+async fn shutdown_signal() {
+    signal().await;
+    tracing::info!(target: LOG_TARGET, "shutdown requested; a second signal exits at once");
+    tokio::spawn(async {
+        tokio::select! {
+            () = signal() => tracing::warn!(target: LOG_TARGET, "second signal: exiting now"),
+            () = tokio::time::sleep(HARD_EXIT) => tracing::warn!(target: LOG_TARGET, "shutdown took too long: exiting now"),
+        }
+        std::process::exit(130);
+    });
+}
+
+async fn signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_config_file_which_wins_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eq.toml");
+        std::fs::write(
+            &path,
+            "bind = \"127.0.0.1:9000\"\nkeepalive_secs = 7\nmax_body_bytes = 10\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            max_body_bytes: Some(20),
+            ..ServeArgs::default()
+        };
+        let s = resolve(args).unwrap();
+        assert_eq!(s.bind, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(s.server.keepalive, Duration::from_secs(7));
+        assert_eq!(s.server.max_body_bytes, 20);
+        assert_eq!(s.server.max_event_bytes, 1 << 20);
+        assert_eq!(s.store.data_dir, PathBuf::from("./data"));
+    }
+
+    #[test]
+    fn the_disk_reserve_is_given_in_mib_and_defaults_to_automatic() {
+        let s = resolve(ServeArgs::default()).unwrap();
+        assert_eq!(s.store.disk_reserve, None);
+        let s = resolve(ServeArgs {
+            disk_reserve_mb: Some(3),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(s.store.disk_reserve, Some(3 << 20));
+        let err = resolve(ServeArgs {
+            disk_reserve_mb: Some(u64::MAX),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("disk_reserve_mb"), "{err}");
+    }
+
+    #[test]
+    fn the_cache_is_given_in_mib() {
+        let s = resolve(ServeArgs::default()).unwrap();
+        assert_eq!(s.store.cache_size_bytes, 128 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eq.toml");
+        std::fs::write(&path, "cache_mb = 32\n").unwrap();
+        let s = resolve(ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(s.store.cache_size_bytes, 32 << 20);
+        let s = resolve(ServeArgs {
+            config: Some(path),
+            cache_mb: Some(512),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(s.store.cache_size_bytes, 512 << 20);
+        for bad in [0, u64::MAX] {
+            let err = resolve(ServeArgs {
+                cache_mb: Some(bad),
+                ..ServeArgs::default()
+            })
+            .unwrap_err();
+            assert!(err.contains("cache_mb"), "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_config_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eq.toml");
+        std::fs::write(&path, "bnd = \"127.0.0.1:9000\"\n").unwrap();
+        let err = resolve(ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("bnd"), "{err}");
+    }
+
+    #[test]
+    fn a_secret_file_turns_on_token_mode_and_limits_come_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("jwt.secret");
+        std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let path = dir.path().join("eq.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "jwt_secret_file = {:?}\ncors_origins = [\"https://dash.example\"]\n\
+                 max_sse_streams_per_tenant = 3\nmax_queues_per_tenant = 4\n\
+                 header_read_timeout_secs = 2\n",
+                secret.display().to_string()
+            ),
+        )
+        .unwrap();
+        let s = resolve(ServeArgs {
+            config: Some(path),
+            max_queues_per_tenant: Some(5),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert!(s.server.auth.is_token_mode());
+        assert_eq!(s.server.cors_origins, ["https://dash.example"]);
+        assert_eq!(s.server.max_sse_streams_per_tenant, 3);
+        assert_eq!(s.server.max_queues_per_tenant, 5);
+        assert_eq!(s.server.header_read_timeout, Duration::from_secs(2));
+        // A secret too short to be safe is refused, not used.
+        std::fs::write(&secret, "short").unwrap();
+        let err = resolve(ServeArgs {
+            jwt_secret_file: Some(secret),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("32 bytes"), "{err}");
+    }
+
+    #[test]
+    fn a2a_card_settings_come_from_flags_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eq.toml");
+        std::fs::write(
+            &path,
+            "a2a_name = \"jobs\"\na2a_version = \"2.1\"\n\
+             a2a_public_url = \"https://events.example.com/\"\n",
+        )
+        .unwrap();
+        let s = resolve(ServeArgs {
+            config: Some(path.clone()),
+            a2a_version: Some("3.0".into()),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(s.server.a2a.name, "jobs");
+        assert_eq!(s.server.a2a.version, "3.0");
+        assert_eq!(
+            s.server.a2a.public_url.as_deref(),
+            Some("https://events.example.com")
+        );
+        let err = resolve(ServeArgs {
+            a2a_public_url: Some("events.example.com".into()),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("a2a_public_url"), "{err}");
+    }
+}
