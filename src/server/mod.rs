@@ -208,7 +208,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/events/workflows/{id}/checkpoints",
-            post(routes::save_checkpoint),
+            post(routes::save_checkpoint).get(routes::list_checkpoints),
         )
         .route(
             "/events/workflows/{id}/checkpoints/latest",

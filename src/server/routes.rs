@@ -476,3 +476,22 @@ pub(super) async fn latest_checkpoint(
         ))),
     }
 }
+
+/// `GET /events/workflows/{id}/checkpoints`: the workflow's retained checkpoints (its newest
+/// 100), oldest first: `{"workflow_id", "checkpoints": [...]}`; an empty list when it has none
+/// (or they belong to another tenant).
+pub(super) async fn list_checkpoints(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    TaskPath(workflow): TaskPath,
+) -> Result<Response, ApiError> {
+    let checkpoints = state
+        .manager()
+        .checkpoints(&tenant.0)
+        .list(&workflow)
+        .await?;
+    Ok(json(&serde_json::json!({
+        "workflow_id": workflow,
+        "checkpoints": checkpoints,
+    })))
+}

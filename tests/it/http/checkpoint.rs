@@ -1,4 +1,5 @@
-//! The checkpoint routes: `POST /events/workflows/{id}/checkpoints` and
+//! The checkpoint routes: `POST /events/workflows/{id}/checkpoints` (save),
+//! `GET /events/workflows/{id}/checkpoints` (list) and
 //! `GET /events/workflows/{id}/checkpoints/latest` — tenant-scoped, scope-checked, clear `400`s
 //! for bad input, and the events a save emits reaching an SSE watcher.
 
@@ -90,6 +91,52 @@ async fn a_save_without_a_queue_is_201_and_latest_without_one_is_404() {
 }
 
 #[tokio::test]
+async fn the_list_holds_every_save_oldest_first_and_only_the_tenants_own() {
+    let app = App::token_mode().await;
+    let acme = token("acme", "subscribe publish");
+    let globex = token("globex", "subscribe");
+    let r = app.call(&acme, "GET", SAVE, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json(), json!({"workflow_id": "wf-1", "checkpoints": []}));
+    app.create(&acme, "wf-1").await;
+    let first = app.call(&acme, "POST", SAVE, Some(&body())).await.json();
+    let second = app
+        .call(&acme, "POST", SAVE, Some(r#"{"status": "completed"}"#))
+        .await
+        .json();
+    let r = app.call(&acme, "GET", SAVE, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let list = r.json();
+    let listed: Vec<(Value, Value, Value)> = list["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["checkpoint_id"].clone(),
+                c["seq"].clone(),
+                c["status"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            (first["checkpoint_id"].clone(), json!(0), json!("running")),
+            (
+                second["checkpoint_id"].clone(),
+                json!(1),
+                json!("completed")
+            ),
+        ]
+    );
+    assert_eq!(list["checkpoints"][0]["status_offset"], 0);
+    // Another tenant sees none of them.
+    let r = app.call(&globex, "GET", SAVE, None).await;
+    assert_eq!(r.json()["checkpoints"], json!([]));
+}
+
+#[tokio::test]
 async fn checkpoints_are_tenant_scoped() {
     let app = App::token_mode().await;
     let acme = token("acme", "subscribe publish");
@@ -137,6 +184,9 @@ async fn the_routes_need_credentials_and_their_scope() {
         .await
         .assert_error(StatusCode::FORBIDDEN, "publish");
     app.call(&writer, "GET", LATEST, None)
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "subscribe");
+    app.call(&writer, "GET", SAVE, None)
         .await
         .assert_error(StatusCode::FORBIDDEN, "subscribe");
     assert_eq!(
