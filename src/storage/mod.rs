@@ -30,6 +30,10 @@
 //!   what callers were told; the engine refuses writes until it is reopened, where recovery
 //!   keeps exactly the batches that reached stable storage.
 //!
+//! Opening is each store's own constructor (its settings differ): it recovers what the store
+//! holds and returns the store with a [`Recovered`] — every queue's record, the next queue id,
+//! and the deletions still to purge — from which the engine rebuilds its state.
+//!
 //! Every method may block (on disk or network I/O): the engine calls them from its own
 //! threads or `spawn_blocking`, never on an async worker. A networked store blocks on its own
 //! client runtime there.
