@@ -53,8 +53,7 @@ fn render_and_parse(c: &mut Criterion) {
 
 /// A producer's event body parsed as the enqueue route parses it.
 fn producer_parse(body: &[u8], ctx: &ProducerContext<'_>) -> Event {
-    let value: serde_json::Value = serde_json::from_slice(body).expect("json");
-    Event::from_producer_json(value, ctx).expect("parse")
+    Event::from_producer_bytes(body, ctx).expect("parse")
 }
 
 fn enqueue(c: &mut Criterion) {
