@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use eventqueue::{
-    Config, Delivery, Durability, Event, ProgressEvent, QueueManager, QueueOptions, TaskId,
-    TenantId,
+    Config, Delivery, Durability, Event, ProducerContext, ProgressEvent, QueueManager,
+    QueueOptions, TaskId, TenantId,
 };
 
 fn event(t: &TenantId, k: &TaskId, n: u64) -> Event {
@@ -37,7 +37,23 @@ fn render_and_parse(c: &mut Criterion) {
     g.bench_function("parse", |b| {
         b.iter(|| Event::from_json_bytes(&json).expect("parse"))
     });
+    // What the enqueue route does with a producer's body: parse it against the queue, then
+    // render it for the writer.
+    let body = br#"{"event_type":"progress","current":5,"total":100,"step":"processing_video","details":{"video":"sample_video_0001.mp4","stage":"embedding"}}"#;
+    let ctx = ProducerContext {
+        tenant_id: &t,
+        task_id: &k,
+    };
+    g.bench_function("producer_parse", |b| b.iter(|| producer_parse(body, &ctx)));
+    g.bench_function("producer_parse_render", |b| {
+        b.iter(|| producer_parse(body, &ctx).render().with_offset(7))
+    });
     g.finish();
+}
+
+/// A producer's event body parsed as the enqueue route parses it.
+fn producer_parse(body: &[u8], ctx: &ProducerContext<'_>) -> Event {
+    Event::from_producer_bytes(body, ctx).expect("parse")
 }
 
 fn enqueue(c: &mut Criterion) {

@@ -5,11 +5,16 @@ use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
-use serde_json::{Map, Value};
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::cell::Cell;
 
 use crate::error::Error;
-use crate::event::{Event, ProducerContext};
+use crate::event::{
+    self, Event, EventReader, Failure, FieldError, FromFieldError, ObjectSeed, ProducerContext,
+    ReadObject,
+};
 use crate::ids::TaskId;
 use crate::queue::{EventQueue, QueueKind, QueueOptions};
 use crate::server::error::ApiError;
@@ -75,6 +80,33 @@ pub(super) fn parse_json(state: &AppState, body: &[u8]) -> Result<Value, ApiErro
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))
 }
 
+/// An enqueue body's error: text that is not JSON is said so; anything else is about the event.
+impl FromFieldError for ApiError {
+    fn from_field_error(e: FieldError) -> Self {
+        match e {
+            FieldError::Syntax(_) => ApiError::bad_request(e.to_string()),
+            e => Error::from_field_error(e).into(),
+        }
+    }
+}
+
+/// Reads a JSON body (nested at most [`crate::server::ServerConfig::max_json_depth`] deep)
+/// into the request struct `T`; errors name the field. `shape` describes the object for a
+/// body that is not one.
+fn read_body<'b, T: Deserialize<'b>>(
+    state: &AppState,
+    body: &'b [u8],
+    shape: &str,
+) -> Result<T, ApiError> {
+    check_json_depth(body, state.config().max_json_depth)?;
+    event::struct_from_slice(body).map_err(|e| match e {
+        FieldError::NotObject(_) => {
+            ApiError::bad_request(format!("the body must be a JSON object {shape}"))
+        }
+        e => ApiError::bad_request(e.to_string()),
+    })
+}
+
 fn lookup(state: &AppState, tenant: &Tenant, task: &TaskId) -> Result<EventQueue, ApiError> {
     state
         .manager()
@@ -96,70 +128,58 @@ pub(super) async fn list_queues(State(state): State<AppState>, caller: Caller) -
     }
 }
 
+/// The body of `POST /events/queues`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateQueueRequest {
+    task_id: Option<String>,
+    kind: Option<String>,
+    ttl_minutes: Option<f64>,
+    max_buffer_size: Option<u64>,
+}
+
 /// `POST /events/queues` `{task_id, kind?, ttl_minutes?, max_buffer_size?}` → `201` info.
 pub(super) async fn create_queue(
     State(state): State<AppState>,
     tenant: Tenant,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let Value::Object(mut map) = parse_json(&state, &body)? else {
-        return Err(ApiError::bad_request(
-            "the body must be a JSON object {\"task_id\", \"kind\"?, \"ttl_minutes\"?, \"max_buffer_size\"?}",
-        ));
-    };
-    let task_id = match map.remove("task_id") {
-        Some(Value::String(s)) => TaskId::new(s)?,
-        None | Some(Value::Null) => return Err(ApiError::bad_request("task_id: is required")),
-        Some(_) => return Err(ApiError::bad_request("task_id: must be a string")),
+    let request: CreateQueueRequest = read_body(
+        &state,
+        &body,
+        "{\"task_id\", \"kind\"?, \"ttl_minutes\"?, \"max_buffer_size\"?}",
+    )?;
+    let task_id = match request.task_id {
+        Some(s) => TaskId::new(s)?,
+        None => return Err(ApiError::bad_request("task_id: is required")),
     };
     let mut options = QueueOptions::default();
-    match map.remove("kind") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) => {
-            options.kind = QueueKind::parse(&s).ok_or_else(|| {
+    if let Some(s) = request.kind {
+        options.kind = QueueKind::parse(&s).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "kind: must be one of workflow, ingestion, task; got {s:?}"
+            ))
+        })?;
+    }
+    if let Some(m) = request.ttl_minutes {
+        let ttl = Some(m)
+            .filter(|m| *m >= 0.0)
+            .and_then(|m| std::time::Duration::try_from_secs_f64(m * 60.0).ok())
+            .ok_or_else(|| {
                 ApiError::bad_request(format!(
-                    "kind: must be one of workflow, ingestion, task; got {s:?}"
+                    "ttl_minutes: must be a number of minutes >= 0, got {m}"
                 ))
             })?;
-        }
-        Some(_) => return Err(ApiError::bad_request("kind: must be a string")),
+        options.ttl = Some(ttl);
     }
-    match map.remove("ttl_minutes") {
-        None | Some(Value::Null) => {}
-        Some(Value::Number(n)) => {
-            let ttl = n
-                .as_f64()
-                .filter(|m| *m >= 0.0)
-                .and_then(|m| std::time::Duration::try_from_secs_f64(m * 60.0).ok())
-                .ok_or_else(|| {
-                    ApiError::bad_request(format!(
-                        "ttl_minutes: must be a number of minutes >= 0, got {n}"
-                    ))
-                })?;
-            options.ttl = Some(ttl);
+    match request.max_buffer_size {
+        None => {}
+        Some(m) if m >= 1 => options.max_buffer_size = Some(m),
+        Some(m) => {
+            return Err(ApiError::bad_request(format!(
+                "max_buffer_size: must be an integer >= 1, got {m}"
+            )));
         }
-        Some(_) => return Err(ApiError::bad_request("ttl_minutes: must be a number")),
-    }
-    match map.remove("max_buffer_size") {
-        None | Some(Value::Null) => {}
-        Some(Value::Number(n)) => match n.as_u64() {
-            Some(m) if m >= 1 => options.max_buffer_size = Some(m),
-            _ => {
-                return Err(ApiError::bad_request(format!(
-                    "max_buffer_size: must be an integer >= 1, got {n}"
-                )));
-            }
-        },
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "max_buffer_size: must be an integer >= 1",
-            ));
-        }
-    }
-    if let Some(field) = map.keys().next() {
-        return Err(ApiError::bad_request(format!(
-            "{field}: unknown field (expected task_id, kind, ttl_minutes, max_buffer_size)"
-        )));
     }
     let manager = state.manager();
     let limit = state.config().max_queues_per_tenant;
@@ -246,37 +266,17 @@ pub(super) async fn enqueue(
         tenant_id: &tenant.0,
         task_id: &task,
     };
-    let events = match parse_json(&state, &body)? {
-        Value::Object(mut map) if map.contains_key("events") => {
-            let items = map.remove("events");
-            if let Some(field) = map.keys().next() {
-                return Err(ApiError::bad_request(format!(
-                    "{field}: unknown field; a batch is {{\"events\": [...]}}"
-                )));
-            }
-            let Some(Value::Array(items)) = items else {
-                return Err(ApiError::bad_request(
-                    "events: must be an array of event objects",
-                ));
-            };
-            if items.len() > config.max_batch_events {
-                return Err(ApiError::too_large(format!(
-                    "events: a batch holds at most {} events, got {}",
-                    config.max_batch_events,
-                    items.len()
-                )));
-            }
-            items
-                .into_iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    producer_event(v, &ctx, event_limit)
-                        .map_err(|e| e.context(format!("events[{i}]")))
-                })
-                .collect::<Result<Vec<_>, _>>()?
-        }
-        value => vec![producer_event(value, &ctx, event_limit)?],
-    };
+    check_json_depth(&body, config.max_json_depth)?;
+    if let Some(limit) = event_limit {
+        check_event_sizes(&body, limit)?;
+    }
+    let events = event::read_slice(
+        &body,
+        EnqueueRequest {
+            ctx: &ctx,
+            max_batch_events: config.max_batch_events,
+        },
+    )?;
     let offsets = queue.enqueue_received(events).await?;
     Ok(json(&EnqueueBody {
         offsets,
@@ -285,23 +285,137 @@ pub(super) async fn enqueue(
     }))
 }
 
-/// Parses one event of a request body; `true` with it when the producer gave no `event_id`
-/// (the store then derives one from the offset).
-fn producer_event(
-    value: Value,
-    ctx: &ProducerContext<'_>,
-    limit: Option<usize>,
-) -> Result<(Event, bool), ApiError> {
-    if let Some(limit) = limit {
-        let len = compact_len(&value);
-        if len > limit {
-            return Err(ApiError::too_large(format!(
-                "event JSON of {len} bytes exceeds the limit of {limit} bytes"
-            )));
+/// The body of `POST /events/queues/{task_id}/events`: one event object, or
+/// `{"events": [...]}` with at most `max_batch_events` of them. Each event comes with `true`
+/// when the producer gave no `event_id` (the store then derives one from the offset).
+struct EnqueueRequest<'c> {
+    ctx: &'c ProducerContext<'c>,
+    max_batch_events: usize,
+}
+
+impl<'de> ReadObject<'de> for EnqueueRequest<'_> {
+    type Value = Vec<(Event, bool)>;
+    type Error = ApiError;
+
+    fn read<A: MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> Result<Self::Value, Failure<ApiError, A::Error>> {
+        let first = map.next_key::<String>().map_err(Failure::Json)?;
+        if first.as_deref() != Some("events") {
+            // One event; its first key is read already.
+            return match event::read_event(map, first.map(Into::into), Some(self.ctx)) {
+                Ok(event) => Ok(vec![event]),
+                Err(Failure::Json(e)) => Err(Failure::Json(e)),
+                Err(Failure::Read(e)) => Err(Failure::Read(e.into())),
+            };
+        }
+        let stash = Cell::new(None);
+        let batch = Batch {
+            ctx: self.ctx,
+            max: self.max_batch_events,
+            stash: &stash,
+        };
+        let events = map.next_value_seed(batch).map_err(|e| {
+            // A syntax error is reported as such by `read_slice`.
+            Failure::Read(stash.take().unwrap_or_else(|| {
+                ApiError::bad_request(format!("events: must be an array of event objects ({e})"))
+            }))
+        })?;
+        if let Some(field) = map.next_key::<String>().map_err(Failure::Json)? {
+            return Err(Failure::Read(ApiError::bad_request(format!(
+                "{}: unknown field; a batch is {{\"events\": [...]}}",
+                field.chars().take(64).collect::<String>()
+            ))));
+        }
+        Ok(events)
+    }
+}
+
+/// The `events` array of a batch; an error is left in `stash`.
+struct Batch<'a> {
+    ctx: &'a ProducerContext<'a>,
+    max: usize,
+    stash: &'a Cell<Option<ApiError>>,
+}
+
+impl<'de> DeserializeSeed<'de> for Batch<'_> {
+    type Value = Vec<(Event, bool)>;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Batch<'_> {
+    type Value = Vec<(Event, bool)>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of event objects")
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+        let mut events = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.max));
+        let event_stash = Cell::new(None);
+        loop {
+            if events.len() == self.max {
+                let mut n = events.len();
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+                if n == events.len() {
+                    return Ok(events);
+                }
+                self.stash.set(Some(ApiError::too_large(format!(
+                    "events: a batch holds at most {} events, got {n}",
+                    self.max
+                ))));
+                return Err(de::Error::custom("too many events"));
+            }
+            let reader = EventReader {
+                ctx: Some(self.ctx),
+            };
+            match seq.next_element_seed(ObjectSeed::new(reader, &event_stash)) {
+                Ok(Some(event)) => events.push(event),
+                Ok(None) => return Ok(events),
+                Err(e) => {
+                    if let Some(error) = event_stash.take() {
+                        let at = format!("events[{}]", events.len());
+                        self.stash.set(Some(ApiError::from(error).context(at)));
+                    }
+                    return Err(e);
+                }
+            }
         }
     }
-    let no_id = matches!(value.get("event_id"), None | Some(Value::Null));
-    Ok((Event::from_producer_json(value, ctx)?, no_id))
+}
+
+/// For a body longer than the event limit `limit`: `413` when one of its events' compact
+/// JSON exceeds it. (A body that is not JSON is left to the parser to report.)
+fn check_event_sizes(body: &[u8], limit: usize) -> Result<(), ApiError> {
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        return Ok(());
+    };
+    let check = |value: &Value| {
+        let len = compact_len(value);
+        if len > limit {
+            Err(ApiError::too_large(format!(
+                "event JSON of {len} bytes exceeds the limit of {limit} bytes"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    match value.get("events") {
+        Some(Value::Array(events)) => {
+            for (i, event) in events.iter().enumerate() {
+                check(event).map_err(|e| e.context(format!("events[{i}]")))?;
+            }
+            Ok(())
+        }
+        Some(_) => Ok(()),
+        None => check(&value),
+    }
 }
 
 /// Length of a value's compact JSON, without building it.
@@ -400,25 +514,19 @@ async fn cancel(
     }
 }
 
+/// The body of a cancel request; other fields are ignored.
+#[derive(Deserialize)]
+struct CancelRequest {
+    reason: Option<String>,
+}
+
 /// The optional `{"reason": str}` of a cancel request; an empty body has none.
 fn cancel_reason(state: &AppState, body: &[u8]) -> Result<Option<String>, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    let Value::Object(map) = parse_json(state, body)? else {
-        return Err(ApiError::bad_request(
-            "the body must be a JSON object {\"reason\": str}",
-        ));
-    };
-    reason_field(map)
-}
-
-fn reason_field(mut map: Map<String, Value>) -> Result<Option<String>, ApiError> {
-    match map.remove("reason") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(ApiError::bad_request("reason: must be a string")),
-    }
+    let request: CancelRequest = read_body(state, body, "{\"reason\": str}")?;
+    Ok(request.reason)
 }
 
 #[derive(Serialize)]

@@ -9,12 +9,20 @@
 use std::fmt;
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
-use serde::ser::SerializeMap;
+use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use crate::error::Error;
 use crate::ids::{EventId, TaskId, TenantId, validate_id};
+
+mod parse;
+mod wire;
+
+pub(crate) use parse::{
+    EventReader, Failure, FieldError, FromFieldError, ObjectSeed, ReadObject, read_event,
+    read_slice, struct_from_slice,
+};
+use wire::{Head, PayloadWire, Wire};
 
 // ---------------------------------------------------------------------------------------------
 // Timestamp
@@ -24,6 +32,9 @@ use crate::ids::{EventId, TaskId, TenantId, validate_id};
 const MIN_MICROS: i64 = -62_167_219_200_000_000;
 /// Latest representable instant, `9999-12-31T23:59:59.999999Z`, in µs since the Unix epoch.
 const MAX_MICROS: i64 = 253_402_300_799_999_999;
+
+/// Length of [`Timestamp::to_rfc3339`]'s text.
+const RFC3339_LEN: usize = "2026-11-28T02:31:45.664387Z".len();
 
 /// An instant in microseconds since the Unix epoch, UTC.
 ///
@@ -51,11 +62,48 @@ impl Timestamp {
     /// RFC 3339 in UTC with exactly six fractional digits and `Z`, e.g.
     /// `2026-11-28T02:31:45.664387Z`.
     pub fn to_rfc3339(self) -> String {
-        // The clamp in the constructors keeps the value inside chrono's range; the fallback
-        // only guards against that invariant being broken.
-        DateTime::<Utc>::from_timestamp_micros(self.0)
-            .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
-            .to_rfc3339_opts(SecondsFormat::Micros, true)
+        let mut buf = [0u8; RFC3339_LEN];
+        self.rfc3339(&mut buf).to_owned()
+    }
+
+    /// [`to_rfc3339`](Self::to_rfc3339) into `buf`, without allocating: events render one
+    /// each.
+    fn rfc3339(self, buf: &mut [u8; RFC3339_LEN]) -> &str {
+        const DAY_US: i64 = 86_400_000_000;
+        let (days, in_day) = (self.0.div_euclid(DAY_US), self.0.rem_euclid(DAY_US));
+        // Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant, "chrono-Compatible
+        // Low-Level Date Algorithms", civil_from_days).
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        let secs = in_day / 1_000_000;
+        let fields = [
+            (0, 4, year),
+            (5, 2, month),
+            (8, 2, day),
+            (11, 2, secs / 3600),
+            (14, 2, secs / 60 % 60),
+            (17, 2, secs % 60),
+            (20, 6, in_day % 1_000_000),
+        ];
+        *buf = *b"0000-00-00T00:00:00.000000Z";
+        for (at, width, n) in fields {
+            // The clamp in the constructors keeps the year within 0000..=9999: every field
+            // is small and non-negative.
+            let mut n = n as u32;
+            for i in (at..at + width).rev() {
+                buf[i] = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
+        }
+        // Only ASCII digits were written over an ASCII template.
+        std::str::from_utf8(buf).expect("ASCII")
     }
 
     /// Parses an RFC 3339 date-time with any offset and normalises it to UTC microseconds
@@ -94,14 +142,17 @@ impl fmt::Display for Timestamp {
 
 impl serde::Serialize for Timestamp {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_rfc3339())
+        s.serialize_str(self.rfc3339(&mut [0; RFC3339_LEN]))
     }
 }
 
 impl<'de> serde::Deserialize<'de> for Timestamp {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        Self::parse_rfc3339(&s).map_err(serde::de::Error::custom)
+        Self::parse_rfc3339(&s).map_err(|e| match e {
+            Error::InvalidEvent { reason, .. } => serde::de::Error::custom(reason),
+            other => serde::de::Error::custom(other),
+        })
     }
 }
 
@@ -218,23 +269,6 @@ impl EventType {
     /// The type with the given [`code`](Self::code); `None` outside `0..=4`.
     pub fn from_code(code: u8) -> Option<Self> {
         Self::ALL.into_iter().find(|t| t.code() == code)
-    }
-
-    /// This type's own fields, in wire order (after the base fields).
-    fn fields(self) -> &'static [&'static str] {
-        match self {
-            EventType::Status => &["state", "phase", "message"],
-            EventType::Progress => &["current", "total", "percentage", "step", "details"],
-            EventType::Artifact => &["artifact_type", "artifact_id", "data", "is_partial"],
-            EventType::Error => &[
-                "error_type",
-                "error_message",
-                "error_code",
-                "context",
-                "recoverable",
-            ],
-            EventType::Complete => &["result", "summary", "execution_time_seconds"],
-        }
     }
 }
 
@@ -558,16 +592,6 @@ impl RenderedEvent {
     }
 }
 
-/// Fields every event has, in wire order.
-const BASE_FIELDS: [&str; 6] = [
-    "event_id",
-    "task_id",
-    "tenant_id",
-    "timestamp",
-    "event_type",
-    "offset",
-];
-
 impl Event {
     /// A new event for the queue `(tenant_id, task_id)` with a fresh id, the current time and no
     /// offset.
@@ -661,25 +685,43 @@ impl Event {
     /// The event's JSON split around the offset's value, for splicing the offset in at commit.
     pub fn render(&self) -> RenderedEvent {
         let mut prefix = Vec::with_capacity(160);
-        self.write_head(&mut prefix);
+        wire::write(&mut prefix, &Head::of(self));
+        // The head renders as `{…,"offset":null}`; the prefix ends before the `null`.
+        debug_assert!(prefix.ends_with(b"\"offset\":null}"));
+        prefix.truncate(prefix.len() - b"null}".len());
         let mut suffix = Vec::with_capacity(96);
-        self.write_tail(&mut suffix);
+        wire::write(&mut suffix, &PayloadWire::from(&self.payload));
+        // Every type has fields: `{"…` becomes `,"…`.
+        suffix[0] = b',';
         RenderedEvent { prefix, suffix }
     }
 
     /// The full JSON, with `offset` set to [`self.offset`](Self::offset) (`null` when `None`).
     pub fn to_json(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(256);
-        self.write_head(&mut out);
-        match self.offset {
-            Some(offset) => {
-                let mut digits = [0u8; 20];
-                out.extend_from_slice(decimal(offset, &mut digits));
-            }
-            None => out.extend_from_slice(b"null"),
-        }
-        self.write_tail(&mut out);
+        let head = Head {
+            offset: self.offset,
+            ..Head::of(self)
+        };
+        wire::write(&mut out, &head);
+        // The payload's fields continue the head's object: its `}` goes, the payload's
+        // `{` becomes `,`.
+        out.pop();
+        let end = out.len();
+        wire::write(&mut out, &PayloadWire::from(&self.payload));
+        out[end] = b',';
         out
+    }
+
+    /// The event as its wire struct.
+    fn wire(&self) -> Wire<'_> {
+        Wire {
+            head: Head {
+                offset: self.offset,
+                ..Head::of(self)
+            },
+            payload: PayloadWire::from(&self.payload),
+        }
     }
 
     /// Parses an event sent by a producer (an HTTP body object) for the queue named by `ctx`.
@@ -692,13 +734,18 @@ impl Event {
     ///
     /// [`Error::InvalidEvent`] or [`Error::InvalidId`] naming the offending field.
     pub fn from_producer_json(value: Value, ctx: &ProducerContext) -> Result<Event, Error> {
-        match value {
-            Value::Object(map) => Self::from_map(map, ctx, false),
-            other => Err(Error::invalid_event(
-                "event",
-                format!("must be a JSON object, got {}", json_type(&other)),
-            )),
-        }
+        parse::read_value(value, EventReader { ctx: Some(ctx) }).map(|(event, _)| event)
+    }
+
+    /// [`from_producer_json`](Self::from_producer_json) from the JSON text, without building
+    /// a `serde_json::Value` of it first.
+    ///
+    /// # Errors
+    ///
+    /// As [`from_producer_json`](Self::from_producer_json); text that is not JSON is an
+    /// [`Error::InvalidEvent`] with field `event`.
+    pub fn from_producer_bytes(bytes: &[u8], ctx: &ProducerContext) -> Result<Event, Error> {
+        parse::read_slice(bytes, EventReader { ctx: Some(ctx) }).map(|(event, _)| event)
     }
 
     /// Parses an event as written by [`to_json`](Self::to_json) or
@@ -709,294 +756,13 @@ impl Event {
     ///
     /// [`Error::InvalidEvent`] or [`Error::InvalidId`] naming the offending field.
     pub fn from_json_bytes(bytes: &[u8]) -> Result<Event, Error> {
-        let value: Value = serde_json::from_slice(bytes)
-            .map_err(|e| Error::invalid_event("event", format!("invalid JSON: {e}")))?;
-        let Value::Object(map) = value else {
-            return Err(Error::invalid_event(
-                "event",
-                format!("must be a JSON object, got {}", json_type(&value)),
-            ));
-        };
-        let tenant_id = TenantId::new(required_str(&map, "tenant_id")?)?;
-        let task_id = TaskId::new(required_str(&map, "task_id")?)?;
-        let ctx = ProducerContext {
-            tenant_id: &tenant_id,
-            task_id: &task_id,
-        };
-        Self::from_map(map, &ctx, true)
-    }
-
-    fn from_map(
-        mut map: Map<String, Value>,
-        ctx: &ProducerContext,
-        keep_offset: bool,
-    ) -> Result<Event, Error> {
-        let event_type = match map.get("event_type") {
-            Some(Value::String(s)) => EventType::parse(s).ok_or_else(|| {
-                Error::invalid_event(
-                    "event_type",
-                    format!("must be one of {}, got {}", type_list(), preview(s)),
-                )
-            })?,
-            None | Some(Value::Null) => {
-                return Err(Error::invalid_event(
-                    "event_type",
-                    format!("is required (one of {})", type_list()),
-                ));
-            }
-            Some(other) => {
-                return Err(Error::invalid_event(
-                    "event_type",
-                    format!(
-                        "must be a string (one of {}), got {}",
-                        type_list(),
-                        json_type(other)
-                    ),
-                ));
-            }
-        };
-
-        let type_fields = event_type.fields();
-        if let Some(unknown) = map
-            .keys()
-            .find(|k| !BASE_FIELDS.contains(&k.as_str()) && !type_fields.contains(&k.as_str()))
-        {
-            return Err(Error::invalid_event(
-                unknown.chars().take(64).collect::<String>(),
-                format!(
-                    "unknown field for a {event_type} event (allowed: {}, {})",
-                    BASE_FIELDS.join(", "),
-                    type_fields.join(", ")
-                ),
-            ));
-        }
-
-        let event_id = match optional_str(&map, "event_id")? {
-            Some(s) => EventId::new(s)?,
-            None => EventId::generate(),
-        };
-        let task_id = matching_id(&map, "task_id", ctx.task_id, |s| TaskId::new(s))?;
-        let tenant_id = matching_id(&map, "tenant_id", ctx.tenant_id, |s| TenantId::new(s))?;
-        let timestamp = match optional_str(&map, "timestamp")? {
-            Some(s) => Timestamp::parse_rfc3339(s)?,
-            None => Timestamp::now(),
-        };
-        let offset = if keep_offset {
-            match map.get("offset") {
-                None | Some(Value::Null) => None,
-                Some(v) => Some(v.as_u64().ok_or_else(|| {
-                    Error::invalid_event(
-                        "offset",
-                        format!("must be a non-negative integer or null, got {v}"),
-                    )
-                })?),
-            }
-        } else {
-            None
-        };
-
-        let payload = match event_type {
-            EventType::Status => {
-                let state = match map.get("state") {
-                    Some(Value::String(s)) => TaskState::parse(s).ok_or_else(|| {
-                        Error::invalid_event(
-                            "state",
-                            format!("must be one of {}, got {}", state_list(), preview(s)),
-                        )
-                    })?,
-                    None | Some(Value::Null) => {
-                        return Err(Error::invalid_event(
-                            "state",
-                            format!("is required (one of {})", state_list()),
-                        ));
-                    }
-                    Some(other) => {
-                        return Err(Error::invalid_event(
-                            "state",
-                            format!(
-                                "must be a string (one of {}), got {}",
-                                state_list(),
-                                json_type(other)
-                            ),
-                        ));
-                    }
-                };
-                Payload::Status(StatusEvent {
-                    state,
-                    phase: optional_string(&mut map, "phase")?,
-                    message: optional_string(&mut map, "message")?,
-                })
-            }
-            EventType::Progress => {
-                let current = required_u64(&map, "current")?;
-                let total = required_u64(&map, "total")?;
-                let percentage = match optional_f64(&map, "percentage")? {
-                    Some(p) => p,
-                    None => computed_percentage(current, total),
-                };
-                Payload::Progress(ProgressEvent {
-                    current,
-                    total,
-                    percentage,
-                    step: optional_string(&mut map, "step")?,
-                    details: optional_object(&mut map, "details")?,
-                })
-            }
-            EventType::Artifact => Payload::Artifact(ArtifactEvent {
-                artifact_type: required_string(&mut map, "artifact_type")?,
-                artifact_id: optional_string(&mut map, "artifact_id")?
-                    .unwrap_or_else(generate_artifact_id),
-                data: required_object(&mut map, "data")?,
-                is_partial: optional_bool(&map, "is_partial")?.unwrap_or(false),
-            }),
-            EventType::Error => Payload::Error(ErrorEvent {
-                error_type: required_string(&mut map, "error_type")?,
-                error_message: required_string(&mut map, "error_message")?,
-                error_code: optional_string(&mut map, "error_code")?,
-                context: optional_object(&mut map, "context")?,
-                recoverable: optional_bool(&map, "recoverable")?.unwrap_or(true),
-            }),
-            EventType::Complete => Payload::Complete(CompleteEvent {
-                result: required_object(&mut map, "result")?,
-                summary: optional_string(&mut map, "summary")?,
-                execution_time_seconds: optional_f64(&map, "execution_time_seconds")?,
-            }),
-        };
-
-        let event = Event {
-            event_id,
-            task_id,
-            tenant_id,
-            timestamp,
-            offset,
-            payload,
-        };
-        event.validate()?;
-        Ok(event)
-    }
-
-    /// Writes `{` and the base fields up to and including `"offset":`.
-    fn write_head(&self, buf: &mut Vec<u8>) {
-        buf.extend_from_slice(b"{\"event_id\":");
-        push_json(buf, self.event_id.as_str());
-        push_key(buf, "task_id");
-        push_json(buf, self.task_id.as_str());
-        push_key(buf, "tenant_id");
-        push_json(buf, self.tenant_id.as_str());
-        push_key(buf, "timestamp");
-        buf.push(b'"');
-        buf.extend_from_slice(self.timestamp.to_rfc3339().as_bytes());
-        buf.push(b'"');
-        push_key(buf, "event_type");
-        buf.push(b'"');
-        buf.extend_from_slice(self.event_type().as_str().as_bytes());
-        buf.push(b'"');
-        push_key(buf, "offset");
-    }
-
-    /// Writes the type's fields, each preceded by `,`, and the closing `}`.
-    fn write_tail(&self, buf: &mut Vec<u8>) {
-        match &self.payload {
-            Payload::Status(s) => {
-                push_key(buf, "state");
-                buf.push(b'"');
-                buf.extend_from_slice(s.state.as_str().as_bytes());
-                buf.push(b'"');
-                push_key(buf, "phase");
-                push_json(buf, &s.phase);
-                push_key(buf, "message");
-                push_json(buf, &s.message);
-            }
-            Payload::Progress(p) => {
-                push_key(buf, "current");
-                push_json(buf, &p.current);
-                push_key(buf, "total");
-                push_json(buf, &p.total);
-                push_key(buf, "percentage");
-                push_json(buf, &p.percentage);
-                push_key(buf, "step");
-                push_json(buf, &p.step);
-                push_key(buf, "details");
-                push_json(buf, &p.details);
-            }
-            Payload::Artifact(a) => {
-                push_key(buf, "artifact_type");
-                push_json(buf, &a.artifact_type);
-                push_key(buf, "artifact_id");
-                push_json(buf, &a.artifact_id);
-                push_key(buf, "data");
-                push_json(buf, &a.data);
-                push_key(buf, "is_partial");
-                push_json(buf, &a.is_partial);
-            }
-            Payload::Error(e) => {
-                push_key(buf, "error_type");
-                push_json(buf, &e.error_type);
-                push_key(buf, "error_message");
-                push_json(buf, &e.error_message);
-                push_key(buf, "error_code");
-                push_json(buf, &e.error_code);
-                push_key(buf, "context");
-                push_json(buf, &e.context);
-                push_key(buf, "recoverable");
-                push_json(buf, &e.recoverable);
-            }
-            Payload::Complete(c) => {
-                push_key(buf, "result");
-                push_json(buf, &c.result);
-                push_key(buf, "summary");
-                push_json(buf, &c.summary);
-                push_key(buf, "execution_time_seconds");
-                push_json(buf, &c.execution_time_seconds);
-            }
-        }
-        buf.push(b'}');
+        parse::read_slice(bytes, EventReader { ctx: None }).map(|(event, _)| event)
     }
 }
 
 impl serde::Serialize for Event {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let n = BASE_FIELDS.len() + self.event_type().fields().len();
-        let mut map = s.serialize_map(Some(n))?;
-        map.serialize_entry("event_id", &self.event_id)?;
-        map.serialize_entry("task_id", &self.task_id)?;
-        map.serialize_entry("tenant_id", &self.tenant_id)?;
-        map.serialize_entry("timestamp", &self.timestamp)?;
-        map.serialize_entry("event_type", &self.event_type())?;
-        map.serialize_entry("offset", &self.offset)?;
-        match &self.payload {
-            Payload::Status(e) => {
-                map.serialize_entry("state", &e.state)?;
-                map.serialize_entry("phase", &e.phase)?;
-                map.serialize_entry("message", &e.message)?;
-            }
-            Payload::Progress(e) => {
-                map.serialize_entry("current", &e.current)?;
-                map.serialize_entry("total", &e.total)?;
-                map.serialize_entry("percentage", &e.percentage)?;
-                map.serialize_entry("step", &e.step)?;
-                map.serialize_entry("details", &e.details)?;
-            }
-            Payload::Artifact(e) => {
-                map.serialize_entry("artifact_type", &e.artifact_type)?;
-                map.serialize_entry("artifact_id", &e.artifact_id)?;
-                map.serialize_entry("data", &e.data)?;
-                map.serialize_entry("is_partial", &e.is_partial)?;
-            }
-            Payload::Error(e) => {
-                map.serialize_entry("error_type", &e.error_type)?;
-                map.serialize_entry("error_message", &e.error_message)?;
-                map.serialize_entry("error_code", &e.error_code)?;
-                map.serialize_entry("context", &e.context)?;
-                map.serialize_entry("recoverable", &e.recoverable)?;
-            }
-            Payload::Complete(e) => {
-                map.serialize_entry("result", &e.result)?;
-                map.serialize_entry("summary", &e.summary)?;
-                map.serialize_entry("execution_time_seconds", &e.execution_time_seconds)?;
-            }
-        }
-        map.end()
+        serde::Serialize::serialize(&self.wire(), s)
     }
 }
 
@@ -1018,20 +784,6 @@ fn computed_percentage(current: u64, total: u64) -> f64 {
 
 fn generate_artifact_id() -> String {
     format!("art_{:08x}", fastrand::u32(..))
-}
-
-/// Writes `,"name":`. Names are fixed ASCII field names that need no escaping.
-fn push_key(buf: &mut Vec<u8>, name: &str) {
-    buf.extend_from_slice(b",\"");
-    buf.extend_from_slice(name.as_bytes());
-    buf.extend_from_slice(b"\":");
-}
-
-/// Appends `value` as compact JSON.
-fn push_json<T: serde::Serialize + ?Sized>(buf: &mut Vec<u8>, value: &T) {
-    // Only strings, numbers, booleans, options of those and `serde_json::Value` (whose keys
-    // are strings) come here, written to a Vec: serde_json cannot fail on any of them.
-    serde_json::to_writer(buf, value).expect("serialising a JSON value into memory cannot fail");
 }
 
 /// Formats `n` in decimal into `buf`, returning the digits.
@@ -1070,14 +822,6 @@ fn preview(s: &str) -> String {
     }
 }
 
-fn type_list() -> String {
-    EventType::ALL.map(EventType::as_str).join(", ")
-}
-
-fn state_list() -> String {
-    TaskState::ALL.map(TaskState::as_str).join(", ")
-}
-
 fn require_object(field: &str, value: &Value) -> Result<(), Error> {
     if value.is_object() {
         Ok(())
@@ -1097,115 +841,10 @@ fn require_non_empty(field: &str, value: &str) -> Result<(), Error> {
     }
 }
 
-fn wrong_type(field: &str, expected: &str, got: &Value) -> Error {
-    Error::invalid_event(field, format!("must be {expected}, got {}", json_type(got)))
-}
-
-fn missing(field: &str) -> Error {
-    Error::invalid_event(field, "is required")
-}
-
-/// A required string field, borrowed.
-fn required_str<'m>(map: &'m Map<String, Value>, field: &str) -> Result<&'m str, Error> {
-    optional_str(map, field)?.ok_or_else(|| missing(field))
-}
-
-/// An optional string field, borrowed; absent or null gives `None`.
-fn optional_str<'m>(map: &'m Map<String, Value>, field: &str) -> Result<Option<&'m str>, Error> {
-    match map.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(wrong_type(field, "a string", other)),
-    }
-}
-
-/// A required string field, taken out of the map.
-fn required_string(map: &mut Map<String, Value>, field: &str) -> Result<String, Error> {
-    optional_string(map, field)?.ok_or_else(|| missing(field))
-}
-
-/// An optional string field, taken out of the map; absent or null gives `None`.
-fn optional_string(map: &mut Map<String, Value>, field: &str) -> Result<Option<String>, Error> {
-    match map.remove(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(wrong_type(field, "a string or null", &other)),
-    }
-}
-
-/// A required JSON-object field, taken out of the map.
-fn required_object(map: &mut Map<String, Value>, field: &str) -> Result<Value, Error> {
-    match map.remove(field) {
-        None | Some(Value::Null) => Err(missing(field)),
-        Some(v @ Value::Object(_)) => Ok(v),
-        Some(other) => Err(wrong_type(field, "a JSON object", &other)),
-    }
-}
-
-/// An optional JSON-object field, taken out of the map; absent or null gives `{}`.
-fn optional_object(map: &mut Map<String, Value>, field: &str) -> Result<Value, Error> {
-    match map.remove(field) {
-        None | Some(Value::Null) => Ok(empty_object()),
-        Some(v @ Value::Object(_)) => Ok(v),
-        Some(other) => Err(wrong_type(field, "a JSON object", &other)),
-    }
-}
-
-fn required_u64(map: &Map<String, Value>, field: &str) -> Result<u64, Error> {
-    match map.get(field) {
-        None | Some(Value::Null) => Err(missing(field)),
-        Some(v) => v.as_u64().ok_or_else(|| match v {
-            Value::Number(n) => {
-                Error::invalid_event(field, format!("must be a non-negative integer, got {n}"))
-            }
-            other => wrong_type(field, "a non-negative integer", other),
-        }),
-    }
-}
-
-fn optional_f64(map: &Map<String, Value>, field: &str) -> Result<Option<f64>, Error> {
-    match map.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n
-            .as_f64()
-            .map(Some)
-            .ok_or_else(|| Error::invalid_event(field, format!("must be a number, got {n}"))),
-        Some(other) => Err(wrong_type(field, "a number or null", other)),
-    }
-}
-
-fn optional_bool(map: &Map<String, Value>, field: &str) -> Result<Option<bool>, Error> {
-    match map.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(wrong_type(field, "a boolean", other)),
-    }
-}
-
-/// An id that must match the queue's: absent or null gives `expected`.
-fn matching_id<T: PartialEq + Clone + fmt::Display>(
-    map: &Map<String, Value>,
-    field: &str,
-    expected: &T,
-    parse: impl Fn(&str) -> Result<T, Error>,
-) -> Result<T, Error> {
-    let Some(s) = optional_str(map, field)? else {
-        return Ok(expected.clone());
-    };
-    let id = parse(s)?;
-    if id == *expected {
-        Ok(id)
-    } else {
-        Err(Error::invalid_event(
-            field,
-            format!("{field} does not match the queue (expected {expected}, got {id})"),
-        ))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::SecondsFormat;
     use serde_json::json;
 
     fn tenant() -> TenantId {
@@ -1224,6 +863,17 @@ mod tests {
         let (tenant, task) = (tenant(), task());
         Event::from_producer_json(
             value,
+            &ProducerContext {
+                tenant_id: &tenant,
+                task_id: &task,
+            },
+        )
+    }
+
+    fn parse_bytes(bytes: &[u8]) -> Result<Event, Error> {
+        let (tenant, task) = (tenant(), task());
+        Event::from_producer_bytes(
+            bytes,
             &ProducerContext {
                 tenant_id: &tenant,
                 task_id: &task,
@@ -1388,14 +1038,132 @@ mod tests {
         );
     }
 
+    /// Every type's JSON, byte for byte: field order, number formatting, `null` for absent
+    /// optionals. Rendering, `to_json` and `Serialize` must all give exactly this.
+    #[test]
+    fn exact_json_for_every_type() {
+        let head = r#"{"event_id":"evt_0123456789ab","task_id":"wf1","tenant_id":"t1","timestamp":"2026-11-28T02:31:45.664387Z","event_type":"#;
+        let cases: Vec<(Payload, &str)> = vec![
+            (
+                StatusEvent::new(TaskState::InputRequired).into(),
+                r#""status","offset":42,"state":"input-required","phase":null,"message":null}"#,
+            ),
+            (
+                StatusEvent::new(TaskState::Working)
+                    .phase("planning")
+                    .message("need \"input\"\n é")
+                    .into(),
+                r#""status","offset":42,"state":"working","phase":"planning","message":"need \"input\"\n é"}"#,
+            ),
+            (
+                ProgressEvent::new(1, 3).into(),
+                r#""progress","offset":42,"current":1,"total":3,"percentage":33.33333333333333,"step":null,"details":{}}"#,
+            ),
+            (
+                ProgressEvent::new(5, 10)
+                    .step("embed")
+                    .details(json!({"b": [1, 2.5, null], "a": {"x": true}}))
+                    .into(),
+                r#""progress","offset":42,"current":5,"total":10,"percentage":50.0,"step":"embed","details":{"a":{"x":true},"b":[1,2.5,null]}}"#,
+            ),
+            (
+                ProgressEvent::new(0, 0).percentage(100.0).into(),
+                r#""progress","offset":42,"current":0,"total":0,"percentage":100.0,"step":null,"details":{}}"#,
+            ),
+            (
+                ArtifactEvent::new("search_results", json!({"hits": 3}))
+                    .artifact_id("art_0000beef")
+                    .into(),
+                r#""artifact","offset":42,"artifact_type":"search_results","artifact_id":"art_0000beef","data":{"hits":3},"is_partial":false}"#,
+            ),
+            (
+                ArtifactEvent::new("frames", json!({}))
+                    .artifact_id("a1")
+                    .partial()
+                    .into(),
+                r#""artifact","offset":42,"artifact_type":"frames","artifact_id":"a1","data":{},"is_partial":true}"#,
+            ),
+            (
+                ErrorEvent::new("Transient", "retrying").into(),
+                r#""error","offset":42,"error_type":"Transient","error_message":"retrying","error_code":null,"context":{},"recoverable":true}"#,
+            ),
+            (
+                ErrorEvent::new("Timeout", "took too long")
+                    .code("E1")
+                    .context(json!({"after_s": 1e-7}))
+                    .non_recoverable()
+                    .into(),
+                r#""error","offset":42,"error_type":"Timeout","error_message":"took too long","error_code":"E1","context":{"after_s":1e-7},"recoverable":false}"#,
+            ),
+            (
+                CompleteEvent::new(json!({})).into(),
+                r#""complete","offset":42,"result":{},"summary":null,"execution_time_seconds":null}"#,
+            ),
+            (
+                CompleteEvent::new(json!({"answer": "é ✓", "n": -3}))
+                    .summary("done")
+                    .execution_time_seconds(10.0)
+                    .into(),
+                r#""complete","offset":42,"result":{"answer":"é ✓","n":-3},"summary":"done","execution_time_seconds":10.0}"#,
+            ),
+        ];
+        for (payload, tail) in cases {
+            let mut e = event(payload)
+                .with_event_id(EventId::new("evt_0123456789ab").expect("id"))
+                .with_timestamp(
+                    Timestamp::parse_rfc3339("2026-11-28T02:31:45.664387Z").expect("timestamp"),
+                );
+            let expected = format!("{head}{tail}");
+            let rendered = e.render();
+            assert_eq!(
+                String::from_utf8(rendered.with_offset(42)).expect("utf-8"),
+                expected
+            );
+            let (prefix, suffix) = expected.split_once("42").expect("offset");
+            assert_eq!(rendered.prefix, prefix.as_bytes());
+            assert_eq!(rendered.suffix, suffix.as_bytes());
+            e.offset = Some(42);
+            assert_eq!(String::from_utf8(e.to_json()).expect("utf-8"), expected);
+            assert_eq!(serde_json::to_string(&e).expect("serialize"), expected);
+            assert_eq!(
+                Event::from_json_bytes(expected.as_bytes()).expect("parse"),
+                e
+            );
+            e.offset = None;
+            assert_eq!(
+                String::from_utf8(e.to_json()).expect("utf-8"),
+                expected.replace(r#""offset":42"#, r#""offset":null"#)
+            );
+        }
+    }
+
     #[test]
     fn field_order_for_every_type() {
+        let base = [
+            "event_id",
+            "task_id",
+            "tenant_id",
+            "timestamp",
+            "event_type",
+            "offset",
+        ];
         for e in samples() {
             let json = String::from_utf8(e.to_json()).expect("utf-8");
-            let mut fields: Vec<&str> = BASE_FIELDS.to_vec();
-            fields.extend_from_slice(e.event_type().fields());
+            let own: &[&str] = match e.event_type() {
+                EventType::Status => &["state", "phase", "message"],
+                EventType::Progress => &["current", "total", "percentage", "step", "details"],
+                EventType::Artifact => &["artifact_type", "artifact_id", "data", "is_partial"],
+                EventType::Error => &[
+                    "error_type",
+                    "error_message",
+                    "error_code",
+                    "context",
+                    "recoverable",
+                ],
+                EventType::Complete => &["result", "summary", "execution_time_seconds"],
+            };
             let mut last = 0;
-            for f in fields {
+            for f in base.iter().chain(own) {
                 let at = json
                     .find(&format!("\"{f}\":"))
                     .unwrap_or_else(|| panic!("{f} missing in {json}"));
@@ -1477,6 +1245,41 @@ mod tests {
             serde_json::to_string(&ts).expect("serialize"),
             "\"2026-11-28T02:31:45.664387Z\""
         );
+    }
+
+    /// The allocation-free formatting agrees with chrono's over the whole range.
+    #[test]
+    fn timestamp_text_matches_chrono() {
+        let chrono_text = |us: i64| {
+            DateTime::<Utc>::from_timestamp_micros(us)
+                .expect("in range")
+                .to_rfc3339_opts(SecondsFormat::Micros, true)
+        };
+        let day = 86_400_000_000;
+        let mut cases = vec![
+            MIN_MICROS,
+            MIN_MICROS + 1,
+            MAX_MICROS,
+            MAX_MICROS - 1,
+            0,
+            -1,
+            1,
+            day - 1,
+            -day,
+            951_782_400_000_000,    // 2000-02-29
+            4_107_542_400_000_000,  // 2100-03-01
+            -2_203_891_200_000_000, // 1900-02-28
+        ];
+        let mut rng = fastrand::Rng::with_seed(7);
+        cases.extend((0..200_000).map(|_| rng.i64(MIN_MICROS..=MAX_MICROS)));
+        cases.extend((0..20_000).map(|_| rng.i64(-3 * day..3 * day)));
+        for us in cases {
+            assert_eq!(
+                Timestamp::from_micros(us).to_rfc3339(),
+                chrono_text(us),
+                "{us}"
+            );
+        }
     }
 
     #[test]
@@ -1780,7 +1583,98 @@ mod tests {
         ];
         for (value, field) in cases {
             let shown = value.to_string();
+            assert_eq!(err_field(parse_bytes(shown.as_bytes())), field, "{shown}");
             assert_eq!(err_field(parse(value)), field, "{shown}");
+        }
+        // Not JSON at all.
+        for bad in [
+            &b"{"[..],
+            b"",
+            b"nope",
+            br#"{"event_type":"status",}"#,
+            b"\xff{",
+        ] {
+            match parse_bytes(bad) {
+                Err(Error::InvalidEvent { field, reason }) => {
+                    assert_eq!(field, "event");
+                    assert!(reason.starts_with("invalid JSON"), "{reason}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn fields_may_come_in_any_order() {
+        let texts = [
+            r#"{"event_type":"progress","current":5,"total":10,"step":"s","task_id":"wf1"}"#,
+            r#"{"step":"s","total":10,"task_id":"wf1","current":5,"event_type":"progress"}"#,
+            r#"{"task_id":"wf1","current":5,"event_type":"progress","total":10,"step":"s"}"#,
+        ];
+        for text in texts {
+            let e = parse_bytes(text.as_bytes()).expect(text);
+            assert_eq!(
+                e.payload,
+                Payload::Progress(ProgressEvent::new(5, 10).step("s")),
+                "{text}"
+            );
+            let value: Value = serde_json::from_str(text).expect("json");
+            assert_eq!(parse(value).expect(text).payload, e.payload);
+        }
+    }
+
+    #[test]
+    fn a_producers_offset_is_ignored_whatever_it_is() {
+        for offset in [
+            json!(3),
+            json!(-1),
+            json!("x"),
+            json!({"a": [1]}),
+            json!(null),
+        ] {
+            for value in [
+                json!({"offset": offset, "event_type": "status", "state": "working"}),
+                json!({"event_type": "status", "offset": offset, "state": "working"}),
+            ] {
+                let text = value.to_string();
+                assert_eq!(parse_bytes(text.as_bytes()).expect(&text).offset, None);
+                assert_eq!(parse(value).expect(&text).offset, None);
+            }
+        }
+    }
+
+    #[test]
+    fn a_field_twice_is_an_error() {
+        for (text, field) in [
+            (
+                r#"{"event_type":"status","state":"working","state":"failed"}"#,
+                "state",
+            ),
+            (
+                r#"{"event_type":"status","state":"working","event_type":"status"}"#,
+                "event_type",
+            ),
+            (
+                r#"{"task_id":"wf1","event_type":"status","state":"working","task_id":"wf1"}"#,
+                "task_id",
+            ),
+        ] {
+            assert_eq!(err_field(parse_bytes(text.as_bytes())), field, "{text}");
+        }
+    }
+
+    #[test]
+    fn long_values_are_not_echoed_in_full() {
+        let long = "x".repeat(10_000);
+        for value in [
+            json!({"event_type": "status", "state": long}),
+            json!({"event_type": "progress", "current": long, "total": 1}),
+            json!({"event_type": long}),
+            json!({"event_type": "status", "state": "working", long.clone(): 1}),
+        ] {
+            let text = value.to_string();
+            let msg = parse_bytes(text.as_bytes()).expect_err("long").to_string();
+            assert!(msg.len() < 400, "{} bytes: {msg}", msg.len());
         }
     }
 
