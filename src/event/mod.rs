@@ -18,6 +18,8 @@ use crate::ids::{EventId, TaskId, TenantId, validate_id};
 mod parse;
 mod wire;
 
+// The readers the server's request bodies use; the library alone uses only some of them.
+#[cfg_attr(not(feature = "server"), allow(unused_imports))]
 pub(crate) use parse::{
     EventReader, Failure, FieldError, FromFieldError, ObjectSeed, ReadObject, read_event,
     read_slice, struct_from_slice,

@@ -498,6 +498,7 @@ pub(crate) fn read_value<'de, R: ReadObject<'de>>(
 }
 
 /// Reads a derived struct `T` from an object, errors naming the field.
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub(crate) struct Struct<T>(std::marker::PhantomData<T>);
 
 impl<'de, T: de::Deserialize<'de>> ReadObject<'de> for Struct<T> {
@@ -511,6 +512,7 @@ impl<'de, T: de::Deserialize<'de>> ReadObject<'de> for Struct<T> {
 }
 
 /// Reads `bytes`, a JSON object, into the derived struct `T`, naming the field in errors.
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub(crate) fn struct_from_slice<'de, T: de::Deserialize<'de>>(
     bytes: &'de [u8],
 ) -> Result<T, FieldError> {
