@@ -114,7 +114,11 @@ fn open(
         .manager()
         .get_queue(&tenant, &task)
         .ok_or_else(|| route.not_found(&task))?;
-    if queue.finished_at().is_some_and(|f| from > f) {
+    // Nothing can come past the terminal event, or at or past the end of a closed queue: 204
+    // tells a browser's EventSource to stop reconnecting.
+    if queue.finished_at().is_some_and(|f| from > f)
+        || (queue.is_closed() && from >= queue.latest_offset())
+    {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     // From here the slot is given back when it drops, whatever happens.
@@ -124,7 +128,8 @@ fn open(
         other => other.into(),
     })?;
     if sub.is_ended() {
-        // The terminal event committed between the check above and the subscription.
+        // The terminal event or the close committed between the check above and the
+        // subscription.
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     let connected = connected_frame(

@@ -491,6 +491,16 @@ async fn subscribe(
             ),
         ));
     }
+    if queue.is_closed() && from >= sub.latest_offset_at_start() {
+        return Err(RpcError::new(
+            &id,
+            UNSUPPORTED_OPERATION,
+            format!(
+                "task {} is closed: nothing more will come (GetTask reads it)",
+                params.task
+            ),
+        ));
+    }
     let slot = match StreamSlot::take(state, &caller.tenant) {
         Ok(slot) => slot,
         Err(e) => return Ok(e.into_response()),

@@ -528,9 +528,26 @@ async fn errors_are_jsonrpc_answers_with_http_200() {
         let answer = call(&server, method, params.clone()).await;
         assert_eq!(error_code(&answer), -32001, "{method} {params}");
     }
-    // Subscribing to a finished task: -32004, as JSON (not a stream).
+    // A closed task (not finished) with nothing more to come.
+    create(&server, "shut").await;
+    publish(
+        &server,
+        "shut",
+        json!([{"event_type": "status", "state": "working"}]),
+    )
+    .await;
+    let r = helpers::client()
+        .post(server.url("/events/queues/shut/close"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // Subscribing to a finished task, or at the end of a closed one: -32004, as JSON (not a
+    // stream).
     for method in ["SubscribeToTask", "tasks/resubscribe"] {
         let answer = call(&server, method, json!({"id": "done"})).await;
+        assert_eq!(error_code(&answer), -32004, "{method}");
+        let answer = call(&server, method, json!({"id": "shut"})).await;
         assert_eq!(error_code(&answer), -32004, "{method}");
         let answer = call(&server, method, json!({"id": "nope"})).await;
         assert_eq!(error_code(&answer), -32001, "{method}");

@@ -726,6 +726,38 @@ async fn a_resume_point_past_the_terminal_event_is_204() {
 }
 
 #[tokio::test]
+async fn a_resume_point_at_or_past_the_end_of_a_closed_queue_is_204() {
+    let app = App::new().await;
+    app.create("t1").await;
+    app.publish("t1", &json!({"events": [working(0), working(1)]}))
+        .await;
+    let r = app.call("POST", "/events/queues/t1/close", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let req = Request::get("/events/workflows/t1")
+        .header("Last-Event-ID", "1")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(app.send(req).await.status, StatusCode::NO_CONTENT);
+    for from in [2, 7] {
+        let r = app
+            .call(
+                "GET",
+                &format!("/events/ingestion/t1?from_offset={from}"),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT, "from {from}");
+        assert!(r.body.is_empty());
+    }
+    // Below the end the stream still replays what is there, then ends.
+    let r = app
+        .call("GET", "/events/workflows/t1?from_offset=1", None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&r.body).contains("id: 1\n"));
+}
+
+#[tokio::test]
 async fn another_tenants_queue_is_404_on_every_route() {
     let app = App::new().await;
     let r = app
