@@ -139,7 +139,30 @@ impl de::Error for FieldError {
 }
 
 /// `s` cut to [`MAX_REASON_CHARS`].
+/// A reason in the words of the contract rather than of the parser: serde's type names become
+/// what a producer writes ("u64" is "a non-negative integer"), and the parser's position, which
+/// points into the request body rather than the event, goes.
+fn plain(reason: String) -> String {
+    let mut s = match reason.rfind(" at line ") {
+        Some(at) if reason[at..].contains(" column ") => reason[..at].to_string(),
+        _ => reason,
+    };
+    for (serde, words) in [
+        ("expected u64", "expected a non-negative integer"),
+        ("expected i64", "expected an integer"),
+        ("expected f64", "expected a number"),
+        ("expected u8", "expected a small non-negative integer"),
+    ] {
+        if s.ends_with(serde) {
+            s.truncate(s.len() - serde.len());
+            s.push_str(words);
+        }
+    }
+    s
+}
+
 fn cut(s: String) -> String {
+    let s = plain(s);
     if s.chars().count() <= MAX_REASON_CHARS {
         s
     } else {
@@ -688,5 +711,32 @@ where
             field,
             format!("{field} does not match the queue (expected {expected}, got {id})"),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_speak_of_the_event_not_of_the_parser() {
+        assert_eq!(
+            plain("invalid type: string \"x\", expected u64 at line 1 column 38".into()),
+            "invalid type: string \"x\", expected a non-negative integer"
+        );
+        assert_eq!(
+            plain("invalid value: integer `-1`, expected u64".into()),
+            "invalid value: integer `-1`, expected a non-negative integer"
+        );
+        assert_eq!(
+            plain("invalid type: map, expected f64".into()),
+            "invalid type: map, expected a number"
+        );
+        // Anything else is kept as it is.
+        assert_eq!(plain("must be a string".into()), "must be a string");
+        assert_eq!(
+            plain("mentions at line 3 of a text".into()),
+            "mentions at line 3 of a text"
+        );
     }
 }
