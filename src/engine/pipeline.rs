@@ -576,7 +576,12 @@ impl WriterLoop {
         let mut next_queue_id = self.w.next_queue_id;
         let mut answers = Vec::with_capacity(ops.len());
         let result = match self.w.storage.begin() {
-            Err(e) => Err(WriteError::Fatal(e)),
+            Err(e) => {
+                for op in ops {
+                    op.refuse(e.clone());
+                }
+                Err(WriteError::Fatal(e))
+            }
             Ok(mut w) => {
                 let mut fatal = None;
                 let mut ops = ops.into_iter();
