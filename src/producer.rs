@@ -3,7 +3,7 @@
 //! its stream.
 //!
 //! A [`Reporter`] writes to an [`EventSink`]: an [`EventQueue`] in this process, or an
-//! [`HttpSink`] for a queue on an eventqueue server (a producer in another process; feature
+//! `HttpSink` for a queue on an eventqueue server (a producer in another process; feature
 //! `client`). Both have the same shape:
 //!
 //! - typed emitters: [`Reporter::status`], [`Reporter::progress`], [`Reporter::artifact`],

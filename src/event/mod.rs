@@ -370,7 +370,7 @@ impl ProgressEvent {
 pub struct ArtifactEvent {
     /// Kind of artifact (`search_results`, `summary`, …); must not be empty.
     pub artifact_type: String,
-    /// The artifact's id; an id as in [`crate::ids`]. Default `art_` + 8 lowercase hex chars.
+    /// The artifact's id; an id by the rule of [`crate::validate_id`]. Default `art_` + 8 lowercase hex chars.
     pub artifact_id: String,
     /// The artifact; a JSON object.
     pub data: Value,
