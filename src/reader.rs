@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use crate::engine::{QueueState, RecordedEvent};
 use crate::error::{Error, Result};
-use crate::event::EventType;
 use crate::ids::{TaskId, TenantId};
 use crate::queue::QueueInfo;
 use crate::storage::Storage;
@@ -89,11 +88,7 @@ impl LogReader {
         self.store
             .read_range(q.id(), from.max(first), next, limit)?
             .into_iter()
-            .map(|e| {
-                let event_type = EventType::from_code(e.event_type)
-                    .ok_or_else(|| Error::storage("corrupt event record: unknown type"))?;
-                Ok(RecordedEvent::new(e.offset, event_type, e.terminal, e.json))
-            })
+            .map(RecordedEvent::from_stored)
             .collect()
     }
 

@@ -43,7 +43,6 @@ use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::engine::{Core, Live, QueueState, SubscriberGuard};
 use crate::error::{Error, Result};
-use crate::event::EventType;
 use crate::metrics::Metrics;
 use crate::storage::StoredEvent;
 
@@ -373,11 +372,7 @@ impl Subscription {
                 }
                 for e in events {
                     self.next = e.offset + 1;
-                    let event_type = EventType::from_code(e.event_type)
-                        .ok_or_else(|| Error::storage("corrupt event record: unknown type"))?;
-                    self.buf.push_back(Arc::new(RecordedEvent::new(
-                        e.offset, event_type, e.terminal, e.json,
-                    )));
+                    self.buf.push_back(Arc::new(RecordedEvent::from_stored(e)?));
                 }
             }
         }

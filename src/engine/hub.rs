@@ -13,8 +13,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::broadcast;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::event::{Event, EventType};
+use crate::storage::StoredEvent;
 
 /// A committed event as stored: its offset, type, and JSON bytes (offset included), shared by
 /// every subscriber that receives it.
@@ -34,6 +35,17 @@ impl RecordedEvent {
             terminal,
             json,
         }
+    }
+
+    /// An event as the store read it back.
+    ///
+    /// # Errors
+    ///
+    /// A storage error when the stored type code is unknown (a corrupt record).
+    pub(crate) fn from_stored(e: StoredEvent) -> Result<Self> {
+        let event_type = EventType::from_code(e.event_type)
+            .ok_or_else(|| Error::storage("corrupt event record: unknown type"))?;
+        Ok(Self::new(e.offset, event_type, e.terminal, e.json))
     }
 
     /// The event's offset.

@@ -234,16 +234,14 @@ impl QueueState {
     ///
     /// [`Error::QueueNotFound`] once the queue is removed.
     pub(crate) fn join_live(&self, capacity: usize) -> Result<(broadcast::Receiver<Live>, View)> {
-        let mut st = self.lock();
-        if st.view.removed {
-            return Err(self.not_found());
+        match self.refresh(Some(capacity)) {
+            Some((Some(rx), view)) => Ok((rx, view)),
+            _ => Err(self.not_found()),
         }
-        let rx = st.hub.subscribe(capacity);
-        Ok((rx, st.view.clone()))
     }
 
-    /// As [`QueueState::join_live`] with `rejoin` false: reads the published state only.
-    /// With `rejoin`, a fresh receiver replaces a lagged one, in the same critical section.
+    /// Reads the published state; with `rejoin` (a channel capacity), also joins the live
+    /// channel in the same critical section (a fresh receiver to replace a lagged one).
     /// `None` once the queue is removed.
     pub(crate) fn refresh(
         &self,

@@ -1231,23 +1231,20 @@ fn stored_offsets(
     events: &impl ReadableTable<(u64, u64), &'static [u8]>,
     qid: u64,
 ) -> Result<std::ops::Range<u64>> {
+    // One past the last offset a value holds (values hold consecutive offsets from their key).
+    let end = |(k, v): (
+        redb::AccessGuard<'_, (u64, u64)>,
+        redb::AccessGuard<'_, &[u8]>,
+    )| { k.value().1 + codec::records(v.value()).count() as u64 };
     let mut rows = events.range((qid, 0)..=(qid, u64::MAX)).map_err(st)?;
-    let Some(first) = rows.next() else {
+    let Some(first) = rows.next().transpose().map_err(st)? else {
         return Ok(0..0);
     };
-    let from = first.map_err(st)?.0.value().1;
-    let to = match rows.next_back() {
-        Some(row) => {
-            let (k, v) = row.map_err(st)?;
-            k.value().1 + codec::records(v.value()).count() as u64
-        }
-        None => {
-            let mut rows = events.range((qid, from)..=(qid, from)).map_err(st)?;
-            match rows.next() {
-                Some(row) => from + codec::records(row.map_err(st)?.1.value()).count() as u64,
-                None => from,
-            }
-        }
+    let from = first.0.value().1;
+    let to = match rows.next_back().transpose().map_err(st)? {
+        Some(last) => end(last),
+        // The first value is the only one.
+        None => end(first),
     };
     Ok(from..to)
 }

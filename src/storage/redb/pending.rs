@@ -320,15 +320,12 @@ impl<'a, A: AppliedIds> BatchWriter<'a, A> {
                 .or_default()
                 .insert(id.clone(), offset);
         }
-        wal::encode_op(
-            &WalOpRef::Append {
-                qid,
-                offset,
-                event_id: event_id.map_or("", EventId::as_str),
-                record: &record,
-            },
-            &mut self.changes.payload,
-        )?;
+        self.record(WalOpRef::Append {
+            qid,
+            offset,
+            event_id: event_id.map_or("", EventId::as_str),
+            record: &record,
+        })?;
         self.changes.events.push((
             qid,
             StoredEvent {
