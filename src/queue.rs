@@ -314,6 +314,12 @@ impl EventQueue {
         self.core.close(self.q.clone()).await
     }
 
+    /// Whether nothing can come from offset `from` on: past the terminal event, or at or past
+    /// the end of a closed queue (a stream from there answers 204).
+    pub(crate) fn nothing_from(&self, from: u64) -> bool {
+        self.q.with_view(|v| v.nothing_from(from))
+    }
+
     /// Whether the queue is closed.
     pub fn is_closed(&self) -> bool {
         self.q.with_view(|v| v.closed)

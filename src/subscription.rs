@@ -111,8 +111,7 @@ impl Subscription {
         let (st_next, st_first, closed, finished_at) =
             (st.next_offset, st.first_offset, st.closed, st.finished_at);
         let guard = q.count_subscriber();
-        // Past the terminal event, or at or past the end of a closed queue, nothing can come.
-        let done = finished_at.is_some_and(|f| from > f) || (closed && from >= st_next);
+        let done = st.nothing_from(from);
         Ok(Self {
             q,
             core,

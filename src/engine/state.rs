@@ -88,6 +88,14 @@ pub(crate) struct View {
     pub removed: bool,
 }
 
+impl View {
+    /// Whether nothing can come from offset `from` on: it lies past the terminal event, or at
+    /// or past the end of a closed queue.
+    pub(crate) fn nothing_from(&self, from: u64) -> bool {
+        self.finished_at.is_some_and(|f| from > f) || (self.closed && from >= self.next_offset)
+    }
+}
+
 /// The published state and the live channel, under one lock (see `hub`).
 #[derive(Debug)]
 pub(super) struct Published {

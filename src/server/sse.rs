@@ -116,9 +116,7 @@ fn open(
         .ok_or_else(|| route.not_found(&task))?;
     // Nothing can come past the terminal event, or at or past the end of a closed queue: 204
     // tells a browser's EventSource to stop reconnecting.
-    if queue.finished_at().is_some_and(|f| from > f)
-        || (queue.is_closed() && from >= queue.latest_offset())
-    {
+    if queue.nothing_from(from) {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     // From here the slot is given back when it drops, whatever happens.

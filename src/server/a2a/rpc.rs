@@ -481,24 +481,16 @@ async fn subscribe(
     let queue = lookup(state, caller, &params.task, &id)?;
     let sub = subscribe_from_start(&queue, &params.task, &id)?;
     let from = resume.unwrap_or_else(|| sub.latest_offset_at_start());
-    if queue.finished_at().is_some_and(|f| from > f) {
+    if queue.nothing_from(from) {
+        let why = if queue.is_finished() {
+            "is finished: there is nothing to subscribe to"
+        } else {
+            "is closed: nothing more will come"
+        };
         return Err(RpcError::new(
             &id,
             UNSUPPORTED_OPERATION,
-            format!(
-                "task {} is finished: there is nothing to subscribe to (GetTask reads it)",
-                params.task
-            ),
-        ));
-    }
-    if queue.is_closed() && from >= sub.latest_offset_at_start() {
-        return Err(RpcError::new(
-            &id,
-            UNSUPPORTED_OPERATION,
-            format!(
-                "task {} is closed: nothing more will come (GetTask reads it)",
-                params.task
-            ),
+            format!("task {} {why} (GetTask reads it)", params.task),
         ));
     }
     let slot = match StreamSlot::take(state, &caller.tenant) {
