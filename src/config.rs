@@ -28,10 +28,53 @@ impl Durability {
     }
 }
 
+/// Where a [`crate::QueueManager`] keeps its queues.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StorageBackend {
+    /// The embedded database (redb plus a write-ahead log) in [`Config::data_dir`]. Default.
+    #[default]
+    Redb,
+    /// Process memory: everything but restart survival, with the same bounds.
+    Memory,
+}
+
+impl StorageBackend {
+    /// The name `--storage` takes.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StorageBackend::Redb => "redb",
+            StorageBackend::Memory => "memory",
+        }
+    }
+}
+
+impl std::fmt::Display for StorageBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for StorageBackend {
+    type Err = String;
+
+    /// `redb`, `memory`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "redb" => Ok(StorageBackend::Redb),
+            "memory" => Ok(StorageBackend::Memory),
+            other => Err(format!(
+                "unknown storage {other:?}: expected redb or memory"
+            )),
+        }
+    }
+}
+
 /// Configuration of a [`crate::QueueManager`].
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Directory holding `eventqueue.redb`. Default `./data`.
+    /// Where queues are kept. Default [`StorageBackend::Redb`].
+    pub storage: StorageBackend,
+    /// Directory holding `eventqueue.redb` (with [`StorageBackend::Redb`]). Default `./data`.
     pub data_dir: PathBuf,
     /// TTL of a queue created without one, counted from its last activity. Default 30 min.
     pub default_ttl: Duration,
@@ -84,6 +127,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            storage: StorageBackend::Redb,
             data_dir: PathBuf::from("./data"),
             default_ttl: Duration::from_secs(30 * 60),
             max_buffer_size: 1000,
@@ -105,6 +149,14 @@ impl Config {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
+            ..Self::default()
+        }
+    }
+
+    /// The default configuration on the in-memory store.
+    pub fn memory() -> Self {
+        Self {
+            storage: StorageBackend::Memory,
             ..Self::default()
         }
     }

@@ -8,13 +8,14 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::Config;
+use crate::config::{Config, StorageBackend};
 use crate::engine::{Core, NewQueue, Opened, QueueState};
 use crate::error::{Error, Result};
 use crate::expiry::{self, CleanupReport};
 use crate::ids::{TaskId, TenantId};
 use crate::metrics::Metrics;
 use crate::queue::{EventQueue, QueueInfo, QueueOptions};
+use crate::storage::memory::MemoryStore;
 use crate::storage::redb::{self, Store};
 
 /// Manager-wide figures.
@@ -89,15 +90,26 @@ impl QueueManager {
         clock: Arc<dyn Clock>,
         power: Option<redb::Power>,
     ) -> Result<Self> {
-        let dir = config.data_dir.clone();
-        let options = redb::Options::of(&config);
-        let (store, recovered) =
-            tokio::task::spawn_blocking(move || Store::open_on(&dir, &options, power))
-                .await
-                .map_err(|e| Error::internal(format!("open task failed: {e}")))??;
-        let opened = Opened {
-            storage: Arc::new(store),
-            recovered,
+        let opened = match &config.storage {
+            StorageBackend::Redb => {
+                let dir = config.data_dir.clone();
+                let options = redb::Options::of(&config);
+                let (store, recovered) =
+                    tokio::task::spawn_blocking(move || Store::open_on(&dir, &options, power))
+                        .await
+                        .map_err(|e| Error::internal(format!("open task failed: {e}")))??;
+                Opened {
+                    storage: Arc::new(store),
+                    recovered,
+                }
+            }
+            StorageBackend::Memory => {
+                let (store, recovered) = MemoryStore::open();
+                Opened {
+                    storage: Arc::new(store),
+                    recovered,
+                }
+            }
         };
         Ok(Self {
             core: Arc::new(Core::start(opened, config, clock)?),

@@ -32,6 +32,10 @@ pub struct ServeArgs {
     /// TOML file with any of the settings below (keys as the flags, with underscores).
     #[arg(long, env = "EVENTQUEUE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Where queues are kept: `redb` (the embedded database in --data-dir) or `memory`
+    /// (nothing survives a restart) [default: redb]
+    #[arg(long, env = "EVENTQUEUE_STORAGE", value_name = "STORAGE")]
+    storage: Option<String>,
     /// Directory of the database [default: ./data]
     #[arg(long, env = "EVENTQUEUE_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -126,6 +130,7 @@ pub struct ServeArgs {
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileConfig {
+    storage: Option<String>,
     data_dir: Option<PathBuf>,
     bind: Option<SocketAddr>,
     default_ttl_minutes: Option<f64>,
@@ -173,6 +178,9 @@ fn resolve(args: ServeArgs) -> Result<Settings, String> {
             .or(file.data_dir)
             .unwrap_or_else(|| PathBuf::from("./data")),
     );
+    if let Some(storage) = args.storage.as_ref().or(file.storage.as_ref()) {
+        store.storage = storage.parse()?;
+    }
     if let Some(minutes) = args.default_ttl_minutes.or(file.default_ttl_minutes) {
         store.default_ttl = (minutes >= 0.0)
             .then(|| Duration::try_from_secs_f64(minutes * 60.0).ok())
@@ -397,6 +405,7 @@ async fn signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::StorageBackend;
 
     #[test]
     fn flags_win_over_the_config_file_which_wins_over_defaults() {
@@ -418,6 +427,40 @@ mod tests {
         assert_eq!(s.server.max_body_bytes, 20);
         assert_eq!(s.server.max_event_bytes, 1 << 20);
         assert_eq!(s.store.data_dir, PathBuf::from("./data"));
+    }
+
+    #[test]
+    fn the_storage_comes_from_the_flag_then_the_file_and_unknown_names_are_refused() {
+        assert_eq!(
+            resolve(ServeArgs::default()).unwrap().store.storage,
+            StorageBackend::Redb
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eq.toml");
+        std::fs::write(&path, "storage = \"memory\"\n").unwrap();
+        let from_file = ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        };
+        assert_eq!(
+            resolve(from_file).unwrap().store.storage,
+            StorageBackend::Memory
+        );
+        let flag_wins = ServeArgs {
+            config: Some(path),
+            storage: Some("redb".into()),
+            ..ServeArgs::default()
+        };
+        assert_eq!(
+            resolve(flag_wins).unwrap().store.storage,
+            StorageBackend::Redb
+        );
+        let err = resolve(ServeArgs {
+            storage: Some("sqlite".into()),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("unknown storage \"sqlite\""), "{err}");
     }
 
     #[test]

@@ -62,6 +62,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::config::StorageBackend;
 use crate::manager::QueueManager;
 
 pub use a2a::A2aConfig;
@@ -383,11 +384,20 @@ pub async fn serve(
     let config = state.config().clone();
     check_bind(&config.auth, addr)?;
     let manager = state.manager().clone();
-    tracing::info!(
-        data_dir = %manager.config().data_dir.display(),
-        durability = ?manager.config().durability,
-        "eventqueue listening on http://{addr}"
-    );
+    match &manager.config().storage {
+        StorageBackend::Redb => tracing::info!(
+            storage = "redb",
+            data_dir = %manager.config().data_dir.display(),
+            durability = ?manager.config().durability,
+            "eventqueue listening on http://{addr}"
+        ),
+        StorageBackend::Memory => {
+            tracing::info!(storage = "memory", "eventqueue listening on http://{addr}");
+            tracing::warn!(
+                "storage is memory: nothing survives a restart (use --storage redb or redis://… to keep events)"
+            );
+        }
+    }
     match &config.auth {
         Auth::Token(_) => tracing::info!(
             "token mode: requests need an HS256 bearer token (Authorization: Bearer, or \

@@ -38,6 +38,7 @@
 //! threads or `spawn_blocking`, never on an async worker. A networked store blocks on its own
 //! client runtime there.
 
+pub(crate) mod memory;
 pub(crate) mod redb;
 
 use std::any::Any;

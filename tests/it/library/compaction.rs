@@ -7,6 +7,8 @@ use std::time::Duration;
 use eventqueue::{Config, Delivery, Error, QueueManager, QueueOptions, compact_offline};
 
 use super::*;
+// The embedded store's own behaviour: always on redb, whatever the suite runs against.
+use super::embedded::{config, open};
 
 fn small_steps(dir: &std::path::Path) -> Config {
     Config {

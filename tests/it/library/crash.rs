@@ -9,6 +9,8 @@ use std::time::Duration;
 use eventqueue::{Delivery, EventId, QueueManager, QueueOptions};
 
 use super::*;
+// The embedded store's own behaviour: always on redb, whatever the suite runs against.
+use super::embedded::{config, open};
 
 const CHILD_ENV: &str = "EVENTQUEUE_CRASH_CHILD_DIR";
 const TEST_NAME: &str = "library::crash::acknowledged_events_survive_abort";

@@ -6,6 +6,8 @@
 use eventqueue::{Error, QueueOptions};
 
 use super::*;
+// The embedded store's own behaviour: always on redb, whatever the suite runs against.
+use super::embedded::open;
 
 async fn replay_all(q: &eventqueue::EventQueue) -> Vec<u64> {
     let latest = q.latest_offset();

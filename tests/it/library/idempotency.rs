@@ -56,12 +56,12 @@ async fn idempotency_holds_across_restart_and_ends_with_retention() {
     let (t, k) = (tenant("t"), task("wf"));
     let e = phase(&t, &k, 0).with_event_id(EventId::new("durable-id").unwrap());
     {
-        let m = open(dir.path()).await;
+        let m = embedded::open(dir.path()).await;
         let q = m.create_queue(&t, &k, with_buffer(2)).await.unwrap();
         assert_eq!(q.enqueue(e.clone()).await.unwrap(), 0);
         m.shutdown().await.unwrap();
     }
-    let m = open(dir.path()).await;
+    let m = embedded::open(dir.path()).await;
     let q = m.get_queue(&t, &k).unwrap();
     assert_eq!(q.enqueue(e.clone()).await.unwrap(), 0);
     assert_eq!(q.latest_offset(), 1);

@@ -219,14 +219,18 @@ async fn expiry_after_restart() {
     let dir = tempfile::tempdir().unwrap();
     let clock = clock();
     {
-        let m = open_with(dir.path(), clock.clone()).await;
+        let m = QueueManager::open_with_clock(embedded::config(dir.path()), clock.clone())
+            .await
+            .unwrap();
         m.create_queue(&tenant("t"), &task("wf"), QueueOptions::default())
             .await
             .unwrap();
         m.shutdown().await.unwrap();
     }
     clock.advance(Duration::from_secs(31 * 60));
-    let m = open_with(dir.path(), clock).await;
+    let m = QueueManager::open_with_clock(embedded::config(dir.path()), clock)
+        .await
+        .unwrap();
     assert_eq!(m.list_queues(None).len(), 1);
     assert_eq!(m.cleanup_expired().await.unwrap().queues_expired, 1);
     assert!(m.list_queues(None).is_empty());
@@ -260,6 +264,10 @@ async fn commits_and_checkpoints_are_measured() {
         eventqueue::Metrics::get(&metrics.commits)
     );
     assert!(metrics.commit_seconds.count() >= 11);
+    if backend() != eventqueue::StorageBackend::Redb {
+        // Only the embedded store folds a log.
+        return;
+    }
     // A checkpoint may still be running after the last acknowledgement.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {

@@ -28,15 +28,47 @@ pub fn task(s: &str) -> TaskId {
     TaskId::new(s).unwrap()
 }
 
+/// The store the library suite runs against: `EVENTQUEUE_TEST_STORAGE` (what `--storage`
+/// takes), the embedded default when unset. `.ci/run` runs the suite once per backend.
+pub fn backend() -> eventqueue::StorageBackend {
+    match std::env::var("EVENTQUEUE_TEST_STORAGE") {
+        Ok(s) if !s.is_empty() => s.parse().expect("EVENTQUEUE_TEST_STORAGE"),
+        _ => eventqueue::StorageBackend::Redb,
+    }
+}
+
+/// Whether the backend under test keeps queues across a reopen.
+pub fn persists() -> bool {
+    backend() != eventqueue::StorageBackend::Memory
+}
+
 pub fn config(dir: &std::path::Path) -> Config {
     Config {
         cache_size_bytes: 4 << 20,
+        storage: backend(),
         ..Config::new(dir)
     }
 }
 
 pub async fn open(dir: &std::path::Path) -> QueueManager {
     QueueManager::open(config(dir)).await.unwrap()
+}
+
+/// The embedded store, whatever the suite runs against: for tests of what only it does
+/// (restarts, crash recovery, log faults, file formats, compaction).
+pub mod embedded {
+    use eventqueue::{Config, QueueManager, StorageBackend};
+
+    pub fn config(dir: &std::path::Path) -> Config {
+        Config {
+            storage: StorageBackend::Redb,
+            ..super::config(dir)
+        }
+    }
+
+    pub async fn open(dir: &std::path::Path) -> QueueManager {
+        QueueManager::open(config(dir)).await.unwrap()
+    }
 }
 
 /// A `working` status event whose phase is `phase_{n}`.

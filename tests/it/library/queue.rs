@@ -680,7 +680,7 @@ async fn a_replay_of_large_events_from_redb_then_memory_skips_nothing() {
         )
     };
     {
-        let m = open(dir.path()).await;
+        let m = embedded::open(dir.path()).await;
         let q = m
             .create_queue(&t, &k, QueueOptions::default())
             .await
@@ -690,7 +690,7 @@ async fn a_replay_of_large_events_from_redb_then_memory_skips_nothing() {
         }
         m.shutdown().await.unwrap();
     }
-    let m = open(dir.path()).await;
+    let m = embedded::open(dir.path()).await;
     let q = m.get_queue(&t, &k).unwrap();
     for n in 12..15 {
         q.enqueue(big(n)).await.unwrap();

@@ -3,6 +3,8 @@
 use eventqueue::{Error, QueueManager, QueueOptions};
 
 use super::*;
+// The embedded store's own behaviour: always on redb, whatever the suite runs against.
+use super::embedded::{config, open};
 use crate::helpers::{make_older_format, read_meta};
 
 #[tokio::test]

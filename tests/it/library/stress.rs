@@ -181,7 +181,14 @@ async fn random_joiners_under_trimming_while_batches_move_to_redb() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn online_compaction_racing_producers_subscribers_and_deletions_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let m = manager(dir.path(), Config::default().apply_bytes).await;
+    // Compaction is the embedded store's.
+    let m = QueueManager::open(Config {
+        broadcast_capacity: 2,
+        replay_chunk: 7,
+        ..super::embedded::config(dir.path())
+    })
+    .await
+    .unwrap();
     let t = tenant("t");
     let mut victims = Vec::new();
     for v in 0..4 {
@@ -279,7 +286,14 @@ async fn online_compaction_racing_producers_subscribers_and_deletions_loses_noth
     );
     m.shutdown().await.unwrap();
 
-    let m = manager(dir.path(), Config::default().apply_bytes).await;
+    // Compaction is the embedded store's.
+    let m = QueueManager::open(Config {
+        broadcast_capacity: 2,
+        replay_chunk: 7,
+        ..super::embedded::config(dir.path())
+    })
+    .await
+    .unwrap();
     let q = m.get_queue(&t, &k).unwrap();
     let mut sub = q.subscribe(0).unwrap();
     for (off, bytes) in kept.iter().enumerate() {
