@@ -75,6 +75,9 @@ pub struct Metrics {
     pub log_fold_seconds: Histogram,
     /// Times a subscriber fell behind the live channel and caught up from the log.
     pub lag_recoveries: AtomicU64,
+    /// Batches rebuilt because a shared store held newer state of one of their queues
+    /// (another node wrote to it).
+    pub batch_rebuilds: AtomicU64,
     /// Gap notices delivered.
     pub gap_notices: AtomicU64,
     /// Events removed by trimming, expiry and deletion.
@@ -99,6 +102,7 @@ impl Default for Metrics {
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
             ]),
             lag_recoveries: AtomicU64::new(0),
+            batch_rebuilds: AtomicU64::new(0),
             gap_notices: AtomicU64::new(0),
             events_removed: AtomicU64::new(0),
             pending_purges: AtomicU64::new(0),

@@ -174,56 +174,80 @@ pub struct SavedCheckpoint {
     pub progress_offset: Option<u64>,
 }
 
-/// An operation's reply channel with its result, sent once the batch is acknowledged.
-pub(super) struct Answered<T> {
-    reply: Reply<T>,
+/// An applied operation: its call (arguments and reply channel) with its result, sent once
+/// the batch is acknowledged. It keeps its arguments so that a batch a shared store refused
+/// as stale can be applied again ([`Answer::into_op`]).
+pub(super) struct Answered<A, T> {
+    call: Call<A, T>,
     result: Result<T>,
 }
 
-/// Every kind of [`Answered`]; each variant pairs a reply with a result of its own type.
+/// Every kind of [`Answered`], one per [`Op`] variant; each pairs a reply with a result of its
+/// own type.
 pub(super) enum Answer {
-    Offsets(Answered<Vec<u64>>),
-    Queue(Answered<Arc<QueueState>>),
-    Done(Answered<()>),
-    Removed(Answered<bool>),
-    Saved(Answered<SavedCheckpoint>),
+    Append(Answered<Append, Vec<u64>>),
+    Create(Answered<NewQueue, Arc<QueueState>>),
+    Close(Answered<Arc<QueueState>, ()>),
+    Cancel(Answered<Cancel, ()>),
+    Delete(Answered<Delete, bool>),
+    Save(Answered<Box<PreparedSave>, SavedCheckpoint>),
+    Flush(Answered<(), ()>),
+    Shutdown(Answered<(), ()>),
 }
 
-impl<T> Answered<T> {
-    /// Pairs `reply` with `result`: the op's own result, or the error that failed the batch.
-    pub(super) fn new(reply: Reply<T>, result: Result<T>) -> Self {
-        Answered { reply, result }
+impl<A, T> Answered<A, T> {
+    /// Pairs `call` with `result`: the op's own result, or the error that failed the batch.
+    pub(super) fn new(call: Call<A, T>, result: Result<T>) -> Self {
+        Answered { call, result }
     }
 
     fn send(self) {
-        self.reply.send(self.result);
+        self.call.reply.send(self.result);
     }
 
     fn fail(self, e: Error) {
-        self.reply.send(Err(e));
+        self.call.reply.send(Err(e));
     }
+}
+
+/// Runs `$body` on the [`Answered`] inside whichever variant `$answer` is.
+macro_rules! each_answer {
+    ($answer:expr, $a:ident => $body:expr) => {
+        match $answer {
+            Answer::Append($a) => $body,
+            Answer::Create($a) => $body,
+            Answer::Close($a) => $body,
+            Answer::Cancel($a) => $body,
+            Answer::Delete($a) => $body,
+            Answer::Save($a) => $body,
+            Answer::Flush($a) => $body,
+            Answer::Shutdown($a) => $body,
+        }
+    };
 }
 
 impl Answer {
     /// Sends the result (the batch was committed and, where required, synced).
     pub(super) fn send(self) {
-        match self {
-            Answer::Offsets(a) => a.send(),
-            Answer::Queue(a) => a.send(),
-            Answer::Done(a) => a.send(),
-            Answer::Removed(a) => a.send(),
-            Answer::Saved(a) => a.send(),
-        }
+        each_answer!(self, a => a.send())
     }
 
     /// Sends `e` instead (the batch failed).
     pub(super) fn fail(self, e: Error) {
+        each_answer!(self, a => a.fail(e))
+    }
+
+    /// The op again, its result dropped (its batch was not stored and is rebuilt).
+    pub(super) fn into_op(self) -> Op {
         match self {
-            Answer::Offsets(a) => a.fail(e),
-            Answer::Queue(a) => a.fail(e),
-            Answer::Done(a) => a.fail(e),
-            Answer::Removed(a) => a.fail(e),
-            Answer::Saved(a) => a.fail(e),
+            Answer::Append(a) => Op::Append(a.call),
+            Answer::Create(a) => Op::Create(a.call),
+            Answer::Close(a) => Op::Close(a.call),
+            Answer::Cancel(a) => Op::Cancel(a.call),
+            Answer::Delete(a) => Op::Delete(a.call),
+            Answer::Save(a) => Op::SaveCheckpoint(a.call),
+            Answer::Flush(a) => Op::Flush(a.call),
+            Answer::Shutdown(a) => Op::Shutdown(a.call),
         }
     }
 }

@@ -63,7 +63,7 @@ use tokio::sync::mpsc;
 use super::hub::{Live, RecordedEvent};
 use super::ops::{
     Answer, Answered, Append, Call, Cancel, Delete, NewQueue, Op, PreparedEvent, PreparedSave,
-    Reply, SavedCheckpoint,
+    SavedCheckpoint,
 };
 use super::state::{CancelInfo, QueueState, View};
 use crate::clock::Clock;
@@ -276,6 +276,10 @@ pub(crate) struct Writer {
 /// While appends keep coming, one purge step runs at most this often, so a large deletion
 /// never holds appends behind it.
 const PURGE_PACE: Duration = Duration::from_millis(10);
+
+/// Most times one batch is rebuilt after a shared store found it stale (other nodes kept
+/// writing the same queues); then its callers get a storage error and may retry.
+const MAX_REBUILDS: u32 = 32;
 
 /// After a purge step was refused (its commit was rejected: a full disk), idle retries wait
 /// this long between attempts.
@@ -503,7 +507,7 @@ impl WriterLoop {
                 );
             }
             // The step is redone later.
-            Err(WriteError::Rejected(_)) => self.purge_refused = true,
+            Err(WriteError::Rejected(_) | WriteError::Stale(_)) => self.purge_refused = true,
             Err(WriteError::Fatal(e)) => self.failure.set(&e),
         }
     }
@@ -572,46 +576,20 @@ impl WriterLoop {
                 .any(|op| matches!(op, Op::Flush(_) | Op::Shutdown(_)));
         let now = self.w.clock.now();
         let started = Instant::now();
-        let mut batch = Batch::default();
-        let mut next_queue_id = self.w.next_queue_id;
-        let mut answers = Vec::with_capacity(ops.len());
-        let result = match self.w.storage.begin() {
-            Err(e) => {
-                for op in ops {
-                    op.refuse(e.clone());
+        let mut ops = ops;
+        let mut rebuilds = 0;
+        let (batch, answers, next_queue_id, result) = loop {
+            let (batch, answers, next_queue_id, result) = self.build(ops, now);
+            match result {
+                // Nothing was stored: take in the newer state and apply the same ops again.
+                Err(WriteError::Stale(fresh)) if rebuilds < MAX_REBUILDS => {
+                    rebuilds += 1;
+                    Metrics::add(&self.w.metrics.batch_rebuilds, 1);
+                    self.undo_keys(&batch);
+                    self.absorb(&batch, &fresh);
+                    ops = answers.into_iter().map(Answer::into_op).collect();
                 }
-                Err(WriteError::Fatal(e))
-            }
-            Ok(mut w) => {
-                let mut fatal = None;
-                let mut ops = ops.into_iter();
-                for op in ops.by_ref() {
-                    let (answer, failed) = apply(
-                        &mut *w,
-                        &mut batch,
-                        &mut self.keys,
-                        &mut next_queue_id,
-                        op,
-                        now,
-                    );
-                    answers.push(answer);
-                    if failed.is_some() {
-                        fatal = failed;
-                        break;
-                    }
-                }
-                match fatal {
-                    Some(e) => {
-                        // Dropping the batch uncommitted leaves nothing of it stored.
-                        for op in ops {
-                            op.refuse(e.clone());
-                        }
-                        Err(WriteError::Fatal(e))
-                    }
-                    None => finish(&mut *w, &mut batch)
-                        .map_err(WriteError::Fatal)
-                        .and_then(|()| w.commit()),
-                }
+                other => break (batch, answers, next_queue_id, other),
             }
         };
         // The last batch before a shutdown is followed by a fold, so the store is wholly
@@ -666,15 +644,7 @@ impl WriterLoop {
                 }
             }
             Err(failed) => {
-                // Creates and removals of this batch were not committed.
-                for stage in &batch.stages {
-                    let key = (stage.q.tenant_id().clone(), stage.q.task_id().clone());
-                    if stage.created {
-                        self.keys.remove(&key);
-                    } else if stage.view.removed && !stage.was_removed {
-                        self.keys.insert(key);
-                    }
-                }
+                self.undo_keys(&batch);
                 // A rejected batch left the store as it was: only its callers fail (a full
                 // disk: the next batch may fit). Anything else stops writes until reopen.
                 if let WriteError::Fatal(e) = &failed {
@@ -687,6 +657,90 @@ impl WriterLoop {
             }
         }
         shutdown
+    }
+
+    /// Applies `ops` as one batch and commits it. Returns the batch, the ops' answers (every
+    /// op's, unless an op failed the batch: the ops after it were refused), the next queue id
+    /// after the batch, and the commit's result.
+    fn build(
+        &mut self,
+        ops: Vec<Op>,
+        now: Timestamp,
+    ) -> (Batch, Vec<Answer>, u64, Result<bool, WriteError>) {
+        let mut batch = Batch::default();
+            let mut next_queue_id = self.w.next_queue_id;
+            let mut answers = Vec::with_capacity(ops.len());
+            let result = match self.w.storage.begin() {
+                Err(e) => {
+                    for op in ops {
+                        op.refuse(e.clone());
+                    }
+                    Err(WriteError::Fatal(e))
+                }
+                Ok(mut w) => {
+                    let mut fatal = None;
+                    let mut ops = ops.into_iter();
+                    for op in ops.by_ref() {
+                        let (answer, failed) = apply(
+                            &mut *w,
+                            &mut batch,
+                            &mut self.keys,
+                            &mut next_queue_id,
+                            op,
+                            now,
+                        );
+                        answers.push(answer);
+                        if failed.is_some() {
+                            fatal = failed;
+                            break;
+                        }
+                    }
+                    match fatal {
+                        Some(e) => {
+                            // Dropping the batch uncommitted leaves nothing of it stored.
+                            for op in ops {
+                                op.refuse(e.clone());
+                            }
+                            Err(WriteError::Fatal(e))
+                        }
+                        None => finish(&mut *w, &mut batch)
+                            .map_err(WriteError::Fatal)
+                            .and_then(|()| w.commit()),
+                    }
+                }
+            };
+        (batch, answers, next_queue_id, result)
+    }
+
+    /// Forgets the creates and removals of a batch that was not committed.
+    fn undo_keys(&mut self, batch: &Batch) {
+        for stage in &batch.stages {
+            let key = (stage.q.tenant_id().clone(), stage.q.task_id().clone());
+            if stage.created {
+                self.keys.remove(&key);
+            } else if stage.view.removed && !stage.was_removed {
+                self.keys.insert(key);
+            }
+        }
+    }
+
+    /// Takes in the newer state a shared store answered a stale batch with.
+    fn absorb(&mut self, batch: &Batch, fresh: &[crate::storage::Fresh]) {
+        for f in fresh {
+            let Some(stage) = batch.stages.iter().find(|s| s.q.id() == f.qid) else {
+                continue;
+            };
+            let q = &stage.q;
+            q.absorb(f.record.as_ref());
+            if f.record.is_none() {
+                let key = (q.tenant_id().clone(), q.task_id().clone());
+                self.keys.remove(&key);
+                let mut reg = self.w.registry.write().unwrap_or_else(|p| p.into_inner());
+                if reg.get(&key).is_some_and(|cur| Arc::ptr_eq(cur, q)) {
+                    reg.remove(&key);
+                }
+            }
+        }
     }
 }
 
@@ -756,14 +810,14 @@ impl Acknowledger {
 
 /// An op's answer from its result: `Ok(result)` is the op's own (a refusal included),
 /// `Err(e)` a failure of the whole batch, returned as well.
-fn settle<T>(
-    reply: Reply<T>,
+fn settle<A, T>(
+    call: Call<A, T>,
     result: Result<Result<T>>,
-    wrap: fn(Answered<T>) -> Answer,
+    wrap: fn(Answered<A, T>) -> Answer,
 ) -> (Answer, Option<Error>) {
     match result {
-        Ok(own) => (wrap(Answered::new(reply, own)), None),
-        Err(e) => (wrap(Answered::new(reply, Err(e.clone()))), Some(e)),
+        Ok(own) => (wrap(Answered::new(call, own)), None),
+        Err(e) => (wrap(Answered::new(call, Err(e.clone()))), Some(e)),
     }
 }
 
@@ -777,27 +831,32 @@ fn apply(
     now: Timestamp,
 ) -> (Answer, Option<Error>) {
     match op {
-        Op::Append(Call { args, reply }) => {
-            settle(reply, append(w, batch, &args, now), Answer::Offsets)
+        Op::Append(call) => {
+            let result = append(w, batch, &call.args, now);
+            settle(call, result, Answer::Append)
         }
-        Op::Create(Call { args, reply }) => settle(
-            reply,
-            create(w, batch, keys, next_queue_id, &args, now),
-            Answer::Queue,
-        ),
-        Op::Close(Call { args, reply }) => settle(reply, Ok(close(batch, &args)), Answer::Done),
-        Op::Cancel(Call { args, reply }) => {
-            settle(reply, Ok(cancel(batch, &args, now)), Answer::Done)
+        Op::Create(call) => {
+            let result = create(w, batch, keys, next_queue_id, &call.args, now);
+            settle(call, result, Answer::Create)
         }
-        Op::Delete(Call { args, reply }) => {
-            settle(reply, Ok(delete(batch, keys, &args)), Answer::Removed)
+        Op::Close(call) => {
+            let result = close(batch, &call.args);
+            settle(call, Ok(result), Answer::Close)
         }
-        Op::SaveCheckpoint(Call { args, reply }) => {
-            settle(reply, save_checkpoint(w, batch, &args, now), Answer::Saved)
+        Op::Cancel(call) => {
+            let result = cancel(batch, &call.args, now);
+            settle(call, Ok(result), Answer::Cancel)
         }
-        Op::Flush(Call { reply, .. }) | Op::Shutdown(Call { reply, .. }) => {
-            (Answer::Done(Answered::new(reply, Ok(()))), None)
+        Op::Delete(call) => {
+            let result = delete(batch, keys, &call.args);
+            settle(call, Ok(result), Answer::Delete)
         }
+        Op::SaveCheckpoint(call) => {
+            let result = save_checkpoint(w, batch, &call.args, now);
+            settle(call, result, Answer::Save)
+        }
+        Op::Flush(call) => settle(call, Ok(Ok(())), Answer::Flush),
+        Op::Shutdown(call) => settle(call, Ok(Ok(())), Answer::Shutdown),
     }
 }
 
@@ -1035,7 +1094,9 @@ fn publish(registry: &Registry, batch: Batch) {
             if stage.view.cancel.is_some() && st.view.cancel.is_none() {
                 q.cancel_token().cancel();
             }
-            st.view = stage.view;
+            // A shared store's newer state may have been taken in meanwhile (see
+            // `QueueState::absorb`): never move the published state back.
+            st.view.merge(&stage.view);
             for msg in stage.outbox {
                 st.hub.publish(msg);
             }

@@ -89,6 +89,41 @@ pub(crate) struct View {
 }
 
 impl View {
+    /// The state a stored record holds.
+    pub(crate) fn of_record(rec: &QueueRecord) -> Self {
+        View {
+            first_offset: rec.first_offset,
+            next_offset: rec.next_offset,
+            closed: rec.closed,
+            finished_at: rec.finished_at,
+            cancel: rec.cancel.as_ref().map(|c| CancelInfo {
+                reason: c.reason.clone(),
+                time: Timestamp::from_micros(c.time_us),
+            }),
+            last_activity: Timestamp::from_micros(rec.last_activity_us),
+            removed: false,
+        }
+    }
+
+    /// Takes in a state `other` from elsewhere (a shared store's newer record, or a batch
+    /// published after a newer record was): every field of a queue's state only ever moves
+    /// one way — offsets and activity grow, closed / finished / cancelled / removed never
+    /// revert — so keeping the further of each field gives the newest state whatever order
+    /// the two arrive in.
+    pub(crate) fn merge(&mut self, other: &View) {
+        self.first_offset = self.first_offset.max(other.first_offset);
+        self.next_offset = self.next_offset.max(other.next_offset);
+        self.closed |= other.closed;
+        if self.finished_at.is_none() {
+            self.finished_at = other.finished_at;
+        }
+        if self.cancel.is_none() {
+            self.cancel = other.cancel.clone();
+        }
+        self.last_activity = self.last_activity.max(other.last_activity);
+        self.removed |= other.removed;
+    }
+
     /// Whether nothing can come from offset `from` on: it lies past the terminal event, or at
     /// or past the end of a closed queue.
     pub(crate) fn nothing_from(&self, from: u64) -> bool {
@@ -123,23 +158,11 @@ pub(crate) struct QueueState {
 
 impl QueueState {
     pub(crate) fn from_record(tenant_id: TenantId, task_id: TaskId, rec: &QueueRecord) -> Self {
-        let cancel = rec.cancel.as_ref().map(|c| CancelInfo {
-            reason: c.reason.clone(),
-            time: Timestamp::from_micros(c.time_us),
-        });
+        let view = View::of_record(rec);
         let cancel_token = CancellationToken::new();
-        if cancel.is_some() {
+        if view.cancel.is_some() {
             cancel_token.cancel();
         }
-        let view = View {
-            first_offset: rec.first_offset,
-            next_offset: rec.next_offset,
-            closed: rec.closed,
-            finished_at: rec.finished_at,
-            cancel,
-            last_activity: Timestamp::from_micros(rec.last_activity_us),
-            removed: false,
-        };
         Self {
             id: rec.id,
             tenant_id,
@@ -167,6 +190,36 @@ impl QueueState {
     /// The writer's view (see `committed`).
     pub(super) fn committed(&self) -> MutexGuard<'_, View> {
         self.committed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes in the queue's state as a shared store holds it (`None`: removed there), newer
+    /// than this node's after another node wrote to it: merged into the committed and the
+    /// published state (see [`View::merge`]). Subscribers learn of a close or a removal at
+    /// once; events appended elsewhere reach them with the next live event (whose offset
+    /// shows them the range to read from the store) or by the store's own notice.
+    pub(super) fn absorb(&self, record: Option<&QueueRecord>) {
+        let fresh = match record {
+            Some(rec) => View::of_record(rec),
+            None => View {
+                removed: true,
+                ..self.committed().clone()
+            },
+        };
+        self.committed().merge(&fresh);
+        let mut st = self.lock();
+        let was = st.view.clone();
+        st.view.merge(&fresh);
+        if st.view.cancel.is_some() && was.cancel.is_none() {
+            self.cancel_token.cancel();
+        }
+        if st.view.closed && !was.closed {
+            let at = st.view.next_offset;
+            st.hub.publish(Live::Closed { at });
+        }
+        if st.view.removed && !was.removed {
+            st.hub.publish(Live::Removed);
+            st.hub.shut();
+        }
     }
 
     /// The queue's record with the state `st`.

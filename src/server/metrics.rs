@@ -74,6 +74,12 @@ pub(super) async fn render(State(state): State<AppState>) -> Response {
     );
     counter(
         &mut out,
+        "eventqueue_batch_rebuilds_total",
+        "Group commits rebuilt because another node had written to one of their queues.",
+        Metrics::get(&m.batch_rebuilds),
+    );
+    counter(
+        &mut out,
         "eventqueue_gap_notices_total",
         "Gap notices delivered to subscribers.",
         Metrics::get(&m.gap_notices),

@@ -25,6 +25,12 @@
 //!   (they may see a batch before it is synced: the engine publishes offsets to subscribers
 //!   only after the sync, and subscribers read only below the published offset). Reads never
 //!   block a commit for long and may run on any blocking thread.
+//! - **Shared stores.** A store several processes write to (Redis) checks, in the same atomic
+//!   step as the commit, that each queue the batch changes is still in the state the batch
+//!   was built on, and otherwise stores nothing and answers [`WriteError::Stale`] with those
+//!   queues' current records. The engine takes them in and rebuilds the batch from the same
+//!   operations; only it assigns offsets and applies the rules, always against the newest
+//!   state.
 //! - **Failures.** [`WriteError::Rejected`]: nothing of the batch was stored and the store can
 //!   take the next batch (a full disk). [`WriteError::Fatal`]: the store may no longer match
 //!   what callers were told; the engine refuses writes until it is reopened, where recovery
@@ -163,13 +169,29 @@ pub(crate) enum WriteError {
     Rejected(Error),
     /// The store may no longer match what its users were told: refuse writes until reopen.
     Fatal(Error),
+    /// Nothing of the batch was stored because a shared store holds newer state of some of
+    /// its queues than the batch was built on (another node wrote to them): their current
+    /// records, for the engine to take in before it rebuilds the batch.
+    Stale(Vec<Fresh>),
+}
+
+/// A queue's current state in a shared store (see [`WriteError::Stale`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Fresh {
+    /// The queue's id in this process.
+    pub qid: u64,
+    /// Its record; `None` when it was removed.
+    pub record: Option<QueueRecord>,
 }
 
 impl WriteError {
     /// The underlying error.
-    pub(crate) fn error(&self) -> &Error {
+    pub(crate) fn error(&self) -> Error {
         match self {
-            WriteError::Rejected(e) | WriteError::Fatal(e) => e,
+            WriteError::Rejected(e) | WriteError::Fatal(e) => e.clone(),
+            WriteError::Stale(_) => Error::storage(
+                "the batch kept meeting newer state written by other nodes; try again",
+            ),
         }
     }
 }
