@@ -36,7 +36,18 @@ pub enum StorageBackend {
     Redb,
     /// Process memory: everything but restart survival, with the same bounds.
     Memory,
+    /// A Redis (or Valkey) server.
+    Redis {
+        /// `redis://[:PASSWORD@]HOST:PORT[/DB]` or `rediss://…` (TLS).
+        url: String,
+        /// Prefix of every key this install uses (default `eq:`), so installs can share a
+        /// server.
+        prefix: String,
+    },
 }
+
+/// The key prefix of a Redis store when the URL names none.
+pub const DEFAULT_REDIS_PREFIX: &str = "eq:";
 
 impl StorageBackend {
     /// The name `--storage` takes.
@@ -44,7 +55,37 @@ impl StorageBackend {
         match self {
             StorageBackend::Redb => "redb",
             StorageBackend::Memory => "memory",
+            StorageBackend::Redis { .. } => "redis",
         }
+    }
+
+    /// Whether what is stored survives a restart of the process.
+    pub fn persists(&self) -> bool {
+        !matches!(self, StorageBackend::Memory)
+    }
+
+    /// A Redis store at `url`; a `prefix=` query parameter sets the key prefix (removed from
+    /// the URL the client is given).
+    fn redis(url: &str) -> std::result::Result<Self, String> {
+        let (base, query) = match url.split_once('?') {
+            Some((b, q)) => (b, q),
+            None => (url, ""),
+        };
+        let mut prefix = DEFAULT_REDIS_PREFIX.to_string();
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("prefix", v)) if !v.is_empty() => prefix = v.to_string(),
+                Some(("prefix", _)) => return Err("redis URL: prefix must not be empty".into()),
+                _ => kept.push(pair),
+            }
+        }
+        let url = if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        Ok(StorageBackend::Redis { url, prefix })
     }
 }
 
@@ -54,16 +95,45 @@ impl std::fmt::Display for StorageBackend {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_names_and_urls_parse_and_the_prefix_leaves_the_url() {
+        assert_eq!("redb".parse(), Ok(StorageBackend::Redb));
+        assert_eq!("memory".parse(), Ok(StorageBackend::Memory));
+        assert_eq!(
+            "redis://127.0.0.1:6379/2".parse(),
+            Ok(StorageBackend::Redis {
+                url: "redis://127.0.0.1:6379/2".into(),
+                prefix: "eq:".into()
+            })
+        );
+        assert_eq!(
+            "rediss://:pw@h:1/0?prefix=prod:&protocol=resp3".parse(),
+            Ok(StorageBackend::Redis {
+                url: "rediss://:pw@h:1/0?protocol=resp3".into(),
+                prefix: "prod:".into()
+            })
+        );
+        assert!("redis://h?prefix=".parse::<StorageBackend>().is_err());
+        let err = "postgres://h".parse::<StorageBackend>().unwrap_err();
+        assert!(err.contains("unknown storage"), "{err}");
+    }
+}
+
 impl std::str::FromStr for StorageBackend {
     type Err = String;
 
-    /// `redb`, `memory`.
+    /// `redb`, `memory`, `redis://…` or `rediss://…` (`?prefix=P` sets the key prefix).
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "redb" => Ok(StorageBackend::Redb),
             "memory" => Ok(StorageBackend::Memory),
+            url if url.starts_with("redis://") || url.starts_with("rediss://") => Self::redis(url),
             other => Err(format!(
-                "unknown storage {other:?}: expected redb or memory"
+                "unknown storage {other:?}: expected redb, memory, or a redis:// URL"
             )),
         }
     }

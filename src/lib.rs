@@ -87,7 +87,7 @@ pub use checkpoint::{
     TaskStatus, WorkflowStatus,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{Config, Durability, StorageBackend};
+pub use config::{Config, DEFAULT_REDIS_PREFIX, Durability, StorageBackend};
 pub use error::{Error, Result, StorageError};
 pub use event::{
     ArtifactEvent, CompleteEvent, ErrorEvent, Event, EventType, Payload, ProducerContext,

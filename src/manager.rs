@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::queue::{EventQueue, QueueInfo, QueueOptions};
 use crate::storage::memory::MemoryStore;
 use crate::storage::redb::{self, Store};
+use crate::storage::redis::{RedisStore, Target as RedisTarget};
 
 /// Manager-wide figures.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -110,11 +111,30 @@ impl QueueManager {
                     recovered,
                 }
             }
+            StorageBackend::Redis { url, prefix } => {
+                let target = RedisTarget {
+                    url: url.clone(),
+                    prefix: prefix.clone(),
+                };
+                let (store, recovered) =
+                    tokio::task::spawn_blocking(move || RedisStore::open(&target))
+                        .await
+                        .map_err(|e| Error::internal(format!("open task failed: {e}")))??;
+                Opened {
+                    storage: Arc::new(store),
+                    recovered,
+                }
+            }
         };
         Ok(Self {
             core: Arc::new(Core::start(opened, config, clock)?),
             cleanup: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// Where the queues are kept, for messages (a Redis URL without its password).
+    pub fn storage_description(&self) -> String {
+        self.core.describe_storage()
     }
 
     fn handle(&self, q: Arc<QueueState>) -> EventQueue {

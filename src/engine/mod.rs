@@ -164,6 +164,11 @@ impl Core {
         &self.clock
     }
 
+    /// Where the store lives, for messages.
+    pub(crate) fn describe_storage(&self) -> String {
+        self.storage.describe()
+    }
+
     /// The store's size in bytes.
     pub(crate) fn store_size_bytes(&self) -> u64 {
         self.storage.size_bytes()

@@ -668,47 +668,47 @@ impl WriterLoop {
         now: Timestamp,
     ) -> (Batch, Vec<Answer>, u64, Result<bool, WriteError>) {
         let mut batch = Batch::default();
-            let mut next_queue_id = self.w.next_queue_id;
-            let mut answers = Vec::with_capacity(ops.len());
-            let result = match self.w.storage.begin() {
-                Err(e) => {
-                    for op in ops {
-                        op.refuse(e.clone());
-                    }
-                    Err(WriteError::Fatal(e))
+        let mut next_queue_id = self.w.next_queue_id;
+        let mut answers = Vec::with_capacity(ops.len());
+        let result = match self.w.storage.begin() {
+            Err(e) => {
+                for op in ops {
+                    op.refuse(e.clone());
                 }
-                Ok(mut w) => {
-                    let mut fatal = None;
-                    let mut ops = ops.into_iter();
-                    for op in ops.by_ref() {
-                        let (answer, failed) = apply(
-                            &mut *w,
-                            &mut batch,
-                            &mut self.keys,
-                            &mut next_queue_id,
-                            op,
-                            now,
-                        );
-                        answers.push(answer);
-                        if failed.is_some() {
-                            fatal = failed;
-                            break;
-                        }
-                    }
-                    match fatal {
-                        Some(e) => {
-                            // Dropping the batch uncommitted leaves nothing of it stored.
-                            for op in ops {
-                                op.refuse(e.clone());
-                            }
-                            Err(WriteError::Fatal(e))
-                        }
-                        None => finish(&mut *w, &mut batch)
-                            .map_err(WriteError::Fatal)
-                            .and_then(|()| w.commit()),
+                Err(WriteError::Fatal(e))
+            }
+            Ok(mut w) => {
+                let mut fatal = None;
+                let mut ops = ops.into_iter();
+                for op in ops.by_ref() {
+                    let (answer, failed) = apply(
+                        &mut *w,
+                        &mut batch,
+                        &mut self.keys,
+                        &mut next_queue_id,
+                        op,
+                        now,
+                    );
+                    answers.push(answer);
+                    if failed.is_some() {
+                        fatal = failed;
+                        break;
                     }
                 }
-            };
+                match fatal {
+                    Some(e) => {
+                        // Dropping the batch uncommitted leaves nothing of it stored.
+                        for op in ops {
+                            op.refuse(e.clone());
+                        }
+                        Err(WriteError::Fatal(e))
+                    }
+                    None => finish(&mut *w, &mut batch)
+                        .map_err(WriteError::Fatal)
+                        .and_then(|()| w.commit()),
+                }
+            }
+        };
         (batch, answers, next_queue_id, result)
     }
 
@@ -731,6 +731,25 @@ impl WriterLoop {
                 continue;
             };
             let q = &stage.q;
+            if stage.created {
+                // Created elsewhere meanwhile: that queue is the one that exists; the rebuilt
+                // create answers that it exists.
+                if let Some(record) = &f.record {
+                    let existing = Arc::new(QueueState::from_record(
+                        q.tenant_id().clone(),
+                        q.task_id().clone(),
+                        record,
+                    ));
+                    let key = (q.tenant_id().clone(), q.task_id().clone());
+                    self.keys.insert(key.clone());
+                    self.w
+                        .registry
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key, existing);
+                }
+                continue;
+            }
             q.absorb(f.record.as_ref());
             if f.record.is_none() {
                 let key = (q.tenant_id().clone(), q.task_id().clone());

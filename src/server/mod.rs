@@ -391,6 +391,10 @@ pub async fn serve(
             durability = ?manager.config().durability,
             "eventqueue listening on http://{addr}"
         ),
+        StorageBackend::Redis { .. } => tracing::info!(
+            storage = %manager.storage_description(),
+            "eventqueue listening on http://{addr}"
+        ),
         StorageBackend::Memory => {
             tracing::info!(storage = "memory", "eventqueue listening on http://{addr}");
             tracing::warn!(

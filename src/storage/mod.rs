@@ -46,6 +46,7 @@
 
 pub(crate) mod memory;
 pub(crate) mod redb;
+pub(crate) mod redis;
 
 use std::any::Any;
 use std::ops::Range;

@@ -39,13 +39,22 @@ pub fn backend() -> eventqueue::StorageBackend {
 
 /// Whether the backend under test keeps queues across a reopen.
 pub fn persists() -> bool {
-    backend() != eventqueue::StorageBackend::Memory
+    backend().persists()
 }
 
 pub fn config(dir: &std::path::Path) -> Config {
+    let storage = match backend() {
+        // Tests run in parallel on one Redis: each data directory gets its own key prefix
+        // (the same on a reopen of that directory).
+        eventqueue::StorageBackend::Redis { url, .. } => eventqueue::StorageBackend::Redis {
+            url,
+            prefix: format!("test:{}:", dir.display()),
+        },
+        other => other,
+    };
     Config {
         cache_size_bytes: 4 << 20,
-        storage: backend(),
+        storage,
         ..Config::new(dir)
     }
 }

@@ -1,0 +1,125 @@
+-- One batch of eventqueue's Redis store, applied atomically (see storage/redis/mod.rs).
+--
+-- ARGV[1]  the key prefix
+-- ARGV[2]  this node's lease token: the batch is refused unless the node still holds the lease
+-- ARGV[3]  n, then n pairs (queue tag, the revision the batch was built on, or "new" for a
+--          queue the batch creates)
+-- then     operations, each a name followed by its arguments:
+--   add  tag seq offset id record     append the event at `offset` (stream id 0-seq, seq =
+--                                     offset + 1; id "" when not indexed)
+--   trim tag last minid               remove offsets below `to` (and their ids): `last` is
+--                                     the stream id of offset to - 1, `minid` that of `to`
+-- (Offsets travel as decimal strings, never through Lua numbers, which would print offsets
+-- of 10^14 and more in exponent form.)
+--   put  tag tenant task n f1 v1 ...  store the queue's record (n fields), bump its revision
+--   rm   tag tenant task              remove the queue and its events
+--   cp   tenant workflow seq id rec   store a checkpoint (keeping the newest `keep`)
+--   keep n                            checkpoints kept per workflow
+--
+-- Returns {"ok", tag, rev, ...} with the new revision of every queue the batch stored,
+-- {"stale", tag, {record fields}, ...} when some queue is no longer at the revision the batch
+-- was built on (nothing stored), or {"fenced"} when the node lost its lease.
+local p = ARGV[1]
+if redis.call('GET', p .. 'lease') ~= ARGV[2] then
+  return {'fenced'}
+end
+
+local function qkey(tag) return p .. 'q:{' .. tag .. '}' end
+local function ekey(tag) return p .. 'e:{' .. tag .. '}' end
+local function ikey(tag) return p .. 'i:{' .. tag .. '}' end
+
+local i = 4
+local n = tonumber(ARGV[3])
+local stale = {}
+for _ = 1, n do
+  local tag, want = ARGV[i], ARGV[i + 1]
+  i = i + 2
+  local rev = redis.call('HGET', qkey(tag), 'rev')
+  if want == 'new' then
+    if rev then table.insert(stale, tag) end
+  elseif rev ~= want then
+    table.insert(stale, tag)
+  end
+end
+if #stale > 0 then
+  local out = {'stale'}
+  for _, tag in ipairs(stale) do
+    table.insert(out, tag)
+    table.insert(out, redis.call('HGETALL', qkey(tag)))
+  end
+  return out
+end
+
+-- The id an event record holds: [type, terminal, id length (2 bytes)], id, JSON.
+local function record_id(rec)
+  local len = string.byte(rec, 3) * 256 + string.byte(rec, 4)
+  return string.sub(rec, 5, 4 + len)
+end
+
+local keep = 100
+local revs = {'ok'}
+local argc = #ARGV
+while i <= argc do
+  local op = ARGV[i]
+  if op == 'add' then
+    local tag, seq, offset, id, rec = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+    -- Stream id 0-(offset + 1): offset 0 cannot be 0-0, an id Redis refuses.
+    redis.call('XADD', ekey(tag), '0-' .. seq, 'r', rec)
+    if id ~= '' then
+      redis.call('HSET', ikey(tag), id, offset)
+    end
+    i = i + 6
+  elseif op == 'trim' then
+    local tag, last, minid = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    local gone = redis.call('XRANGE', ekey(tag), '-', last)
+    local ids = {}
+    for _, entry in ipairs(gone) do
+      local id = record_id(entry[2][2])
+      if id ~= '' then table.insert(ids, id) end
+      -- unpack() is bounded by Lua's stack: remove ids in chunks.
+      if #ids >= 1000 then
+        redis.call('HDEL', ikey(tag), unpack(ids))
+        ids = {}
+      end
+    end
+    if #ids > 0 then redis.call('HDEL', ikey(tag), unpack(ids)) end
+    redis.call('XTRIM', ekey(tag), 'MINID', minid)
+    i = i + 4
+  elseif op == 'put' then
+    local tag, tenant, task, nf = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4])
+    local fields = {}
+    for k = 1, nf * 2 do fields[k] = ARGV[i + 4 + k] end
+    redis.call('HSET', qkey(tag), unpack(fields))
+    local rev = redis.call('HINCRBY', qkey(tag), 'rev', 1)
+    redis.call('ZADD', p .. 't:{' .. tenant .. '}', 0, task)
+    redis.call('SADD', p .. 'tenants', tenant)
+    table.insert(revs, tag)
+    table.insert(revs, tostring(rev))
+    i = i + 5 + nf * 2
+  elseif op == 'rm' then
+    local tag, tenant, task = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    redis.call('UNLINK', qkey(tag), ekey(tag), ikey(tag))
+    redis.call('ZREM', p .. 't:{' .. tenant .. '}', task)
+    i = i + 4
+  elseif op == 'cp' then
+    local tenant, workflow, seq, id, rec =
+      ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 4], ARGV[i + 5]
+    local ck = p .. 'c:{' .. tenant .. '/' .. workflow .. '}'
+    local ci = p .. 'ci:{' .. tenant .. '}'
+    redis.call('HSET', ck, 'r:' .. seq, rec, 'id:' .. seq, id, 'next', seq + 1)
+    redis.call('HSET', ci, id, workflow .. '/' .. seq)
+    local old = seq - keep
+    if old >= 0 then
+      local old_id = redis.call('HGET', ck, 'id:' .. old)
+      if old_id then redis.call('HDEL', ci, old_id) end
+      redis.call('HDEL', ck, 'r:' .. old, 'id:' .. old)
+    end
+    i = i + 6
+  elseif op == 'keep' then
+    keep = tonumber(ARGV[i + 1])
+    i = i + 2
+  else
+    return redis.error_reply('eventqueue: unknown batch operation ' .. tostring(op))
+  end
+end
+return revs

@@ -1,0 +1,1120 @@
+//! The Redis store: queues kept in one Redis (or Valkey) server.
+//!
+//! # Layout
+//!
+//! Every key starts with the configured prefix (`eq:` by default). All keys of one queue share
+//! the hash tag `{tenant/task}` (ids cannot contain `{`, `}` or `/`), so a queue lives in one
+//! cluster slot:
+//!
+//! - `q:{T/K}` — hash: the queue's record (settings, offsets, lifecycle) and `rev`, its
+//!   revision, bumped by every batch that changes it.
+//! - `e:{T/K}` — stream: the retained events; offset `o` is entry id `0-(o+1)`, field `r` the
+//!   record (`[type, terminal, id length (u16)]`, the id, the JSON).
+//! - `i:{T/K}` — hash: event id → offset, for idempotent enqueues.
+//! - `t:{T}` — sorted set of the tenant's task ids (listing); `tenants` — set of tenants.
+//! - `c:{T/W}` — hash: a workflow's checkpoints (`r:SEQ`, `id:SEQ`, `next`);
+//!   `ci:{T}` — hash: checkpoint id → `W/SEQ`.
+//! - `lease` — the token of the node that writes (see below).
+//!
+//! # The write path
+//!
+//! A batch is staged in the process and applied by one Lua script ([`COMMIT`]), so it is
+//! atomic: Redis runs a script to its end before any other command. The script first checks
+//! that every queue the batch changes is still at the revision the batch was built on (and
+//! that a queue it creates does not exist); otherwise it stores nothing and answers the
+//! queues' current records, and the engine rebuilds the batch on them
+//! ([`WriteError::Stale`]). Offsets, idempotency, trims and the closed / cancelled checks are
+//! thereby all decided against the state Redis holds at the moment the batch is stored.
+//!
+//! A commit is acknowledged when Redis answered the script: with `appendfsync always` that
+//! is on disk; with less, Redis's own durability applies.
+//!
+//! A reply lost to a broken connection leaves the outcome unknown: the batch's callers get an
+//! error (the commit is [`WriteError::Rejected`]) and the next batch of those queues meets
+//! their new revision if the script did run, and is rebuilt on it.
+//!
+//! # One writing node
+//!
+//! A node holds `lease` (a random token, expiring unless renewed every
+//! [`LEASE_RENEW`]) while it is open, and every batch checks it inside the script: a second
+//! node on the same Redis and prefix is refused at start, and a node that lost its lease
+//! (stalled past the expiry) can no longer write. Several nodes sharing one Redis is the
+//! next step of this store's design; the revision checks above are what it builds on.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::Value;
+
+use super::redb::checkpoints::{decode_checkpoint, encode_checkpoint};
+use super::{
+    CancelRecord, CheckpointRecord, DERIVED_LEN, EventMeta, Fresh, Handoff, KEEP_CHECKPOINTS,
+    LoadedCheckpoint, LoadedQueue, Maintenance, QueueRecord, Recovered, Storage, StoredEvent,
+    WriteBatch, WriteError,
+};
+use crate::error::{Error, Result, StorageError};
+use crate::ids::EventId;
+
+/// The batch script; see the module docs and the script's own header.
+const COMMIT: &str = include_str!("commit.lua");
+
+/// How long the lease lasts without renewal.
+const LEASE_TTL: Duration = Duration::from_secs(10);
+/// How often the lease is renewed.
+const LEASE_RENEW: Duration = Duration::from_secs(2);
+/// Longest wait to connect, and for one command's reply.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes of event JSON one read copies before it stops early.
+const READ_BYTES: usize = 1 << 20;
+/// Bytes of an event record's header: type, terminal, id length (u16, big-endian).
+const HEADER: usize = 4;
+
+/// Where a Redis store lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Target {
+    /// The server's URL as the Redis client takes it (`redis://` or `rediss://`).
+    pub url: String,
+    /// Prefix of every key.
+    pub prefix: String,
+}
+
+/// A failure talking to Redis, as a storage error that names it. Connection failures keep an
+/// I/O kind (`ConnectionRefused`, `TimedOut`, …) so the server can answer 503 for them.
+fn redis_error(target: &str, context: &str, e: redis::RedisError) -> Error {
+    let kind = if e.is_timeout() {
+        std::io::ErrorKind::TimedOut
+    } else if e.is_connection_refusal() {
+        std::io::ErrorKind::ConnectionRefused
+    } else if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+        std::io::ErrorKind::ConnectionReset
+    } else {
+        std::io::ErrorKind::Other
+    };
+    Error::Storage(StorageError::caused(
+        format_args!("redis at {target}: {context}"),
+        kind,
+        e,
+    ))
+}
+
+/// The URL without its password, for messages.
+fn shown(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// The Redis store. See the module docs.
+pub(crate) struct RedisStore {
+    client: redis::Client,
+    shown: String,
+    prefix: String,
+    /// Idle connections; a connection that failed is dropped, not returned.
+    pool: Mutex<Vec<redis::Connection>>,
+    /// Each queue's hash tag (`tenant/task`) by its id in this process.
+    tags: RwLock<HashMap<u64, Arc<str>>>,
+    /// The revision of each queue as of this node's latest commit or look.
+    revs: Mutex<HashMap<u64, u64>>,
+    lease: String,
+    lease_lost: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    renewer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    closed: AtomicBool,
+    script: redis::Script,
+    #[cfg(feature = "failpoints")]
+    faults: Arc<super::redb::wal::Faults>,
+}
+
+impl RedisStore {
+    /// Connects, takes the lease and loads every queue's record.
+    ///
+    /// # Errors
+    ///
+    /// A storage error when Redis cannot be reached or another node holds the lease.
+    pub(crate) fn open(target: &Target) -> Result<(RedisStore, Recovered)> {
+        let shown = shown(&target.url);
+        let client = redis::Client::open(target.url.as_str())
+            .map_err(|e| redis_error(&shown, "invalid URL", e))?;
+        let lease = format!("{:016x}{:016x}", rand_u64(), rand_u64());
+        let store = RedisStore {
+            client,
+            shown,
+            prefix: target.prefix.clone(),
+            pool: Mutex::new(Vec::new()),
+            tags: RwLock::new(HashMap::new()),
+            revs: Mutex::new(HashMap::new()),
+            lease,
+            lease_lost: Arc::new(AtomicBool::new(false)),
+            stop: Arc::new(AtomicBool::new(false)),
+            renewer: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            script: redis::Script::new(COMMIT),
+            #[cfg(feature = "failpoints")]
+            faults: Arc::default(),
+        };
+        store.take_lease()?;
+        let recovered = store.load()?;
+        store.start_renewer()?;
+        Ok((store, recovered))
+    }
+
+    fn err(&self, context: &str, e: redis::RedisError) -> Error {
+        redis_error(&self.shown, context, e)
+    }
+
+    fn key(&self, kind: &str, tag: &str) -> String {
+        format!("{}{kind}:{{{tag}}}", self.prefix)
+    }
+
+    /// A connection from the pool, or a new one.
+    fn conn(&self) -> Result<Conn<'_>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match pooled {
+            Some(c) => c,
+            None => {
+                let c = self
+                    .client
+                    .get_connection_with_timeout(CONNECT_TIMEOUT)
+                    .map_err(|e| self.err("connecting", e))?;
+                c.set_read_timeout(Some(IO_TIMEOUT))
+                    .and_then(|()| c.set_write_timeout(Some(IO_TIMEOUT)))
+                    .map_err(|e| self.err("connecting", e))?;
+                c
+            }
+        };
+        Ok(Conn {
+            store: self,
+            conn: Some(conn),
+        })
+    }
+
+    fn take_lease(&self) -> Result<()> {
+        let mut c = self.conn()?;
+        let key = format!("{}lease", self.prefix);
+        let ttl = u64::try_from(LEASE_TTL.as_millis()).unwrap_or(u64::MAX);
+        let taken: Option<String> = c.run("taking the lease", |con| {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(&self.lease)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl)
+                .query(con)
+        })?;
+        if taken.is_none() {
+            return Err(Error::Storage(StorageError::msg(format_args!(
+                "redis at {}: another eventqueue node holds this Redis (key prefix {:?}); one \
+                 node per Redis and prefix for now. A node that was killed releases it within \
+                 {} s.",
+                self.shown,
+                self.prefix,
+                LEASE_TTL.as_secs()
+            ))));
+        }
+        Ok(())
+    }
+
+    fn start_renewer(&self) -> Result<()> {
+        let client = self.client.clone();
+        let key = format!("{}lease", self.prefix);
+        let token = self.lease.clone();
+        let (stop, lost) = (self.stop.clone(), self.lease_lost.clone());
+        let shown = self.shown.clone();
+        let ttl = u64::try_from(LEASE_TTL.as_millis()).unwrap_or(u64::MAX);
+        let renew = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+               return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end",
+        );
+        let handle = std::thread::Builder::new()
+            .name("eventqueue-lease".into())
+            .spawn(move || {
+                let mut conn = None;
+                while !stop.load(Ordering::Acquire) {
+                    std::thread::park_timeout(LEASE_RENEW);
+                    if stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    if conn.is_none() {
+                        conn = client.get_connection_with_timeout(CONNECT_TIMEOUT).ok();
+                    }
+                    let Some(c) = conn.as_mut() else { continue };
+                    match renew.key(&key).arg(&token).arg(ttl).invoke::<i64>(c) {
+                        Ok(1) => {}
+                        Ok(_) => {
+                            if !lost.swap(true, Ordering::AcqRel) {
+                                tracing::error!(
+                                    redis = %shown,
+                                    "lost the Redis lease (another node took it): writes stop"
+                                );
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(redis = %shown, error = %e, "cannot renew the Redis lease; retrying");
+                            conn = None;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::internal(format!("cannot start the lease thread: {e}")))?;
+        *self.renewer.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        Ok(())
+    }
+
+    /// Every queue's record; ids are assigned in this process from 1.
+    fn load(&self) -> Result<Recovered> {
+        let mut c = self.conn()?;
+        let tenants: Vec<String> = c.run("listing tenants", |con| {
+            redis::cmd("SMEMBERS")
+                .arg(format!("{}tenants", self.prefix))
+                .query(con)
+        })?;
+        let mut queues = Vec::new();
+        let mut next_id = 1;
+        for tenant in tenants {
+            let tasks: Vec<String> = c.run("listing queues", |con| {
+                redis::cmd("ZRANGE")
+                    .arg(self.key("t", &tenant))
+                    .arg(0)
+                    .arg(-1)
+                    .query(con)
+            })?;
+            for chunk in tasks.chunks(512) {
+                let mut pipe = redis::pipe();
+                for task in chunk {
+                    pipe.cmd("HGETALL")
+                        .arg(self.key("q", &format!("{tenant}/{task}")));
+                }
+                let records: Vec<HashMap<String, String>> =
+                    c.run("loading queues", |con| pipe.query(con))?;
+                for (task, fields) in chunk.iter().zip(records) {
+                    if fields.is_empty() {
+                        continue;
+                    }
+                    let (record, rev) = parse_record(next_id, &fields)?;
+                    let tag: Arc<str> = Arc::from(format!("{tenant}/{task}"));
+                    self.tags
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(next_id, tag);
+                    self.revs
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(next_id, rev);
+                    queues.push(LoadedQueue {
+                        tenant: tenant.clone(),
+                        task: task.clone(),
+                        record,
+                    });
+                    next_id += 1;
+                }
+            }
+        }
+        Ok(Recovered {
+            queues,
+            next_queue_id: next_id,
+            purges: Vec::new(),
+        })
+    }
+
+    fn tag(&self, qid: u64) -> Option<Arc<str>> {
+        self.tags
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&qid)
+            .cloned()
+    }
+
+    fn checkpoint_at(
+        &self,
+        c: &mut Conn<'_>,
+        tenant: &str,
+        workflow: &str,
+        seq: u64,
+    ) -> Result<Option<LoadedCheckpoint>> {
+        let ck = self.key("c", &format!("{tenant}/{workflow}"));
+        let bytes: Option<Vec<u8>> = c.run("reading a checkpoint", |con| {
+            redis::cmd("HGET")
+                .arg(&ck)
+                .arg(format!("r:{seq}"))
+                .query(con)
+        })?;
+        bytes
+            .map(|b| {
+                Ok(LoadedCheckpoint {
+                    workflow: workflow.to_string(),
+                    seq,
+                    record: decode_checkpoint(&b)?,
+                })
+            })
+            .transpose()
+    }
+
+    fn next_checkpoint_seq(&self, c: &mut Conn<'_>, tenant: &str, workflow: &str) -> Result<u64> {
+        let ck = self.key("c", &format!("{tenant}/{workflow}"));
+        let next: Option<u64> = c.run("reading a checkpoint", |con| {
+            redis::cmd("HGET").arg(&ck).arg("next").query(con)
+        })?;
+        Ok(next.unwrap_or(0))
+    }
+}
+
+/// A random 64-bit value (for the lease token), from the standard library's per-process
+/// random hasher keys and the time.
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+/// A pooled connection: back to the pool when dropped after success, discarded after an
+/// error (its state is unknown).
+struct Conn<'s> {
+    store: &'s RedisStore,
+    conn: Option<redis::Connection>,
+}
+
+impl Conn<'_> {
+    fn run<T>(
+        &mut self,
+        context: &str,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(Error::storage("redis connection already failed"));
+        };
+        match f(conn) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_unrecoverable_error()
+                {
+                    self.conn = None;
+                }
+                Err(self.store.err(context, e))
+            }
+        }
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take()
+            && !self.store.closed.load(Ordering::Acquire)
+        {
+            self.store
+                .pool
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(c);
+        }
+    }
+}
+
+/// The hash fields of a queue record.
+fn record_fields(r: &QueueRecord) -> Vec<(&'static str, String)> {
+    let mut f = vec![
+        ("kind", r.kind.to_string()),
+        ("created", r.created_at_us.to_string()),
+        ("activity", r.last_activity_us.to_string()),
+        ("ttl", r.ttl_ms.to_string()),
+        ("max", r.max_buffer_size.to_string()),
+        ("first", r.first_offset.to_string()),
+        ("next", r.next_offset.to_string()),
+        ("closed", u8::from(r.closed).to_string()),
+        (
+            "finished",
+            r.finished_at.map(|f| f.to_string()).unwrap_or_default(),
+        ),
+    ];
+    match &r.cancel {
+        Some(c) => {
+            f.push(("cancelled", c.time_us.to_string()));
+            f.push(("reason", c.reason.clone().unwrap_or_default()));
+            f.push(("has_reason", u8::from(c.reason.is_some()).to_string()));
+        }
+        None => f.push(("cancelled", String::new())),
+    }
+    f
+}
+
+/// A queue record from its hash fields (with `id` as its id in this process) and its
+/// revision.
+fn parse_record(id: u64, f: &HashMap<String, String>) -> Result<(QueueRecord, u64)> {
+    fn num<T: std::str::FromStr>(f: &HashMap<String, String>, k: &str) -> Result<T> {
+        f.get(k)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Error::storage(format!("corrupt queue record in redis: field {k}")))
+    }
+    fn opt<T: std::str::FromStr>(f: &HashMap<String, String>, k: &str) -> Result<Option<T>> {
+        match f.get(k).map(String::as_str) {
+            None | Some("") => Ok(None),
+            Some(_) => num(f, k).map(Some),
+        }
+    }
+    let cancel = opt::<i64>(f, "cancelled")?.map(|time_us| CancelRecord {
+        reason: (f.get("has_reason").map(String::as_str) == Some("1"))
+            .then(|| f.get("reason").cloned().unwrap_or_default()),
+        time_us,
+    });
+    let record = QueueRecord {
+        id,
+        kind: num(f, "kind")?,
+        created_at_us: num(f, "created")?,
+        last_activity_us: num(f, "activity")?,
+        ttl_ms: num(f, "ttl")?,
+        max_buffer_size: num(f, "max")?,
+        first_offset: num(f, "first")?,
+        next_offset: num(f, "next")?,
+        closed: num::<u8>(f, "closed")? == 1,
+        finished_at: opt(f, "finished")?,
+        cancel,
+    };
+    Ok((record, num(f, "rev")?))
+}
+
+/// An event record's header and id, and where its JSON starts.
+fn decode_record(rec: &[u8]) -> Result<(u8, bool, usize)> {
+    let corrupt = || Error::storage("corrupt event record in redis");
+    let header = rec.get(..HEADER).ok_or_else(corrupt)?;
+    let id_len = usize::from(u16::from_be_bytes([header[2], header[3]]));
+    let at = HEADER + id_len;
+    if rec.len() < at {
+        return Err(corrupt());
+    }
+    Ok((header[0], header[1] != 0, at))
+}
+
+/// Stream entries `[[id, [field, value, …]], …]` as events.
+fn parse_entries(v: Value, out: &mut Vec<StoredEvent>) -> Result<()> {
+    let corrupt = || Error::storage("unexpected reply to XRANGE from redis");
+    let Value::Array(entries) = v else {
+        return Err(corrupt());
+    };
+    let mut copied = 0;
+    for entry in entries {
+        let Value::Array(mut parts) = entry else {
+            return Err(corrupt());
+        };
+        if parts.len() != 2 {
+            return Err(corrupt());
+        }
+        let fields = parts.pop().ok_or_else(corrupt)?;
+        let id = parts.pop().ok_or_else(corrupt)?;
+        let id = match id {
+            Value::BulkString(b) => String::from_utf8(b).map_err(|_| corrupt())?,
+            Value::SimpleString(s) => s,
+            _ => return Err(corrupt()),
+        };
+        let seq: u64 = id
+            .strip_prefix("0-")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(corrupt)?;
+        let Value::Array(mut fields) = fields else {
+            return Err(corrupt());
+        };
+        let Some(Value::BulkString(rec)) = fields.pop() else {
+            return Err(corrupt());
+        };
+        let (event_type, terminal, at) = decode_record(&rec)?;
+        copied += rec.len() - at;
+        out.push(StoredEvent {
+            offset: seq - 1,
+            event_type,
+            terminal,
+            json: Bytes::from(rec).slice(at..),
+        });
+        if copied >= READ_BYTES {
+            break;
+        }
+    }
+    Ok(())
+}
+
+impl Storage for RedisStore {
+    fn begin(&self) -> Result<Box<dyn WriteBatch + '_>> {
+        if self.lease_lost.load(Ordering::Acquire) {
+            return Err(Error::Storage(StorageError::msg(format_args!(
+                "redis at {}: this node lost its lease (another node took over); it writes \
+                 no more until restarted",
+                self.shown
+            ))));
+        }
+        Ok(Box::new(RedisBatch {
+            store: self,
+            conn: self.conn()?,
+            checks: Vec::new(),
+            checked: HashSet::new(),
+            ops: Vec::new(),
+            tags: HashMap::new(),
+            removed: Vec::new(),
+            ids: HashMap::new(),
+            checkpoint_ids: HashSet::new(),
+            checkpoint_seqs: HashMap::new(),
+        }))
+    }
+
+    fn sync(&self) -> Result<()> {
+        // A commit is as durable as Redis made it when it answered.
+        Ok(())
+    }
+
+    fn admit(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn maintain(&self) -> Result<Maintenance> {
+        Ok(Maintenance::default())
+    }
+
+    fn background(&self, _work: Handoff) -> Result<()> {
+        Ok(())
+    }
+
+    fn fold(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn compact(&self) -> Result<(u64, u64)> {
+        Ok((0, 0))
+    }
+
+    fn reclaim_if_low(&self) -> Result<Option<(u64, u64)>> {
+        Ok(None)
+    }
+
+    fn read_range(&self, qid: u64, from: u64, to: u64, limit: usize) -> Result<Vec<StoredEvent>> {
+        let mut out = Vec::new();
+        let Some(tag) = self.tag(qid) else {
+            return Ok(out);
+        };
+        if from >= to || limit == 0 {
+            return Ok(out);
+        }
+        let key = self.key("e", &tag);
+        let mut c = self.conn()?;
+        let v: Value = c.run("reading events", |con| {
+            redis::cmd("XRANGE")
+                .arg(&key)
+                .arg(format!("0-{}", from + 1))
+                .arg(format!("0-{to}"))
+                .arg("COUNT")
+                .arg(limit)
+                .query(con)
+        })?;
+        parse_entries(v, &mut out)?;
+        Ok(out)
+    }
+
+    fn latest_checkpoint(&self, tenant: &str, workflow: &str) -> Result<Option<LoadedCheckpoint>> {
+        let mut c = self.conn()?;
+        match self.next_checkpoint_seq(&mut c, tenant, workflow)? {
+            0 => Ok(None),
+            next => self.checkpoint_at(&mut c, tenant, workflow, next - 1),
+        }
+    }
+
+    fn checkpoint_by_id(
+        &self,
+        tenant: &str,
+        checkpoint_id: &str,
+    ) -> Result<Option<LoadedCheckpoint>> {
+        let mut c = self.conn()?;
+        let ci = self.key("ci", tenant);
+        let at: Option<String> = c.run("reading a checkpoint", |con| {
+            redis::cmd("HGET").arg(&ci).arg(checkpoint_id).query(con)
+        })?;
+        let Some(at) = at else { return Ok(None) };
+        let Some((workflow, seq)) = at
+            .rsplit_once('/')
+            .and_then(|(w, s)| Some((w.to_string(), s.parse::<u64>().ok()?)))
+        else {
+            return Err(Error::storage("corrupt checkpoint index entry in redis"));
+        };
+        self.checkpoint_at(&mut c, tenant, &workflow, seq)
+    }
+
+    fn list_checkpoints(&self, tenant: &str, workflow: &str) -> Result<Vec<LoadedCheckpoint>> {
+        let mut c = self.conn()?;
+        let next = self.next_checkpoint_seq(&mut c, tenant, workflow)?;
+        let first = next.saturating_sub(KEEP_CHECKPOINTS);
+        let mut out = Vec::new();
+        for seq in first..next {
+            if let Some(cp) = self.checkpoint_at(&mut c, tenant, workflow, seq)? {
+                out.push(cp);
+            }
+        }
+        Ok(out)
+    }
+
+    fn size_bytes(&self) -> u64 {
+        0
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (key prefix {:?})", self.shown, self.prefix)
+    }
+
+    fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.stop.store(true, Ordering::Release);
+        if let Some(h) = self
+            .renewer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            h.thread().unpark();
+            let _ = h.join();
+        }
+        // Give the lease back, so the next node need not wait for it to expire.
+        if let Ok(mut c) = self.client.get_connection_with_timeout(CONNECT_TIMEOUT) {
+            let release = redis::Script::new(
+                "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+                   return redis.call('DEL', KEYS[1]) else return 0 end",
+            );
+            let _ = release
+                .key(format!("{}lease", self.prefix))
+                .arg(&self.lease)
+                .invoke::<i64>(&mut c);
+        }
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    #[cfg(feature = "failpoints")]
+    fn faults(&self) -> Arc<super::redb::wal::Faults> {
+        self.faults.clone()
+    }
+}
+
+/// A staged operation of a batch (tags are resolved at commit: a queue created by the batch
+/// gets its tag from its record, stored after its first appends were staged).
+enum Staged {
+    Add {
+        qid: u64,
+        offset: u64,
+        id: Option<Box<str>>,
+        record: Bytes,
+    },
+    Trim {
+        qid: u64,
+        to: u64,
+    },
+    Put {
+        qid: u64,
+        tenant: String,
+        task: String,
+        record: QueueRecord,
+    },
+    Remove {
+        qid: u64,
+        tenant: String,
+        task: String,
+    },
+    Checkpoint {
+        tenant: String,
+        workflow: String,
+        seq: u64,
+        id: String,
+        record: Vec<u8>,
+    },
+}
+
+/// One batch of the Redis store: staged here, applied by one script at commit.
+struct RedisBatch<'s> {
+    store: &'s RedisStore,
+    conn: Conn<'s>,
+    /// Queues whose revision the script checks, in the order first touched.
+    checks: Vec<u64>,
+    checked: HashSet<u64>,
+    ops: Vec<Staged>,
+    /// Tags of queues this batch creates.
+    tags: HashMap<u64, Arc<str>>,
+    removed: Vec<u64>,
+    /// Ids appended by this batch: `(qid, id)` → offset.
+    ids: HashMap<(u64, Box<str>), u64>,
+    checkpoint_ids: HashSet<(String, String)>,
+    checkpoint_seqs: HashMap<(String, String), u64>,
+}
+
+impl RedisBatch<'_> {
+    fn touch(&mut self, qid: u64) {
+        if self.checked.insert(qid) {
+            self.checks.push(qid);
+        }
+    }
+
+    fn tag(&self, qid: u64) -> Option<Arc<str>> {
+        self.tags.get(&qid).cloned().or_else(|| self.store.tag(qid))
+    }
+
+    /// The script's arguments; `None` for a batch with nothing to store.
+    fn arguments(&self) -> Result<Option<(Vec<Vec<u8>>, HashMap<Arc<str>, u64>)>> {
+        if self.ops.is_empty() {
+            return Ok(None);
+        }
+        let mut by_tag = HashMap::new();
+        let mut args: Vec<Vec<u8>> = vec![
+            self.store.prefix.clone().into_bytes(),
+            self.store.lease.clone().into_bytes(),
+            self.checks.len().to_string().into_bytes(),
+        ];
+        let missing = |qid| Error::internal(format!("queue {qid} has no redis key"));
+        {
+            let revs = self.store.revs.lock().unwrap_or_else(|p| p.into_inner());
+            for qid in &self.checks {
+                let tag = self.tag(*qid).ok_or_else(|| missing(*qid))?;
+                by_tag.insert(tag.clone(), *qid);
+                args.push(tag.as_bytes().to_vec());
+                args.push(match (self.tags.contains_key(qid), revs.get(qid)) {
+                    (true, _) => b"new".to_vec(),
+                    (false, Some(rev)) => rev.to_string().into_bytes(),
+                    // Never seen stored: any revision is newer.
+                    (false, None) => b"0".to_vec(),
+                });
+            }
+        }
+        args.push(b"keep".to_vec());
+        args.push(KEEP_CHECKPOINTS.to_string().into_bytes());
+        for op in &self.ops {
+            match op {
+                Staged::Add {
+                    qid,
+                    offset,
+                    id,
+                    record,
+                } => {
+                    let tag = self.tag(*qid).ok_or_else(|| missing(*qid))?;
+                    args.push(b"add".to_vec());
+                    args.push(tag.as_bytes().to_vec());
+                    args.push((offset + 1).to_string().into_bytes());
+                    args.push(offset.to_string().into_bytes());
+                    args.push(id.as_deref().unwrap_or("").as_bytes().to_vec());
+                    args.push(record.to_vec());
+                }
+                Staged::Trim { qid, to } => {
+                    if *to == 0 {
+                        continue;
+                    }
+                    let tag = self.tag(*qid).ok_or_else(|| missing(*qid))?;
+                    args.push(b"trim".to_vec());
+                    args.push(tag.as_bytes().to_vec());
+                    args.push(format!("0-{to}").into_bytes());
+                    args.push(format!("0-{}", to + 1).into_bytes());
+                }
+                Staged::Put {
+                    qid,
+                    tenant,
+                    task,
+                    record,
+                } => {
+                    let tag = self.tag(*qid).ok_or_else(|| missing(*qid))?;
+                    let fields = record_fields(record);
+                    args.push(b"put".to_vec());
+                    args.push(tag.as_bytes().to_vec());
+                    args.push(tenant.clone().into_bytes());
+                    args.push(task.clone().into_bytes());
+                    args.push(fields.len().to_string().into_bytes());
+                    for (k, v) in fields {
+                        args.push(k.as_bytes().to_vec());
+                        args.push(v.into_bytes());
+                    }
+                }
+                Staged::Remove { qid, tenant, task } => {
+                    let tag = self.tag(*qid).ok_or_else(|| missing(*qid))?;
+                    args.push(b"rm".to_vec());
+                    args.push(tag.as_bytes().to_vec());
+                    args.push(tenant.clone().into_bytes());
+                    args.push(task.clone().into_bytes());
+                }
+                Staged::Checkpoint {
+                    tenant,
+                    workflow,
+                    seq,
+                    id,
+                    record,
+                } => {
+                    args.push(b"cp".to_vec());
+                    args.push(tenant.clone().into_bytes());
+                    args.push(workflow.clone().into_bytes());
+                    args.push(seq.to_string().into_bytes());
+                    args.push(id.clone().into_bytes());
+                    args.push(record.clone());
+                }
+            }
+        }
+        Ok(Some((args, by_tag)))
+    }
+}
+
+/// A reply element as text.
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+impl WriteBatch for RedisBatch<'_> {
+    fn derived_id(&self, _qid: u64, _offset: u64) -> Option<[u8; DERIVED_LEN]> {
+        None
+    }
+
+    fn find_event_id(
+        &mut self,
+        qid: u64,
+        event_id: &str,
+        retained: Range<u64>,
+    ) -> Result<Option<u64>> {
+        if let Some(&at) = self.ids.get(&(qid, Box::from(event_id))) {
+            return Ok(Some(at));
+        }
+        let Some(tag) = self.store.tag(qid) else {
+            return Ok(None);
+        };
+        let key = self.store.key("i", &tag);
+        let at: Option<u64> = self.conn.run("looking up an event id", |con| {
+            redis::cmd("HGET").arg(&key).arg(event_id).query(con)
+        })?;
+        Ok(at.filter(|at| retained.contains(at)))
+    }
+
+    fn event_record(&self, meta: &EventMeta<'_>, json_len: usize) -> Result<(Vec<u8>, usize)> {
+        let id = meta.event_id.as_bytes();
+        let id_len = u16::try_from(id.len())
+            .map_err(|_| Error::internal("event id longer than 65535 bytes"))?;
+        let mut buf = Vec::with_capacity(HEADER + id.len() + json_len);
+        buf.push(meta.event_type);
+        buf.push(u8::from(meta.terminal));
+        buf.extend_from_slice(&id_len.to_be_bytes());
+        buf.extend_from_slice(id);
+        let at = buf.len();
+        Ok((buf, at))
+    }
+
+    fn append(
+        &mut self,
+        qid: u64,
+        offset: u64,
+        event_id: Option<&EventId>,
+        record: Bytes,
+        _json_at: usize,
+        _meta: (u8, bool),
+    ) -> Result<()> {
+        self.touch(qid);
+        let id: Option<Box<str>> = event_id.map(|id| Box::from(id.as_str()));
+        if let Some(id) = &id {
+            self.ids.insert((qid, id.clone()), offset);
+        }
+        self.ops.push(Staged::Add {
+            qid,
+            offset,
+            id,
+            record,
+        });
+        Ok(())
+    }
+
+    fn trim(&mut self, qid: u64, from: u64, to: u64) -> Result<u64> {
+        self.touch(qid);
+        self.ops.push(Staged::Trim { qid, to });
+        Ok(to.saturating_sub(from))
+    }
+
+    fn put_queue(&mut self, tenant: &str, task: &str, record: &QueueRecord) -> Result<()> {
+        let qid = record.id;
+        if self.store.tag(qid).is_none() {
+            self.tags
+                .entry(qid)
+                .or_insert_with(|| Arc::from(format!("{tenant}/{task}")));
+        }
+        self.touch(qid);
+        self.ops.push(Staged::Put {
+            qid,
+            tenant: tenant.to_string(),
+            task: task.to_string(),
+            record: record.clone(),
+        });
+        Ok(())
+    }
+
+    fn remove_queue(&mut self, qid: u64, tenant: &str, task: &str) -> Result<()> {
+        self.touch(qid);
+        self.removed.push(qid);
+        self.ops.push(Staged::Remove {
+            qid,
+            tenant: tenant.to_string(),
+            task: task.to_string(),
+        });
+        Ok(())
+    }
+
+    fn purge(&mut self, _qid: u64, _from: u64, _to: u64, _last: bool) -> Result<()> {
+        // Removing a queue unlinked its events at once (Redis frees them in the background).
+        Ok(())
+    }
+
+    fn set_next_queue_id(&mut self, _id: u64) -> Result<()> {
+        // Queue ids are this process's own handles; Redis names queues by their ids.
+        Ok(())
+    }
+
+    fn checkpoint_id_taken(&mut self, tenant: &str, checkpoint_id: &str) -> Result<bool> {
+        if self
+            .checkpoint_ids
+            .contains(&(tenant.to_string(), checkpoint_id.to_string()))
+        {
+            return Ok(true);
+        }
+        let ci = self.store.key("ci", tenant);
+        self.conn.run("looking up a checkpoint id", |con| {
+            redis::cmd("HEXISTS").arg(&ci).arg(checkpoint_id).query(con)
+        })
+    }
+
+    fn put_checkpoint(
+        &mut self,
+        tenant: &str,
+        workflow: &str,
+        record: &CheckpointRecord,
+    ) -> Result<u64> {
+        let key = (tenant.to_string(), workflow.to_string());
+        let seq = match self.checkpoint_seqs.get(&key) {
+            Some(&seq) => seq,
+            None => self
+                .store
+                .next_checkpoint_seq(&mut self.conn, tenant, workflow)?,
+        };
+        self.checkpoint_seqs.insert(key, seq + 1);
+        self.checkpoint_ids
+            .insert((tenant.to_string(), record.checkpoint_id.clone()));
+        self.ops.push(Staged::Checkpoint {
+            tenant: tenant.to_string(),
+            workflow: workflow.to_string(),
+            seq,
+            id: record.checkpoint_id.clone(),
+            record: encode_checkpoint(record)?,
+        });
+        Ok(seq)
+    }
+
+    fn commit(mut self: Box<Self>) -> Result<bool, WriteError> {
+        let Some((args, by_tag)) = self.arguments().map_err(WriteError::Fatal)? else {
+            return Ok(false);
+        };
+        let script = &self.store.script;
+        let mut invocation = script.prepare_invoke();
+        for a in &args {
+            invocation.arg(a.as_slice());
+        }
+        let reply: Value = self
+            .conn
+            .run("storing a batch", |con| invocation.invoke(con))
+            .map_err(WriteError::Rejected)?;
+        let corrupt =
+            || WriteError::Fatal(Error::storage("unexpected reply from the batch script"));
+        let Value::Array(items) = reply else {
+            return Err(corrupt());
+        };
+        let mut items = items.into_iter();
+        let status = items.next().as_ref().and_then(text).ok_or_else(corrupt)?;
+        match status.as_str() {
+            "ok" => {
+                let rest: Vec<Value> = items.collect();
+                let mut revs = self.store.revs.lock().unwrap_or_else(|p| p.into_inner());
+                for pair in rest.chunks(2) {
+                    let (Some(tag), Some(rev)) = (
+                        pair.first().and_then(text),
+                        pair.get(1).and_then(text).and_then(|r| r.parse().ok()),
+                    ) else {
+                        return Err(corrupt());
+                    };
+                    if let Some(&qid) = by_tag.get(tag.as_str()) {
+                        revs.insert(qid, rev);
+                    }
+                }
+                let mut tags = self.store.tags.write().unwrap_or_else(|p| p.into_inner());
+                tags.extend(self.tags.drain());
+                for qid in &self.removed {
+                    tags.remove(qid);
+                    revs.remove(qid);
+                }
+                Ok(true)
+            }
+            "stale" => {
+                let rest: Vec<Value> = items.collect();
+                let mut fresh = Vec::new();
+                for pair in rest.chunks(2) {
+                    let tag = pair.first().and_then(text).ok_or_else(corrupt)?;
+                    let Some(&qid) = by_tag.get(tag.as_str()) else {
+                        return Err(corrupt());
+                    };
+                    let Some(Value::Array(kv)) = pair.get(1) else {
+                        return Err(corrupt());
+                    };
+                    let fields: HashMap<String, String> = kv
+                        .chunks(2)
+                        .filter_map(|p| Some((text(p.first()?)?, text(p.get(1)?)?)))
+                        .collect();
+                    let record = if fields.is_empty() {
+                        self.store
+                            .revs
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&qid);
+                        None
+                    } else {
+                        let (record, rev) =
+                            parse_record(qid, &fields).map_err(WriteError::Fatal)?;
+                        self.store
+                            .revs
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(qid, rev);
+                        if let Some(tag) = self.tags.get(&qid) {
+                            // Created elsewhere meanwhile: it is that queue from now on.
+                            self.store
+                                .tags
+                                .write()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(qid, tag.clone());
+                        }
+                        Some(record)
+                    };
+                    fresh.push(Fresh { qid, record });
+                }
+                Err(WriteError::Stale(fresh))
+            }
+            "fenced" => Err(WriteError::Fatal(Error::Storage(StorageError::msg(
+                format_args!(
+                    "redis at {}: this node lost its lease (another node took over); it \
+                     writes no more until restarted",
+                    self.store.shown
+                ),
+            )))),
+            _ => Err(corrupt()),
+        }
+    }
+}
