@@ -2,8 +2,8 @@
 //! a real `eventqueue serve` started by each test on a free port with its own data directory.
 //! `watch` exit codes, `--json` output against the stored events, reconnection across a server
 //! restart, `publish` from stdin, `queues` / `info` / `cancel`, the offline `dump` and
-//! `inspect` (and their refusal while a server holds the database), and the progress bar under
-//! a pseudo-terminal.
+//! `inspect` (and their refusal while a server holds the database), `watch --wait` for a queue
+//! created later, and the progress bars under a pseudo-terminal (one per progress series).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -460,6 +460,86 @@ fn watch_reconnects_across_a_server_restart_without_duplicates_or_holes() {
     );
 }
 
+/// The lines a child writes to `pipe`, as they come.
+fn lines_of(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn watch_wait_follows_a_queue_created_after_it_started() {
+    let server = Server::start();
+    let mut child = Command::new(bin())
+        .args(["watch", "later", "--json", "--wait"])
+        .env("EVENTQUEUE_URL", server.url())
+        .env_remove("EVENTQUEUE_TENANT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = lines_of(child.stdout.take().unwrap());
+    let stderr = lines_of(child.stderr.take().unwrap());
+    // It says once that it waits, then keeps waiting (no error, no exit).
+    let notice = stderr
+        .recv_timeout(HANG_GUARD)
+        .expect("no notice while waiting");
+    assert!(
+        notice.starts_with("waiting for queue \"later\"") && notice.contains("Ctrl-C"),
+        "{notice}"
+    );
+    assert!(child.try_wait().unwrap().is_none(), "watch --wait gave up");
+
+    let events = [status("working"), progress(1, 2), complete()];
+    assert_eq!(server.publish("later", &events), [0, 1, 2]);
+    let status = child.wait().unwrap();
+    let printed: Vec<String> = stdout.iter().collect();
+    let notes: Vec<String> = stderr.iter().collect();
+    assert!(status.success(), "{status:?}: {notes:?}");
+    assert_eq!(offsets(&printed.join("\n")), [0, 1, 2], "{notes:?}");
+    // One notice in all, however long it waited.
+    assert!(
+        !notes.iter().any(|l| l.starts_with("waiting for queue")),
+        "{notes:?}"
+    );
+}
+
+#[test]
+fn watch_wait_gives_up_with_the_unknown_queue_code() {
+    let server = Server::start();
+    let started = Instant::now();
+    let out = server
+        .cmd(&["watch", "never", "--wait", "1"])
+        .output()
+        .unwrap();
+    let err = stderr_of(&out);
+    // 2, as for an unknown queue without --wait (see `watch --help`).
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(started.elapsed() >= Duration::from_secs(1), "did not wait");
+    assert!(err.contains("waiting for queue \"never\""), "{err}");
+    assert!(
+        err.contains("no queue \"never\"") && err.contains("after waiting 1s"),
+        "{err}"
+    );
+    assert!(stdout_of(&out).is_empty(), "{out:?}");
+
+    // `--wait TASK` reads the task id as SECS: a usage error that says where --wait goes.
+    let out = server.cmd(&["watch", "--wait", "never"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        stderr_of(&out).contains("put --wait after the task id"),
+        "{out:?}"
+    );
+}
+
 #[test]
 fn publish_reads_json_lines_from_stdin_in_batches() {
     let server = Server::start();
@@ -866,6 +946,109 @@ fn watch_draws_progress_bars_on_a_terminal() {
     assert!(screen.contains("search"), "no bar for the step: {screen:?}");
     assert!(screen.contains("4/4"), "the bar did not finish: {screen:?}");
     assert!(screen.contains("task completed"), "{screen:?}");
+}
+
+/// Whether a line of the screen is a progress bar of `watch`:
+/// `label [=====>    ] pos/len (pct%) step`.
+fn is_bar(line: &str) -> bool {
+    line.split_once(" [")
+        .and_then(|(_, rest)| rest.get(..31))
+        .is_some_and(|bar| bar.ends_with(']') && bar[..30].chars().all(|c| "=> ".contains(c)))
+}
+
+/// A 1000-step job watched on a terminal (started before the job, with `--wait`) leaves one
+/// progress bar on the screen, not one per step: the screen is what `script` recorded,
+/// replayed through a terminal emulator.
+#[test]
+fn watch_draws_one_bar_per_progress_series() {
+    const STEPS: u64 = 1000;
+    use std::num::NonZeroU16;
+    const ROWS: NonZeroU16 = NonZeroU16::new(60).unwrap();
+    const COLS: NonZeroU16 = NonZeroU16::new(120).unwrap();
+    let server = Server::start();
+    let typescript = server.dir.path().join("typescript");
+    let cmdline = format!(
+        "stty sane rows {ROWS} cols {COLS} && exec {} watch job --wait --url {}",
+        shell_quote(&bin()),
+        server.url()
+    );
+    let mut watcher = Command::new("script")
+        .args(["-q", "-e", "-f", "-c", &cmdline])
+        .arg(&typescript)
+        .env("TERM", "xterm-256color")
+        .env_remove("EVENTQUEUE_TENANT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("`script` (util-linux) is needed for the terminal test");
+    let read =
+        || String::from_utf8_lossy(&std::fs::read(&typescript).unwrap_or_default()).into_owned();
+    let started = Instant::now();
+    while !read().contains("waiting for queue") {
+        assert!(
+            watcher.try_wait().unwrap().is_none(),
+            "watch exited: {:?}",
+            read()
+        );
+        assert!(
+            started.elapsed() < HANG_GUARD,
+            "no wait notice: {:?}",
+            read()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The producer: a phase, then one progress event per step, each named after its item.
+    let url = server.url();
+    with_client(&server, async |c| {
+        use eventqueue::producer::{HttpSink, ProducerError, Reporter};
+        let options = eventqueue::client::CreateQueue {
+            max_buffer_size: Some(2 * STEPS),
+            ..Default::default()
+        };
+        c.create_queue("job", &options).await.unwrap();
+        let task = eventqueue::TaskId::new("job").unwrap();
+        let outcome = Reporter::new(HttpSink::new(&url, &task).unwrap())
+            .run(|r| async move {
+                r.phase("ingestion").await?;
+                for n in 1..=STEPS {
+                    r.step(n, STEPS, format!("item_{n}.mp4")).await?;
+                }
+                Ok::<_, ProducerError>(eventqueue::CompleteEvent::new(json!({"items": STEPS})))
+            })
+            .await
+            .unwrap();
+        assert!(outcome.is_completed());
+    });
+
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = watcher.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < HANG_GUARD,
+            "watch did not end: {:?}",
+            read()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let raw = std::fs::read(&typescript).unwrap();
+    let mut term = vt100::Parser::new(ROWS, COLS, 0);
+    term.process(&raw);
+    // Row by row: a row written up to its last column would run into the next one in
+    // `contents()`.
+    let rows: Vec<String> = term.screen().rows(0, COLS.get()).collect();
+    let screen = rows.join("\n");
+    assert_eq!(status.code(), Some(0), "{screen}");
+    let bars: Vec<&String> = rows.iter().filter(|l| is_bar(l)).collect();
+    assert_eq!(bars.len(), 1, "{screen}");
+    // Labelled with the phase, full, the last step as its message.
+    let bar = bars[0];
+    assert!(bar.trim_start().starts_with("ingestion ["), "{bar}");
+    assert!(bar.contains("1000/1000 (100%) item_1000.mp4"), "{bar}");
+    assert!(screen.contains("task completed"), "{screen}");
+    assert!(screen.contains("waiting for queue \"job\""), "{screen}");
 }
 
 fn shell_quote(path: &Path) -> String {

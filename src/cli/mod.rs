@@ -73,8 +73,9 @@ enum Command {
     /// A running server reuses the space of removed events but never returns it to the
     /// filesystem; this does. Example: `eventqueue compact --data-dir ./data`
     Compact(compact::CompactArgs),
-    /// Follow a task live: state, phase, a progress bar per running step, artifacts, errors,
-    /// the result. Reconnects by itself (resuming with Last-Event-ID) when the connection drops.
+    /// Follow a task live: state, phase, a progress bar per phase (or for the task), artifacts,
+    /// errors, the result. Reconnects by itself (resuming with Last-Event-ID) when the
+    /// connection drops; with --wait, waits for the queue to be created.
     ///
     /// Example: `eventqueue watch workflow_123`
     Watch(WatchArgs),
@@ -272,16 +273,21 @@ fn task_arg(task: &str) -> Result<(), CliError> {
     crate::ids::validate_id("task_id", task).map_err(|e| CliError::usage(e.to_string()))
 }
 
+/// An unknown queue (2), with what to check.
+fn unknown_queue(conn: &ConnArgs, task: &str) -> CliError {
+    CliError::usage(format!(
+        "no queue {task:?} for {} at {} (create it first, or check --tenant / \
+         EVENTQUEUE_TENANT)",
+        conn.tenant_label(),
+        conn.url
+    ))
+}
+
 /// Maps a client error to the CLI's exit codes and wording: `404` is an unknown queue (2);
 /// the rest are failures (1), with a hint for the common causes.
 fn remote_error(e: ClientError, conn: &ConnArgs, task: Option<&str>) -> CliError {
     match (&e, task) {
-        (ClientError::Api { status: 404, .. }, Some(task)) => CliError::usage(format!(
-            "no queue {task:?} for {} at {} (create it first, or check --tenant / \
-             EVENTQUEUE_TENANT)",
-            conn.tenant_label(),
-            conn.url
-        )),
+        (ClientError::Api { status: 404, .. }, Some(task)) => unknown_queue(conn, task),
         (ClientError::Api { status: 401, .. }, _) => CliError::failure(format!(
             "{e}; pass a valid token with --token or EVENTQUEUE_TOKEN"
         )),

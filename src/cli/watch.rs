@@ -1,12 +1,13 @@
 //! `eventqueue watch`: follow a task live, reconnecting by itself.
 
 use std::io::{IsTerminal, Write};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::cli::render::View;
-use crate::cli::{CliError, ConnArgs, Outcome, remote_error, task_arg};
+use crate::cli::{CliError, ConnArgs, Outcome, remote_error, task_arg, unknown_queue};
 use crate::client::{
-    EndReason, ReconnectPolicy, Route, StreamEvent, StreamItem, SubscribeOptions, Subscription,
+    Client, EndReason, ReconnectPolicy, Route, StreamEvent, StreamItem, SubscribeOptions,
+    Subscription,
 };
 
 /// Flags of `eventqueue watch`.
@@ -15,9 +16,12 @@ use crate::client::{
   eventqueue watch workflow_123
   eventqueue watch ingest_42 --ingestion --from 10
   eventqueue watch workflow_123 --json | jq -c 'select(.event_type == \"error\")'
+  eventqueue watch job_7 --wait 60    # started before the producer creates the queue
 
 Exit status: 0 when the task completed, 1 when it failed or was cancelled (or the watch
-failed for good), 2 for usage errors and unknown queues.")]
+failed for good), 2 for usage errors and unknown queues. With --wait SECS, a queue still not
+created after SECS is an unknown queue too: 2, as without --wait, so 1 always means that the
+task (or the watch) failed.")]
 pub struct WatchArgs {
     /// Task id of the queue to watch.
     pub task_id: String,
@@ -30,6 +34,10 @@ pub struct WatchArgs {
     /// Print each event as one JSON line exactly as stored (for `jq`); messages go to stderr.
     #[arg(long)]
     pub json: bool,
+    /// Wait for the queue to be created instead of failing at once: up to SECS seconds, or
+    /// without a value as long as it takes (put it after the task id, or write --wait=SECS)
+    #[arg(long, value_name = "SECS", value_parser = wait_secs)]
+    pub wait: Option<Option<u64>>,
     /// Give up after this many failed reconnection attempts in a row [default: never]
     #[arg(long, value_name = "N")]
     pub max_retries: Option<u32>,
@@ -42,6 +50,19 @@ pub struct WatchArgs {
     #[command(flatten)]
     pub conn: ConnArgs,
 }
+
+/// Parses `--wait`'s value, with a hint for `--wait TASK`, which reads the task id as SECS.
+fn wait_secs(text: &str) -> Result<u64, String> {
+    text.parse().map_err(|_| {
+        format!(
+            "expected whole seconds; to wait as long as it takes, put --wait after the task id \
+             (`watch {text} --wait`)"
+        )
+    })
+}
+
+/// How often a `--wait`ing watch asks whether the queue exists now.
+const WAIT_POLL: Duration = Duration::from_millis(250);
 
 /// How the stream's events are shown.
 enum Output {
@@ -113,8 +134,9 @@ fn verdict(ev: &StreamEvent) -> (bool, String) {
 ///
 /// # Errors
 ///
-/// Usage errors and an unknown queue (2); authentication failures, or the server staying
-/// unreachable past `--max-retries` (1).
+/// Usage errors and an unknown queue (2) — with `--wait`, a queue still unknown when the wait
+/// ran out; authentication failures, or the server staying unreachable past `--max-retries`
+/// (1).
 pub async fn watch(args: WatchArgs) -> Result<Outcome, CliError> {
     task_arg(&args.task_id)?;
     let client = args.conn.client()?;
@@ -137,12 +159,73 @@ pub async fn watch(args: WatchArgs) -> Result<Outcome, CliError> {
     } else {
         Output::Human(View::new(std::io::stdout().is_terminal()))
     };
+    let started = Instant::now();
+    let mut waiting = false;
+    loop {
+        match follow(&mut out, &client, &options, &args).await? {
+            Followed::Ended(outcome) => return Ok(outcome),
+            Followed::NoQueue => {}
+        }
+        let limit = match args.wait {
+            None => return Err(unknown_queue(&args.conn, &args.task_id)),
+            Some(limit) => limit.map(Duration::from_secs),
+        };
+        let left = limit.map(|limit| limit.saturating_sub(started.elapsed()));
+        if left == Some(Duration::ZERO) {
+            let waited = limit.unwrap_or_default().as_secs();
+            return Err(CliError::usage(format!(
+                "no queue {:?} for {} at {} after waiting {waited}s (check the task id, or \
+                 --tenant / EVENTQUEUE_TENANT)",
+                args.task_id,
+                args.conn.tenant_label(),
+                args.conn.url
+            )));
+        }
+        if !waiting {
+            waiting = true;
+            let until = match limit {
+                Some(limit) => format!("up to {}s", limit.as_secs()),
+                None => "Ctrl-C to stop".to_string(),
+            };
+            out.note(&format!(
+                "waiting for queue {:?} of {} at {} to be created ({until})",
+                args.task_id,
+                args.conn.tenant_label(),
+                args.conn.url
+            ));
+        }
+        tokio::time::sleep(left.map_or(WAIT_POLL, |left| left.min(WAIT_POLL))).await;
+    }
+}
+
+/// How one subscription ended.
+enum Followed {
+    /// The stream ended; the watch's outcome.
+    Ended(Outcome),
+    /// The queue did not exist (when the stream first reached the server).
+    NoQueue,
+}
+
+/// Follows the task with one subscription, until its stream ends or turns out to have no
+/// queue.
+async fn follow(
+    out: &mut Output,
+    client: &Client,
+    options: &SubscribeOptions,
+    args: &WatchArgs,
+) -> Result<Followed, CliError> {
     let mut sub = client.subscribe(&args.task_id, options.clone());
     let mut terminal: Option<StreamEvent> = None;
     let mut announced = false;
     while let Some(item) = sub.next().await {
         match item {
+            Err(e) if e.is_not_found() && !announced => return Ok(Followed::NoQueue),
             Err(e) => return Err(remote_error(e, &args.conn, Some(&args.task_id))),
+            // The server was unreachable at first and, once reached, had no such queue: the
+            // queue was never seen, so it is unknown rather than gone.
+            Ok(StreamItem::End(EndReason::QueueGone)) if !announced => {
+                return Ok(Followed::NoQueue);
+            }
             Ok(StreamItem::Connected(c)) => {
                 if !announced {
                     announced = true;
@@ -157,7 +240,7 @@ pub async fn watch(args: WatchArgs) -> Result<Outcome, CliError> {
             Ok(StreamItem::Event(ev)) => {
                 if !out.event(&ev) {
                     // Nobody reads any more: stop quietly, as `cat` does.
-                    return Ok(Outcome::Success);
+                    return Ok(Followed::Ended(Outcome::Success));
                 }
                 if ev.is_terminal() {
                     terminal = Some(ev);
@@ -198,7 +281,8 @@ pub async fn watch(args: WatchArgs) -> Result<Outcome, CliError> {
                 out.note(&format!("reconnected; resuming at offset {resume_from}"))
             }
             Ok(StreamItem::End(reason)) => {
-                return finish(&mut out, reason, terminal, &mut sub, &options, &args).await;
+                let outcome = finish(out, reason, terminal, &mut sub, options, args).await?;
+                return Ok(Followed::Ended(outcome));
             }
         }
     }

@@ -740,6 +740,9 @@ enum Staged {
     },
 }
 
+/// A batch script's arguments, and the queue id of each tag it checks.
+type Arguments = (Vec<Vec<u8>>, HashMap<Arc<str>, u64>);
+
 /// One batch of the Redis store: staged here, applied by one script at commit.
 struct RedisBatch<'s> {
     store: &'s RedisStore,
@@ -768,8 +771,9 @@ impl RedisBatch<'_> {
         self.tags.get(&qid).cloned().or_else(|| self.store.tag(qid))
     }
 
-    /// The script's arguments; `None` for a batch with nothing to store.
-    fn arguments(&self) -> Result<Option<(Vec<Vec<u8>>, HashMap<Arc<str>, u64>)>> {
+    /// The script's arguments and the queue ids of the tags it checks; `None` for a batch
+    /// with nothing to store.
+    fn arguments(&self) -> Result<Option<Arguments>> {
         if self.ops.is_empty() {
             return Ok(None);
         }
