@@ -148,6 +148,20 @@ impl StorageError {
         self.kind
     }
 
+    /// Whether the store could not be reached (a networked store's connection was refused,
+    /// reset or timed out): a retry may succeed.
+    pub fn is_unavailable(&self) -> bool {
+        use std::io::ErrorKind as K;
+        matches!(
+            self.kind,
+            K::ConnectionRefused
+                | K::ConnectionReset
+                | K::ConnectionAborted
+                | K::NotConnected
+                | K::TimedOut
+        )
+    }
+
     /// Whether the storage ran out of space (`ENOSPC`, or a quota).
     pub fn is_storage_full(&self) -> bool {
         matches!(

@@ -132,6 +132,16 @@ impl QueueManager {
         })
     }
 
+    /// Whether the store can be reached now: always for the embedded and in-memory stores; a
+    /// Redis store pings its server.
+    ///
+    /// # Errors
+    ///
+    /// The storage error that says why not.
+    pub async fn check_storage(&self) -> Result<()> {
+        self.core.check_storage().await
+    }
+
     /// Where the queues are kept, for messages (a Redis URL without its password).
     pub fn storage_description(&self) -> String {
         self.core.describe_storage()

@@ -164,6 +164,14 @@ impl Core {
         &self.clock
     }
 
+    /// Whether the store can be reached now (see [`Storage::check`]).
+    pub(crate) async fn check_storage(&self) -> Result<()> {
+        let storage = self.storage.clone();
+        tokio::task::spawn_blocking(move || storage.check())
+            .await
+            .map_err(|e| Error::internal(format!("storage check task failed: {e}")))?
+    }
+
     /// Where the store lives, for messages.
     pub(crate) fn describe_storage(&self) -> String {
         self.storage.describe()

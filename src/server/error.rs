@@ -161,6 +161,15 @@ impl From<Error> for ApiError {
                      reads go on",
                 )
             }
+            // A networked store (Redis) that cannot be reached: the same request may work
+            // in a moment.
+            Error::Storage(cause) if cause.is_unavailable() => {
+                tracing::warn!(error = %err, "storage unavailable");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("storage unavailable, try again: {cause}"),
+                )
+            }
             Error::Storage(cause) if cause.is_storage_full() => {
                 tracing::error!(error = %err, "storage full");
                 Self::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient storage")

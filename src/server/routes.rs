@@ -114,9 +114,13 @@ fn lookup(state: &AppState, tenant: &Tenant, task: &TaskId) -> Result<EventQueue
         .ok_or_else(|| ApiError::no_queue(task))
 }
 
-/// `GET /healthz`.
-pub(super) async fn healthz() -> Response {
-    json(&serde_json::json!({ "status": "ok" }))
+/// `GET /healthz`: 200 `{"status":"ok"}`, or 503 with the reason while the store cannot be
+/// reached (a Redis server that is down), so a load balancer sends requests elsewhere.
+pub(super) async fn healthz(State(state): State<AppState>) -> Response {
+    match state.manager().check_storage().await {
+        Ok(()) => json(&serde_json::json!({ "status": "ok" })),
+        Err(e) => ApiError::from(e).into_response(),
+    }
 }
 
 /// `GET /events/queues`: the caller's tenant's queues (an admin token without

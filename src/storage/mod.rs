@@ -315,6 +315,16 @@ pub(crate) trait Storage: Send + Sync + 'static {
     /// Storage errors.
     fn list_checkpoints(&self, tenant: &str, workflow: &str) -> Result<Vec<LoadedCheckpoint>>;
 
+    /// Whether the store can be reached now (a networked store pings its server). Embedded
+    /// stores are always there.
+    ///
+    /// # Errors
+    ///
+    /// The storage error that says why not.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Bytes the store occupies (0 when it has no files).
     fn size_bytes(&self) -> u64;
 

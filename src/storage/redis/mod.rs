@@ -665,6 +665,12 @@ impl Storage for RedisStore {
         Ok(out)
     }
 
+    fn check(&self) -> Result<()> {
+        let mut c = self.conn()?;
+        c.run("ping", |con| redis::cmd("PING").query::<String>(con))
+            .map(drop)
+    }
+
     fn size_bytes(&self) -> u64 {
         0
     }
