@@ -44,6 +44,7 @@
 //! [`ServerConfig::keepalive`]: crate::server::ServerConfig::keepalive
 
 mod card;
+mod list;
 mod mapping;
 mod rpc;
 
