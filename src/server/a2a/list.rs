@@ -65,7 +65,7 @@ impl SortKey {
     /// Reads a page token; `None` when it is not one that [`SortKey::token`] made.
     fn from_token(token: &str) -> Option<Self> {
         // A token is at most a few hundred characters; anything far longer is not one.
-        if token.len() % 2 != 0 || token.len() > 1024 || !token.is_ascii() {
+        if !token.len().is_multiple_of(2) || token.len() > 1024 || !token.is_ascii() {
             return None;
         }
         let bytes = (0..token.len())
@@ -204,12 +204,12 @@ impl ListParams {
         };
         // Our tasks carry no message history, so any length is met by leaving it out; a
         // negative one is still a malformed request.
-        if let Some(value) = field(params, "historyLength", "history_length") {
-            if integer(value).is_none_or(|n| n < 0) {
-                return Err(invalid(
-                    "params.historyLength: must be a non-negative integer",
-                ));
-            }
+        if let Some(value) = field(params, "historyLength", "history_length")
+            && integer(value).is_none_or(|n| n < 0)
+        {
+            return Err(invalid(
+                "params.historyLength: must be a non-negative integer",
+            ));
         }
         let status_after = match field(params, "statusTimestampAfter", "status_timestamp_after") {
             None => None,
