@@ -7,10 +7,15 @@ timeout in between, which only the server's keepalive comments bridge), resumes 
 Last-Event-ID, cancels another task, and checks the error mapping. Events are produced over
 eventqueue's own HTTP API. Any mismatch raises: the process exits non-zero.
 
-With --token, the server is in token mode: the same client, given a bearer token, follows and
-cancels a task of the token's tenant, and is refused without it.
+ListTasks (1.0 only: 0.3 has no JSON-RPC method for it) is checked in tenants of its own: pages
+walked with nextPageToken while a task is created, the status, context and status-time
+filters, includeArtifacts, and that no tenant ever sees another's tasks.
 
-Usage: python interop.py BASE_URL [--token TOKEN] [--pause SECONDS]
+With --token, the server is in token mode: the same client, given a bearer token, follows,
+cancels and lists tasks of the token's tenant, and is refused without it. --other-token (a
+token of another tenant) checks that listings stay within the token's tenant.
+
+Usage: python interop.py BASE_URL [--token TOKEN --other-token TOKEN] [--pause SECONDS]
 """
 
 import argparse
@@ -22,19 +27,23 @@ from a2a.client.card_resolver import A2ACardResolver
 from a2a.types.a2a_pb2 import (
     CancelTaskRequest,
     GetTaskRequest,
+    ListTasksRequest,
     SubscribeToTaskRequest,
     TaskState,
 )
 from a2a.utils.errors import (
+    InvalidParamsError,
     TaskNotCancelableError,
     TaskNotFoundError,
     UnsupportedOperationError,
 )
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.timestamp_pb2 import Timestamp
 
 ARGS = argparse.ArgumentParser()
 ARGS.add_argument("base")
 ARGS.add_argument("--token")
+ARGS.add_argument("--other-token")
 # Longer than the client's 5 s read timeout.
 ARGS.add_argument("--pause", type=float, default=6.0)
 ARGS = ARGS.parse_args()
@@ -52,19 +61,50 @@ def eq(actual, expected, what):
         raise AssertionError(f"{what}: expected {expected!r}, got {actual!r}")
 
 
-async def rest(http, method, path, body=None):
-    r = await http.request(method, BASE + path, json=body)
+async def rest(http, method, path, body=None, headers=None):
+    r = await http.request(method, BASE + path, json=body, headers=headers)
     if r.status_code >= 300:
         raise AssertionError(f"{method} {path}: {r.status_code} {r.text}")
     return r.json() if r.content else None
 
 
-async def create_queue(http, task):
-    await rest(http, "POST", "/events/queues", {"task_id": task, "kind": "workflow"})
+async def create_queue(http, task, headers=None):
+    await rest(http, "POST", "/events/queues", {"task_id": task, "kind": "workflow"}, headers)
 
 
-async def publish(http, task, *events):
-    return await rest(http, "POST", f"/events/queues/{task}/events", {"events": list(events)})
+async def publish(http, task, *events, headers=None):
+    return await rest(
+        http, "POST", f"/events/queues/{task}/events", {"events": list(events)}, headers
+    )
+
+
+def working_at(at):
+    return {"event_type": "status", "state": "working", "timestamp": at}
+
+
+def timestamp(text):
+    t = Timestamp()
+    t.FromJsonString(text)
+    return t
+
+
+async def walk(client, page_size, between_pages=None, **filters):
+    """Every page of a listing: (ids in order, pages, totalSize of each page)."""
+    ids, pages, totals, token = [], 0, [], ""
+    while True:
+        page = await client.list_tasks(
+            ListTasksRequest(page_size=page_size, page_token=token, **filters)
+        )
+        pages += 1
+        check(len(page.tasks) <= page_size, "ListTasks: a page holds at most pageSize tasks")
+        eq(page.page_size, page_size, "ListTasks: pageSize")
+        ids += [t.id for t in page.tasks]
+        totals.append(page.total_size)
+        token = page.next_page_token
+        if not token:
+            return ids, pages, totals
+        if between_pages is not None:
+            await between_pages(pages)
 
 
 def data_of(part):
@@ -236,6 +276,96 @@ async def variant(http, version):
           "CancelTask, errors: ok")
 
 
+async def client_for_tenant(http, tenant):
+    """A 1.0 client whose card carries the tenant in its JSON-RPC URL (open mode)."""
+    card = await A2ACardResolver(http, BASE).get_agent_card(
+        relative_card_path=f"/.well-known/agent-card.json?tenant_id={tenant}"
+    )
+    eq(card.supported_interfaces[0].url, f"{BASE}/a2a?tenant_id={tenant}", "card: tenant URL")
+    return await create_client(card, ClientConfig())
+
+
+async def list_tasks(http):
+    """ListTasks with the real client, in two tenants of its own."""
+    mine, theirs = {"X-Tenant-ID": "lister"}, {"X-Tenant-ID": "lister-other"}
+    for i in range(5):
+        await create_queue(http, f"w{i}", mine)
+        await publish(http, f"w{i}", working_at(f"2020-01-01T00:00:0{i}Z"), headers=mine)
+    await create_queue(http, "done", mine)
+    await publish(
+        http, "done",
+        {"event_type": "complete", "result": {"n": 1}, "timestamp": "2020-01-02T00:00:00Z"},
+        headers=mine,
+    )
+    await create_queue(http, "fresh", mine)
+    # The other tenant: a task of the same name as one of ours, and one newer than all of ours.
+    for task, at in (("w0", "2020-01-01T00:00:00Z"), ("secret", "2030-01-01T00:00:00Z")):
+        await create_queue(http, task, theirs)
+        await publish(http, task, working_at(at), headers=theirs)
+    client = await client_for_tenant(http, "lister")
+    other = await client_for_tenant(http, "lister-other")
+
+    # Paging: newest status first; a task created during the walk sorts first, so the pages
+    # after the token neither repeat nor skip anything.
+    async def create_late(pages):
+        if pages == 1:
+            await create_queue(http, "late", mine)
+            await publish(http, "late", working_at("2021-01-01T00:00:00Z"), headers=mine)
+
+    ids, pages, totals = await walk(client, 3, between_pages=create_late)
+    eq(ids, ["fresh", "done", "w4", "w3", "w2", "w1", "w0"], "ListTasks: pages in order")
+    eq(pages, 3, "ListTasks: pages of 3")
+    eq(totals, [7, 8, 8], "ListTasks: totalSize counts every match")
+    ids, pages, _ = await walk(client, 2)
+    eq(ids, ["fresh", "late", "done", "w4", "w3", "w2", "w1", "w0"], "ListTasks: all, again")
+    eq(pages, 4, "ListTasks: pages of 2")
+
+    # Filters.
+    working = await client.list_tasks(ListTasksRequest(status=TaskState.TASK_STATE_WORKING))
+    eq([t.id for t in working.tasks], ["late", "w4", "w3", "w2", "w1", "w0"], "status filter")
+    check(all(TaskState.Name(t.status.state) == "TASK_STATE_WORKING" for t in working.tasks),
+          "status filter: states")
+    ids, pages, _ = await walk(client, 4, status=TaskState.TASK_STATE_WORKING)
+    eq((ids, pages), (["late", "w4", "w3", "w2", "w1", "w0"], 2), "status filter: paged")
+    done = await client.list_tasks(
+        ListTasksRequest(status=TaskState.TASK_STATE_COMPLETED, include_artifacts=True)
+    )
+    eq([t.id for t in done.tasks], ["done"], "status filter: completed")
+    eq([data_of(p) for p in done.tasks[0].artifacts[0].parts], [{"n": 1}],
+       "includeArtifacts: the result artifact")
+    bare = await client.list_tasks(ListTasksRequest(context_id="done"))
+    eq([t.id for t in bare.tasks], ["done"], "context filter")
+    eq(len(bare.tasks[0].artifacts), 0, "without includeArtifacts: no artifacts")
+    recent = await client.list_tasks(
+        ListTasksRequest(status_timestamp_after=timestamp("2020-01-01T00:00:03Z"))
+    )
+    eq(sorted(t.id for t in recent.tasks), ["done", "fresh", "late", "w3", "w4"],
+       "statusTimestampAfter (inclusive)")
+
+    # Tenancy: each tenant sees its own tasks only, whatever it asks for.
+    eq(list((await client.list_tasks(ListTasksRequest(context_id="secret"))).tasks), [],
+       "another tenant's task is no context of ours")
+    theirs_listed = await other.list_tasks(ListTasksRequest())
+    eq([t.id for t in theirs_listed.tasks], ["secret", "w0"], "the other tenant's listing")
+    check(all(t.metadata["tenant_id"] == "lister-other" for t in theirs_listed.tasks),
+          "the other tenant's listing: its tenant")
+    eq(theirs_listed.total_size, 2, "the other tenant's total")
+    try:
+        await client.list_tasks(ListTasksRequest(tenant="lister-other"))
+        raise AssertionError("ListTasks naming another tenant succeeded")
+    except InvalidParamsError:
+        pass
+    try:
+        await client.list_tasks(ListTasksRequest(page_token="not-a-token"))
+        raise AssertionError("ListTasks with a made-up page token succeeded")
+    except InvalidParamsError:
+        pass
+    await client.close()
+    await other.close()
+    print("A2A 1.0 ListTasks: pages (stable while a task is created), status, context and "
+          "time filters, includeArtifacts, tenancy, bad token: ok")
+
+
 async def token_mode(token):
     auth = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(timeout=10.0, trust_env=False, headers=auth) as http:
@@ -273,9 +403,25 @@ async def token_mode(token):
         await create_queue(http, victim)
         task = await client.cancel_task(CancelTaskRequest(id=victim))
         check(task.metadata["cancel_requested"], "token mode: CancelTask")
+
+        # ListTasks lists the token's tenant: never the other token's task.
+        other_auth = {"Authorization": f"Bearer {ARGS.other_token}"}
+        await create_queue(http, "job-other", other_auth)
+        listed = await client.list_tasks(ListTasksRequest())
+        eq(sorted(t.id for t in listed.tasks), ["cancel-token", "job-token"],
+           "token mode: ListTasks")
+        check(all(t.metadata["tenant_id"] == "acme" for t in listed.tasks),
+              "token mode: ListTasks tenant")
+        other = await create_client(
+            card,
+            ClientConfig(httpx_client=httpx.AsyncClient(headers=other_auth, trust_env=False)),
+        )
+        eq([t.id for t in (await other.list_tasks(ListTasksRequest())).tasks], ["job-other"],
+           "token mode: the other tenant's ListTasks")
+        await other.close()
         await client.close()
     print("A2A 1.0, token mode: card, refusal without a token, GetTask, SubscribeToTask, "
-          "CancelTask: ok")
+          "CancelTask, ListTasks per tenant: ok")
 
 
 async def main():
@@ -285,6 +431,7 @@ async def main():
     async with httpx.AsyncClient(timeout=10.0, trust_env=False) as http:
         for version in ("1.0", "0.3"):
             await variant(http, version)
+        await list_tasks(http)
 
 
 asyncio.run(main())

@@ -92,5 +92,7 @@ head -c 48 /dev/urandom | base64 >"$data/jwt.secret"
 start_server token --jwt-secret-file "$data/jwt.secret"
 token="$("$EVENTQUEUE_BIN" token --jwt-secret-file "$data/jwt.secret" --tenant acme \
     --scope "subscribe publish" --ttl 10m)"
-run_client "http://127.0.0.1:$port" --token "$token"
+other="$("$EVENTQUEUE_BIN" token --jwt-secret-file "$data/jwt.secret" --tenant globex \
+    --scope "subscribe publish" --ttl 10m)"
+run_client "http://127.0.0.1:$port" --token "$token" --other-token "$other"
 stop_server

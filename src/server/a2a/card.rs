@@ -73,9 +73,9 @@ fn card(state: &AppState, v: Version, url: &str) -> Value {
     let skill = json!({
         "id": "task-progress",
         "name": "Task progress",
-        "description": "Follow a task's status, progress, artifacts and result (GetTask, \
-                        SubscribeToTask), and ask its producer to stop (CancelTask). The task \
-                        id is the eventqueue task id.",
+        "description": "List tasks (ListTasks), follow a task's status, progress, artifacts \
+                        and result (GetTask, SubscribeToTask), and ask its producer to stop \
+                        (CancelTask). The task id is the eventqueue task id.",
         "tags": ["progress", "events", "tasks"],
     });
     let token_mode = state.config().auth.is_token_mode();

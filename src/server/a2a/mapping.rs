@@ -26,6 +26,16 @@ pub(super) enum A2aState {
 }
 
 impl A2aState {
+    /// Every state a task of ours can be in.
+    pub(super) const ALL: [Self; 6] = [
+        Self::Submitted,
+        Self::Working,
+        Self::InputRequired,
+        Self::Completed,
+        Self::Failed,
+        Self::Canceled,
+    ];
+
     pub(super) fn of(state: TaskState) -> Self {
         match state {
             TaskState::Pending => Self::Submitted,
@@ -51,6 +61,18 @@ impl A2aState {
             (Version::V03, Self::Completed) => "completed",
             (Version::V03, Self::Failed) => "failed",
             (Version::V03, Self::Canceled) => "canceled",
+        }
+    }
+
+    /// The state's number in the 1.0 `TaskState` enum (a proto enum may be sent as a number).
+    pub(super) fn number(self) -> i64 {
+        match self {
+            Self::Submitted => 1,
+            Self::Working => 2,
+            Self::Completed => 3,
+            Self::Failed => 4,
+            Self::Canceled => 5,
+            Self::InputRequired => 6,
         }
     }
 }
@@ -247,6 +269,17 @@ impl TaskView {
             artifacts: Vec::new(),
             offset: info.first_offset,
         }
+    }
+
+    /// The task's current state.
+    pub(super) fn state(&self) -> A2aState {
+        self.status.state
+    }
+
+    /// When the task's status was last set: the timestamp of the event that set it, or the
+    /// queue's creation while the task is SUBMITTED without events.
+    pub(super) fn status_timestamp(&self) -> Timestamp {
+        self.status.timestamp
     }
 
     pub(super) fn apply(&mut self, update: &Update) {

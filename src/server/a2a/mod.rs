@@ -6,11 +6,12 @@
 //!   `POST /a2a`, built from [`A2aConfig::public_url`] or else the request's `Host` header; a
 //!   `?tenant_id=` on the card request is carried into that URL. The card holds no tenant data
 //!   and needs no credentials, like `/healthz`.
-//! - `POST /a2a`: `GetTask`, `SubscribeToTask`, `CancelTask` (1.0) and `tasks/get`,
-//!   `tasks/resubscribe`, `tasks/cancel` (0.3, with `kind` discriminators, lowercase states and
-//!   `final`). Tenancy and credentials are resolved as on every other route
-//!   ([`Caller`](crate::server::Caller)); reading needs `subscribe`, cancelling `subscribe` or
-//!   `publish`. JSON-RPC errors are answered with HTTP 200 (an A2A client loses the code of
+//! - `POST /a2a`: `GetTask`, `SubscribeToTask`, `CancelTask`, `ListTasks` (1.0) and
+//!   `tasks/get`, `tasks/resubscribe`, `tasks/cancel` (0.3, with `kind` discriminators,
+//!   lowercase states and `final`; 0.3 has no JSON-RPC method for listing). Tenancy and
+//!   credentials are resolved as on every other route ([`Caller`](crate::server::Caller));
+//!   reading (listing too) needs `subscribe`, cancelling `subscribe` or `publish`. `ListTasks`
+//!   pages with tokens that hold a sort key, not a position (`list`). JSON-RPC errors are answered with HTTP 200 (an A2A client loses the code of
 //!   any other status).
 //!
 //! # Mapping
@@ -44,6 +45,7 @@
 //! [`ServerConfig::keepalive`]: crate::server::ServerConfig::keepalive
 
 mod card;
+mod list;
 mod mapping;
 mod rpc;
 

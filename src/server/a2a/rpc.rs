@@ -24,7 +24,7 @@ use crate::{Delivery, Error, EventQueue, RecordedEvent, Subscription, TaskId};
 const PARSE_ERROR: i64 = -32700;
 const INVALID_REQUEST: i64 = -32600;
 const METHOD_NOT_FOUND: i64 = -32601;
-const INVALID_PARAMS: i64 = -32602;
+pub(super) const INVALID_PARAMS: i64 = -32602;
 const INTERNAL_ERROR: i64 = -32603;
 const TASK_NOT_FOUND: i64 = -32001;
 const TASK_NOT_CANCELABLE: i64 = -32002;
@@ -34,14 +34,14 @@ const EXTENDED_CARD_NOT_CONFIGURED: i64 = -32007;
 
 /// A JSON-RPC error answer (HTTP 200).
 #[derive(Debug, Clone, PartialEq)]
-struct RpcError {
+pub(super) struct RpcError {
     id: Value,
     code: i64,
     message: String,
 }
 
 impl RpcError {
-    fn new(id: &Value, code: i64, message: impl Into<String>) -> Self {
+    pub(super) fn new(id: &Value, code: i64, message: impl Into<String>) -> Self {
         Self {
             id: id.clone(),
             code,
@@ -49,7 +49,7 @@ impl RpcError {
         }
     }
 
-    fn internal(id: &Value, err: &Error) -> Self {
+    pub(super) fn internal(id: &Value, err: &Error) -> Self {
         tracing::error!(error = %err, "A2A request failed");
         Self::new(id, INTERNAL_ERROR, "internal error")
     }
@@ -70,6 +70,8 @@ enum Method {
     Get(Version),
     Subscribe(Version),
     Cancel(Version),
+    /// `ListTasks` (1.0 only: 0.3 has no JSON-RPC method for it).
+    List,
     /// A method of the protocol this server does not offer: its error code and why.
     Unsupported(i64, &'static str),
 }
@@ -89,10 +91,7 @@ impl Method {
             "SendMessage" | "SendStreamingMessage" | "message/send" | "message/stream" => {
                 Self::Unsupported(UNSUPPORTED_OPERATION, NO_MESSAGES)
             }
-            "ListTasks" => Self::Unsupported(
-                UNSUPPORTED_OPERATION,
-                "ListTasks is not supported; list queues with GET /events/queues",
-            ),
+            "ListTasks" => Self::List,
             "GetExtendedAgentCard" | "agent/getAuthenticatedExtendedCard" => Self::Unsupported(
                 EXTENDED_CARD_NOT_CONFIGURED,
                 "there is no extended agent card",
@@ -113,7 +112,7 @@ impl Method {
 
     fn need(self) -> Need {
         match self {
-            Self::Get(_) | Self::Subscribe(_) => Need::Subscribe,
+            Self::Get(_) | Self::Subscribe(_) | Self::List => Need::Subscribe,
             Self::Cancel(_) | Self::Unsupported(..) => Need::Either,
         }
     }
@@ -121,15 +120,15 @@ impl Method {
 
 /// A parsed request. `id` is `None` for a notification.
 #[derive(Debug)]
-struct RpcRequest {
+pub(super) struct RpcRequest {
     id: Option<Value>,
     method: Method,
-    params: Value,
+    pub(super) params: Value,
 }
 
 impl RpcRequest {
     /// The id to answer with (`null` for a notification, which gets no answer anyway).
-    fn reply_id(&self) -> Value {
+    pub(super) fn reply_id(&self) -> Value {
         self.id.clone().unwrap_or(Value::Null)
     }
 }
@@ -220,29 +219,35 @@ fn task_params(req: &RpcRequest, caller: &Caller) -> Result<TaskParams, RpcError
             ));
         }
     };
-    // A 1.0 request may name a tenant; the tenant comes from the credentials or the tenant
-    // header / query, as on every route, so a different one is refused rather than ignored.
-    if let Some(tenant) = params.get("tenant") {
-        match tenant.as_str() {
-            None => return Err(invalid("params.tenant: must be a string".into())),
-            Some("") => {}
-            Some(t) if t == caller.tenant.as_str() => {}
-            Some(t) => {
-                return Err(invalid(format!(
-                    "params.tenant: this request acts for tenant {}, not {:?} (the tenant comes \
-                     from the token, X-Tenant-ID or ?tenant_id=)",
-                    caller.tenant,
-                    t.chars().take(60).collect::<String>()
-                )));
-            }
-        }
-    }
+    check_tenant(params, caller, &id)?;
     let metadata = match params.get("metadata") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(m)) => m.clone(),
         Some(_) => return Err(invalid("params.metadata: must be an object".into())),
     };
     Ok(TaskParams { task, metadata })
+}
+
+/// Checks a 1.0 request's `params.tenant`. A request may name a tenant; the tenant comes from
+/// the credentials or the tenant header / query, as on every route, so a different one is
+/// refused rather than ignored.
+pub(super) fn check_tenant(
+    params: &Map<String, Value>,
+    caller: &Caller,
+    id: &Value,
+) -> Result<(), RpcError> {
+    let invalid = |msg: String| RpcError::new(id, INVALID_PARAMS, msg);
+    match params.get("tenant").map(Value::as_str) {
+        None | Some(Some("")) => Ok(()),
+        Some(None) => Err(invalid("params.tenant: must be a string".into())),
+        Some(Some(t)) if t == caller.tenant.as_str() => Ok(()),
+        Some(Some(t)) => Err(invalid(format!(
+            "params.tenant: this request acts for tenant {}, not {:?} (the tenant comes from the \
+             token, X-Tenant-ID or ?tenant_id=)",
+            caller.tenant,
+            t.chars().take(60).collect::<String>()
+        ))),
+    }
 }
 
 fn lookup(
@@ -293,12 +298,13 @@ pub(in crate::server) async fn rpc(
         Method::Get(v) => get_task(&state, &caller, &req, v).await,
         Method::Cancel(v) => cancel_task(&state, &caller, &req, v).await,
         Method::Subscribe(v) => subscribe(&state, &caller, &parts.headers, &req, v).await,
+        Method::List => super::list::list_tasks(&state, &caller, &req).await,
         Method::Unsupported(code, why) => Err(RpcError::new(&req.reply_id(), code, why)),
     };
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-fn success(id: &Value, result: Value) -> Response {
+pub(super) fn success(id: &Value, result: Value) -> Response {
     crate::server::json(&json!({"jsonrpc": "2.0", "id": id, "result": result}))
 }
 
@@ -388,8 +394,8 @@ fn subscribe_from_start(
 
 /// A task read from the start of its retained events up to an offset, with the subscription
 /// that continues after it.
-struct Snapshot {
-    view: TaskView,
+pub(super) struct Snapshot {
+    pub(super) view: TaskView,
     mapper: Mapper,
     sub: Subscription,
     /// The first event at or past the offset, read while looking for the end.
@@ -399,7 +405,11 @@ struct Snapshot {
 impl Snapshot {
     /// Reads `sub` (from the queue's first retained offset) up to `upto`, exclusive, never
     /// waiting for events past the queue's latest offset when `sub` started.
-    async fn read(queue: &EventQueue, mut sub: Subscription, upto: u64) -> crate::Result<Self> {
+    pub(super) async fn read(
+        queue: &EventQueue,
+        mut sub: Subscription,
+        upto: u64,
+    ) -> crate::Result<Self> {
         let mut view = TaskView::new(queue);
         let mut mapper = Mapper::default();
         let end = upto.min(sub.latest_offset_at_start());

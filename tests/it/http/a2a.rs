@@ -654,3 +654,447 @@ async fn a2a_requests_need_the_scope_of_what_they_do() {
     let answer: Value = rpc(publisher, "CancelTask").await.json().await.unwrap();
     assert_eq!(answer["result"]["metadata"]["cancel_requested"], true);
 }
+
+// ---------------------------------------------------------------------------------------------
+// ListTasks
+// ---------------------------------------------------------------------------------------------
+
+/// Creates `task` for `tenant` (open mode: `X-Tenant-ID`) and publishes `events` to it.
+async fn task_of(server: &TestServer, tenant: &str, task: &str, events: Value) {
+    let r = helpers::client()
+        .post(server.url("/events/queues"))
+        .header("x-tenant-id", tenant)
+        .json(&json!({"task_id": task}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    if events.as_array().is_some_and(|e| !e.is_empty()) {
+        let r = helpers::client()
+            .post(server.url(&format!("/events/queues/{task}/events")))
+            .header("x-tenant-id", tenant)
+            .json(&json!({ "events": events }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+    }
+}
+
+/// A `working` status event at `at`.
+fn working_at(at: &str) -> Value {
+    json!({"event_type": "status", "state": "working", "timestamp": at})
+}
+
+/// `ListTasks` as `tenant`; the result (panics on an error answer).
+async fn list_as(server: &TestServer, tenant: &str, params: Value) -> Value {
+    let r = helpers::client()
+        .post(server.url("/a2a"))
+        .header("x-tenant-id", tenant)
+        .json(&json!({"jsonrpc": "2.0", "id": "l", "method": "ListTasks", "params": params}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let answer: Value = r.json().await.unwrap();
+    assert!(answer.get("error").is_none(), "{params}: {answer}");
+    answer["result"].clone()
+}
+
+async fn list(server: &TestServer, params: Value) -> Value {
+    list_as(server, "default", params).await
+}
+
+/// The ids of a ListTasks result, in order.
+fn ids(result: &Value) -> Vec<&str> {
+    result["tasks"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tasks: {result}"))
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn list_tasks_pages_newest_status_first_and_a_token_survives_new_tasks() {
+    let server = TestServer::start(config()).await;
+    for i in 0..5 {
+        let at = format!("2020-01-01T00:00:0{i}Z");
+        task_of(
+            &server,
+            "default",
+            &format!("t{i}"),
+            json!([working_at(&at)]),
+        )
+        .await;
+    }
+    let first = list(&server, json!({"pageSize": 2})).await;
+    assert_eq!(ids(&first), ["t4", "t3"]);
+    assert_eq!(first["totalSize"], 5);
+    assert_eq!(first["pageSize"], 2);
+    let task = &first["tasks"][0];
+    assert_eq!(task["contextId"], "t4");
+    assert_eq!(task["status"]["state"], "TASK_STATE_WORKING");
+    assert_eq!(task["status"]["timestamp"], "2020-01-01T00:00:04.000000Z");
+    assert_eq!(task["metadata"]["tenant_id"], "default");
+    assert_eq!(task["metadata"]["offset"], 1);
+    assert!(
+        task.get("artifacts").is_none(),
+        "without includeArtifacts the field is left out: {task}"
+    );
+    let token = first["nextPageToken"].as_str().unwrap().to_string();
+    assert!(!token.is_empty());
+
+    // While the client pages: a task that sorts first, one that sorts last, and an update of
+    // a task already seen. The token names a position in the order, not an index, so the
+    // next pages neither repeat nor skip anything that stayed put.
+    task_of(
+        &server,
+        "default",
+        "newest",
+        json!([working_at("2021-01-01T00:00:00Z")]),
+    )
+    .await;
+    task_of(
+        &server,
+        "default",
+        "oldest",
+        json!([working_at("2019-01-01T00:00:00Z")]),
+    )
+    .await;
+    publish(&server, "t3", json!([working_at("2022-01-01T00:00:00Z")])).await;
+
+    let second = list(&server, json!({"pageSize": 2, "pageToken": token})).await;
+    assert_eq!(ids(&second), ["t2", "t1"]);
+    assert_eq!(
+        second["totalSize"], 7,
+        "the total counts every match, all pages"
+    );
+    let third = list(
+        &server,
+        json!({"pageSize": 2, "pageToken": second["nextPageToken"]}),
+    )
+    .await;
+    assert_eq!(ids(&third), ["t0", "oldest"]);
+    assert_eq!(
+        third["nextPageToken"], "",
+        "the last page has an empty token"
+    );
+
+    // Without a page size: 50 at most, all of these; the updated task first.
+    let all = list(&server, Value::Null).await;
+    assert_eq!(all["pageSize"], 50);
+    assert_eq!(
+        ids(&all),
+        ["t3", "newest", "t4", "t2", "t1", "t0", "oldest"]
+    );
+    assert_eq!(all["nextPageToken"], "");
+    // A token stays valid for as long as the client keeps it, also after its task is gone.
+    let r = helpers::client()
+        .delete(server.url("/events/queues/t4"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let again = list(&server, json!({"pageSize": 2, "page_token": token})).await;
+    assert_eq!(ids(&again), ["t2", "t1"], "proto field names work too");
+}
+
+#[tokio::test]
+async fn list_tasks_filters_by_state_context_and_status_time_and_agrees_with_get_task() {
+    let server = TestServer::start(config()).await;
+    task_of(&server, "default", "fresh", json!([])).await;
+    task_of(
+        &server,
+        "default",
+        "work",
+        json!([working_at("2020-01-01T00:00:01Z")]),
+    )
+    .await;
+    task_of(
+        &server,
+        "default",
+        "prog",
+        json!([{"event_type": "progress", "current": 1, "total": 2,
+                "timestamp": "2020-01-01T00:00:02Z"}]),
+    )
+    .await;
+    task_of(
+        &server,
+        "default",
+        "done",
+        json!([{"event_type": "complete", "result": {"n": 1},
+                "timestamp": "2020-01-02T00:00:00Z"}]),
+    )
+    .await;
+    // A status, then more artifacts than the first read from the end covers: artifacts set no
+    // status, so the task is INPUT_REQUIRED as of 2020-01-03.
+    let mut arts = vec![json!({"event_type": "status", "state": "input-required",
+                               "timestamp": "2020-01-03T00:00:00Z"})];
+    for i in 0..40 {
+        arts.push(json!({"event_type": "artifact", "artifact_type": "rows",
+                         "artifact_id": format!("a{i}"), "data": {"i": i},
+                         "timestamp": "2020-01-04T00:00:00Z"}));
+    }
+    task_of(&server, "default", "arts", Value::Array(arts)).await;
+    // An event after the terminal one is not part of the task (as for GetTask).
+    task_of(
+        &server,
+        "default",
+        "ended",
+        json!([{"event_type": "complete", "result": {}, "timestamp": "2020-01-05T00:00:00Z"},
+               working_at("2020-01-06T00:00:00Z")]),
+    )
+    .await;
+
+    let all = list(&server, json!({})).await;
+    assert_eq!(
+        ids(&all),
+        ["fresh", "ended", "arts", "done", "prog", "work"],
+        "a task without events is SUBMITTED since its creation, which is now"
+    );
+    let with_state = |state: Value| {
+        let server = &server;
+        async move { list(server, json!({"status": state})).await }
+    };
+    assert_eq!(
+        ids(&with_state(json!("TASK_STATE_WORKING")).await),
+        ["prog", "work"]
+    );
+    assert_eq!(ids(&with_state(json!(3)).await), ["ended", "done"]);
+    assert_eq!(
+        ids(&with_state(json!("TASK_STATE_INPUT_REQUIRED")).await),
+        ["arts"]
+    );
+    assert_eq!(
+        ids(&with_state(json!("TASK_STATE_SUBMITTED")).await),
+        ["fresh"]
+    );
+    let rejected = with_state(json!("TASK_STATE_REJECTED")).await;
+    assert_eq!(
+        (ids(&rejected).len(), &rejected["totalSize"]),
+        (0, &json!(0))
+    );
+    assert_eq!(
+        ids(&with_state(json!("TASK_STATE_UNSPECIFIED")).await).len(),
+        6
+    );
+
+    // A task's context is the task itself.
+    assert_eq!(
+        ids(&list(&server, json!({"contextId": "done"})).await),
+        ["done"]
+    );
+    for context in ["nope", "not an id!"] {
+        let none = list(&server, json!({"contextId": context})).await;
+        assert_eq!((ids(&none).len(), &none["nextPageToken"]), (0, &json!("")));
+    }
+
+    // statusTimestampAfter is inclusive; it combines with the other filters.
+    let recent = list(
+        &server,
+        json!({"statusTimestampAfter": "2020-01-03T00:00:00Z"}),
+    )
+    .await;
+    assert_eq!(ids(&recent), ["fresh", "ended", "arts"]);
+    let recent_done = list(
+        &server,
+        json!({"statusTimestampAfter": "2020-01-02T01:00:00+01:00",
+               "status": "TASK_STATE_COMPLETED"}),
+    )
+    .await;
+    assert_eq!(
+        ids(&recent_done),
+        ["ended", "done"],
+        "an offset is honoured"
+    );
+
+    // With includeArtifacts each task is exactly what GetTask answers.
+    let full = list(
+        &server,
+        json!({"includeArtifacts": true, "historyLength": 3}),
+    )
+    .await;
+    for task in full["tasks"].as_array().unwrap() {
+        let got = call(&server, "GetTask", json!({"id": task["id"]})).await;
+        assert_eq!(task, &got["result"], "ListTasks and GetTask disagree");
+    }
+    let arts = &full["tasks"][2];
+    assert_eq!(arts["status"]["state"], "TASK_STATE_INPUT_REQUIRED");
+    assert_eq!(arts["artifacts"].as_array().unwrap().len(), 40);
+    assert_eq!(full["tasks"][0]["artifacts"], json!([]));
+}
+
+#[tokio::test]
+async fn list_tasks_answers_bad_params_with_a_clear_invalid_params_error() {
+    let server = TestServer::start(config()).await;
+    task_of(
+        &server,
+        "default",
+        "t",
+        json!([working_at("2020-01-01T00:00:00Z")]),
+    )
+    .await;
+    let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    for (params, needle) in [
+        (json!([]), "params"),
+        (json!({"pageSize": 0}), "pageSize"),
+        (json!({"pageSize": 101}), "pageSize"),
+        (json!({"pageSize": -1}), "pageSize"),
+        (json!({"pageSize": "ten"}), "pageSize"),
+        (json!({"pageToken": "garbage"}), "pageToken"),
+        (json!({"pageToken": "zz"}), "pageToken"),
+        (json!({"pageToken": hex("9.1.t")}), "pageToken"),
+        (json!({"pageToken": hex("1.1.bad id")}), "pageToken"),
+        (json!({"pageToken": 5}), "pageToken"),
+        (json!({"status": "working"}), "status"),
+        (json!({"status": 42}), "status"),
+        (json!({"historyLength": -1}), "historyLength"),
+        (
+            json!({"statusTimestampAfter": "yesterday"}),
+            "statusTimestampAfter",
+        ),
+        (json!({"includeArtifacts": "yes"}), "includeArtifacts"),
+        (json!({"contextId": 7}), "contextId"),
+        (json!({"tenant": "other"}), "tenant"),
+    ] {
+        let answer = call(&server, "ListTasks", params.clone()).await;
+        assert_eq!(error_code(&answer), -32602, "{params}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{params}: {message}");
+    }
+    let answer = call(&server, "ListTasks", json!({"pageToken": "garbage"})).await;
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nextPageToken"),
+        "the message says what a token is: {answer}"
+    );
+    // The bounds themselves are fine, and so is a request without params.
+    for params in [
+        json!({"pageSize": 1}),
+        json!({"pageSize": "100"}),
+        Value::Null,
+    ] {
+        let answer = call(&server, "ListTasks", params.clone()).await;
+        assert_eq!(ids(&answer["result"]), ["t"], "{params}");
+    }
+}
+
+#[tokio::test]
+async fn list_tasks_shows_only_the_callers_tenant() {
+    let server = TestServer::start(config()).await;
+    for task in ["a", "b", "c"] {
+        task_of(
+            &server,
+            "default",
+            task,
+            json!([working_at("2020-01-01T00:00:00Z")]),
+        )
+        .await;
+    }
+    // The other tenant has a task of the same name, and newer ones.
+    for task in ["a", "x", "y"] {
+        task_of(
+            &server,
+            "other",
+            task,
+            json!([working_at("2021-01-01T00:00:00Z")]),
+        )
+        .await;
+    }
+    let mine = list(&server, json!({"pageSize": 2})).await;
+    assert_eq!(mine["totalSize"], 3);
+    let rest = list(
+        &server,
+        json!({"pageSize": 2, "pageToken": mine["nextPageToken"]}),
+    )
+    .await;
+    let seen: Vec<&str> = ids(&mine).into_iter().chain(ids(&rest)).collect();
+    assert_eq!(seen, ["c", "b", "a"]);
+    for task in mine["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(rest["tasks"].as_array().unwrap())
+    {
+        assert_eq!(task["metadata"]["tenant_id"], "default");
+    }
+    assert_eq!(
+        ids(&list(&server, json!({"contextId": "x"})).await).len(),
+        0
+    );
+
+    let theirs = list_as(&server, "other", json!({})).await;
+    assert_eq!(ids(&theirs), ["y", "x", "a"]);
+    assert!(
+        theirs["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["metadata"]["tenant_id"] == "other")
+    );
+    // The tenant of ?tenant_id= (as the card's URL carries it) works the same way.
+    let r = helpers::client()
+        .post(server.url("/a2a?tenant_id=other"))
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "ListTasks", "params": {"tenant": "other"}}))
+        .send()
+        .await
+        .unwrap();
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(ids(&answer["result"]), ["y", "x", "a"]);
+}
+
+#[tokio::test]
+async fn list_tasks_in_token_mode_lists_the_tokens_tenant_and_needs_subscribe() {
+    let secret = *b"a2a-test-secret-a2a-test-secret-0123";
+    let keys = TokenKeys::from_secret(&secret).unwrap();
+    let mut config = config();
+    config.auth = Auth::Token(keys.clone());
+    let server = TestServer::start(config).await;
+    let token = |tenant: &str, scope: &str| {
+        keys.mint(
+            &eventqueue::TenantId::new(tenant).unwrap(),
+            eventqueue::server::Scopes::parse_strict(scope).unwrap(),
+            Duration::from_secs(600),
+        )
+        .unwrap()
+    };
+    for (tenant, task) in [("acme", "mine"), ("globex", "theirs")] {
+        let r = helpers::client()
+            .post(server.url("/events/queues"))
+            .bearer_auth(token(tenant, "publish"))
+            .json(&json!({"task_id": task}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    let list_with = |token: String| {
+        let url = server.url("/a2a");
+        async move {
+            helpers::client()
+                .post(url)
+                .bearer_auth(token)
+                .header("x-tenant-id", "globex")
+                .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "ListTasks"}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        list_with(token("acme", "publish")).await.status(),
+        StatusCode::FORBIDDEN,
+        "listing reads: it needs subscribe"
+    );
+    let r = list_with(token("acme", "subscribe")).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(
+        ids(&answer["result"]),
+        ["mine"],
+        "the token's tenant, not the header's"
+    );
+}
