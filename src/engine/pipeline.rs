@@ -277,6 +277,16 @@ pub(crate) struct Writer {
 /// never holds appends behind it.
 const PURGE_PACE: Duration = Duration::from_millis(10);
 
+/// A failure before a batch's commit (nothing of it was stored): a networked store that
+/// could not be reached takes the next batch normally, any other store error stops writes
+/// as a failed commit does.
+fn unstored(e: Error) -> WriteError {
+    match &e {
+        Error::Storage(se) if se.is_unavailable() => WriteError::Rejected(e),
+        _ => WriteError::Fatal(e),
+    }
+}
+
 /// Most times one batch is rebuilt after a shared store found it stale (other nodes kept
 /// writing the same queues); then its callers get a storage error and may retry.
 const MAX_REBUILDS: u32 = 32;
@@ -675,7 +685,7 @@ impl WriterLoop {
                 for op in ops {
                     op.refuse(e.clone());
                 }
-                Err(WriteError::Fatal(e))
+                Err(unstored(e))
             }
             Ok(mut w) => {
                 let mut fatal = None;
@@ -701,10 +711,10 @@ impl WriterLoop {
                         for op in ops {
                             op.refuse(e.clone());
                         }
-                        Err(WriteError::Fatal(e))
+                        Err(unstored(e))
                     }
                     None => finish(&mut *w, &mut batch)
-                        .map_err(WriteError::Fatal)
+                        .map_err(unstored)
                         .and_then(|()| w.commit()),
                 }
             }

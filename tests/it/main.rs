@@ -1,4 +1,5 @@
 mod helpers;
 mod http;
 mod library;
+mod redis;
 mod reliability;

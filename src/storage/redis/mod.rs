@@ -92,6 +92,17 @@ fn redis_error(target: &str, context: &str, e: redis::RedisError) -> Error {
         std::io::ErrorKind::ConnectionRefused
     } else if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
         std::io::ErrorKind::ConnectionReset
+    } else if matches!(
+        e.kind(),
+        redis::ErrorKind::Server(
+            redis::ServerErrorKind::BusyLoading
+                | redis::ServerErrorKind::TryAgain
+                | redis::ServerErrorKind::ClusterDown
+                | redis::ServerErrorKind::MasterDown
+        )
+    ) {
+        // Up but not serving yet (loading its data after a restart, a failover): soon.
+        std::io::ErrorKind::NotConnected
     } else {
         std::io::ErrorKind::Other
     };
