@@ -220,7 +220,7 @@ impl ListCursor {
     /// [`InvalidCursor`] for any other text, including a cursor whose ids are not valid ids.
     pub fn decode(text: &str) -> Result<Self, InvalidCursor> {
         let hex = text.as_bytes();
-        if hex.len() % 2 != 0 {
+        if !hex.len().is_multiple_of(2) {
             return Err(InvalidCursor);
         }
         let bytes = hex
@@ -445,7 +445,7 @@ mod tests {
 
     #[test]
     fn keys_order_newest_activity_first_then_tenant_then_task() {
-        let mut keys = vec![
+        let mut keys = [
             cursor(1, "a", "z"),
             cursor(2, "b", "a"),
             cursor(2, "a", "b"),
