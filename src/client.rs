@@ -215,6 +215,44 @@ pub struct RemoteQueueInfo {
     pub latest_offset: u64,
 }
 
+/// Which queues [`Client::list_queues_matching`] and [`Client::list_queues_page`] return; the
+/// default matches every queue. Values are sent as given, so the server names a wrong one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Only these kinds (`workflow`, `ingestion`, `task`); empty: every kind.
+    pub kinds: Vec<String>,
+    /// Only these states (`running`, `closed`, `finished`, `cancelled`); empty: every state.
+    pub states: Vec<String>,
+    /// Only task ids starting with this text.
+    pub task_id_prefix: Option<String>,
+}
+
+impl ListFilter {
+    /// The filter's query parameters.
+    fn pairs(&self) -> Vec<(&'static str, String)> {
+        let mut pairs = Vec::new();
+        if !self.kinds.is_empty() {
+            pairs.push(("kind", self.kinds.join(",")));
+        }
+        if !self.states.is_empty() {
+            pairs.push(("state", self.states.join(",")));
+        }
+        if let Some(prefix) = &self.task_id_prefix {
+            pairs.push(("task_id_prefix", prefix.clone()));
+        }
+        pairs
+    }
+}
+
+/// One page of `GET /events/queues` (see [`Client::list_queues_page`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemoteQueuePage {
+    /// The page's queues, newest activity first.
+    pub queues: Vec<RemoteQueueInfo>,
+    /// The `cursor` of the next page; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
 /// The answer to an enqueue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishOutcome {
@@ -447,6 +485,47 @@ impl Client {
         self.call(Method::GET, "/events/queues".into(), None).await
     }
 
+    /// `GET /events/queues` with filters: every matching queue of the tenant, sorted by
+    /// tenant then task, in one answer. For a tenant with many queues prefer
+    /// [`Client::list_queues_page`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::list_queues`]; `400` for an unknown kind or state.
+    pub async fn list_queues_matching(
+        &self,
+        filter: &ListFilter,
+    ) -> Result<Vec<RemoteQueueInfo>, ClientError> {
+        let pairs = filter.pairs();
+        let query: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        self.call_with(Method::GET, "/events/queues", &query, None)
+            .await
+    }
+
+    /// `GET /events/queues?limit=…`: one page of the matching queues, newest activity first.
+    /// Pass the page's `next_cursor` back as `cursor` for the next page; it is `None` on the
+    /// last one.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::list_queues_matching`]; `400` for a limit outside 1..=1000 or a cursor
+    /// the server did not hand out.
+    pub async fn list_queues_page(
+        &self,
+        filter: &ListFilter,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<RemoteQueuePage, ClientError> {
+        let mut pairs = filter.pairs();
+        pairs.push(("limit", limit.to_string()));
+        if let Some(cursor) = cursor {
+            pairs.push(("cursor", cursor.to_string()));
+        }
+        let query: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        self.call_with(Method::GET, "/events/queues", &query, None)
+            .await
+    }
+
     /// `POST /events/{workflows|ingestion}/{task_id}/cancel`: asks the producer to stop.
     /// Appends no event and ends no stream.
     ///
@@ -560,7 +639,17 @@ impl Client {
         path: String,
         body: Option<Vec<u8>>,
     ) -> Result<T, ClientError> {
-        let mut req = self.request(method, &path).timeout(self.timeout);
+        self.call_with(method, &path, &[], body).await
+    }
+
+    async fn call_with<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let mut req = self.request_with(method, path, query).timeout(self.timeout);
         if let Some(body) = body {
             if !body.is_empty() {
                 req = req.header(reqwest::header::CONTENT_TYPE, "application/json");

@@ -66,6 +66,7 @@ mod engine;
 // Front ends over the engine.
 mod checkpoint;
 mod expiry;
+mod listing;
 mod manager;
 mod queue;
 mod reader;
@@ -95,6 +96,10 @@ pub use event::{
 };
 pub use expiry::{CleanupReport, CompactReport, compact_offline};
 pub use ids::{EventId, MAX_ID_LEN, TaskId, TenantId, validate_id};
+pub use listing::{
+    DEFAULT_PAGE_SIZE, InvalidCursor, ListCursor, MAX_PAGE_SIZE, PageRequest, QueueFilter,
+    QueuePage, RunState,
+};
 pub use manager::{ManagerStats, QueueManager};
 pub use metrics::{Histogram, Metrics};
 pub use queue::{CancellationState, EventQueue, QueueInfo, QueueKind, QueueOptions};

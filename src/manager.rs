@@ -13,6 +13,7 @@ use crate::engine::{Core, NewQueue, Opened, QueueState};
 use crate::error::{Error, Result};
 use crate::expiry::{self, CleanupReport};
 use crate::ids::{TaskId, TenantId};
+use crate::listing::{self, PageRequest, QueuePage};
 use crate::metrics::Metrics;
 use crate::queue::{EventQueue, QueueInfo, QueueOptions};
 use crate::storage::memory::MemoryStore;
@@ -225,6 +226,20 @@ impl QueueManager {
             .collect();
         infos.sort_by(|a, b| (&a.tenant_id, &a.task_id).cmp(&(&b.tenant_id, &b.task_id)));
         infos
+    }
+
+    /// One page of the queues of `tenant` (all tenants when `None`) that pass
+    /// `request.filter`, newest activity first, with the cursor of the next page when more
+    /// match. See [`crate::ListCursor`] for what a walk over the pages guarantees while queues
+    /// change. Costs one pass over the tenant's queues (all queues' for `None`) plus the info of
+    /// the page's queues.
+    pub fn list_queues_page(&self, tenant: Option<&TenantId>, request: &PageRequest) -> QueuePage {
+        listing::page(self.core.queues(tenant), request)
+    }
+
+    /// How many queues `tenant` has (closed ones included, until they expire).
+    pub fn count_queues(&self, tenant: &TenantId) -> usize {
+        self.core.queues(Some(tenant)).len()
     }
 
     /// Closes a queue. Returns whether it existed.

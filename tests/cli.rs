@@ -672,6 +672,44 @@ fn queues_info_and_cancel() {
     assert!(out.status.success(), "{out:?}");
     assert!(stderr_of(&out).contains("was cancelled"), "{out:?}");
 
+    // Filters and a limit; the state column names the state the filter uses first.
+    let tasks = |args: &[&str]| {
+        let out = server.cmd(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let tasks: Vec<String> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| q["task_id"].as_str().unwrap().to_string())
+            .collect();
+        (tasks, stderr_of(&out))
+    };
+    assert_eq!(
+        tasks(&["queues", "--json", "--state", "cancelled"]).0,
+        ["alpha"]
+    );
+    assert_eq!(
+        tasks(&["queues", "--json", "--state", "finished,running"]).0,
+        ["beta"]
+    );
+    assert_eq!(tasks(&["queues", "--json", "--prefix", "be"]).0, ["beta"]);
+    assert_eq!(
+        tasks(&["queues", "--json", "--kind", "workflow"]).0,
+        Vec::<String>::new()
+    );
+    // alpha's cancelled status is the newest activity.
+    let (newest, note) = tasks(&["queues", "--json", "--limit", "1"]);
+    assert_eq!(newest, ["alpha"]);
+    assert!(note.contains("more queues match"), "{note}");
+    let out = server.cmd(&["queues"]).output().unwrap();
+    let text = stdout_of(&out);
+    let alpha = text.lines().find(|l| l.starts_with("alpha")).unwrap();
+    assert!(alpha.contains("cancelled,finished"), "{text}");
+    let out = server.cmd(&["queues", "--state", "done"]).output().unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(stderr_of(&out).contains("state:"), "{out:?}");
+
     // A finished task cannot be cancelled; an unknown one is a usage error.
     let out = server.cmd(&["cancel", "beta"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");

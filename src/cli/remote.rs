@@ -7,17 +7,32 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
 use crate::cli::{CliError, ConnArgs, Outcome, remote_error, task_arg};
-use crate::client::{Client, ClientError, CreateQueue, RemoteQueueInfo, Route};
+use crate::client::{Client, ClientError, CreateQueue, ListFilter, RemoteQueueInfo, Route};
 
 /// Flags of `eventqueue queues`.
 #[derive(clap::Args, Debug, Clone)]
 #[command(after_help = "Examples:
   eventqueue queues
+  eventqueue queues --kind workflow --state running,cancelled --prefix nightly-
+  eventqueue queues --limit 20
   EVENTQUEUE_TENANT=acme eventqueue queues --json | jq '.[].task_id'")]
 pub struct QueuesArgs {
     /// Print the server's JSON array instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Only these kinds, comma-separated: workflow, ingestion, task.
+    #[arg(long, value_name = "KINDS", value_delimiter = ',')]
+    pub kind: Vec<String>,
+    /// Only these states, comma-separated: running, closed, finished, cancelled.
+    #[arg(long, value_name = "STATES", value_delimiter = ',')]
+    pub state: Vec<String>,
+    /// Only task ids starting with this text.
+    #[arg(long, value_name = "TEXT")]
+    pub prefix: Option<String>,
+    /// Only the N most recently active queues (1..=1000), newest first; without it every
+    /// matching queue, by task id.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -100,10 +115,25 @@ pub struct PublishArgs {
 /// An unreachable server or an error answer (1).
 pub async fn queues(args: QueuesArgs) -> Result<Outcome, CliError> {
     let client = args.conn.client()?;
-    let list = client
-        .list_queues()
-        .await
-        .map_err(|e| remote_error(e, &args.conn, None))?;
+    let filter = ListFilter {
+        kinds: args.kind.clone(),
+        states: args.state.clone(),
+        task_id_prefix: args.prefix.clone(),
+    };
+    let (list, more) = match args.limit {
+        None => (client.list_queues_matching(&filter).await, false),
+        Some(limit) => match client.list_queues_page(&filter, limit, None).await {
+            Ok(page) => (Ok(page.queues), page.next_cursor.is_some()),
+            Err(e) => (Err(e), false),
+        },
+    };
+    let list = list.map_err(|e| remote_error(e, &args.conn, None))?;
+    if more {
+        eprintln!(
+            "more queues match; these are the {} most recently active",
+            list.len()
+        );
+    }
     if args.json {
         print_json(&list)?;
         return Ok(Outcome::Success);
@@ -146,16 +176,25 @@ pub async fn queues(args: QueuesArgs) -> Result<Outcome, CliError> {
     Ok(Outcome::Success)
 }
 
+/// The queue's state as `GET /events/queues?state=` names it — the first of `cancelled`,
+/// `finished`, `closed` that applies, else `running` — followed by the other flags that also
+/// hold (`cancelled,finished`: cancelled, and the producer has since stopped).
 fn state_label(q: &RemoteQueueInfo) -> String {
-    let mut parts = Vec::new();
-    parts.push(if q.is_finished { "finished" } else { "running" });
-    if q.is_cancelled {
-        parts.push("cancelled");
+    let flags = [
+        (q.is_cancelled, "cancelled"),
+        (q.is_finished, "finished"),
+        (q.is_closed, "closed"),
+    ];
+    let parts: Vec<&str> = flags
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, name)| *name)
+        .collect();
+    if parts.is_empty() {
+        "running".to_string()
+    } else {
+        parts.join(",")
     }
-    if q.is_closed {
-        parts.push("closed");
-    }
-    parts.join(",")
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<(), CliError> {

@@ -1,7 +1,7 @@
 //! The JSON endpoints: queue administration, enqueue, cancel, health.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
@@ -16,9 +16,13 @@ use crate::event::{
     ReadObject,
 };
 use crate::ids::TaskId;
-use crate::queue::{EventQueue, QueueKind, QueueOptions};
+use crate::listing::{
+    DEFAULT_PAGE_SIZE, ListCursor, MAX_PAGE_SIZE, PageRequest, QueueFilter, RunState,
+};
+use crate::queue::{EventQueue, QueueInfo, QueueKind, QueueOptions};
 use crate::server::error::ApiError;
 use crate::server::limits::check_json_depth;
+use crate::server::stream::preview;
 use crate::server::tenant::{Caller, Reach, Tenant};
 use crate::server::{AppState, json};
 
@@ -123,13 +127,128 @@ pub(super) async fn healthz(State(state): State<AppState>) -> Response {
     }
 }
 
-/// `GET /events/queues`: the caller's tenant's queues (an admin token without
-/// `?tenant_id=`: every tenant's).
-pub(super) async fn list_queues(State(state): State<AppState>, caller: Caller) -> Response {
-    match caller.reach {
-        Reach::OwnTenant => json(&state.manager().list_queues(Some(&caller.tenant))),
-        Reach::AllTenants => json(&state.manager().list_queues(None)),
+/// The query of `GET /events/queues`; other parameters (`tenant_id`, `access_token`) are the
+/// caller's and are read elsewhere.
+#[derive(Debug, Deserialize)]
+pub(super) struct ListParams {
+    limit: Option<String>,
+    cursor: Option<String>,
+    kind: Option<String>,
+    state: Option<String>,
+    task_id_prefix: Option<String>,
+}
+
+type ListQuery = Result<Query<ListParams>, axum::extract::rejection::QueryRejection>;
+
+/// A page of `GET /events/queues`.
+#[derive(Serialize)]
+struct PageBody {
+    queues: Vec<QueueInfo>,
+    next_cursor: Option<String>,
+}
+
+/// `GET /events/queues`: the caller's tenant's queues (an admin token without `?tenant_id=`:
+/// every tenant's), filtered by `kind`, `state` (comma-separated lists) and `task_id_prefix`.
+///
+/// With `limit` or `cursor` the answer is one page, newest activity first:
+/// `{"queues": [...], "next_cursor": str|null}` (`cursor=` empty or absent: the first page;
+/// `limit` default [`DEFAULT_PAGE_SIZE`], at most [`MAX_PAGE_SIZE`]). Without either it is the
+/// plain array of every matching queue, sorted by tenant then task, as before paging existed.
+pub(super) async fn list_queues(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: ListQuery,
+) -> Result<Response, ApiError> {
+    let Query(params) = query
+        .map_err(|e| ApiError::bad_request(format!("invalid query string: {}", e.body_text())))?;
+    let tenant = match caller.reach {
+        Reach::OwnTenant => Some(&caller.tenant),
+        Reach::AllTenants => None,
+    };
+    let filter = QueueFilter {
+        kinds: parse_list(
+            params.kind.as_deref(),
+            "kind",
+            QueueKind::parse,
+            QueueKind::as_str,
+            &[QueueKind::Workflow, QueueKind::Ingestion, QueueKind::Task],
+        )?,
+        states: parse_list(
+            params.state.as_deref(),
+            "state",
+            RunState::parse,
+            RunState::as_str,
+            &RunState::ALL,
+        )?,
+        task_id_prefix: params.task_id_prefix.unwrap_or_default(),
+    };
+    if params.limit.is_none() && params.cursor.is_none() {
+        let mut queues = state.manager().list_queues(tenant);
+        queues.retain(|info| filter.matches(info));
+        return Ok(json(&queues));
     }
+    let limit = match params.limit.as_deref() {
+        None => DEFAULT_PAGE_SIZE,
+        Some(text) => text
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE_SIZE).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "limit: must be an integer from 1 to {MAX_PAGE_SIZE}, got {}",
+                    preview(text)
+                ))
+            })?,
+    };
+    let after = match params.cursor.as_deref() {
+        None | Some("") => None,
+        Some(text) => Some(ListCursor::decode(text).map_err(|_| {
+            ApiError::bad_request(format!(
+                "cursor: {} is not a next_cursor of this list; start again without a cursor",
+                preview(text)
+            ))
+        })?),
+    };
+    let page = state.manager().list_queues_page(
+        tenant,
+        &PageRequest {
+            filter,
+            after,
+            limit,
+        },
+    );
+    Ok(json(&PageBody {
+        queues: page.queues,
+        next_cursor: page.next_cursor.map(|c| c.encode()),
+    }))
+}
+
+/// A comma-separated list of `field`'s values (empty items skipped); `400` naming the field
+/// and its choices on an unknown value.
+fn parse_list<T: Copy>(
+    text: Option<&str>,
+    field: &str,
+    parse: impl Fn(&str) -> Option<T>,
+    name: impl Fn(T) -> &'static str,
+    all: &[T],
+) -> Result<Vec<T>, ApiError> {
+    let mut values = Vec::new();
+    for item in text.unwrap_or("").split(',').map(str::trim) {
+        if item.is_empty() {
+            continue;
+        }
+        let value = parse(item).ok_or_else(|| {
+            let choices: Vec<&str> = all.iter().map(|v| name(*v)).collect();
+            ApiError::bad_request(format!(
+                "{field}: must be a comma-separated list of {}; got {}",
+                choices.join(", "),
+                preview(item)
+            ))
+        })?;
+        values.push(value);
+    }
+    Ok(values)
 }
 
 /// The body of `POST /events/queues`.
@@ -187,7 +306,7 @@ pub(super) async fn create_queue(
     }
     let manager = state.manager();
     let limit = state.config().max_queues_per_tenant;
-    let existing = || manager.list_queues(Some(&tenant.0)).len();
+    let existing = || manager.count_queues(&tenant.0);
     let _reservation = state.limits().reserve_queue(&tenant.0, limit, existing)?;
     let queue = manager.create_queue(&tenant.0, &task_id, options).await?;
     Ok((StatusCode::CREATED, axum::Json(queue.info())).into_response())

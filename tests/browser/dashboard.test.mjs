@@ -7,7 +7,10 @@
 // (SIGKILL) and restarted on the same port and data directory the page resumes without
 // duplicate or missing events; the cancel button cancels (queue info shows it); a gap notice
 // and the final result are rendered. In open mode: the tenant field selects the tenant, and
-// closing a queue ends the page's stream. No console errors or uncaught page errors anywhere
+// closing a queue ends the page's stream. A tenant with 10,000 queues: the list shows its first
+// page (newest activity first) quickly — the time is printed, and bounded generously since CI
+// machines are noisy — "Show more" adds a page, and the search box and the kind / state
+// toggles narrow the list on the server. No console errors or uncaught page errors anywhere
 // (but the failed requests the browser logs while the server is down).
 //
 // Screenshots of every page go to $CI_ARTIFACTS (default target/ci-artifacts/dashboard).
@@ -65,7 +68,8 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 // One `eventqueue serve` process.
 class Server {
-  constructor({ dataDir, port, secretFile, logName }) {
+  constructor({ dataDir, port, secretFile, logName, extraArgs }) {
+    this.extraArgs = extraArgs || [];
     this.dataDir = dataDir;
     this.port = port;
     this.secretFile = secretFile;
@@ -77,6 +81,7 @@ class Server {
   async start() {
     const args = ['serve', '--data-dir', this.dataDir, '--bind', `127.0.0.1:${this.port}`];
     if (this.secretFile) args.push('--jwt-secret-file', this.secretFile);
+    args.push(...this.extraArgs);
     const out = fs.openSync(this.logPath, 'a');
     this.proc = spawn(BIN, args, {
       stdio: ['ignore', out, out],
@@ -144,6 +149,122 @@ async function shot(page, name) {
 // The offsets the queue page's timeline shows, in order.
 function timelineOffsets(page) {
   return page.$$eval('#timeline li.ev', (lis) => lis.map((li) => Number(li.dataset.offset)));
+}
+
+// Waits for the list to hold exactly `want` (task ids, in order); returns how long that took.
+async function listShows(page, want, what) {
+  const t = Date.now();
+  await waitFor(page, (w) => {
+    const tasks = [...document.querySelectorAll('#queues li.queue')].map((li) => li.dataset.task);
+    return JSON.stringify(tasks) === JSON.stringify(w);
+  }, want, what);
+  return Date.now() - t;
+}
+
+const pad = (i) => 'q-' + String(i).padStart(5, '0');
+
+// A tenant of 10,000 queues in the open-mode server, on `page`.
+async function bigTenant(server, page) {
+  const N = 10000;
+  const KINDS = ['workflow', 'ingestion', 'task'];
+  const big = apiClient(server, { tenant: 'big' });
+  let next = 0;
+  let t = Date.now();
+  await Promise.all(Array.from({ length: 32 }, async () => {
+    while (next < N) {
+      const i = next++;
+      await big('POST', '/events/queues', { task_id: pad(i), kind: KINDS[i % 3] });
+    }
+  }));
+  log(`created ${N} queues of tenant big in ${Date.now() - t} ms`);
+  // One queue in each state but running; then q-00007 is the most recently active.
+  await big('POST', '/events/queues/q-00042/events', { event_type: 'complete', result: {} });
+  await big('POST', '/events/workflows/q-00043/cancel', { reason: 'test' });
+  await big('POST', '/events/queues/q-00044/close');
+  await big('POST', '/events/queues/q-00007/events', { event_type: 'progress', current: 1, total: 2 });
+  const size = async (query) => {
+    const r = await fetch(server.base + '/events/queues' + query, { headers: { 'X-Tenant-ID': 'big' } });
+    return (await r.arrayBuffer()).byteLength;
+  };
+  log(`one list poll: ${await size('?limit=50')} bytes paged, ${await size('')} bytes for the whole list`);
+
+  // The first page: 50 queues, newest activity first. (The queues were created concurrently,
+  // so their creation order is the server's to say.)
+  const [firstPage, cursor] = await serverPage(server, 'limit=50');
+  check(firstPage[0] === pad(7), `the most recently active queue first, got ${firstPage[0]}`);
+  await page.goto(server.base + '/#/');
+  await page.fill('#tenant', 'big');
+  t = Date.now();
+  await page.click('#conn button[type=submit]');
+  await listShows(page, firstPage, 'the first page of tenant big');
+  const connectMs = Date.now() - t;
+  t = Date.now();
+  await page.reload();
+  await listShows(page, firstPage, 'the first page of tenant big after a reload');
+  const loadMs = Date.now() - t;
+  log(`10,000 queues: first page shown ${connectMs} ms after Connect, ${loadMs} ms after a page load`);
+  // The issue asks for 1 s; CI machines are noisy, so only a hang or a full-list download fails.
+  check(connectMs < 5000 && loadMs < 5000, 'the first page of 10,000 queues within 5 s');
+  check(!(await page.isHidden('#more')), 'a "Show more" button');
+  check(/50 queues shown; more match/.test(await page.textContent('#list-count')), 'the count line');
+  await shot(page, 'list-10k.png');
+
+  await page.click('#more');
+  const [secondPage] = await serverPage(server, 'limit=50&cursor=' + cursor);
+  const twoPages = firstPage.concat(secondPage);
+  check(new Set(twoPages).size === 100, 'two pages of distinct queues');
+  await listShows(page, twoPages, 'a second page after "Show more"');
+  log('"Show more" added the second page');
+
+  // The search box narrows the list on the server.
+  await page.fill('#search', 'q-0999');
+  const [nines] = await serverPage(server, 'limit=50&task_id_prefix=q-0999');
+  check(JSON.stringify(nines.slice().sort().reverse()) ===
+    JSON.stringify(Array.from({ length: 10 }, (_, i) => pad(9999 - i))), `q-0999*, got ${nines}`);
+  const searchMs = await listShows(page, nines, 'the list narrowed to q-0999*');
+  log(`search "q-0999" narrowed 10,000 queues to 10 in ${searchMs} ms (with the search box's 200 ms typing pause)`);
+  check(searchMs < 5000, 'the search narrows the list within 5 s');
+  check(await page.isHidden('#more'), 'no "Show more" when everything is shown');
+  await page.fill('#search', 'nothing-like-this');
+  await waitFor(page, () => !document.getElementById('list-empty').hidden &&
+    /match the filter/.test(document.getElementById('list-empty').textContent), null, 'the no-match note');
+  await page.fill('#search', '');
+  await listShows(page, firstPage, 'the first page again without a search');
+
+  // Kind and state toggles.
+  await page.click('button.toggle[data-kind="workflow"]');
+  await waitFor(page, () => {
+    const lis = [...document.querySelectorAll('#queues li.queue')];
+    return lis.length === 50 && lis[0].dataset.task === 'q-00042' &&
+      lis.every((li) => li.querySelector('.badge.kind').textContent === 'workflow');
+  }, null, 'workflows only');
+  check(await page.getAttribute('button.toggle[data-kind="workflow"]', 'aria-pressed') === 'true',
+    'the toggle says it is pressed');
+  await page.click('button.toggle[data-state="finished"]');
+  await listShows(page, [pad(42)], 'finished workflows');
+  await page.click('button.toggle[data-kind="workflow"]');
+  await page.click('button.toggle[data-state="cancelled"]');
+  await page.click('button.toggle[data-state="closed"]');
+  const [settled] = await serverPage(server, 'limit=10&state=finished,cancelled,closed');
+  check(JSON.stringify(settled.slice().sort()) === JSON.stringify([pad(42), pad(43), pad(44)]),
+    `the server's finished, cancelled and closed queues, got ${JSON.stringify(settled)}`);
+  await listShows(page, settled, 'finished, cancelled and closed queues');
+  await shot(page, 'list-10k-filtered.png');
+  for (const st of ['finished', 'cancelled', 'closed']) await page.click(`button.toggle[data-state="${st}"]`);
+  await page.click('button.toggle[data-state="running"]');
+  await waitFor(page, () => {
+    const tasks = [...document.querySelectorAll('#queues li.queue')].map((li) => li.dataset.task);
+    return tasks.length === 50 && tasks[0] === 'q-00007' && !tasks.some((t) => ['q-00042', 'q-00043', 'q-00044'].includes(t));
+  }, null, 'running queues only');
+  log('search box, kind and state toggles narrow the list');
+}
+
+// A page of tenant big's list straight from the server: its task ids and next cursor.
+async function serverPage(server, query) {
+  const r = await fetch(`${server.base}/events/queues?${query}`, { headers: { 'X-Tenant-ID': 'big' } });
+  check(r.ok, `GET /events/queues?${query}: ${r.status}`);
+  const page = await r.json();
+  return [page.queues.map((q) => q.task_id), page.next_cursor];
 }
 
 async function main() {
@@ -363,6 +484,9 @@ async function main() {
     phase = 'open mode';
     const openServer = new Server({
       dataDir: path.join(tmp, 'data-open'), port: await freePort(), logName: 'server-open.log',
+      // Above the 10,000 queues of tenant big: creations racing at the limit can be refused
+      // early (a finished creation counts as existing and as in flight for a moment).
+      extraArgs: ['--max-queues-per-tenant', '10100'],
     });
     servers.push(openServer);
     await openServer.start();
@@ -411,6 +535,8 @@ async function main() {
     const trimmedNote = await page2.textContent('#timeline li.trimmed');
     check(/^100 earlier entries/.test(trimmedNote), `note on the entries taken off, got ${trimmedNote}`);
     log('a long stream keeps the page at 2000 entries');
+    phase = 'big tenant';
+    await bigTenant(openServer, page2);
     await ctx2.close();
 
     check(problems.length === 0, 'console errors:\n  ' + problems.join('\n  '));

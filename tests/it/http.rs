@@ -1,9 +1,9 @@
 //! HTTP API tests: router tests without sockets (`router`), real-socket SSE tests (`sse`),
 //! server lifecycle tests — graceful shutdown and restart (`lifecycle`), token mode and limits
 //! (`auth`), hostile input and slow clients (`hostile`), tenant isolation as a property
-//! (`isolation`), the dashboard's assets (`dashboard`), checkpoint routes (`checkpoint`), the
-//! HTTP producer helpers and the demo (`producer`), and a proptest-driven fuzz of event JSON
-//! parsing (`fuzz`).
+//! (`isolation`), paged and filtered queue lists (`listing`), the dashboard's assets
+//! (`dashboard`), checkpoint routes (`checkpoint`), the HTTP producer helpers and the demo
+//! (`producer`), and a proptest-driven fuzz of event JSON parsing (`fuzz`).
 
 mod a2a;
 mod app;
@@ -14,6 +14,7 @@ mod fuzz;
 mod hostile;
 mod isolation;
 mod lifecycle;
+mod listing;
 mod producer;
 mod router;
 mod sse;

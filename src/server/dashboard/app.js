@@ -13,14 +13,20 @@
 // much of what the list shows (subscriber count, cancellation, closed, last activity) is
 // queue info that changes without any event, there is no tenant-wide stream, and one
 // EventSource per queue would exhaust the browser's six HTTP/1.1 connections per server and
-// count against the per-tenant stream limit. Each poll is one small request; a queue's latest
-// state and progress are then read from its own stream only when its latest offset moved,
-// from where the previous read stopped. The queue page uses SSE (EventSource), which resumes
+// count against the per-tenant stream limit. The list is paged on the server (newest activity
+// first, LIST_PAGE queues a request) and filtered there (task id prefix, kind, state), so a
+// poll costs the same for a tenant with ten queues or ten thousand; "Show more" adds a page,
+// which later polls follow by cursor. A queue's latest state and progress are then read from
+// its own stream only when its latest offset moved, from where the previous read stopped. The queue page uses SSE (EventSource), which resumes
 // with Last-Event-ID after a disconnect or a server restart.
 'use strict';
 
 (function () {
   const LIST_POLL_MS = 2000;
+  // Queues per list request; "Show more" adds this many.
+  const LIST_PAGE = 50;
+  // Typing in the search box waits this long for the next key before asking the server.
+  const SEARCH_DEBOUNCE_MS = 200;
   const INFO_POLL_MS = 3000;
   const RECONNECT_MS = 2000;
   // On first sight of a queue, at most this many recent events are read for its summary.
@@ -82,10 +88,10 @@
     }
   }
 
-  async function api(method, path, body) {
+  async function api(method, path, body, params) {
     let resp;
     try {
-      resp = await fetch(withQuery(path, null, false), {
+      resp = await fetch(withQuery(path, params, false), {
         method,
         headers: fetchHeaders(body !== undefined),
         body: body === undefined ? undefined : JSON.stringify(body),
@@ -280,7 +286,66 @@
     items: new Map(), // task id -> <li>
     running: 0,
     waiting: [],
+    pages: 1, // pages of LIST_PAGE queues shown
+    poll: 0, // number of the latest poll: an older poll's answers are dropped
+    filter: { search: '', kinds: new Set(), states: new Set() },
+    searchTimer: null,
   };
+
+  // The query of one page of the list, after `cursor` (none: the first page).
+  function listParams(cursor) {
+    const q = { limit: String(LIST_PAGE) };
+    if (cursor) q.cursor = cursor;
+    if (list.filter.search) q.task_id_prefix = list.filter.search;
+    if (list.filter.kinds.size) q.kind = [...list.filter.kinds].join(',');
+    if (list.filter.states.size) q.state = [...list.filter.states].join(',');
+    return q;
+  }
+
+  function filtering() {
+    return Boolean(list.filter.search || list.filter.kinds.size || list.filter.states.size);
+  }
+
+  // The filter changed: show the first page of the new list at once.
+  function refilter() {
+    list.pages = 1;
+    if (list.active) pollList();
+  }
+
+  function onSearchInput() {
+    clearTimeout(list.searchTimer);
+    list.searchTimer = setTimeout(() => {
+      const value = $('search').value.trim();
+      if (value === list.filter.search) return;
+      list.filter.search = value;
+      refilter();
+    }, SEARCH_DEBOUNCE_MS);
+  }
+
+  function onFilterSubmit(e) {
+    e.preventDefault();
+    clearTimeout(list.searchTimer);
+    list.filter.search = $('search').value.trim();
+    refilter();
+  }
+
+  function onToggle(e) {
+    const button = e.target.closest('button.toggle');
+    if (!button) return;
+    const pressed = button.getAttribute('aria-pressed') !== 'true';
+    button.setAttribute('aria-pressed', String(pressed));
+    const [set, value] = button.dataset.kind
+      ? [list.filter.kinds, button.dataset.kind]
+      : [list.filter.states, button.dataset.state];
+    if (pressed) set.add(value);
+    else set.delete(value);
+    refilter();
+  }
+
+  function onMore() {
+    list.pages += 1;
+    pollList();
+  }
 
   function startList() {
     list.active = true;
@@ -290,32 +355,50 @@
 
   function stopList() {
     list.active = false;
+    list.poll += 1;
     clearTimeout(list.timer);
     $('list-view').hidden = true;
   }
 
+  // Reads the pages shown (the first, then each next by its cursor) and renders them. A poll
+  // started later (a filter changed, "Show more") supersedes this one: its answers are
+  // dropped and it schedules no further poll.
   async function pollList() {
     if (!list.active) return;
+    clearTimeout(list.timer);
+    const poll = ++list.poll;
+    const current = () => list.active && poll === list.poll;
     try {
-      const queues = await api('GET', '/events/queues');
-      if (!list.active) return;
+      const queues = [];
+      let cursor = null;
+      for (let n = 0; n < list.pages; n++) {
+        const page = await api('GET', '/events/queues', undefined, listParams(cursor));
+        if (!current()) return;
+        if (page && Array.isArray(page.queues)) queues.push(...page.queues);
+        cursor = page && typeof page.next_cursor === 'string' ? page.next_cursor : null;
+        if (!cursor) break;
+      }
       showNotice('');
       $('list-status').textContent = 'updated ' + new Date().toLocaleTimeString();
-      renderList(Array.isArray(queues) ? queues : []);
+      renderList(queues, cursor !== null);
     } catch (err) {
+      if (!current()) return;
       showNotice(explain(err));
       $('list-status').textContent = '';
     }
-    if (list.active) list.timer = setTimeout(pollList, LIST_POLL_MS);
+    if (current()) list.timer = setTimeout(pollList, LIST_POLL_MS);
   }
 
-  function renderList(queues) {
-    queues.sort((a, b) => String(b.created_at).localeCompare(String(a.created_at)) ||
-      String(a.task_id).localeCompare(String(b.task_id)));
+  // Shows `queues` in the server's order (newest activity first); `more`: the server has
+  // more after them.
+  function renderList(queues, more) {
     const ul = $('queues');
     const seen = new Set();
-    queues.forEach((info, index) => {
+    let index = 0;
+    for (const info of queues) {
       const task = String(info.task_id);
+      // Pages never repeat a queue, but a list must never hold one twice.
+      if (seen.has(task)) continue;
       seen.add(task);
       let s = list.summaries.get(task);
       if (!s || Number(info.latest_offset) < s.next) {
@@ -335,9 +418,10 @@
         list.items.set(task, li);
       }
       if (ul.children[index] !== li) ul.insertBefore(li, ul.children[index] || null);
+      index += 1;
       fillItem(li, info, s);
       if (!s.busy && Number(info.latest_offset) > s.next) scheduleSummary(task, s);
-    });
+    }
     for (const [task, li] of list.items) {
       if (!seen.has(task)) {
         li.remove();
@@ -345,7 +429,13 @@
         list.summaries.delete(task);
       }
     }
-    $('list-empty').hidden = queues.length > 0;
+    const empty = $('list-empty');
+    empty.textContent = filtering() ? 'No queues match the filter.' : 'No queues for this tenant yet.';
+    empty.hidden = seen.size > 0;
+    $('more').hidden = !more;
+    $('list-count').textContent = seen.size
+      ? seen.size + (seen.size === 1 ? ' queue' : ' queues') + (more ? ' shown; more match' : '')
+      : '';
   }
 
   // Builds an item's elements once and then only updates them, so that a focused link keeps
@@ -769,6 +859,7 @@
     list.summaries.clear();
     for (const li of list.items.values()) li.remove();
     list.items.clear();
+    list.pages = 1;
     showMode();
     route();
   }
@@ -778,6 +869,10 @@
     $('token').value = creds.token;
     $('conn').addEventListener('submit', onConnect);
     $('cancel-form').addEventListener('submit', onCancel);
+    $('filters').addEventListener('submit', onFilterSubmit);
+    $('filters').addEventListener('click', onToggle);
+    $('search').addEventListener('input', onSearchInput);
+    $('more').addEventListener('click', onMore);
     window.addEventListener('hashchange', route);
     fetch('/dashboard/mode', { cache: 'no-store' })
       .then((r) => (r.ok ? r.json() : null))

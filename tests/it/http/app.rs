@@ -162,6 +162,11 @@ impl App {
     /// With `config`.
     pub async fn with(config: ServerConfig) -> Self {
         let (manager, dir) = helpers::manager().await;
+        Self::over(manager, dir, config)
+    }
+
+    /// With `config`, over `manager` (opened on `dir`, which lives as long as the app).
+    pub fn over(manager: eventqueue::QueueManager, dir: TempDir, config: ServerConfig) -> Self {
         let state = AppState::new(manager, config);
         Self {
             router: router(state.clone()),
