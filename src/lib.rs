@@ -109,4 +109,5 @@ pub use storage::redb::DB_FILE;
 pub use storage::redb::sim::PowerLoss;
 #[cfg(feature = "failpoints")]
 pub use storage::redb::wal::Faults;
+pub use storage::redis::redis_persistence_warning;
 pub use subscription::{Delivery, RecordedEvent, Subscription};

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::LOG_TARGET;
 use crate::server::{self, AppState, Auth, OpenBind, ServerConfig};
-use crate::{Config, Durability, QueueManager};
+use crate::{Config, Durability, QueueManager, StorageBackend};
 
 /// How long after the first shutdown signal the process exits regardless.
 const HARD_EXIT: Duration = Duration::from_secs(5);
@@ -181,6 +181,12 @@ fn resolve(args: ServeArgs) -> Result<Settings, String> {
     if let Some(storage) = args.storage.as_ref().or(file.storage.as_ref()) {
         store.storage = storage.parse()?;
     }
+    if let StorageBackend::Redis { url, .. } = &mut store.storage
+        && let Ok(password) = std::env::var("EVENTQUEUE_REDIS_PASSWORD")
+        && !password.is_empty()
+    {
+        *url = with_password(url, &password)?;
+    }
     if let Some(minutes) = args.default_ttl_minutes.or(file.default_ttl_minutes) {
         store.default_ttl = (minutes >= 0.0)
             .then(|| Duration::try_from_secs_f64(minutes * 60.0).ok())
@@ -241,6 +247,29 @@ fn resolve(args: ServeArgs) -> Result<Settings, String> {
         store,
         server,
     })
+}
+
+/// A Redis URL with `password` (from `EVENTQUEUE_REDIS_PASSWORD`, so it stays out of process
+/// listings) unless the URL carries credentials already, which win.
+fn with_password(url: &str, password: &str) -> Result<String, String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("invalid redis URL {url:?}"))?;
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    if rest[..authority_end].contains('@') {
+        return Ok(url.to_string());
+    }
+    // Userinfo takes percent-encoding: encode everything but unreserved characters.
+    let encoded: String = password
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect();
+    Ok(format!("{scheme}://:{encoded}@{rest}"))
 }
 
 /// Setting `key`, given in MiB, in bytes.
@@ -405,7 +434,6 @@ async fn signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::StorageBackend;
 
     #[test]
     fn flags_win_over_the_config_file_which_wins_over_defaults() {
@@ -461,6 +489,18 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.contains("unknown storage \"sqlite\""), "{err}");
+    }
+
+    #[test]
+    fn the_redis_password_goes_into_the_url_unless_it_has_credentials() {
+        assert_eq!(
+            with_password("redis://h:6379/2", "p@ss w").unwrap(),
+            "redis://:p%40ss%20w@h:6379/2"
+        );
+        assert_eq!(
+            with_password("rediss://:own@h:1", "other").unwrap(),
+            "rediss://:own@h:1"
+        );
     }
 
     #[test]

@@ -151,6 +151,27 @@ async fn a_second_node_on_one_redis_is_refused_until_the_first_shuts_down() {
 }
 
 #[tokio::test]
+async fn redis_without_persistence_is_reported_at_start() {
+    let redis = RedisServer::start();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    // As started: AOF on, so nothing to say.
+    assert_eq!(eventqueue::redis_persistence_warning(&redis.url()), None);
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("appendonly")
+        .arg("no")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(
+        eventqueue::redis_persistence_warning(&redis.url()),
+        Some("Redis persistence is off")
+    );
+}
+
+#[tokio::test]
 async fn redis_down_answers_503_naming_it_and_the_node_recovers_by_itself() {
     let mut redis = RedisServer::start();
     let storage = redis.storage();

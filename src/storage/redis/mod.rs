@@ -172,6 +172,7 @@ impl RedisStore {
             faults: Arc::default(),
         };
         store.take_lease()?;
+        store.warn_unless_persistent();
         let recovered = store.load()?;
         store.start_renewer()?;
         Ok((store, recovered))
@@ -234,6 +235,24 @@ impl RedisStore {
             ))));
         }
         Ok(())
+    }
+
+    /// Says once, at start, when Redis keeps nothing on disk (neither AOF nor snapshots):
+    /// acknowledged events then die with the Redis process.
+    fn warn_unless_persistent(&self) {
+        if let Some(why) = self.not_persistent() {
+            tracing::warn!(
+                redis = %self.shown,
+                "{why}: acknowledged events are lost if Redis restarts (run Redis with \
+                 appendonly yes and appendfsync always for durable acknowledgements)"
+            );
+        }
+    }
+
+    fn not_persistent(&self) -> Option<&'static str> {
+        let mut c = self.conn().ok()?;
+        let conn = c.conn.as_mut()?;
+        not_persistent(conn)
     }
 
     fn start_renewer(&self) -> Result<()> {
@@ -378,6 +397,28 @@ impl RedisStore {
         })?;
         Ok(next.unwrap_or(0))
     }
+}
+
+/// Why the Redis server on `conn` keeps nothing on disk, if it does not (neither AOF nor
+/// snapshots); `None` when it persists, or when its settings cannot be read (managed servers
+/// that hide CONFIG).
+fn not_persistent(conn: &mut redis::Connection) -> Option<&'static str> {
+    let mut get = |key: &str| -> Option<String> {
+        let pair: Vec<String> = redis::cmd("CONFIG").arg("GET").arg(key).query(conn).ok()?;
+        pair.get(1).cloned()
+    };
+    let aof = get("appendonly")?;
+    let save = get("save")?;
+    (aof == "no" && save.trim().is_empty()).then_some("Redis persistence is off")
+}
+
+/// What `eventqueue serve` warns at start about the Redis server at `url`: `Some` reason when
+/// it keeps nothing on disk, so acknowledged events would die with the Redis process.
+/// `None` when it persists, cannot be reached, or hides its settings.
+pub fn redis_persistence_warning(url: &str) -> Option<&'static str> {
+    let client = redis::Client::open(url).ok()?;
+    let mut conn = client.get_connection_with_timeout(CONNECT_TIMEOUT).ok()?;
+    not_persistent(&mut conn)
 }
 
 /// A random 64-bit value (for the lease token), from the standard library's per-process
