@@ -99,7 +99,7 @@ pub struct PublishArgs {
 ///
 /// An unreachable server or an error answer (1).
 pub async fn queues(args: QueuesArgs) -> Result<Outcome, CliError> {
-    let client = args.conn.client()?;
+    let client = args.conn.client().await?;
     let list = client
         .list_queues()
         .await
@@ -172,7 +172,7 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<(), CliError> {
 /// An unknown queue (2); an unreachable server or an error answer (1).
 pub async fn info(args: InfoArgs) -> Result<Outcome, CliError> {
     task_arg(&args.task_id)?;
-    let client = args.conn.client()?;
+    let client = args.conn.client().await?;
     let q = client
         .queue_info(&args.task_id)
         .await
@@ -221,7 +221,7 @@ pub async fn info(args: InfoArgs) -> Result<Outcome, CliError> {
 /// An unknown queue (2); a finished task, an unreachable server or an error answer (1).
 pub async fn cancel(args: CancelArgs) -> Result<Outcome, CliError> {
     task_arg(&args.task_id)?;
-    let client = args.conn.client()?;
+    let client = args.conn.client().await?;
     let route = if args.ingestion {
         Route::Ingestion
     } else {
@@ -257,7 +257,7 @@ const LINGER: Duration = Duration::from_millis(50);
 /// error answer (1). Batches sent before the failure stay stored; the message says how many.
 pub async fn publish(args: PublishArgs) -> Result<Outcome, CliError> {
     task_arg(&args.task_id)?;
-    let client = args.conn.client()?;
+    let client = args.conn.client().await?;
     if args.create {
         let options = CreateQueue {
             kind: args.kind.clone(),

@@ -117,7 +117,7 @@ fn verdict(ev: &StreamEvent) -> (bool, String) {
 /// unreachable past `--max-retries` (1).
 pub async fn watch(args: WatchArgs) -> Result<Outcome, CliError> {
     task_arg(&args.task_id)?;
-    let client = args.conn.client()?;
+    let client = args.conn.client().await?;
     let options = SubscribeOptions {
         route: if args.ingestion {
             Route::Ingestion
@@ -235,7 +235,7 @@ async fn finish(
                 "the task finished before offset {}; looking up how it ended",
                 sub.resume_offset()
             ));
-            let client = args.conn.client()?;
+            let client = args.conn.client().await?;
             let mut replay = client.subscribe(
                 &args.task_id,
                 SubscribeOptions {

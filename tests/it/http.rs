@@ -2,8 +2,8 @@
 //! server lifecycle tests — graceful shutdown and restart (`lifecycle`), token mode and limits
 //! (`auth`), hostile input and slow clients (`hostile`), tenant isolation as a property
 //! (`isolation`), the dashboard's assets (`dashboard`), checkpoint routes (`checkpoint`), the
-//! HTTP producer helpers and the demo (`producer`), and a proptest-driven fuzz of event JSON
-//! parsing (`fuzz`).
+//! HTTP producer helpers and the demo (`producer`), a proptest-driven fuzz of event JSON
+//! parsing (`fuzz`), and HTTPS with HTTP/2 (`tls`).
 
 mod a2a;
 mod app;
@@ -17,6 +17,7 @@ mod lifecycle;
 mod producer;
 mod router;
 mod sse;
+mod tls;
 
 use serde_json::{Value, json};
 
