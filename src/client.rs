@@ -732,7 +732,8 @@ impl Client {
 
     /// A failed request as a [`ClientError`]: [`ClientError::Tls`] when TLS failed for good
     /// (see [`tls_failure`]), [`ClientError::InvalidUrl`] when reqwest refused the request
-    /// itself, else [`ClientError::Transport`] (worth retrying).
+    /// itself, [`ClientError::Decode`] when the answer was not HTTP (an `http://` URL on a TLS
+    /// port), else [`ClientError::Transport`] (worth retrying).
     pub(crate) fn transport(&self, e: &reqwest::Error) -> ClientError {
         if let Some((kind, reason)) = tls_failure(e) {
             return ClientError::Tls {
@@ -746,6 +747,13 @@ impl Client {
                 url: self.base.clone(),
                 reason: error_chain(e),
             };
+        }
+        if not_http(e) {
+            return ClientError::Decode(format!(
+                "{} did not answer in HTTP ({}); is it serving HTTPS (an https:// URL)?",
+                self.base,
+                error_chain(e)
+            ));
         }
         ClientError::Transport {
             url: self.base.clone(),
@@ -816,50 +824,65 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// restarting): that is retried.
 fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<(TlsFailure, String)> {
     use rustls::{AlertDescription as A, Error as T};
-    let mut next = Some(e);
-    while let Some(err) = next {
-        // An I/O error hides the error it wraps from `source()`: look inside.
-        let rustls_error = err.downcast_ref::<T>().or_else(|| {
-            err.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<T>())
-        });
-        if let Some(t) = rustls_error {
-            return match t {
-                T::InvalidCertificate(_) | T::NoCertificatesPresented => Some((
-                    TlsFailure::Certificate,
-                    format!("the server's certificate was rejected: {t}"),
-                )),
-                T::InvalidMessage(_) => Some((
-                    TlsFailure::NotTls,
-                    format!(
-                        "the server did not answer in TLS ({t}); is it serving plain HTTP \
+    causes(e)
+        .find_map(|c| c.downcast_ref::<T>())
+        .and_then(|t| match t {
+            T::InvalidCertificate(_) | T::NoCertificatesPresented => Some((
+                TlsFailure::Certificate,
+                format!("the server's certificate was rejected: {t}"),
+            )),
+            T::InvalidMessage(_) => Some((
+                TlsFailure::NotTls,
+                format!(
+                    "the server did not answer in TLS ({t}); is it serving plain HTTP \
                          (an http:// URL)?"
-                    ),
-                )),
-                T::PeerIncompatible(_) | T::UnsupportedNameType => {
-                    Some((TlsFailure::Handshake, t.to_string()))
-                }
-                T::AlertReceived(
-                    A::HandshakeFailure
-                    | A::BadCertificate
-                    | A::UnsupportedCertificate
-                    | A::CertificateUnknown
-                    | A::UnknownCA
-                    | A::ProtocolVersion
-                    | A::InsufficientSecurity
-                    | A::NoApplicationProtocol
-                    | A::CertificateRequired,
-                ) => Some((
-                    TlsFailure::Handshake,
-                    format!("the server refused the TLS handshake: {t}"),
-                )),
-                _ => None,
-            };
+                ),
+            )),
+            T::PeerIncompatible(_) | T::UnsupportedNameType => {
+                Some((TlsFailure::Handshake, t.to_string()))
+            }
+            T::AlertReceived(
+                A::HandshakeFailure
+                | A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::ProtocolVersion
+                | A::InsufficientSecurity
+                | A::NoApplicationProtocol
+                | A::CertificateRequired,
+            ) => Some((
+                TlsFailure::Handshake,
+                format!("the server refused the TLS handshake: {t}"),
+            )),
+            _ => None,
+        })
+}
+
+/// `e` and its causes, outermost first. An I/O error hides the error it wraps from
+/// `source()` (and the TLS connector wraps the handshake's I/O error in another), so the
+/// walk looks inside I/O errors.
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |err| {
+        match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
         }
-        next = err.source();
-    }
-    None
+    })
+}
+
+/// Whether the server's answer was not HTTP at all (hyper could not parse it): another
+/// protocol on that port, such as TLS on a port given with `http://`.
+fn not_http(e: &(dyn std::error::Error + 'static)) -> bool {
+    causes(e).any(|c| {
+        c.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse)
+    })
 }
 
 fn preview(bytes: &[u8]) -> &[u8] {
@@ -1606,7 +1629,11 @@ mod tests {
 
     #[test]
     fn bad_ca_certificates_are_refused_when_the_client_is_built() {
-        for pem in [&b""[..], b"not a certificate", b"-----BEGIN CERTIFICATE-----\nAAAA\n"] {
+        for pem in [
+            &b""[..],
+            b"not a certificate",
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n",
+        ] {
             let err = Client::builder("https://127.0.0.1:1")
                 .ca_cert_pem(pem)
                 .build()
@@ -1620,12 +1647,16 @@ mod tests {
     fn rejected_certificates_are_not_retried_but_resets_are() {
         use rustls::{CertificateError, Error as T};
         let io = |e: T| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
-        let rejected = io(T::InvalidCertificate(CertificateError::UnknownIssuer));
+        // As the TLS connector reports it: an I/O error around the handshake's I/O error.
+        let rejected =
+            std::io::Error::other(io(T::InvalidCertificate(CertificateError::UnknownIssuer)));
         assert!(matches!(
             tls_failure(&rejected),
             Some((TlsFailure::Certificate, r)) if r.contains("UnknownIssuer")
         ));
-        let plain = io(T::InvalidMessage(rustls::InvalidMessage::InvalidContentType));
+        let plain = io(T::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType,
+        ));
         assert!(matches!(
             tls_failure(&plain),
             Some((TlsFailure::NotTls, r)) if r.contains("plain HTTP")

@@ -884,8 +884,8 @@ fn shell_quote(path: &Path) -> String {
 
 /// A self-signed certificate for 127.0.0.1 and its key, as PEM files in `dir`.
 fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
-    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
-        .unwrap();
+    let made =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&cert, made.cert.pem()).unwrap();
     std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
@@ -948,9 +948,16 @@ fn watch_follows_a_task_over_https_and_refuses_an_unknown_certificate_once() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let err = stderr_of(&out);
-    assert!(err.contains("certificate") && err.contains("--ca-cert"), "{err}");
+    assert!(
+        err.contains("certificate") && err.contains("--ca-cert"),
+        "{err}"
+    );
     assert!(!err.contains("retrying"), "{err}");
-    assert_eq!(err.lines().filter(|l| l.starts_with("error:")).count(), 1, "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{err}"
+    );
     let out = server
         .cmd(&["queues"])
         .env_remove("EVENTQUEUE_CA_CERT")
@@ -958,7 +965,19 @@ fn watch_follows_a_task_over_https_and_refuses_an_unknown_certificate_once() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 
-    // An https:// URL on a plain HTTP server, and a CA file that is not one: also said once.
+    // http:// on the TLS port, an https:// URL on a plain HTTP server, and a CA file that is
+    // not one: also said once.
+    let http_on_tls = server.url().replace("https://", "http://");
+    let out = server
+        .cmd(&["watch", "wf", "--url", &http_on_tls])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("https://") && !err.contains("retrying"),
+        "{err}"
+    );
     let plain = Server::start();
     let https_on_plain = plain.url().replace("http://", "https://");
     let out = plain

@@ -120,9 +120,11 @@ pub fn run() -> ExitCode {
     let cli = Cli::parse();
     // The server logs at `info`; other commands print their own output and log only problems
     // (the bench's in-process servers would otherwise interleave their lines with its report).
+    // The certificate checker logs a rejected certificate as an error of its own; the
+    // command reports it (once, with a hint), so its line would only repeat it.
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        _ => "warn",
+        _ => "warn,rustls_platform_verifier=off",
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -319,17 +321,16 @@ fn remote_error(e: ClientError, conn: &ConnArgs, task: Option<&str>) -> CliError
                 ..
             },
             _,
-        ) => {
-            CliError::usage(format!(
-                "{e}; for a private CA or a self-signed certificate, pass its certificate with \
+        ) => CliError::usage(format!(
+            "{e}; for a private CA or a self-signed certificate, pass its certificate with \
                  --ca-cert or EVENTQUEUE_CA_CERT"
-            ))
-        }
+        )),
         (
             ClientError::Tls { .. }
             | ClientError::InvalidUrl { .. }
             | ClientError::InvalidCaCert(_)
-            | ClientError::InvalidInput(_),
+            | ClientError::InvalidInput(_)
+            | ClientError::Decode(_),
             _,
         ) => CliError::usage(e.to_string()),
         _ => CliError::failure(e.to_string()),

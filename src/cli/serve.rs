@@ -123,10 +123,20 @@ pub struct ServeArgs {
     a2a_public_url: Option<String>,
     /// PEM file of the server's certificate chain: serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN)
     /// instead of plain HTTP; needs --tls-key [default: none: plain HTTP]
-    #[arg(long, env = "EVENTQUEUE_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    #[arg(
+        long,
+        env = "EVENTQUEUE_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
     tls_cert: Option<PathBuf>,
     /// PEM file of the private key of --tls-cert (PKCS#8, PKCS#1 or SEC1)
-    #[arg(long, env = "EVENTQUEUE_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    #[arg(
+        long,
+        env = "EVENTQUEUE_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
     tls_key: Option<PathBuf>,
 }
 
@@ -572,9 +582,15 @@ mod tests {
         assert!(resolve(ServeArgs::default()).unwrap().server.tls.is_none());
         assert!(tls(&cert_pem, &key_pem).unwrap().server.tls.is_some());
         let err = tls(&missing, &key_pem).unwrap_err();
-        assert!(err.contains("certificate") && err.contains("missing.pem"), "{err}");
+        assert!(
+            err.contains("certificate") && err.contains("missing.pem"),
+            "{err}"
+        );
         let err = tls(&cert_pem, &garbage).unwrap_err();
-        assert!(err.contains("no private key") && err.contains("garbage.pem"), "{err}");
+        assert!(
+            err.contains("no private key") && err.contains("garbage.pem"),
+            "{err}"
+        );
         let err = tls(&garbage, &key_pem).unwrap_err();
         assert!(err.contains("no certificate"), "{err}");
         let err = tls(&cert_pem, &other_key).unwrap_err();

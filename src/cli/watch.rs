@@ -17,7 +17,8 @@ use crate::client::{
   eventqueue watch workflow_123 --json | jq -c 'select(.event_type == \"error\")'
 
 Exit status: 0 when the task completed, 1 when it failed or was cancelled (or the watch
-failed for good), 2 for usage errors and unknown queues.")]
+failed for good), 2 for usage errors, unknown queues, and what no retry can fix (a bad URL,
+a certificate refused, a server that does not speak the URL's protocol).")]
 pub struct WatchArgs {
     /// Task id of the queue to watch.
     pub task_id: String,

@@ -391,7 +391,11 @@ pub async fn serve(
     let config = state.config().clone();
     check_bind(&config.auth, addr)?;
     let manager = state.manager().clone();
-    let scheme = if config.tls.is_some() { "https" } else { "http" };
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     tracing::info!(
         data_dir = %manager.config().data_dir.display(),
         durability = ?manager.config().durability,

@@ -185,10 +185,7 @@ impl TlsServe {
     /// `watcher`.
     pub(super) async fn serve<S, B>(self, stream: TcpStream, service: S, watcher: Watcher)
     where
-        S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>
-            + Clone
-            + Send
-            + 'static,
+        S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B> + Clone + Send + 'static,
         S::Future: Send + 'static,
         S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
         B: hyper::body::Body + Send + 'static,

@@ -91,6 +91,7 @@ async function main() {
     'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
     '-keyout', key, '-out', cert, '-days', '1', '-subj', '/CN=127.0.0.1',
     '-addext', 'subjectAltName=IP:127.0.0.1,DNS:localhost',
+    '-addext', 'basicConstraints=critical,CA:FALSE',
   ], { stdio: ['ignore', 'ignore', 'pipe'] });
   const ca = fs.readFileSync(cert);
 

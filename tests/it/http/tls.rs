@@ -12,11 +12,11 @@ use crate::helpers::{HANG_GUARD, SseReader, TestServer, server_config};
 
 /// A self-signed certificate for 127.0.0.1: the server's settings and the PEM to trust.
 fn self_signed() -> (TlsConfig, String) {
-    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
-        .unwrap();
+    let made =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
     let cert = made.cert.pem();
-    let tls = TlsConfig::from_pem(cert.as_bytes(), made.signing_key.serialize_pem().as_bytes())
-        .unwrap();
+    let tls =
+        TlsConfig::from_pem(cert.as_bytes(), made.signing_key.serialize_pem().as_bytes()).unwrap();
     (tls, cert)
 }
 
@@ -85,8 +85,14 @@ async fn alpn_chooses_http2_and_falls_back_to_http1() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     // An SSE stream over HTTP/2 carries its frames.
-    let client = Client::builder(&url).ca_cert_pem(cert.clone()).build().unwrap();
-    client.create_queue("wf", &Default::default()).await.unwrap();
+    let client = Client::builder(&url)
+        .ca_cert_pem(cert.clone())
+        .build()
+        .unwrap();
+    client
+        .create_queue("wf", &Default::default())
+        .await
+        .unwrap();
     client.publish("wf", &working(0)).await.unwrap();
     let resp = both
         .get(format!("{url}/events/workflows/wf"))
@@ -95,7 +101,10 @@ async fn alpn_chooses_http2_and_falls_back_to_http1() {
         .unwrap();
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     let mut sse = SseReader::new(resp);
-    assert_eq!(sse.next_frame().await.unwrap().event.as_deref(), Some("connected"));
+    assert_eq!(
+        sse.next_frame().await.unwrap().event.as_deref(),
+        Some("connected")
+    );
     assert_eq!(sse.next_frame().await.unwrap().id.as_deref(), Some("0"));
     drop(sse);
 
@@ -144,7 +153,13 @@ async fn an_unknown_certificate_is_reported_once_not_retried() {
     let client = Client::builder(&url).ca_cert_pem(other).build().unwrap();
     let err = client.health().await.unwrap_err();
     assert!(
-        matches!(err, ClientError::Tls { kind: TlsFailure::Certificate, .. }),
+        matches!(
+            err,
+            ClientError::Tls {
+                kind: TlsFailure::Certificate,
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert!(!err.is_retryable());
