@@ -136,8 +136,17 @@ async function main() {
     });
     const page = await browser.newPage();
     const problems = [];
-    page.on('console', (m) => { if (m.type() === 'error') problems.push(m.text()); });
+    // Errors of the page, and failed responses (but the favicon the browser asks for on its
+    // own; the console's "Failed to load resource" lines repeat the responses, with no URL).
+    page.on('console', (m) => {
+      if (m.type() === 'error' && !/^Failed to load resource/.test(m.text())) problems.push(m.text());
+    });
     page.on('pageerror', (e) => problems.push(e.message));
+    page.on('response', (r) => {
+      if (r.status() >= 400 && !r.url().endsWith('/favicon.ico')) {
+        problems.push(`${r.status()} from ${r.url()}`);
+      }
+    });
     await page.goto(base + '/healthz');
     const protocol = await page.evaluate(
       () => performance.getEntriesByType('navigation')[0].nextHopProtocol);
@@ -178,7 +187,7 @@ async function main() {
     log(`all ${STREAMS} streams received their live event`);
     const info = await api(base, ca, 'GET', `/events/queues/${tasks[0]}`);
     check(info.subscriber_count === 1, `one subscriber per queue, got ${info.subscriber_count}`);
-    check(problems.length === 0, 'console errors:\n  ' + problems.join('\n  '));
+    check(problems.length === 0, 'page errors:\n  ' + problems.join('\n  '));
     log('PASS');
   } finally {
     if (browser) await browser.close().catch(() => {});
