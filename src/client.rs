@@ -44,6 +44,27 @@
 //! whose every event was delivered ends the subscription ([`EndReason::Closed`]), a queue that
 //! no longer exists ends it ([`EndReason::QueueGone`]), anything else reconnects.
 //!
+//! ## HTTPS
+//!
+//! An `https://` URL is served over rustls, with HTTP/2 when the server offers it (ALPN) and
+//! HTTP/1.1 otherwise. The server's certificate is checked against the system's trust store
+//! (on Linux its CA bundle; `SSL_CERT_FILE` / `SSL_CERT_DIR` point elsewhere) and any CA added
+//! with [`ClientBuilder::ca_cert_pem`] (a private CA, or a self-signed certificate).
+//! A certificate the client rejects, or a server that does not speak TLS, is
+//! [`ClientError::Tls`]: no retry can fix it, so subscriptions end with it at once instead of
+//! reconnecting.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let ca = std::fs::read("ca.pem")?;
+//! let client = eventqueue::client::Client::builder("https://events.internal:8443")
+//!     .ca_cert_pem(ca)
+//!     .build()?;
+//! # let _ = client;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! ## Tenants and tokens
 //!
 //! [`Client::with_token`] sends `Authorization: Bearer <token>` (token mode: the tenant comes
@@ -52,12 +73,14 @@
 //! it).
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use futures_util::StreamExt;
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use rustls::pki_types::CertificateDer;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -85,6 +108,22 @@ pub enum ClientError {
         /// The underlying error.
         reason: String,
     },
+    /// TLS with the server failed in a way no retry can fix: the client rejected the server's
+    /// certificate (unknown issuer, wrong name, expired), the server does not speak TLS on
+    /// that port, or the two share no protocol version; or, building the client, the system
+    /// trust store held no certificate.
+    #[error("TLS with the eventqueue server at {url} failed: {reason}")]
+    Tls {
+        /// The server's base URL.
+        url: String,
+        /// Which kind of failure.
+        kind: TlsFailure,
+        /// What failed, in words.
+        reason: String,
+    },
+    /// A CA certificate given to [`ClientBuilder::ca_cert_pem`] could not be used.
+    #[error("invalid CA certificate: {0}")]
+    InvalidCaCert(String),
     /// The server answered with an error status; `detail` is its `{"detail": …}` message.
     #[error("{}", api_message(*status, detail))]
     Api {
@@ -100,6 +139,22 @@ pub enum ClientError {
     /// An argument was refused before any request was sent.
     #[error("{0}")]
     InvalidInput(String),
+}
+
+/// What kind of TLS failure a [`ClientError::Tls`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TlsFailure {
+    /// The client rejected the server's certificate (unknown issuer: a private CA needs
+    /// [`ClientBuilder::ca_cert_pem`]; a name that does not match the URL; expired).
+    Certificate,
+    /// The server did not answer in TLS: an `https://` URL on a plain HTTP port.
+    NotTls,
+    /// The handshake failed otherwise: no common protocol version or cipher suite, or the
+    /// server refused it.
+    Handshake,
+    /// No certificate to trust: the system's trust store is empty and no CA was given.
+    NoTrustAnchors,
 }
 
 fn api_message(status: u16, detail: &str) -> String {
@@ -134,7 +189,8 @@ impl ClientError {
     }
 
     /// Whether retrying the same request later may succeed: a transport failure, `408`, `429`,
-    /// or a `5xx` other than `507` (disk full stays full until someone acts).
+    /// or a `5xx` other than `507` (disk full stays full until someone acts). A rejected
+    /// certificate ([`ClientError::Tls`]) or a bad URL is not.
     pub fn is_retryable(&self) -> bool {
         match self {
             ClientError::Transport { .. } => true,
@@ -303,24 +359,57 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time limit for establishing a TCP connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-impl Client {
-    /// A client for the server at `base_url` (e.g. `http://127.0.0.1:8000`; a trailing `/` is
-    /// ignored). Loopback addresses are reached directly, never through a proxy from the
+/// Builds a [`Client`] whose connections need more than [`Client::new`] gives: a CA to trust
+/// besides the system's.
+#[derive(Clone)]
+pub struct ClientBuilder {
+    base_url: String,
+    ca_pems: Vec<Vec<u8>>,
+}
+
+impl fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("base_url", &self.base_url)
+            .field("ca_certs", &self.ca_pems.len())
+            .finish()
+    }
+}
+
+impl ClientBuilder {
+    /// Trusts the CA certificates in `pem` (one or more `BEGIN CERTIFICATE` blocks), in
+    /// addition to the system's trust store: a private CA, or a server's self-signed
+    /// certificate. Checked by [`ClientBuilder::build`].
+    pub fn ca_cert_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pems.push(pem.into());
+        self
+    }
+
+    /// The client. Loopback addresses are reached directly, never through a proxy from the
     /// environment.
+    ///
+    /// With an `https://` URL this reads the system's trust store (as reqwest's own
+    /// `Client::new` does): a blocking read of some hundred kilobytes, once per client. In
+    /// async code, build clients once (they are cheap to clone), or on a blocking thread.
     ///
     /// # Errors
     ///
-    /// [`ClientError::InvalidUrl`] when `base_url` is not an `http://` / `https://` URL.
-    pub fn new(base_url: impl AsRef<str>) -> Result<Self, ClientError> {
-        let raw = base_url.as_ref().trim();
+    /// [`ClientError::InvalidUrl`] when the URL is not an `http://` / `https://` URL;
+    /// [`ClientError::InvalidCaCert`] when a CA given holds no certificate or one rustls
+    /// refuses; [`ClientError::Tls`] for an `https://` URL when no trusted certificate was
+    /// found at all (an empty system store and no CA given).
+    pub fn build(self) -> Result<Client, ClientError> {
+        let raw = self.base_url.trim();
         let invalid = |reason: &str| ClientError::InvalidUrl {
             url: raw.to_string(),
             reason: reason.to_string(),
         };
         let url = reqwest::Url::parse(raw).map_err(|e| invalid(&e.to_string()))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(invalid("the scheme must be http or https"));
-        }
+        let https = match url.scheme() {
+            "http" => false,
+            "https" => true,
+            _ => return Err(invalid("the scheme must be http or https")),
+        };
         let Some(host) = url.host_str() else {
             return Err(invalid("no host"));
         };
@@ -335,20 +424,114 @@ impl Client {
                 .trim_end_matches(']')
                 .parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.is_loopback());
-        let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
+        let mut extra_roots = Vec::new();
+        for pem in &self.ca_pems {
+            extra_roots.extend(parse_ca_pem(pem)?);
+        }
+        let base = raw.trim_end_matches('/').to_string();
+        let tls = tls_config(https, extra_roots).map_err(|reason| ClientError::Tls {
+            url: base.clone(),
+            kind: TlsFailure::NoTrustAnchors,
+            reason,
+        })?;
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tls_backend_preconfigured(tls);
         if loopback {
             builder = builder.no_proxy();
         }
         let http = builder
             .build()
             .map_err(|e| invalid(&format!("cannot build an HTTP client: {e}")))?;
-        Ok(Self {
+        Ok(Client {
             http,
-            base: raw.trim_end_matches('/').to_string(),
+            base,
             token: None,
             tenant: None,
             timeout: REQUEST_TIMEOUT,
         })
+    }
+}
+
+/// The certificates of a PEM file.
+fn parse_ca_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, ClientError> {
+    use rustls::pki_types::pem::PemObject;
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ClientError::InvalidCaCert(format!("not a PEM certificate file: {e}")))?;
+    if certs.is_empty() {
+        return Err(ClientError::InvalidCaCert(
+            "no certificate (-----BEGIN CERTIFICATE-----) in it".into(),
+        ));
+    }
+    // A certificate webpki cannot use as a trust anchor is refused now, not at the first
+    // connection.
+    let mut store = rustls::RootCertStore::empty();
+    for cert in &certs {
+        store
+            .add(cert.clone())
+            .map_err(|e| ClientError::InvalidCaCert(e.to_string()))?;
+    }
+    Ok(certs)
+}
+
+/// The rustls settings of a client, with the aws-lc-rs provider (reqwest's own default),
+/// handed to reqwest finished. Offers HTTP/2 and HTTP/1.1 by ALPN.
+///
+/// For `https://`, certificates are checked against the system's trust store and
+/// `extra_roots` (rustls-platform-verifier, reqwest's own default). For `http://` the
+/// settings only matter if a redirect leads to HTTPS: they trust `extra_roots` alone, which
+/// spares reading the system store (and failing where it is empty) for plain HTTP.
+fn tls_config(
+    https: bool,
+    extra_roots: Vec<CertificateDer<'static>>,
+) -> Result<rustls::ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let mut config = if https {
+        let verifier =
+            rustls_platform_verifier::Verifier::new_with_extra_roots(extra_roots, provider)
+                .map_err(|e| {
+                    format!(
+                        "{e} (install the system's CA certificates, set SSL_CERT_FILE, or \
+                         give the server's CA)"
+                    )
+                })?;
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(extra_roots);
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+impl Client {
+    /// A client for the server at `base_url` (e.g. `http://127.0.0.1:8000`; a trailing `/` is
+    /// ignored). Loopback addresses are reached directly, never through a proxy from the
+    /// environment. The same as `Client::builder(base_url).build()`.
+    ///
+    /// # Errors
+    ///
+    /// As [`ClientBuilder::build`]: [`ClientError::InvalidUrl`] when `base_url` is not an
+    /// `http://` / `https://` URL.
+    pub fn new(base_url: impl AsRef<str>) -> Result<Self, ClientError> {
+        Self::builder(base_url).build()
+    }
+
+    /// A builder for a client of the server at `base_url`, for settings of the connections
+    /// themselves (a private CA: [`ClientBuilder::ca_cert_pem`]).
+    pub fn builder(base_url: impl AsRef<str>) -> ClientBuilder {
+        ClientBuilder {
+            base_url: base_url.as_ref().to_string(),
+            ca_pems: Vec::new(),
+        }
     }
 
     /// Sends `Authorization: Bearer <token>` with every request (token mode).
@@ -626,11 +809,50 @@ impl Client {
         req.send().await.map_err(|e| self.transport(&e))
     }
 
-    fn transport(&self, e: &reqwest::Error) -> ClientError {
+    /// A failed request as a [`ClientError`]: [`ClientError::Tls`] when TLS failed for good
+    /// (see [`tls_failure`]), [`ClientError::InvalidUrl`] when reqwest refused the request
+    /// itself, [`ClientError::Decode`] when the answer was not HTTP (an `http://` URL on a TLS
+    /// port), else [`ClientError::Transport`] (worth retrying).
+    pub(crate) fn transport(&self, e: &reqwest::Error) -> ClientError {
+        if let Some((kind, reason)) = tls_failure(e) {
+            return ClientError::Tls {
+                url: self.base.clone(),
+                kind,
+                reason,
+            };
+        }
+        if e.is_builder() {
+            return ClientError::InvalidUrl {
+                url: self.base.clone(),
+                reason: error_chain(e),
+            };
+        }
+        if not_http(e) {
+            return ClientError::Decode(format!(
+                "{} did not answer in HTTP ({}); is it serving HTTPS (an https:// URL)?",
+                self.base,
+                error_chain(e)
+            ));
+        }
         ClientError::Transport {
             url: self.base.clone(),
             reason: error_chain(e),
         }
+    }
+
+    /// The underlying reqwest client (shared with [`crate::producer::HttpSink`]).
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// The token set with [`Client::with_token`].
+    pub(crate) fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// The time limit of each request other than a stream.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     async fn call<T: DeserializeOwned>(
@@ -682,6 +904,74 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     } else {
         text
     }
+}
+
+/// The description of a TLS failure that no retry can fix, found in `e`'s chain of causes:
+/// the server's certificate was rejected, the peer does not speak TLS (an `https://` URL on a
+/// plain HTTP port), the two sides share no protocol, or the server refused the handshake.
+/// `None` for everything else, a connection reset during the handshake included (a server
+/// restarting): that is retried.
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<(TlsFailure, String)> {
+    use rustls::{AlertDescription as A, Error as T};
+    causes(e)
+        .find_map(|c| c.downcast_ref::<T>())
+        .and_then(|t| match t {
+            T::InvalidCertificate(_) | T::NoCertificatesPresented => Some((
+                TlsFailure::Certificate,
+                format!("the server's certificate was rejected: {t}"),
+            )),
+            T::InvalidMessage(_) => Some((
+                TlsFailure::NotTls,
+                format!(
+                    "the server did not answer in TLS ({t}); is it serving plain HTTP \
+                         (an http:// URL)?"
+                ),
+            )),
+            T::PeerIncompatible(_) | T::UnsupportedNameType => {
+                Some((TlsFailure::Handshake, t.to_string()))
+            }
+            T::AlertReceived(
+                A::HandshakeFailure
+                | A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::ProtocolVersion
+                | A::InsufficientSecurity
+                | A::NoApplicationProtocol
+                | A::CertificateRequired,
+            ) => Some((
+                TlsFailure::Handshake,
+                format!("the server refused the TLS handshake: {t}"),
+            )),
+            _ => None,
+        })
+}
+
+/// `e` and its causes, outermost first. An I/O error hides the error it wraps from
+/// `source()` (and the TLS connector wraps the handshake's I/O error in another), so the
+/// walk looks inside I/O errors.
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |err| {
+        match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        }
+    })
+}
+
+/// Whether the server's answer was not HTTP at all (hyper could not parse it): another
+/// protocol on that port, such as TLS on a port given with `http://`.
+fn not_http(e: &(dyn std::error::Error + 'static)) -> bool {
+    causes(e).any(|c| {
+        c.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse)
+    })
 }
 
 fn preview(bytes: &[u8]) -> &[u8] {
@@ -1424,6 +1714,46 @@ mod tests {
         let mut sub = client.subscribe("t", SubscribeOptions::default());
         send(&sub.next());
         send(&sub.into_stream());
+    }
+
+    #[test]
+    fn bad_ca_certificates_are_refused_when_the_client_is_built() {
+        for pem in [
+            &b""[..],
+            b"not a certificate",
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n",
+        ] {
+            let err = Client::builder("https://127.0.0.1:1")
+                .ca_cert_pem(pem)
+                .build()
+                .unwrap_err();
+            assert!(matches!(err, ClientError::InvalidCaCert(_)), "{err:?}");
+            assert!(!err.is_retryable());
+        }
+    }
+
+    #[test]
+    fn rejected_certificates_are_not_retried_but_resets_are() {
+        use rustls::{CertificateError, Error as T};
+        let io = |e: T| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        // As the TLS connector reports it: an I/O error around the handshake's I/O error.
+        let rejected =
+            std::io::Error::other(io(T::InvalidCertificate(CertificateError::UnknownIssuer)));
+        assert!(matches!(
+            tls_failure(&rejected),
+            Some((TlsFailure::Certificate, r)) if r.contains("UnknownIssuer")
+        ));
+        let plain = io(T::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType,
+        ));
+        assert!(matches!(
+            tls_failure(&plain),
+            Some((TlsFailure::NotTls, r)) if r.contains("plain HTTP")
+        ));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(tls_failure(&reset), None);
+        let closed = io(T::AlertReceived(rustls::AlertDescription::CloseNotify));
+        assert_eq!(tls_failure(&closed), None);
     }
 
     #[test]

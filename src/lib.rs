@@ -22,8 +22,9 @@
 //! depends on the crate with `default-features = false` and compiles no HTTP or command-line
 //! crate.
 //!
-//! - `server`: the HTTP server, `server` (axum, hyper, tower-http, jsonwebtoken);
-//! - `client`: the HTTP client, `client`, and `producer::HttpSink` (reqwest);
+//! - `server`: the HTTP server, `server`, over HTTP or HTTPS (axum, hyper, tower-http,
+//!   jsonwebtoken, rustls);
+//! - `client`: the HTTP client, `client`, and `producer::HttpSink` (reqwest, rustls);
 //! - `cli`: the `eventqueue` binary's commands, `cli`, with `bench` and `demo`; implies
 //!   `server` and `client` (clap, indicatif, toml, tracing-subscriber, mimalloc);
 //! - `failpoints` (off by default): fault injection for the reliability tests.

@@ -68,7 +68,12 @@ impl Server {
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.flags.iter().any(|f| f == "--tls-cert") {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Starts the server (again, on the same port and data directory) and waits until it
@@ -81,7 +86,7 @@ impl Server {
     /// it exited first (the port was taken).
     fn try_start(&mut self) -> bool {
         assert!(self.child.is_none(), "already running");
-        let listening = format!("listening on http://127.0.0.1:{}", self.port);
+        let listening = format!("listening on {}", self.url());
         let before = self.log().matches(&listening).count();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -152,7 +157,12 @@ impl Server {
             .env_remove("EVENTQUEUE_TOKEN")
             .env_remove("EVENTQUEUE_TENANT")
             .env_remove("EVENTQUEUE_DATA_DIR")
+            .env_remove("EVENTQUEUE_CA_CERT")
             .timeout(HANG_GUARD);
+        if let Some(ca) = self.flags.iter().position(|f| f == "--tls-cert") {
+            // The server's self-signed certificate is its own CA.
+            cmd.env("EVENTQUEUE_CA_CERT", &self.flags[ca + 1]);
+        }
         cmd
     }
 
@@ -1091,4 +1101,117 @@ fn watch_draws_one_bar_per_progress_series() {
 
 fn shell_quote(path: &Path) -> String {
     format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
+}
+
+/// A self-signed certificate for 127.0.0.1 and its key, as PEM files in `dir`.
+fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let made =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+#[test]
+fn watch_follows_a_task_over_https_and_refuses_an_unknown_certificate_once() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(certs.path());
+    let server = Server::start_with(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    // `publish` and `watch` over HTTPS, trusting the certificate through EVENTQUEUE_CA_CERT.
+    server.publish("wf", &[status("working"), progress(1, 2)]);
+    let mut child = Command::new(bin())
+        .args(["watch", "wf", "--json", "--url", &server.url()])
+        .arg("--ca-cert")
+        .arg(&cert)
+        .env_remove("EVENTQUEUE_CA_CERT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The replay, then a live event.
+    let mut lines = Vec::new();
+    while lines.len() < 2 {
+        lines.push(rx.recv_timeout(HANG_GUARD).expect("no replay over HTTPS"));
+    }
+    server.publish("wf", &[complete()]);
+    while let Ok(line) = rx.recv_timeout(HANG_GUARD) {
+        lines.push(line);
+    }
+    let exit = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(exit.success(), "{exit:?}: {stderr}");
+    assert_eq!(offsets(&lines.join("\n")), [0, 1, 2], "{stderr}");
+
+    // Without the CA (the system's trust store alone), the certificate is refused: said once,
+    // exit code 2, no reconnection attempts.
+    let out = server
+        .cmd(&["watch", "wf"])
+        .env_remove("EVENTQUEUE_CA_CERT")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("certificate") && err.contains("--ca-cert"),
+        "{err}"
+    );
+    assert!(!err.contains("retrying"), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{err}"
+    );
+    let out = server
+        .cmd(&["queues"])
+        .env_remove("EVENTQUEUE_CA_CERT")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    // http:// on the TLS port, an https:// URL on a plain HTTP server, and a CA file that is
+    // not one: also said once.
+    let http_on_tls = server.url().replace("https://", "http://");
+    let out = server
+        .cmd(&["watch", "wf", "--url", &http_on_tls])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("https://") && !err.contains("retrying"),
+        "{err}"
+    );
+    let plain = Server::start();
+    let https_on_plain = plain.url().replace("http://", "https://");
+    let out = plain
+        .cmd(&["watch", "wf", "--url", &https_on_plain])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(stderr_of(&out).contains("plain HTTP"), "{out:?}");
+    let out = server
+        .cmd(&["watch", "wf", "--ca-cert"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(stderr_of(&out).contains("key.pem"), "{out:?}");
 }

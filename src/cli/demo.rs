@@ -54,6 +54,9 @@ pub struct DemoOptions {
     pub workflow: bool,
     /// Run the ingestion job. Default true.
     pub ingestion: bool,
+    /// PEM of a CA certificate to trust for an `https://` URL besides the system's. Default
+    /// none.
+    pub ca_cert_pem: Option<Vec<u8>>,
 }
 
 impl DemoOptions {
@@ -75,6 +78,7 @@ impl DemoOptions {
             delay: Duration::from_secs(1),
             workflow: true,
             ingestion: true,
+            ca_cert_pem: None,
         })
     }
 
@@ -87,20 +91,34 @@ impl DemoOptions {
         Self::new(DEFAULT_URL)
     }
 
-    /// An HTTP sink for queue `task` with these options' server, token and tenant.
+    /// A client of these options' server, with their CA, token and tenant.
     ///
     /// # Errors
     ///
-    /// [`ClientError::InvalidUrl`] for a bad server URL.
-    pub fn sink(&self, task: &TaskId) -> Result<HttpSink, ClientError> {
-        let mut sink = HttpSink::new(&self.url, task)?;
+    /// As [`crate::client::ClientBuilder::build`]: [`ClientError::InvalidUrl`] for a bad
+    /// server URL, [`ClientError::InvalidCaCert`] for a bad CA.
+    pub fn client(&self) -> Result<Client, ClientError> {
+        let mut builder = Client::builder(&self.url);
+        if let Some(pem) = &self.ca_cert_pem {
+            builder = builder.ca_cert_pem(pem.clone());
+        }
+        let mut client = builder.build()?;
         if let Some(token) = &self.token {
-            sink = sink.with_token(token.clone());
+            client = client.with_token(token.clone());
         }
         if let Some(tenant) = &self.tenant {
-            sink = sink.with_tenant(tenant);
+            client = client.with_tenant(tenant.as_str());
         }
-        Ok(sink)
+        Ok(client)
+    }
+
+    /// An HTTP sink for queue `task` with these options' server, CA, token and tenant.
+    ///
+    /// # Errors
+    ///
+    /// As [`DemoOptions::client`].
+    pub fn sink(&self, task: &TaskId) -> Result<HttpSink, ClientError> {
+        Ok(HttpSink::from_client(self.client()?, task))
     }
 
     /// Shell commands that watch, cancel and inspect the demo's tasks.
@@ -115,6 +133,10 @@ impl DemoOptions {
         if let Some(tenant) = &self.tenant {
             headers.push_str(&format!(" -H 'X-Tenant-ID: {tenant}'"));
             flags.push_str(&format!(" --tenant {tenant}"));
+        }
+        if self.ca_cert_pem.is_some() {
+            headers.push_str(" --cacert \"$CA_CERT\"");
+            flags.push_str(" --ca-cert \"$CA_CERT\"");
         }
         if base != DEFAULT_URL {
             flags.push_str(&format!(" --url {base}"));
@@ -479,6 +501,12 @@ pub(super) async fn demo(args: DemoArgs) -> Result<(), String> {
     options.delay = Duration::from_millis(args.delay_ms);
     options.workflow = args.only != Some(Only::Ingestion);
     options.ingestion = args.only != Some(Only::Workflow);
+    if let Some(path) = &args.conn.ca_cert {
+        let pem = tokio::fs::read(path)
+            .await
+            .map_err(|e| format!("--ca-cert: cannot read {}: {e}", path.display()))?;
+        options.ca_cert_pem = Some(pem);
+    }
 
     let narrate: Narrate = Arc::new(|line: String| println!("{line}"));
     let interrupt = tokio::spawn(cancel_on_ctrl_c(options.clone(), narrate.clone()));
@@ -493,15 +521,9 @@ async fn cancel_on_ctrl_c(options: DemoOptions, narrate: Narrate) {
         return;
     }
     narrate("Ctrl-C: cancelling; the tasks stop at their next boundary".into());
-    let Ok(mut client) = Client::new(&options.url) else {
+    let Ok(client) = options.client() else {
         return;
     };
-    if let Some(token) = &options.token {
-        client = client.with_token(token.clone());
-    }
-    if let Some(tenant) = &options.tenant {
-        client = client.with_tenant(tenant.as_str());
-    }
     for (selected, route, id) in [
         (options.workflow, Route::Workflow, &options.workflow_id),
         (options.ingestion, Route::Ingestion, &options.ingestion_id),

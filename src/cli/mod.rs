@@ -13,7 +13,7 @@
 //! Each person-facing subcommand returns an [`Outcome`] or a [`CliError`] carrying its exit
 //! code; [`exit_code`] prints and maps it. Exit codes: 0 success (for `watch`: the task
 //! completed), 1 failure (a failed or cancelled task, a server or storage error), 2 usage
-//! errors and unknown queues. The other commands exit 1 on any error, which they log.
+//! errors, unknown queues, and what no retry can fix (a bad URL, a certificate refused). The other commands exit 1 on any error, which they log.
 
 pub mod bench;
 mod compact;
@@ -32,7 +32,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use crate::client::{Client, ClientError, DEFAULT_URL};
+use crate::client::{Client, ClientError, DEFAULT_URL, TlsFailure};
 
 pub use offline::{DumpArgs, InspectArgs, dump, inspect};
 pub use remote::{CancelArgs, InfoArgs, PublishArgs, QueuesArgs, cancel, info, publish, queues};
@@ -121,9 +121,11 @@ pub fn run() -> ExitCode {
     let cli = Cli::parse();
     // The server logs at `info`; other commands print their own output and log only problems
     // (the bench's in-process servers would otherwise interleave their lines with its report).
+    // The certificate checker logs a rejected certificate as an error of its own; the
+    // command reports it (once, with a hint), so its line would only repeat it.
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        _ => "warn",
+        _ => "warn,rustls_platform_verifier=off",
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -237,6 +239,10 @@ pub struct ConnArgs {
     /// [default: the server's: `default`, or the token's]
     #[arg(long, env = "EVENTQUEUE_TENANT", value_name = "TENANT")]
     pub tenant: Option<String>,
+    /// PEM file of a CA certificate to trust for an https:// URL, besides the system's (a
+    /// private CA, or the server's self-signed certificate)
+    #[arg(long, env = "EVENTQUEUE_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 impl ConnArgs {
@@ -244,9 +250,26 @@ impl ConnArgs {
     ///
     /// # Errors
     ///
-    /// A usage error (2) for an invalid URL or tenant id.
-    pub fn client(&self) -> Result<Client, CliError> {
-        let mut client = Client::new(&self.url).map_err(|e| CliError::usage(e.to_string()))?;
+    /// A usage error (2) for an invalid URL or tenant id, an unreadable or invalid
+    /// `--ca-cert`, or an https:// URL with no CA to trust.
+    pub async fn client(&self) -> Result<Client, CliError> {
+        let mut builder = Client::builder(&self.url);
+        if let Some(path) = &self.ca_cert {
+            let pem = tokio::fs::read(path).await.map_err(|e| {
+                CliError::usage(format!("--ca-cert: cannot read {}: {e}", path.display()))
+            })?;
+            builder = builder.ca_cert_pem(pem);
+        }
+        // An https:// client reads the system's trust store: not on an async worker thread.
+        let built = tokio::task::spawn_blocking(move || builder.build())
+            .await
+            .map_err(|e| CliError::failure(format!("building the HTTP client: {e}")))?;
+        let mut client = built.map_err(|e| match (&e, &self.ca_cert) {
+            (ClientError::InvalidCaCert(_), Some(path)) => {
+                CliError::usage(format!("--ca-cert {}: {e}", path.display()))
+            }
+            _ => CliError::usage(e.to_string()),
+        })?;
         if let Some(token) = self.token.as_deref().filter(|t| !t.trim().is_empty()) {
             client = client.with_token(token.trim());
         }
@@ -297,7 +320,25 @@ fn remote_error(e: ClientError, conn: &ConnArgs, task: Option<&str>) -> CliError
         (ClientError::Transport { .. }, _) => CliError::failure(format!(
             "{e} (is `eventqueue serve` running there? set --url or EVENTQUEUE_URL)"
         )),
-        (ClientError::InvalidInput(_), _) => CliError::usage(e.to_string()),
+        // Nothing a retry could fix: said once, as a usage error.
+        (
+            ClientError::Tls {
+                kind: TlsFailure::Certificate | TlsFailure::NoTrustAnchors,
+                ..
+            },
+            _,
+        ) => CliError::usage(format!(
+            "{e}; for a private CA or a self-signed certificate, pass its certificate with \
+                 --ca-cert or EVENTQUEUE_CA_CERT"
+        )),
+        (
+            ClientError::Tls { .. }
+            | ClientError::InvalidUrl { .. }
+            | ClientError::InvalidCaCert(_)
+            | ClientError::InvalidInput(_)
+            | ClientError::Decode(_),
+            _,
+        ) => CliError::usage(e.to_string()),
         _ => CliError::failure(e.to_string()),
     }
 }

@@ -114,7 +114,7 @@ pub struct PublishArgs {
 ///
 /// An unreachable server or an error answer (1).
 pub async fn queues(args: QueuesArgs) -> Result<Outcome, CliError> {
-    let client = args.conn.client()?;
+    let client = args.conn.client().await?;
     let filter = ListFilter {
         kinds: args.kind.clone(),
         states: args.state.clone(),
@@ -211,7 +211,7 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<(), CliError> {
 /// An unknown queue (2); an unreachable server or an error answer (1).
 pub async fn info(args: InfoArgs) -> Result<Outcome, CliError> {
     task_arg(&args.task_id)?;
-    let client = args.conn.client()?;
+    let client = args.conn.client().await?;
     let q = client
         .queue_info(&args.task_id)
         .await
@@ -260,7 +260,7 @@ pub async fn info(args: InfoArgs) -> Result<Outcome, CliError> {
 /// An unknown queue (2); a finished task, an unreachable server or an error answer (1).
 pub async fn cancel(args: CancelArgs) -> Result<Outcome, CliError> {
     task_arg(&args.task_id)?;
-    let client = args.conn.client()?;
+    let client = args.conn.client().await?;
     let route = if args.ingestion {
         Route::Ingestion
     } else {
@@ -296,7 +296,7 @@ const LINGER: Duration = Duration::from_millis(50);
 /// error answer (1). Batches sent before the failure stay stored; the message says how many.
 pub async fn publish(args: PublishArgs) -> Result<Outcome, CliError> {
     task_arg(&args.task_id)?;
-    let client = args.conn.client()?;
+    let client = args.conn.client().await?;
     if args.create {
         let options = CreateQueue {
             kind: args.kind.clone(),

@@ -121,9 +121,27 @@ pub struct ServeArgs {
     #[arg(long, env = "EVENTQUEUE_A2A_VERSION", value_name = "VERSION")]
     a2a_version: Option<String>,
     /// Public base URL of this server (e.g. https://events.example.com), from which the A2A
-    /// agent card's JSON-RPC URL is built [default: http:// + the request's Host header]
+    /// agent card's JSON-RPC URL is built [default: http:// (https:// with TLS) + the
+    /// request's host]
     #[arg(long, env = "EVENTQUEUE_A2A_PUBLIC_URL", value_name = "URL")]
     a2a_public_url: Option<String>,
+    /// PEM file of the server's certificate chain: serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN)
+    /// instead of plain HTTP; needs --tls-key [default: none: plain HTTP]
+    #[arg(
+        long,
+        env = "EVENTQUEUE_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// PEM file of the private key of --tls-cert (PKCS#8, PKCS#1 or SEC1)
+    #[arg(
+        long,
+        env = "EVENTQUEUE_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -155,6 +173,8 @@ pub(super) struct FileConfig {
     a2a_description: Option<String>,
     a2a_version: Option<String>,
     a2a_public_url: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 /// Everything `serve` needs, resolved.
@@ -173,6 +193,7 @@ fn resolve(args: ServeArgs) -> Result<Settings, String> {
     let mut server = ServerConfig::default();
     resolve_protection(&args, &file, &mut server)?;
     resolve_a2a(&args, &file, &mut server)?;
+    server.tls = resolve_tls(&args, &file)?;
     let mut store = Config::new(
         args.data_dir
             .or(file.data_dir)
@@ -368,6 +389,24 @@ fn resolve_a2a(
         server.a2a.public_url = Some(server::a2a::check_public_url(url)?);
     }
     Ok(())
+}
+
+/// The certificate and key to serve HTTPS with, read and checked now, so that a missing or
+/// bad file stops `serve` at start with its name. Given both by flags (or the environment),
+/// or both in the file; one without the other is an error.
+fn resolve_tls(args: &ServeArgs, file: &FileConfig) -> Result<Option<server::TlsConfig>, String> {
+    let (cert, key) = match (&args.tls_cert, &args.tls_key) {
+        (None, None) => (file.tls_cert.as_ref(), file.tls_key.as_ref()),
+        (cert, key) => (cert.as_ref(), key.as_ref()),
+    };
+    match (cert, key) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => server::TlsConfig::from_pem_files(cert, key)
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        (Some(_), None) => Err("tls_cert is set but tls_key is not: give both".into()),
+        (None, Some(_)) => Err("tls_key is set but tls_cert is not: give both".into()),
+    }
 }
 
 pub(super) fn read_config(path: &Path) -> Result<FileConfig, String> {
@@ -599,6 +638,71 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.contains("32 bytes"), "{err}");
+    }
+
+    #[test]
+    fn tls_files_are_checked_at_start_with_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let cert_pem = write("cert.pem", &cert.cert.pem());
+        let key_pem = write("key.pem", &cert.signing_key.serialize_pem());
+        let other_key = write("other.key", &other.signing_key.serialize_pem());
+        let garbage = write("garbage.pem", "not pem");
+        let missing = dir.path().join("missing.pem");
+        let tls = |cert: &PathBuf, key: &PathBuf| {
+            resolve(ServeArgs {
+                tls_cert: Some(cert.clone()),
+                tls_key: Some(key.clone()),
+                ..ServeArgs::default()
+            })
+        };
+        assert!(resolve(ServeArgs::default()).unwrap().server.tls.is_none());
+        assert!(tls(&cert_pem, &key_pem).unwrap().server.tls.is_some());
+        let err = tls(&missing, &key_pem).unwrap_err();
+        assert!(
+            err.contains("certificate") && err.contains("missing.pem"),
+            "{err}"
+        );
+        let err = tls(&cert_pem, &garbage).unwrap_err();
+        assert!(
+            err.contains("no private key") && err.contains("garbage.pem"),
+            "{err}"
+        );
+        let err = tls(&garbage, &key_pem).unwrap_err();
+        assert!(err.contains("no certificate"), "{err}");
+        let err = tls(&cert_pem, &other_key).unwrap_err();
+        assert!(err.contains("refused"), "{err}");
+        // From the config file too; one without the other is an error.
+        let config = write(
+            "eq.toml",
+            &format!(
+                "tls_cert = {:?}\ntls_key = {:?}\n",
+                cert_pem.display().to_string(),
+                key_pem.display().to_string()
+            ),
+        );
+        let s = resolve(ServeArgs {
+            config: Some(config),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert!(s.server.tls.is_some());
+        let half = write(
+            "half.toml",
+            &format!("tls_cert = {:?}\n", cert_pem.display().to_string()),
+        );
+        let err = resolve(ServeArgs {
+            config: Some(half),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("tls_key"), "{err}");
     }
 
     #[test]

@@ -19,9 +19,10 @@ use crate::client::{
   eventqueue watch job_7 --wait 60    # started before the producer creates the queue
 
 Exit status: 0 when the task completed, 1 when it failed or was cancelled (or the watch
-failed for good), 2 for usage errors and unknown queues. With --wait SECS, a queue still not
-created after SECS is an unknown queue too: 2, as without --wait, so 1 always means that the
-task (or the watch) failed.")]
+failed for good), 2 for usage errors, unknown queues, and what no retry can fix (a bad URL,
+a certificate refused, a server that does not speak the URL's protocol). With --wait SECS, a
+queue still not created after SECS is an unknown queue too: 2, as without --wait, so 1 always
+means that the task (or the watch) failed.")]
 pub struct WatchArgs {
     /// Task id of the queue to watch.
     pub task_id: String,
@@ -139,7 +140,7 @@ fn verdict(ev: &StreamEvent) -> (bool, String) {
 /// (1).
 pub async fn watch(args: WatchArgs) -> Result<Outcome, CliError> {
     task_arg(&args.task_id)?;
-    let client = args.conn.client()?;
+    let client = args.conn.client().await?;
     let options = SubscribeOptions {
         route: if args.ingestion {
             Route::Ingestion
@@ -319,7 +320,7 @@ async fn finish(
                 "the task finished before offset {}; looking up how it ended",
                 sub.resume_offset()
             ));
-            let client = args.conn.client()?;
+            let client = args.conn.client().await?;
             let mut replay = client.subscribe(
                 &args.task_id,
                 SubscribeOptions {

@@ -24,8 +24,6 @@ const HTTP_SEND_ATTEMPTS: u32 = 4;
 #[derive(Clone, Debug)]
 pub struct HttpSink {
     client: Client,
-    http: reqwest::Client,
-    token: Option<String>,
     task: TaskId,
 }
 
@@ -34,45 +32,25 @@ impl HttpSink {
     ///
     /// # Errors
     ///
-    /// [`ClientError::InvalidUrl`] for a URL that is not `http://` / `https://`.
+    /// As [`Client::new`]: [`ClientError::InvalidUrl`] for a URL that is not `http://` /
+    /// `https://`.
     pub fn new(base_url: &str, task: &TaskId) -> Result<Self, ClientError> {
-        let client = Client::new(base_url)?;
-        // As `Client`: loopback servers are reached directly, never through a proxy.
-        let loopback = reqwest::Url::parse(base_url)
-            .ok()
-            .and_then(|url| url.host_str().map(str::to_string))
-            .is_some_and(|host| {
-                host == "localhost"
-                    || host
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .parse::<std::net::IpAddr>()
-                        .is_ok_and(|ip| ip.is_loopback())
-            });
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30));
-        if loopback {
-            builder = builder.no_proxy();
-        }
-        let http = builder.build().map_err(|e| ClientError::InvalidUrl {
-            url: base_url.to_string(),
-            reason: format!("cannot build an HTTP client: {e}"),
-        })?;
-        Ok(Self {
+        Ok(Self::from_client(Client::new(base_url)?, task))
+    }
+
+    /// A sink for queue `task` through `client` (its server, connections and TLS settings,
+    /// token and tenant).
+    pub fn from_client(client: Client, task: &TaskId) -> Self {
+        Self {
             client,
-            http,
-            token: None,
             task: task.clone(),
-        })
+        }
     }
 
     /// Sends `Authorization: Bearer <token>` (token mode; the token needs `publish`, and
     /// `subscribe` for the cancellation check's queue info).
     pub fn with_token(mut self, token: impl Into<String>) -> Self {
-        let token = token.into();
-        self.client = self.client.with_token(token.clone());
-        self.token = Some(token);
+        self.client = self.client.with_token(token);
         self
     }
 
@@ -160,20 +138,19 @@ impl EventSink for HttpSink {
         let body = serde_json::to_vec(&checkpoint.to_json())
             .map_err(|e| ClientError::InvalidInput(format!("checkpoint JSON: {e}")))?;
         let mut req = self
-            .http
+            .client
+            .http()
             .post(url)
+            .timeout(self.client.timeout())
             .header("Content-Type", "application/json")
             .body(body);
-        if let Some(token) = &self.token {
+        if let Some(token) = self.client.token() {
             req = req.bearer_auth(token);
         }
         if let Some(tenant) = self.client.tenant() {
             req = req.header("X-Tenant-ID", tenant);
         }
-        let transport = |e: reqwest::Error| ClientError::Transport {
-            url: self.client.base_url().to_string(),
-            reason: e.to_string(),
-        };
+        let transport = |e: reqwest::Error| self.client.transport(&e);
         let resp = req.send().await.map_err(transport)?;
         let status = resp.status();
         let body = resp.bytes().await.map_err(transport)?;

@@ -15,7 +15,8 @@
 //! that protect the node (streams, queues, body and header read timeouts, JSON depth) are
 //! fields of [`ServerConfig`] too. Connections are served over HTTP/1.1; a client that does
 //! not send its request head within [`ServerConfig::header_read_timeout`] is disconnected,
-//! which also closes idle keep-alive connections.
+//! which also closes idle keep-alive connections. With [`ServerConfig::tls`] set, connections
+//! are HTTPS, over HTTP/2 or HTTP/1.1 as the client chooses by ALPN (see [`TlsConfig`]).
 //!
 //! ```no_run
 //! use eventqueue::server::{self, AppState, ServerConfig};
@@ -44,6 +45,7 @@ mod routes;
 mod sse;
 mod stream;
 mod tenant;
+mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -70,6 +72,7 @@ pub use auth::{Auth, OpenBind, Scopes, TokenKeys};
 pub use error::ApiError;
 pub use limits::RETRY_AFTER_SECS;
 pub use tenant::{ACCESS_TOKEN_PARAM, Caller, Need, Reach, TENANT_HEADER, Tenant};
+pub use tls::{TlsConfig, TlsError};
 
 /// Settings of the HTTP layer (the store's settings are [`crate::Config`]).
 ///
@@ -114,6 +117,10 @@ pub struct ServerConfig {
     pub max_json_depth: usize,
     /// The A2A agent card's name, description, version and public URL (see [`a2a`]).
     pub a2a: A2aConfig,
+    /// Serve HTTPS with this certificate and key (HTTP/2 and HTTP/1.1 by ALPN) instead of
+    /// plain HTTP. Applies to [`serve`]; the TLS handshake must finish within
+    /// [`ServerConfig::header_read_timeout`]. Default: none (plain HTTP).
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -134,6 +141,7 @@ impl Default for ServerConfig {
             body_read_timeout: Duration::from_secs(30),
             max_json_depth: 64,
             a2a: A2aConfig::default(),
+            tls: None,
         }
     }
 }
@@ -384,19 +392,24 @@ pub async fn serve(
     let config = state.config().clone();
     check_bind(&config.auth, addr)?;
     let manager = state.manager().clone();
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     match &manager.config().storage {
         StorageBackend::Redb => tracing::info!(
             storage = "redb",
             data_dir = %manager.config().data_dir.display(),
             durability = ?manager.config().durability,
-            "eventqueue listening on http://{addr}"
+            "eventqueue listening on {scheme}://{addr}"
         ),
         StorageBackend::Redis { .. } => tracing::info!(
             storage = %manager.storage_description(),
-            "eventqueue listening on http://{addr}"
+            "eventqueue listening on {scheme}://{addr}"
         ),
         StorageBackend::Memory => {
-            tracing::info!(storage = "memory", "eventqueue listening on http://{addr}");
+            tracing::info!(storage = "memory", "eventqueue listening on {scheme}://{addr}");
             tracing::warn!(
                 "storage is memory: nothing survives a restart (use --storage redb or redis://… to keep events)"
             );
@@ -428,6 +441,13 @@ pub async fn serve(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout.max(Duration::from_millis(1)));
+    let tls = config.tls.as_ref().map(|tls| {
+        tls::TlsServe::new(
+            tls,
+            http.clone(),
+            config.header_read_timeout.max(Duration::from_millis(1)),
+        )
+    });
     let connections = GracefulShutdown::new();
     let trigger = async {
         tokio::select! {
@@ -455,6 +475,11 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
+        if let Some(tls) = &tls {
+            // The handshake runs on the connection's own task, never in this loop.
+            tokio::spawn(tls.clone().serve(stream, service, connections.watcher()));
+            continue;
+        }
         let conn = connections.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {

@@ -3,7 +3,8 @@
 //! (`auth`), hostile input and slow clients (`hostile`), tenant isolation as a property
 //! (`isolation`), paged and filtered queue lists (`listing`), the dashboard's assets
 //! (`dashboard`), checkpoint routes (`checkpoint`), the HTTP producer helpers and the demo
-//! (`producer`), and a proptest-driven fuzz of event JSON parsing (`fuzz`).
+//! (`producer`), a proptest-driven fuzz of event JSON parsing (`fuzz`), and HTTPS with
+//! HTTP/2 (`tls`).
 
 mod a2a;
 mod app;
@@ -18,6 +19,7 @@ mod listing;
 mod producer;
 mod router;
 mod sse;
+mod tls;
 
 use serde_json::{Value, json};
 

@@ -1,7 +1,7 @@
 //! `GET /.well-known/agent-card.json`: the 1.0 card, or the 0.3 one with `?version=0.3`.
 
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, Uri, header};
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -23,6 +23,7 @@ pub(in crate::server) struct CardParams {
 pub(in crate::server) async fn agent_card(
     State(state): State<AppState>,
     headers: HeaderMap,
+    uri: Uri,
     query: Result<Query<CardParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(params) = query
@@ -37,7 +38,7 @@ pub(in crate::server) async fn agent_card(
             )));
         }
     };
-    let mut url = format!("{}/a2a", base_url(&state, &headers)?);
+    let mut url = format!("{}/a2a", base_url(&state, &headers, &uri)?);
     if let Some(tenant) = params.tenant_id {
         let tenant = TenantId::new(tenant)?;
         url.push_str("?tenant_id=");
@@ -46,8 +47,9 @@ pub(in crate::server) async fn agent_card(
     Ok(crate::server::json(&card(&state, version, &url)))
 }
 
-/// `{public_url}` without a trailing `/`, else `http://{Host}`.
-fn base_url(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+/// `{public_url}` without a trailing `/`, else `http://{Host}` (`https://` when the server
+/// serves TLS; over HTTP/2 the host is the request's `:authority`, as there is no `Host`).
+fn base_url(state: &AppState, headers: &HeaderMap, uri: &Uri) -> Result<String, ApiError> {
     if let Some(url) = &state.config().a2a.public_url {
         return Ok(url.trim_end_matches('/').to_string());
     }
@@ -55,12 +57,18 @@ fn base_url(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.parse::<axum::http::uri::Authority>().ok())
+        .or_else(|| uri.authority().cloned())
         .ok_or_else(|| {
             ApiError::bad_request(
                 "the agent card needs a valid Host header, or a configured a2a_public_url",
             )
         })?;
-    Ok(format!("http://{host}"))
+    let scheme = if state.config().tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    Ok(format!("{scheme}://{host}"))
 }
 
 fn card(state: &AppState, v: Version, url: &str) -> Value {
