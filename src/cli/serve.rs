@@ -32,8 +32,9 @@ pub struct ServeArgs {
     /// TOML file with any of the settings below (keys as the flags, with underscores).
     #[arg(long, env = "EVENTQUEUE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Where queues are kept: `redb` (the embedded database in --data-dir) or `memory`
-    /// (nothing survives a restart) [default: redb]
+    /// Where queues are kept: `redb` (the embedded database in --data-dir), `memory`
+    /// (nothing survives a restart), or `redis://[:PASSWORD@]HOST:PORT[/DB][?prefix=P]`
+    /// (password also from EVENTQUEUE_REDIS_PASSWORD) [default: redb]
     #[arg(long, env = "EVENTQUEUE_STORAGE", value_name = "STORAGE")]
     storage: Option<String>,
     /// Directory of the database [default: ./data]
@@ -537,8 +538,8 @@ mod tests {
             "redis://:p%40ss%20w@h:6379/2"
         );
         assert_eq!(
-            with_password("rediss://:own@h:1", "other").unwrap(),
-            "rediss://:own@h:1"
+            with_password("redis://:own@h:1", "other").unwrap(),
+            "redis://:own@h:1"
         );
     }
 

@@ -28,6 +28,9 @@ pub type Progress = Arc<dyn Fn(usize, usize, &str) + Send + Sync>;
 pub struct BenchOptions {
     /// Directory on the disk to measure; a temporary directory inside it is used and removed.
     pub data_dir: Option<PathBuf>,
+    /// The store to measure (default: the embedded one, in `data_dir`). The raw fdatasync
+    /// floor is always measured on `data_dir`'s disk.
+    pub storage: crate::StorageBackend,
     /// Smaller sizes, for a run under a minute.
     pub quick: bool,
     /// Called with a short description as each step starts.
@@ -115,6 +118,8 @@ pub struct ReopenFigures {
 pub struct BenchReport {
     /// Where it ran.
     pub data_dir: String,
+    /// The store measured (`redb`, `memory`, `redis`).
+    pub storage: String,
     /// Quick mode.
     pub quick: bool,
     /// 300-byte append + fdatasync on a plain file: the disk's floor.
@@ -198,10 +203,28 @@ fn event(t: &TenantId, k: &TaskId, n: u64) -> Event {
     )
 }
 
+tokio::task_local! {
+    /// The store the steps of one [`run`] measure ([`BenchOptions::storage`]).
+    static STORAGE: crate::StorageBackend;
+}
+
+/// A step's configuration on `dir`, on the store under measurement (a Redis store gets a key
+/// prefix of its own per step directory, so steps never see each other's queues).
 fn bench_config(dir: &Path, durability: Durability) -> Config {
+    let storage = STORAGE
+        .try_with(|s| s.clone())
+        .unwrap_or_default();
+    let storage = match storage {
+        crate::StorageBackend::Redis { url, prefix } => crate::StorageBackend::Redis {
+            url,
+            prefix: format!("{prefix}bench:{}:", dir.display()),
+        },
+        other => other,
+    };
     Config {
         durability,
         max_buffer_size: 10_000_000,
+        storage,
         ..Config::new(dir)
     }
 }
@@ -212,6 +235,11 @@ fn bench_config(dir: &Path, durability: Durability) -> Config {
 ///
 /// Any storage error on the measured disk.
 pub async fn run(opts: BenchOptions) -> crate::Result<BenchReport> {
+    let storage = opts.storage.clone();
+    STORAGE.scope(storage, run_steps(opts)).await
+}
+
+async fn run_steps(opts: BenchOptions) -> crate::Result<BenchReport> {
     let base = match &opts.data_dir {
         Some(d) => d.clone(),
         None => std::env::temp_dir(),
@@ -245,6 +273,9 @@ pub async fn run(opts: BenchOptions) -> crate::Result<BenchReport> {
     };
     let mut report = BenchReport {
         data_dir: base.display().to_string(),
+        storage: STORAGE
+            .try_with(|s| s.name().to_string())
+            .unwrap_or_default(),
         quick: q,
         ..BenchReport::default()
     };
@@ -760,7 +791,11 @@ impl BenchReport {
         use std::fmt::Write;
         let mut s = String::new();
         let quick = if self.quick { " (quick)" } else { "" };
-        let _ = writeln!(s, "eventqueue bench — data dir {}{quick}", self.data_dir);
+        let _ = writeln!(
+            s,
+            "eventqueue bench — storage {}, data dir {}{quick}",
+            self.storage, self.data_dir
+        );
         let _ = writeln!(s, "\n| measurement | figure |\n|---|---|");
         if let Some(r) = self.raw_fdatasync {
             let _ = writeln!(
@@ -867,6 +902,10 @@ pub struct BenchArgs {
     /// [default: the system temporary directory]
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// The store to measure, as `serve --storage` takes it: redb, memory, redis://…
+    /// [default: redb]
+    #[arg(long, value_name = "STORAGE")]
+    storage: Option<String>,
     /// Smaller sizes: a run under a minute.
     #[arg(long)]
     quick: bool,
@@ -909,8 +948,13 @@ pub(in crate::cli) async fn bench(args: BenchArgs) -> Result<(), String> {
             eprintln!("… [{n}/{total}] {step}");
         }
     });
+    let storage = match &args.storage {
+        Some(s) => s.parse()?,
+        None => crate::StorageBackend::default(),
+    };
     let report = run(BenchOptions {
         data_dir: args.data_dir,
+        storage,
         quick: args.quick,
         progress: Some(progress),
         only: args.only,
