@@ -30,6 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -48,7 +49,7 @@ class Step:
     body: list[str] = field(default_factory=list)
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     print(f"readme-session: {message}", file=sys.stderr)
     sys.exit(1)
 
@@ -133,14 +134,16 @@ def start_server(binary: Path, work: Path) -> tuple[subprocess.Popen[bytes], str
     server.kill()
     server.wait()
     fail(f"the server did not start; its log:\n{log.read_text(errors='replace')}")
-    raise AssertionError("unreachable")
 
 
 def run(step: Step, address: str, work: Path) -> list[str]:
     """Runs one command; returns what differs from the expected answer (nothing: it matched)."""
-    argv = shlex.split(step.command)
     if HOST not in step.command:
         return [f"the command does not name {HOST}, so it would not reach the test server"]
+    try:
+        argv = shlex.split(step.command)
+    except ValueError as e:
+        return [f"the command is not valid shell: {e}"]
     body_file = work / "body"
     body_file.unlink(missing_ok=True)
     argv = [a.replace(HOST, address) for a in argv] + [
@@ -155,7 +158,7 @@ def run(step: Step, address: str, work: Path) -> list[str]:
         "--write-out",
         "%{http_code}",
     ]
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=work, timeout=30)
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, cwd=work, timeout=30)
     if done.returncode != 0:
         return [f"curl exited {done.returncode}: {done.stderr.strip()}"]
     status = int(done.stdout.strip() or 0)
