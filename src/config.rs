@@ -196,7 +196,7 @@ pub struct Config {
     /// deletion on a nearly full disk — always has room. Writes are taken again as soon as
     /// enough is free. `None` (the default): 64 MiB, or a tenth of the filesystem if that is
     /// less. `Some(0)` turns the check off: a full disk is then met by a failing write (see
-    /// the README's guarantees).
+    /// `docs/guarantees.md`).
     pub disk_reserve: Option<u64>,
 }
 

@@ -53,6 +53,9 @@
 //! # }
 //! ```
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 // The model: no I/O.
 mod clock;
 mod config;

@@ -33,6 +33,7 @@ pub struct QueuesArgs {
     /// matching queue, by task id.
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
+    /// Where the server is and who is calling (`--url`, `--token`, `--tenant`).
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -48,6 +49,7 @@ pub struct InfoArgs {
     /// Print the server's JSON object instead of a listing.
     #[arg(long)]
     pub json: bool,
+    /// Where the server is and who is calling (`--url`, `--token`, `--tenant`).
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -68,6 +70,7 @@ pub struct CancelArgs {
     /// Use the ingestion route (`/events/ingestion/{id}/cancel`); only the wording differs.
     #[arg(long)]
     pub ingestion: bool,
+    /// Where the server is and who is calling (`--url`, `--token`, `--tenant`).
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -104,6 +107,7 @@ pub struct PublishArgs {
     /// Kind of a queue made by --create: workflow, ingestion or task.
     #[arg(long, value_name = "KIND", requires = "create")]
     pub kind: Option<String>,
+    /// Where the server is and who is calling (`--url`, `--token`, `--tenant`).
     #[command(flatten)]
     pub conn: ConnArgs,
 }

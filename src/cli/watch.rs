@@ -48,6 +48,7 @@ pub struct WatchArgs {
     /// Longest reconnection delay.
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub retry_max_ms: u64,
+    /// Where the server is and who is calling (`--url`, `--token`, `--tenant`).
     #[command(flatten)]
     pub conn: ConnArgs,
 }
