@@ -409,7 +409,10 @@ pub async fn serve(
             "eventqueue listening on {scheme}://{addr}"
         ),
         StorageBackend::Memory => {
-            tracing::info!(storage = "memory", "eventqueue listening on {scheme}://{addr}");
+            tracing::info!(
+                storage = "memory",
+                "eventqueue listening on {scheme}://{addr}"
+            );
             tracing::warn!(
                 "storage is memory: nothing survives a restart (use --storage redb or redis://… to keep events)"
             );

@@ -211,9 +211,7 @@ tokio::task_local! {
 /// A step's configuration on `dir`, on the store under measurement (a Redis store gets a key
 /// prefix of its own per step directory, so steps never see each other's queues).
 fn bench_config(dir: &Path, durability: Durability) -> Config {
-    let storage = STORAGE
-        .try_with(|s| s.clone())
-        .unwrap_or_default();
+    let storage = STORAGE.try_with(|s| s.clone()).unwrap_or_default();
     let storage = match storage {
         crate::StorageBackend::Redis { url, prefix } => crate::StorageBackend::Redis {
             url,
@@ -338,7 +336,8 @@ async fn run_steps(opts: BenchOptions) -> crate::Result<BenchReport> {
             latency,
         });
     }
-    if want("reopen") {
+    // A store that keeps nothing across a reopen has no reopen to measure.
+    if want("reopen") && opts.storage.persists() {
         let (events, queues) = if q {
             (100_000, 1000)
         } else {

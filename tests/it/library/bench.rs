@@ -11,6 +11,7 @@ async fn bench_steps_report_what_they_measured() {
         only: Some("raw,replay,reopen".into()),
         churn_secs: None,
         streams: None,
+        storage: Default::default(),
     })
     .await
     .unwrap();
@@ -44,6 +45,7 @@ async fn bench_http_steps_run_the_real_server_over_loopback() {
         only: Some("http".into()),
         churn_secs: None,
         streams: None,
+        storage: Default::default(),
     })
     .await
     .unwrap();
