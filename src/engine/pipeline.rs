@@ -496,7 +496,7 @@ impl WriterLoop {
             .w
             .storage
             .begin()
-            .map_err(WriteError::Fatal)
+            .map_err(unstored)
             .and_then(|mut batch| {
                 batch.purge(qid, from, to, last)?;
                 batch.commit()
@@ -591,13 +591,35 @@ impl WriterLoop {
         let (batch, answers, next_queue_id, result) = loop {
             let (batch, answers, next_queue_id, result) = self.build(ops, now);
             match result {
-                // Nothing was stored: take in the newer state and apply the same ops again.
-                Err(WriteError::Stale(fresh)) if rebuilds < MAX_REBUILDS => {
-                    rebuilds += 1;
-                    Metrics::add(&self.w.metrics.batch_rebuilds, 1);
+                // Nothing was stored: take in the newer state, then apply the same ops again
+                // (or, after too many rounds, fail them; the newer state is taken in either
+                // way, so the next batch builds on it).
+                Err(WriteError::Stale(fresh)) => {
                     self.undo_keys(&batch);
                     self.absorb(&batch, &fresh);
-                    ops = answers.into_iter().map(Answer::into_op).collect();
+                    if rebuilds < MAX_REBUILDS {
+                        rebuilds += 1;
+                        Metrics::add(&self.w.metrics.batch_rebuilds, 1);
+                        ops = answers.into_iter().map(Answer::into_op).collect();
+                        continue;
+                    }
+                    let e = Error::Storage(StorageError::io(
+                        "storing a batch",
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!(
+                                "other nodes kept changing its queues; gave up after \
+                                 {MAX_REBUILDS} rebuilds"
+                            ),
+                        ),
+                    ));
+                    // Its creates and removals are undone already: an empty batch.
+                    break (
+                        Batch::default(),
+                        answers,
+                        next_queue_id,
+                        Err(WriteError::Rejected(e)),
+                    );
                 }
                 other => break (batch, answers, next_queue_id, other),
             }
@@ -722,9 +744,10 @@ impl WriterLoop {
         (batch, answers, next_queue_id, result)
     }
 
-    /// Forgets the creates and removals of a batch that was not committed.
+    /// Forgets the creates and removals of a batch that was not committed, latest first (a
+    /// batch that deletes a queue and creates it again ends with it existing).
     fn undo_keys(&mut self, batch: &Batch) {
-        for stage in &batch.stages {
+        for stage in batch.stages.iter().rev() {
             let key = (stage.q.tenant_id().clone(), stage.q.task_id().clone());
             if stage.created {
                 self.keys.remove(&key);
@@ -745,6 +768,9 @@ impl WriterLoop {
                 // Created elsewhere meanwhile: that queue is the one that exists; the rebuilt
                 // create answers that it exists.
                 if let Some(record) = &f.record {
+                    // It keeps the id the failed create gave it (the store knows it by that
+                    // id now): never hand that id out again.
+                    self.w.next_queue_id = self.w.next_queue_id.max(f.qid + 1);
                     let existing = Arc::new(QueueState::from_record(
                         q.tenant_id().clone(),
                         q.task_id().clone(),

@@ -150,6 +150,48 @@ async fn a_second_node_on_one_redis_is_refused_until_the_first_shuts_down() {
     second.shutdown().await.unwrap();
 }
 
+/// Redis away for longer than the lease's TTL loses the key (here: removed by hand, as its
+/// expiry would): writes are refused as unavailable, nothing is stored, and the node takes the
+/// lease again by itself and writes on — no restart. A lease another node holds stops it.
+#[tokio::test]
+async fn a_lease_that_expired_is_taken_again_and_one_taken_by_another_stops_writes() {
+    let redis = RedisServer::start();
+    let m = QueueManager::open(redis.config()).await.unwrap();
+    let (t, k) = (tenant("t"), task("lease"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("DEL").arg("eq:lease").query(&mut conn).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let offset = loop {
+        match q.enqueue(eventqueue::Event::new(&t, &k, working())).await {
+            Ok(offset) => break offset,
+            Err(Error::Storage(e)) => assert!(e.is_unavailable(), "{e}"),
+            Err(other) => panic!("{other}"),
+        }
+        assert!(Instant::now() < deadline, "the lease was not taken again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(offset, 0, "nothing was stored while the lease was away");
+    // Another node's token: this node stops writing, and says why.
+    let _: () = redis::cmd("SET")
+        .arg("eq:lease")
+        .arg("someone-else")
+        .query(&mut conn)
+        .unwrap();
+    let err = q
+        .enqueue(eventqueue::Event::new(&t, &k, working()))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("another node holds"), "{err}");
+    let _ = m.shutdown().await;
+}
+
 #[tokio::test]
 async fn redis_without_persistence_is_reported_at_start() {
     let redis = RedisServer::start();
@@ -271,6 +313,17 @@ async fn a_redis_restart_loses_no_acknowledged_event() {
     stop.store(true, std::sync::atomic::Ordering::Release);
     for p in producers {
         p.await.unwrap();
+    }
+    // The node writes again by itself after the restart.
+    let q = m.get_queue(&t, &names[0]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while q
+        .enqueue(eventqueue::Event::new(&t, &names[0], working()))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "writes did not resume");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     m.shutdown().await.unwrap();
 

@@ -18,10 +18,12 @@
 --
 -- Returns {"ok", tag, rev, ...} with the new revision of every queue the batch stored,
 -- {"stale", tag, {record fields}, ...} when some queue is no longer at the revision the batch
--- was built on (nothing stored), or {"fenced"} when the node lost its lease.
+-- was built on (nothing stored), or {"fenced", holder} when the node does not hold the lease
+-- (holder false: nobody does, as after the key expired while Redis was away).
 local p = ARGV[1]
-if redis.call('GET', p .. 'lease') ~= ARGV[2] then
-  return {'fenced'}
+local holder = redis.call('GET', p .. 'lease')
+if holder ~= ARGV[2] then
+  return {'fenced', holder}
 end
 
 local function qkey(tag) return p .. 'q:{' .. tag .. '}' end

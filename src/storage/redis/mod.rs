@@ -86,7 +86,10 @@ pub(crate) struct Target {
 /// A failure talking to Redis, as a storage error that names it. Connection failures keep an
 /// I/O kind (`ConnectionRefused`, `TimedOut`, …) so the server can answer 503 for them.
 fn redis_error(target: &str, context: &str, e: redis::RedisError) -> Error {
-    let kind = if e.is_timeout() {
+    let kind = if e.code() == Some("OOM") {
+        // maxmemory reached: refused before anything was written, like a full disk.
+        std::io::ErrorKind::StorageFull
+    } else if e.is_timeout() {
         std::io::ErrorKind::TimedOut
     } else if e.is_connection_refusal() {
         std::io::ErrorKind::ConnectionRefused
@@ -111,6 +114,16 @@ fn redis_error(target: &str, context: &str, e: redis::RedisError) -> Error {
         kind,
         e,
     ))
+}
+
+/// A connection with the read and write timeouts every connection of this store has (the
+/// client clears them after connecting), so a server that stops answering never blocks a
+/// thread for long.
+fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
+    let c = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+    c.set_read_timeout(Some(IO_TIMEOUT))?;
+    c.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(c)
 }
 
 /// The URL without its password, for messages.
@@ -178,6 +191,15 @@ impl RedisStore {
         Ok((store, recovered))
     }
 
+    /// The error of a node whose lease another node holds.
+    fn lost(&self) -> Error {
+        Error::Storage(StorageError::msg(format_args!(
+            "redis at {}: another node holds this Redis's lease; this node writes no more \
+             until restarted",
+            self.shown
+        )))
+    }
+
     fn err(&self, context: &str, e: redis::RedisError) -> Error {
         redis_error(&self.shown, context, e)
     }
@@ -194,16 +216,7 @@ impl RedisStore {
         let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let conn = match pooled {
             Some(c) => c,
-            None => {
-                let c = self
-                    .client
-                    .get_connection_with_timeout(CONNECT_TIMEOUT)
-                    .map_err(|e| self.err("connecting", e))?;
-                c.set_read_timeout(Some(IO_TIMEOUT))
-                    .and_then(|()| c.set_write_timeout(Some(IO_TIMEOUT)))
-                    .map_err(|e| self.err("connecting", e))?;
-                c
-            }
+            None => connect(&self.client).map_err(|e| self.err("connecting", e))?,
         };
         Ok(Conn {
             store: self,
@@ -262,9 +275,15 @@ impl RedisStore {
         let (stop, lost) = (self.stop.clone(), self.lease_lost.clone());
         let shown = self.shown.clone();
         let ttl = u64::try_from(LEASE_TTL.as_millis()).unwrap_or(u64::MAX);
+        // Renews the lease; takes it again if it expired meanwhile (Redis away for longer
+        // than its TTL) and nobody else took it — safe, since every batch is still checked
+        // against the revisions Redis holds. Answers 1 when held, 0 when another node holds
+        // it.
         let renew = redis::Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-               return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end",
+            "local h = redis.call('GET', KEYS[1]) \
+             if h == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end \
+             if not h then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end \
+             return 0",
         );
         let handle = std::thread::Builder::new()
             .name("eventqueue-lease".into())
@@ -276,7 +295,7 @@ impl RedisStore {
                         break;
                     }
                     if conn.is_none() {
-                        conn = client.get_connection_with_timeout(CONNECT_TIMEOUT).ok();
+                        conn = connect(&client).ok();
                     }
                     let Some(c) = conn.as_mut() else { continue };
                     match renew.key(&key).arg(&token).arg(ttl).invoke::<i64>(c) {
@@ -285,7 +304,7 @@ impl RedisStore {
                             if !lost.swap(true, Ordering::AcqRel) {
                                 tracing::error!(
                                     redis = %shown,
-                                    "lost the Redis lease (another node took it): writes stop"
+                                    "another node holds the Redis lease: this node writes no more"
                                 );
                             }
                         }
@@ -417,8 +436,24 @@ fn not_persistent(conn: &mut redis::Connection) -> Option<&'static str> {
 /// `None` when it persists, cannot be reached, or hides its settings.
 pub fn redis_persistence_warning(url: &str) -> Option<&'static str> {
     let client = redis::Client::open(url).ok()?;
-    let mut conn = client.get_connection_with_timeout(CONNECT_TIMEOUT).ok()?;
+    let mut conn = connect(&client).ok()?;
     not_persistent(&mut conn)
+}
+
+impl Drop for RedisStore {
+    /// Stops the lease thread of a store dropped without [`Storage::close`], so the lease
+    /// expires (no network I/O here: this may run on any thread).
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(h) = self
+            .renewer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            h.thread().unpark();
+        }
+    }
 }
 
 /// A random 64-bit value (for the lease token), from the standard library's per-process
@@ -540,6 +575,11 @@ fn parse_record(id: u64, f: &HashMap<String, String>) -> Result<(QueueRecord, u6
         finished_at: opt(f, "finished")?,
         cancel,
     };
+    if record.first_offset > record.next_offset {
+        return Err(Error::storage(
+            "corrupt queue record in redis: first offset past the next",
+        ));
+    }
     Ok((record, num(f, "rev")?))
 }
 
@@ -604,11 +644,7 @@ fn parse_entries(v: Value, out: &mut Vec<StoredEvent>) -> Result<()> {
 impl Storage for RedisStore {
     fn begin(&self) -> Result<Box<dyn WriteBatch + '_>> {
         if self.lease_lost.load(Ordering::Acquire) {
-            return Err(Error::Storage(StorageError::msg(format_args!(
-                "redis at {}: this node lost its lease (another node took over); it writes \
-                 no more until restarted",
-                self.shown
-            ))));
+            return Err(self.lost());
         }
         Ok(Box::new(RedisBatch {
             store: self,
@@ -718,6 +754,9 @@ impl Storage for RedisStore {
     }
 
     fn check(&self) -> Result<()> {
+        if self.lease_lost.load(Ordering::Acquire) {
+            return Err(self.lost());
+        }
         let mut c = self.conn()?;
         c.run("ping", |con| redis::cmd("PING").query::<String>(con))
             .map(drop)
@@ -746,7 +785,7 @@ impl Storage for RedisStore {
             let _ = h.join();
         }
         // Give the lease back, so the next node need not wait for it to expire.
-        if let Ok(mut c) = self.client.get_connection_with_timeout(CONNECT_TIMEOUT) {
+        if let Ok(mut c) = connect(&self.client) {
             let release = redis::Script::new(
                 "if redis.call('GET', KEYS[1]) == ARGV[1] then \
                    return redis.call('DEL', KEYS[1]) else return 0 end",
@@ -1091,10 +1130,18 @@ impl WriteBatch for RedisBatch<'_> {
         for a in &args {
             invocation.arg(a.as_slice());
         }
+        // A lost connection leaves the outcome unknown (the next batch of these queues meets
+        // their new revision if the script ran); a refusal before the first write (OOM) left
+        // nothing. Any other error of a script may have stopped it halfway: stop writing.
         let reply: Value = self
             .conn
             .run("storing a batch", |con| invocation.invoke(con))
-            .map_err(WriteError::Rejected)?;
+            .map_err(|e| match &e {
+                Error::Storage(se) if se.is_unavailable() || se.is_storage_full() => {
+                    WriteError::Rejected(e)
+                }
+                _ => WriteError::Fatal(e),
+            })?;
         let corrupt =
             || WriteError::Fatal(Error::storage("unexpected reply from the batch script"));
         let Value::Array(items) = reply else {
@@ -1169,13 +1216,18 @@ impl WriteBatch for RedisBatch<'_> {
                 }
                 Err(WriteError::Stale(fresh))
             }
-            "fenced" => Err(WriteError::Fatal(Error::Storage(StorageError::msg(
-                format_args!(
-                    "redis at {}: this node lost its lease (another node took over); it \
-                     writes no more until restarted",
-                    self.store.shown
-                ),
-            )))),
+            // Nobody holds the lease (it expired while Redis was away): nothing was stored,
+            // and the lease thread takes it again within a renewal period.
+            "fenced" if items.next().as_ref().and_then(text).is_none() => {
+                Err(WriteError::Rejected(Error::Storage(StorageError::io(
+                    format_args!("redis at {}", self.store.shown),
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotConnected,
+                        "taking the lease again after Redis was away",
+                    ),
+                ))))
+            }
+            "fenced" => Err(WriteError::Fatal(self.store.lost())),
             _ => Err(corrupt()),
         }
     }
