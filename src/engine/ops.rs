@@ -296,6 +296,14 @@ impl PreparedEvent {
         prepared
     }
 
+    /// Whether the event's id was generated on receipt (its producer gave none): nobody has
+    /// seen it, so no stored event can have been sent with it, and it needs no idempotency
+    /// lookup. (Were a random id ever to equal a stored one, the event would be stored beside
+    /// it rather than taken for a repeat: nothing is lost.)
+    pub(super) fn id_is_generated(&self) -> bool {
+        self.derive_id
+    }
+
     /// The id the store gives this event at `offset` of queue `qid`, when it derives it.
     pub(super) fn derived_id(
         &self,

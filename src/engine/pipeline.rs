@@ -934,9 +934,11 @@ fn append(
     let mut offsets = Vec::with_capacity(op.events.len());
     for ev in &op.events {
         let next = stage.view.next_offset;
-        // A derived id is new by construction (it names this offset): no lookup.
+        // A derived id is new by construction (it names this offset), and so is one
+        // generated on receipt: no lookup.
         let derived = ev.derived_id(w, queue.id(), next);
         if derived.is_none()
+            && !ev.id_is_generated()
             && let Some(existing) = w.find_event_id(
                 queue.id(),
                 ev.event_id.as_str(),
