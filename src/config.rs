@@ -28,8 +28,9 @@ impl Durability {
     }
 }
 
-/// Where a [`crate::QueueManager`] keeps its queues.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// Where a [`crate::QueueManager`] keeps its queues. Its `Debug` form hides a Redis URL's
+/// password.
+#[derive(Clone, PartialEq, Eq, Default)]
 pub enum StorageBackend {
     /// The embedded database (redb plus a write-ahead log) in [`Config::data_dir`]. Default.
     #[default]
@@ -89,6 +90,27 @@ impl StorageBackend {
     }
 }
 
+impl std::fmt::Debug for StorageBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StorageBackend::Redb => f.write_str("Redb"),
+            StorageBackend::Memory => f.write_str("Memory"),
+            StorageBackend::Redis { url, prefix } => {
+                let shown = match (url.find("://"), url.rfind('@')) {
+                    (Some(scheme), Some(at)) if at > scheme => {
+                        format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+                    }
+                    _ => url.clone(),
+                };
+                f.debug_struct("Redis")
+                    .field("url", &shown)
+                    .field("prefix", prefix)
+                    .finish()
+            }
+        }
+    }
+}
+
 impl std::fmt::Display for StorageBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
@@ -116,6 +138,12 @@ mod tests {
                 url: "redis://:pw@h:1/0?protocol=resp3".into(),
                 prefix: "prod:".into()
             })
+        );
+        let with_password: StorageBackend = "redis://:s3cret@h:1".parse().unwrap();
+        let debug = format!("{with_password:?}");
+        assert!(
+            !debug.contains("s3cret") && debug.contains("h:1"),
+            "{debug}"
         );
         let err = "rediss://h:1".parse::<StorageBackend>().unwrap_err();
         assert!(err.contains("not supported yet"), "{err}");
