@@ -503,7 +503,9 @@ async fn subscribe(
     }
     let slot = match StreamSlot::take(state, &caller.tenant) {
         Ok(slot) => slot,
-        Err(e) => return Ok(e.into_response()),
+        // An A2A client reads a JSON-RPC error, not an HTTP status: the limit's 429 detail
+        // goes in one (HTTP 200).
+        Err(e) => return Err(RpcError::new(&id, INTERNAL_ERROR, e.detail())),
     };
     let snapshot = Snapshot::read(&queue, sub, from)
         .await
