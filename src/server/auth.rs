@@ -172,7 +172,7 @@ pub enum TokenError {
     #[error("malformed token: {0}")]
     Malformed(String),
     /// The header names another algorithm than HS256.
-    #[error("invalid token: the algorithm must be HS256")]
+    #[error("invalid token: unsupported token algorithm (tokens are signed with HS256)")]
     Algorithm,
     /// The signature does not match the server's secret.
     #[error("invalid token: the signature does not verify")]
@@ -317,6 +317,11 @@ impl TokenKeys {
                     }
                     ErrorKind::InvalidClaimFormat(c) => {
                         TokenError::Claims(format!("{c} has the wrong type"))
+                    }
+                    // A header the library cannot read names an algorithm it does not know
+                    // (`none`); its message would list the library's algorithms.
+                    ErrorKind::Json(_) if jsonwebtoken::decode_header(token).is_err() => {
+                        TokenError::Algorithm
                     }
                     ErrorKind::Json(e) => {
                         TokenError::Claims(format!("tenant_id, scope and exp are required ({e})"))

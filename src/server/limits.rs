@@ -1,5 +1,5 @@
 //! Limits that protect the node from one greedy or hostile client: open SSE streams (in total
-//! and per tenant), queues per tenant, and JSON nesting depth. Body size, batch size and read
+//! and per tenant), queues per tenant, and JSON nesting depth and duplicate keys. Body size, batch size and read
 //! timeouts are enforced where bodies are read ([`crate::server::ServerConfig`]).
 //!
 //! Counting is exact: a stream slot or a queue reservation is taken under a lock before the
@@ -7,8 +7,11 @@
 //! reservation when its [`QueueReservation`] is), so concurrent requests cannot overshoot a
 //! limit.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
+
+use serde::de::IgnoredAny;
 
 use crate::ids::TenantId;
 use crate::server::error::ApiError;
@@ -141,25 +144,37 @@ impl Drop for QueueReservation<'_> {
     }
 }
 
-/// Checks that JSON text nests arrays and objects at most `max` deep, without parsing it
-/// (a parser would recurse first). Text that is not JSON passes; the parser reports it.
+/// Checks JSON text before it is parsed, in one pass over its bytes: arrays and objects nest
+/// at most `max` deep (a parser would recurse first), and no object has a key twice. serde
+/// keeps the last of two equal keys while a proxy or another reader may keep the first, so
+/// `{"state":"working","state":"failed"}` would mean two things; it is refused instead, in
+/// nested objects too. Keys are compared after unescaping (`"st\u0061te"` is `"state"`).
+/// Text that is not JSON passes; the parser reports it.
 ///
 /// # Errors
 ///
-/// `400` naming the limit.
-pub(crate) fn check_json_depth(body: &[u8], max: usize) -> Result<(), ApiError> {
-    let mut depth = 0usize;
+/// `400` naming the depth limit, or the repeated key and the object it is in.
+pub(crate) fn check_json(body: &[u8], max: usize) -> Result<(), ApiError> {
+    let mut frames: Vec<Frame<'_>> = Vec::new();
+    // Key lists of closed objects, kept for reuse.
+    let mut spare: Vec<Vec<Cow<'_, [u8]>>> = Vec::new();
+    let mut duplicate: Option<String> = None;
     let mut i = 0;
     while i < body.len() {
         match body[i] {
             b'"' => {
                 // Skip the string: jump from one quote or backslash to the next.
+                let start = i + 1;
+                let mut escaped = false;
                 i += 1;
                 loop {
                     match memchr::memchr2(b'"', b'\\', &body[i..]) {
                         // Unterminated: the parser reports it.
                         None => return Ok(()),
-                        Some(at) if body[i + at] == b'\\' => i += at + 2,
+                        Some(at) if body[i + at] == b'\\' => {
+                            escaped = true;
+                            i += at + 2;
+                        }
                         Some(at) => {
                             i += at;
                             break;
@@ -169,21 +184,141 @@ pub(crate) fn check_json_depth(body: &[u8], max: usize) -> Result<(), ApiError> 
                         return Ok(());
                     }
                 }
+                if duplicate.is_none()
+                    && let Some(Frame::Object {
+                        keys,
+                        set,
+                        expect_key,
+                    }) = frames.last_mut()
+                    && *expect_key
+                {
+                    *expect_key = false;
+                    let key = if escaped {
+                        serde_json::from_slice::<String>(&body[start - 1..=i])
+                            .map_or(Cow::Borrowed(&body[start..i]), |s| {
+                                Cow::Owned(s.into_bytes())
+                            })
+                    } else {
+                        Cow::Borrowed(&body[start..i])
+                    };
+                    if let Err(key) = insert_key(keys, set, key) {
+                        duplicate = Some(duplicate_key(&frames, &key));
+                    }
+                }
             }
             b'[' | b'{' => {
-                depth += 1;
-                if depth > max {
+                if frames.len() >= max {
                     return Err(ApiError::bad_request(format!(
                         "invalid JSON: arrays and objects nest deeper than {max} levels"
                     )));
                 }
+                frames.push(if body[i] == b'{' {
+                    Frame::Object {
+                        keys: spare.pop().unwrap_or_default(),
+                        set: None,
+                        expect_key: true,
+                    }
+                } else {
+                    Frame::Array { index: 0 }
+                });
             }
-            b']' | b'}' => depth = depth.saturating_sub(1),
+            b']' | b'}' => {
+                if let Some(Frame::Object { mut keys, .. }) = frames.pop() {
+                    keys.clear();
+                    spare.push(keys);
+                }
+            }
+            b',' => match frames.last_mut() {
+                Some(Frame::Object { expect_key, .. }) => *expect_key = true,
+                Some(Frame::Array { index }) => *index += 1,
+                None => {}
+            },
             _ => {}
         }
         i += 1;
     }
+    match duplicate {
+        // Text that is not JSON is the parser's to report, whatever its keys.
+        Some(detail) if serde_json::from_slice::<IgnoredAny>(body).is_ok() => {
+            Err(ApiError::bad_request(detail))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// An open array or object in [`check_json`].
+enum Frame<'a> {
+    Object {
+        /// The keys read so far, in order (the last one's value is being read).
+        keys: Vec<Cow<'a, [u8]>>,
+        /// The same keys, once there are more than [`LINEAR_KEYS`] of them.
+        set: Option<HashSet<Cow<'a, [u8]>>>,
+        /// Whether the next string is a key.
+        expect_key: bool,
+    },
+    Array {
+        /// The element being read.
+        index: usize,
+    },
+}
+
+/// Up to this many keys an object's keys are compared one by one; beyond, through a hash set,
+/// so that an object of many keys costs linear time.
+const LINEAR_KEYS: usize = 16;
+
+/// Adds `key` to `keys` (mirrored in `set` for large objects), or gives it back when it is
+/// there already.
+fn insert_key<'a>(
+    keys: &mut Vec<Cow<'a, [u8]>>,
+    set: &mut Option<HashSet<Cow<'a, [u8]>>>,
+    key: Cow<'a, [u8]>,
+) -> Result<(), Cow<'a, [u8]>> {
+    let repeated = if keys.len() < LINEAR_KEYS {
+        keys.contains(&key)
+    } else {
+        let set = set.get_or_insert_with(|| keys.iter().cloned().collect());
+        !set.insert(key.clone())
+    };
+    if repeated {
+        return Err(key);
+    }
+    keys.push(key);
     Ok(())
+}
+
+/// The error detail for `key`, repeated in the innermost object of `frames`.
+fn duplicate_key(frames: &[Frame<'_>], key: &[u8]) -> String {
+    let mut path = String::new();
+    // Every frame but the innermost is inside the value of its last key or element.
+    for frame in &frames[..frames.len().saturating_sub(1)] {
+        match frame {
+            Frame::Object { keys, .. } => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                if let Some(k) = keys.last() {
+                    path.push_str(&quote_key(k, false));
+                }
+            }
+            Frame::Array { index } => path.push_str(&format!("[{index}]")),
+        }
+    }
+    let key = quote_key(key, true);
+    if path.is_empty() {
+        format!("invalid JSON: duplicate key {key}")
+    } else {
+        format!("invalid JSON: duplicate key {key} in {path}")
+    }
+}
+
+/// A key for an error detail: cut to 64 characters; `quoted` in JSON quotes.
+fn quote_key(key: &[u8], quoted: bool) -> String {
+    let text = String::from_utf8_lossy(key);
+    let mut cut: String = text.chars().take(64).collect();
+    if cut.len() < text.len() {
+        cut.push('…');
+    }
+    if quoted { format!("{cut:?}") } else { cut }
 }
 
 #[cfg(test)]
@@ -193,18 +328,51 @@ mod tests {
     #[test]
     fn depth_counts_structure_not_strings() {
         let deep = format!("{}{}", "[".repeat(65), "]".repeat(65));
-        assert!(check_json_depth(deep.as_bytes(), 64).is_err());
+        assert!(check_json(deep.as_bytes(), 64).is_err());
         let ok = format!("{}{}", "[".repeat(64), "]".repeat(64));
-        assert!(check_json_depth(ok.as_bytes(), 64).is_ok());
+        assert!(check_json(ok.as_bytes(), 64).is_ok());
         let in_string = format!("{{\"a\": \"{}\\\"{}\"}}", "[".repeat(100), "{".repeat(100));
-        assert!(check_json_depth(in_string.as_bytes(), 2).is_ok());
+        assert!(check_json(in_string.as_bytes(), 2).is_ok());
         // An escaped backslash ends before the closing quote: the brackets after it count.
-        assert!(check_json_depth(br#"["a\\", [[1]]]"#, 2).is_err());
-        assert!(check_json_depth(br#"["a\\", [1]]"#, 2).is_ok());
+        assert!(check_json(br#"["a\\", [[1]]]"#, 2).is_err());
+        assert!(check_json(br#"["a\\", [1]]"#, 2).is_ok());
         // Unterminated strings and a trailing backslash pass (the parser reports them).
-        assert!(check_json_depth(br#"["abc\"#, 1).is_ok());
-        assert!(check_json_depth(br#"["abc"#, 1).is_ok());
-        assert!(check_json_depth(br#"[""]"#, 1).is_ok());
+        assert!(check_json(br#"["abc\"#, 1).is_ok());
+        assert!(check_json(br#"["abc"#, 1).is_ok());
+        assert!(check_json(br#"[""]"#, 1).is_ok());
+    }
+
+    fn duplicate(body: &str) -> Option<String> {
+        check_json(body.as_bytes(), 64)
+            .err()
+            .map(|e| e.detail().to_string())
+    }
+
+    #[test]
+    fn a_key_twice_in_any_object_is_refused_naming_it() {
+        assert_eq!(
+            duplicate(r#"{"event_type":"status","state":"working","state":"failed"}"#).as_deref(),
+            Some(r#"invalid JSON: duplicate key "state""#)
+        );
+        // Nested, after unescaping, and past the point where keys go into a hash set.
+        assert_eq!(
+            duplicate(r#"{"events":[{"a":1},{"data":{"x":1,"\u0078":2}}]}"#).as_deref(),
+            Some(r#"invalid JSON: duplicate key "x" in events[1].data"#)
+        );
+        let many: Vec<String> = (0..100).map(|i| format!("\"k{i}\":{i}")).collect();
+        let body = format!("{{{},\"k7\":0}}", many.join(","));
+        assert_eq!(
+            duplicate(&body).as_deref(),
+            Some(r#"invalid JSON: duplicate key "k7""#)
+        );
+        // Equal keys in different objects, and keys' text as values, are fine.
+        assert_eq!(
+            duplicate(r#"{"a":{"a":"a"},"b":[{"a":1},{"a":2}],"c":"a"}"#),
+            None
+        );
+        assert_eq!(duplicate(r#"{"a":"b","b":"a"}"#), None);
+        // Text that is not JSON is left to the parser, whatever its keys.
+        assert_eq!(duplicate(r#"{"a":1,"a":2"#), None);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::listing::{
 };
 use crate::queue::{EventQueue, QueueInfo, QueueKind, QueueOptions};
 use crate::server::error::ApiError;
-use crate::server::limits::check_json_depth;
+use crate::server::limits::check_json;
 use crate::server::stream::preview;
 use crate::server::tenant::{Caller, Reach, Tenant};
 use crate::server::{AppState, json};
@@ -80,7 +80,7 @@ impl FromRequest<AppState> for RawBody {
 /// Parses a JSON body whose nesting is at most
 /// [`crate::server::ServerConfig::max_json_depth`] deep.
 pub(super) fn parse_json(state: &AppState, body: &[u8]) -> Result<Value, ApiError> {
-    check_json_depth(body, state.config().max_json_depth)?;
+    check_json(body, state.config().max_json_depth)?;
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))
 }
 
@@ -102,7 +102,7 @@ fn read_body<'b, T: Deserialize<'b>>(
     body: &'b [u8],
     shape: &str,
 ) -> Result<T, ApiError> {
-    check_json_depth(body, state.config().max_json_depth)?;
+    check_json(body, state.config().max_json_depth)?;
     event::struct_from_slice(body).map_err(|e| match e {
         FieldError::NotObject(_) => {
             ApiError::bad_request(format!("the body must be a JSON object {shape}"))
@@ -261,6 +261,11 @@ struct CreateQueueRequest {
     max_buffer_size: Option<u64>,
 }
 
+/// The longest `ttl_minutes` a queue is created with: 100 years of 365 days. The store keeps a
+/// TTL in milliseconds and an expiry instant within year 9999; a longer one would be cut short
+/// there without a word, so it is refused here instead.
+const MAX_TTL_MINUTES: f64 = 100.0 * 365.0 * 24.0 * 60.0;
+
 /// `POST /events/queues` `{task_id, kind?, ttl_minutes?, max_buffer_size?}` → `201` info.
 pub(super) async fn create_queue(
     State(state): State<AppState>,
@@ -286,11 +291,11 @@ pub(super) async fn create_queue(
     }
     if let Some(m) = request.ttl_minutes {
         let ttl = Some(m)
-            .filter(|m| *m >= 0.0)
+            .filter(|m| (0.0..=MAX_TTL_MINUTES).contains(m))
             .and_then(|m| std::time::Duration::try_from_secs_f64(m * 60.0).ok())
             .ok_or_else(|| {
                 ApiError::bad_request(format!(
-                    "ttl_minutes: must be a number of minutes >= 0, got {m}"
+                    "ttl_minutes: must be a number of minutes from 0 to {MAX_TTL_MINUTES}, got {m}"
                 ))
             })?;
         options.ttl = Some(ttl);
@@ -389,7 +394,7 @@ pub(super) async fn enqueue(
         tenant_id: &tenant.0,
         task_id: &task,
     };
-    check_json_depth(&body, config.max_json_depth)?;
+    check_json(&body, config.max_json_depth)?;
     if let Some(limit) = event_limit {
         check_event_sizes(&body, limit)?;
     }

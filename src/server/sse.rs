@@ -89,7 +89,7 @@ fn resume_point(last_event_id: LastEventId, query: QueryResult) -> Result<u64, A
         .map_err(|e| ApiError::bad_request(format!("invalid query string: {}", e.body_text())))?;
     match params.from_offset {
         None => Ok(0),
-        Some(text) => text.trim().parse::<u64>().map_err(|_| {
+        Some(text) => stream::parse_offset(&text).ok_or_else(|| {
             ApiError::bad_request(format!(
                 "from_offset: must be a non-negative integer, got {}",
                 preview(&text)

@@ -138,12 +138,20 @@ impl LastEventId {
         if text.is_empty() {
             return Ok(Self(None));
         }
-        text.parse::<u64>()
-            .ok()
+        parse_offset(text)
             .and_then(|n| n.checked_add(1))
             .map(|next| Self(Some(next)))
             .ok_or_else(|| BadLastEventId::NotAnOffset(preview(text)))
     }
+}
+
+/// An event offset as a client writes it: plain ASCII digits. `str::parse` would also take a
+/// sign (`+5`), and a query's `%20` would decode to a space before it; an offset is neither.
+pub(super) fn parse_offset(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
 }
 
 impl<S: Sync> FromRequestParts<S> for LastEventId {

@@ -15,7 +15,7 @@ use super::A2A_KEEPALIVE_MAX;
 use super::mapping::{Mapper, TaskView, Version, task_json, update_json};
 use crate::server::AppState;
 use crate::server::error::ApiError;
-use crate::server::limits::check_json_depth;
+use crate::server::limits::check_json;
 use crate::server::routes::RawBody;
 use crate::server::stream::{self, Framing, Keepalive, LastEventId, StreamBody, StreamSlot};
 use crate::server::tenant::{Caller, Need};
@@ -135,7 +135,7 @@ impl RpcRequest {
 
 fn parse_request(body: &[u8], max_depth: usize) -> Result<RpcRequest, RpcError> {
     let null = Value::Null;
-    check_json_depth(body, max_depth)
+    check_json(body, max_depth)
         .map_err(|e| RpcError::new(&null, PARSE_ERROR, e.detail().to_string()))?;
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| RpcError::new(&null, PARSE_ERROR, format!("invalid JSON: {e}")))?;
@@ -460,11 +460,9 @@ fn resume_point(
             .as_u64()
             .map(Some)
             .ok_or_else(|| invalid("params.metadata.from_offset: must be a non-negative integer")),
-        Some(Value::String(s)) => s
-            .trim()
-            .parse::<u64>()
+        Some(Value::String(s)) => stream::parse_offset(s)
             .map(Some)
-            .map_err(|_| invalid("params.metadata.from_offset: must be a non-negative integer")),
+            .ok_or_else(|| invalid("params.metadata.from_offset: must be a non-negative integer")),
         Some(_) => Err(invalid(
             "params.metadata.from_offset: must be a non-negative integer",
         )),
@@ -505,7 +503,9 @@ async fn subscribe(
     }
     let slot = match StreamSlot::take(state, &caller.tenant) {
         Ok(slot) => slot,
-        Err(e) => return Ok(e.into_response()),
+        // An A2A client reads a JSON-RPC error, not an HTTP status: the limit's 429 detail
+        // goes in one (HTTP 200).
+        Err(e) => return Err(RpcError::new(&id, INTERNAL_ERROR, e.detail())),
     };
     let snapshot = Snapshot::read(&queue, sub, from)
         .await

@@ -1098,3 +1098,24 @@ async fn list_tasks_in_token_mode_lists_the_tokens_tenant_and_needs_subscribe() 
         "the token's tenant, not the header's"
     );
 }
+
+/// An A2A client reads JSON-RPC errors: a subscribe over the stream limits is one (HTTP 200),
+/// not an HTTP 429 it would not understand.
+#[tokio::test]
+async fn subscribe_over_the_stream_limit_is_a_json_rpc_error() {
+    let mut config = config();
+    config.max_sse_streams = 0;
+    config.max_sse_streams_per_tenant = 0;
+    let server = TestServer::start(config).await;
+    create(&server, "job").await;
+    publish(
+        &server,
+        "job",
+        json!([{"event_type": "status", "state": "working"}]),
+    )
+    .await;
+    let answer = call(&server, "SubscribeToTask", json!({"id": "job"})).await;
+    assert_eq!(answer["error"]["code"], -32603, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("stream"), "{answer}");
+}

@@ -468,6 +468,66 @@ async fn hostile_requests_are_refused_clearly_and_store_nothing() {
             StatusCode::BAD_REQUEST,
             "from_offset",
         ),
+        // Offsets are plain digits: no sign, no space.
+        (
+            Req::new("GET", "/events/workflows/wf-1?from_offset=+5"),
+            StatusCode::BAD_REQUEST,
+            "from_offset",
+        ),
+        (
+            Req::new("GET", "/events/workflows/wf-1?from_offset=%205"),
+            StatusCode::BAD_REQUEST,
+            "from_offset",
+        ),
+        (
+            Req::new("GET", "/events/workflows/wf-1").header("last-event-id", "+5"),
+            StatusCode::BAD_REQUEST,
+            "Last-Event-ID",
+        ),
+        // A key twice in one object, at any depth, in every body.
+        (
+            post(
+                "/events/queues/wf-1/events",
+                r#"{"event_type":"status","state":"working","state":"failed"}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+            r#"duplicate key "state""#,
+        ),
+        (
+            post(
+                "/events/queues/wf-1/events",
+                r#"{"events":[{"event_type":"status","state":"working","metadata":{"k":1,"k":2}}]}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+            r#"duplicate key "k" in events[0].metadata"#,
+        ),
+        (
+            post("/events/queues", r#"{"task_id":"wf-2","task_id":"wf-3"}"#),
+            StatusCode::BAD_REQUEST,
+            r#"duplicate key "task_id""#,
+        ),
+        (
+            post(
+                "/events/workflows/wf-1/cancel",
+                r#"{"reason":"a","reason":"b"}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+            r#"duplicate key "reason""#,
+        ),
+        (
+            post(
+                "/events/workflows/wf-1/checkpoints",
+                r#"{"state":{"step":1,"step":2}}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+            r#"duplicate key "step" in state"#,
+        ),
+        // A TTL the store cannot keep is refused, naming the maximum (100 years).
+        (
+            post("/events/queues", r#"{"task_id":"wf-2","ttl_minutes":1e15}"#),
+            StatusCode::BAD_REQUEST,
+            "from 0 to 52560000",
+        ),
         // Over the limits: events per batch, body size.
         (
             post("/events/queues/wf-1/events", ev(json!({"events": many}))),
