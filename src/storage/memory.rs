@@ -23,8 +23,8 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use bytes::Bytes;
 
 use super::{
-    CheckpointRecord, DERIVED_LEN, EventMeta, Handoff, KEEP_CHECKPOINTS, LoadedCheckpoint,
-    Maintenance, QueueRecord, Recovered, Storage, StoredEvent, WriteBatch, WriteError,
+    BatchCheckpoints, CheckpointRecord, DERIVED_LEN, EventMeta, KEEP_CHECKPOINTS, LoadedCheckpoint,
+    QueueRecord, Recovered, Storage, StoredEvent, WriteBatch, WriteError,
 };
 use crate::error::{Error, Result};
 use crate::ids::EventId;
@@ -163,38 +163,13 @@ impl Storage for MemoryStore {
             store: self,
             changes: Vec::new(),
             ids: HashMap::new(),
-            checkpoint_ids: HashMap::new(),
-            checkpoint_seqs: HashMap::new(),
+            checkpoints: BatchCheckpoints::default(),
         }))
-    }
-
-    fn sync(&self) -> Result<()> {
-        Ok(())
-    }
-
-    fn admit(&self) -> Result<()> {
-        Ok(())
-    }
-
-    fn maintain(&self) -> Result<Maintenance> {
-        Ok(Maintenance::default())
-    }
-
-    fn background(&self, _work: Handoff) -> Result<()> {
-        Ok(())
-    }
-
-    fn fold(&self) -> Result<()> {
-        Ok(())
     }
 
     fn compact(&self) -> Result<(u64, u64)> {
         let size = self.size_bytes();
         Ok((size, size))
-    }
-
-    fn reclaim_if_low(&self) -> Result<Option<(u64, u64)>> {
-        Ok(None)
     }
 
     fn read_range(&self, qid: u64, from: u64, to: u64, limit: usize) -> Result<Vec<StoredEvent>> {
@@ -293,10 +268,7 @@ struct MemoryBatch<'s> {
     changes: Vec<Change>,
     /// Ids appended by this batch: `(qid, id)` → offset.
     ids: HashMap<(u64, Box<str>), u64>,
-    /// Checkpoint ids saved by this batch, per tenant.
-    checkpoint_ids: HashMap<(String, String), ()>,
-    /// The next sequence number of each workflow this batch saved a checkpoint of.
-    checkpoint_seqs: HashMap<(String, String), u64>,
+    checkpoints: BatchCheckpoints,
 }
 
 impl WriteBatch for MemoryBatch<'_> {
@@ -379,11 +351,10 @@ impl WriteBatch for MemoryBatch<'_> {
     }
 
     fn checkpoint_id_taken(&mut self, tenant: &str, checkpoint_id: &str) -> Result<bool> {
-        let key = (tenant.to_string(), checkpoint_id.to_string());
-        if self.checkpoint_ids.contains_key(&key) {
-            return Ok(true);
-        }
-        Ok(self.store.read()?.checkpoint_ids.contains_key(&key))
+        self.checkpoints.taken(tenant, checkpoint_id, || {
+            let key = (tenant.to_string(), checkpoint_id.to_string());
+            Ok(self.store.read()?.checkpoint_ids.contains_key(&key))
+        })
     }
 
     fn put_checkpoint(
@@ -392,19 +363,17 @@ impl WriteBatch for MemoryBatch<'_> {
         workflow: &str,
         record: &CheckpointRecord,
     ) -> Result<u64> {
-        let key = (tenant.to_string(), workflow.to_string());
-        let seq = match self.checkpoint_seqs.get(&key) {
-            Some(&seq) => seq,
-            None => self
+        let seq = self.checkpoints.next_seq(tenant, workflow, || {
+            let key = (tenant.to_string(), workflow.to_string());
+            Ok(self
                 .store
                 .read()?
                 .workflows
                 .get(&key)
-                .map_or(0, |w| w.next_seq),
-        };
-        self.checkpoint_seqs.insert(key, seq + 1);
-        self.checkpoint_ids
-            .insert((tenant.to_string(), record.checkpoint_id.clone()), ());
+                .map_or(0, |w| w.next_seq))
+        })?;
+        self.checkpoints
+            .saved(tenant, workflow, &record.checkpoint_id, seq);
         self.changes.push(Change::PutCheckpoint {
             tenant: tenant.to_string(),
             workflow: workflow.to_string(),

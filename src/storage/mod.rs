@@ -49,6 +49,7 @@ pub(crate) mod redb;
 pub(crate) mod redis;
 
 use std::any::Any;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
 use bytes::Bytes;
@@ -119,6 +120,63 @@ pub(crate) struct TaskRecord {
 
 /// Checkpoints kept per workflow; a save beyond it removes the oldest (in the same batch).
 pub(crate) const KEEP_CHECKPOINTS: u64 = 100;
+
+/// The checkpoints a batch saved so far, for the lookups the batch answers before it is
+/// stored (see [`WriteBatch::checkpoint_id_taken`], [`WriteBatch::put_checkpoint`]): every
+/// store keeps this beside its own staged changes.
+#[derive(Debug, Default)]
+pub(crate) struct BatchCheckpoints {
+    /// `(tenant, checkpoint id)` of each save.
+    ids: HashSet<(String, String)>,
+    /// The next sequence number of each `(tenant, workflow)` saved.
+    seqs: HashMap<(String, String), u64>,
+}
+
+impl BatchCheckpoints {
+    /// Whether the batch saved `checkpoint_id` for `tenant`, or else whether `stored` says the
+    /// store holds it.
+    pub(crate) fn taken(
+        &self,
+        tenant: &str,
+        checkpoint_id: &str,
+        stored: impl FnOnce() -> Result<bool>,
+    ) -> Result<bool> {
+        if self
+            .ids
+            .contains(&(tenant.to_string(), checkpoint_id.to_string()))
+        {
+            return Ok(true);
+        }
+        stored()
+    }
+
+    /// The sequence number the workflow's next save gets: after the batch's own saves, else
+    /// what `stored` says comes next.
+    pub(crate) fn next_seq(
+        &self,
+        tenant: &str,
+        workflow: &str,
+        stored: impl FnOnce() -> Result<u64>,
+    ) -> Result<u64> {
+        match self.seqs.get(&(tenant.to_string(), workflow.to_string())) {
+            Some(&seq) => Ok(seq),
+            None => stored(),
+        }
+    }
+
+    /// Records a save staged at `seq`.
+    pub(crate) fn saved(&mut self, tenant: &str, workflow: &str, checkpoint_id: &str, seq: u64) {
+        self.seqs
+            .insert((tenant.to_string(), workflow.to_string()), seq + 1);
+        self.ids
+            .insert((tenant.to_string(), checkpoint_id.to_string()));
+    }
+
+    /// Whether the batch saved no checkpoint.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+}
 
 /// A checkpoint as read back: its position in the workflow's history and its record.
 #[derive(Debug, Clone)]
@@ -216,7 +274,9 @@ pub(crate) struct Maintenance {
     pub handoff: Option<Handoff>,
 }
 
-/// A store the engine keeps its queues in. See the module docs for the contract.
+/// A store the engine keeps its queues in. See the module docs for the contract. The
+/// housekeeping methods default to doing nothing, as a store without a log, files or a disk
+/// (memory, a networked server) needs.
 pub(crate) trait Storage: Send + Sync + 'static {
     /// Starts the next batch. The engine builds one batch at a time and either commits it or
     /// drops it.
@@ -232,7 +292,9 @@ pub(crate) trait Storage: Send + Sync + 'static {
     /// # Errors
     ///
     /// Storage errors; after one, nothing committed since the last good sync may be trusted.
-    fn sync(&self) -> Result<()>;
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// Refuses batches that add data while the store is short of room ([`Error::DiskFull`]);
     /// removals and state changes are always admitted.
@@ -240,7 +302,9 @@ pub(crate) trait Storage: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Error::DiskFull`].
-    fn admit(&self) -> Result<()>;
+    fn admit(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// Housekeeping between batches on the writer's thread (a log fold when due, handing
     /// applied batches to the background thread).
@@ -248,14 +312,18 @@ pub(crate) trait Storage: Send + Sync + 'static {
     /// # Errors
     ///
     /// Storage errors: permanent, as a failed commit.
-    fn maintain(&self) -> Result<Maintenance>;
+    fn maintain(&self) -> Result<Maintenance> {
+        Ok(Maintenance::default())
+    }
 
     /// Runs work [`Storage::maintain`] handed over, on the engine's background thread.
     ///
     /// # Errors
     ///
     /// Storage errors: permanent, as a failed commit.
-    fn background(&self, work: Handoff) -> Result<()>;
+    fn background(&self, _work: Handoff) -> Result<()> {
+        Ok(())
+    }
 
     /// Makes everything committed durable in the store's own form and empties its log (at
     /// shutdown). Stores without a log do nothing.
@@ -263,7 +331,9 @@ pub(crate) trait Storage: Send + Sync + 'static {
     /// # Errors
     ///
     /// Storage errors.
-    fn fold(&self) -> Result<()>;
+    fn fold(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// Returns the space of removed events to the filesystem (compacts the file in place).
     /// Returns the size before and after, bytes.
@@ -279,7 +349,9 @@ pub(crate) trait Storage: Send + Sync + 'static {
     /// # Errors
     ///
     /// As [`Storage::compact`].
-    fn reclaim_if_low(&self) -> Result<Option<(u64, u64)>>;
+    fn reclaim_if_low(&self) -> Result<Option<(u64, u64)>> {
+        Ok(None)
+    }
 
     /// Up to `limit` events of queue `qid` with offsets in `from..to`, in offset order.
     /// Offsets missing from the result were trimmed or purged. A store may stop early (after

@@ -51,7 +51,7 @@ pub mod sim;
 pub(crate) mod space;
 pub mod wal;
 
-use std::collections::{HashMap, HashSet};
+use crate::storage::BatchCheckpoints;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
@@ -909,10 +909,8 @@ pub(crate) struct RedbBatch<'s> {
     store: &'s Store,
     log: MutexGuard<'s, LogState>,
     w: BatchWriter<'s, AppliedIndex<'s>>,
-    /// Checkpoint ids saved by this batch, per tenant.
-    checkpoint_ids: HashSet<(String, String)>,
-    /// The next sequence number of each workflow this batch saved a checkpoint of.
-    checkpoint_seqs: HashMap<(String, String), u64>,
+    /// The checkpoints this batch saved.
+    checkpoints: BatchCheckpoints,
 }
 
 impl WriteBatch for RedbBatch<'_> {
@@ -972,9 +970,9 @@ impl WriteBatch for RedbBatch<'_> {
     }
 
     fn checkpoint_id_taken(&mut self, tenant: &str, checkpoint_id: &str) -> Result<bool> {
-        let key = (tenant.to_string(), checkpoint_id.to_string());
-        Ok(self.checkpoint_ids.contains(&key)
-            || self.store.checkpoint_id_stored(tenant, checkpoint_id)?)
+        self.checkpoints.taken(tenant, checkpoint_id, || {
+            self.store.checkpoint_id_stored(tenant, checkpoint_id)
+        })
     }
 
     fn put_checkpoint(
@@ -983,11 +981,9 @@ impl WriteBatch for RedbBatch<'_> {
         workflow: &str,
         record: &CheckpointRecord,
     ) -> Result<u64> {
-        let key = (tenant.to_string(), workflow.to_string());
-        let seq = match self.checkpoint_seqs.get(&key) {
-            Some(&seq) => seq,
-            None => self.store.next_checkpoint_seq(tenant, workflow)?,
-        };
+        let seq = self.checkpoints.next_seq(tenant, workflow, || {
+            self.store.next_checkpoint_seq(tenant, workflow)
+        })?;
         let bytes = checkpoints::encode_checkpoint(record)?;
         self.w.record(WalOpRef::PutCheckpoint {
             tenant,
@@ -996,9 +992,8 @@ impl WriteBatch for RedbBatch<'_> {
             checkpoint_id: &record.checkpoint_id,
             record: &bytes,
         })?;
-        self.checkpoint_seqs.insert(key, seq + 1);
-        self.checkpoint_ids
-            .insert((tenant.to_string(), record.checkpoint_id.clone()));
+        self.checkpoints
+            .saved(tenant, workflow, &record.checkpoint_id, seq);
         Ok(seq)
     }
 
@@ -1007,7 +1002,7 @@ impl WriteBatch for RedbBatch<'_> {
             store,
             mut log,
             w,
-            checkpoint_seqs,
+            checkpoints,
             ..
         } = *self;
         // Releases the pending batches' read lock before they take this one.
@@ -1019,7 +1014,7 @@ impl WriteBatch for RedbBatch<'_> {
         // On failure the record is cut off again: nothing of the batch exists.
         log.append(lsn, &changes.payload)?;
         store.pending_mut().add(lsn, changes);
-        if !checkpoint_seqs.is_empty() {
+        if !checkpoints.is_empty() {
             // Checkpoint reads and lookups read redb only (see `checkpoints`).
             store.apply_pending(Durability::None)?;
         }
@@ -1039,8 +1034,7 @@ impl Storage for Store {
             store: self,
             log,
             w,
-            checkpoint_ids: HashSet::new(),
-            checkpoint_seqs: HashMap::new(),
+            checkpoints: BatchCheckpoints::default(),
         }))
     }
 

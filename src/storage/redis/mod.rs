@@ -52,8 +52,8 @@ use redis::Value;
 
 use super::redb::checkpoints::{decode_checkpoint, encode_checkpoint};
 use super::{
-    CancelRecord, CheckpointRecord, DERIVED_LEN, EventMeta, Fresh, Handoff, KEEP_CHECKPOINTS,
-    LoadedCheckpoint, LoadedQueue, Maintenance, QueueRecord, Recovered, Storage, StoredEvent,
+    BatchCheckpoints, CancelRecord, CheckpointRecord, DERIVED_LEN, EventMeta, Fresh,
+    KEEP_CHECKPOINTS, LoadedCheckpoint, LoadedQueue, QueueRecord, Recovered, Storage, StoredEvent,
     WriteBatch, WriteError,
 };
 use crate::error::{Error, Result, StorageError};
@@ -655,38 +655,12 @@ impl Storage for RedisStore {
             tags: HashMap::new(),
             removed: Vec::new(),
             ids: HashMap::new(),
-            checkpoint_ids: HashSet::new(),
-            checkpoint_seqs: HashMap::new(),
+            checkpoints: BatchCheckpoints::default(),
         }))
-    }
-
-    fn sync(&self) -> Result<()> {
-        // A commit is as durable as Redis made it when it answered.
-        Ok(())
-    }
-
-    fn admit(&self) -> Result<()> {
-        Ok(())
-    }
-
-    fn maintain(&self) -> Result<Maintenance> {
-        Ok(Maintenance::default())
-    }
-
-    fn background(&self, _work: Handoff) -> Result<()> {
-        Ok(())
-    }
-
-    fn fold(&self) -> Result<()> {
-        Ok(())
     }
 
     fn compact(&self) -> Result<(u64, u64)> {
         Ok((0, 0))
-    }
-
-    fn reclaim_if_low(&self) -> Result<Option<(u64, u64)>> {
-        Ok(None)
     }
 
     fn read_range(&self, qid: u64, from: u64, to: u64, limit: usize) -> Result<Vec<StoredEvent>> {
@@ -853,8 +827,7 @@ struct RedisBatch<'s> {
     removed: Vec<u64>,
     /// Ids appended by this batch: `(qid, id)` → offset.
     ids: HashMap<(u64, Box<str>), u64>,
-    checkpoint_ids: HashSet<(String, String)>,
-    checkpoint_seqs: HashMap<(String, String), u64>,
+    checkpoints: BatchCheckpoints,
 }
 
 impl RedisBatch<'_> {
@@ -1083,15 +1056,12 @@ impl WriteBatch for RedisBatch<'_> {
     }
 
     fn checkpoint_id_taken(&mut self, tenant: &str, checkpoint_id: &str) -> Result<bool> {
-        if self
-            .checkpoint_ids
-            .contains(&(tenant.to_string(), checkpoint_id.to_string()))
-        {
-            return Ok(true);
-        }
         let ci = self.store.key("ci", tenant);
-        self.conn.run("looking up a checkpoint id", |con| {
-            redis::cmd("HEXISTS").arg(&ci).arg(checkpoint_id).query(con)
+        let conn = &mut self.conn;
+        self.checkpoints.taken(tenant, checkpoint_id, || {
+            conn.run("looking up a checkpoint id", |con| {
+                redis::cmd("HEXISTS").arg(&ci).arg(checkpoint_id).query(con)
+            })
         })
     }
 
@@ -1101,22 +1071,19 @@ impl WriteBatch for RedisBatch<'_> {
         workflow: &str,
         record: &CheckpointRecord,
     ) -> Result<u64> {
-        let key = (tenant.to_string(), workflow.to_string());
-        let seq = match self.checkpoint_seqs.get(&key) {
-            Some(&seq) => seq,
-            None => self
-                .store
-                .next_checkpoint_seq(&mut self.conn, tenant, workflow)?,
-        };
-        self.checkpoint_seqs.insert(key, seq + 1);
-        self.checkpoint_ids
-            .insert((tenant.to_string(), record.checkpoint_id.clone()));
+        let (store, conn) = (self.store, &mut self.conn);
+        let seq = self.checkpoints.next_seq(tenant, workflow, || {
+            store.next_checkpoint_seq(conn, tenant, workflow)
+        })?;
+        let encoded = encode_checkpoint(record)?;
+        self.checkpoints
+            .saved(tenant, workflow, &record.checkpoint_id, seq);
         self.ops.push(Staged::Checkpoint {
             tenant: tenant.to_string(),
             workflow: workflow.to_string(),
             seq,
             id: record.checkpoint_id.clone(),
-            record: encode_checkpoint(record)?,
+            record: encoded,
         });
         Ok(seq)
     }
