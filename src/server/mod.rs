@@ -46,6 +46,7 @@ mod sse;
 mod stream;
 mod tenant;
 mod tls;
+mod ws;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -57,7 +58,7 @@ use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -117,6 +118,10 @@ pub struct ServerConfig {
     pub max_json_depth: usize,
     /// The A2A agent card's name, description, version and public URL (see [`a2a`]).
     pub a2a: A2aConfig,
+    /// Most frames a WebSocket producer connection may have sent and not yet had
+    /// acknowledged; beyond it the server stops reading that connection until it has answered
+    /// (back-pressure; also at four request bodies' worth of bytes). Default 256.
+    pub max_ws_in_flight: usize,
     /// Serve HTTPS with this certificate and key (HTTP/2 and HTTP/1.1 by ALPN) instead of
     /// plain HTTP. Applies to [`serve`]; the TLS handshake must finish within
     /// [`ServerConfig::header_read_timeout`]. Default: none (plain HTTP).
@@ -141,6 +146,7 @@ impl Default for ServerConfig {
             body_read_timeout: Duration::from_secs(30),
             max_json_depth: 64,
             a2a: A2aConfig::default(),
+            max_ws_in_flight: 256,
             tls: None,
         }
     }
@@ -233,6 +239,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/events/queues/{task_id}/offset", get(routes::queue_offset))
         .route("/events/queues/{task_id}/events", post(routes::enqueue))
+        .route("/events/queues/{task_id}/events/ws", get(ws::producer))
         .route("/events/queues/{task_id}/close", post(routes::close_queue))
         .route("/healthz", get(routes::healthz))
         .route("/metrics", get(metrics::render))
@@ -441,8 +448,11 @@ pub async fn serve(
     }
     let token = state.shutdown_token().clone();
     let app = router(state);
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
+    // HTTP/1.1 only (HTTP/2 is offered over TLS), with upgrades for the WebSocket producer
+    // connection.
+    let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
+    http.http1()
+        .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout.max(Duration::from_millis(1)));
     let tls = config.tls.as_ref().map(|tls| {
         tls::TlsServe::new(
@@ -483,7 +493,10 @@ pub async fn serve(
             tokio::spawn(tls.clone().serve(stream, service, connections.watcher()));
             continue;
         }
-        let conn = connections.watch(http.serve_connection(TokioIo::new(stream), service));
+        let conn = connections.watch(
+            http.serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned(),
+        );
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");

@@ -111,7 +111,11 @@ fn read_body<'b, T: Deserialize<'b>>(
     })
 }
 
-fn lookup(state: &AppState, tenant: &Tenant, task: &TaskId) -> Result<EventQueue, ApiError> {
+pub(super) fn lookup(
+    state: &AppState,
+    tenant: &Tenant,
+    task: &TaskId,
+) -> Result<EventQueue, ApiError> {
     state
         .manager()
         .get_queue(&tenant.0, task)
@@ -386,31 +390,44 @@ pub(super) async fn enqueue(
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     let queue = lookup(&state, &tenant, &task)?;
-    let config = state.config();
-    // An event's compact JSON is no longer than its text in the body, so only a body larger
-    // than the event limit can hold an event over it.
-    let event_limit = (body.len() > config.max_event_bytes).then_some(config.max_event_bytes);
-    let ctx = ProducerContext {
-        tenant_id: &tenant.0,
-        task_id: &task,
-    };
-    check_json(&body, config.max_json_depth)?;
-    if let Some(limit) = event_limit {
-        check_event_sizes(&body, limit)?;
-    }
-    let events = event::read_slice(
-        &body,
-        EnqueueRequest {
-            ctx: &ctx,
-            max_batch_events: config.max_batch_events,
-        },
-    )?;
+    let events = read_enqueue_body(&state, &tenant, &task, &body)?;
     let offsets = queue.enqueue_received(events).await?;
     Ok(json(&EnqueueBody {
         offsets,
         latest_offset: queue.latest_offset(),
         cancelled: queue.is_cancelled(),
     }))
+}
+
+/// Parses and validates an enqueue body (one event object or `{"events": [...]}`) with the
+/// limits of the server's configuration: the same checks for `POST …/events` and for each
+/// frame of the WebSocket producer connection. Each event comes with `true` when the producer
+/// gave no `event_id`.
+pub(super) fn read_enqueue_body(
+    state: &AppState,
+    tenant: &Tenant,
+    task: &TaskId,
+    body: &[u8],
+) -> Result<Vec<(Event, bool)>, ApiError> {
+    let config = state.config();
+    // An event's compact JSON is no longer than its text in the body, so only a body larger
+    // than the event limit can hold an event over it.
+    let event_limit = (body.len() > config.max_event_bytes).then_some(config.max_event_bytes);
+    let ctx = ProducerContext {
+        tenant_id: &tenant.0,
+        task_id: task,
+    };
+    check_json(body, config.max_json_depth)?;
+    if let Some(limit) = event_limit {
+        check_event_sizes(body, limit)?;
+    }
+    Ok(event::read_slice(
+        body,
+        EnqueueRequest {
+            ctx: &ctx,
+            max_batch_events: config.max_batch_events,
+        },
+    )?)
 }
 
 /// The body of `POST /events/queues/{task_id}/events`: one event object, or

@@ -150,8 +150,8 @@ impl TlsConfig {
 #[derive(Clone)]
 pub(super) struct TlsServe {
     pub(super) acceptor: TlsAcceptor,
-    /// HTTP/1.1 connections (the same settings as plain HTTP's).
-    pub(super) http1: hyper::server::conn::http1::Builder,
+    /// HTTP/1.1 connections (the same settings as plain HTTP's, upgrades included).
+    pub(super) http1: hyper_util::server::conn::auto::Builder<TokioExecutor>,
     pub(super) http2: hyper::server::conn::http2::Builder<TokioExecutor>,
     /// Longest TLS handshake; a client that stalls it is disconnected, as one that stalls
     /// its request head.
@@ -164,7 +164,7 @@ impl TlsServe {
     /// peer does not hold its connection forever).
     pub(super) fn new(
         tls: &TlsConfig,
-        http1: hyper::server::conn::http1::Builder,
+        http1: hyper_util::server::conn::auto::Builder<TokioExecutor>,
         header_read_timeout: Duration,
     ) -> Self {
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -185,7 +185,12 @@ impl TlsServe {
     /// `watcher`.
     pub(super) async fn serve<S, B>(self, stream: TcpStream, service: S, watcher: Watcher)
     where
-        S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B> + Clone + Send + 'static,
+        S: hyper::service::Service<
+                axum::http::Request<hyper::body::Incoming>,
+                Response = axum::http::Response<B>,
+            > + Clone
+            + Send
+            + 'static,
         S::Future: Send + 'static,
         S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
         B: hyper::body::Body + Send + 'static,
@@ -211,9 +216,10 @@ impl TlsServe {
             watcher
                 .watch(self.http2.serve_connection(io, service))
                 .await
+                .map_err(Into::into)
         } else {
             watcher
-                .watch(self.http1.serve_connection(io, service))
+                .watch(self.http1.serve_connection_with_upgrades(io, service))
                 .await
         };
         if let Err(e) = result {

@@ -3,8 +3,8 @@
 //! (`auth`), hostile input and slow clients (`hostile`), tenant isolation as a property
 //! (`isolation`), paged and filtered queue lists (`listing`), the dashboard's assets
 //! (`dashboard`), checkpoint routes (`checkpoint`), the HTTP producer helpers and the demo
-//! (`producer`), a proptest-driven fuzz of event JSON parsing (`fuzz`), and HTTPS with
-//! HTTP/2 (`tls`).
+//! (`producer`), a proptest-driven fuzz of event JSON parsing (`fuzz`), HTTPS with
+//! HTTP/2 (`tls`), and the pipelined WebSocket producer connection (`ws`).
 
 mod a2a;
 mod app;
@@ -20,6 +20,7 @@ mod producer;
 mod router;
 mod sse;
 mod tls;
+mod ws;
 
 use serde_json::{Value, json};
 
