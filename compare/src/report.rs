@@ -453,7 +453,7 @@ pub fn goals(run: &Run) -> Vec<Goal> {
 /// harness itself, so a run needs no browser or network to draw it.
 pub fn svg(run: &Run) -> String {
     let goals = goals(run);
-    let (left, width, row, top) = (330.0, 420.0, 26.0, 64.0);
+    let (left, width, row, top) = (410.0, 420.0, 26.0, 64.0);
     let (lo, hi) = (0.05_f64, 10.0_f64);
     let xpos = |v: f64| left + (v.clamp(lo, hi).ln() - lo.ln()) / (hi.ln() - lo.ln()) * width;
     let sections = 2.0;
@@ -471,7 +471,7 @@ pub fn svg(run: &Run) -> String {
     );
     let _ = writeln!(
         out,
-        r#"<text x="10" y="38" fill="#444">eventqueue {}, {}; raw fdatasync p50 {} / {} ms; load {:.2} / {:.2} on {} CPUs. Bar: measured ratio (log scale); black tick: goal.</text>"#,
+        r##"<text x="10" y="38" fill="#444">eventqueue {}, {}; raw fdatasync p50 {} / {} ms; load {:.2} / {:.2} on {} CPUs. Bar: measured ratio (log scale); black tick: goal.</text>"##,
         escape(&run.machine.eventqueue_revision),
         if run.plan.quick { "--quick run" } else { "full run" },
         ms(Some(run.floor_start.p50_ms)),
@@ -641,7 +641,7 @@ pub fn markdown(run: &Run) -> String {
          8 × 16 row.  \n\
          † the disk was throttled (raw fdatasync p50 above 1 ms) just before or after this cell.  \n\
          ‡ the two cells compared ran in different disk states: the ratio says little.  \n\
-         ⁴ eventqueue only: 8 WebSocket connections (`GET /events/queues/{task}/events/ws`), \
+         ⁴ eventqueue only: 8 WebSocket connections (`GET /events/queues/{{task}}/events/ws`), \
          each with 16 one-event frames unacknowledged; compared with the peers' 8 × 16 row.  \n\
          Server CPU: user + system time of the server process (all threads, \
          `/proc/PID/stat`) over the measured window ÷ events acknowledged in it."

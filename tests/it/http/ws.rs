@@ -300,3 +300,41 @@ async fn shutdown_answers_what_was_read_then_closes_with_going_away() {
     assert_eq!(u16::from(close.unwrap().code), 1001);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_clients_pipeline_answers_concurrent_publishes_each_with_its_own_offset() {
+    let server = TestServer::start(server_config()).await;
+    create(&server, "wf-1", None).await;
+    let http = eventqueue::client::Client::new(server.url("")).unwrap();
+    let pipeline = http.pipeline("wf-1").await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let p = pipeline.clone();
+        tasks.push(tokio::spawn(async move { p.publish(&working(i)).await }));
+    }
+    let mut offsets = Vec::new();
+    for t in tasks {
+        let outcome = t.await.unwrap().unwrap();
+        assert_eq!(outcome.offsets.len(), 1);
+        offsets.push(outcome.offsets[0]);
+    }
+    offsets.sort_unstable();
+    assert_eq!(offsets, (0..50).collect::<Vec<u64>>());
+    // An invalid event is that publish's error; the pipeline goes on.
+    let err = pipeline
+        .publish(&json!({"event_type": "progress", "current": 3, "total": 1}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+    let batch = pipeline
+        .publish_batch(&[working(50), working(51)])
+        .await
+        .unwrap();
+    assert_eq!(batch.offsets, vec![50, 51]);
+    assert_eq!(batch.latest_offset, 52);
+    // An unknown queue is refused at the handshake, as over HTTP.
+    let err = http.pipeline("wf-9").await.unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+    drop(pipeline);
+    server.stop().await;
+}
