@@ -421,13 +421,13 @@ pub(super) fn read_enqueue_body(
     if let Some(limit) = event_limit {
         check_event_sizes(body, limit)?;
     }
-    Ok(event::read_slice(
+    event::read_slice(
         body,
         EnqueueRequest {
             ctx: &ctx,
             max_batch_events: config.max_batch_events,
         },
-    )?)
+    )
 }
 
 /// The body of `POST /events/queues/{task_id}/events`: one event object, or
