@@ -493,12 +493,20 @@ pub async fn serve(
             tokio::spawn(tls.clone().serve(stream, service, connections.watcher()));
             continue;
         }
-        let conn = connections.watch(
-            http.serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned(),
-        );
+        let (http, watcher) = (http.clone(), connections.watcher());
+        let first_bytes = config.header_read_timeout.max(Duration::from_millis(1));
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // An upgradeable connection first sniffs the protocol version, with no time limit
+            // of its own: a client that sends nothing is cut off here instead, within the
+            // header read timeout, as it would be once its request head is being read.
+            if !matches!(
+                tokio::time::timeout(first_bytes, stream.readable()).await,
+                Ok(Ok(()))
+            ) {
+                return;
+            }
+            let conn = http.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });

@@ -150,7 +150,7 @@ impl TlsConfig {
 #[derive(Clone)]
 pub(super) struct TlsServe {
     pub(super) acceptor: TlsAcceptor,
-    /// HTTP/1.1 connections (the same settings as plain HTTP's, upgrades included).
+    /// HTTP/1.1 connections (the same settings as plain HTTP's).
     pub(super) http1: hyper_util::server::conn::auto::Builder<TokioExecutor>,
     pub(super) http2: hyper::server::conn::http2::Builder<TokioExecutor>,
     /// Longest TLS handshake; a client that stalls it is disconnected, as one that stalls
@@ -219,7 +219,11 @@ impl TlsServe {
                 .map_err(Into::into)
         } else {
             watcher
-                .watch(self.http1.serve_connection_with_upgrades(io, service))
+                // Without upgrades: an upgradeable connection first sniffs the protocol
+                // version with no time limit, which a silent client could hold forever. (So
+                // the WebSocket producer connection is plain-HTTP only for now; clients fall
+                // back to HTTP requests.)
+                .watch(self.http1.serve_connection(io, service))
                 .await
         };
         if let Err(e) = result {
