@@ -196,7 +196,7 @@ impl QueueManager {
         options: QueueOptions,
     ) -> Result<EventQueue> {
         loop {
-            if let Some(q) = self.get_queue(tenant, task) {
+            if let Some(q) = self.find_queue(tenant, task).await? {
                 return Ok(q);
             }
             match self.create_queue(tenant, task, options.clone()).await {
@@ -206,9 +206,21 @@ impl QueueManager {
         }
     }
 
-    /// The queue, if it exists (closed queues included, until they expire).
+    /// The queue, if this node knows it (closed queues included, until they expire). With a
+    /// store other nodes share (Redis), a queue another node created moments ago may not be
+    /// known here yet: [`find_queue`](Self::find_queue) also asks the store.
     pub fn get_queue(&self, tenant: &TenantId, task: &TaskId) -> Option<EventQueue> {
         self.core.lookup(tenant, task).map(|q| self.handle(q))
+    }
+
+    /// The queue, if it exists: as [`get_queue`](Self::get_queue), and with a store other
+    /// nodes share, a queue this node has not heard of yet is looked up in the store.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors of that lookup.
+    pub async fn find_queue(&self, tenant: &TenantId, task: &TaskId) -> Result<Option<EventQueue>> {
+        Ok(self.core.find(tenant, task).await?.map(|q| self.handle(q)))
     }
 
     /// The checkpoint store of `tenant`'s workflows (see [`crate::CheckpointStore`]).
@@ -248,7 +260,7 @@ impl QueueManager {
     ///
     /// Storage errors.
     pub async fn close_queue(&self, tenant: &TenantId, task: &TaskId) -> Result<bool> {
-        match self.get_queue(tenant, task) {
+        match self.find_queue(tenant, task).await? {
             Some(q) => missing_is_false(q.close().await.map(|()| true)),
             None => Ok(false),
         }
@@ -260,7 +272,7 @@ impl QueueManager {
     ///
     /// Storage errors.
     pub async fn delete_queue(&self, tenant: &TenantId, task: &TaskId) -> Result<bool> {
-        let Some(q) = self.core.lookup(tenant, task) else {
+        let Some(q) = self.core.find(tenant, task).await? else {
             return Ok(false);
         };
         missing_is_false(self.core.delete(q).await)
@@ -295,7 +307,7 @@ impl QueueManager {
         task: &TaskId,
         reason: Option<&str>,
     ) -> Result<bool> {
-        match self.get_queue(tenant, task) {
+        match self.find_queue(tenant, task).await? {
             Some(q) => missing_is_false(q.cancel(reason).await.map(|()| true)),
             None => Ok(false),
         }

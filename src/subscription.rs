@@ -192,6 +192,7 @@ impl Subscription {
                     self.close_at = Some(at);
                     self.read_until = self.read_until.max(at);
                 }
+                Ok(Live::Advanced { to }) => self.read_until = self.read_until.max(to),
                 Ok(Live::Removed) => {
                     self.end();
                     return None;

@@ -14,6 +14,7 @@
 //! model: event, ids, error, config, clock
 //! ```
 
+mod follow;
 pub(crate) mod hub;
 pub(crate) mod ops;
 mod pipeline;
@@ -55,6 +56,9 @@ pub(crate) struct Core {
     clock: Arc<dyn Clock>,
     poison: Arc<Poison>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Whether other nodes write the store too (then a follower thread takes in their
+    /// changes, and a queue this node does not know is looked up in the store).
+    shared: bool,
 }
 
 impl std::fmt::Debug for Core {
@@ -122,6 +126,7 @@ impl Core {
                 }
             })
             .map_err(|e| Error::internal(format!("cannot start the writer thread: {e}")))?;
+        let shared = follow::start(&storage, tx.clone(), config.replay_chunk).is_some();
         Ok(Core {
             storage,
             tx,
@@ -131,6 +136,7 @@ impl Core {
             clock,
             poison,
             writer_thread: Mutex::new(Some(handle)),
+            shared,
         })
     }
 
@@ -195,6 +201,28 @@ impl Core {
             .unwrap_or_else(|p| p.into_inner())
             .get(&(tenant.clone(), task.clone()))
             .cloned()
+    }
+
+    /// The queue, if it exists: from this node's registry, or else (when other nodes share the
+    /// store) from the store, for a queue another node created that this node has not heard
+    /// of yet.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors of the store's lookup.
+    pub(crate) async fn find(
+        &self,
+        tenant: &TenantId,
+        task: &TaskId,
+    ) -> Result<Option<Arc<QueueState>>> {
+        if let Some(q) = self.lookup(tenant, task) {
+            return Ok(Some(q));
+        }
+        if !self.shared {
+            return Ok(None);
+        }
+        self.call(|reply| Request::Load(ops::Call::new((tenant.clone(), task.clone()), reply)))
+            .await
     }
 
     /// Every queue of `tenant` (all tenants when `None`), in no particular order.

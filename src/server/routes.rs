@@ -111,10 +111,11 @@ fn read_body<'b, T: Deserialize<'b>>(
     })
 }
 
-fn lookup(state: &AppState, tenant: &Tenant, task: &TaskId) -> Result<EventQueue, ApiError> {
+async fn lookup(state: &AppState, tenant: &Tenant, task: &TaskId) -> Result<EventQueue, ApiError> {
     state
         .manager()
-        .get_queue(&tenant.0, task)
+        .find_queue(&tenant.0, task)
+        .await?
         .ok_or_else(|| ApiError::no_queue(task))
 }
 
@@ -323,7 +324,7 @@ pub(super) async fn queue_info(
     tenant: Tenant,
     TaskPath(task): TaskPath,
 ) -> Result<Response, ApiError> {
-    Ok(json(&lookup(&state, &tenant, &task)?.info()))
+    Ok(json(&lookup(&state, &tenant, &task).await?.info()))
 }
 
 /// `DELETE /events/queues/{task_id}` → `204`.
@@ -351,7 +352,7 @@ pub(super) async fn queue_offset(
     tenant: Tenant,
     TaskPath(task): TaskPath,
 ) -> Result<Response, ApiError> {
-    let queue = lookup(&state, &tenant, &task)?;
+    let queue = lookup(&state, &tenant, &task).await?;
     Ok(json(&OffsetBody {
         task_id: &task,
         offset: queue.latest_offset(),
@@ -364,7 +365,7 @@ pub(super) async fn close_queue(
     tenant: Tenant,
     TaskPath(task): TaskPath,
 ) -> Result<Response, ApiError> {
-    let queue = lookup(&state, &tenant, &task)?;
+    let queue = lookup(&state, &tenant, &task).await?;
     queue.close().await?;
     Ok(json(&queue.info()))
 }
@@ -385,7 +386,7 @@ pub(super) async fn enqueue(
     TaskPath(task): TaskPath,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let queue = lookup(&state, &tenant, &task)?;
+    let queue = lookup(&state, &tenant, &task).await?;
     let config = state.config();
     // An event's compact JSON is no longer than its text in the body, so only a body larger
     // than the event limit can hold an event over it.
