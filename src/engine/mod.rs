@@ -18,9 +18,9 @@ mod follow;
 pub(crate) mod hub;
 pub(crate) mod ops;
 mod pipeline;
+mod registry;
 pub(crate) mod state;
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -84,7 +84,7 @@ impl Core {
     /// [`Error::Internal`] if the writer thread cannot be started.
     pub(crate) fn start(opened: Opened, config: Config, clock: Arc<dyn Clock>) -> Result<Self> {
         let Opened { storage, recovered } = opened;
-        let mut map = HashMap::with_capacity(recovered.queues.len());
+        let mut map = registry::Queues::default();
         for lq in recovered.queues {
             let tenant = TenantId::new(&lq.tenant)?;
             let task = TaskId::new(&lq.task)?;
@@ -230,10 +230,15 @@ impl Core {
         self.registry
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|((t, _), _)| tenant.is_none_or(|want| want == t))
-            .map(|(_, q)| q.clone())
-            .collect()
+            .of(tenant)
+    }
+
+    /// How many queues `tenant` has (constant time).
+    pub(crate) fn count(&self, tenant: &TenantId) -> usize {
+        self.registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .count(tenant)
     }
 
     /// Appends events to a queue; returns their offsets once durable.

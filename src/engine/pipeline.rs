@@ -74,7 +74,7 @@ use crate::metrics::Metrics;
 use crate::storage::{PendingPurge, QueueRecord, RemoteQueue, Storage, WriteBatch, WriteError};
 
 /// Every live queue by `(tenant, task)`. Written only by the pipeline, after commits.
-pub(crate) type Registry = RwLock<HashMap<(TenantId, TaskId), Arc<QueueState>>>;
+pub(crate) type Registry = RwLock<super::registry::Queues>;
 
 /// What the writer's channel carries: an op to batch, or a compaction (which runs between
 /// batches, after whatever was collected with it).
@@ -364,8 +364,8 @@ impl Writer {
             .registry
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
+            .iter()
+            .map(|((t, k), _)| (t.clone(), k.clone()))
             .collect();
         let purges = self.purges.iter().cloned().collect();
         let poison = self.poison.clone();
@@ -848,13 +848,16 @@ impl WriterLoop {
                     }
                     self.forget(&q);
                 }
-                (None, Some(record)) => {
-                    // Not published yet but committed here: this node's own queue.
-                    if self.keys.contains(&key) {
-                        continue;
+                (None, Some(_)) => {
+                    // New to this node — or removed here since the change was announced
+                    // (this node's delete came after it): only the store's current record
+                    // can tell, so the queue is loaded afresh (after every batch this node
+                    // committed). Not published yet but committed here: this node's own.
+                    if !self.keys.contains(&key)
+                        && let Err(e) = self.load(&key.0, &key.1)
+                    {
+                        tracing::debug!(error = %e, "cannot load a queue another node created");
                     }
-                    let q = self.adopt(&key, &change, record);
-                    accepted.push((q, record.clone()));
                 }
                 (None, None) => {}
             }
@@ -866,8 +869,8 @@ impl WriterLoop {
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
-                .filter(|(key, _)| !seen.contains(*key))
-                .map(|(key, q)| (key.clone(), q.clone()))
+                .filter(|((t, k), _)| !seen.contains(&((*t).clone(), (*k).clone())))
+                .map(|((t, k), q)| ((t.clone(), k.clone()), q.clone()))
                 .collect();
             for ((tenant, task), q) in missing {
                 // Created here after the reload's read, or really removed: ask again.
