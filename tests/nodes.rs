@@ -169,7 +169,7 @@ async fn produce(
             node = k;
             let sent = http
                 .post(format!("{base}/events/queues/{}/events", task(q)))
-                .json(&json!({"event_type": "progress", "event_id": id, "current": n, "total": 0}))
+                .json(&json!({"event_type": "progress", "event_id": id, "current": n, "total": 1_000_000_000u64}))
                 .timeout(Duration::from_secs(5))
                 .send()
                 .await;

@@ -21,7 +21,8 @@
 --
 -- Returns {"ok", tag, rev, ...} with the new revision of every queue the batch stored, or
 -- {"stale", tag, {record fields}, ...} when some queue is no longer at the revision the batch
--- was built on, or some checkpoint check failed (nothing stored either way).
+-- was built on, or another node has its turn, or some checkpoint check failed (nothing of the
+-- batch stored in either case).
 --
 -- A stored batch is announced on the channel PREFIX .. "notices" as one JSON message
 -- [node, [["put", tag, tenant, task, rev, f1, v1, ...] or ["rm", tag, tenant, task, rev], ...]]
@@ -33,6 +34,11 @@
 -- self reached, so a node that knew the former queue can never mistake the new one for it.
 local p = ARGV[1]
 local node = ARGV[2]
+-- Fairness between nodes writing one queue: a batch found stale because another node wrote
+-- the queue first gives its node the queue's next turn (fields `turn`, `till` of the queue's
+-- hash) for this long, so its rebuild is not overtaken again by a faster node; the turn ends
+-- with that node's next stored batch, or by itself.
+local TURN_US = 10000
 local function qkey(tag) return p .. 'q:{' .. tag .. '}' end
 local function ekey(tag) return p .. 'e:{' .. tag .. '}' end
 local function ikey(tag) return p .. 'i:{' .. tag .. '}' end
@@ -42,16 +48,34 @@ local n = tonumber(ARGV[3])
 local stale = {}
 local news = {}
 local kept = {}
+local claims = {}
+local mine = {}
+local now = nil
+local function clock()
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  end
+  return now
+end
 for _ = 1, n do
   local tag, want = ARGV[i], ARGV[i + 1]
   i = i + 2
   if want == 'new' then
     table.insert(news, tag)
   else
-    if redis.call('HGET', qkey(tag), 'rev') == want then
-      kept[tag] = true
-    else
+    local f = redis.call('HMGET', qkey(tag), 'rev', 'turn', 'till')
+    local others = f[2] and f[2] ~= node and tonumber(f[3]) > clock()
+    if f[1] ~= want then
       table.insert(stale, tag)
+      -- Behind another node's write: this node's rebuild gets the next turn.
+      if f[1] and not others then table.insert(claims, tag) end
+    elseif others then
+      -- Another node's turn (it was behind, and rebuilds now): wait for it.
+      table.insert(stale, tag)
+    else
+      kept[tag] = true
+      if f[2] then table.insert(mine, tag) end
     end
   end
 end
@@ -79,6 +103,9 @@ for _ = 1, m do
   end
 end
 if #stale > 0 or checkpoints_stale then
+  for _, tag in ipairs(claims) do
+    redis.call('HSET', qkey(tag), 'turn', node, 'till', string.format('%.0f', clock() + TURN_US))
+  end
   local out = {'stale'}
   for _, tag in ipairs(stale) do
     table.insert(out, tag)
@@ -92,6 +119,8 @@ local function record_id(rec)
   local len = string.byte(rec, 3) * 256 + string.byte(rec, 4)
   return string.sub(rec, 5, 4 + len)
 end
+
+for _, tag in ipairs(mine) do redis.call('HDEL', qkey(tag), 'turn', 'till') end
 
 local keep = 100
 local revs = {'ok'}
