@@ -107,7 +107,8 @@ def detail(raw):
             n = [int(l.split(b":")[1]) for l in head.lower().split(b"\r\n") if l.startswith(b"content-length:")]
             if n and len(body) >= n[0]:
                 break
-    return data.partition(b"\r\n\r\n")[2][:160].decode(errors="replace")
+    head, _, body = data.partition(b"\r\n\r\n")
+    return (head.split(b"\r\n")[0] + b" " + body[:160]).decode(errors="replace")
 
 healthz = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 

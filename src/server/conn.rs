@@ -28,9 +28,10 @@ use crate::server::limits::RETRY_AFTER_SECS;
 /// connections.
 pub(crate) const FD_MARGIN: u64 = 256;
 
-/// Most refusals being written at once; beyond it a refused connection is closed without an
-/// answer, so a flood cannot hold descriptors through the refusals themselves.
-const MAX_REFUSING: usize = 64;
+/// Most refusals lingering at once (see [`Connections::refuse`]); beyond it a refused
+/// connection gets its answer only if it fits the socket at once, so a flood cannot hold
+/// descriptors through the refusals themselves.
+const MAX_REFUSING: usize = 128;
 
 /// Longest time a refusal may take to write its answer, and then to see the client's request
 /// out (closing a socket with unread input resets it, and the client may lose the answer).
@@ -168,14 +169,25 @@ impl Connections {
     }
 
     /// Answers a refused plain-HTTP connection with `503` and closes it, on a task of its own
-    /// (at most [`MAX_REFUSING`] at once, each for at most twice [`REFUSAL_LINGER`]); over the
-    /// bound it is closed at once.
+    /// (at most [`MAX_REFUSING`] at once, each for at most twice [`REFUSAL_LINGER`]). Over the
+    /// bound the answer is written only if the socket takes it at once (an empty send buffer
+    /// does), what the client sent so far is read off, and the socket is closed.
     pub(crate) fn refuse(self: &Arc<Self>, mut stream: TcpStream, why: &Refusal) {
+        let answer = refusal_answer(&why.detail());
         if self.refusing.fetch_add(1, Ordering::AcqRel) >= MAX_REFUSING {
             self.refusing.fetch_sub(1, Ordering::AcqRel);
+            let _ = stream.try_write(&answer);
+            // Closing with unread input would reset the connection, and the client might
+            // lose the answer: read off what has arrived (its request, usually).
+            let mut sink = [0u8; 4096];
+            for _ in 0..16 {
+                match stream.try_read(&mut sink) {
+                    Ok(n) if n > 0 => {}
+                    _ => break,
+                }
+            }
             return;
         }
-        let answer = refusal_answer(&why.detail());
         let conns = self.clone();
         tokio::spawn(async move {
             let wrote = tokio::time::timeout(REFUSAL_LINGER, async {
