@@ -196,7 +196,7 @@ impl AppState {
     /// State serving `manager` with `config`.
     pub fn new(manager: QueueManager, config: ServerConfig) -> Self {
         let body_kib =
-            (config.max_body_bytes_in_flight / 1024).min(tokio::sync::Semaphore::MAX_PERMITS);
+            (config.max_body_bytes_in_flight / 1024).clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         Self {
             inner: Arc::new(Inner {
                 manager,

@@ -68,7 +68,11 @@ impl FromRequest<AppState> for RawBody {
         }
         // A body without a declared length may grow to the limit: it reserves that much.
         let reserve = declared.map_or(max, |n| usize::try_from(n).unwrap_or(max));
-        let kib = u32::try_from(reserve.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        // At most the whole budget, so that a body limit above the budget still lets one in.
+        let kib = reserve
+            .div_ceil(1024)
+            .clamp(1, (state.config().max_body_bytes_in_flight / 1024).max(1));
+        let kib = u32::try_from(kib).unwrap_or(u32::MAX);
         let _room = state
             .bodies()
             .clone()
