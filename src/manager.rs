@@ -143,6 +143,36 @@ impl QueueManager {
         self.core.check_storage().await
     }
 
+    /// Revokes `tenant`'s tokens issued before `not_before` (the server refuses them with
+    /// `401`): stored durably, and seen by every node sharing the store at its next reload
+    /// of revocations. A later call replaces the time (an earlier one lifts part of a
+    /// revocation).
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    pub async fn revoke_tokens(
+        &self,
+        tenant: &TenantId,
+        not_before: crate::event::Timestamp,
+    ) -> Result<()> {
+        let tenant = tenant.as_str().to_owned();
+        let us = u64::try_from(not_before.as_micros()).unwrap_or(0);
+        self.core
+            .on_storage(move |s| s.put_revocation(&tenant, us))
+            .await
+    }
+
+    /// Every tenant's token not-before time, microseconds since the Unix epoch (see
+    /// [`QueueManager::revoke_tokens`]).
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    pub async fn token_revocations(&self) -> Result<Vec<(String, u64)>> {
+        self.core.on_storage(|s| s.revocations()).await
+    }
+
     /// Where the queues are kept, for messages (a Redis URL without its password).
     pub fn storage_description(&self) -> String {
         self.core.describe_storage()

@@ -343,6 +343,18 @@ impl Core {
         tokio::task::spawn_blocking(move || storage.read_range(qid, from, to, limit))
     }
 
+    /// Runs `f` on the store on the blocking pool: for what the store keeps beside the
+    /// queues (token revocations), outside the write path.
+    pub(crate) async fn on_storage<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Storage) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let storage = self.storage.clone();
+        tokio::task::spawn_blocking(move || f(&*storage))
+            .await
+            .map_err(|e| Error::internal(format!("storage task failed: {e}")))?
+    }
+
     /// Runs a checkpoint read on the blocking pool.
     pub(crate) async fn read_checkpoints<I>(
         &self,

@@ -42,8 +42,10 @@ impl<S: Send + Sync> FromRequestParts<S> for TaskPath {
 }
 
 /// A request body read whole, at most [`crate::server::ServerConfig::max_body_bytes`] long
-/// (`413` as soon as it exceeds that, before the rest is read), within
-/// [`crate::server::ServerConfig::body_read_timeout`] (`408` otherwise).
+/// (`413` before anything is read when its `Content-Length` says more, else as soon as it
+/// exceeds that), within [`crate::server::ServerConfig::body_read_timeout`] (`408`
+/// otherwise). While it is read it holds its share of
+/// [`crate::server::ServerConfig::max_body_bytes_in_flight`] (`503` when that is taken).
 #[derive(Debug, Clone)]
 pub(super) struct RawBody(pub Bytes);
 
@@ -51,6 +53,44 @@ impl FromRequest<AppState> for RawBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let max = state.config().max_body_bytes;
+        // hyper has checked that the header is one valid length.
+        let declared = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if let Some(n) = declared
+            && n > max as u64
+        {
+            return Err(ApiError::too_large(format!(
+                "request body exceeds the limit of {max} bytes (Content-Length: {n})"
+            )));
+        }
+        // A body without a declared length may grow to the limit: it reserves that much.
+        let reserve = declared.map_or(max, |n| usize::try_from(n).unwrap_or(max));
+        // At most the whole budget, so that a body limit above the budget still lets one in.
+        let kib = reserve
+            .div_ceil(1024)
+            .clamp(1, (state.config().max_body_bytes_in_flight / 1024).max(1));
+        let kib = u32::try_from(kib).unwrap_or(u32::MAX);
+        let _room = state
+            .bodies()
+            .clone()
+            .try_acquire_many_owned(kib)
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "too many request bodies being received: the server takes at most {} \
+                     bytes of them at once; retry shortly",
+                        state.config().max_body_bytes_in_flight
+                    ),
+                )
+                .with_header(
+                    axum::http::header::RETRY_AFTER,
+                    crate::server::RETRY_AFTER_SECS.to_string(),
+                )
+            })?;
         let limit = state.config().body_read_timeout;
         tokio::time::timeout(limit, Bytes::from_request(req, state))
             .await
@@ -384,9 +424,11 @@ pub(super) async fn enqueue(
     State(state): State<AppState>,
     tenant: Tenant,
     TaskPath(task): TaskPath,
-    RawBody(body): RawBody,
+    request: Request,
 ) -> Result<Response, ApiError> {
+    // The queue first: a body for a queue that does not exist is never read.
     let queue = lookup(&state, &tenant, &task).await?;
+    let RawBody(body) = RawBody::from_request(request, &state).await?;
     let config = state.config();
     // An event's compact JSON is no longer than its text in the body, so only a body larger
     // than the event limit can hold an event over it.

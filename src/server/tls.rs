@@ -206,12 +206,12 @@ impl TlsServe {
             }
         };
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let io = TokioIo::new(tls);
         let result = if h2 {
             watcher
-                .watch(self.http2.serve_connection(io, service))
+                .watch(self.http2.serve_connection(TokioIo::new(tls), service))
                 .await
         } else {
+            let io = TokioIo::new(super::conn::HeadErrors::new(tls));
             watcher
                 .watch(self.http1.serve_connection(io, service))
                 .await

@@ -83,6 +83,8 @@ struct State {
     checkpoint_ids: HashMap<(String, String), (String, u64)>,
     /// Bytes of event JSON retained, for [`Storage::size_bytes`].
     bytes: u64,
+    /// Token revocations: tenant → not-before time in microseconds.
+    revoked: HashMap<String, u64>,
 }
 
 /// A staged change of a batch, applied in order at commit.
@@ -240,6 +242,22 @@ impl Storage for MemoryStore {
                     .collect()
             })
             .unwrap_or_default())
+    }
+
+    fn put_revocation(&self, tenant: &str, not_before_us: u64) -> Result<()> {
+        self.write()?
+            .revoked
+            .insert(tenant.to_owned(), not_before_us);
+        Ok(())
+    }
+
+    fn revocations(&self) -> Result<Vec<(String, u64)>> {
+        Ok(self
+            .read()?
+            .revoked
+            .iter()
+            .map(|(t, nb)| (t.clone(), *nb))
+            .collect())
     }
 
     fn size_bytes(&self) -> u64 {

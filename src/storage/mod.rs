@@ -410,6 +410,22 @@ pub(crate) trait Storage: Send + Sync + 'static {
     /// Storage errors.
     fn list_checkpoints(&self, tenant: &str, workflow: &str) -> Result<Vec<LoadedCheckpoint>>;
 
+    /// Sets `tenant`'s token not-before time (microseconds since the Unix epoch): the server
+    /// refuses the tenant's tokens issued before it. Durable when it returns, and seen by
+    /// every node sharing the store. Outside the write path: a revocation is no queue data.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    fn put_revocation(&self, tenant: &str, not_before_us: u64) -> Result<()>;
+
+    /// Every tenant's token not-before time (see [`Storage::put_revocation`]).
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    fn revocations(&self) -> Result<Vec<(String, u64)>>;
+
     /// Whether the store can be reached now (a networked store pings its server). Embedded
     /// stores are always there.
     ///

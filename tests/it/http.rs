@@ -4,12 +4,14 @@
 //! (`isolation`), paged and filtered queue lists (`listing`), the dashboard's assets
 //! (`dashboard`), checkpoint routes (`checkpoint`), the HTTP producer helpers and the demo
 //! (`producer`), a proptest-driven fuzz of event JSON parsing (`fuzz`), and HTTPS with
-//! HTTP/2 (`tls`).
+//! HTTP/2 (`tls`); connection limits and bodies under hostile load (`connections`); token
+//! bounds and revocation (`tokens`).
 
 mod a2a;
 mod app;
 mod auth;
 mod checkpoint;
+mod connections;
 mod dashboard;
 mod fuzz;
 mod hostile;
@@ -20,6 +22,7 @@ mod producer;
 mod router;
 mod sse;
 mod tls;
+mod tokens;
 
 use serde_json::{Value, json};
 

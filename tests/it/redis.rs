@@ -546,3 +546,31 @@ async fn a_redis_restart_loses_no_acknowledged_event() {
     }
     m.shutdown().await.unwrap();
 }
+
+/// A token revocation is kept by Redis (a hash `{prefix}revoked`): the next node on the same
+/// Redis and prefix finds it, another prefix does not.
+#[tokio::test]
+async fn a_token_revocation_is_kept_by_redis_for_the_next_node() {
+    let redis = RedisServer::start();
+    let first = QueueManager::open(redis.config()).await.unwrap();
+    let when = eventqueue::Timestamp::from_micros(1_700_000_000_000_000);
+    first.revoke_tokens(&tenant("acme"), when).await.unwrap();
+    first.shutdown().await.unwrap();
+    let second = QueueManager::open(redis.config()).await.unwrap();
+    assert_eq!(
+        second.token_revocations().await.unwrap(),
+        [("acme".to_string(), 1_700_000_000_000_000)]
+    );
+    second.shutdown().await.unwrap();
+    let other = QueueManager::open(Config {
+        storage: StorageBackend::Redis {
+            url: redis.url(),
+            prefix: "other:".into(),
+        },
+        ..redis.config()
+    })
+    .await
+    .unwrap();
+    assert!(other.token_revocations().await.unwrap().is_empty());
+    other.shutdown().await.unwrap();
+}

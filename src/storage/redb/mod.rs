@@ -86,6 +86,9 @@ const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events"
 const EVENT_IDS: TableDefinition<(u64, &str), u64> = TableDefinition::new("event_ids");
 /// Deleted queues whose events are still being removed, in bounded steps.
 const PURGE: TableDefinition<u64, ()> = TableDefinition::new("purge");
+/// Token revocations: tenant → not-before time in microseconds (written directly, not
+/// through the log: they are no queue data, and each is its own durable transaction).
+const REVOKED: TableDefinition<&str, u64> = TableDefinition::new("revoked");
 
 /// JSON bytes one [`Store::read_range`] copies out of redb, at most (plus one event): a
 /// replay step of 1024 events sent as 300 bytes is ~0.5 MB, and of 1 MiB events would be a GiB.
@@ -1111,6 +1114,34 @@ impl Storage for Store {
 
     fn list_checkpoints(&self, tenant: &str, workflow: &str) -> Result<Vec<LoadedCheckpoint>> {
         Store::list_checkpoints(self, tenant, workflow)
+    }
+
+    fn put_revocation(&self, tenant: &str, not_before_us: u64) -> Result<()> {
+        let mut txn = self.begin_write()?;
+        txn.set_durability(Durability::Immediate).map_err(st)?;
+        txn.open_table(REVOKED)
+            .map_err(st)?
+            .insert(tenant, not_before_us)
+            .map_err(st)?;
+        txn.commit().map_err(st)
+    }
+
+    fn revocations(&self) -> Result<Vec<(String, u64)>> {
+        let txn = self.begin_read()?;
+        let table = match txn.open_table(REVOKED) {
+            Ok(table) => table,
+            // No revocation was ever made.
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(st(e)),
+        };
+        table
+            .iter()
+            .map_err(st)?
+            .map(|row| {
+                let (k, v) = row.map_err(st)?;
+                Ok((k.value().to_owned(), v.value()))
+            })
+            .collect()
     }
 
     fn size_bytes(&self) -> u64 {

@@ -767,6 +767,29 @@ impl Storage for RedisStore {
             .map(drop)
     }
 
+    fn put_revocation(&self, tenant: &str, not_before_us: u64) -> Result<()> {
+        let mut c = self.conn()?;
+        c.run("storing a token revocation", |con| {
+            redis::cmd("HSET")
+                .arg(format!("{}revoked", self.prefix))
+                .arg(tenant)
+                .arg(not_before_us)
+                .query::<u64>(con)
+        })
+        .map(drop)
+    }
+
+    fn revocations(&self) -> Result<Vec<(String, u64)>> {
+        let mut c = self.conn()?;
+        let all: std::collections::HashMap<String, u64> =
+            c.run("reading token revocations", |con| {
+                redis::cmd("HGETALL")
+                    .arg(format!("{}revoked", self.prefix))
+                    .query(con)
+            })?;
+        Ok(all.into_iter().collect())
+    }
+
     fn size_bytes(&self) -> u64 {
         0
     }
