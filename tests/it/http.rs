@@ -19,6 +19,7 @@ mod listing;
 mod producer;
 mod router;
 mod sse;
+mod stream_memory;
 mod tls;
 
 use serde_json::{Value, json};
