@@ -102,6 +102,10 @@ pub struct Subscription {
     /// A live event received ahead of `next`, delivered once the log filled the hole.
     stash: Option<Arc<RecordedEvent>>,
     buf: VecDeque<Arc<RecordedEvent>>,
+    /// Bytes of JSON the next read of the log may take; [`Config::replay_bytes`] unless set.
+    ///
+    /// [`Config::replay_bytes`]: crate::Config::replay_bytes
+    step_bytes: usize,
     done: bool,
     first_to_send: u64,
     latest_at_start: u64,
@@ -115,6 +119,7 @@ impl Subscription {
             (st.next_offset, st.first_offset, st.closed, st.finished_at);
         let guard = q.count_subscriber();
         let done = st.nothing_from(from);
+        let step_bytes = core.config().replay_bytes;
         Ok(Self {
             q,
             core,
@@ -126,6 +131,7 @@ impl Subscription {
             gap_from: None,
             stash: None,
             buf: VecDeque::new(),
+            step_bytes,
             done,
             first_to_send: if from < st_next {
                 from.max(st_first)
@@ -246,6 +252,18 @@ impl Subscription {
         Some(Ok(out))
     }
 
+    /// Sets the bytes of JSON the next reads of the log take (a reader that has room for a
+    /// larger step than [`Config::replay_bytes`](crate::Config::replay_bytes)).
+    pub(crate) fn set_step_bytes(&mut self, bytes: usize) {
+        self.step_bytes = bytes;
+    }
+
+    /// Whether the next delivery will be read from the log: nothing is buffered and the log
+    /// holds offsets this subscription owes.
+    pub(crate) fn will_read(&self) -> bool {
+        !self.done && self.buf.is_empty() && self.next < self.read_until
+    }
+
     /// Takes back the events from offset `at` on that this subscription delivered: they are
     /// delivered again, next, in order, read from the log, as if they had not been taken (a
     /// reader that cannot hold an event yet drops it and asks for it again later instead of
@@ -360,13 +378,7 @@ impl Subscription {
         let config = self.core.config();
         let events = self
             .core
-            .spawn_read(
-                self.q.id(),
-                from,
-                to,
-                config.replay_chunk,
-                config.replay_bytes,
-            )
+            .spawn_read(self.q.id(), from, to, config.replay_chunk, self.step_bytes)
             .await
             .map_err(|e| Error::internal(format!("replay task failed: {e}")))??;
         match events.first() {

@@ -24,6 +24,12 @@
 //! A stream that is not draining so holds one chunk and one replay step
 //! ([`crate::Config::replay_bytes`]), about 64 KiB, beyond its socket buffers.
 //!
+//! A stream whose subscription is about to read the log takes a larger replay step (512 KiB)
+//! when the server-wide budget below has that room free right now, holding the extra bytes
+//! against the budget until the step's chunk is written: a client that keeps up gets fewer,
+//! larger reads and writes, and one that stops holds at most the budget's share. It never
+//! waits for that room.
+//!
 //! Larger events are held against a server-wide budget ([`ServerConfig::stream_buffer_bytes`]):
 //! the part of a batch beyond [`OWN_BYTES`] needs that many bytes of the budget until the
 //! chunk is written. A stream that finds the budget spent gives the events back to its
@@ -90,6 +96,14 @@ pub(super) const OWN_BYTES: usize = 2 * BATCH_BYTES;
 
 /// Deliveries taken from the subscription at a time (a batch also stops at [`BATCH_BYTES`]).
 const BATCH: usize = 256;
+
+/// Bytes a replay step may read beyond [`BATCH_BYTES`] when the server-wide budget has them
+/// free; held against the budget until the step's chunk is written (see the module docs).
+const FAST_EXTRA: u32 = 480 * 1024;
+
+/// Deliveries of such a step taken at once: at least a whole step of small events
+/// ([`crate::Config::replay_chunk`] by default), so that none of it stays behind unbudgeted.
+const FAST_BATCH: usize = 1024;
 
 /// The comment sent on a silent stream.
 const KEEPALIVE: &[u8] = b": keepalive\n\n";
@@ -303,7 +317,17 @@ fn budgeted(
                     // The semaphore is never closed; acquiring fails only if it were.
                     held = budget.clone().acquire_many_owned(wait).await.ok();
                 }
-                let mut batch = match sub.next_batch(BATCH, BATCH_BYTES).await? {
+                // A replay step that the budget has room for is read large: a reader that
+                // keeps up gets fewer, larger reads and writes. Never waited for.
+                let mut step = (BATCH, BATCH_BYTES);
+                if held.is_none() && total > 0 && sub.will_read() {
+                    held = budget.clone().try_acquire_many_owned(FAST_EXTRA).ok();
+                    if held.is_some() {
+                        step = (FAST_BATCH, BATCH_BYTES + FAST_EXTRA as usize);
+                    }
+                }
+                sub.set_step_bytes(step.1);
+                let mut batch = match sub.next_batch(step.0, step.1).await? {
                     Ok(batch) => batch,
                     Err(e) => return Some((Err(e), (sub, held, 0))),
                 };
