@@ -103,9 +103,9 @@ pub struct ServeArgs {
     /// Most SSE streams open at once per tenant [default: 1000]
     #[arg(long, env = "EVENTQUEUE_MAX_SSE_STREAMS_PER_TENANT", value_name = "N")]
     max_sse_streams_per_tenant: Option<usize>,
-    /// Memory in MiB that all SSE streams together may hold for events over 32 KiB not yet
-    /// written to their clients (each stream has 64 KiB of its own besides); a stream that
-    /// would need more waits. 0: no limit [default: 64]
+    /// Memory in MiB that all SSE streams together may hold beyond each stream's own 64 KiB
+    /// until their clients took it (events over 32 KiB, larger replay steps for clients that
+    /// keep up); a stream that would need more for an event waits. 0: no limit [default: 64]
     #[arg(long, env = "EVENTQUEUE_STREAM_BUFFER_MB", value_name = "MIB")]
     stream_buffer_mb: Option<u64>,
     /// Most queues per tenant [default: 10000]

@@ -69,7 +69,7 @@ pub(super) async fn render(State(state): State<AppState>) -> Response {
     gauge(
         &mut out,
         "eventqueue_stream_buffer_bytes",
-        "Bytes of the server-wide stream buffer budget held by streams sending large events.",
+        "Bytes of the server-wide stream buffer budget held by streams (events over 32 KiB, larger replay steps).",
         state.stream_buffer_bytes_held(),
     );
     counter(

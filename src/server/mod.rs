@@ -104,11 +104,12 @@ pub struct ServerConfig {
     pub max_sse_streams: usize,
     /// Most SSE streams open at once for one tenant; more get `429`. Default 1000.
     pub max_sse_streams_per_tenant: usize,
-    /// Bytes of event frames all streams together may hold beyond each stream's own 64 KiB,
-    /// which only events larger than 32 KiB need: a stream that would go past it waits,
-    /// holding nothing, until streams that drain give bytes back (see
-    /// `server::stream`'s `# Memory`). Bounds what streams that stop reading can make the
-    /// server hold. `0`: no budget. Default 64 MiB.
+    /// Bytes all streams together may hold beyond each stream's own 64 KiB until their
+    /// clients took them: events larger than 32 KiB, and larger replay steps lent to streams
+    /// while the budget has room. A stream that would need more for an event waits, holding
+    /// nothing, until streams that drain give bytes back (see `server::stream`'s `# Memory`).
+    /// Bounds what streams that stop reading can make the server hold. `0`: no budget (no
+    /// bound, and no larger steps). Default 64 MiB.
     pub stream_buffer_bytes: usize,
     /// Most queues one tenant may have (closed ones included, until they expire or are
     /// deleted); creating more gets `429`. Default 10 000.

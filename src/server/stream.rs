@@ -65,7 +65,7 @@ use std::future::Future;
 use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -306,11 +306,13 @@ fn budgeted(
     sub: Subscription,
     budget: Arc<Semaphore>,
     total: usize,
+    flight: Arc<Flight>,
 ) -> impl Stream<Item = crate::Result<Budgeted>> + Send + 'static {
     // (subscription, budget acquired before the read it is for, budget to acquire first)
     let state = (sub, None::<OwnedSemaphorePermit>, 0u32);
     futures_util::stream::unfold(state, move |(mut sub, mut held, mut wait)| {
         let budget = budget.clone();
+        let flight = flight.clone();
         async move {
             loop {
                 if wait > 0 {
@@ -319,8 +321,10 @@ fn budgeted(
                 }
                 // A replay step that the budget has room for is read large: a reader that
                 // keeps up gets fewer, larger reads and writes. Never waited for.
+                // Not before the connection has taken a chunk (see `Flight`): a consumer that
+                // keeps chunks would keep the share.
                 let mut step = (BATCH, BATCH_BYTES);
-                if held.is_none() && total > 0 && sub.will_read() {
+                if held.is_none() && total > 0 && flight.armed() && sub.will_read() {
                     held = budget.clone().try_acquire_many_owned(FAST_EXTRA).ok();
                     if held.is_some() {
                         step = (FAST_BATCH, BATCH_BYTES + FAST_EXTRA as usize);
@@ -397,7 +401,20 @@ fn split_point(batch: &[Delivery]) -> usize {
 #[derive(Debug, Default)]
 struct Flight {
     unsent: AtomicUsize,
+    /// Whether the connection has dropped a chunk yet. Until then the body does not wait for
+    /// chunks to be written, nor takes larger replay steps: a consumer that keeps every chunk
+    /// until the stream ends (a test collecting a response body, a buffering layer) would
+    /// otherwise wait on the body while the body waits on it. A connection writes the opening
+    /// frames at once, so on a real socket this is set after the first chunk. (Events over
+    /// 32 KiB use the budget either way: such a consumer holds their shares until it is done.)
+    armed: AtomicBool,
     waker: AtomicWaker,
+}
+
+impl Flight {
+    fn armed(&self) -> bool {
+        self.armed.load(Ordering::Acquire)
+    }
 }
 
 /// A chunk handed to the connection, with the stream budget it holds; dropping it (written,
@@ -416,6 +433,7 @@ impl AsRef<[u8]> for Sending {
 
 impl Drop for Sending {
     fn drop(&mut self) {
+        self.flight.armed.store(true, Ordering::Release);
         self.flight.unsent.fetch_sub(1, Ordering::AcqRel);
         self.flight.waker.wake();
     }
@@ -449,14 +467,16 @@ impl<F: Framing> StreamBody<F> {
         keepalive: Keepalive,
     ) -> Self {
         let budget = state.stream_budget();
+        let flight = Arc::<Flight>::default();
         Self {
             opening: Some(opening),
             batches: Box::pin(budgeted(
                 sub,
                 budget.clone(),
                 state.config().stream_buffer_bytes,
+                flight.clone(),
             )),
-            flight: Arc::default(),
+            flight,
             framing,
             keepalive,
             shutdown: Box::pin(state.shutdown_token().clone().cancelled_owned()),
@@ -497,7 +517,14 @@ impl<F: Framing> Stream for StreamBody<F> {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         if let Some(frames) = this.opening.take() {
-            return Poll::Ready(Some(Ok(frames)));
+            // Tracked like every chunk: its being written arms the flight (see `Flight`).
+            this.flight.unsent.fetch_add(1, Ordering::AcqRel);
+            let chunk = Sending {
+                frames,
+                flight: this.flight.clone(),
+                _budget: None,
+            };
+            return Poll::Ready(Some(Ok(Bytes::from_owner(chunk))));
         }
         if this.done {
             return Poll::Ready(None);
@@ -508,7 +535,7 @@ impl<F: Framing> Stream for StreamBody<F> {
         }
         // Nothing new is framed (nor read) while the last chunk is not written yet: a client
         // that stops reading stops the stream here.
-        if this.flight.unsent.load(Ordering::Acquire) > 0 {
+        if this.flight.armed() && this.flight.unsent.load(Ordering::Acquire) > 0 {
             this.flight.waker.register(cx.waker());
             if this.flight.unsent.load(Ordering::Acquire) > 0 {
                 return Poll::Pending;
