@@ -103,6 +103,11 @@ pub struct ServeArgs {
     /// Most SSE streams open at once per tenant [default: 1000]
     #[arg(long, env = "EVENTQUEUE_MAX_SSE_STREAMS_PER_TENANT", value_name = "N")]
     max_sse_streams_per_tenant: Option<usize>,
+    /// Memory in MiB that all SSE streams together may hold beyond each stream's own 64 KiB
+    /// until their clients took it (events over 32 KiB, larger replay steps for clients that
+    /// keep up); a stream that would need more for an event waits. 0: no limit [default: 64]
+    #[arg(long, env = "EVENTQUEUE_STREAM_BUFFER_MB", value_name = "MIB")]
+    stream_buffer_mb: Option<u64>,
     /// Most queues per tenant [default: 10000]
     #[arg(long, env = "EVENTQUEUE_MAX_QUEUES_PER_TENANT", value_name = "N")]
     max_queues_per_tenant: Option<usize>,
@@ -191,6 +196,7 @@ pub(super) struct FileConfig {
     cors_origins: Option<Vec<String>>,
     max_sse_streams: Option<usize>,
     max_sse_streams_per_tenant: Option<usize>,
+    stream_buffer_mb: Option<u64>,
     max_queues_per_tenant: Option<usize>,
     header_read_timeout_secs: Option<u64>,
     body_read_timeout_secs: Option<u64>,
@@ -375,6 +381,10 @@ fn resolve_protection(
         .or(file.max_sse_streams_per_tenant)
     {
         server.max_sse_streams_per_tenant = at_least_one("max_sse_streams_per_tenant", n)?;
+    }
+    if let Some(mb) = args.stream_buffer_mb.or(file.stream_buffer_mb) {
+        server.stream_buffer_bytes = usize::try_from(mib("stream_buffer_mb", mb)?)
+            .map_err(|_| format!("stream_buffer_mb is too large: {mb}"))?;
     }
     if let Some(n) = args.max_queues_per_tenant.or(file.max_queues_per_tenant) {
         server.max_queues_per_tenant = at_least_one("max_queues_per_tenant", n)?;
@@ -658,6 +668,33 @@ mod tests {
             .unwrap_err();
             assert!(err.contains("cache_mb"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_stream_buffer_budget_is_given_in_mib() {
+        let s = resolve(ServeArgs::default()).unwrap();
+        assert_eq!(s.server.stream_buffer_bytes, 64 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eq.toml");
+        std::fs::write(&path, "stream_buffer_mb = 8\n").unwrap();
+        let s = resolve(ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(s.server.stream_buffer_bytes, 8 << 20);
+        let s = resolve(ServeArgs {
+            stream_buffer_mb: Some(0),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(s.server.stream_buffer_bytes, 0);
+        let err = resolve(ServeArgs {
+            stream_buffer_mb: Some(u64::MAX),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("stream_buffer_mb"), "{err}");
     }
 
     #[test]

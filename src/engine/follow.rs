@@ -27,6 +27,8 @@ use super::ops::{Call, Reply};
 use super::pipeline::{Remote, Request};
 use crate::storage::{Notice, Storage};
 
+/// Most bytes of event JSON one read for the fan-out takes (a larger event is read alone).
+const READ_BYTES: usize = 1 << 20;
 /// Most notices taken in one burst.
 const BURST: usize = 1024;
 /// Wait before retrying a reload the store refused (it is away).
@@ -104,7 +106,7 @@ fn run(
             return;
         };
         for (q, record) in accepted {
-            let read = |from, to| storage.read_range(q.id(), from, to, read_limit);
+            let read = |from, to| storage.read_range(q.id(), from, to, read_limit, READ_BYTES);
             if let Err(e) = q.follow(&record, read) {
                 // Delivery resumes with the queue's next change, or the next reload.
                 tracing::debug!(error = %e, task = %q.task_id(), "cannot read another node's events yet");

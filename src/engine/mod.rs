@@ -338,9 +338,10 @@ impl Core {
         from: u64,
         to: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> tokio::task::JoinHandle<Result<Vec<StoredEvent>>> {
         let storage = self.storage.clone();
-        tokio::task::spawn_blocking(move || storage.read_range(qid, from, to, limit))
+        tokio::task::spawn_blocking(move || storage.read_range(qid, from, to, limit, max_bytes))
     }
 
     /// Runs `f` on the store on the blocking pool: for what the store keeps beside the

@@ -107,6 +107,13 @@ pub struct ServerConfig {
     pub max_sse_streams: usize,
     /// Most SSE streams open at once for one tenant; more get `429`. Default 1000.
     pub max_sse_streams_per_tenant: usize,
+    /// Bytes all streams together may hold beyond each stream's own 64 KiB until their
+    /// clients took them: events larger than 32 KiB, and larger replay steps lent to streams
+    /// while the budget has room. A stream that would need more for an event waits, holding
+    /// nothing, until streams that drain give bytes back (see `server::stream`'s `# Memory`).
+    /// Bounds what streams that stop reading can make the server hold. `0`: no budget (no
+    /// bound, and no larger steps). Default 64 MiB.
+    pub stream_buffer_bytes: usize,
     /// Most queues one tenant may have (closed ones included, until they expire or are
     /// deleted); creating more gets `429`. Default 10 000.
     pub max_queues_per_tenant: usize,
@@ -157,6 +164,7 @@ impl Default for ServerConfig {
             cors_origins: Vec::new(),
             max_sse_streams: 10_000,
             max_sse_streams_per_tenant: 1000,
+            stream_buffer_bytes: 64 << 20,
             max_queues_per_tenant: 10_000,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
@@ -190,6 +198,8 @@ struct Inner {
     bodies: Arc<tokio::sync::Semaphore>,
     /// Each tenant's token not-before time, as last loaded from the store.
     revocations: auth::Revocations,
+    /// [`ServerConfig::stream_buffer_bytes`], in permits of one byte.
+    stream_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -200,6 +210,11 @@ impl AppState {
         Self {
             inner: Arc::new(Inner {
                 manager,
+                stream_budget: Arc::new(tokio::sync::Semaphore::new(
+                    config
+                        .stream_buffer_bytes
+                        .min(tokio::sync::Semaphore::MAX_PERMITS),
+                )),
                 config,
                 shutdown: CancellationToken::new(),
                 limits: limits::Limits::default(),
@@ -252,6 +267,20 @@ impl AppState {
         let all = self.manager().token_revocations().await?;
         self.revocations().replace(all);
         Ok(())
+    }
+
+    /// The server-wide budget of stream buffers (see `stream::budgeted`).
+    fn stream_budget(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.inner.stream_budget
+    }
+
+    /// Bytes of [`ServerConfig::stream_buffer_bytes`] that streams hold right now.
+    pub fn stream_buffer_bytes_held(&self) -> u64 {
+        let total = self
+            .config()
+            .stream_buffer_bytes
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        total.saturating_sub(self.inner.stream_budget.available_permits()) as u64
     }
 }
 

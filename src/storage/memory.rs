@@ -29,10 +29,6 @@ use super::{
 use crate::error::{Error, Result};
 use crate::ids::EventId;
 
-/// Most bytes of event JSON one [`Storage::read_range`] copies out before it stops early (as
-/// the embedded store's reads do), so a replay of large events proceeds in bounded steps.
-const READ_BYTES: usize = 1 << 20;
-
 /// One retained event and the id it is found by.
 struct MemEvent {
     event: StoredEvent,
@@ -174,7 +170,14 @@ impl Storage for MemoryStore {
         Ok((size, size))
     }
 
-    fn read_range(&self, qid: u64, from: u64, to: u64, limit: usize) -> Result<Vec<StoredEvent>> {
+    fn read_range(
+        &self,
+        qid: u64,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredEvent>> {
         let state = self.read()?;
         let Some(q) = state.queues.get(&qid) else {
             return Ok(Vec::new());
@@ -192,11 +195,11 @@ impl Storage for MemoryStore {
             .min(limit);
         for e in q.events.iter().skip(skip).take(take) {
             copied += e.event.json.len();
-            // Sharing the stored bytes: no copy.
-            out.push(e.event.clone());
-            if copied >= READ_BYTES {
+            if copied > max_bytes && !out.is_empty() {
                 break;
             }
+            // Sharing the stored bytes: no copy.
+            out.push(e.event.clone());
         }
         Ok(out)
     }

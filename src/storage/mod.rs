@@ -377,13 +377,22 @@ pub(crate) trait Storage: Send + Sync + 'static {
     }
 
     /// Up to `limit` events of queue `qid` with offsets in `from..to`, in offset order.
-    /// Offsets missing from the result were trimmed or purged. A store may stop early (after
-    /// at least one event) to bound a read's size; a read from the last offset + 1 goes on.
+    /// Offsets missing from the result were trimmed or purged. The read stops early, after at
+    /// least one event, once the events it returns hold `max_bytes` of JSON, so that what a
+    /// reader holds is bounded (a single larger event is read alone); a read from the last
+    /// offset + 1 goes on.
     ///
     /// # Errors
     ///
     /// Storage errors.
-    fn read_range(&self, qid: u64, from: u64, to: u64, limit: usize) -> Result<Vec<StoredEvent>>;
+    fn read_range(
+        &self,
+        qid: u64,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredEvent>>;
 
     /// The workflow's newest checkpoint.
     ///

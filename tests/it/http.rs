@@ -21,6 +21,7 @@ mod listing;
 mod producer;
 mod router;
 mod sse;
+mod stream_memory;
 mod tls;
 mod tokens;
 

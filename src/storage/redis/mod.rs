@@ -81,8 +81,6 @@ const FEED_CAPACITY: usize = 16_384;
 /// Longest wait to connect, and for one command's reply.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most bytes of event JSON one read copies before it stops early.
-const READ_BYTES: usize = 1 << 20;
 /// Bytes of an event record's header: type, terminal, id length (u16, big-endian).
 const HEADER: usize = 4;
 
@@ -633,7 +631,7 @@ fn decode_record(rec: &[u8]) -> Result<(u8, bool, usize)> {
 }
 
 /// Stream entries `[[id, [field, value, …]], …]` as events.
-fn parse_entries(v: Value, out: &mut Vec<StoredEvent>) -> Result<()> {
+fn parse_entries(v: Value, max_bytes: usize, out: &mut Vec<StoredEvent>) -> Result<()> {
     let corrupt = || Error::storage("unexpected reply to XRANGE from redis");
     let Value::Array(entries) = v else {
         return Err(corrupt());
@@ -665,15 +663,15 @@ fn parse_entries(v: Value, out: &mut Vec<StoredEvent>) -> Result<()> {
         };
         let (event_type, terminal, at) = decode_record(&rec)?;
         copied += rec.len() - at;
+        if copied > max_bytes && !out.is_empty() {
+            break;
+        }
         out.push(StoredEvent {
             offset: seq - 1,
             event_type,
             terminal,
             json: Bytes::from(rec).slice(at..),
         });
-        if copied >= READ_BYTES {
-            break;
-        }
     }
     Ok(())
 }
@@ -697,7 +695,14 @@ impl Storage for RedisStore {
         Ok((0, 0))
     }
 
-    fn read_range(&self, qid: u64, from: u64, to: u64, limit: usize) -> Result<Vec<StoredEvent>> {
+    fn read_range(
+        &self,
+        qid: u64,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredEvent>> {
         let mut out = Vec::new();
         let Some(tag) = self.tag(qid) else {
             return Ok(out);
@@ -716,7 +721,7 @@ impl Storage for RedisStore {
                 .arg(limit)
                 .query(con)
         })?;
-        parse_entries(v, &mut out)?;
+        parse_entries(v, max_bytes, &mut out)?;
         Ok(out)
     }
 
