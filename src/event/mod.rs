@@ -229,6 +229,10 @@ pub enum EventType {
     Error,
     /// `complete`
     Complete,
+    /// A Durable Streams message stored as given (a queue of kind `stream`): not an event a
+    /// producer can send as JSON, so not in [`EventType::ALL`].
+    #[serde(skip_deserializing)]
+    Message,
 }
 
 impl EventType {
@@ -249,6 +253,7 @@ impl EventType {
             EventType::Artifact => "artifact",
             EventType::Error => "error",
             EventType::Complete => "complete",
+            EventType::Message => "message",
         }
     }
 
@@ -265,12 +270,16 @@ impl EventType {
             EventType::Artifact => 2,
             EventType::Error => 3,
             EventType::Complete => 4,
+            EventType::Message => 5,
         }
     }
 
-    /// The type with the given [`code`](Self::code); `None` outside `0..=4`.
+    /// The type with the given [`code`](Self::code); `None` outside `0..=5`.
     pub fn from_code(code: u8) -> Option<Self> {
-        Self::ALL.into_iter().find(|t| t.code() == code)
+        match code {
+            5 => Some(EventType::Message),
+            _ => Self::ALL.into_iter().find(|t| t.code() == code),
+        }
     }
 }
 
