@@ -11,6 +11,7 @@ mod app;
 mod auth;
 mod checkpoint;
 mod dashboard;
+mod durable_streams;
 mod fuzz;
 mod hostile;
 mod isolation;

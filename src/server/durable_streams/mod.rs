@@ -44,7 +44,7 @@ use crate::subscription::Delivery;
 use wire::{ReadOffset, cursor, etag, format_offset, is_json, media_type, sse_frame_data};
 
 /// How long a long-poll read waits for new data before answering `204`.
-const LONG_POLL: Duration = Duration::from_secs(10);
+const LONG_POLL: Duration = Duration::from_secs(3);
 /// An SSE response ends after this long, so that clients reconnect (protocol §10.2).
 const SSE_LIFETIME: Duration = Duration::from_secs(60);
 /// Most messages one read answers.
@@ -74,6 +74,8 @@ pub(crate) fn routes() -> Router<AppState> {
 #[derive(Clone, Default)]
 struct Streams {
     inner: Arc<Mutex<HashMap<(TenantId, TaskId), Arc<tokio::sync::Mutex<StreamState>>>>>,
+    /// When each stream was last read or written through the protocol (µs since the epoch).
+    touched: Arc<Mutex<HashMap<(TenantId, TaskId), i64>>>,
 }
 
 #[derive(Default)]
@@ -99,9 +101,62 @@ impl Streams {
     }
 
     fn forget(&self, tenant: &TenantId, task: &TaskId) {
+        let key = (tenant.clone(), task.clone());
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(&(tenant.clone(), task.clone()));
+        map.remove(&key);
+        drop(map);
+        let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        touched.remove(&key);
     }
+
+    fn touch(&self, tenant: &TenantId, task: &TaskId) {
+        let now = crate::event::Timestamp::now().as_micros();
+        let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        touched.insert((tenant.clone(), task.clone()), now);
+    }
+
+    fn touched(&self, tenant: &TenantId, task: &TaskId) -> i64 {
+        let touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        touched
+            .get(&(tenant.clone(), task.clone()))
+            .copied()
+            .unwrap_or(i64::MIN)
+    }
+}
+
+/// The live queue behind a stream path: `None` when there is none, or when it has idled past
+/// its TTL and only waits for the next expiry sweep (the protocol answers `404` at once).
+/// With `touch`, the request counts as activity (reads and writes do, `HEAD` does not).
+fn find(
+    state: &AppState,
+    streams: &Streams,
+    tenant: &TenantId,
+    task: &TaskId,
+    touch: bool,
+) -> Option<EventQueue> {
+    let q = state.manager().get_queue(tenant, task)?;
+    if expired(&q, streams) {
+        return None;
+    }
+    if touch {
+        streams.touch(tenant, task);
+    }
+    Some(q)
+}
+
+/// Whether the queue has idled for its TTL (the expiry sweep removes it later). Reads through
+/// the protocol count as activity here, beside the queue's own last write.
+fn expired(q: &EventQueue, streams: &Streams) -> bool {
+    let info = q.info();
+    let last = info
+        .last_activity
+        .as_micros()
+        .max(streams.touched(q.tenant_id(), q.task_id()));
+    let idle_us = crate::event::Timestamp::now()
+        .as_micros()
+        .saturating_sub(last);
+    let ttl_us = info.ttl_minutes * 60.0 * 1e6;
+    idle_us as f64 >= ttl_us
 }
 
 /// The stream path as a task id.
@@ -271,7 +326,14 @@ async fn create_inner(
         (None, None) => None,
     };
     if let Some(q) = manager.get_queue(&caller.tenant, &task) {
-        return existing(&q, &content_type, ttl, close);
+        if !expired(&q, streams) {
+            return existing(&q, &content_type, ttl, close);
+        }
+        // Idle past its TTL: gone for the protocol, so the path may be created anew.
+        manager
+            .delete_queue(&caller.tenant, &task)
+            .await
+            .map_err(|e| api_error(e.into()))?;
     }
     let initial = if body.is_empty() {
         Vec::new()
@@ -304,10 +366,19 @@ async fn create_inner(
     if close {
         q.close().await.map_err(|e| api_error(e.into()))?;
     }
+    let host = header_str(headers, "host")?.unwrap_or("localhost");
+    let scheme = if state.config().tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let mut b = base(StatusCode::CREATED)
         .header(header::CONTENT_TYPE, content_type)
         .header("stream-next-offset", format_offset(q.latest_offset()))
-        .header(header::LOCATION, format!("/v1/stream/{task}"));
+        .header(
+            header::LOCATION,
+            format!("{scheme}://{host}/v1/stream/{task}"),
+        );
     if close {
         b = b.header("stream-closed", "true");
     }
@@ -424,7 +495,7 @@ async fn append_inner(
     body: &[u8],
 ) -> Result<Response, Response> {
     let task = task_of(path).map_err(api_error)?;
-    let Some(q) = state.manager().get_queue(&caller.tenant, &task) else {
+    let Some(q) = find(state, streams, &caller.tenant, &task, true) else {
         return Err(error(StatusCode::NOT_FOUND, "no such stream"));
     };
     let close = closed_header(headers);
@@ -446,12 +517,23 @@ async fn append_inner(
             ));
         }
         q.close().await.map_err(|e| api_error(e.into()))?;
-        return Ok(finish(
-            base(StatusCode::NO_CONTENT)
-                .header("stream-closed", "true")
-                .header("stream-next-offset", format_offset(q.latest_offset())),
-            Body::empty(),
-        ));
+        let mut b = base(StatusCode::NO_CONTENT)
+            .header("stream-closed", "true")
+            .header("stream-next-offset", format_offset(q.latest_offset()));
+        if let Some(p) = &producer {
+            st.producers.insert(
+                p.id.clone(),
+                ProducerState {
+                    epoch: p.epoch,
+                    last_seq: p.seq,
+                },
+            );
+            st.closed_by = Some((p.id.clone(), p.epoch, p.seq));
+            b = b
+                .header("producer-epoch", p.epoch.to_string())
+                .header("producer-seq", p.seq.to_string());
+        }
+        return Ok(finish(b, Body::empty()));
     }
     if q.is_closed() {
         if let (Some(p), Some((id, epoch, seq))) = (&producer, &st.closed_by)
@@ -480,11 +562,6 @@ async fn append_inner(
             ));
         }
         Some(_) => {}
-    }
-    if let (Some(seq), Some(last)) = (&stream_seq, &st.last_seq)
-        && seq.as_bytes() <= last.as_bytes()
-    {
-        return Err(error(StatusCode::CONFLICT, "Stream-Seq must increase"));
     }
     let msgs = messages(&have, body, false)?;
     if let Some(p) = &producer {
@@ -531,6 +608,11 @@ async fn append_inner(
                 Body::from(r#"{"detail":"producer sequence gap"}"#),
             ));
         }
+    }
+    if let (Some(seq), Some(last)) = (&stream_seq, &st.last_seq)
+        && seq.as_bytes() <= last.as_bytes()
+    {
+        return Err(error(StatusCode::CONFLICT, "Stream-Seq must increase"));
     }
     let batch = msgs
         .iter()
@@ -581,18 +663,30 @@ async fn append_inner(
 }
 
 /// `HEAD`: the stream's metadata.
-async fn head(State(state): State<AppState>, caller: Caller, Path(path): Path<String>) -> Response {
+async fn head(
+    State(state): State<AppState>,
+    axum::Extension(streams): axum::Extension<Streams>,
+    caller: Caller,
+    Path(path): Path<String>,
+) -> Response {
     let task = match task_of(&path) {
         Ok(t) => t,
         Err(e) => return api_error(e),
     };
-    let Some(q) = state.manager().get_queue(&caller.tenant, &task) else {
+    let Some(q) = find(&state, &streams, &caller.tenant, &task, false) else {
         return error(StatusCode::NOT_FOUND, "no such stream");
     };
     let mut b = base(StatusCode::OK)
         .header(header::CONTENT_TYPE, content_type_of(&q))
         .header("stream-next-offset", format_offset(q.latest_offset()))
         .header(header::CACHE_CONTROL, "no-store");
+    // A TTL the stream was created with (the server's default one is not the stream's own).
+    let ttl = q.info().ttl_minutes * 60.0;
+    if q.kind() == QueueKind::Stream
+        && (ttl - state.manager().config().default_ttl.as_secs_f64()).abs() > 0.0005
+    {
+        b = b.header("stream-ttl", format!("{}", ttl.round() as u64));
+    }
     if q.is_closed() {
         b = b.header("stream-closed", "true");
     }
@@ -638,12 +732,13 @@ async fn preflight() -> Response {
 /// `GET`: catch-up, long-poll or SSE.
 async fn read(
     State(state): State<AppState>,
+    axum::Extension(streams): axum::Extension<Streams>,
     caller: Caller,
     Path(path): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    match read_inner(&state, &caller, &path, &query, &headers).await {
+    match read_inner(&state, &streams, &caller, &path, &query, &headers).await {
         Ok(r) | Err(r) => r,
     }
 }
@@ -686,13 +781,14 @@ async fn read_chunk(q: &EventQueue, from: u64, until: u64) -> Result<Chunk, Resp
 
 async fn read_inner(
     state: &AppState,
+    streams: &Streams,
     caller: &Caller,
     path: &str,
     query: &HashMap<String, String>,
     headers: &HeaderMap,
 ) -> Result<Response, Response> {
     let task = task_of(path).map_err(api_error)?;
-    let Some(q) = state.manager().get_queue(&caller.tenant, &task) else {
+    let Some(q) = find(state, streams, &caller.tenant, &task, true) else {
         return Err(error(StatusCode::NOT_FOUND, "no such stream"));
     };
     let live = match query.get("live").map(String::as_str) {
@@ -883,7 +979,8 @@ fn sse(
 ) -> Response {
     let base64 = !(is_json(&content_type) || media_type(&content_type).starts_with("text/"));
     let shutdown = state.shutdown_token().clone();
-    let first_cursor = cursor(client_cursor);
+    let client_cursor = client_cursor.map(str::to_string);
+    let first_cursor = cursor(client_cursor.as_deref());
     let events = async_stream(move |tx| async move {
         let control = |next: u64, closed: bool, up_to_date: bool, cur: &str| {
             let mut c = serde_json::Map::new();
@@ -896,7 +993,7 @@ fn sse(
             if up_to_date {
                 c.insert("upToDate".into(), true.into());
             }
-            format!("event: control\ndata: {}\n\n", serde_json::Value::Object(c))
+            format!("event: control\ndata:{}\n\n", serde_json::Value::Object(c))
         };
         let mut next = from;
         let mut sub = match q.subscribe(from) {
@@ -954,7 +1051,8 @@ fn sse(
             }
             let tail = q.latest_offset();
             let closed = q.is_closed() && next >= tail;
-            frame.push_str(&control(next, closed, next >= tail, &cursor(None)));
+            let cur = cursor(client_cursor.as_deref());
+            frame.push_str(&control(next, closed, next >= tail, &cur));
             if tx.send(Bytes::from(frame)).await.is_err() || closed {
                 return;
             }

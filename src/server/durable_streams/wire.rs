@@ -102,9 +102,10 @@ pub(super) fn sse_frame_data(payload: &[u8], base64: bool) -> String {
     };
     let mut out = String::with_capacity(text.len() + 32);
     out.push_str("event: data\n");
-    for line in text.split('\n') {
-        let line = line.strip_suffix('\r').unwrap_or(line);
-        out.push_str("data: ");
+    // CR LF, LF and a lone CR all end a line in SSE: each becomes a `data:` line of its own,
+    // so no payload can start a frame of its own.
+    for line in text.split("\r\n").flat_map(|l| l.split(['\n', '\r'])) {
+        out.push_str("data:");
         out.push_str(line);
         out.push('\n');
     }
@@ -185,11 +186,11 @@ mod tests {
     fn sse_data_lines_carry_each_line_of_the_payload() {
         assert_eq!(
             sse_frame_data(b"a\nb", false),
-            "event: data\ndata: a\ndata: b\n\n"
+            "event: data\ndata:a\ndata:b\n\n"
         );
         assert_eq!(
             sse_frame_data(&[0, 1, 2], true),
-            "event: data\ndata: AAEC\n\n"
+            "event: data\ndata:AAEC\n\n"
         );
     }
 }
