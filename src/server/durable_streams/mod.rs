@@ -281,15 +281,15 @@ async fn create_inner(
     body: &[u8],
 ) -> Result<Response, Response> {
     let task = task_of(path).map_err(api_error)?;
-    if headers.contains_key("stream-forked-from") {
-        return Err(error(
-            StatusCode::NOT_IMPLEMENTED,
-            "forking streams is not supported",
-        ));
-    }
-    let content_type = match header_str(headers, "content-type")? {
-        Some(ct) if !ct.trim().is_empty() => ct.trim().to_string(),
-        _ => "application/octet-stream".to_string(),
+    let fork = fork_of(state, streams, caller, headers)?;
+    let requested_type = match header_str(headers, "content-type")? {
+        Some(ct) if !ct.trim().is_empty() => Some(ct.trim().to_string()),
+        _ => None,
+    };
+    let content_type = match (&requested_type, &fork) {
+        (Some(ct), _) => ct.clone(),
+        (None, Some(f)) => content_type_of(&f.source),
+        (None, None) => "application/octet-stream".to_string(),
     };
     let ttl = match header_str(headers, "stream-ttl")? {
         Some(v) => Some(strict_u64(v.trim()).ok_or_else(|| {
@@ -323,8 +323,21 @@ async fn create_inner(
             let left = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
             Some(left.to_std().unwrap_or(Duration::ZERO))
         }
-        (None, None) => None,
+        // A fork without its own expiry keeps its source's TTL (protocol §4.2).
+        (None, None) => fork.as_ref().and_then(|f| {
+            let own = f.source.info().ttl_minutes * 60.0;
+            let default = state.manager().config().default_ttl.as_secs_f64();
+            ((own - default).abs() > 0.0005).then(|| Duration::from_secs_f64(own))
+        }),
     };
+    if let Some(f) = &fork
+        && media_type(&content_type) != media_type(&content_type_of(&f.source))
+    {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "a fork's Content-Type is its source's",
+        ));
+    }
     if let Some(q) = manager.get_queue(&caller.tenant, &task) {
         if !expired(&q, streams) {
             return existing(&q, &content_type, ttl, close);
@@ -357,6 +370,9 @@ async fn create_inner(
         Err(e) => return Err(api_error(e.into())),
     };
     streams.forget(&caller.tenant, &task);
+    if let Some(f) = &fork {
+        copy_fork(f, &q, &content_type).await?;
+    }
     if !initial.is_empty() {
         let batch = initial.iter().map(|m| (m.as_slice(), None)).collect();
         q.append_messages(batch)
@@ -383,6 +399,128 @@ async fn create_inner(
         b = b.header("stream-closed", "true");
     }
     Ok(finish(b, Body::empty()))
+}
+
+/// A fork's source and what it inherits: the source's messages below `upto`, then `sub`
+/// more messages (JSON) or bytes (other content types) of what follows.
+struct Fork {
+    source: EventQueue,
+    upto: u64,
+    sub: u64,
+}
+
+/// The fork a `PUT` asks for (`Stream-Forked-From`), if any.
+fn fork_of(
+    state: &AppState,
+    streams: &Streams,
+    caller: &Caller,
+    headers: &HeaderMap,
+) -> Result<Option<Fork>, Response> {
+    let Some(from) = header_str(headers, "stream-forked-from")? else {
+        return Ok(None);
+    };
+    let path = from.trim();
+    let path = path.strip_prefix("/v1/stream/").unwrap_or(path);
+    let source_task = task_of(path).map_err(api_error)?;
+    let Some(source) = find(state, streams, &caller.tenant, &source_task, false) else {
+        return Err(error(StatusCode::NOT_FOUND, "no such source stream"));
+    };
+    let tail = source.latest_offset();
+    let upto = match header_str(headers, "stream-fork-offset")? {
+        None => tail,
+        Some(v) => match ReadOffset::parse(v.trim()) {
+            Some(ReadOffset::At(n)) => n,
+            _ => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "Stream-Fork-Offset: not an offset",
+                ));
+            }
+        },
+    };
+    if upto > tail {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "Stream-Fork-Offset is beyond the source's tail",
+        ));
+    }
+    // A fork keeps its source's offsets: it can only start where the source still holds
+    // everything from offset 0.
+    if source.first_offset() > 0 {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "the source no longer retains its first messages",
+        ));
+    }
+    let sub = match header_str(headers, "stream-fork-sub-offset")? {
+        None => 0,
+        Some(v) => strict_u64(v.trim()).ok_or_else(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "Stream-Fork-Sub-Offset: a non-negative integer",
+            )
+        })?,
+    };
+    if sub > 0 && upto >= tail {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "Stream-Fork-Sub-Offset is beyond the source's tail",
+        ));
+    }
+    Ok(Some(Fork { source, upto, sub }))
+}
+
+/// Copies what a fork inherits into it (copy-on-fork: the fork is an independent queue with
+/// the source's offsets, protocol §4.2).
+async fn copy_fork(f: &Fork, fork: &EventQueue, content_type: &str) -> Result<(), Response> {
+    let mut from = 0;
+    while from < f.upto {
+        let chunk = read_chunk(&f.source, from, f.upto).await?;
+        if chunk.messages.is_empty() {
+            break;
+        }
+        let batch = chunk.messages.iter().map(|m| (m.as_ref(), None)).collect();
+        fork.append_messages(batch)
+            .await
+            .map_err(|e| api_error(e.into()))?;
+        from = chunk.next;
+    }
+    if f.sub > 0 {
+        let tail = f.source.latest_offset();
+        let rest = read_chunk(&f.source, f.upto, tail).await?;
+        let mut part: Vec<Vec<u8>> = Vec::new();
+        if is_json(content_type) {
+            let n = usize::try_from(f.sub).unwrap_or(usize::MAX);
+            if n > rest.messages.len() {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "Stream-Fork-Sub-Offset is beyond the source's tail",
+                ));
+            }
+            part.extend(rest.messages.iter().take(n).map(|m| m.to_vec()));
+        } else {
+            let mut left = usize::try_from(f.sub).unwrap_or(usize::MAX);
+            for m in &rest.messages {
+                if left == 0 {
+                    break;
+                }
+                let take = left.min(m.len());
+                part.push(m[..take].to_vec());
+                left -= take;
+            }
+            if left > 0 {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "Stream-Fork-Sub-Offset is beyond the source's tail",
+                ));
+            }
+        }
+        let batch = part.iter().map(|m| (m.as_slice(), None)).collect();
+        fork.append_messages(batch)
+            .await
+            .map_err(|e| api_error(e.into()))?;
+    }
+    Ok(())
 }
 
 /// `PUT` on an existing stream: `200` when content type, TTL and closure match, else `409`.
@@ -501,12 +639,6 @@ async fn append_inner(
     let close = closed_header(headers);
     let producer = producer_of(headers)?;
     let stream_seq = header_str(headers, "stream-seq")?.map(str::to_string);
-    if q.kind() != QueueKind::Stream {
-        return Err(error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "a task's event queue is written through /events/queues/{task_id}/events",
-        ));
-    }
     let lock = streams.state(&caller.tenant, &task);
     let mut st = lock.lock().await;
     if body.is_empty() {
@@ -564,6 +696,9 @@ async fn append_inner(
         Some(_) => {}
     }
     let msgs = messages(&have, body, false)?;
+    if q.kind() != QueueKind::Stream {
+        return append_events(state, caller, task, &q, producer.is_some(), &msgs).await;
+    }
     if let Some(p) = &producer {
         if let Some(prev) = st.producers.get(&p.id).copied() {
             if p.epoch < prev.epoch {
@@ -660,6 +795,44 @@ async fn append_inner(
         b = b.header("stream-closed", "true");
     }
     Ok(finish(b, Body::empty()))
+}
+
+/// An append to a typed event queue: each message is one event, validated as the events API
+/// validates it (`400` naming the field), all stored in one commit or none.
+async fn append_events(
+    state: &AppState,
+    caller: &Caller,
+    task: TaskId,
+    q: &EventQueue,
+    producer: bool,
+    msgs: &[Vec<u8>],
+) -> Result<Response, Response> {
+    if producer {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "idempotent producers write to streams; a task's events carry their own event_id",
+        ));
+    }
+    let mut body = br#"{"events":["#.to_vec();
+    for (i, m) in msgs.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(m);
+    }
+    body.extend_from_slice(b"]}");
+    super::routes::enqueue(
+        State(state.clone()),
+        crate::server::tenant::Tenant(caller.tenant.clone()),
+        super::routes::TaskPath(task),
+        super::routes::RawBody(Bytes::from(body)),
+    )
+    .await
+    .map_err(api_error)?;
+    Ok(finish(
+        base(StatusCode::NO_CONTENT).header("stream-next-offset", format_offset(q.latest_offset())),
+        Body::empty(),
+    ))
 }
 
 /// `HEAD`: the stream's metadata.

@@ -148,11 +148,31 @@ async fn a_typed_task_queue_reads_as_a_json_stream_of_its_events() {
         assert_eq!(e["event_type"], json!("status"));
         assert_eq!(e["phase"], json!(format!("phase_{}", i + 1)));
     }
-    // Written through the events API only.
+    // Appends through the protocol are events, validated as the events API validates them.
     let r = app
-        .send(&post("/v1/stream/wf-1", "application/json", "{}"))
+        .send(&post(
+            "/v1/stream/wf-1",
+            "application/json",
+            r#"[{"event_type": "progress", "current": 1, "total": 2}]"#,
+        ))
         .await;
-    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = app
+        .send(&post(
+            "/v1/stream/wf-1",
+            "application/json",
+            r#"{"event_type": "progress", "current": 3, "total": 2}"#,
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.detail().contains("current"), "{}", r.detail());
+    let read = app
+        .send(&Req::new("GET", "/v1/stream/wf-1?offset=-1"))
+        .await;
+    let events = read.json();
+    assert_eq!(events.as_array().unwrap().len(), 3);
+    assert_eq!(events[2]["event_type"], json!("progress"));
+    assert_eq!(events[2]["task_id"], json!("wf-1"));
 }
 
 #[tokio::test]
