@@ -76,6 +76,40 @@ struct Streams {
     inner: Arc<Mutex<HashMap<(TenantId, TaskId), Arc<tokio::sync::Mutex<StreamState>>>>>,
     /// When each stream was last read or written through the protocol (µs since the epoch).
     touched: Arc<Mutex<HashMap<(TenantId, TaskId), i64>>>,
+    forks: Arc<Mutex<ForkGraph>>,
+}
+
+type Key = (TenantId, TaskId);
+
+/// Which stream each fork was made from, and the streams deleted while forks of them live:
+/// those answer `410 Gone` (and block re-creation of their path with `409`) until their last
+/// fork is deleted (protocol §5.4). A fork holds its own copy of what it inherited, so a
+/// soft-deleted stream's messages are removed at once; only its name stays reserved.
+#[derive(Default)]
+struct ForkGraph {
+    parent: HashMap<Key, Key>,
+    live_forks: HashMap<Key, usize>,
+    soft_deleted: std::collections::HashSet<Key>,
+}
+
+impl ForkGraph {
+    /// A stream's deletion leaves nothing behind it: the fork no longer counts for its source,
+    /// which, if it was soft-deleted and this was its last fork, goes too (and so on up).
+    fn release(&mut self, key: &Key) {
+        let mut key = key.clone();
+        while let Some(parent) = self.parent.remove(&key) {
+            let n = self.live_forks.entry(parent.clone()).or_insert(1);
+            *n = n.saturating_sub(1);
+            if *n > 0 || !self.soft_deleted.remove(&parent) {
+                if *n == 0 {
+                    self.live_forks.remove(&parent);
+                }
+                return;
+            }
+            self.live_forks.remove(&parent);
+            key = parent;
+        }
+    }
 }
 
 #[derive(Default)]
@@ -107,6 +141,22 @@ impl Streams {
         drop(map);
         let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
         touched.remove(&key);
+    }
+
+    fn graph(&self) -> std::sync::MutexGuard<'_, ForkGraph> {
+        self.forks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn soft_deleted(&self, tenant: &TenantId, task: &TaskId) -> bool {
+        self.graph()
+            .soft_deleted
+            .contains(&(tenant.clone(), task.clone()))
+    }
+
+    fn forked(&self, source: Key, fork: Key) {
+        let mut g = self.graph();
+        *g.live_forks.entry(source.clone()).or_insert(0) += 1;
+        g.parent.insert(fork, source);
     }
 
     fn touch(&self, tenant: &TenantId, task: &TaskId) {
@@ -157,6 +207,14 @@ fn expired(q: &EventQueue, streams: &Streams) -> bool {
         .saturating_sub(last);
     let ttl_us = info.ttl_minutes * 60.0 * 1e6;
     idle_us as f64 >= ttl_us
+}
+
+/// The answer for a soft-deleted stream.
+fn gone() -> Response {
+    error(
+        StatusCode::GONE,
+        "the stream was deleted; forks of it still hold its data",
+    )
 }
 
 /// The stream path as a task id.
@@ -281,6 +339,21 @@ async fn create_inner(
     body: &[u8],
 ) -> Result<Response, Response> {
     let task = task_of(path).map_err(api_error)?;
+    if streams.soft_deleted(&caller.tenant, &task) {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "the path belongs to a deleted stream whose forks still live",
+        ));
+    }
+    if !headers.contains_key("stream-forked-from")
+        && (headers.contains_key("stream-fork-offset")
+            || headers.contains_key("stream-fork-sub-offset"))
+    {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "Stream-Fork-Offset and Stream-Fork-Sub-Offset need Stream-Forked-From",
+        ));
+    }
     let fork = fork_of(state, streams, caller, headers)?;
     let requested_type = match header_str(headers, "content-type")? {
         Some(ct) if !ct.trim().is_empty() => Some(ct.trim().to_string()),
@@ -372,6 +445,10 @@ async fn create_inner(
     streams.forget(&caller.tenant, &task);
     if let Some(f) = &fork {
         copy_fork(f, &q, &content_type).await?;
+        streams.forked(
+            (caller.tenant.clone(), f.source.task_id().clone()),
+            (caller.tenant.clone(), task.clone()),
+        );
     }
     if !initial.is_empty() {
         let batch = initial.iter().map(|m| (m.as_slice(), None)).collect();
@@ -422,6 +499,9 @@ fn fork_of(
     let path = from.trim();
     let path = path.strip_prefix("/v1/stream/").unwrap_or(path);
     let source_task = task_of(path).map_err(api_error)?;
+    if streams.soft_deleted(&caller.tenant, &source_task) {
+        return Err(error(StatusCode::CONFLICT, "the source stream was deleted"));
+    }
     let Some(source) = find(state, streams, &caller.tenant, &source_task, false) else {
         return Err(error(StatusCode::NOT_FOUND, "no such source stream"));
     };
@@ -633,6 +713,9 @@ async fn append_inner(
     body: &[u8],
 ) -> Result<Response, Response> {
     let task = task_of(path).map_err(api_error)?;
+    if streams.soft_deleted(&caller.tenant, &task) {
+        return Err(gone());
+    }
     let Some(q) = find(state, streams, &caller.tenant, &task, true) else {
         return Err(error(StatusCode::NOT_FOUND, "no such stream"));
     };
@@ -846,6 +929,9 @@ async fn head(
         Ok(t) => t,
         Err(e) => return api_error(e),
     };
+    if streams.soft_deleted(&caller.tenant, &task) {
+        return gone();
+    }
     let Some(q) = find(&state, &streams, &caller.tenant, &task, false) else {
         return error(StatusCode::NOT_FOUND, "no such stream");
     };
@@ -877,9 +963,20 @@ async fn delete(
         Ok(t) => t,
         Err(e) => return api_error(e),
     };
+    if streams.soft_deleted(&caller.tenant, &task) {
+        return gone();
+    }
     match state.manager().delete_queue(&caller.tenant, &task).await {
         Ok(true) => {
             streams.forget(&caller.tenant, &task);
+            let key = (caller.tenant.clone(), task.clone());
+            let mut g = streams.graph();
+            if g.live_forks.get(&key).is_some_and(|&n| n > 0) {
+                g.soft_deleted.insert(key);
+            } else {
+                g.release(&key);
+            }
+            drop(g);
             finish(base(StatusCode::NO_CONTENT), Body::empty())
         }
         Ok(false) => error(StatusCode::NOT_FOUND, "no such stream"),
@@ -961,6 +1058,9 @@ async fn read_inner(
     headers: &HeaderMap,
 ) -> Result<Response, Response> {
     let task = task_of(path).map_err(api_error)?;
+    if streams.soft_deleted(&caller.tenant, &task) {
+        return Err(gone());
+    }
     let Some(q) = find(state, streams, &caller.tenant, &task, true) else {
         return Err(error(StatusCode::NOT_FOUND, "no such stream"));
     };
