@@ -1172,6 +1172,7 @@ mod tests {
                     "recoverable",
                 ],
                 EventType::Complete => &["result", "summary", "execution_time_seconds"],
+                EventType::Message => unreachable!("samples are typed events"),
             };
             let mut last = 0;
             for f in base.iter().chain(own) {

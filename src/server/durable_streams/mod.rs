@@ -19,6 +19,10 @@
 //! producer's batch is stored with an id naming `(producer, epoch, seq, index)`: a retry the
 //! queue still retains is not stored twice, even after a restart (see `docs/durable-streams.md`).
 
+// The handlers' errors are whole HTTP answers (a `Response`, with the protocol's headers),
+// made at most once per request and returned straight to axum: boxing them saves nothing.
+#![allow(clippy::result_large_err)]
+
 mod wire;
 
 use std::collections::HashMap;
@@ -73,7 +77,7 @@ pub(crate) fn routes() -> Router<AppState> {
 /// them.
 #[derive(Clone, Default)]
 struct Streams {
-    inner: Arc<Mutex<HashMap<(TenantId, TaskId), Arc<tokio::sync::Mutex<StreamState>>>>>,
+    inner: Arc<Mutex<HashMap<Key, Arc<tokio::sync::Mutex<StreamState>>>>>,
     /// When each stream was last read or written through the protocol (µs since the epoch).
     touched: Arc<Mutex<HashMap<(TenantId, TaskId), i64>>>,
     forks: Arc<Mutex<ForkGraph>>,
