@@ -213,6 +213,22 @@ fn expired(q: &EventQueue, streams: &Streams) -> bool {
     idle_us as f64 >= ttl_us
 }
 
+/// Where a read of the stream ends: a typed task queue's stream ends after its terminal event
+/// (its task finished; events stored after it are for the events API's replay only), any
+/// queue's at its latest offset.
+fn tail_of(q: &EventQueue) -> u64 {
+    let latest = q.latest_offset();
+    match q.finished_at() {
+        Some(at) if q.kind() != QueueKind::Stream => latest.min(at + 1),
+        _ => latest,
+    }
+}
+
+/// Whether nothing more will come: the queue was closed, or its task finished.
+fn ended(q: &EventQueue) -> bool {
+    q.is_closed() || (q.kind() != QueueKind::Stream && q.is_finished())
+}
+
 /// The answer for a soft-deleted stream.
 fn gone() -> Response {
     error(
@@ -941,7 +957,7 @@ async fn head(
     };
     let mut b = base(StatusCode::OK)
         .header(header::CONTENT_TYPE, content_type_of(&q))
-        .header("stream-next-offset", format_offset(q.latest_offset()))
+        .header("stream-next-offset", format_offset(tail_of(&q)))
         .header(header::CACHE_CONTROL, "no-store");
     // A TTL the stream was created with (the server's default one is not the stream's own).
     let ttl = q.info().ttl_minutes * 60.0;
@@ -950,7 +966,7 @@ async fn head(
     {
         b = b.header("stream-ttl", format!("{}", ttl.round() as u64));
     }
-    if q.is_closed() {
+    if ended(&q) {
         b = b.header("stream-closed", "true");
     }
     finish(b, Body::empty())
@@ -1087,7 +1103,7 @@ async fn read_inner(
         }
         None => ReadOffset::Start,
     };
-    let tail = q.latest_offset();
+    let tail = tail_of(&q);
     let first = q.first_offset();
     let from = match offset {
         ReadOffset::Start => first,
@@ -1148,8 +1164,8 @@ async fn catch_up(
     headers: &HeaderMap,
     offset: ReadOffset,
 ) -> Result<Response, Response> {
-    let tail = q.latest_offset();
-    let closed = q.is_closed();
+    let tail = tail_of(&q);
+    let closed = ended(&q);
     let chunk = read_chunk(&q, from, tail).await?;
     let up_to_date = chunk.next >= tail;
     let tag = etag(from, chunk.next, closed && up_to_date);
@@ -1191,9 +1207,9 @@ async fn long_poll(
     content_type: &str,
     client_cursor: Option<&str>,
 ) -> Result<Response, Response> {
-    let tail = q.latest_offset();
+    let tail = tail_of(&q);
     let mut chunk = read_chunk(&q, from, tail).await?;
-    if chunk.messages.is_empty() && !q.is_closed() {
+    if chunk.messages.is_empty() && !ended(&q) {
         // Wait for the next message (or the close) from `from`.
         let mut sub = q.subscribe(from).map_err(|e| api_error(e.into()))?;
         if let Ok(Some(Ok(deliveries))) =
@@ -1213,8 +1229,8 @@ async fn long_poll(
             }
         }
     }
-    let tail = q.latest_offset();
-    let closed = q.is_closed();
+    let tail = tail_of(&q);
+    let closed = ended(&q);
     let up_to_date = chunk.next >= tail;
     let status = if chunk.messages.is_empty() {
         StatusCode::NO_CONTENT
@@ -1278,13 +1294,13 @@ fn sse(
             Err(_) => return,
         };
         // Nothing more can come: say so at once.
-        if q.is_closed() && from >= q.latest_offset() {
+        if ended(&q) && from >= tail_of(&q) {
             let _ = tx
                 .send(Bytes::from(control(next, true, true, &first_cursor)))
                 .await;
             return;
         }
-        if from >= q.latest_offset() {
+        if from >= tail_of(&q) {
             let msg = control(next, false, true, &first_cursor);
             if tx.send(Bytes::from(msg)).await.is_err() {
                 return;
@@ -1301,7 +1317,7 @@ fn sse(
             };
             let Some(Ok(deliveries)) = batch else {
                 // The subscription ended: the close (everything was delivered), or removal.
-                if q.is_closed() {
+                if ended(&q) {
                     let _ = tx
                         .send(Bytes::from(control(next, true, true, &first_cursor)))
                         .await;
@@ -1326,8 +1342,8 @@ fn sse(
                 let payload = body_of(&content_type, &messages);
                 frame.push_str(&sse_frame_data(&payload, base64));
             }
-            let tail = q.latest_offset();
-            let closed = q.is_closed() && next >= tail;
+            let tail = tail_of(&q);
+            let closed = ended(&q) && next >= tail;
             let cur = cursor(client_cursor.as_deref());
             frame.push_str(&control(next, closed, next >= tail, &cur));
             if tx.send(Bytes::from(frame)).await.is_err() || closed {

@@ -173,6 +173,23 @@ async fn a_typed_task_queue_reads_as_a_json_stream_of_its_events() {
     assert_eq!(events.as_array().unwrap().len(), 3);
     assert_eq!(events[2]["event_type"], json!("progress"));
     assert_eq!(events[2]["task_id"], json!("wf-1"));
+    // The task's terminal event ends its stream: closed for a Durable Streams reader.
+    let r = app
+        .send(&post(
+            "/v1/stream/wf-1",
+            "application/json",
+            r#"{"event_type": "complete", "result": {"ok": true}}"#,
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let tail = r.header("stream-next-offset").unwrap();
+    let head = app.send(&Req::new("HEAD", "/v1/stream/wf-1")).await;
+    assert_eq!(head.header("stream-closed").as_deref(), Some("true"));
+    let eof = app
+        .send(&Req::new("GET", &format!("/v1/stream/wf-1?offset={tail}")))
+        .await;
+    assert_eq!(eof.json(), json!([]));
+    assert_eq!(eof.header("stream-closed").as_deref(), Some("true"));
 }
 
 #[tokio::test]
@@ -249,4 +266,99 @@ async fn a_stream_its_content_type_and_closure_survive_a_restart() {
         .await;
     assert_eq!(r.status, StatusCode::CONFLICT);
     assert_eq!(r.header("stream-next-offset").unwrap(), tail);
+}
+
+#[tokio::test]
+async fn a_fork_holds_its_source_up_to_the_fork_point_at_the_same_offsets() {
+    let app = App::open_mode().await;
+    app.send(&put("/v1/stream/src", "application/json")).await;
+    let first = app
+        .send(&post("/v1/stream/src", "application/json", r#"[1, 2]"#))
+        .await
+        .header("stream-next-offset")
+        .unwrap();
+    app.send(&post("/v1/stream/src", "application/json", r#"[3, 4, 5]"#))
+        .await;
+
+    // Inherit the first append and one message of the second (a JSON sub-offset counts
+    // messages); the content type is the source's.
+    let r = app
+        .send(
+            &Req::new("PUT", "/v1/stream/fork")
+                .header("stream-forked-from", "/v1/stream/src")
+                .header("stream-fork-offset", &first)
+                .header("stream-fork-sub-offset", "1"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    app.send(&post("/v1/stream/fork", "application/json", "6"))
+        .await;
+    let fork = app
+        .send(&Req::new("GET", "/v1/stream/fork?offset=-1"))
+        .await;
+    assert_eq!(fork.json(), json!([1, 2, 3, 6]));
+    // Same offsets as the source up to the fork point.
+    let tail = app
+        .send(&Req::new("GET", &format!("/v1/stream/fork?offset={first}")))
+        .await;
+    assert_eq!(tail.json(), json!([3, 6]));
+    let src = app.send(&Req::new("GET", "/v1/stream/src?offset=-1")).await;
+    assert_eq!(src.json(), json!([1, 2, 3, 4, 5]));
+
+    // Deleting the source while the fork lives: gone (410), its path reserved (409), the fork
+    // unharmed; deleting the fork then frees the path.
+    let r = app.send(&Req::new("DELETE", "/v1/stream/src")).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = app.send(&Req::new("GET", "/v1/stream/src")).await;
+    assert_eq!(r.status, StatusCode::GONE);
+    let r = app.send(&put("/v1/stream/src", "application/json")).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    let fork = app
+        .send(&Req::new("GET", "/v1/stream/fork?offset=-1"))
+        .await;
+    assert_eq!(fork.json(), json!([1, 2, 3, 6]));
+    let r = app.send(&Req::new("DELETE", "/v1/stream/fork")).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = app.send(&Req::new("GET", "/v1/stream/src")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = app.send(&put("/v1/stream/src", "application/json")).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn a_binary_fork_sub_offset_counts_bytes_into_the_next_append() {
+    let app = App::open_mode().await;
+    let created = app
+        .send(&put("/v1/stream/bytes", "application/octet-stream").body(b"ab".to_vec()))
+        .await;
+    let after_ab = created.header("stream-next-offset").unwrap();
+    app.send(&post(
+        "/v1/stream/bytes",
+        "application/octet-stream",
+        "cdef",
+    ))
+    .await;
+    let r = app
+        .send(
+            &Req::new("PUT", "/v1/stream/bytes-fork")
+                .header("stream-forked-from", "/v1/stream/bytes")
+                .header("stream-fork-offset", &after_ab)
+                .header("stream-fork-sub-offset", "3"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let fork = app
+        .send(&Req::new("GET", "/v1/stream/bytes-fork?offset=-1"))
+        .await;
+    assert_eq!(fork.body, b"abcde");
+    // Past the source's bytes: refused.
+    let r = app
+        .send(
+            &Req::new("PUT", "/v1/stream/bytes-fork-2")
+                .header("stream-forked-from", "/v1/stream/bytes")
+                .header("stream-fork-offset", &after_ab)
+                .header("stream-fork-sub-offset", "5"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
 }
