@@ -53,7 +53,8 @@ report="$data/report.json"
 status=0
 (
     cd "$here"
-    args=(run --reporter=json --outputFile="$report")
+    # Generous per-test timeouts: a loaded CI machine must not turn a slow run into a failure.
+    args=(run --reporter=json --outputFile="$report" --testTimeout=30000)
     if [[ -n "${DS_FILTER:-}" ]]; then args+=(-t "$DS_FILTER"); fi
     DURABLE_STREAMS_URL="http://127.0.0.1:$port" node_modules/.bin/vitest "${args[@]}" \
         >"$data/vitest.log" 2>&1
