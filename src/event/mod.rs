@@ -1332,7 +1332,10 @@ mod tests {
             assert_eq!(t.code() as usize, i);
             assert_eq!(EventType::from_code(t.code()), Some(t));
         }
-        assert_eq!(EventType::from_code(5), None);
+        // Code 5 is a stream's message: stored and read back, never parsed from event JSON.
+        assert_eq!(EventType::from_code(5), Some(EventType::Message));
+        assert_eq!(EventType::parse("message"), None);
+        assert_eq!(EventType::from_code(6), None);
     }
 
     // ---- terminal rule ----
