@@ -209,6 +209,7 @@ impl QueueManager {
             kind: options.kind,
             ttl: options.ttl.unwrap_or(self.core.config().default_ttl),
             max_buffer_size,
+            content_type: options.content_type.clone(),
         };
         let q = self.core.create(spec).await?;
         Ok(self.handle(q))

@@ -1171,6 +1171,7 @@ fn create(
         closed: false,
         finished_at: None,
         cancel: None,
+        content_type: spec.content_type.clone(),
     };
     let q = Arc::new(QueueState::from_record(
         spec.tenant.clone(),

@@ -30,6 +30,9 @@ pub enum QueueKind {
     /// Anything else. Default.
     #[default]
     Task,
+    /// A Durable Streams stream: messages stored as given (bytes of the stream's content
+    /// type), not typed events.
+    Stream,
 }
 
 impl QueueKind {
@@ -39,6 +42,7 @@ impl QueueKind {
             QueueKind::Workflow => "workflow",
             QueueKind::Ingestion => "ingestion",
             QueueKind::Task => "task",
+            QueueKind::Stream => "stream",
         }
     }
 
@@ -48,6 +52,7 @@ impl QueueKind {
             "workflow" => Some(QueueKind::Workflow),
             "ingestion" => Some(QueueKind::Ingestion),
             "task" => Some(QueueKind::Task),
+            "stream" => Some(QueueKind::Stream),
             _ => None,
         }
     }
@@ -57,6 +62,7 @@ impl QueueKind {
             QueueKind::Workflow => 0,
             QueueKind::Ingestion => 1,
             QueueKind::Task => 2,
+            QueueKind::Stream => 3,
         }
     }
 
@@ -64,6 +70,7 @@ impl QueueKind {
         match code {
             0 => QueueKind::Workflow,
             1 => QueueKind::Ingestion,
+            3 => QueueKind::Stream,
             _ => QueueKind::Task,
         }
     }
@@ -154,6 +161,8 @@ pub(crate) struct QueueState {
     committed: Mutex<View>,
     cancel_token: CancellationToken,
     subscribers: AtomicUsize,
+    /// A stream's content type (kind [`QueueKind::Stream`]); `None` for typed event queues.
+    content_type: Option<Arc<str>>,
 }
 
 impl QueueState {
@@ -178,6 +187,7 @@ impl QueueState {
             committed: Mutex::new(view),
             cancel_token,
             subscribers: AtomicUsize::new(0),
+            content_type: rec.content_type.as_deref().map(Arc::from),
         }
     }
 
@@ -288,7 +298,13 @@ impl QueueState {
                 reason: c.reason.clone(),
                 time_us: c.time.as_micros(),
             }),
+            content_type: self.content_type.as_deref().map(str::to_string),
         }
+    }
+
+    /// A stream's content type; `None` for typed event queues.
+    pub(crate) fn content_type(&self) -> Option<&str> {
+        self.content_type.as_deref()
     }
 
     /// The store's id of the queue.

@@ -39,6 +39,7 @@ pub mod a2a;
 pub mod auth;
 mod conn;
 mod dashboard;
+mod durable_streams;
 mod error;
 mod limits;
 mod metrics;
@@ -328,6 +329,8 @@ pub fn router(state: AppState) -> Router {
         .merge(dashboard::routes())
         .route("/.well-known/agent-card.json", get(a2a::agent_card))
         .route("/a2a", post(a2a::rpc))
+        // The Durable Streams protocol under /v1/stream (docs/durable-streams.md).
+        .merge(durable_streams::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

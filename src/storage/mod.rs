@@ -85,6 +85,11 @@ pub(crate) struct QueueRecord {
     pub closed: bool,
     pub finished_at: Option<u64>,
     pub cancel: Option<CancelRecord>,
+    /// A Durable Streams stream's content type (`None` for typed event queues). Not part of
+    /// the serde encoding: a store keeps it beside the record (redb: after it, so records of
+    /// typed queues keep their bytes and older records still decode).
+    #[serde(skip)]
+    pub content_type: Option<String>,
 }
 
 /// A persisted cancellation.

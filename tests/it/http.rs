@@ -13,6 +13,7 @@ mod auth;
 mod checkpoint;
 mod connections;
 mod dashboard;
+mod durable_streams;
 mod fuzz;
 mod hostile;
 mod isolation;

@@ -528,6 +528,9 @@ fn record_fields(r: &QueueRecord) -> Vec<(&'static str, String)> {
         }
         None => f.push(("cancelled", String::new())),
     }
+    if let Some(ct) = &r.content_type {
+        f.push(("ctype", ct.clone()));
+    }
     f
 }
 
@@ -562,6 +565,7 @@ fn parse_record(id: u64, f: &HashMap<String, String>) -> Result<(QueueRecord, u6
         closed: num::<u8>(f, "closed")? == 1,
         finished_at: opt(f, "finished")?,
         cancel,
+        content_type: f.get("ctype").cloned(),
     };
     if record.first_offset > record.next_offset {
         return Err(Error::storage(
