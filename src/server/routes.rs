@@ -429,20 +429,31 @@ pub(super) async fn enqueue(
     // The queue first: a body for a queue that does not exist is never read.
     let queue = lookup(&state, &tenant, &task).await?;
     let RawBody(body) = RawBody::from_request(request, &state).await?;
+    enqueue_body(&state, &tenant, &task, &queue, &body).await
+}
+
+/// Parses, validates and enqueues an enqueue request's body (see [`enqueue`]) into `queue`.
+pub(super) async fn enqueue_body(
+    state: &AppState,
+    tenant: &Tenant,
+    task: &TaskId,
+    queue: &EventQueue,
+    body: &[u8],
+) -> Result<Response, ApiError> {
     let config = state.config();
     // An event's compact JSON is no longer than its text in the body, so only a body larger
     // than the event limit can hold an event over it.
     let event_limit = (body.len() > config.max_event_bytes).then_some(config.max_event_bytes);
     let ctx = ProducerContext {
         tenant_id: &tenant.0,
-        task_id: &task,
+        task_id: task,
     };
-    check_json(&body, config.max_json_depth)?;
+    check_json(body, config.max_json_depth)?;
     if let Some(limit) = event_limit {
-        check_event_sizes(&body, limit)?;
+        check_event_sizes(body, limit)?;
     }
     let events = event::read_slice(
-        &body,
+        body,
         EnqueueRequest {
             ctx: &ctx,
             max_batch_events: config.max_batch_events,

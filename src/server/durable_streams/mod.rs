@@ -924,11 +924,12 @@ async fn append_events(
         body.extend_from_slice(m);
     }
     body.extend_from_slice(b"]}");
-    super::routes::enqueue(
-        State(state.clone()),
-        crate::server::tenant::Tenant(caller.tenant.clone()),
-        super::routes::TaskPath(task),
-        super::routes::RawBody(Bytes::from(body)),
+    super::routes::enqueue_body(
+        state,
+        &crate::server::tenant::Tenant(caller.tenant.clone()),
+        &task,
+        q,
+        &body,
     )
     .await
     .map_err(api_error)?;
