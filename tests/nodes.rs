@@ -52,13 +52,15 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server not found (apt-get install redis-server, as .ci/run does)");
+        // Owned (killed and reaped on drop) before anything can fail.
+        let redis = Redis { child, port };
         let deadline = Instant::now() + HANG_GUARD;
         loop {
             if let Ok(c) = redis::Client::open(format!("redis://127.0.0.1:{port}"))
                 && let Ok(mut conn) = c.get_connection_with_timeout(Duration::from_secs(1))
                 && redis::cmd("PING").query::<String>(&mut conn).is_ok()
             {
-                return Redis { child, port };
+                return redis;
             }
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(50));
@@ -98,6 +100,11 @@ impl Node {
             .stderr(log)
             .spawn()
             .expect("cannot start eventqueue serve");
+        // Owned (killed and reaped on drop) before anything can fail.
+        let mut node = Node {
+            child,
+            base: String::new(),
+        };
         let deadline = Instant::now() + HANG_GUARD;
         loop {
             let text = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -105,7 +112,8 @@ impl Node {
                 let (_, rest) = l.split_once("eventqueue listening on ")?;
                 rest.split_whitespace().next().map(str::to_owned)
             }) {
-                return Node { child, base };
+                node.base = base;
+                return node;
             }
             assert!(Instant::now() < deadline, "node {n} did not start:\n{text}");
             std::thread::sleep(Duration::from_millis(20));

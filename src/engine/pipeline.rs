@@ -874,9 +874,8 @@ impl WriterLoop {
                 .collect();
             for ((tenant, task), q) in missing {
                 // Created here after the reload's read, or really removed: ask again.
-                match self.w.storage.load_queue(tenant.as_str(), task.as_str()) {
-                    Ok(None) => self.forget(&q),
-                    Ok(Some(_)) | Err(_) => {}
+                if let Ok(None) = self.w.storage.load_queue(tenant.as_str(), task.as_str()) {
+                    self.forget(&q);
                 }
             }
         }

@@ -80,6 +80,7 @@ mod tests {
             closed: false,
             finished_at: None,
             cancel: None,
+            content_type: None,
         };
         let q = Arc::new(QueueState::from_record(t.clone(), k.clone(), &rec));
         ((t, k), q)

@@ -159,7 +159,7 @@ async fn two_nodes_share_queues_offsets_and_live_streams() {
         producers.push(tokio::spawn(async move {
             let mut got = Vec::new();
             for i in 0..EACH {
-                let id = eventqueue::EventId::new(&format!("n{node}-{i}")).unwrap();
+                let id = eventqueue::EventId::new(format!("n{node}-{i}")).unwrap();
                 let e =
                     eventqueue::Event::new(q.tenant_id(), q.task_id(), working()).with_event_id(id);
                 got.push(q.enqueue(e).await.unwrap());
