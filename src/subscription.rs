@@ -255,12 +255,14 @@ impl Subscription {
 
     /// Sets the bytes of JSON the next reads of the log take (a reader that has room for a
     /// larger step than [`Config::replay_bytes`](crate::Config::replay_bytes)).
+    #[cfg_attr(not(feature = "server"), allow(dead_code))] // the SSE server's stream bodies
     pub(crate) fn set_step_bytes(&mut self, bytes: usize) {
         self.step_bytes = bytes;
     }
 
     /// Whether the next delivery will be read from the log: nothing is buffered and the log
     /// holds offsets this subscription owes.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))] // the SSE server's stream bodies
     pub(crate) fn will_read(&self) -> bool {
         !self.done && self.buf.is_empty() && self.next < self.read_until
     }
@@ -274,6 +276,7 @@ impl Subscription {
     /// Returns `false`, changing nothing, when the subscription cannot: it ended (the
     /// events taken included its terminal event), it owes a gap notice, or `at` is not an
     /// offset it delivered last (`at` must be one of the latest batch's events).
+    #[cfg_attr(not(feature = "server"), allow(dead_code))] // the SSE server's stream bodies
     pub(crate) fn rewind(&mut self, at: u64) -> bool {
         if self.done || self.gap_from.is_some() || at >= self.next {
             return false;
