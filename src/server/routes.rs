@@ -353,7 +353,18 @@ pub(super) async fn create_queue(
     let manager = state.manager();
     let limit = state.config().max_queues_per_tenant;
     let existing = || manager.count_queues(&tenant.0);
-    let _reservation = state.limits().reserve_queue(&tenant.0, limit, existing)?;
+    let _reservation = match state.limits().reserve_queue(&tenant.0, limit, existing) {
+        Ok(reservation) => reservation,
+        Err(refused) => {
+            // A client that keeps asking past the limit waits for its answers (see
+            // `Limits::refusal_delay`), so it cannot take the CPU from other tenants.
+            let delay = state.limits().refusal_delay(&tenant.0);
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            return Err(refused);
+        }
+    };
     let queue = manager.create_queue(&tenant.0, &task_id, options).await?;
     Ok((StatusCode::CREATED, axum::Json(queue.info())).into_response())
 }
