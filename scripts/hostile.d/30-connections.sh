@@ -8,55 +8,8 @@
 # EVENTQUEUE_BIN_BEFORE=<older binary> runs the same against it ("without the change").
 # Loopback only; bounded: 1100 sockets, 200 bodies, each step a few seconds.
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
-if [[ -f "$here/lib/common.sh" ]]; then
-    source "$here/lib/common.sh"
-else
-    # Standalone: what scripts/hostile.d/lib/common.sh provides.
-    : "${EVENTQUEUE_BIN:=${CARGO_TARGET_DIR:-$here/../../target}/release/eventqueue}"
-    HOSTILE_TMP="${HOSTILE_TMP:-$(mktemp -d "${TMPDIR:-/tmp}/eventqueue-hostile.XXXXXX")}"
-    HOSTILE_PIDS=()
-    hostile_cleanup() {
-        local pid
-        for pid in "${HOSTILE_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-        for pid in "${HOSTILE_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    }
-    trap hostile_cleanup EXIT
-    free_port() {
-        python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-    }
-    rss_mb() { awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
-fi
+source "$(dirname "$0")/lib/common.sh"
 hard="$(ulimit -Hn)"
-
-# conn_server NOFILE BIN NAME [flags...]: a server under the open-file limit NOFILE
-# (soft:hard); sets SERVER_PID, SERVER_URL.
-conn_server() {
-    local nofile="$1" bin="$2" name="$3"
-    shift 3
-    local port
-    port="$(free_port)"
-    mkdir -p "$HOSTILE_TMP/$name"
-    prlimit --nofile="$nofile" -- "$bin" serve --bind "127.0.0.1:$port" \
-        --data-dir "$HOSTILE_TMP/$name" "$@" >"$HOSTILE_TMP/$name.log" 2>&1 &
-    SERVER_PID=$!
-    HOSTILE_PIDS+=("$SERVER_PID")
-    SERVER_URL="http://127.0.0.1:$port"
-    local i
-    for i in $(seq 100); do
-        curl -fsS "$SERVER_URL/healthz" >/dev/null 2>&1 && return 0
-        kill -0 "$SERVER_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    echo "server $name did not start:" >&2
-    tail -5 "$HOSTILE_TMP/$name.log" >&2
-    return 1
-}
-
-conn_stop() {
-    kill "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-}
 
 # The client side of each measurement (many sockets, raw HTTP), in Python.
 conn_py() {
@@ -193,24 +146,24 @@ PY
 run() {
     local label="$1" bin="$2"
     echo "### $label"
-    conn_server "1024:$hard" "$bin" "conn-idle-$label"
+    launch_server "prlimit --nofile=1024:$hard --" "$bin" "conn-idle-$label"
     echo "open-file limit of the server: $(awk '/Max open files/ {print $4 " soft, " $5 " hard"}' /proc/$SERVER_PID/limits)"
     curl -fsS -X POST "$SERVER_URL/events/queues" -H 'content-type: application/json' \
         -d '{"task_id":"q"}' >/dev/null
     conn_py idle "${SERVER_URL##*:}" 1100
     conn_py declared "${SERVER_URL##*:}"
-    conn_stop "$SERVER_PID"
-    conn_server "1024:$hard" "$bin" "conn-bodies-$label"
+    stop_server "$SERVER_PID"
+    launch_server "prlimit --nofile=1024:$hard --" "$bin" "conn-bodies-$label"
     curl -fsS -X POST "$SERVER_URL/events/queues" -H 'content-type: application/json' \
         -d '{"task_id":"q"}' >/dev/null
     conn_py halfsent "${SERVER_URL##*:}" 200 "$SERVER_PID"
     conn_py heads "${SERVER_URL##*:}"
-    conn_stop "$SERVER_PID"
+    stop_server "$SERVER_PID"
     # A hard limit of 1024 too: nothing to raise.
-    conn_server "1024:1024" "$bin" "conn-hard-$label"
+    launch_server "prlimit --nofile=1024:1024 --" "$bin" "conn-hard-$label"
     grep -o 'open-file limit[^"]*' "$HOSTILE_TMP/conn-hard-$label.log" | head -1 || true
     conn_py idle "${SERVER_URL##*:}" 1100
-    conn_stop "$SERVER_PID"
+    stop_server "$SERVER_PID"
 }
 
 if [[ -n "${EVENTQUEUE_BIN_BEFORE:-}" ]]; then

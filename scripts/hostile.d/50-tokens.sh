@@ -6,52 +6,14 @@
 #     token's answer right after, and after a restart of the server.
 # EVENTQUEUE_BIN_BEFORE=<older binary> runs the same against it. Loopback only; a few requests.
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
-if [[ -f "$here/lib/common.sh" ]]; then
-    source "$here/lib/common.sh"
-else
-    # Standalone: what scripts/hostile.d/lib/common.sh provides.
-    : "${EVENTQUEUE_BIN:=${CARGO_TARGET_DIR:-$here/../../target}/release/eventqueue}"
-    HOSTILE_TMP="${HOSTILE_TMP:-$(mktemp -d "${TMPDIR:-/tmp}/eventqueue-hostile.XXXXXX")}"
-    HOSTILE_PIDS=()
-    hostile_cleanup() {
-        local pid
-        for pid in "${HOSTILE_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-        for pid in "${HOSTILE_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    }
-    trap hostile_cleanup EXIT
-    free_port() {
-        python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-    }
-fi
+source "$(dirname "$0")/lib/common.sh"
 secret_file="$HOSTILE_TMP/jwt.secret"
 head -c 32 /dev/urandom | base64 >"$secret_file"
 
 # tok_server BIN NAME: a token-mode server on a free port over $HOSTILE_TMP/NAME (kept across
 # restarts); sets SERVER_PID, SERVER_URL.
 tok_server() {
-    local bin="$1" name="$2" port
-    port="$(free_port)"
-    mkdir -p "$HOSTILE_TMP/$name"
-    "$bin" serve --bind "127.0.0.1:$port" --data-dir "$HOSTILE_TMP/$name" \
-        --jwt-secret-file "$secret_file" >>"$HOSTILE_TMP/$name.log" 2>&1 &
-    SERVER_PID=$!
-    HOSTILE_PIDS+=("$SERVER_PID")
-    SERVER_URL="http://127.0.0.1:$port"
-    local i
-    for i in $(seq 100); do
-        curl -fsS "$SERVER_URL/healthz" >/dev/null 2>&1 && return 0
-        kill -0 "$SERVER_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    echo "server $name did not start:" >&2
-    tail -5 "$HOSTILE_TMP/$name.log" >&2
-    return 1
-}
-
-tok_stop() {
-    kill "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
+    launch_server "" "$1" "$2" --jwt-secret-file "$secret_file"
 }
 
 # sign CLAIMS_JSON: an HS256 token over the secret, whatever the claims (Python stdlib).
@@ -100,10 +62,10 @@ run() {
     fi
     echo "the same token after the revocation: $(answer "$user")"
     echo "a token minted after it: $(sleep 1; answer "$("$bin" token --jwt-secret-file "$secret_file" --tenant acme --ttl 1h)")"
-    tok_stop "$SERVER_PID"
+    stop_server "$SERVER_PID"
     tok_server "$bin" "tokens-$label"
     echo "the revoked token after a restart: $(answer "$user")"
-    tok_stop "$SERVER_PID"
+    stop_server "$SERVER_PID"
 }
 
 if [[ -n "${EVENTQUEUE_BIN_BEFORE:-}" ]]; then

@@ -19,14 +19,14 @@ use crate::helpers::{TestServer, client, server_config};
 use crate::library::{task, tenant};
 
 /// A `redis-server` child process; killed when dropped.
-struct RedisServer {
-    port: u16,
+pub(crate) struct RedisServer {
+    pub(crate) port: u16,
     dir: TempDir,
     child: Option<Child>,
 }
 
 impl RedisServer {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")

@@ -26,13 +26,22 @@ free_port() {
 # start_server NAME [serve flags...]: an open-mode server on a free loopback port with its data
 # in $HOSTILE_TMP/NAME; sets SERVER_PID, SERVER_URL. Its log is $HOSTILE_TMP/NAME.log.
 start_server() {
-    local name="$1"
-    shift
+    launch_server "" "$EVENTQUEUE_BIN" "$@"
+}
+
+# launch_server WRAP BIN NAME [serve flags...]: as start_server, with the binary BIN, run under
+# the command words WRAP (none when empty; e.g. "prlimit --nofile=1024:1024 --"). The log is
+# appended to, so a server started again over NAME keeps its earlier lines.
+launch_server() {
+    local wrap="$1" bin="$2" name="$3"
+    shift 3
     local port
     port="$(free_port)"
     mkdir -p "$HOSTILE_TMP/$name"
-    "$EVENTQUEUE_BIN" serve --bind "127.0.0.1:$port" --data-dir "$HOSTILE_TMP/$name" "$@" \
-        >"$HOSTILE_TMP/$name.log" 2>&1 &
+    # $wrap unquoted: its words are the command prefix.
+    # shellcheck disable=SC2086
+    $wrap "$bin" serve --bind "127.0.0.1:$port" --data-dir "$HOSTILE_TMP/$name" "$@" \
+        >>"$HOSTILE_TMP/$name.log" 2>&1 &
     SERVER_PID=$!
     HOSTILE_PIDS+=("$SERVER_PID")
     SERVER_URL="http://127.0.0.1:$port"

@@ -181,21 +181,36 @@ impl Streams {
 /// The live queue behind a stream path: `None` when there is none, or when it has idled past
 /// its TTL and only waits for the next expiry sweep (the protocol answers `404` at once).
 /// With `touch`, the request counts as activity (reads and writes do, `HEAD` does not).
-fn find(
+async fn find(
     state: &AppState,
     streams: &Streams,
     tenant: &TenantId,
     task: &TaskId,
     touch: bool,
-) -> Option<EventQueue> {
-    let q = state.manager().get_queue(tenant, task)?;
-    if expired(&q, streams) {
-        return None;
-    }
+) -> Result<Option<EventQueue>, Response> {
+    // Also a stream another node sharing the store created a moment ago.
+    let found = state
+        .manager()
+        .find_queue(tenant, task)
+        .await
+        .map_err(|e| api_error(e.into()))?;
+    let Some(q) = found.filter(|q| !expired(q, streams)) else {
+        return Ok(None);
+    };
     if touch {
         streams.touch(tenant, task);
     }
-    Some(q)
+    Ok(Some(q))
+}
+
+/// The task a request's path names, unless the protocol deleted it while forks of it live on
+/// (`410`).
+fn live_task(path: &str, streams: &Streams, caller: &Caller) -> Result<TaskId, Response> {
+    let task = task_of(path).map_err(api_error)?;
+    if streams.soft_deleted(&caller.tenant, &task) {
+        return Err(gone());
+    }
+    Ok(task)
 }
 
 /// Whether the queue has idled for its TTL (the expiry sweep removes it later). Reads through
@@ -374,7 +389,7 @@ async fn create_inner(
             "Stream-Fork-Offset and Stream-Fork-Sub-Offset need Stream-Forked-From",
         ));
     }
-    let fork = fork_of(state, streams, caller, headers)?;
+    let fork = fork_of(state, streams, caller, headers).await?;
     let requested_type = match header_str(headers, "content-type")? {
         Some(ct) if !ct.trim().is_empty() => Some(ct.trim().to_string()),
         _ => None,
@@ -431,7 +446,11 @@ async fn create_inner(
             "a fork's Content-Type is its source's",
         ));
     }
-    if let Some(q) = manager.get_queue(&caller.tenant, &task) {
+    let current = manager
+        .find_queue(&caller.tenant, &task)
+        .await
+        .map_err(|e| api_error(e.into()))?;
+    if let Some(q) = current {
         if !expired(&q, streams) {
             return existing(&q, &content_type, ttl, close);
         }
@@ -455,7 +474,11 @@ async fn create_inner(
     let q = match manager.create_queue(&caller.tenant, &task, options).await {
         Ok(q) => q,
         Err(Error::QueueExists { .. }) => {
-            return match manager.get_queue(&caller.tenant, &task) {
+            let current = manager
+                .find_queue(&caller.tenant, &task)
+                .await
+                .map_err(|e| api_error(e.into()))?;
+            return match current {
                 Some(q) => existing(&q, &content_type, ttl, close),
                 None => Err(error(StatusCode::CONFLICT, "the stream was just deleted")),
             };
@@ -507,7 +530,7 @@ struct Fork {
 }
 
 /// The fork a `PUT` asks for (`Stream-Forked-From`), if any.
-fn fork_of(
+async fn fork_of(
     state: &AppState,
     streams: &Streams,
     caller: &Caller,
@@ -522,7 +545,7 @@ fn fork_of(
     if streams.soft_deleted(&caller.tenant, &source_task) {
         return Err(error(StatusCode::CONFLICT, "the source stream was deleted"));
     }
-    let Some(source) = find(state, streams, &caller.tenant, &source_task, false) else {
+    let Some(source) = find(state, streams, &caller.tenant, &source_task, false).await? else {
         return Err(error(StatusCode::NOT_FOUND, "no such source stream"));
     };
     let tail = source.latest_offset();
@@ -732,11 +755,8 @@ async fn append_inner(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Response, Response> {
-    let task = task_of(path).map_err(api_error)?;
-    if streams.soft_deleted(&caller.tenant, &task) {
-        return Err(gone());
-    }
-    let Some(q) = find(state, streams, &caller.tenant, &task, true) else {
+    let task = live_task(path, streams, caller)?;
+    let Some(q) = find(state, streams, &caller.tenant, &task, true).await? else {
         return Err(error(StatusCode::NOT_FOUND, "no such stream"));
     };
     let close = closed_header(headers);
@@ -946,15 +966,14 @@ async fn head(
     caller: Caller,
     Path(path): Path<String>,
 ) -> Response {
-    let task = match task_of(&path) {
+    let task = match live_task(&path, &streams, &caller) {
         Ok(t) => t,
-        Err(e) => return api_error(e),
+        Err(r) => return r,
     };
-    if streams.soft_deleted(&caller.tenant, &task) {
-        return gone();
-    }
-    let Some(q) = find(&state, &streams, &caller.tenant, &task, false) else {
-        return error(StatusCode::NOT_FOUND, "no such stream");
+    let q = match find(&state, &streams, &caller.tenant, &task, false).await {
+        Ok(Some(q)) => q,
+        Ok(None) => return error(StatusCode::NOT_FOUND, "no such stream"),
+        Err(r) => return r,
     };
     let mut b = base(StatusCode::OK)
         .header(header::CONTENT_TYPE, content_type_of(&q))
@@ -980,13 +999,10 @@ async fn delete(
     caller: Caller,
     Path(path): Path<String>,
 ) -> Response {
-    let task = match task_of(&path) {
+    let task = match live_task(&path, &streams, &caller) {
         Ok(t) => t,
-        Err(e) => return api_error(e),
+        Err(r) => return r,
     };
-    if streams.soft_deleted(&caller.tenant, &task) {
-        return gone();
-    }
     match state.manager().delete_queue(&caller.tenant, &task).await {
         Ok(true) => {
             streams.forget(&caller.tenant, &task);
@@ -1078,11 +1094,8 @@ async fn read_inner(
     query: &HashMap<String, String>,
     headers: &HeaderMap,
 ) -> Result<Response, Response> {
-    let task = task_of(path).map_err(api_error)?;
-    if streams.soft_deleted(&caller.tenant, &task) {
-        return Err(gone());
-    }
-    let Some(q) = find(state, streams, &caller.tenant, &task, true) else {
+    let task = live_task(path, streams, caller)?;
+    let Some(q) = find(state, streams, &caller.tenant, &task, true).await? else {
         return Err(error(StatusCode::NOT_FOUND, "no such stream"));
     };
     let live = match query.get("live").map(String::as_str) {

@@ -6,11 +6,10 @@
 //! dense and complete (no hole, no duplicate, across the reconnect) and every acknowledged
 //! event is stored at the offset it was acknowledged with.
 //!
-//! The test starts its own `redis-server` (AOF `always`) on a free loopback port; `.ci/run`
-//! installs it when missing.
+//! The test starts its own `redis-server` (AOF `always`, see `redis::RedisServer`) on a free
+//! loopback port; `.ci/run` installs it when missing.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,55 +24,6 @@ const QUEUES: usize = 4;
 const PRODUCERS: usize = 6;
 /// Longest wait for anything expected; only guards against hangs.
 const HANG_GUARD: Duration = Duration::from_secs(30);
-
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start(dir: &Path) -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--dir", &dir.display().to_string()])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server not found (apt-get install redis-server, as .ci/run does)");
-        // Owned (killed and reaped on drop) before anything can fail.
-        let redis = Redis { child, port };
-        let deadline = Instant::now() + HANG_GUARD;
-        loop {
-            if let Ok(c) = redis::Client::open(format!("redis://127.0.0.1:{port}"))
-                && let Ok(mut conn) = c.get_connection_with_timeout(Duration::from_secs(1))
-                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
-            {
-                return redis;
-            }
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 struct Node {
     child: Child,
@@ -280,9 +230,7 @@ async fn subscribe(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_over_one_redis_lose_nothing_when_one_is_killed() {
     let dir = tempfile::tempdir().unwrap();
-    let redis_dir = dir.path().join("redis");
-    std::fs::create_dir_all(&redis_dir).unwrap();
-    let redis = Redis::start(&redis_dir);
+    let redis = crate::redis::RedisServer::start();
     let mut nodes: Vec<Node> = (0..NODES)
         .map(|n| Node::start(dir.path(), n, redis.port))
         .collect();
