@@ -99,6 +99,8 @@ fn start_server(
         let addr = listener.local_addr().unwrap();
         let mut config = ServerConfig::default();
         config.cleanup_interval = None;
+        // Every client is on loopback: one address.
+        config.max_connections_per_ip = config.max_connections;
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(server::serve(
             AppState::new(manager, config),

@@ -682,7 +682,10 @@ impl CheckpointStore {
     pub async fn save(&self, checkpoint: Checkpoint) -> Result<SavedCheckpoint> {
         checkpoint.validate()?;
         let checkpoint_id = format!("ckpt_{:012x}", fastrand::u64(..1 << 48));
-        let queue = self.core.lookup(&self.tenant, &checkpoint.workflow_id);
+        let queue = self
+            .core
+            .find(&self.tenant, &checkpoint.workflow_id)
+            .await?;
         let events = match &queue {
             Some(_) => checkpoint
                 .events(&self.tenant, &checkpoint_id)

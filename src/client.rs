@@ -336,6 +336,15 @@ pub struct CancelOutcome {
     pub message: String,
 }
 
+/// The answer to a token revocation ([`Client::revoke_tokens`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedTokens {
+    /// The tenant whose tokens were revoked.
+    pub tenant_id: String,
+    /// Its tokens issued before this time (RFC 3339) are refused.
+    pub not_before: String,
+}
+
 /// An HTTP client for one eventqueue server. Cheap to clone (connections are pooled and
 /// shared between clones).
 #[derive(Clone)]
@@ -738,6 +747,31 @@ impl Client {
             None => Vec::new(),
         };
         self.call(Method::POST, path, Some(body)).await
+    }
+
+    /// `POST /events/admin/revocations`: the server refuses `tenant_id`'s tokens issued before
+    /// `not_before` (RFC 3339; `None`: now). Needs a token with the `admin` scope.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Api`]: `400` a bad tenant id or time, `401`/`403` no admin token;
+    /// [`ClientError::Transport`].
+    pub async fn revoke_tokens(
+        &self,
+        tenant_id: &str,
+        not_before: Option<&str>,
+    ) -> Result<RevokedTokens, ClientError> {
+        let mut body = serde_json::json!({ "tenant_id": tenant_id });
+        if let Some(time) = not_before {
+            body["not_before"] = serde_json::Value::from(time);
+        }
+        let body = json_bytes(&body)?;
+        self.call(
+            Method::POST,
+            "/events/admin/revocations".to_string(),
+            Some(body),
+        )
+        .await
     }
 
     /// `POST /events/queues/{task_id}/close`: closes the queue to producers (it stays

@@ -197,12 +197,15 @@ pub struct Config {
     pub cache_size_bytes: usize,
     /// Most events one group commit takes. Default 8192.
     pub max_commit_events: usize,
-    /// Events read from the log per replay step. Default 1024 (about 0.5 MB of 300-byte
-    /// events: a smaller step frees and reuses its memory before the allocator hands it back
-    /// to the OS, which a 4096-event step did, page faults and all). A step also ends once
-    /// it has copied 1 MiB of events out of the database, so large events replay in small
-    /// steps too.
+    /// Most events read from the log per replay step. Default 1024. A step also ends before
+    /// its events' JSON would exceed [`Config::replay_bytes`].
     pub replay_chunk: usize,
+    /// Most bytes of event JSON read from the log per replay step (an event larger than this
+    /// is read alone). A subscription holds at most one step it has not delivered yet, so
+    /// this bounds what a subscriber that stops reading keeps in memory; it reads the next
+    /// step only when asked for more. Default 32 KiB: about 100 events of 300 bytes, enough
+    /// that a replay's cost is the events, not the steps.
+    pub replay_bytes: usize,
     /// Longest time commits stay only in the write-ahead log before the log is folded into
     /// redb (redb itself made durable and the log emptied). Bounds recovery work after a
     /// crash; each fold costs one durable redb commit. Default 1 s.
@@ -240,6 +243,7 @@ impl Default for Config {
             cache_size_bytes: 128 << 20,
             max_commit_events: 8192,
             replay_chunk: 1024,
+            replay_bytes: 32 << 10,
             fold_interval: Duration::from_secs(1),
             purge_step: 256,
             apply_bytes: 256 << 10,

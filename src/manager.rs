@@ -143,6 +143,36 @@ impl QueueManager {
         self.core.check_storage().await
     }
 
+    /// Revokes `tenant`'s tokens issued before `not_before` (the server refuses them with
+    /// `401`): stored durably, and seen by every node sharing the store at its next reload
+    /// of revocations. A later call replaces the time (an earlier one lifts part of a
+    /// revocation).
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    pub async fn revoke_tokens(
+        &self,
+        tenant: &TenantId,
+        not_before: crate::event::Timestamp,
+    ) -> Result<()> {
+        let tenant = tenant.as_str().to_owned();
+        let us = u64::try_from(not_before.as_micros()).unwrap_or(0);
+        self.core
+            .on_storage(move |s| s.put_revocation(&tenant, us))
+            .await
+    }
+
+    /// Every tenant's token not-before time, microseconds since the Unix epoch (see
+    /// [`QueueManager::revoke_tokens`]).
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    pub async fn token_revocations(&self) -> Result<Vec<(String, u64)>> {
+        self.core.on_storage(|s| s.revocations()).await
+    }
+
     /// Where the queues are kept, for messages (a Redis URL without its password).
     pub fn storage_description(&self) -> String {
         self.core.describe_storage()
@@ -179,6 +209,7 @@ impl QueueManager {
             kind: options.kind,
             ttl: options.ttl.unwrap_or(self.core.config().default_ttl),
             max_buffer_size,
+            content_type: options.content_type.clone(),
         };
         let q = self.core.create(spec).await?;
         Ok(self.handle(q))
@@ -196,7 +227,7 @@ impl QueueManager {
         options: QueueOptions,
     ) -> Result<EventQueue> {
         loop {
-            if let Some(q) = self.get_queue(tenant, task) {
+            if let Some(q) = self.find_queue(tenant, task).await? {
                 return Ok(q);
             }
             match self.create_queue(tenant, task, options.clone()).await {
@@ -206,9 +237,21 @@ impl QueueManager {
         }
     }
 
-    /// The queue, if it exists (closed queues included, until they expire).
+    /// The queue, if this node knows it (closed queues included, until they expire). With a
+    /// store other nodes share (Redis), a queue another node created moments ago may not be
+    /// known here yet: [`find_queue`](Self::find_queue) also asks the store.
     pub fn get_queue(&self, tenant: &TenantId, task: &TaskId) -> Option<EventQueue> {
         self.core.lookup(tenant, task).map(|q| self.handle(q))
+    }
+
+    /// The queue, if it exists: as [`get_queue`](Self::get_queue), and with a store other
+    /// nodes share, a queue this node has not heard of yet is looked up in the store.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors of that lookup.
+    pub async fn find_queue(&self, tenant: &TenantId, task: &TaskId) -> Result<Option<EventQueue>> {
+        Ok(self.core.find(tenant, task).await?.map(|q| self.handle(q)))
     }
 
     /// The checkpoint store of `tenant`'s workflows (see [`crate::CheckpointStore`]).
@@ -239,7 +282,7 @@ impl QueueManager {
 
     /// How many queues `tenant` has (closed ones included, until they expire).
     pub fn count_queues(&self, tenant: &TenantId) -> usize {
-        self.core.queues(Some(tenant)).len()
+        self.core.count(tenant)
     }
 
     /// Closes a queue. Returns whether it existed.
@@ -248,7 +291,7 @@ impl QueueManager {
     ///
     /// Storage errors.
     pub async fn close_queue(&self, tenant: &TenantId, task: &TaskId) -> Result<bool> {
-        match self.get_queue(tenant, task) {
+        match self.find_queue(tenant, task).await? {
             Some(q) => missing_is_false(q.close().await.map(|()| true)),
             None => Ok(false),
         }
@@ -260,7 +303,7 @@ impl QueueManager {
     ///
     /// Storage errors.
     pub async fn delete_queue(&self, tenant: &TenantId, task: &TaskId) -> Result<bool> {
-        let Some(q) = self.core.lookup(tenant, task) else {
+        let Some(q) = self.core.find(tenant, task).await? else {
             return Ok(false);
         };
         missing_is_false(self.core.delete(q).await)
@@ -295,7 +338,7 @@ impl QueueManager {
         task: &TaskId,
         reason: Option<&str>,
     ) -> Result<bool> {
-        match self.get_queue(tenant, task) {
+        match self.find_queue(tenant, task).await? {
             Some(q) => missing_is_false(q.cancel(reason).await.map(|()| true)),
             None => Ok(false),
         }

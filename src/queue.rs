@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::{Core, PreparedEvent, QueueState};
 use crate::error::{Error, Result};
 use crate::event::{Event, Timestamp};
-use crate::ids::{TaskId, TenantId};
+use crate::ids::{EventId, TaskId, TenantId};
 use crate::subscription::Subscription;
 
 pub use crate::engine::QueueKind;
@@ -23,6 +23,8 @@ pub struct QueueOptions {
     pub ttl: Option<Duration>,
     /// Most retained events. Default: the manager's (1000).
     pub max_buffer_size: Option<u64>,
+    /// A stream's content type (kind [`QueueKind::Stream`], the Durable Streams protocol).
+    pub content_type: Option<String>,
 }
 
 impl QueueOptions {
@@ -217,6 +219,40 @@ impl EventQueue {
             return Ok(Vec::new());
         }
         self.core.append(self.q.clone(), prepared).await
+    }
+
+    /// Appends Durable Streams messages (a queue of kind [`QueueKind::Stream`]) atomically, in
+    /// order, each stored exactly as given. A message with an id (an idempotent producer's)
+    /// that the queue still retains is not appended again: its stored offset is returned.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidEvent`] when the queue holds typed events; otherwise as
+    /// [`EventQueue::enqueue`].
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    pub(crate) async fn append_messages(
+        &self,
+        messages: Vec<(&[u8], Option<EventId>)>,
+    ) -> Result<Vec<u64>> {
+        if self.q.kind() != QueueKind::Stream {
+            return Err(Error::invalid_event(
+                "kind",
+                "messages go to streams only; this queue holds typed events",
+            ));
+        }
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        let prepared = messages
+            .into_iter()
+            .map(|(data, id)| PreparedEvent::message(data, id))
+            .collect();
+        self.core.append(self.q.clone(), prepared).await
+    }
+
+    /// A stream's content type (kind [`QueueKind::Stream`]); `None` for typed event queues.
+    pub fn content_type(&self) -> Option<&str> {
+        self.q.content_type()
     }
 
     /// Checks that `event` belongs to this queue and is valid.

@@ -12,6 +12,10 @@ use crate::queue::QueueInfo;
 use crate::storage::Storage;
 use crate::storage::redb::{self, Store};
 
+/// JSON bytes of one [`LogReader::read`], at most (a first larger event is read alone): a
+/// step of a dump or an inspection, made of many events or of one large one.
+const READ_BYTES: usize = 1 << 20;
+
 /// A data directory opened for reading only: its queues and their retained events, with no
 /// writer, no expiry and no live subscriptions. Blocking: use it from a plain thread or
 /// `spawn_blocking`.
@@ -86,7 +90,7 @@ impl LogReader {
             })?;
         let (first, next) = q.with_view(|v| (v.first_offset, v.next_offset));
         self.store
-            .read_range(q.id(), from.max(first), next, limit)?
+            .read_range(q.id(), from.max(first), next, limit, READ_BYTES)?
             .into_iter()
             .map(RecordedEvent::from_stored)
             .collect()

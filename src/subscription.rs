@@ -21,8 +21,17 @@
 //! A subscriber that stops reading never blocks the writer or other subscribers: the live
 //! channel is a bounded `tokio::sync::broadcast`, and a receiver that falls more than its
 //! capacity behind observes `Lagged`. The subscription then re-reads the published state and
-//! catches up from the durable log, losing nothing that is still retained. Memory per
-//! subscription is bounded by one replay chunk.
+//! catches up from the durable log, losing nothing that is still retained.
+//!
+//! # Memory
+//!
+//! A subscription reads the log one step at a time ([`Config::replay_bytes`] of JSON, or one
+//! larger event), and reads the next step only once its reader asked for more than it holds:
+//! nothing is read ahead. A reader that stops reading therefore leaves the subscription
+//! holding at most one step (plus the live events it was sent, which the queue shares with
+//! every subscriber); a live channel it lags is caught up from the log in the same steps.
+//!
+//! [`Config::replay_bytes`]: crate::Config::replay_bytes
 //!
 //! # Gaps
 //!
@@ -44,12 +53,8 @@ use tokio::sync::broadcast::{self, error::RecvError};
 use crate::engine::{Core, Live, QueueState, SubscriberGuard};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::storage::StoredEvent;
 
 pub use crate::engine::RecordedEvent;
-
-/// A read of one chunk of the log on the blocking pool.
-type ReadTask = tokio::task::JoinHandle<Result<Vec<StoredEvent>>>;
 
 /// What a subscription yields.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,8 +102,10 @@ pub struct Subscription {
     /// A live event received ahead of `next`, delivered once the log filled the hole.
     stash: Option<Arc<RecordedEvent>>,
     buf: VecDeque<Arc<RecordedEvent>>,
-    /// The next chunk of the log, being read while `buf` is delivered: `(from, to, read)`.
-    prefetch: Option<(u64, u64, ReadTask)>,
+    /// Bytes of JSON the next read of the log may take; [`Config::replay_bytes`] unless set.
+    ///
+    /// [`Config::replay_bytes`]: crate::Config::replay_bytes
+    step_bytes: usize,
     done: bool,
     first_to_send: u64,
     latest_at_start: u64,
@@ -112,6 +119,7 @@ impl Subscription {
             (st.next_offset, st.first_offset, st.closed, st.finished_at);
         let guard = q.count_subscriber();
         let done = st.nothing_from(from);
+        let step_bytes = core.config().replay_bytes;
         Ok(Self {
             q,
             core,
@@ -123,7 +131,7 @@ impl Subscription {
             gap_from: None,
             stash: None,
             buf: VecDeque::new(),
-            prefetch: None,
+            step_bytes,
             done,
             first_to_send: if from < st_next {
                 from.max(st_first)
@@ -192,6 +200,7 @@ impl Subscription {
                     self.close_at = Some(at);
                     self.read_until = self.read_until.max(at);
                 }
+                Ok(Live::Advanced { to }) => self.read_until = self.read_until.max(to),
                 Ok(Live::Removed) => {
                     self.end();
                     return None;
@@ -244,6 +253,41 @@ impl Subscription {
         Some(Ok(out))
     }
 
+    /// Sets the bytes of JSON the next reads of the log take (a reader that has room for a
+    /// larger step than [`Config::replay_bytes`](crate::Config::replay_bytes)).
+    #[cfg_attr(not(feature = "server"), allow(dead_code))] // the SSE server's stream bodies
+    pub(crate) fn set_step_bytes(&mut self, bytes: usize) {
+        self.step_bytes = bytes;
+    }
+
+    /// Whether the next delivery will be read from the log: nothing is buffered and the log
+    /// holds offsets this subscription owes.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))] // the SSE server's stream bodies
+    pub(crate) fn will_read(&self) -> bool {
+        !self.done && self.buf.is_empty() && self.next < self.read_until
+    }
+
+    /// Takes back the events from offset `at` on that this subscription delivered: they are
+    /// delivered again, next, in order, read from the log, as if they had not been taken (a
+    /// reader that cannot hold an event yet drops it and asks for it again later instead of
+    /// holding it while it waits). Live events past them are read from the log too; events
+    /// dropped meanwhile are reported as a gap, as always.
+    ///
+    /// Returns `false`, changing nothing, when the subscription cannot: it ended (the
+    /// events taken included its terminal event), it owes a gap notice, or `at` is not an
+    /// offset it delivered last (`at` must be one of the latest batch's events).
+    #[cfg_attr(not(feature = "server"), allow(dead_code))] // the SSE server's stream bodies
+    pub(crate) fn rewind(&mut self, at: u64) -> bool {
+        if self.done || self.gap_from.is_some() || at >= self.next {
+            return false;
+        }
+        // Everything below the old `next` is published, hence in the log (or trimmed).
+        self.read_until = self.read_until.max(self.next);
+        self.next = at;
+        self.buf.clear();
+        true
+    }
+
     /// The next delivery when one is ready without waiting: the next read event, or the gap
     /// notice owed before it. `None` when none is buffered, or when the stream ended here (the
     /// queue finished below the next buffered event; `done` is set then).
@@ -285,7 +329,6 @@ impl Subscription {
     fn end(&mut self) {
         self.done = true;
         self.stash = None;
-        self.prefetch = None;
         self.buf.clear();
         self.gap_from = None;
     }
@@ -330,26 +373,16 @@ impl Subscription {
         self.finished_at = st.finished_at;
     }
 
-    /// Starts reading up to one chunk of `from..to` from the log on the blocking pool.
-    fn read(&self, from: u64, to: u64) -> ReadTask {
-        let limit = self.core.config().replay_chunk;
-        self.core.spawn_read(self.q.id(), from, to, limit)
-    }
-
-    /// Reads the next chunk of `next..read_until` from the log, and starts reading the chunk
-    /// after it, so that the log is read while this one is delivered. A chunk read ahead is
-    /// used only if it starts exactly where delivery got to; it may end below `read_until`
-    /// (which only grows), and then the next chunk covers the rest.
+    /// Reads the next step of `next..read_until` from the log (on the blocking pool): at most
+    /// [`Config::replay_chunk`](crate::Config::replay_chunk) events and
+    /// [`Config::replay_bytes`](crate::Config::replay_bytes) of JSON, or one larger event.
+    /// The step may end below `read_until` (which only grows); the next one covers the rest.
     async fn fill(&mut self) -> Result<()> {
-        let (from, to, read) = match self.prefetch.take() {
-            Some((from, to, read)) if from == self.next => (from, to, read),
-            _ => (
-                self.next,
-                self.read_until,
-                self.read(self.next, self.read_until),
-            ),
-        };
-        let events = read
+        let (from, to) = (self.next, self.read_until);
+        let config = self.core.config();
+        let events = self
+            .core
+            .spawn_read(self.q.id(), from, to, config.replay_chunk, self.step_bytes)
             .await
             .map_err(|e| Error::internal(format!("replay task failed: {e}")))??;
         match events.first() {
@@ -374,13 +407,6 @@ impl Subscription {
                     self.buf.push_back(Arc::new(RecordedEvent::from_stored(e)?));
                 }
             }
-        }
-        if self.next < self.read_until && !self.done {
-            self.prefetch = Some((
-                self.next,
-                self.read_until,
-                self.read(self.next, self.read_until),
-            ));
         }
         Ok(())
     }

@@ -803,6 +803,87 @@ fn token_mode_takes_the_token_from_the_environment() {
     assert!(stderr_of(&out).contains("scope"), "{out:?}");
 }
 
+#[test]
+fn token_lifetimes_are_bounded_and_revoke_refuses_a_tenants_older_tokens() {
+    let secrets = tempfile::tempdir().unwrap();
+    let secret = secrets.path().join("jwt.secret");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef-cli-test").unwrap();
+    let secret = secret.to_str().unwrap();
+    let server = Server::start_with(&["--jwt-secret-file", secret]);
+    let mint = |tenant: &str, scope: &str, ttl: &str| {
+        server
+            .cmd(&[
+                "token",
+                "--jwt-secret-file",
+                secret,
+                "--tenant",
+                tenant,
+                "--scope",
+                scope,
+                "--ttl",
+                ttl,
+            ])
+            .env_remove("EVENTQUEUE_MAX_TOKEN_TTL")
+            .output()
+            .unwrap()
+    };
+    // Longer than servers accept: refused, naming the limit.
+    let out = mint("acme", "subscribe", "99999999999999d");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr_of(&out).contains("longer than the longest token lifetime servers accept, 30d"),
+        "{out:?}"
+    );
+    let token = |out: std::process::Output| {
+        assert!(out.status.success(), "{out:?}");
+        stdout_of(&out).trim().to_string()
+    };
+    let user = token(mint("acme", "subscribe", "30d"));
+    let admin = token(mint("ops", "admin", "1h"));
+    let queues = || {
+        server
+            .cmd(&["queues", "--json"])
+            .env("EVENTQUEUE_TOKEN", &user)
+            .output()
+            .unwrap()
+    };
+    assert!(queues().status.success());
+    // Only an admin token revokes.
+    let out = server
+        .cmd(&["revoke", "--tenant", "acme", "--token", &user])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr_of(&out).contains("admin"), "{out:?}");
+    let out = server
+        .cmd(&["revoke", "--tenant", "acme", "--token", &admin])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout_of(&out).starts_with("tokens of tenant acme issued before "),
+        "{out:?}"
+    );
+    let out = queues();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr_of(&out).contains("token revoked"), "{out:?}");
+    // A time in the future is a usage error.
+    let out = server
+        .cmd(&[
+            "revoke",
+            "--tenant",
+            "acme",
+            "--before",
+            "2999-01-01T00:00:00Z",
+            "--token",
+            &admin,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(stderr_of(&out).contains("in the future"), "{out:?}");
+}
+
 /// Events of two tenants and two tasks with known types and timestamps.
 fn dump_fixture(server: &Server) {
     let at = |s: u32| format!("2026-11-28T02:00:{s:02}.000000Z");

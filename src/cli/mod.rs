@@ -3,7 +3,7 @@
 //! it. Being the process's entry point, this is the one module of the library that installs a
 //! logger and may end the process (a second shutdown signal during `serve`).
 //!
-//! - `serve`, `token`, `compact`: the server, its tokens and its data directory;
+//! - `serve`, `token`, `revoke`, `compact`: the server, its tokens and its data directory;
 //! - `watch`, `queues`, `info`, `cancel`, `publish`: person-facing commands over HTTP, through
 //!   [`crate::client`];
 //! - `dump`, `inspect`: offline, on a data directory no server holds;
@@ -21,6 +21,7 @@ pub mod demo;
 mod offline;
 mod remote;
 mod render;
+mod revoke;
 mod serve;
 mod token;
 mod watch;
@@ -36,6 +37,7 @@ use crate::client::{Client, ClientError, DEFAULT_URL, TlsFailure};
 
 pub use offline::{DumpArgs, InspectArgs, dump, inspect};
 pub use remote::{CancelArgs, InfoArgs, PublishArgs, QueuesArgs, cancel, info, publish, queues};
+pub use revoke::{RevokeArgs, revoke};
 pub use watch::{WatchArgs, watch};
 
 /// The target of the commands' own log lines: the binary's name, as when they lived in
@@ -68,6 +70,12 @@ enum Command {
     ///
     /// Example: `eventqueue token --tenant acme --scope "subscribe publish" --ttl 1h`
     Token(token::TokenArgs),
+    /// Revoke a tenant's tokens issued before a time (default now) on a running server;
+    /// needs an admin token. Every node sharing the store refuses them within its refresh
+    /// interval.
+    ///
+    /// Example: `eventqueue revoke --tenant acme --token "$ADMIN_TOKEN"`
+    Revoke(RevokeArgs),
     /// Shrink the database file of a stopped server's data directory (offline).
     ///
     /// A running server reuses the space of removed events but never returns it to the
@@ -150,6 +158,7 @@ pub fn run() -> ExitCode {
         Command::Queues(args) => return exit_code(runtime.block_on(queues(args))),
         Command::Info(args) => return exit_code(runtime.block_on(info(args))),
         Command::Cancel(args) => return exit_code(runtime.block_on(cancel(args))),
+        Command::Revoke(args) => return exit_code(runtime.block_on(revoke(args))),
         Command::Publish(args) => return exit_code(runtime.block_on(publish(args))),
         Command::Dump(args) => return exit_code(dump(args)),
         Command::Inspect(args) => return exit_code(inspect(args)),

@@ -103,6 +103,11 @@ pub struct ServeArgs {
     /// Most SSE streams open at once per tenant [default: 1000]
     #[arg(long, env = "EVENTQUEUE_MAX_SSE_STREAMS_PER_TENANT", value_name = "N")]
     max_sse_streams_per_tenant: Option<usize>,
+    /// Memory in MiB that all SSE streams together may hold beyond each stream's own 64 KiB
+    /// until their clients took it (events over 32 KiB, larger replay steps for clients that
+    /// keep up); a stream that would need more for an event waits. 0: no limit [default: 64]
+    #[arg(long, env = "EVENTQUEUE_STREAM_BUFFER_MB", value_name = "MIB")]
+    stream_buffer_mb: Option<u64>,
     /// Most queues per tenant [default: 10000]
     #[arg(long, env = "EVENTQUEUE_MAX_QUEUES_PER_TENANT", value_name = "N")]
     max_queues_per_tenant: Option<usize>,
@@ -126,6 +131,30 @@ pub struct ServeArgs {
     /// request's host]
     #[arg(long, env = "EVENTQUEUE_A2A_PUBLIC_URL", value_name = "URL")]
     a2a_public_url: Option<String>,
+    /// Most connections held at once; more are answered 503 and closed (lowered at start when
+    /// the open-file limit is lower) [default: 16384]
+    #[arg(long, env = "EVENTQUEUE_MAX_CONNECTIONS", value_name = "N")]
+    max_connections: Option<usize>,
+    /// Most connections from one client address (IPv6: one /64); behind a reverse proxy
+    /// raise it to --max-connections [default: 1024]
+    #[arg(long, env = "EVENTQUEUE_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    max_connections_per_ip: Option<usize>,
+    /// Most bytes of request bodies being received at once, server-wide; a body that does
+    /// not fit gets 503 [default: 134217728]
+    #[arg(
+        long,
+        env = "EVENTQUEUE_MAX_BODY_BYTES_IN_FLIGHT",
+        value_name = "BYTES"
+    )]
+    max_body_bytes_in_flight: Option<usize>,
+    /// Longest token lifetime accepted (exp − iat), e.g. 30d, 12h; longer tokens get 401
+    /// [default: 30d]
+    #[arg(long, env = "EVENTQUEUE_MAX_TOKEN_TTL", value_name = "DURATION")]
+    max_token_ttl: Option<String>,
+    /// How often token revocations are reloaded from the store (a revocation made through
+    /// another node holds here within this interval) [default: 1000]
+    #[arg(long, env = "EVENTQUEUE_REVOCATION_REFRESH_MS", value_name = "MS")]
+    revocation_refresh_ms: Option<u64>,
     /// PEM file of the server's certificate chain: serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN)
     /// instead of plain HTTP; needs --tls-key [default: none: plain HTTP]
     #[arg(
@@ -167,6 +196,7 @@ pub(super) struct FileConfig {
     cors_origins: Option<Vec<String>>,
     max_sse_streams: Option<usize>,
     max_sse_streams_per_tenant: Option<usize>,
+    stream_buffer_mb: Option<u64>,
     max_queues_per_tenant: Option<usize>,
     header_read_timeout_secs: Option<u64>,
     body_read_timeout_secs: Option<u64>,
@@ -176,6 +206,11 @@ pub(super) struct FileConfig {
     a2a_public_url: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    max_body_bytes_in_flight: Option<usize>,
+    pub(super) max_token_ttl: Option<String>,
+    revocation_refresh_ms: Option<u64>,
 }
 
 /// Everything `serve` needs, resolved.
@@ -347,6 +382,10 @@ fn resolve_protection(
     {
         server.max_sse_streams_per_tenant = at_least_one("max_sse_streams_per_tenant", n)?;
     }
+    if let Some(mb) = args.stream_buffer_mb.or(file.stream_buffer_mb) {
+        server.stream_buffer_bytes = usize::try_from(mib("stream_buffer_mb", mb)?)
+            .map_err(|_| format!("stream_buffer_mb is too large: {mb}"))?;
+    }
     if let Some(n) = args.max_queues_per_tenant.or(file.max_queues_per_tenant) {
         server.max_queues_per_tenant = at_least_one("max_queues_per_tenant", n)?;
     }
@@ -360,7 +399,36 @@ fn resolve_protection(
     if let Some(s) = args.body_read_timeout_secs.or(file.body_read_timeout_secs) {
         server.body_read_timeout = Duration::from_secs(at_least_one("body_read_timeout_secs", s)?);
     }
+    if let Some(n) = args.max_connections.or(file.max_connections) {
+        server.max_connections = at_least_one("max_connections", n)?;
+    }
+    if let Some(n) = args.max_connections_per_ip.or(file.max_connections_per_ip) {
+        server.max_connections_per_ip = at_least_one("max_connections_per_ip", n)?;
+    }
+    if let Some(n) = args
+        .max_body_bytes_in_flight
+        .or(file.max_body_bytes_in_flight)
+    {
+        server.max_body_bytes_in_flight = at_least_one("max_body_bytes_in_flight", n)?;
+    }
+    server.max_token_ttl = max_token_ttl(args.max_token_ttl.as_deref(), file)?;
+    if let Some(ms) = args.revocation_refresh_ms.or(file.revocation_refresh_ms) {
+        server.revocation_refresh =
+            Duration::from_millis(at_least_one("revocation_refresh_ms", ms)?);
+    }
     Ok(())
+}
+
+/// The longest token lifetime: the flag (or `EVENTQUEUE_MAX_TOKEN_TTL`), else the file's
+/// `max_token_ttl`, else the server's default. `eventqueue token` uses it too, so that it does
+/// not mint what the server would refuse.
+pub(super) fn max_token_ttl(flag: Option<&str>, file: &FileConfig) -> Result<Duration, String> {
+    match flag.or(file.max_token_ttl.as_deref()) {
+        Some(text) => {
+            crate::server::auth::parse_ttl(text).map_err(|e| format!("max_token_ttl: {e}"))
+        }
+        None => Ok(ServerConfig::default().max_token_ttl),
+    }
 }
 
 /// The A2A agent card's settings.
@@ -420,6 +488,17 @@ pub(super) fn read_config(path: &Path) -> Result<FileConfig, String> {
 pub(super) async fn serve(args: ServeArgs) -> Result<(), String> {
     let settings = resolve(args)?;
     server::check_bind(&settings.server.auth, settings.bind).map_err(|e| e.to_string())?;
+    // Every connection and stream holds a descriptor: the soft limit (often 1024) goes up to
+    // the hard one. `server::serve` warns if that is still short.
+    match server::raise_open_file_limit() {
+        Ok((Some(before), after)) if after != Some(before) => tracing::info!(
+            target: LOG_TARGET,
+            "open-file limit raised from {before} to {}",
+            after.map_or_else(|| "unlimited".to_string(), |n| n.to_string())
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(target: LOG_TARGET, "cannot raise the open-file limit: {e}"),
+    }
     let listener = tokio::net::TcpListener::bind(settings.bind)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", settings.bind))?;
@@ -589,6 +668,33 @@ mod tests {
             .unwrap_err();
             assert!(err.contains("cache_mb"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_stream_buffer_budget_is_given_in_mib() {
+        let s = resolve(ServeArgs::default()).unwrap();
+        assert_eq!(s.server.stream_buffer_bytes, 64 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eq.toml");
+        std::fs::write(&path, "stream_buffer_mb = 8\n").unwrap();
+        let s = resolve(ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(s.server.stream_buffer_bytes, 8 << 20);
+        let s = resolve(ServeArgs {
+            stream_buffer_mb: Some(0),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(s.server.stream_buffer_bytes, 0);
+        let err = resolve(ServeArgs {
+            stream_buffer_mb: Some(u64::MAX),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("stream_buffer_mb"), "{err}");
     }
 
     #[test]

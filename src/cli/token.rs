@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::TenantId;
-use crate::server::auth::{Scopes, TokenKeys, parse_ttl};
+use crate::server::auth::{Scopes, TokenKeys, format_secs, parse_ttl};
 
 /// Environment variable holding the secret itself.
 pub const SECRET_ENV: &str = "EVENTQUEUE_JWT_SECRET";
@@ -22,7 +22,8 @@ pub struct TokenArgs {
     /// Space-separated scopes: subscribe (read), publish (write), admin (any tenant).
     #[arg(long, value_name = "SCOPES", default_value = "subscribe")]
     scope: String,
-    /// Lifetime: e.g. 90s, 15m, 1h, 7d.
+    /// Lifetime: e.g. 90s, 15m, 1h, 7d; at most the servers' max_token_ttl (30d unless
+    /// EVENTQUEUE_MAX_TOKEN_TTL or the --config file says otherwise).
     #[arg(long, value_name = "DURATION", default_value = "1h")]
     ttl: String,
     /// TOML config file (its `jwt_secret_file` key is used).
@@ -84,6 +85,17 @@ pub(super) fn token(args: TokenArgs) -> Result<(), String> {
     let tenant = TenantId::new(&args.tenant).map_err(|e| format!("--tenant: {e}"))?;
     let scopes = Scopes::parse_strict(&args.scope).map_err(|e| format!("--scope: {e}"))?;
     let ttl = parse_ttl(&args.ttl).map_err(|e| format!("--ttl: {e}"))?;
+    let from_env = std::env::var("EVENTQUEUE_MAX_TOKEN_TTL").ok();
+    let max = super::serve::max_token_ttl(from_env.as_deref().filter(|t| !t.is_empty()), &file)?;
+    if ttl > max {
+        return Err(format!(
+            "--ttl {}: longer than the longest token lifetime servers accept, {} \
+             (max_token_ttl, from EVENTQUEUE_MAX_TOKEN_TTL or the --config file); mint a \
+             shorter token",
+            args.ttl.trim(),
+            format_secs(max.as_secs())
+        ));
+    }
     let token = keys.mint(&tenant, scopes, ttl)?;
     println!("{token}");
     Ok(())

@@ -85,6 +85,9 @@ pub(crate) enum Live {
     Event(Arc<RecordedEvent>),
     /// The queue was closed when `next_offset` was `at`: no event at or past `at` will come.
     Closed { at: u64 },
+    /// Events below `to` are committed but were not sent (another node appended them and
+    /// they could not be read for the fan-out): read them from the store.
+    Advanced { to: u64 },
     /// The queue was deleted or expired.
     Removed,
 }

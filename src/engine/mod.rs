@@ -14,12 +14,13 @@
 //! model: event, ids, error, config, clock
 //! ```
 
+mod follow;
 pub(crate) mod hub;
 pub(crate) mod ops;
 mod pipeline;
+mod registry;
 pub(crate) mod state;
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -55,6 +56,9 @@ pub(crate) struct Core {
     clock: Arc<dyn Clock>,
     poison: Arc<Poison>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Whether other nodes write the store too (then a follower thread takes in their
+    /// changes, and a queue this node does not know is looked up in the store).
+    shared: bool,
 }
 
 impl std::fmt::Debug for Core {
@@ -80,7 +84,7 @@ impl Core {
     /// [`Error::Internal`] if the writer thread cannot be started.
     pub(crate) fn start(opened: Opened, config: Config, clock: Arc<dyn Clock>) -> Result<Self> {
         let Opened { storage, recovered } = opened;
-        let mut map = HashMap::with_capacity(recovered.queues.len());
+        let mut map = registry::Queues::default();
         for lq in recovered.queues {
             let tenant = TenantId::new(&lq.tenant)?;
             let task = TaskId::new(&lq.task)?;
@@ -122,6 +126,7 @@ impl Core {
                 }
             })
             .map_err(|e| Error::internal(format!("cannot start the writer thread: {e}")))?;
+        let shared = follow::start(&storage, tx.clone(), config.replay_chunk).is_some();
         Ok(Core {
             storage,
             tx,
@@ -131,6 +136,7 @@ impl Core {
             clock,
             poison,
             writer_thread: Mutex::new(Some(handle)),
+            shared,
         })
     }
 
@@ -197,15 +203,42 @@ impl Core {
             .cloned()
     }
 
+    /// The queue, if it exists: from this node's registry, or else (when other nodes share the
+    /// store) from the store, for a queue another node created that this node has not heard
+    /// of yet.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors of the store's lookup.
+    pub(crate) async fn find(
+        &self,
+        tenant: &TenantId,
+        task: &TaskId,
+    ) -> Result<Option<Arc<QueueState>>> {
+        if let Some(q) = self.lookup(tenant, task) {
+            return Ok(Some(q));
+        }
+        if !self.shared {
+            return Ok(None);
+        }
+        self.call(|reply| Request::Load(ops::Call::new((tenant.clone(), task.clone()), reply)))
+            .await
+    }
+
     /// Every queue of `tenant` (all tenants when `None`), in no particular order.
     pub(crate) fn queues(&self, tenant: Option<&TenantId>) -> Vec<Arc<QueueState>> {
         self.registry
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|((t, _), _)| tenant.is_none_or(|want| want == t))
-            .map(|(_, q)| q.clone())
-            .collect()
+            .of(tenant)
+    }
+
+    /// How many queues `tenant` has (constant time).
+    pub(crate) fn count(&self, tenant: &TenantId) -> usize {
+        self.registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .count(tenant)
     }
 
     /// Appends events to a queue; returns their offsets once durable.
@@ -305,9 +338,22 @@ impl Core {
         from: u64,
         to: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> tokio::task::JoinHandle<Result<Vec<StoredEvent>>> {
         let storage = self.storage.clone();
-        tokio::task::spawn_blocking(move || storage.read_range(qid, from, to, limit))
+        tokio::task::spawn_blocking(move || storage.read_range(qid, from, to, limit, max_bytes))
+    }
+
+    /// Runs `f` on the store on the blocking pool: for what the store keeps beside the
+    /// queues (token revocations), outside the write path.
+    pub(crate) async fn on_storage<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Storage) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let storage = self.storage.clone();
+        tokio::task::spawn_blocking(move || f(&*storage))
+            .await
+            .map_err(|e| Error::internal(format!("storage task failed: {e}")))?
     }
 
     /// Runs a checkpoint read on the blocking pool.

@@ -146,6 +146,8 @@ pub(crate) struct NewQueue {
     pub kind: QueueKind,
     pub ttl: Duration,
     pub max_buffer_size: u64,
+    /// A stream's content type ([`QueueKind::Stream`]).
+    pub content_type: Option<String>,
 }
 
 /// A checkpoint save, prepared by its caller ([`Op::SaveCheckpoint`]).
@@ -264,6 +266,9 @@ pub(crate) struct PreparedEvent {
     /// [`WriteBatch::derived_id`]); `event_id` and the id in `rendered` are placeholders of
     /// the same length.
     derive_id: bool,
+    /// A stream message stored as given: `rendered.prefix` is the whole payload, with no
+    /// offset spliced in and no id inside it.
+    raw: bool,
 }
 
 /// Where the id sits in a rendered event: `{"event_id":"` comes first.
@@ -280,6 +285,26 @@ impl PreparedEvent {
             timestamp_us: event.timestamp.as_micros(),
             rendered: event.render(),
             derive_id: false,
+            raw: false,
+        }
+    }
+
+    /// A Durable Streams message (a queue of kind `stream`), stored exactly as given. With
+    /// `event_id` (an idempotent producer's) it is indexed like an event's id, so a repeat is
+    /// found; without, it gets an id derived from its offset where the store derives ids.
+    pub(crate) fn message(data: &[u8], event_id: Option<EventId>) -> Self {
+        let derive_id = event_id.is_none();
+        Self {
+            event_id: event_id.unwrap_or_else(EventId::generate),
+            event_type: EventType::Message,
+            terminal: false,
+            timestamp_us: Timestamp::now().as_micros(),
+            rendered: RenderedEvent {
+                prefix: data.to_vec(),
+                suffix: Vec::new(),
+            },
+            derive_id,
+            raw: true,
         }
     }
 
@@ -338,6 +363,11 @@ impl PreparedEvent {
             event_id,
         };
         let r = &self.rendered;
+        if self.raw {
+            let (mut buf, start) = w.event_record(&meta, r.prefix.len())?;
+            buf.extend_from_slice(&r.prefix);
+            return Ok((buf, start));
+        }
         let (mut buf, start) = w.event_record(&meta, r.prefix.len() + r.suffix.len() + 20)?;
         buf.extend_from_slice(&r.prefix);
         if let Some(id) = derived {

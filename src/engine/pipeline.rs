@@ -71,16 +71,29 @@ use crate::error::{Error, Result, StorageError};
 use crate::event::Timestamp;
 use crate::ids::{TaskId, TenantId};
 use crate::metrics::Metrics;
-use crate::storage::{PendingPurge, QueueRecord, Storage, WriteBatch, WriteError};
+use crate::storage::{PendingPurge, QueueRecord, RemoteQueue, Storage, WriteBatch, WriteError};
 
 /// Every live queue by `(tenant, task)`. Written only by the pipeline, after commits.
-pub(crate) type Registry = RwLock<HashMap<(TenantId, TaskId), Arc<QueueState>>>;
+pub(crate) type Registry = RwLock<super::registry::Queues>;
 
 /// What the writer's channel carries: an op to batch, or a compaction (which runs between
 /// batches, after whatever was collected with it).
 pub(crate) enum Request {
     Write(Op),
     Compact(Call<(), (u64, u64)>),
+    /// Other nodes' changes of a shared store's queues (see `follow`): answers the queues
+    /// whose published state should follow, with their new records.
+    Remote(Call<Remote, Vec<(Arc<QueueState>, QueueRecord)>>),
+    /// A queue this node does not know, to be loaded from a shared store if it holds it.
+    Load(Call<(TenantId, TaskId), Option<Arc<QueueState>>>),
+}
+
+/// Changes a shared store announced (or, after a reload, everything it holds).
+pub(crate) struct Remote {
+    pub changes: Vec<RemoteQueue>,
+    /// `changes` is every queue the store holds: a queue this node knows that is not among
+    /// them may have been removed (checked with the store before it is forgotten).
+    pub complete: bool,
 }
 
 /// The first storage failure, shared by the pipeline's threads.
@@ -291,6 +304,11 @@ fn unstored(e: Error) -> WriteError {
 /// writing the same queues); then its callers get a storage error and may retry.
 const MAX_REBUILDS: u32 = 32;
 
+/// The random wait before a rebuild grows by up to this per round (see `process`)…
+const REBUILD_BACKOFF: Duration = Duration::from_micros(200);
+/// …up to this.
+const MAX_BACKOFF: Duration = Duration::from_millis(5);
+
 /// After a purge step was refused (its commit was rejected: a full disk), idle retries wait
 /// this long between attempts.
 const PURGE_RETRY: Duration = Duration::from_millis(100);
@@ -346,8 +364,8 @@ impl Writer {
             .registry
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
+            .iter()
+            .map(|((t, k), _)| (t.clone(), k.clone()))
             .collect();
         let purges = self.purges.iter().cloned().collect();
         let poison = self.poison.clone();
@@ -428,6 +446,15 @@ impl WriterLoop {
                         ops.push(op);
                     }
                     Request::Compact(call) => compactions.push(call),
+                    Request::Remote(call) => {
+                        let accepted = self.remote(call.args);
+                        call.reply.send(Ok(accepted));
+                    }
+                    Request::Load(call) => {
+                        let (tenant, task) = &call.args;
+                        let result = self.load(tenant, task);
+                        call.reply.send(result);
+                    }
                 }
                 if n < self.w.max_commit_events {
                     next = self.w.rx.try_recv().ok();
@@ -600,6 +627,13 @@ impl WriterLoop {
                     if rebuilds < MAX_REBUILDS {
                         rebuilds += 1;
                         Metrics::add(&self.w.metrics.batch_rebuilds, 1);
+                        // Nodes writing one queue in step would keep overtaking each other:
+                        // after the first rebuild, wait a random while, growing with the
+                        // rounds, so one of them gets through.
+                        if rebuilds > 1 {
+                            let most = REBUILD_BACKOFF.saturating_mul(rebuilds).min(MAX_BACKOFF);
+                            std::thread::sleep(most.mul_f64(fastrand::f64()));
+                        }
                         ops = answers.into_iter().map(Answer::into_op).collect();
                         continue;
                     }
@@ -757,6 +791,163 @@ impl WriterLoop {
         }
     }
 
+    /// Takes in other nodes' changes (see `follow`), in the order the store applied them:
+    /// a change older than what this node saw of a queue (by the store's revision) is old
+    /// news, or about a former queue of the same name, and is skipped. Queues new to this
+    /// node are adopted; removed ones forgotten. Returns the queues whose published state
+    /// should follow their new records.
+    ///
+    /// Only the committed views change here (the writer's own), so the next batch builds on
+    /// the newest state; the published side is the follower's, which reads the events.
+    fn remote(&mut self, remote: Remote) -> Vec<(Arc<QueueState>, QueueRecord)> {
+        let mut accepted = Vec::new();
+        let mut seen = HashSet::new();
+        for change in remote.changes {
+            let (Ok(tenant), Ok(task)) = (TenantId::new(&change.tenant), TaskId::new(&change.task))
+            else {
+                continue;
+            };
+            let key = (tenant, task);
+            if remote.complete {
+                seen.insert(key.clone());
+            }
+            let current = self
+                .w
+                .registry
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&key)
+                .cloned();
+            match (current, &change.record) {
+                (Some(q), Some(record)) => {
+                    if self
+                        .w
+                        .storage
+                        .revision(q.id())
+                        .is_some_and(|known| known >= change.rev)
+                    {
+                        // Seen already; after a reload the published side may still be
+                        // behind it (a delivery that could not read): follow again.
+                        if remote.complete {
+                            accepted.push((q, record.clone()));
+                        }
+                        continue;
+                    }
+                    q.committed().merge(&View::of_record(record));
+                    self.w.storage.adopt(q.id(), &change);
+                    accepted.push((q, record.clone()));
+                }
+                (Some(q), None) => {
+                    if self
+                        .w
+                        .storage
+                        .revision(q.id())
+                        .is_some_and(|known| known > change.rev)
+                    {
+                        continue;
+                    }
+                    self.forget(&q);
+                }
+                (None, Some(_)) => {
+                    // New to this node — or removed here since the change was announced
+                    // (this node's delete came after it): only the store's current record
+                    // can tell, so the queue is loaded afresh (after every batch this node
+                    // committed). Not published yet but committed here: this node's own.
+                    if !self.keys.contains(&key)
+                        && let Err(e) = self.load(&key.0, &key.1)
+                    {
+                        tracing::debug!(error = %e, "cannot load a queue another node created");
+                    }
+                }
+                (None, None) => {}
+            }
+        }
+        if remote.complete {
+            let missing: Vec<_> = self
+                .w
+                .registry
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|((t, k), _)| !seen.contains(&((*t).clone(), (*k).clone())))
+                .map(|((t, k), q)| ((t.clone(), k.clone()), q.clone()))
+                .collect();
+            for ((tenant, task), q) in missing {
+                // Created here after the reload's read, or really removed: ask again.
+                if let Ok(None) = self.w.storage.load_queue(tenant.as_str(), task.as_str()) {
+                    self.forget(&q);
+                }
+            }
+        }
+        accepted
+    }
+
+    /// A queue another node created, known to this node from now on by a new id.
+    fn adopt(
+        &mut self,
+        key: &(TenantId, TaskId),
+        change: &RemoteQueue,
+        record: &QueueRecord,
+    ) -> Arc<QueueState> {
+        let id = self.w.next_queue_id;
+        self.w.next_queue_id += 1;
+        let record = QueueRecord {
+            id,
+            ..record.clone()
+        };
+        let q = Arc::new(QueueState::from_record(
+            key.0.clone(),
+            key.1.clone(),
+            &record,
+        ));
+        self.w.storage.adopt(id, change);
+        self.keys.insert(key.clone());
+        self.w
+            .registry
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), q.clone());
+        q
+    }
+
+    /// A queue another node removed: its subscribers end and this node forgets it.
+    fn forget(&mut self, q: &Arc<QueueState>) {
+        q.removed_elsewhere();
+        let key = (q.tenant_id().clone(), q.task_id().clone());
+        let mut reg = self.w.registry.write().unwrap_or_else(|p| p.into_inner());
+        // Unless the name is another queue's by now (a newer one of the same task).
+        if reg.get(&key).is_none_or(|cur| Arc::ptr_eq(cur, q)) {
+            reg.remove(&key);
+            self.keys.remove(&key);
+        }
+        self.w.storage.forget(q.id());
+    }
+
+    /// The queue, loaded from a shared store if this node does not know it yet.
+    fn load(&mut self, tenant: &TenantId, task: &TaskId) -> Result<Option<Arc<QueueState>>> {
+        let key = (tenant.clone(), task.clone());
+        if let Some(q) = self
+            .w
+            .registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok(Some(q.clone()));
+        }
+        // Created here but not published yet: not there for callers yet either.
+        if self.keys.contains(&key) {
+            return Ok(None);
+        }
+        let Some(change) = self.w.storage.load_queue(tenant.as_str(), task.as_str())? else {
+            return Ok(None);
+        };
+        let Some(record) = change.record.clone() else {
+            return Ok(None);
+        };
+        Ok(Some(self.adopt(&key, &change, &record)))
+    }
+
     /// Takes in the newer state a shared store answered a stale batch with.
     fn absorb(&mut self, batch: &Batch, fresh: &[crate::storage::Fresh]) {
         for f in fresh {
@@ -786,14 +977,9 @@ impl WriterLoop {
                 }
                 continue;
             }
-            q.absorb(f.record.as_ref());
-            if f.record.is_none() {
-                let key = (q.tenant_id().clone(), q.task_id().clone());
-                self.keys.remove(&key);
-                let mut reg = self.w.registry.write().unwrap_or_else(|p| p.into_inner());
-                if reg.get(&key).is_some_and(|cur| Arc::ptr_eq(cur, q)) {
-                    reg.remove(&key);
-                }
+            match &f.record {
+                Some(record) => q.committed().merge(&View::of_record(record)),
+                None => self.forget(q),
             }
         }
     }
@@ -984,6 +1170,7 @@ fn create(
         closed: false,
         finished_at: None,
         cancel: None,
+        content_type: spec.content_type.clone(),
     };
     let q = Arc::new(QueueState::from_record(
         spec.tenant.clone(),

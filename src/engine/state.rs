@@ -13,11 +13,11 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::hub::{Hub, Live};
+use super::hub::{Hub, Live, RecordedEvent};
 use crate::error::{Error, Result};
 use crate::event::Timestamp;
 use crate::ids::{TaskId, TenantId};
-use crate::storage::{CancelRecord, QueueRecord};
+use crate::storage::{CancelRecord, QueueRecord, StoredEvent};
 
 /// What a queue is for. For display and filtering only: every route serves every kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, serde::Deserialize)]
@@ -30,6 +30,9 @@ pub enum QueueKind {
     /// Anything else. Default.
     #[default]
     Task,
+    /// A Durable Streams stream: messages stored as given (bytes of the stream's content
+    /// type), not typed events.
+    Stream,
 }
 
 impl QueueKind {
@@ -39,6 +42,7 @@ impl QueueKind {
             QueueKind::Workflow => "workflow",
             QueueKind::Ingestion => "ingestion",
             QueueKind::Task => "task",
+            QueueKind::Stream => "stream",
         }
     }
 
@@ -48,6 +52,7 @@ impl QueueKind {
             "workflow" => Some(QueueKind::Workflow),
             "ingestion" => Some(QueueKind::Ingestion),
             "task" => Some(QueueKind::Task),
+            "stream" => Some(QueueKind::Stream),
             _ => None,
         }
     }
@@ -57,6 +62,7 @@ impl QueueKind {
             QueueKind::Workflow => 0,
             QueueKind::Ingestion => 1,
             QueueKind::Task => 2,
+            QueueKind::Stream => 3,
         }
     }
 
@@ -64,6 +70,7 @@ impl QueueKind {
         match code {
             0 => QueueKind::Workflow,
             1 => QueueKind::Ingestion,
+            3 => QueueKind::Stream,
             _ => QueueKind::Task,
         }
     }
@@ -154,6 +161,8 @@ pub(crate) struct QueueState {
     committed: Mutex<View>,
     cancel_token: CancellationToken,
     subscribers: AtomicUsize,
+    /// A stream's content type (kind [`QueueKind::Stream`]); `None` for typed event queues.
+    content_type: Option<Arc<str>>,
 }
 
 impl QueueState {
@@ -178,6 +187,7 @@ impl QueueState {
             committed: Mutex::new(view),
             cancel_token,
             subscribers: AtomicUsize::new(0),
+            content_type: rec.content_type.as_deref().map(Arc::from),
         }
     }
 
@@ -192,33 +202,82 @@ impl QueueState {
         self.committed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes in the queue's state as a shared store holds it (`None`: removed there), newer
-    /// than this node's after another node wrote to it: merged into the committed and the
-    /// published state (see [`View::merge`]). Subscribers learn of a close or a removal at
-    /// once; events appended elsewhere reach them with the next live event (whose offset
-    /// shows them the range to read from the store) or by the store's own notice.
-    pub(super) fn absorb(&self, record: Option<&QueueRecord>) {
-        let fresh = match record {
-            Some(rec) => View::of_record(rec),
-            None => View {
-                removed: true,
-                ..self.committed().clone()
-            },
-        };
-        self.committed().merge(&fresh);
+    /// The queue was removed by another node: its subscribers end (as after a local delete).
+    pub(super) fn removed_elsewhere(&self) {
+        self.committed().removed = true;
         let mut st = self.lock();
-        let was = st.view.clone();
-        st.view.merge(&fresh);
-        if st.view.cancel.is_some() && was.cancel.is_none() {
-            self.cancel_token.cancel();
-        }
-        if st.view.closed && !was.closed {
-            let at = st.view.next_offset;
-            st.hub.publish(Live::Closed { at });
-        }
-        if st.view.removed && !was.removed {
+        if !st.view.removed {
+            st.view.removed = true;
             st.hub.publish(Live::Removed);
             st.hub.shut();
+        }
+    }
+
+    /// Makes the published state follow `record`, another node's newer state of this queue in
+    /// a shared store, and hands the events it appended to this node's live subscribers.
+    ///
+    /// With nobody listening the state is taken in at once (a subscriber that joins later
+    /// reads everything below the new offset from the store). Otherwise the new events are
+    /// read with `read(from, to)` — outside the lock, so the fan-out never waits on the
+    /// store — and sent in offset order, each only if it is still at or past the published
+    /// offset: this node's own publications may have moved the offset on meanwhile, and their
+    /// subscribers read any range they skipped from the store (see `subscription`), so
+    /// nothing is sent twice or out of order and nothing is missed. The flags (closed,
+    /// finished, cancelled) are taken in once the events before them were sent, so a
+    /// subscriber learns of a close only after the events it ends.
+    ///
+    /// # Errors
+    ///
+    /// A read's error: the state is left where delivery got to; the next change of the
+    /// queue (or a reload) resumes from there.
+    pub(crate) fn follow(
+        &self,
+        record: &QueueRecord,
+        mut read: impl FnMut(u64, u64) -> Result<Vec<StoredEvent>>,
+    ) -> Result<()> {
+        let fresh = View::of_record(record);
+        loop {
+            let from = {
+                let mut st = self.lock();
+                if st.view.removed {
+                    return Ok(());
+                }
+                if !st.hub.is_open() || st.view.next_offset >= fresh.next_offset {
+                    let was = st.view.clone();
+                    st.view.merge(&fresh);
+                    if st.view.cancel.is_some() && was.cancel.is_none() {
+                        self.cancel_token.cancel();
+                    }
+                    if st.view.closed && !was.closed {
+                        let at = st.view.next_offset;
+                        st.hub.publish(Live::Closed { at });
+                    }
+                    return Ok(());
+                }
+                st.view.next_offset
+            };
+            let events = read(from, fresh.next_offset)?;
+            let mut st = self.lock();
+            if events.is_empty() {
+                // Trimmed away meanwhile: subscribers look for the range themselves (and say
+                // the gap).
+                st.view.first_offset = st.view.first_offset.max(fresh.first_offset);
+                if fresh.next_offset > st.view.next_offset {
+                    st.view.next_offset = fresh.next_offset;
+                    st.hub.publish(Live::Advanced {
+                        to: fresh.next_offset,
+                    });
+                }
+                continue;
+            }
+            for e in events {
+                if e.offset < st.view.next_offset || e.offset >= fresh.next_offset {
+                    continue;
+                }
+                st.view.next_offset = e.offset + 1;
+                let event = RecordedEvent::from_stored(e)?;
+                st.hub.publish(Live::Event(Arc::new(event)));
+            }
         }
     }
 
@@ -239,7 +298,13 @@ impl QueueState {
                 reason: c.reason.clone(),
                 time_us: c.time.as_micros(),
             }),
+            content_type: self.content_type.as_deref().map(str::to_string),
         }
+    }
+
+    /// A stream's content type; `None` for typed event queues.
+    pub(crate) fn content_type(&self) -> Option<&str> {
+        self.content_type.as_deref()
     }
 
     /// The store's id of the queue.

@@ -229,6 +229,10 @@ pub enum EventType {
     Error,
     /// `complete`
     Complete,
+    /// A Durable Streams message stored as given (a queue of kind `stream`): not an event a
+    /// producer can send as JSON, so not in [`EventType::ALL`].
+    #[serde(skip_deserializing)]
+    Message,
 }
 
 impl EventType {
@@ -249,6 +253,7 @@ impl EventType {
             EventType::Artifact => "artifact",
             EventType::Error => "error",
             EventType::Complete => "complete",
+            EventType::Message => "message",
         }
     }
 
@@ -265,12 +270,16 @@ impl EventType {
             EventType::Artifact => 2,
             EventType::Error => 3,
             EventType::Complete => 4,
+            EventType::Message => 5,
         }
     }
 
-    /// The type with the given [`code`](Self::code); `None` outside `0..=4`.
+    /// The type with the given [`code`](Self::code); `None` outside `0..=5`.
     pub fn from_code(code: u8) -> Option<Self> {
-        Self::ALL.into_iter().find(|t| t.code() == code)
+        match code {
+            5 => Some(EventType::Message),
+            _ => Self::ALL.into_iter().find(|t| t.code() == code),
+        }
     }
 }
 
@@ -1163,6 +1172,7 @@ mod tests {
                     "recoverable",
                 ],
                 EventType::Complete => &["result", "summary", "execution_time_seconds"],
+                EventType::Message => unreachable!("samples are typed events"),
             };
             let mut last = 0;
             for f in base.iter().chain(own) {
@@ -1322,7 +1332,10 @@ mod tests {
             assert_eq!(t.code() as usize, i);
             assert_eq!(EventType::from_code(t.code()), Some(t));
         }
-        assert_eq!(EventType::from_code(5), None);
+        // Code 5 is a stream's message: stored and read back, never parsed from event JSON.
+        assert_eq!(EventType::from_code(5), Some(EventType::Message));
+        assert_eq!(EventType::parse("message"), None);
+        assert_eq!(EventType::from_code(6), None);
     }
 
     // ---- terminal rule ----

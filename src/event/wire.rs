@@ -239,6 +239,11 @@ impl EventType {
             EventType::Artifact => ArtifactWire::deserialize(d)?.into(),
             EventType::Error => ErrorWire::deserialize(d)?.into(),
             EventType::Complete => CompleteWire::deserialize(d)?.into(),
+            EventType::Message => {
+                return Err(serde::de::Error::custom(
+                    "a stream message is not an event type",
+                ));
+            }
         })
     }
 }

@@ -11,8 +11,9 @@
 //!
 //! [`TokenKeys`] both verifies tokens (the server) and mints them (`eventqueue token`).
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
@@ -161,6 +162,97 @@ pub struct Claims {
     pub scopes: Scopes,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
+    /// Issue time, seconds since the Unix epoch, when the token says.
+    pub iat: Option<u64>,
+}
+
+impl Claims {
+    /// Checks what the signature alone does not bound, at `now` (seconds since the Unix
+    /// epoch): the token's lifetime (`exp − iat`, or `exp − now` without `iat`) is at most
+    /// `max_ttl`, and `iat` is not in the future (beyond [`LEEWAY`]) — such a token would
+    /// escape both the lifetime bound and revocation.
+    ///
+    /// # Errors
+    ///
+    /// [`TokenError::TooLong`] or [`TokenError::IssuedInFuture`].
+    pub fn check_lifetime(&self, max_ttl: Duration, now: u64) -> Result<(), TokenError> {
+        if let Some(iat) = self.iat
+            && iat > now.saturating_add(LEEWAY.as_secs())
+        {
+            return Err(TokenError::IssuedInFuture);
+        }
+        let from = self.iat.unwrap_or(now);
+        let lifetime = self.exp.saturating_sub(from);
+        if lifetime > max_ttl.as_secs() {
+            return Err(TokenError::TooLong {
+                lifetime: format_secs(lifetime),
+                max: format_secs(max_ttl.as_secs()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks the token against its tenant's revocation: a token issued (`iat`) before the
+    /// tenant's not-before time `not_before_us` (microseconds since the Unix epoch) is
+    /// revoked, and so is one without `iat`, which cannot show when it was issued.
+    ///
+    /// # Errors
+    ///
+    /// [`TokenError::Revoked`].
+    pub fn check_revocation(&self, not_before_us: Option<u64>) -> Result<(), TokenError> {
+        let Some(not_before_us) = not_before_us else {
+            return Ok(());
+        };
+        let issued_us = self.iat.map(|iat| iat.saturating_mul(1_000_000));
+        if issued_us.is_none_or(|issued| issued < not_before_us) {
+            return Err(TokenError::Revoked {
+                tenant: self.tenant.to_string(),
+                not_before: crate::event::Timestamp::from_micros(
+                    i64::try_from(not_before_us).unwrap_or(i64::MAX),
+                )
+                .to_rfc3339(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `secs` as people write durations: `30d`, `12h`, `90m`, else seconds.
+pub fn format_secs(secs: u64) -> String {
+    match secs {
+        0 => "0s".into(),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// Each tenant's token not-before time, microseconds since the Unix epoch, as last loaded
+/// from the store (the server's cache of the revocations it keeps).
+#[derive(Debug, Default)]
+pub(crate) struct Revocations {
+    by_tenant: RwLock<HashMap<String, u64>>,
+    /// Held across a load and its replacement of the cache, so that a revocation made
+    /// through this node is never undone here by a load that read the store before it.
+    pub(crate) loading: tokio::sync::Mutex<()>,
+}
+
+impl Revocations {
+    /// Puts `all` in place of what is known.
+    pub(crate) fn replace(&self, all: Vec<(String, u64)>) {
+        let map: HashMap<String, u64> = all.into_iter().collect();
+        *self.by_tenant.write().unwrap_or_else(|p| p.into_inner()) = map;
+    }
+
+    /// The not-before time of `tenant`'s tokens, if it has one.
+    pub(crate) fn not_before(&self, tenant: &str) -> Option<u64> {
+        let map = self.by_tenant.read().unwrap_or_else(|p| p.into_inner());
+        if map.is_empty() {
+            return None;
+        }
+        map.get(tenant).copied()
+    }
 }
 
 /// Why a token was refused. The `Display` text is safe to send back: it never contains the
@@ -186,6 +278,31 @@ pub enum TokenError {
     /// A required claim is missing or has the wrong type or value.
     #[error("invalid token claims: {0}")]
     Claims(String),
+    /// `exp − iat` (or `exp − now`) is longer than the server accepts.
+    #[error(
+        "token lifetime too long: it is valid for {lifetime}, this server accepts at most \
+         {max} (max_token_ttl); mint a shorter one"
+    )]
+    TooLong {
+        /// The token's lifetime, e.g. `365d`.
+        lifetime: String,
+        /// The server's maximum, e.g. `30d`.
+        max: String,
+    },
+    /// `iat` is in the future (beyond the leeway).
+    #[error("invalid token claims: iat is in the future")]
+    IssuedInFuture,
+    /// The tenant's tokens issued before a time were revoked, and this is one of them.
+    #[error(
+        "token revoked: tokens of tenant {tenant} issued before {not_before} are no longer \
+         accepted; mint a new one"
+    )]
+    Revoked {
+        /// The token's tenant.
+        tenant: String,
+        /// The tenant's not-before time, RFC 3339.
+        not_before: String,
+    },
 }
 
 /// Why a secret cannot be used.
@@ -336,6 +453,7 @@ impl TokenKeys {
             tenant,
             scopes: Scopes::parse_lenient(&data.claims.scope),
             exp: data.claims.exp,
+            iat: data.claims.iat,
         })
     }
 }

@@ -19,11 +19,23 @@ use crate::server::error::ApiError;
 /// `Retry-After` of a `429`, in seconds.
 pub const RETRY_AFTER_SECS: u64 = 5;
 
+/// Queue creations a tenant at its limit is refused at once in one [`REFUSAL_WINDOW`]; the
+/// refusals after them wait [`REFUSAL_DELAY`] before they are answered.
+const FREE_REFUSALS: u32 = 20;
+/// See [`FREE_REFUSALS`].
+const REFUSAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+/// See [`FREE_REFUSALS`].
+const REFUSAL_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
+/// Tenants whose refusals are remembered before old windows are dropped.
+const REFUSALS_KEPT: usize = 4096;
+
 #[derive(Debug, Default)]
 struct Counts {
     streams_total: usize,
     streams: HashMap<TenantId, usize>,
     creating: HashMap<TenantId, usize>,
+    /// Each recently refused tenant's refusal window: its start and the refusals in it.
+    refused: HashMap<TenantId, (std::time::Instant, u32)>,
 }
 
 /// The live counts behind the limits (one per server).
@@ -116,6 +128,32 @@ impl Limits {
             limits: self,
             tenant: tenant.clone(),
         })
+    }
+
+    /// How long to wait before answering a refusal of [`reserve_queue`](Self::reserve_queue)
+    /// to `tenant` (counting this one): nothing for its first [`FREE_REFUSALS`] in a
+    /// second, [`REFUSAL_DELAY`] after. A client hammering a tenant's limit then waits for its
+    /// answers instead of taking the server's CPU from other tenants; the wait costs the
+    /// server nothing (an async sleep).
+    pub(crate) fn refusal_delay(&self, tenant: &TenantId) -> std::time::Duration {
+        let now = std::time::Instant::now();
+        let mut counts = self.counts();
+        if counts.refused.len() >= REFUSALS_KEPT {
+            counts
+                .refused
+                .retain(|_, (start, _)| now.duration_since(*start) < REFUSAL_WINDOW);
+        }
+        let (start, n) = counts.refused.entry(tenant.clone()).or_insert((now, 0));
+        if now.duration_since(*start) >= REFUSAL_WINDOW {
+            *start = now;
+            *n = 0;
+        }
+        *n = n.saturating_add(1);
+        if *n > FREE_REFUSALS {
+            REFUSAL_DELAY
+        } else {
+            std::time::Duration::ZERO
+        }
     }
 
     /// Ends a reservation taken by [`reserve_queue`](Self::reserve_queue) (created or not).
@@ -323,6 +361,20 @@ fn quote_key(key: &[u8], quoted: bool) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_tenant_refused_again_and_again_waits_for_its_answers_others_do_not() {
+        let limits = super::Limits::default();
+        let (greedy, other) = (
+            crate::ids::TenantId::new("greedy").unwrap(),
+            crate::ids::TenantId::new("other").unwrap(),
+        );
+        for _ in 0..super::FREE_REFUSALS {
+            assert!(limits.refusal_delay(&greedy).is_zero());
+        }
+        assert_eq!(limits.refusal_delay(&greedy), super::REFUSAL_DELAY);
+        assert!(limits.refusal_delay(&other).is_zero());
+    }
+
     use super::*;
 
     #[test]

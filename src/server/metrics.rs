@@ -66,6 +66,12 @@ pub(super) async fn render(State(state): State<AppState>) -> Response {
         "SSE streams open on this server.",
         state.open_streams(),
     );
+    gauge(
+        &mut out,
+        "eventqueue_stream_buffer_bytes",
+        "Bytes of the server-wide stream buffer budget held by streams (events over 32 KiB, larger replay steps).",
+        state.stream_buffer_bytes_held(),
+    );
     counter(
         &mut out,
         "eventqueue_lag_recoveries_total",

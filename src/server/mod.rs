@@ -37,10 +37,13 @@
 
 pub mod a2a;
 pub mod auth;
+mod conn;
 mod dashboard;
+mod durable_streams;
 mod error;
 mod limits;
 mod metrics;
+mod revoke;
 mod routes;
 mod sse;
 mod stream;
@@ -58,7 +61,7 @@ use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -70,6 +73,7 @@ use crate::manager::QueueManager;
 
 pub use a2a::A2aConfig;
 pub use auth::{Auth, OpenBind, Scopes, TokenKeys};
+pub use conn::{open_file_limit, raise_open_file_limit};
 pub use error::ApiError;
 pub use limits::RETRY_AFTER_SECS;
 pub use tenant::{ACCESS_TOKEN_PARAM, Caller, Need, Reach, TENANT_HEADER, Tenant};
@@ -105,6 +109,13 @@ pub struct ServerConfig {
     pub max_sse_streams: usize,
     /// Most SSE streams open at once for one tenant; more get `429`. Default 1000.
     pub max_sse_streams_per_tenant: usize,
+    /// Bytes all streams together may hold beyond each stream's own 64 KiB until their
+    /// clients took them: events larger than 32 KiB, and larger replay steps lent to streams
+    /// while the budget has room. A stream that would need more for an event waits, holding
+    /// nothing, until streams that drain give bytes back (see `server::stream`'s `# Memory`).
+    /// Bounds what streams that stop reading can make the server hold. `0`: no budget (no
+    /// bound, and no larger steps). Default 64 MiB.
+    pub stream_buffer_bytes: usize,
     /// Most queues one tenant may have (closed ones included, until they expire or are
     /// deleted); creating more gets `429`. Default 10 000.
     pub max_queues_per_tenant: usize,
@@ -126,6 +137,24 @@ pub struct ServerConfig {
     /// plain HTTP. Applies to [`serve`]; the TLS handshake must finish within
     /// [`ServerConfig::header_read_timeout`]. Default: none (plain HTTP).
     pub tls: Option<TlsConfig>,
+    /// Most connections [`serve`] holds at once; one more is answered `503` and closed (over
+    /// TLS: closed). Lowered at start when the open-file limit would run out first. Default
+    /// 16 384.
+    pub max_connections: usize,
+    /// Most connections from one client address (IPv6: one /64) at once; more are refused as
+    /// over [`ServerConfig::max_connections`]. Behind a reverse proxy every connection comes
+    /// from the proxy's address. Default 1024.
+    pub max_connections_per_ip: usize,
+    /// Most bytes of request bodies being received at once, server-wide: a body reserves its
+    /// declared `Content-Length` (or [`ServerConfig::max_body_bytes`] when it declares none)
+    /// while it is read; one that does not fit gets `503` at once. Default 128 MiB.
+    pub max_body_bytes_in_flight: usize,
+    /// Longest lifetime of an accepted token: `exp − iat` (or `exp − now` when it has no
+    /// `iat`); longer ones get `401`. Default 30 days.
+    pub max_token_ttl: Duration,
+    /// How often [`serve`] reloads token revocations from the store, so a revocation made
+    /// through another node holds here within this interval. Default 1 s.
+    pub revocation_refresh: Duration,
 }
 
 impl Default for ServerConfig {
@@ -141,6 +170,7 @@ impl Default for ServerConfig {
             cors_origins: Vec::new(),
             max_sse_streams: 10_000,
             max_sse_streams_per_tenant: 1000,
+            stream_buffer_bytes: 64 << 20,
             max_queues_per_tenant: 10_000,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
@@ -148,6 +178,11 @@ impl Default for ServerConfig {
             a2a: A2aConfig::default(),
             max_ws_in_flight: 256,
             tls: None,
+            max_connections: 16_384,
+            max_connections_per_ip: 1024,
+            max_body_bytes_in_flight: 128 << 20,
+            max_token_ttl: Duration::from_secs(30 * 86_400),
+            revocation_refresh: Duration::from_secs(1),
         }
     }
 }
@@ -165,17 +200,33 @@ struct Inner {
     config: ServerConfig,
     shutdown: CancellationToken,
     limits: limits::Limits,
+    /// Room for request bodies being received, in KiB
+    /// ([`ServerConfig::max_body_bytes_in_flight`]).
+    bodies: Arc<tokio::sync::Semaphore>,
+    /// Each tenant's token not-before time, as last loaded from the store.
+    revocations: auth::Revocations,
+    /// [`ServerConfig::stream_buffer_bytes`], in permits of one byte.
+    stream_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
     /// State serving `manager` with `config`.
     pub fn new(manager: QueueManager, config: ServerConfig) -> Self {
+        let body_kib =
+            (config.max_body_bytes_in_flight / 1024).clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         Self {
             inner: Arc::new(Inner {
                 manager,
+                stream_budget: Arc::new(tokio::sync::Semaphore::new(
+                    config
+                        .stream_buffer_bytes
+                        .min(tokio::sync::Semaphore::MAX_PERMITS),
+                )),
                 config,
                 shutdown: CancellationToken::new(),
                 limits: limits::Limits::default(),
+                bodies: Arc::new(tokio::sync::Semaphore::new(body_kib)),
+                revocations: auth::Revocations::default(),
             }),
         }
     }
@@ -203,6 +254,40 @@ impl AppState {
 
     fn limits(&self) -> &limits::Limits {
         &self.inner.limits
+    }
+
+    fn bodies(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.inner.bodies
+    }
+
+    fn revocations(&self) -> &auth::Revocations {
+        &self.inner.revocations
+    }
+
+    /// Reloads token revocations from the store (see [`ServerConfig::revocation_refresh`]).
+    ///
+    /// # Errors
+    ///
+    /// The storage error; the revocations known before stay in force.
+    pub async fn refresh_revocations(&self) -> crate::Result<()> {
+        let _loading = self.revocations().loading.lock().await;
+        let all = self.manager().token_revocations().await?;
+        self.revocations().replace(all);
+        Ok(())
+    }
+
+    /// The server-wide budget of stream buffers (see `stream::budgeted`).
+    fn stream_budget(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.inner.stream_budget
+    }
+
+    /// Bytes of [`ServerConfig::stream_buffer_bytes`] that streams hold right now.
+    pub fn stream_buffer_bytes_held(&self) -> u64 {
+        let total = self
+            .config()
+            .stream_buffer_bytes
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        total.saturating_sub(self.inner.stream_budget.available_permits()) as u64
     }
 }
 
@@ -241,12 +326,18 @@ pub fn router(state: AppState) -> Router {
         .route("/events/queues/{task_id}/events", post(routes::enqueue))
         .route("/events/queues/{task_id}/events/ws", get(ws::producer))
         .route("/events/queues/{task_id}/close", post(routes::close_queue))
+        .route(
+            "/events/admin/revocations",
+            get(revoke::list).post(revoke::revoke),
+        )
         .route("/healthz", get(routes::healthz))
         .route("/metrics", get(metrics::render))
         // The web dashboard's page and assets (no credentials: the page asks for them).
         .merge(dashboard::routes())
         .route("/.well-known/agent-card.json", get(a2a::agent_card))
         .route("/a2a", post(a2a::rpc))
+        // The Durable Streams protocol under /v1/stream (docs/durable-streams.md).
+        .merge(durable_streams::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
@@ -446,13 +537,21 @@ pub async fn serve(
     if let Some(interval) = config.cleanup_interval {
         manager.start_cleanup_loop(interval);
     }
+    let connections = Arc::new(conn::Connections::new(
+        connection_limit(&config),
+        config.max_connections_per_ip.max(1),
+    ));
     let token = state.shutdown_token().clone();
+    if config.auth.is_token_mode() {
+        // Revocations hold from the first request on, then follow the store.
+        if let Err(e) = state.refresh_revocations().await {
+            tracing::error!(error = %e, "cannot load token revocations; retrying");
+        }
+        tokio::spawn(refresh_revocations(state.clone(), token.clone()));
+    }
     let app = router(state);
-    // HTTP/1.1 only (HTTP/2 is offered over TLS), with upgrades for the WebSocket producer
-    // connection.
-    let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
-    http.http1()
-        .timer(TokioTimer::new())
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout.max(Duration::from_millis(1)));
     let tls = config.tls.as_ref().map(|tls| {
         tls::TlsServe::new(
@@ -461,7 +560,7 @@ pub async fn serve(
             config.header_read_timeout.max(Duration::from_millis(1)),
         )
     });
-    let connections = GracefulShutdown::new();
+    let graceful = GracefulShutdown::new();
     let trigger = async {
         tokio::select! {
             () = shutdown => {}
@@ -474,8 +573,8 @@ pub async fn serve(
             () = &mut trigger => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) if is_connection_error(&e) => continue,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -486,36 +585,54 @@ pub async fn serve(
                 }
             }
         };
+        let admitted = match connections.admit(peer.ip()) {
+            Ok(admitted) => admitted,
+            Err(why) => {
+                tracing::debug!(%peer, reason = %why.detail(), "connection refused");
+                if tls.is_none() {
+                    connections.refuse(stream, &why);
+                }
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
         if let Some(tls) = &tls {
             // The handshake runs on the connection's own task, never in this loop.
-            tokio::spawn(tls.clone().serve(stream, service, connections.watcher()));
+            let serve = tls.clone().serve(stream, service, graceful.watcher());
+            tokio::spawn(async move {
+                serve.await;
+                drop(admitted);
+            });
             continue;
         }
-        let (http, watcher) = (http.clone(), connections.watcher());
-        let first_bytes = config.header_read_timeout.max(Duration::from_millis(1));
+        let io = TokioIo::new(conn::HeadErrors::new(stream));
+        // The place goes with the requests: an upgraded connection keeps holding it.
+        let service = conn::Placed::new(service, admitted);
+        let conn = http.serve_connection(io, service).with_upgrades();
+        // Counted by the graceful shutdown until the connection ends; hyper-util cannot watch
+        // an upgradeable connection itself, so the shutdown token starts its graceful end.
+        let (watcher, token) = (graceful.watcher(), token.clone());
         tokio::spawn(async move {
-            // An upgradeable connection first sniffs the protocol version, with no time limit
-            // of its own: a client that sends nothing is cut off here instead, within the
-            // header read timeout, as it would be once its request head is being read.
-            if !matches!(
-                tokio::time::timeout(first_bytes, stream.readable()).await,
-                Ok(Ok(()))
-            ) {
-                return;
-            }
-            let conn = http.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(conn).await {
+            let mut conn = std::pin::pin!(conn);
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                () = token.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(watcher);
         });
     }
     drop(listener);
     tracing::info!("shutting down: closing streams, finishing in-flight requests");
     token.cancel();
     tokio::select! {
-        () = connections.shutdown() => {}
+        () = graceful.shutdown() => {}
         () = tokio::time::sleep(config.shutdown_grace) => {
             tracing::warn!(
                 grace = ?config.shutdown_grace,
@@ -527,6 +644,58 @@ pub async fn serve(
     tracing::info!("store shut down");
     stopped?;
     Ok(())
+}
+
+/// The connection limit [`serve`] applies: [`ServerConfig::max_connections`], lowered when
+/// the process's open-file limit would run out first. Warns (one line) when that limit is
+/// below the SSE stream limit plus a margin.
+fn connection_limit(config: &ServerConfig) -> usize {
+    let wanted = config.max_connections.max(1);
+    let nofile = conn::open_file_limit();
+    let capped = conn::capped_by_files(wanted, nofile);
+    let streams_need = (config.max_sse_streams as u64).saturating_add(conn::FD_MARGIN);
+    if let Some(limit) = nofile
+        && (limit < streams_need || capped.is_some())
+    {
+        tracing::warn!(
+            open_file_limit = limit,
+            max_sse_streams = config.max_sse_streams,
+            max_connections = capped.unwrap_or(wanted),
+            "the open-file limit ({limit}) is below max_sse_streams + {} or max_connections; \
+             connections are capped at {}; raise the hard limit (ulimit -Hn, systemd \
+             LimitNOFILE=)",
+            conn::FD_MARGIN,
+            capped.unwrap_or(wanted)
+        );
+    }
+    capped.unwrap_or(wanted)
+}
+
+/// Reloads token revocations every [`ServerConfig::revocation_refresh`] until `stop`.
+async fn refresh_revocations(state: AppState, stop: CancellationToken) {
+    let every = state
+        .config()
+        .revocation_refresh
+        .max(Duration::from_millis(10));
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        match state.refresh_revocations().await {
+            Ok(()) if failing => {
+                tracing::info!("token revocations reloaded again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                tracing::error!(error = %e, "cannot reload token revocations; keeping the last ones");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// Accept errors that concern one connection only (the peer went away before it was

@@ -42,8 +42,10 @@ impl<S: Send + Sync> FromRequestParts<S> for TaskPath {
 }
 
 /// A request body read whole, at most [`crate::server::ServerConfig::max_body_bytes`] long
-/// (`413` as soon as it exceeds that, before the rest is read), within
-/// [`crate::server::ServerConfig::body_read_timeout`] (`408` otherwise).
+/// (`413` before anything is read when its `Content-Length` says more, else as soon as it
+/// exceeds that), within [`crate::server::ServerConfig::body_read_timeout`] (`408`
+/// otherwise). While it is read it holds its share of
+/// [`crate::server::ServerConfig::max_body_bytes_in_flight`] (`503` when that is taken).
 #[derive(Debug, Clone)]
 pub(super) struct RawBody(pub Bytes);
 
@@ -51,6 +53,44 @@ impl FromRequest<AppState> for RawBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let max = state.config().max_body_bytes;
+        // hyper has checked that the header is one valid length.
+        let declared = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if let Some(n) = declared
+            && n > max as u64
+        {
+            return Err(ApiError::too_large(format!(
+                "request body exceeds the limit of {max} bytes (Content-Length: {n})"
+            )));
+        }
+        // A body without a declared length may grow to the limit: it reserves that much.
+        let reserve = declared.map_or(max, |n| usize::try_from(n).unwrap_or(max));
+        // At most the whole budget, so that a body limit above the budget still lets one in.
+        let kib = reserve
+            .div_ceil(1024)
+            .clamp(1, (state.config().max_body_bytes_in_flight / 1024).max(1));
+        let kib = u32::try_from(kib).unwrap_or(u32::MAX);
+        let _room = state
+            .bodies()
+            .clone()
+            .try_acquire_many_owned(kib)
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "too many request bodies being received: the server takes at most {} \
+                     bytes of them at once; retry shortly",
+                        state.config().max_body_bytes_in_flight
+                    ),
+                )
+                .with_header(
+                    axum::http::header::RETRY_AFTER,
+                    crate::server::RETRY_AFTER_SECS.to_string(),
+                )
+            })?;
         let limit = state.config().body_read_timeout;
         tokio::time::timeout(limit, Bytes::from_request(req, state))
             .await
@@ -111,14 +151,15 @@ fn read_body<'b, T: Deserialize<'b>>(
     })
 }
 
-pub(super) fn lookup(
+pub(super) async fn lookup(
     state: &AppState,
     tenant: &Tenant,
     task: &TaskId,
 ) -> Result<EventQueue, ApiError> {
     state
         .manager()
-        .get_queue(&tenant.0, task)
+        .find_queue(&tenant.0, task)
+        .await?
         .ok_or_else(|| ApiError::no_queue(task))
 }
 
@@ -316,7 +357,18 @@ pub(super) async fn create_queue(
     let manager = state.manager();
     let limit = state.config().max_queues_per_tenant;
     let existing = || manager.count_queues(&tenant.0);
-    let _reservation = state.limits().reserve_queue(&tenant.0, limit, existing)?;
+    let _reservation = match state.limits().reserve_queue(&tenant.0, limit, existing) {
+        Ok(reservation) => reservation,
+        Err(refused) => {
+            // A client that keeps asking past the limit waits for its answers (see
+            // `Limits::refusal_delay`), so it cannot take the CPU from other tenants.
+            let delay = state.limits().refusal_delay(&tenant.0);
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            return Err(refused);
+        }
+    };
     let queue = manager.create_queue(&tenant.0, &task_id, options).await?;
     Ok((StatusCode::CREATED, axum::Json(queue.info())).into_response())
 }
@@ -327,7 +379,7 @@ pub(super) async fn queue_info(
     tenant: Tenant,
     TaskPath(task): TaskPath,
 ) -> Result<Response, ApiError> {
-    Ok(json(&lookup(&state, &tenant, &task)?.info()))
+    Ok(json(&lookup(&state, &tenant, &task).await?.info()))
 }
 
 /// `DELETE /events/queues/{task_id}` → `204`.
@@ -355,7 +407,7 @@ pub(super) async fn queue_offset(
     tenant: Tenant,
     TaskPath(task): TaskPath,
 ) -> Result<Response, ApiError> {
-    let queue = lookup(&state, &tenant, &task)?;
+    let queue = lookup(&state, &tenant, &task).await?;
     Ok(json(&OffsetBody {
         task_id: &task,
         offset: queue.latest_offset(),
@@ -368,7 +420,7 @@ pub(super) async fn close_queue(
     tenant: Tenant,
     TaskPath(task): TaskPath,
 ) -> Result<Response, ApiError> {
-    let queue = lookup(&state, &tenant, &task)?;
+    let queue = lookup(&state, &tenant, &task).await?;
     queue.close().await?;
     Ok(json(&queue.info()))
 }
@@ -387,10 +439,23 @@ pub(super) async fn enqueue(
     State(state): State<AppState>,
     tenant: Tenant,
     TaskPath(task): TaskPath,
-    RawBody(body): RawBody,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    let queue = lookup(&state, &tenant, &task)?;
-    let events = read_enqueue_body(&state, &tenant, &task, &body)?;
+    // The queue first: a body for a queue that does not exist is never read.
+    let queue = lookup(&state, &tenant, &task).await?;
+    let RawBody(body) = RawBody::from_request(request, &state).await?;
+    enqueue_body(&state, &tenant, &task, &queue, &body).await
+}
+
+/// Parses, validates and enqueues an enqueue request's body (see [`enqueue`]) into `queue`.
+pub(super) async fn enqueue_body(
+    state: &AppState,
+    tenant: &Tenant,
+    task: &TaskId,
+    queue: &EventQueue,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let events = read_enqueue_body(state, tenant, task, body)?;
     let offsets = queue.enqueue_received(events).await?;
     Ok(json(&EnqueueBody {
         offsets,

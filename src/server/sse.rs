@@ -60,6 +60,7 @@ pub(super) async fn workflow_stream(
         query,
         TaskRoute::Workflow,
     )
+    .await
 }
 
 /// `GET /events/ingestion/{id}`.
@@ -78,6 +79,7 @@ pub(super) async fn ingestion_stream(
         query,
         TaskRoute::Ingestion,
     )
+    .await
 }
 
 /// The resume point: `Last-Event-ID: N` → N + 1, which wins over `?from_offset=`; default 0.
@@ -98,7 +100,7 @@ fn resume_point(last_event_id: LastEventId, query: QueryResult) -> Result<u64, A
     }
 }
 
-fn open(
+async fn open(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     TaskPath(task): TaskPath,
@@ -112,7 +114,8 @@ fn open(
     }
     let queue = state
         .manager()
-        .get_queue(&tenant, &task)
+        .find_queue(&tenant, &task)
+        .await?
         .ok_or_else(|| route.not_found(&task))?;
     // Nothing can come past the terminal event, or at or past the end of a closed queue: 204
     // tells a browser's EventSource to stop reconnecting.

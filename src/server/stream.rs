@@ -14,6 +14,30 @@
 //! building, so the framing of a replay costs one buffer reservation per batch, not one
 //! allocation per event.
 //!
+//! # Memory
+//!
+//! A client that stops reading must not make the server hold more for it. A body frames one
+//! batch of deliveries into a chunk (at most [`BATCH_BYTES`] of event JSON, or one larger
+//! event) and frames the next only once the connection has written the last one to its
+//! socket: while the socket is full nothing is framed, and the subscription reads nothing
+//! from the log (it reads only when asked for more, see [`Subscription`]'s `# Memory`).
+//! A stream that is not draining so holds one chunk and one replay step
+//! ([`crate::Config::replay_bytes`]), about 64 KiB, beyond its socket buffers.
+//!
+//! A stream whose subscription is about to read the log takes a larger replay step (512 KiB)
+//! when the server-wide budget below has that room free right now, holding the extra bytes
+//! against the budget until the step's chunk is written: a client that keeps up gets fewer,
+//! larger reads and writes, and one that stops holds at most the budget's share. It never
+//! waits for that room.
+//!
+//! Larger events are held against a server-wide budget ([`ServerConfig::stream_buffer_bytes`]):
+//! the part of a batch beyond [`OWN_BYTES`] needs that many bytes of the budget until the
+//! chunk is written. A stream that finds the budget spent gives the events back to its
+//! subscription (which reads them again later, exactly in order) and waits for the budget
+//! before it reads them again, so it waits holding nothing rather than allocating past the
+//! budget. Streams of small events never touch the budget, so streams stalled on large events
+//! cannot hold up the others.
+//!
 //! # Why a slot is released on drop
 //!
 //! A stream can end in many ways: the subscription ends, the protocol ends it, the client
@@ -33,12 +57,15 @@
 //! server's graceful shutdown is not held up by streams that would otherwise never end.
 //!
 //! [`ServerConfig::max_sse_streams`]: super::ServerConfig::max_sse_streams
+//! [`ServerConfig::stream_buffer_bytes`]: super::ServerConfig::stream_buffer_bytes
 //! [`ServerConfig::max_sse_streams_per_tenant`]: super::ServerConfig::max_sse_streams_per_tenant
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::ops::ControlFlow;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -48,7 +75,9 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::BytesMut;
+use futures_util::task::AtomicWaker;
 use futures_util::{Stream, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
@@ -56,12 +85,25 @@ use crate::server::AppState;
 use crate::server::error::ApiError;
 use crate::{Delivery, Subscription, TenantId};
 
-/// A body stops filling a chunk once it holds this many bytes.
-pub(super) const CHUNK_BYTES: usize = 64 * 1024;
+/// A batch taken from the subscription stops once its events hold this many bytes of JSON
+/// (so it holds at most this plus one event). One replay step of the default size is one
+/// batch, framed into one chunk and written with one system call.
+pub(super) const BATCH_BYTES: usize = 32 * 1024;
 
-/// Deliveries taken from the subscription at a time. A batch also stops once its events hold
-/// `CHUNK_BYTES` of JSON, so a chunk stays under about twice `CHUNK_BYTES` plus one event.
-const BATCH: usize = 64;
+/// Bytes of event JSON a batch may hold on the stream's own account; beyond this (a batch
+/// with an event larger than [`BATCH_BYTES`]) it draws on the server-wide stream budget.
+pub(super) const OWN_BYTES: usize = 2 * BATCH_BYTES;
+
+/// Deliveries taken from the subscription at a time (a batch also stops at [`BATCH_BYTES`]).
+const BATCH: usize = 256;
+
+/// Bytes a replay step may read beyond [`BATCH_BYTES`] when the server-wide budget has them
+/// free; held against the budget until the step's chunk is written (see the module docs).
+const FAST_EXTRA: u32 = 480 * 1024;
+
+/// Deliveries of such a step taken at once: at least a whole step of small events
+/// ([`crate::Config::replay_chunk`] by default), so that none of it stays behind unbudgeted.
+const FAST_BATCH: usize = 1024;
 
 /// The comment sent on a silent stream.
 const KEEPALIVE: &[u8] = b": keepalive\n\n";
@@ -236,7 +278,166 @@ pub(super) trait Framing: Send + Unpin + 'static {
     fn put_batch(&mut self, batch: &[Delivery], out: &mut BytesMut) -> ControlFlow<()>;
 }
 
-type Batches = Pin<Box<dyn Stream<Item = crate::Result<Vec<Delivery>>> + Send>>;
+/// A batch of deliveries and the stream budget it holds (see the module docs' `# Memory`).
+type Budgeted = (Vec<Delivery>, Option<OwnedSemaphorePermit>);
+
+type Batches = Pin<Box<dyn Stream<Item = crate::Result<Budgeted>> + Send>>;
+
+/// The bytes of event JSON in `batch` beyond [`OWN_BYTES`], in permits of `budget`: what the
+/// batch needs of the server-wide budget. At most the whole budget, so that an event larger
+/// than the budget can still be sent (alone).
+fn excess(batch: &[Delivery], total: usize) -> u32 {
+    let bytes: usize = batch
+        .iter()
+        .filter_map(Delivery::as_event)
+        .map(|ev| ev.json().len())
+        .sum();
+    u32::try_from(bytes.saturating_sub(OWN_BYTES).min(total)).unwrap_or(u32::MAX)
+}
+
+/// `sub`'s batches, each with the part of `budget` it needs (see the module docs' `# Memory`).
+///
+/// A batch that needs more of the budget than is free is split before the event that takes
+/// it past [`OWN_BYTES`]: what comes before goes out at once, the rest is given back to the
+/// subscription ([`Subscription::rewind`]), and the next batch is read only once the budget
+/// that event needs was acquired. A batch the subscription cannot take back (it ended the
+/// stream: its terminal event is in it) waits for the budget as it is.
+fn budgeted(
+    sub: Subscription,
+    budget: Arc<Semaphore>,
+    total: usize,
+    flight: Arc<Flight>,
+) -> impl Stream<Item = crate::Result<Budgeted>> + Send + 'static {
+    // (subscription, budget acquired before the read it is for, budget to acquire first)
+    let state = (sub, None::<OwnedSemaphorePermit>, 0u32);
+    futures_util::stream::unfold(state, move |(mut sub, mut held, mut wait)| {
+        let budget = budget.clone();
+        let flight = flight.clone();
+        async move {
+            loop {
+                if wait > 0 {
+                    // The semaphore is never closed; acquiring fails only if it were.
+                    held = budget.clone().acquire_many_owned(wait).await.ok();
+                }
+                // A replay step that the budget has room for is read large: a reader that
+                // keeps up gets fewer, larger reads and writes. Never waited for.
+                // Not before the connection has taken a chunk (see `Flight`): a consumer that
+                // keeps chunks would keep the share.
+                let mut step = (BATCH, BATCH_BYTES);
+                if held.is_none() && total > 0 && flight.armed() && sub.will_read() {
+                    held = budget.clone().try_acquire_many_owned(FAST_EXTRA).ok();
+                    if held.is_some() {
+                        step = (FAST_BATCH, BATCH_BYTES + FAST_EXTRA as usize);
+                    }
+                }
+                sub.set_step_bytes(step.1);
+                let mut batch = match sub.next_batch(step.0, step.1).await? {
+                    Ok(batch) => batch,
+                    Err(e) => return Some((Err(e), (sub, held, 0))),
+                };
+                let need = excess(&batch, total);
+                if need == 0 {
+                    return Some((Ok((batch, None)), (sub, None, 0)));
+                }
+                let permit = match held.take() {
+                    Some(mut p) if p.num_permits() < need as usize => {
+                        match budget
+                            .clone()
+                            .try_acquire_many_owned(need - p.num_permits() as u32)
+                        {
+                            Ok(more) => {
+                                p.merge(more);
+                                Some(p)
+                            }
+                            Err(_) => None,
+                        }
+                    }
+                    Some(p) => Some(p),
+                    None => budget.clone().try_acquire_many_owned(need).ok(),
+                };
+                if let Some(p) = permit {
+                    return Some((Ok((batch, Some(p))), (sub, None, 0)));
+                }
+                // The budget is spent: keep what fits on the stream's own account, give the
+                // rest back, and wait for the budget its first event needs.
+                let split = split_point(&batch);
+                let Some(Delivery::Event(over)) = batch.get(split) else {
+                    // Not reached: the batch needs budget, so some event takes it past.
+                    return Some((Ok((batch, None)), (sub, None, 0)));
+                };
+                let (at, over_need) = (
+                    over.offset(),
+                    excess(std::slice::from_ref(&batch[split]), total),
+                );
+                if !sub.rewind(at) {
+                    let p = budget.clone().acquire_many_owned(need).await.ok();
+                    return Some((Ok((batch, p)), (sub, None, 0)));
+                }
+                batch.truncate(split);
+                if !batch.is_empty() {
+                    return Some((Ok((batch, None)), (sub, None, over_need)));
+                }
+                // `held` (too little) was given back above; wait for what the event needs.
+                wait = over_need;
+            }
+        }
+    })
+}
+
+/// The index of the first delivery of `batch` that takes its event JSON past [`OWN_BYTES`].
+fn split_point(batch: &[Delivery]) -> usize {
+    let mut bytes = 0;
+    batch
+        .iter()
+        .position(|d| {
+            bytes += d.as_event().map_or(0, |ev| ev.json().len());
+            bytes > OWN_BYTES
+        })
+        .unwrap_or(batch.len())
+}
+
+/// The chunks of one body on their way to the socket: the connection drops a chunk once it
+/// has written it, and the body frames nothing new while one is on its way.
+#[derive(Debug, Default)]
+struct Flight {
+    unsent: AtomicUsize,
+    /// Whether the connection has dropped a chunk yet. Until then the body does not wait for
+    /// chunks to be written, nor takes larger replay steps: a consumer that keeps every chunk
+    /// until the stream ends (a test collecting a response body, a buffering layer) would
+    /// otherwise wait on the body while the body waits on it. A connection writes the opening
+    /// frames at once, so on a real socket this is set after the first chunk. (Events over
+    /// 32 KiB use the budget either way: such a consumer holds their shares until it is done.)
+    armed: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Flight {
+    fn armed(&self) -> bool {
+        self.armed.load(Ordering::Acquire)
+    }
+}
+
+/// A chunk handed to the connection, with the stream budget it holds; dropping it (written,
+/// or the connection gone) tells its body, which may then frame the next one.
+struct Sending {
+    frames: Bytes,
+    flight: Arc<Flight>,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+impl AsRef<[u8]> for Sending {
+    fn as_ref(&self) -> &[u8] {
+        &self.frames
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.flight.armed.store(true, Ordering::Release);
+        self.flight.unsent.fetch_sub(1, Ordering::AcqRel);
+        self.flight.waker.wake();
+    }
+}
 
 /// The body of a stream response: the opening frames, then the framing of the
 /// subscription's batches — the batches ready together framed into one chunk, so that a fast
@@ -245,6 +446,7 @@ type Batches = Pin<Box<dyn Stream<Item = crate::Result<Vec<Delivery>>> + Send>>;
 pub(super) struct StreamBody<F> {
     opening: Option<Bytes>,
     batches: Batches,
+    flight: Arc<Flight>,
     framing: F,
     keepalive: Keepalive,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -264,9 +466,17 @@ impl<F: Framing> StreamBody<F> {
         framing: F,
         keepalive: Keepalive,
     ) -> Self {
+        let budget = state.stream_budget();
+        let flight = Arc::<Flight>::default();
         Self {
             opening: Some(opening),
-            batches: Box::pin(sub.into_batches(BATCH, CHUNK_BYTES)),
+            batches: Box::pin(budgeted(
+                sub,
+                budget.clone(),
+                state.config().stream_buffer_bytes,
+                flight.clone(),
+            )),
+            flight,
             framing,
             keepalive,
             shutdown: Box::pin(state.shutdown_token().clone().cancelled_owned()),
@@ -307,7 +517,14 @@ impl<F: Framing> Stream for StreamBody<F> {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         if let Some(frames) = this.opening.take() {
-            return Poll::Ready(Some(Ok(frames)));
+            // Tracked like every chunk: its being written arms the flight (see `Flight`).
+            this.flight.unsent.fetch_add(1, Ordering::AcqRel);
+            let chunk = Sending {
+                frames,
+                flight: this.flight.clone(),
+                _budget: None,
+            };
+            return Poll::Ready(Some(Ok(Bytes::from_owner(chunk))));
         }
         if this.done {
             return Poll::Ready(None);
@@ -316,30 +533,42 @@ impl<F: Framing> Stream for StreamBody<F> {
             this.done = true;
             return Poll::Ready(None);
         }
+        // Nothing new is framed (nor read) while the last chunk is not written yet: a client
+        // that stops reading stops the stream here.
+        if this.flight.armed() && this.flight.unsent.load(Ordering::Acquire) > 0 {
+            this.flight.waker.register(cx.waker());
+            if this.flight.unsent.load(Ordering::Acquire) > 0 {
+                return Poll::Pending;
+            }
+        }
+        // One batch a chunk: the frame being built is bounded by the batch.
         let mut out = BytesMut::new();
-        while out.len() < CHUNK_BYTES {
+        let mut budget = None;
+        while out.is_empty() && !this.done {
             match this.batches.poll_next_unpin(cx) {
-                Poll::Ready(Some(Ok(batch))) => {
+                Poll::Ready(Some(Ok((batch, permit)))) => {
+                    budget = permit;
                     if this.framing.put_batch(&batch, &mut out).is_break() {
                         this.done = true;
-                        break;
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
                     tracing::error!(error = %e, protocol = F::PROTOCOL, "stream ended by a read error");
                     this.done = true;
-                    break;
                 }
-                Poll::Ready(None) => {
-                    this.done = true;
-                    break;
-                }
+                Poll::Ready(None) => this.done = true,
                 Poll::Pending => break,
             }
         }
         if !out.is_empty() {
             this.keepalive.sent();
-            return Poll::Ready(Some(Ok(out.freeze())));
+            this.flight.unsent.fetch_add(1, Ordering::AcqRel);
+            let chunk = Sending {
+                frames: out.freeze(),
+                flight: this.flight.clone(),
+                _budget: budget,
+            };
+            return Poll::Ready(Some(Ok(Bytes::from_owner(chunk))));
         }
         if this.done {
             return Poll::Ready(None);

@@ -9,8 +9,9 @@
 //!   `?access_token=`); `X-Tenant-ID` and `?tenant_id=` are ignored, except that an `admin`
 //!   token may name another tenant with `?tenant_id=`. The scope a request needs follows from
 //!   its method and route ([`Need::of`]): reading needs `subscribe`, writing `publish`, a
-//!   cancel either. A request is refused with `401` (no, malformed, forged or expired token)
-//!   or `403` (a valid token without the scope) before any handler runs.
+//!   cancel either; `/events/admin/…` needs `admin`. A request is refused with `401` (no,
+//!   malformed, forged, expired, too long-lived or revoked token) or `403` (a valid token
+//!   without the scope) before any handler runs.
 
 use std::collections::HashMap;
 
@@ -62,6 +63,8 @@ pub enum Need {
     Publish,
     /// Cancelling: `subscribe` or `publish`.
     Either,
+    /// Administering the server: token revocations (`/events/admin/…`).
+    Admin,
 }
 
 impl Need {
@@ -73,7 +76,9 @@ impl Need {
             .extensions
             .get::<MatchedPath>()
             .map_or(parts.uri.path(), MatchedPath::as_str);
-        if parts.method == Method::GET || parts.method == Method::HEAD {
+        if route.starts_with("/events/admin/") {
+            Need::Admin
+        } else if parts.method == Method::GET || parts.method == Method::HEAD {
             Need::Subscribe
         } else if parts.method == Method::POST && route.ends_with("/cancel") {
             Need::Either
@@ -87,6 +92,7 @@ impl Need {
             Need::Subscribe => scopes.grants(Scopes::SUBSCRIBE),
             Need::Publish => scopes.grants(Scopes::PUBLISH),
             Need::Either => scopes.grants(Scopes::SUBSCRIBE) || scopes.grants(Scopes::PUBLISH),
+            Need::Admin => scopes.contains(Scopes::ADMIN),
         }
     }
 
@@ -95,6 +101,7 @@ impl Need {
             Need::Subscribe => "subscribe",
             Need::Publish => "publish",
             Need::Either => "subscribe or publish",
+            Need::Admin => "admin",
         }
     }
 }
@@ -126,9 +133,19 @@ impl Caller {
             }),
             Auth::Token(keys) => {
                 let token = bearer_token(parts)?;
-                let claims = keys
-                    .verify(&token)
-                    .map_err(|e| ApiError::unauthorized(e.to_string(), Some("invalid_token")))?;
+                let invalid = |e: crate::server::auth::TokenError| {
+                    ApiError::unauthorized(e.to_string(), Some("invalid_token"))
+                };
+                let claims = keys.verify(&token).map_err(invalid)?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                claims
+                    .check_lifetime(state.config().max_token_ttl, now)
+                    .map_err(invalid)?;
+                claims
+                    .check_revocation(state.revocations().not_before(claims.tenant.as_str()))
+                    .map_err(invalid)?;
                 if !need.granted_by(claims.scopes) {
                     let has = if claims.scopes == Scopes::NONE {
                         "none".to_string()

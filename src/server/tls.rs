@@ -151,7 +151,7 @@ impl TlsConfig {
 pub(super) struct TlsServe {
     pub(super) acceptor: TlsAcceptor,
     /// HTTP/1.1 connections (the same settings as plain HTTP's).
-    pub(super) http1: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    pub(super) http1: hyper::server::conn::http1::Builder,
     pub(super) http2: hyper::server::conn::http2::Builder<TokioExecutor>,
     /// Longest TLS handshake; a client that stalls it is disconnected, as one that stalls
     /// its request head.
@@ -164,7 +164,7 @@ impl TlsServe {
     /// peer does not hold its connection forever).
     pub(super) fn new(
         tls: &TlsConfig,
-        http1: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+        http1: hyper::server::conn::http1::Builder,
         header_read_timeout: Duration,
     ) -> Self {
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -185,12 +185,7 @@ impl TlsServe {
     /// `watcher`.
     pub(super) async fn serve<S, B>(self, stream: TcpStream, service: S, watcher: Watcher)
     where
-        S: hyper::service::Service<
-                axum::http::Request<hyper::body::Incoming>,
-                Response = axum::http::Response<B>,
-            > + Clone
-            + Send
-            + 'static,
+        S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B> + Clone + Send + 'static,
         S::Future: Send + 'static,
         S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
         B: hyper::body::Body + Send + 'static,
@@ -211,18 +206,13 @@ impl TlsServe {
             }
         };
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let io = TokioIo::new(tls);
         let result = if h2 {
             watcher
-                .watch(self.http2.serve_connection(io, service))
+                .watch(self.http2.serve_connection(TokioIo::new(tls), service))
                 .await
-                .map_err(Into::into)
         } else {
+            let io = TokioIo::new(super::conn::HeadErrors::new(tls));
             watcher
-                // Without upgrades: an upgradeable connection first sniffs the protocol
-                // version with no time limit, which a silent client could hold forever. (So
-                // the WebSocket producer connection is plain-HTTP only for now; clients fall
-                // back to HTTP requests.)
                 .watch(self.http1.serve_connection(io, service))
                 .await
         };

@@ -35,6 +35,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 
+use axum::Extension;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, State};
@@ -48,6 +49,7 @@ use crate::error::Result;
 use crate::event::Event;
 use crate::queue::EventQueue;
 use crate::server::AppState;
+use crate::server::conn::Place;
 use crate::server::error::ApiError;
 use crate::server::routes::{TaskPath, lookup, read_enqueue_body};
 use crate::server::tenant::{Caller, Need, Tenant};
@@ -72,9 +74,10 @@ pub(super) async fn producer(
     State(state): State<AppState>,
     Publisher(tenant): Publisher,
     TaskPath(task): TaskPath,
+    place: Option<Extension<Place>>,
     upgrade: std::result::Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let queue = lookup(&state, &tenant, &task)?;
+    let queue = lookup(&state, &tenant, &task).await?;
     let upgrade = upgrade.map_err(|e| {
         ApiError::new(
             e.status(),
@@ -94,7 +97,11 @@ pub(super) async fn producer(
     Ok(upgrade
         .max_message_size(config.max_body_bytes)
         .max_frame_size(config.max_body_bytes)
-        .on_upgrade(move |socket| connection(state, tenant, queue, limits, socket)))
+        .on_upgrade(move |socket| async move {
+            // The connection's place in the server's connection counts, held while it lasts.
+            let _place = place;
+            connection(state, tenant, queue, limits, socket).await;
+        }))
 }
 
 async fn connection(

@@ -29,10 +29,6 @@ use super::{
 use crate::error::{Error, Result};
 use crate::ids::EventId;
 
-/// Most bytes of event JSON one [`Storage::read_range`] copies out before it stops early (as
-/// the embedded store's reads do), so a replay of large events proceeds in bounded steps.
-const READ_BYTES: usize = 1 << 20;
-
 /// One retained event and the id it is found by.
 struct MemEvent {
     event: StoredEvent,
@@ -83,6 +79,8 @@ struct State {
     checkpoint_ids: HashMap<(String, String), (String, u64)>,
     /// Bytes of event JSON retained, for [`Storage::size_bytes`].
     bytes: u64,
+    /// Token revocations: tenant → not-before time in microseconds.
+    revoked: HashMap<String, u64>,
 }
 
 /// A staged change of a batch, applied in order at commit.
@@ -172,7 +170,14 @@ impl Storage for MemoryStore {
         Ok((size, size))
     }
 
-    fn read_range(&self, qid: u64, from: u64, to: u64, limit: usize) -> Result<Vec<StoredEvent>> {
+    fn read_range(
+        &self,
+        qid: u64,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredEvent>> {
         let state = self.read()?;
         let Some(q) = state.queues.get(&qid) else {
             return Ok(Vec::new());
@@ -190,11 +195,11 @@ impl Storage for MemoryStore {
             .min(limit);
         for e in q.events.iter().skip(skip).take(take) {
             copied += e.event.json.len();
-            // Sharing the stored bytes: no copy.
-            out.push(e.event.clone());
-            if copied >= READ_BYTES {
+            if copied > max_bytes && !out.is_empty() {
                 break;
             }
+            // Sharing the stored bytes: no copy.
+            out.push(e.event.clone());
         }
         Ok(out)
     }
@@ -240,6 +245,22 @@ impl Storage for MemoryStore {
                     .collect()
             })
             .unwrap_or_default())
+    }
+
+    fn put_revocation(&self, tenant: &str, not_before_us: u64) -> Result<()> {
+        self.write()?
+            .revoked
+            .insert(tenant.to_owned(), not_before_us);
+        Ok(())
+    }
+
+    fn revocations(&self) -> Result<Vec<(String, u64)>> {
+        Ok(self
+            .read()?
+            .revoked
+            .iter()
+            .map(|(t, nb)| (t.clone(), *nb))
+            .collect())
     }
 
     fn size_bytes(&self) -> u64 {

@@ -85,6 +85,11 @@ pub(crate) struct QueueRecord {
     pub closed: bool,
     pub finished_at: Option<u64>,
     pub cancel: Option<CancelRecord>,
+    /// A Durable Streams stream's content type (`None` for typed event queues). Not part of
+    /// the serde encoding: a store keeps it beside the record (redb: after it, so records of
+    /// typed queues keep their bytes and older records still decode).
+    #[serde(skip)]
+    pub content_type: Option<String>,
 }
 
 /// A persisted cancellation.
@@ -261,6 +266,29 @@ impl From<Error> for WriteError {
     }
 }
 
+/// A queue as a shared store holds it, written by another node (see [`Storage::notices`]).
+#[derive(Debug, Clone)]
+pub(crate) struct RemoteQueue {
+    pub tenant: String,
+    pub task: String,
+    /// The store's revision of the queue (see [`Storage::revision`]); for a removal, the last
+    /// revision of the queue removed.
+    pub rev: u64,
+    /// Its record (`id` 0: the node gives it its own id); `None` when it was removed.
+    pub record: Option<QueueRecord>,
+}
+
+/// What a shared store tells a node about the writes of other nodes, in the order the store
+/// applied them.
+#[derive(Debug)]
+pub(crate) enum Notice {
+    /// These queues changed.
+    Changed(Vec<RemoteQueue>),
+    /// Notices may have been lost (the feed reconnected): the node should reload what the
+    /// store holds.
+    Resync,
+}
+
 /// Work a store hands from the writer's thread to the engine's background thread (see
 /// [`Storage::maintain`]); opaque to the engine.
 pub(crate) struct Handoff(pub(crate) Box<dyn Any + Send>);
@@ -354,13 +382,22 @@ pub(crate) trait Storage: Send + Sync + 'static {
     }
 
     /// Up to `limit` events of queue `qid` with offsets in `from..to`, in offset order.
-    /// Offsets missing from the result were trimmed or purged. A store may stop early (after
-    /// at least one event) to bound a read's size; a read from the last offset + 1 goes on.
+    /// Offsets missing from the result were trimmed or purged. The read stops early, after at
+    /// least one event, once the events it returns hold `max_bytes` of JSON, so that what a
+    /// reader holds is bounded (a single larger event is read alone); a read from the last
+    /// offset + 1 goes on.
     ///
     /// # Errors
     ///
     /// Storage errors.
-    fn read_range(&self, qid: u64, from: u64, to: u64, limit: usize) -> Result<Vec<StoredEvent>>;
+    fn read_range(
+        &self,
+        qid: u64,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredEvent>>;
 
     /// The workflow's newest checkpoint.
     ///
@@ -387,6 +424,22 @@ pub(crate) trait Storage: Send + Sync + 'static {
     /// Storage errors.
     fn list_checkpoints(&self, tenant: &str, workflow: &str) -> Result<Vec<LoadedCheckpoint>>;
 
+    /// Sets `tenant`'s token not-before time (microseconds since the Unix epoch): the server
+    /// refuses the tenant's tokens issued before it. Durable when it returns, and seen by
+    /// every node sharing the store. Outside the write path: a revocation is no queue data.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    fn put_revocation(&self, tenant: &str, not_before_us: u64) -> Result<()>;
+
+    /// Every tenant's token not-before time (see [`Storage::put_revocation`]).
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    fn revocations(&self) -> Result<Vec<(String, u64)>>;
+
     /// Whether the store can be reached now (a networked store pings its server). Embedded
     /// stores are always there.
     ///
@@ -396,6 +449,45 @@ pub(crate) trait Storage: Send + Sync + 'static {
     fn check(&self) -> Result<()> {
         Ok(())
     }
+
+    /// A store several nodes share: the feed of other nodes' changes, taken once by the engine
+    /// at start. `None` for a store only this process writes.
+    fn notices(&self) -> Option<std::sync::mpsc::Receiver<Notice>> {
+        None
+    }
+
+    /// A shared store's current record of a queue this node does not know yet (created by
+    /// another node); `None` when it has none. Stores only this process writes answer `None`.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    fn load_queue(&self, _tenant: &str, _task: &str) -> Result<Option<RemoteQueue>> {
+        Ok(None)
+    }
+
+    /// Every queue a shared store holds now (for [`Notice::Resync`]).
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    fn load_all(&self) -> Result<Vec<RemoteQueue>> {
+        Ok(Vec::new())
+    }
+
+    /// Knows queue `queue` (another node's) by id `qid` from now on, at revision `queue.rev`
+    /// or newer: later batches of it are checked against the newest revision the node saw.
+    fn adopt(&self, _qid: u64, _queue: &RemoteQueue) {}
+
+    /// The newest revision of queue `qid` this node saw in a shared store (from its own
+    /// commits, loads and notices); `None` when unknown. A notice about an older revision is
+    /// old news (or about a former queue of the same name) and is ignored.
+    fn revision(&self, _qid: u64) -> Option<u64> {
+        None
+    }
+
+    /// Forgets queue `qid`, removed by another node.
+    fn forget(&self, _qid: u64) {}
 
     /// Bytes the store occupies (0 when it has no files).
     fn size_bytes(&self) -> u64;

@@ -3,14 +3,17 @@
 //! (`auth`), hostile input and slow clients (`hostile`), tenant isolation as a property
 //! (`isolation`), paged and filtered queue lists (`listing`), the dashboard's assets
 //! (`dashboard`), checkpoint routes (`checkpoint`), the HTTP producer helpers and the demo
-//! (`producer`), a proptest-driven fuzz of event JSON parsing (`fuzz`), HTTPS with
-//! HTTP/2 (`tls`), and the pipelined WebSocket producer connection (`ws`).
+//! (`producer`), a proptest-driven fuzz of event JSON parsing (`fuzz`), and HTTPS with
+//! HTTP/2 (`tls`); connection limits and bodies under hostile load (`connections`); token
+//! bounds and revocation (`tokens`); the pipelined WebSocket producer connection (`ws`).
 
 mod a2a;
 mod app;
 mod auth;
 mod checkpoint;
+mod connections;
 mod dashboard;
+mod durable_streams;
 mod fuzz;
 mod hostile;
 mod isolation;
@@ -19,7 +22,9 @@ mod listing;
 mod producer;
 mod router;
 mod sse;
+mod stream_memory;
 mod tls;
+mod tokens;
 mod ws;
 
 use serde_json::{Value, json};

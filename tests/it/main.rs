@@ -1,5 +1,6 @@
 mod helpers;
 mod http;
 mod library;
+mod nodes;
 mod redis;
 mod reliability;

@@ -1,6 +1,6 @@
 //! The Redis store against a real `redis-server` the tests start themselves (on a free
 //! loopback port, in a temporary directory, AOF `always`), for what a shared server adds to
-//! the library suite (which `.ci/run` also runs against Redis): the lease of the writing node,
+//! the library suite (which `.ci/run` also runs against Redis): several nodes over one Redis,
 //! Redis going away and coming back, and a Redis restart losing nothing acknowledged.
 
 use std::net::TcpListener;
@@ -19,14 +19,14 @@ use crate::helpers::{TestServer, client, server_config};
 use crate::library::{task, tenant};
 
 /// A `redis-server` child process; killed when dropped.
-struct RedisServer {
-    port: u16,
+pub(crate) struct RedisServer {
+    pub(crate) port: u16,
     dir: TempDir,
     child: Option<Child>,
 }
 
 impl RedisServer {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -112,84 +112,275 @@ fn working() -> StatusEvent {
     StatusEvent::new(TaskState::Working)
 }
 
-#[tokio::test]
-async fn a_second_node_on_one_redis_is_refused_until_the_first_shuts_down() {
-    let redis = RedisServer::start();
-    let first = QueueManager::open(redis.config()).await.unwrap();
-    let err = QueueManager::open(redis.config()).await.unwrap_err();
-    assert!(
-        matches!(&err, Error::Storage(_)) && err.to_string().contains("another eventqueue node"),
-        "{err}"
-    );
-    // Another prefix is another install: it opens.
-    let other = QueueManager::open(Config {
-        storage: StorageBackend::Redis {
-            url: redis.url(),
-            prefix: "other:".into(),
-        },
-        ..redis.config()
-    })
-    .await
-    .unwrap();
-    other.shutdown().await.unwrap();
-    let (t, k) = (tenant("t"), task("kept"));
-    let q = first
-        .create_queue(&t, &k, QueueOptions::default())
-        .await
-        .unwrap();
-    q.enqueue(eventqueue::Event::new(&t, &k, working()))
-        .await
-        .unwrap();
-    first.shutdown().await.unwrap();
-    // The lease went back at shutdown: the next node opens at once and finds the queue.
-    let second = QueueManager::open(redis.config()).await.unwrap();
-    let q = second
-        .get_queue(&t, &k)
-        .expect("the queue survives the node");
-    assert_eq!(q.latest_offset(), 1);
-    second.shutdown().await.unwrap();
+/// Reads `n` deliveries, which must all be events, and returns their offsets.
+async fn offsets(sub: &mut eventqueue::Subscription, n: usize) -> Vec<u64> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let next = tokio::time::timeout(Duration::from_secs(20), sub.next())
+            .await
+            .expect("a delivery within 20 s")
+            .expect("the stream goes on")
+            .unwrap();
+        match next {
+            eventqueue::Delivery::Event(e) => out.push(e.offset()),
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+    out
 }
 
-/// Redis away for longer than the lease's TTL loses the key (here: removed by hand, as its
-/// expiry would): writes are refused as unavailable, nothing is stored, and the node takes the
-/// lease again by itself and writes on — no restart. A lease another node holds stops it.
-#[tokio::test]
-async fn a_lease_that_expired_is_taken_again_and_one_taken_by_another_stops_writes() {
+/// Two nodes over one Redis: a queue created on one is found on the other at once (before
+/// any notice could arrive, it is looked up in Redis); producers on both nodes get dense,
+/// distinct offsets; subscribers on both nodes, from the start and live, get every event
+/// once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_queues_offsets_and_live_streams() {
     let redis = RedisServer::start();
-    let m = QueueManager::open(redis.config()).await.unwrap();
-    let (t, k) = (tenant("t"), task("lease"));
-    let q = m
+    let a = QueueManager::open(redis.config()).await.unwrap();
+    let b = QueueManager::open(redis.config()).await.unwrap();
+    let (t, k) = (tenant("t"), task("shared"));
+    let qa = a
+        .create_queue(
+            &t,
+            &k,
+            QueueOptions::default().with_max_buffer_size(100_000),
+        )
+        .await
+        .unwrap();
+    let qb = b
+        .find_queue(&t, &k)
+        .await
+        .unwrap()
+        .expect("node B finds the queue node A created");
+    let mut subs = vec![qa.subscribe(0).unwrap(), qb.subscribe(0).unwrap()];
+    const EACH: usize = 150;
+    let mut producers = Vec::new();
+    for (node, q) in [(0, qa.clone()), (1, qb.clone())] {
+        producers.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for i in 0..EACH {
+                let id = eventqueue::EventId::new(format!("n{node}-{i}")).unwrap();
+                let e =
+                    eventqueue::Event::new(q.tenant_id(), q.task_id(), working()).with_event_id(id);
+                got.push(q.enqueue(e).await.unwrap());
+            }
+            got
+        }));
+    }
+    let mut acked = Vec::new();
+    for p in producers {
+        acked.extend(p.await.unwrap());
+    }
+    acked.sort_unstable();
+    let all: Vec<u64> = (0..2 * EACH as u64).collect();
+    assert_eq!(acked, all, "offsets are dense and never given twice");
+    for sub in &mut subs {
+        assert_eq!(offsets(sub, 2 * EACH).await, all);
+    }
+    // A subscriber that joins on B later reads the same from Redis, then goes live.
+    let mut late = qb.subscribe(0).unwrap();
+    assert_eq!(offsets(&mut late, 2 * EACH).await, all);
+    let last = qa
+        .enqueue(eventqueue::Event::new(&t, &k, working()))
+        .await
+        .unwrap();
+    assert_eq!(last, 2 * EACH as u64);
+    assert_eq!(offsets(&mut late, 1).await, vec![last]);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+/// Idempotency, cancellation, close and deletion hold across nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_cancel_close_and_delete_reach_every_node() {
+    let redis = RedisServer::start();
+    let a = QueueManager::open(redis.config()).await.unwrap();
+    let b = QueueManager::open(redis.config()).await.unwrap();
+    let t = tenant("t");
+    let k = task("job");
+    let qa = a
         .create_queue(&t, &k, QueueOptions::default())
         .await
         .unwrap();
-    let mut conn = redis::Client::open(redis.url())
-        .unwrap()
-        .get_connection()
+    let qb = b.find_queue(&t, &k).await.unwrap().unwrap();
+    let id = eventqueue::EventId::new("once").unwrap();
+    let first = qa
+        .enqueue(eventqueue::Event::new(&t, &k, working()).with_event_id(id.clone()))
+        .await
         .unwrap();
-    let _: () = redis::cmd("DEL").arg("eq:lease").query(&mut conn).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let offset = loop {
-        match q.enqueue(eventqueue::Event::new(&t, &k, working())).await {
-            Ok(offset) => break offset,
-            Err(Error::Storage(e)) => assert!(e.is_unavailable(), "{e}"),
-            Err(other) => panic!("{other}"),
-        }
-        assert!(Instant::now() < deadline, "the lease was not taken again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(offset, 0, "nothing was stored while the lease was away");
-    // Another node's token: this node stops writing, and says why.
-    let _: () = redis::cmd("SET")
-        .arg("eq:lease")
-        .arg("someone-else")
-        .query(&mut conn)
+    let again = qb
+        .enqueue(eventqueue::Event::new(&t, &k, working()).with_event_id(id))
+        .await
         .unwrap();
-    let err = q
+    assert_eq!(
+        again, first,
+        "the same event_id on another node is the same event"
+    );
+
+    // Cancel on A: B's next enqueue answer says so.
+    qa.cancel(Some("stop")).await.unwrap();
+    qb.enqueue(eventqueue::Event::new(&t, &k, working()))
+        .await
+        .unwrap();
+    assert!(qb.is_cancelled(), "B's producer sees the cancellation");
+
+    // Close on B ends A's live stream after the events before it.
+    let mut sub = qa.subscribe(0).unwrap();
+    assert_eq!(offsets(&mut sub, 2).await, vec![0, 1]);
+    qb.close().await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .expect("A's stream ends within 20 s");
+    assert!(end.is_none(), "{end:?}");
+    let err = qa
         .enqueue(eventqueue::Event::new(&t, &k, working()))
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("another node holds"), "{err}");
-    let _ = m.shutdown().await;
+    assert!(matches!(err, Error::QueueClosed { .. }), "{err}");
+
+    // Delete on A ends B's streams; B forgets the queue; the name can be used again.
+    let k2 = task("deleted");
+    let qa2 = a
+        .create_queue(&t, &k2, QueueOptions::default())
+        .await
+        .unwrap();
+    let qb2 = b.find_queue(&t, &k2).await.unwrap().unwrap();
+    let mut sub = qb2.subscribe(0).unwrap();
+    assert!(a.delete_queue(&t, &k2).await.unwrap());
+    let end = tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .expect("B's stream ends within 20 s");
+    assert!(end.is_none(), "{end:?}");
+    let err = qb2
+        .enqueue(eventqueue::Event::new(&t, &k2, working()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::QueueNotFound { .. }), "{err}");
+    drop(qa2);
+    let fresh = b
+        .create_queue(&t, &k2, QueueOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        fresh
+            .enqueue(eventqueue::Event::new(&t, &k2, working()))
+            .await
+            .unwrap(),
+        0,
+        "a queue created again starts at offset 0"
+    );
+    let on_a = a
+        .find_queue(&t, &k2)
+        .await
+        .unwrap()
+        .expect("A finds the new queue");
+    let mut sub = on_a.subscribe(0).unwrap();
+    assert_eq!(offsets(&mut sub, 1).await, vec![0]);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+/// Checkpoint saves of one workflow from two nodes at once: every save stored, numbered
+/// without collisions, each with its events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_saves_from_two_nodes_never_collide() {
+    let redis = RedisServer::start();
+    let a = QueueManager::open(redis.config()).await.unwrap();
+    let b = QueueManager::open(redis.config()).await.unwrap();
+    let t = tenant("t");
+    let w = task("wf");
+    a.create_queue(&t, &w, QueueOptions::kind(eventqueue::QueueKind::Workflow))
+        .await
+        .unwrap();
+    let mut saves = Vec::new();
+    for (node, m) in [(0, a.clone()), (1, b.clone())] {
+        let w = w.clone();
+        let store = m.checkpoints(&t);
+        saves.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..20u64 {
+                let cp = eventqueue::Checkpoint::new(&w, eventqueue::WorkflowStatus::Running)
+                    .phase(i, 100)
+                    .state(json!({"node": node, "i": i}));
+                let saved = store.save(cp).await.unwrap();
+                ids.push((
+                    saved.checkpoint_id,
+                    saved.status_offset,
+                    saved.progress_offset,
+                ));
+            }
+            ids
+        }));
+    }
+    let mut saved = Vec::new();
+    for s in saves {
+        saved.extend(s.await.unwrap());
+    }
+    let mut ids: Vec<String> = saved.iter().map(|s| s.0.clone()).collect();
+    // The events the saves appended: each at its own offset, together dense from 0.
+    let mut emitted: Vec<u64> = saved.iter().flat_map(|s| [s.1, s.2]).flatten().collect();
+    emitted.sort_unstable();
+    let n = emitted.len() as u64;
+    assert!(n >= 40, "every save appended its status event");
+    assert_eq!(emitted, (0..n).collect::<Vec<_>>());
+    let listed = a.checkpoints(&t).list(&w).await.unwrap();
+    assert_eq!(listed.len(), 40, "every save is stored");
+    let mut listed_ids: Vec<_> = listed.iter().map(|c| c.checkpoint_id.clone()).collect();
+    listed_ids.sort();
+    ids.sort();
+    assert_eq!(listed_ids, ids);
+    // Another node reads them all.
+    let q = b.find_queue(&t, &w).await.unwrap().unwrap();
+    let mut sub = q.subscribe(0).unwrap();
+    assert_eq!(offsets(&mut sub, n as usize).await, emitted);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+/// The TTL sweep on every node at once: the idle queue is removed once, without errors, and
+/// every node forgets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ttl_sweep_runs_on_every_node_at_once() {
+    let redis = RedisServer::start();
+    let a = QueueManager::open(redis.config()).await.unwrap();
+    let b = QueueManager::open(redis.config()).await.unwrap();
+    let t = tenant("t");
+    let idle = task("idle");
+    let q = a
+        .create_queue(
+            &t,
+            &idle,
+            QueueOptions::default().with_ttl(Duration::from_millis(1)),
+        )
+        .await
+        .unwrap();
+    q.enqueue(eventqueue::Event::new(&t, &idle, working()))
+        .await
+        .unwrap();
+    b.find_queue(&t, &idle).await.unwrap().unwrap();
+    let busy = task("busy");
+    a.create_queue(&t, &busy, QueueOptions::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (ra, rb) = tokio::join!(a.cleanup_expired(), b.cleanup_expired());
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(
+        ra.queues_expired + rb.queues_expired,
+        1,
+        "removed once: {ra:?} {rb:?}"
+    );
+    for m in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while m.get_queue(&t, &idle).is_some() {
+            assert!(Instant::now() < deadline, "a node kept the expired queue");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(m.find_queue(&t, &idle).await.unwrap().is_none());
+        assert!(m.find_queue(&t, &busy).await.unwrap().is_some());
+    }
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
 }
 
 #[tokio::test]
@@ -354,4 +545,32 @@ async fn a_redis_restart_loses_no_acknowledged_event() {
         }
     }
     m.shutdown().await.unwrap();
+}
+
+/// A token revocation is kept by Redis (a hash `{prefix}revoked`): the next node on the same
+/// Redis and prefix finds it, another prefix does not.
+#[tokio::test]
+async fn a_token_revocation_is_kept_by_redis_for_the_next_node() {
+    let redis = RedisServer::start();
+    let first = QueueManager::open(redis.config()).await.unwrap();
+    let when = eventqueue::Timestamp::from_micros(1_700_000_000_000_000);
+    first.revoke_tokens(&tenant("acme"), when).await.unwrap();
+    first.shutdown().await.unwrap();
+    let second = QueueManager::open(redis.config()).await.unwrap();
+    assert_eq!(
+        second.token_revocations().await.unwrap(),
+        [("acme".to_string(), 1_700_000_000_000_000)]
+    );
+    second.shutdown().await.unwrap();
+    let other = QueueManager::open(Config {
+        storage: StorageBackend::Redis {
+            url: redis.url(),
+            prefix: "other:".into(),
+        },
+        ..redis.config()
+    })
+    .await
+    .unwrap();
+    assert!(other.token_revocations().await.unwrap().is_empty());
+    other.shutdown().await.unwrap();
 }

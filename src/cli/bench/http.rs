@@ -64,6 +64,9 @@ impl Running {
             cleanup_interval: None,
             max_sse_streams: 20_000,
             max_sse_streams_per_tenant: 20_000,
+            // Every client is on loopback: one address.
+            max_connections: 24_000,
+            max_connections_per_ip: 24_000,
             ..ServerConfig::default()
         };
         let (stop, stopped) = oneshot::channel::<()>();

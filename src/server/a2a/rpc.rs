@@ -250,7 +250,7 @@ pub(super) fn check_tenant(
     }
 }
 
-fn lookup(
+async fn lookup(
     state: &AppState,
     caller: &Caller,
     task: &TaskId,
@@ -258,7 +258,9 @@ fn lookup(
 ) -> Result<EventQueue, RpcError> {
     state
         .manager()
-        .get_queue(&caller.tenant, task)
+        .find_queue(&caller.tenant, task)
+        .await
+        .map_err(|e| RpcError::internal(id, &e))?
         .ok_or_else(|| RpcError::new(id, TASK_NOT_FOUND, format!("task not found: {task}")))
 }
 
@@ -316,7 +318,7 @@ async fn get_task(
 ) -> Result<Response, RpcError> {
     let id = req.reply_id();
     let params = task_params(req, caller)?;
-    let queue = lookup(state, caller, &params.task, &id)?;
+    let queue = lookup(state, caller, &params.task, &id).await?;
     let task = current_task(&queue, &params.task, &id, v).await?;
     Ok(success(&id, task))
 }
@@ -329,7 +331,7 @@ async fn cancel_task(
 ) -> Result<Response, RpcError> {
     let id = req.reply_id();
     let params = task_params(req, caller)?;
-    let queue = lookup(state, caller, &params.task, &id)?;
+    let queue = lookup(state, caller, &params.task, &id).await?;
     let reason = match params.metadata.get("reason") {
         None | Some(Value::Null) => None,
         Some(Value::String(r)) => Some(r.clone()),
@@ -486,7 +488,7 @@ async fn subscribe(
             "the server is shutting down",
         ));
     }
-    let queue = lookup(state, caller, &params.task, &id)?;
+    let queue = lookup(state, caller, &params.task, &id).await?;
     let sub = subscribe_from_start(&queue, &params.task, &id)?;
     let from = resume.unwrap_or_else(|| sub.latest_offset_at_start());
     if queue.nothing_from(from) {

@@ -128,12 +128,24 @@ impl<'a> Iterator for Records<'a> {
     }
 }
 
+/// A queue record: its postcard encoding, then, for a stream only, `postcard(content type)`.
+/// Typed queues' records keep the bytes they had before streams existed, and a record without
+/// the trailer decodes with no content type.
 pub(crate) fn encode_queue(record: &QueueRecord) -> Result<Vec<u8>> {
-    postcard::to_allocvec(record).map_err(Error::storage)
+    let buf = postcard::to_allocvec(record).map_err(Error::storage)?;
+    match &record.content_type {
+        Some(ct) => postcard::to_extend(ct.as_str(), buf).map_err(Error::storage),
+        None => Ok(buf),
+    }
 }
 
 pub(crate) fn decode_queue(bytes: &[u8]) -> Result<QueueRecord> {
-    postcard::from_bytes(bytes).map_err(|e| Error::storage(format!("corrupt queue record: {e}")))
+    let corrupt = |e: postcard::Error| Error::storage(format!("corrupt queue record: {e}"));
+    let (mut record, rest) = postcard::take_from_bytes::<QueueRecord>(bytes).map_err(corrupt)?;
+    if !rest.is_empty() {
+        record.content_type = Some(postcard::from_bytes::<String>(rest).map_err(corrupt)?);
+    }
+    Ok(record)
 }
 
 #[cfg(test)]
@@ -224,8 +236,20 @@ mod tests {
                 reason: Some("user".into()),
                 time_us: 5,
             }),
+            content_type: None,
         };
-        assert_eq!(decode_queue(&encode_queue(&rec).unwrap()).unwrap(), rec);
+        let typed = encode_queue(&rec).unwrap();
+        assert_eq!(decode_queue(&typed).unwrap(), rec);
+        // A stream's record carries its content type after the record; a typed queue's record
+        // is unchanged by it, so files written before streams existed still decode.
+        let stream = QueueRecord {
+            kind: 3,
+            content_type: Some("application/json".into()),
+            ..rec
+        };
+        let bytes = encode_queue(&stream).unwrap();
+        assert!(bytes.len() > typed.len());
+        assert_eq!(decode_queue(&bytes).unwrap(), stream);
     }
 
     use proptest::prelude::*;

@@ -86,10 +86,9 @@ const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events"
 const EVENT_IDS: TableDefinition<(u64, &str), u64> = TableDefinition::new("event_ids");
 /// Deleted queues whose events are still being removed, in bounded steps.
 const PURGE: TableDefinition<u64, ()> = TableDefinition::new("purge");
-
-/// JSON bytes one [`Store::read_range`] copies out of redb, at most (plus one event): a
-/// replay step of 1024 events sent as 300 bytes is ~0.5 MB, and of 1 MiB events would be a GiB.
-pub(crate) const READ_BYTES: usize = 1 << 20;
+/// Token revocations: tenant → not-before time in microseconds (written directly, not
+/// through the log: they are no queue data, and each is its own durable transaction).
+const REVOKED: TableDefinition<&str, u64> = TableDefinition::new("revoked");
 
 const KEY_FORMAT: &str = "format_version";
 const KEY_NEXT_QUEUE_ID: &str = "next_queue_id";
@@ -795,16 +794,17 @@ impl Store {
     }
 
     /// Reads up to `limit` events of queue `qid` with offsets in `from..to`, in offset order.
-    /// Offsets missing from the result were trimmed or purged. The read also stops, after at
-    /// least one event, once the events it copied out of redb hold [`READ_BYTES`] of JSON (so
-    /// a step over large events stays small); the result then ends below `to`, and a read from
-    /// its last offset + 1 goes on from there.
+    /// Offsets missing from the result were trimmed or purged. The read also stops before an
+    /// event that would take its JSON past `max_bytes` (a first event larger than that is
+    /// read alone), so a step over large events stays small; the result then ends below `to`,
+    /// and a read from its last offset + 1 goes on from there.
     pub(crate) fn read_range(
         &self,
         qid: u64,
         from: u64,
         to: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<StoredEvent>> {
         if from >= to || limit == 0 {
             return Ok(Vec::new());
@@ -813,24 +813,32 @@ impl Store {
         let pending = self.pending().read(qid, from, to, limit);
         let (start, end) = (from.max(pending.applied.start), to.min(pending.applied.end));
         let mut out = Vec::with_capacity(limit.min((to - from) as usize));
-        let full = start < end && self.read_applied(qid, start, end, limit, &mut out)?;
+        let full = start < end && self.read_applied(qid, start, end, limit, max_bytes, &mut out)?;
         // A read of redb cut short must not go on with pending events: they come after what
         // it left out.
         if !full {
             let room = limit - out.len();
-            out.extend(pending.events.into_iter().take(room));
+            let mut bytes: usize = out.iter().map(|e| e.json.len()).sum();
+            for e in pending.events.into_iter().take(room) {
+                bytes += e.json.len();
+                if bytes > max_bytes && !out.is_empty() {
+                    break;
+                }
+                out.push(e);
+            }
         }
         Ok(out)
     }
 
     /// [`Store::read_range`] of what redb holds. True when it stopped before `to`: at `limit`
-    /// events or at [`READ_BYTES`].
+    /// events or at `max_bytes`.
     fn read_applied(
         &self,
         qid: u64,
         from: u64,
         to: u64,
         limit: usize,
+        max_bytes: usize,
         out: &mut Vec<StoredEvent>,
     ) -> Result<bool> {
         /// Events' JSON is copied into shared buffers of about this size, one allocation for
@@ -875,6 +883,10 @@ impl Store {
                 }
                 let record = record?;
                 let (header, at) = codec::decode_event(record)?;
+                if taken > 0 && copied + (record.len() - at) > max_bytes {
+                    full = true;
+                    break 'rows;
+                }
                 if buf.is_empty() {
                     buf.reserve(SHARED.max(record.len()));
                 } else if buf.len() + record.len() > buf.capacity() {
@@ -886,7 +898,7 @@ impl Store {
                 metas.push((offset, header.event_type, header.terminal, start..buf.len()));
                 taken += 1;
                 copied += buf.len() - start;
-                if taken >= limit || copied >= READ_BYTES {
+                if taken >= limit || copied >= max_bytes {
                     full = true;
                     break 'rows;
                 }
@@ -1093,8 +1105,15 @@ impl Storage for Store {
         }
     }
 
-    fn read_range(&self, qid: u64, from: u64, to: u64, limit: usize) -> Result<Vec<StoredEvent>> {
-        Store::read_range(self, qid, from, to, limit)
+    fn read_range(
+        &self,
+        qid: u64,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredEvent>> {
+        Store::read_range(self, qid, from, to, limit, max_bytes)
     }
 
     fn latest_checkpoint(&self, tenant: &str, workflow: &str) -> Result<Option<LoadedCheckpoint>> {
@@ -1111,6 +1130,34 @@ impl Storage for Store {
 
     fn list_checkpoints(&self, tenant: &str, workflow: &str) -> Result<Vec<LoadedCheckpoint>> {
         Store::list_checkpoints(self, tenant, workflow)
+    }
+
+    fn put_revocation(&self, tenant: &str, not_before_us: u64) -> Result<()> {
+        let mut txn = self.begin_write()?;
+        txn.set_durability(Durability::Immediate).map_err(st)?;
+        txn.open_table(REVOKED)
+            .map_err(st)?
+            .insert(tenant, not_before_us)
+            .map_err(st)?;
+        txn.commit().map_err(st)
+    }
+
+    fn revocations(&self) -> Result<Vec<(String, u64)>> {
+        let txn = self.begin_read()?;
+        let table = match txn.open_table(REVOKED) {
+            Ok(table) => table,
+            // No revocation was ever made.
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(st(e)),
+        };
+        table
+            .iter()
+            .map_err(st)?
+            .map(|row| {
+                let (k, v) = row.map_err(st)?;
+                Ok((k.value().to_owned(), v.value()))
+            })
+            .collect()
     }
 
     fn size_bytes(&self) -> u64 {

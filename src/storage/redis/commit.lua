@@ -1,9 +1,12 @@
 -- One batch of eventqueue's Redis store, applied atomically (see storage/redis/mod.rs).
 --
 -- ARGV[1]  the key prefix
--- ARGV[2]  this node's lease token: the batch is refused unless the node still holds the lease
+-- ARGV[2]  the writing node's id (named in the batch's notice, so the node skips its own)
 -- ARGV[3]  n, then n pairs (queue tag, the revision the batch was built on, or "new" for a
 --          queue the batch creates)
+-- then     m, then m checkpoint checks (tenant, workflow, seq, id): the workflow's next
+--          checkpoint number is still `seq` (checked for its first save in the batch) and no
+--          checkpoint of the tenant has this id yet
 -- then     operations, each a name followed by its arguments:
 --   add  tag seq offset id record     append the event at `offset` (stream id 0-seq, seq =
 --                                     offset + 1; id "" when not indexed)
@@ -16,16 +19,26 @@
 --   cp   tenant workflow seq id rec   store a checkpoint (keeping the newest `keep`)
 --   keep n                            checkpoints kept per workflow
 --
--- Returns {"ok", tag, rev, ...} with the new revision of every queue the batch stored,
+-- Returns {"ok", tag, rev, ...} with the new revision of every queue the batch stored, or
 -- {"stale", tag, {record fields}, ...} when some queue is no longer at the revision the batch
--- was built on (nothing stored), or {"fenced", holder} when the node does not hold the lease
--- (holder false: nobody does, as after the key expired while Redis was away).
+-- was built on, or another node has its turn, or some checkpoint check failed (nothing of the
+-- batch stored in either case).
+--
+-- A stored batch is announced on the channel PREFIX .. "notices" as one JSON message
+-- [node, [["put", tag, tenant, task, rev, f1, v1, ...] or ["rm", tag, tenant, task, rev], ...]]
+-- (a removal names the last revision of the queue it removed),
+-- so the other nodes take in the new state without polling.
+--
+-- Revisions: a queue's first revision is the server's clock in microseconds, then +1 per
+-- batch. A queue deleted and created again thus starts far above any revision its former
+-- self reached, so a node that knew the former queue can never mistake the new one for it.
 local p = ARGV[1]
-local holder = redis.call('GET', p .. 'lease')
-if holder ~= ARGV[2] then
-  return {'fenced', holder}
-end
-
+local node = ARGV[2]
+-- Fairness between nodes writing one queue: a batch found stale because another node wrote
+-- the queue first gives its node the queue's next turn (fields `turn`, `till` of the queue's
+-- hash) for this long, so its rebuild is not overtaken again by a faster node; the turn ends
+-- with that node's next stored batch, or by itself.
+local TURN_US = 10000
 local function qkey(tag) return p .. 'q:{' .. tag .. '}' end
 local function ekey(tag) return p .. 'e:{' .. tag .. '}' end
 local function ikey(tag) return p .. 'i:{' .. tag .. '}' end
@@ -33,17 +46,66 @@ local function ikey(tag) return p .. 'i:{' .. tag .. '}' end
 local i = 4
 local n = tonumber(ARGV[3])
 local stale = {}
+local news = {}
+local kept = {}
+local claims = {}
+local mine = {}
+local now = nil
+local function clock()
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  end
+  return now
+end
 for _ = 1, n do
   local tag, want = ARGV[i], ARGV[i + 1]
   i = i + 2
-  local rev = redis.call('HGET', qkey(tag), 'rev')
   if want == 'new' then
-    if rev then table.insert(stale, tag) end
-  elseif rev ~= want then
+    table.insert(news, tag)
+  else
+    local f = redis.call('HMGET', qkey(tag), 'rev', 'turn', 'till')
+    local others = f[2] and f[2] ~= node and tonumber(f[3]) > clock()
+    if f[1] ~= want then
+      table.insert(stale, tag)
+      -- Behind another node's write: this node's rebuild gets the next turn.
+      if f[1] and not others then table.insert(claims, tag) end
+    elseif others then
+      -- Another node's turn (it was behind, and rebuilds now): wait for it.
+      table.insert(stale, tag)
+    else
+      kept[tag] = true
+      if f[2] then table.insert(mine, tag) end
+    end
+  end
+end
+-- A queue the batch creates must not exist, unless the batch removes it first (a delete and
+-- a create of the same task in one batch: its former self was checked above).
+for _, tag in ipairs(news) do
+  if not kept[tag] and redis.call('EXISTS', qkey(tag)) == 1 then
     table.insert(stale, tag)
   end
 end
-if #stale > 0 then
+local m = tonumber(ARGV[i])
+i = i + 1
+local checkpoints_stale = false
+local firsts = {}
+for _ = 1, m do
+  local tenant, workflow, seq, id = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  i = i + 4
+  local ck = p .. 'c:{' .. tenant .. '/' .. workflow .. '}'
+  if not firsts[ck] then
+    firsts[ck] = true
+    if (redis.call('HGET', ck, 'next') or '0') ~= seq then checkpoints_stale = true end
+  end
+  if redis.call('HEXISTS', p .. 'ci:{' .. tenant .. '}', id) == 1 then
+    checkpoints_stale = true
+  end
+end
+if #stale > 0 or checkpoints_stale then
+  for _, tag in ipairs(claims) do
+    redis.call('HSET', qkey(tag), 'turn', node, 'till', string.format('%.0f', clock() + TURN_US))
+  end
   local out = {'stale'}
   for _, tag in ipairs(stale) do
     table.insert(out, tag)
@@ -58,8 +120,11 @@ local function record_id(rec)
   return string.sub(rec, 5, 4 + len)
 end
 
+for _, tag in ipairs(mine) do redis.call('HDEL', qkey(tag), 'turn', 'till') end
+
 local keep = 100
 local revs = {'ok'}
+local notes = {}
 local argc = #ARGV
 while i <= argc do
   local op = ARGV[i]
@@ -91,17 +156,28 @@ while i <= argc do
     local tag, tenant, task, nf = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4])
     local fields = {}
     for k = 1, nf * 2 do fields[k] = ARGV[i + 4 + k] end
+    if redis.call('EXISTS', qkey(tag)) == 0 then
+      local t = redis.call('TIME')
+      redis.call('HSET', qkey(tag), 'rev', t[1] .. string.rep('0', 6 - #t[2]) .. t[2])
+    end
     redis.call('HSET', qkey(tag), unpack(fields))
-    local rev = redis.call('HINCRBY', qkey(tag), 'rev', 1)
+    redis.call('HINCRBY', qkey(tag), 'rev', 1)
+    -- Read back as text: a Lua number would print a revision this large in exponent form.
+    local rev = redis.call('HGET', qkey(tag), 'rev')
     redis.call('ZADD', p .. 't:{' .. tenant .. '}', 0, task)
     redis.call('SADD', p .. 'tenants', tenant)
     table.insert(revs, tag)
-    table.insert(revs, tostring(rev))
+    table.insert(revs, rev)
+    local note = {'put', tag, tenant, task, rev}
+    for k = 1, nf * 2 do note[5 + k] = fields[k] end
+    table.insert(notes, note)
     i = i + 5 + nf * 2
   elseif op == 'rm' then
     local tag, tenant, task = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    local last = redis.call('HGET', qkey(tag), 'rev') or '0'
     redis.call('UNLINK', qkey(tag), ekey(tag), ikey(tag))
     redis.call('ZREM', p .. 't:{' .. tenant .. '}', task)
+    table.insert(notes, {'rm', tag, tenant, task, last})
     i = i + 4
   elseif op == 'cp' then
     local tenant, workflow, seq, id, rec =
@@ -123,5 +199,8 @@ while i <= argc do
   else
     return redis.error_reply('eventqueue: unknown batch operation ' .. tostring(op))
   end
+end
+if #notes > 0 then
+  redis.call('PUBLISH', p .. 'notices', cjson.encode({node, notes}))
 end
 return revs

@@ -14,7 +14,7 @@
 //! - `t:{T}` — sorted set of the tenant's task ids (listing); `tenants` — set of tenants.
 //! - `c:{T/W}` — hash: a workflow's checkpoints (`r:SEQ`, `id:SEQ`, `next`);
 //!   `ci:{T}` — hash: checkpoint id → `W/SEQ`.
-//! - `lease` — the token of the node that writes (see below).
+//! - `notices` — the channel on which every stored batch is announced (see below).
 //!
 //! # The write path
 //!
@@ -33,13 +33,24 @@
 //! error (the commit is [`WriteError::Rejected`]) and the next batch of those queues meets
 //! their new revision if the script did run, and is rebuilt on it.
 //!
-//! # One writing node
+//! # Several nodes
 //!
-//! A node holds `lease` (a random token, expiring unless renewed every
-//! [`LEASE_RENEW`]) while it is open, and every batch checks it inside the script: a second
-//! node on the same Redis and prefix is refused at start, and a node that lost its lease
-//! (stalled past the expiry) can no longer write. Several nodes sharing one Redis is the
-//! next step of this store's design; the revision checks above are what it builds on.
+//! Any number of nodes share one Redis and prefix. Each keeps its own state of every queue
+//! (its *view*, built from the records at start) and writes through the script above, so a
+//! node whose view is behind meets the newer revision and rebuilds its batch: offsets stay
+//! dense, ids unique, and a cancel or close by one node is what every other node's next
+//! batch of that queue finds.
+//!
+//! So that views do not stay behind (and live subscribers on every node see every event), the
+//! script announces each stored batch on the `notices` channel: the queues it changed, each
+//! with its new revision and record, or its removal. Every node subscribes
+//! ([`Storage::notices`]); the engine takes the records in and, for queues with live
+//! subscribers on the node, reads the new events once and hands them to its local fan-out. A
+//! notice is only news, never the data itself: a lost notice (the subscription broke) delays
+//! nothing that a reload ([`Notice::Resync`], sent after every reconnect) does not repair,
+//! and a queue another node created is also loaded on first use ([`Storage::load_queue`]).
+//!
+//! Queue ids are each node's own handles for queues; Redis names queues by their tags.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
@@ -53,8 +64,8 @@ use redis::Value;
 use super::redb::checkpoints::{decode_checkpoint, encode_checkpoint};
 use super::{
     BatchCheckpoints, CancelRecord, CheckpointRecord, DERIVED_LEN, EventMeta, Fresh,
-    KEEP_CHECKPOINTS, LoadedCheckpoint, LoadedQueue, QueueRecord, Recovered, Storage, StoredEvent,
-    WriteBatch, WriteError,
+    KEEP_CHECKPOINTS, LoadedCheckpoint, LoadedQueue, Notice, QueueRecord, Recovered, RemoteQueue,
+    Storage, StoredEvent, WriteBatch, WriteError,
 };
 use crate::error::{Error, Result, StorageError};
 use crate::ids::EventId;
@@ -62,15 +73,14 @@ use crate::ids::EventId;
 /// The batch script; see the module docs and the script's own header.
 const COMMIT: &str = include_str!("commit.lua");
 
-/// How long the lease lasts without renewal.
-const LEASE_TTL: Duration = Duration::from_secs(10);
-/// How often the lease is renewed.
-const LEASE_RENEW: Duration = Duration::from_secs(2);
+/// How long the notice feed waits for a message before it checks whether it should stop,
+/// and between attempts to reconnect.
+const FEED_POLL: Duration = Duration::from_millis(500);
+/// Notices a node holds for its engine before it drops them and asks for a reload instead.
+const FEED_CAPACITY: usize = 16_384;
 /// Longest wait to connect, and for one command's reply.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most bytes of event JSON one read copies before it stops early.
-const READ_BYTES: usize = 1 << 20;
 /// Bytes of an event record's header: type, terminal, id length (u16, big-endian).
 const HEADER: usize = 4;
 
@@ -147,10 +157,10 @@ pub(crate) struct RedisStore {
     tags: RwLock<HashMap<u64, Arc<str>>>,
     /// The revision of each queue as of this node's latest commit or look.
     revs: Mutex<HashMap<u64, u64>>,
-    lease: String,
-    lease_lost: Arc<AtomicBool>,
+    /// This node's id in notices (random).
+    node: String,
     stop: Arc<AtomicBool>,
-    renewer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    feed: Mutex<Option<std::thread::JoinHandle<()>>>,
     closed: AtomicBool,
     script: redis::Script,
     #[cfg(feature = "failpoints")]
@@ -158,16 +168,16 @@ pub(crate) struct RedisStore {
 }
 
 impl RedisStore {
-    /// Connects, takes the lease and loads every queue's record.
+    /// Connects and loads every queue's record.
     ///
     /// # Errors
     ///
-    /// A storage error when Redis cannot be reached or another node holds the lease.
+    /// A storage error when Redis cannot be reached.
     pub(crate) fn open(target: &Target) -> Result<(RedisStore, Recovered)> {
         let shown = shown(&target.url);
         let client = redis::Client::open(target.url.as_str())
             .map_err(|e| redis_error(&shown, "invalid URL", e))?;
-        let lease = format!("{:016x}{:016x}", rand_u64(), rand_u64());
+        let node = format!("{:016x}{:016x}", rand_u64(), rand_u64());
         let store = RedisStore {
             client,
             shown,
@@ -175,29 +185,17 @@ impl RedisStore {
             pool: Mutex::new(Vec::new()),
             tags: RwLock::new(HashMap::new()),
             revs: Mutex::new(HashMap::new()),
-            lease,
-            lease_lost: Arc::new(AtomicBool::new(false)),
+            node,
             stop: Arc::new(AtomicBool::new(false)),
-            renewer: Mutex::new(None),
+            feed: Mutex::new(None),
             closed: AtomicBool::new(false),
             script: redis::Script::new(COMMIT),
             #[cfg(feature = "failpoints")]
             faults: Arc::default(),
         };
-        store.take_lease()?;
         store.warn_unless_persistent();
         let recovered = store.load()?;
-        store.start_renewer()?;
         Ok((store, recovered))
-    }
-
-    /// The error of a node whose lease another node holds.
-    fn lost(&self) -> Error {
-        Error::Storage(StorageError::msg(format_args!(
-            "redis at {}: another node holds this Redis's lease; this node writes no more \
-             until restarted",
-            self.shown
-        )))
     }
 
     fn err(&self, context: &str, e: redis::RedisError) -> Error {
@@ -224,32 +222,6 @@ impl RedisStore {
         })
     }
 
-    fn take_lease(&self) -> Result<()> {
-        let mut c = self.conn()?;
-        let key = format!("{}lease", self.prefix);
-        let ttl = u64::try_from(LEASE_TTL.as_millis()).unwrap_or(u64::MAX);
-        let taken: Option<String> = c.run("taking the lease", |con| {
-            redis::cmd("SET")
-                .arg(&key)
-                .arg(&self.lease)
-                .arg("NX")
-                .arg("PX")
-                .arg(ttl)
-                .query(con)
-        })?;
-        if taken.is_none() {
-            return Err(Error::Storage(StorageError::msg(format_args!(
-                "redis at {}: another eventqueue node holds this Redis (key prefix {:?}); one \
-                 node per Redis and prefix for now. A node that was killed releases it within \
-                 {} s.",
-                self.shown,
-                self.prefix,
-                LEASE_TTL.as_secs()
-            ))));
-        }
-        Ok(())
-    }
-
     /// Says once, at start, when Redis keeps nothing on disk (neither AOF nor snapshots):
     /// acknowledged events then die with the Redis process.
     fn warn_unless_persistent(&self) {
@@ -268,60 +240,32 @@ impl RedisStore {
         not_persistent(conn)
     }
 
-    fn start_renewer(&self) -> Result<()> {
-        let client = self.client.clone();
-        let key = format!("{}lease", self.prefix);
-        let token = self.lease.clone();
-        let (stop, lost) = (self.stop.clone(), self.lease_lost.clone());
-        let shown = self.shown.clone();
-        let ttl = u64::try_from(LEASE_TTL.as_millis()).unwrap_or(u64::MAX);
-        // Renews the lease; takes it again if it expired meanwhile (Redis away for longer
-        // than its TTL) and nobody else took it — safe, since every batch is still checked
-        // against the revisions Redis holds. Answers 1 when held, 0 when another node holds
-        // it.
-        let renew = redis::Script::new(
-            "local h = redis.call('GET', KEYS[1]) \
-             if h == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end \
-             if not h then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end \
-             return 0",
-        );
-        let handle = std::thread::Builder::new()
-            .name("eventqueue-lease".into())
-            .spawn(move || {
-                let mut conn = None;
-                while !stop.load(Ordering::Acquire) {
-                    std::thread::park_timeout(LEASE_RENEW);
-                    if stop.load(Ordering::Acquire) {
-                        break;
-                    }
-                    if conn.is_none() {
-                        conn = connect(&client).ok();
-                    }
-                    let Some(c) = conn.as_mut() else { continue };
-                    match renew.key(&key).arg(&token).arg(ttl).invoke::<i64>(c) {
-                        Ok(1) => {}
-                        Ok(_) => {
-                            if !lost.swap(true, Ordering::AcqRel) {
-                                tracing::error!(
-                                    redis = %shown,
-                                    "another node holds the Redis lease: this node writes no more"
-                                );
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(redis = %shown, error = %e, "cannot renew the Redis lease; retrying");
-                            conn = None;
-                        }
-                    }
-                }
-            })
-            .map_err(|e| Error::internal(format!("cannot start the lease thread: {e}")))?;
-        *self.renewer.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
-        Ok(())
-    }
-
     /// Every queue's record; ids are assigned in this process from 1.
     fn load(&self) -> Result<Recovered> {
+        let mut queues = Vec::new();
+        let mut next_id = 1;
+        for remote in self.records()? {
+            let Some(mut record) = remote.record.clone() else {
+                continue;
+            };
+            record.id = next_id;
+            self.adopt(next_id, &remote);
+            queues.push(LoadedQueue {
+                tenant: remote.tenant,
+                task: remote.task,
+                record,
+            });
+            next_id += 1;
+        }
+        Ok(Recovered {
+            queues,
+            next_queue_id: next_id,
+            purges: Vec::new(),
+        })
+    }
+
+    /// Every queue Redis holds, with its revision (record ids 0).
+    fn records(&self) -> Result<Vec<RemoteQueue>> {
         let mut c = self.conn()?;
         let tenants: Vec<String> = c.run("listing tenants", |con| {
             redis::cmd("SMEMBERS")
@@ -329,7 +273,6 @@ impl RedisStore {
                 .query(con)
         })?;
         let mut queues = Vec::new();
-        let mut next_id = 1;
         for tenant in tenants {
             let tasks: Vec<String> = c.run("listing queues", |con| {
                 redis::cmd("ZRANGE")
@@ -350,30 +293,83 @@ impl RedisStore {
                     if fields.is_empty() {
                         continue;
                     }
-                    let (record, rev) = parse_record(next_id, &fields)?;
-                    let tag: Arc<str> = Arc::from(format!("{tenant}/{task}"));
-                    self.tags
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(next_id, tag);
-                    self.revs
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(next_id, rev);
-                    queues.push(LoadedQueue {
+                    let (record, rev) = parse_record(0, &fields)?;
+                    queues.push(RemoteQueue {
                         tenant: tenant.clone(),
                         task: task.clone(),
-                        record,
+                        rev,
+                        record: Some(record),
                     });
-                    next_id += 1;
                 }
             }
         }
-        Ok(Recovered {
-            queues,
-            next_queue_id: next_id,
-            purges: Vec::new(),
-        })
+        Ok(queues)
+    }
+
+    /// Starts the thread that subscribes to the notice channel and turns each message into a
+    /// [`Notice`] (see the module docs): other nodes' batches, and a [`Notice::Resync`]
+    /// after every reconnect (notices may have been missed while away) and whenever the
+    /// engine fell so far behind that notices were dropped.
+    fn start_feed(&self) -> Result<std::sync::mpsc::Receiver<Notice>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(FEED_CAPACITY);
+        let client = self.client.clone();
+        let channel = format!("{}notices", self.prefix);
+        let node = self.node.clone();
+        let stop = self.stop.clone();
+        let shown = self.shown.clone();
+        let handle = std::thread::Builder::new()
+            .name("eventqueue-notices".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    let mut con = match connect(&client) {
+                        Ok(c) => c,
+                        Err(_) => {
+                            std::thread::sleep(FEED_POLL);
+                            continue;
+                        }
+                    };
+                    let mut pubsub = con.as_pubsub();
+                    if pubsub.subscribe(&channel).is_err()
+                        || pubsub.set_read_timeout(Some(FEED_POLL)).is_err()
+                    {
+                        std::thread::sleep(FEED_POLL);
+                        continue;
+                    }
+                    // Subscribed (again): whatever was stored since the node loaded its
+                    // queues, or while the feed was away, is in what a reload reads.
+                    if tx.send(Notice::Resync).is_err() {
+                        return;
+                    }
+                    while !stop.load(Ordering::Acquire) {
+                        let msg = match pubsub.get_message() {
+                            Ok(m) => m,
+                            Err(e) if e.is_timeout() => continue,
+                            Err(e) => {
+                                tracing::warn!(redis = %shown, error = %e, "the notice feed broke; reconnecting");
+                                break;
+                            }
+                        };
+                        let Some(changes) = parse_notice(msg.get_payload_bytes(), &node) else {
+                            continue;
+                        };
+                        match tx.try_send(Notice::Changed(changes)) {
+                            Ok(()) => {}
+                            // The engine is this far behind: drop the notice and have it
+                            // reload once it has room (waiting here, while Redis buffers
+                            // the messages, or drops this subscriber and we reconnect).
+                            Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                                if tx.send(Notice::Resync).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::internal(format!("cannot start the notice thread: {e}")))?;
+        *self.feed.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        Ok(rx)
     }
 
     fn tag(&self, qid: u64) -> Option<Arc<str>> {
@@ -441,22 +437,14 @@ pub fn redis_persistence_warning(url: &str) -> Option<&'static str> {
 }
 
 impl Drop for RedisStore {
-    /// Stops the lease thread of a store dropped without [`Storage::close`], so the lease
-    /// expires (no network I/O here: this may run on any thread).
+    /// Tells the notice thread of a store dropped without [`Storage::close`] to stop (it does
+    /// within [`FEED_POLL`]; no network I/O here: this may run on any thread).
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        if let Some(h) = self
-            .renewer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            h.thread().unpark();
-        }
     }
 }
 
-/// A random 64-bit value (for the lease token), from the standard library's per-process
+/// A random 64-bit value (for the node's id), from the standard library's per-process
 /// random hasher keys and the time.
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -540,6 +528,9 @@ fn record_fields(r: &QueueRecord) -> Vec<(&'static str, String)> {
         }
         None => f.push(("cancelled", String::new())),
     }
+    if let Some(ct) = &r.content_type {
+        f.push(("ctype", ct.clone()));
+    }
     f
 }
 
@@ -574,6 +565,7 @@ fn parse_record(id: u64, f: &HashMap<String, String>) -> Result<(QueueRecord, u6
         closed: num::<u8>(f, "closed")? == 1,
         finished_at: opt(f, "finished")?,
         cancel,
+        content_type: f.get("ctype").cloned(),
     };
     if record.first_offset > record.next_offset {
         return Err(Error::storage(
@@ -581,6 +573,53 @@ fn parse_record(id: u64, f: &HashMap<String, String>) -> Result<(QueueRecord, u6
         ));
     }
     Ok((record, num(f, "rev")?))
+}
+
+/// The changes a notice announces, unless this node (`own`) stored the batch or the message
+/// is not a notice (both ignored).
+fn parse_notice(payload: &[u8], own: &str) -> Option<Vec<RemoteQueue>> {
+    let (node, entries): (String, Vec<Vec<String>>) = serde_json::from_slice(payload).ok()?;
+    if node == own {
+        return None;
+    }
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let mut parts = entry.into_iter();
+        let (Some(what), Some(_tag), Some(tenant), Some(task), Some(rev)) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            continue;
+        };
+        if what == "rm" {
+            out.push(RemoteQueue {
+                tenant,
+                task,
+                rev: rev.parse().unwrap_or(0),
+                record: None,
+            });
+            continue;
+        }
+        let rest: Vec<String> = parts.collect();
+        let mut fields: HashMap<String, String> = rest
+            .chunks(2)
+            .filter_map(|kv| Some((kv.first()?.clone(), kv.get(1)?.clone())))
+            .collect();
+        fields.insert("rev".into(), rev);
+        match parse_record(0, &fields) {
+            Ok((record, rev)) => out.push(RemoteQueue {
+                tenant,
+                task,
+                rev,
+                record: Some(record),
+            }),
+            Err(e) => tracing::warn!(error = %e, "ignoring a notice with a corrupt record"),
+        }
+    }
+    Some(out)
 }
 
 /// An event record's header and id, and where its JSON starts.
@@ -596,7 +635,7 @@ fn decode_record(rec: &[u8]) -> Result<(u8, bool, usize)> {
 }
 
 /// Stream entries `[[id, [field, value, …]], …]` as events.
-fn parse_entries(v: Value, out: &mut Vec<StoredEvent>) -> Result<()> {
+fn parse_entries(v: Value, max_bytes: usize, out: &mut Vec<StoredEvent>) -> Result<()> {
     let corrupt = || Error::storage("unexpected reply to XRANGE from redis");
     let Value::Array(entries) = v else {
         return Err(corrupt());
@@ -628,24 +667,21 @@ fn parse_entries(v: Value, out: &mut Vec<StoredEvent>) -> Result<()> {
         };
         let (event_type, terminal, at) = decode_record(&rec)?;
         copied += rec.len() - at;
+        if copied > max_bytes && !out.is_empty() {
+            break;
+        }
         out.push(StoredEvent {
             offset: seq - 1,
             event_type,
             terminal,
             json: Bytes::from(rec).slice(at..),
         });
-        if copied >= READ_BYTES {
-            break;
-        }
     }
     Ok(())
 }
 
 impl Storage for RedisStore {
     fn begin(&self) -> Result<Box<dyn WriteBatch + '_>> {
-        if self.lease_lost.load(Ordering::Acquire) {
-            return Err(self.lost());
-        }
         Ok(Box::new(RedisBatch {
             store: self,
             conn: self.conn()?,
@@ -663,7 +699,14 @@ impl Storage for RedisStore {
         Ok((0, 0))
     }
 
-    fn read_range(&self, qid: u64, from: u64, to: u64, limit: usize) -> Result<Vec<StoredEvent>> {
+    fn read_range(
+        &self,
+        qid: u64,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredEvent>> {
         let mut out = Vec::new();
         let Some(tag) = self.tag(qid) else {
             return Ok(out);
@@ -682,7 +725,7 @@ impl Storage for RedisStore {
                 .arg(limit)
                 .query(con)
         })?;
-        parse_entries(v, &mut out)?;
+        parse_entries(v, max_bytes, &mut out)?;
         Ok(out)
     }
 
@@ -728,12 +771,32 @@ impl Storage for RedisStore {
     }
 
     fn check(&self) -> Result<()> {
-        if self.lease_lost.load(Ordering::Acquire) {
-            return Err(self.lost());
-        }
         let mut c = self.conn()?;
         c.run("ping", |con| redis::cmd("PING").query::<String>(con))
             .map(drop)
+    }
+
+    fn put_revocation(&self, tenant: &str, not_before_us: u64) -> Result<()> {
+        let mut c = self.conn()?;
+        c.run("storing a token revocation", |con| {
+            redis::cmd("HSET")
+                .arg(format!("{}revoked", self.prefix))
+                .arg(tenant)
+                .arg(not_before_us)
+                .query::<u64>(con)
+        })
+        .map(drop)
+    }
+
+    fn revocations(&self) -> Result<Vec<(String, u64)>> {
+        let mut c = self.conn()?;
+        let all: std::collections::HashMap<String, u64> =
+            c.run("reading token revocations", |con| {
+                redis::cmd("HGETALL")
+                    .arg(format!("{}revoked", self.prefix))
+                    .query(con)
+            })?;
+        Ok(all.into_iter().collect())
     }
 
     fn size_bytes(&self) -> u64 {
@@ -749,27 +812,73 @@ impl Storage for RedisStore {
             return;
         }
         self.stop.store(true, Ordering::Release);
-        if let Some(h) = self
-            .renewer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            h.thread().unpark();
+        if let Some(h) = self.feed.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = h.join();
         }
-        // Give the lease back, so the next node need not wait for it to expire.
-        if let Ok(mut c) = connect(&self.client) {
-            let release = redis::Script::new(
-                "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-                   return redis.call('DEL', KEYS[1]) else return 0 end",
-            );
-            let _ = release
-                .key(format!("{}lease", self.prefix))
-                .arg(&self.lease)
-                .invoke::<i64>(&mut c);
-        }
         self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    fn notices(&self) -> Option<std::sync::mpsc::Receiver<Notice>> {
+        match self.start_feed() {
+            Ok(rx) => Some(rx),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot follow other nodes' writes");
+                None
+            }
+        }
+    }
+
+    fn load_queue(&self, tenant: &str, task: &str) -> Result<Option<RemoteQueue>> {
+        let mut c = self.conn()?;
+        let fields: HashMap<String, String> = c.run("loading a queue", |con| {
+            redis::cmd("HGETALL")
+                .arg(self.key("q", &format!("{tenant}/{task}")))
+                .query(con)
+        })?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let (record, rev) = parse_record(0, &fields)?;
+        Ok(Some(RemoteQueue {
+            tenant: tenant.to_string(),
+            task: task.to_string(),
+            rev,
+            record: Some(record),
+        }))
+    }
+
+    fn load_all(&self) -> Result<Vec<RemoteQueue>> {
+        self.records()
+    }
+
+    fn adopt(&self, qid: u64, queue: &RemoteQueue) {
+        self.tags
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(qid)
+            .or_insert_with(|| Arc::from(format!("{}/{}", queue.tenant, queue.task)));
+        let mut revs = self.revs.lock().unwrap_or_else(|p| p.into_inner());
+        let rev = revs.entry(qid).or_insert(queue.rev);
+        *rev = (*rev).max(queue.rev);
+    }
+
+    fn revision(&self, qid: u64) -> Option<u64> {
+        self.revs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&qid)
+            .copied()
+    }
+
+    fn forget(&self, qid: u64) {
+        self.tags
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&qid);
+        self.revs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&qid);
     }
 
     #[cfg(feature = "failpoints")]
@@ -850,7 +959,7 @@ impl RedisBatch<'_> {
         let mut by_tag = HashMap::new();
         let mut args: Vec<Vec<u8>> = vec![
             self.store.prefix.clone().into_bytes(),
-            self.store.lease.clone().into_bytes(),
+            self.store.node.clone().into_bytes(),
             self.checks.len().to_string().into_bytes(),
         ];
         let missing = |qid| Error::internal(format!("queue {qid} has no redis key"));
@@ -866,6 +975,27 @@ impl RedisBatch<'_> {
                     // Never seen stored: any revision is newer.
                     (false, None) => b"0".to_vec(),
                 });
+            }
+        }
+        let saves: Vec<&Staged> = self
+            .ops
+            .iter()
+            .filter(|op| matches!(op, Staged::Checkpoint { .. }))
+            .collect();
+        args.push(saves.len().to_string().into_bytes());
+        for op in saves {
+            if let Staged::Checkpoint {
+                tenant,
+                workflow,
+                seq,
+                id,
+                ..
+            } = op
+            {
+                args.push(tenant.clone().into_bytes());
+                args.push(workflow.clone().into_bytes());
+                args.push(seq.to_string().into_bytes());
+                args.push(id.clone().into_bytes());
             }
         }
         args.push(b"keep".to_vec());
@@ -1183,18 +1313,6 @@ impl WriteBatch for RedisBatch<'_> {
                 }
                 Err(WriteError::Stale(fresh))
             }
-            // Nobody holds the lease (it expired while Redis was away): nothing was stored,
-            // and the lease thread takes it again within a renewal period.
-            "fenced" if items.next().as_ref().and_then(text).is_none() => {
-                Err(WriteError::Rejected(Error::Storage(StorageError::io(
-                    format_args!("redis at {}", self.store.shown),
-                    std::io::Error::new(
-                        std::io::ErrorKind::NotConnected,
-                        "taking the lease again after Redis was away",
-                    ),
-                ))))
-            }
-            "fenced" => Err(WriteError::Fatal(self.store.lost())),
             _ => Err(corrupt()),
         }
     }

@@ -1,9 +1,11 @@
 //! The pipelined producer connection (`GET /events/queues/{task_id}/events/ws`): acks in
 //! order with offsets, per-frame errors, idempotent retries, auth at the handshake, a producer
-//! that sends far more than the in-flight bound without reading, and shutdown.
+//! that sends far more than the in-flight bound without reading, the connection limits, and
+//! shutdown.
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
@@ -276,6 +278,64 @@ async fn a_producer_far_ahead_of_the_in_flight_bound_loses_nothing() {
         assert_eq!(ack["offsets"], json!([seq]), "{ack}");
     }
     let _sink = writer.await.unwrap();
+    server.stop().await;
+}
+
+/// Whether a new plain connection from this address gets an answer (`true`) or the
+/// connection limit's `503` (`false`).
+async fn admitted(server: &TestServer) -> bool {
+    let mut s = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(HANG_GUARD, s.read_to_end(&mut answer))
+        .await
+        .expect("no answer")
+        .unwrap();
+    match &answer[..answer.len().min(12)] {
+        b"HTTP/1.1 200" => true,
+        b"HTTP/1.1 503" => false,
+        other => panic!("answered {:?}", String::from_utf8_lossy(other)),
+    }
+}
+
+#[tokio::test]
+async fn an_open_producer_connection_holds_its_place_in_the_connection_limits() {
+    // An upgraded connection leaves HTTP, not the server's connection counts: a client
+    // cannot open WebSockets past its per-address limit.
+    let mut config = server_config();
+    config.max_connections_per_ip = 2;
+    let server = TestServer::start(config).await;
+    create(&server, "wf-1", None).await;
+    let mut first = connect(&server, "wf-1", None).await.unwrap();
+    // The creating request's connection is given back once the server sees it closed.
+    let mut second = tokio::time::timeout(HANG_GUARD, async {
+        loop {
+            if let Ok(ws) = connect(&server, "wf-1", None).await {
+                break ws;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the second place never came");
+    assert!(!admitted(&server).await, "a third connection got in");
+    // Both producer connections work.
+    send(&mut first, &working(0)).await;
+    assert_eq!(next_ack(&mut first).await["offsets"], json!([0]));
+    send(&mut second, &working(1)).await;
+    assert_eq!(next_ack(&mut second).await["offsets"], json!([1]));
+    // Closing one gives its place back.
+    first.close(None).await.unwrap();
+    drop(first);
+    tokio::time::timeout(HANG_GUARD, async {
+        while !admitted(&server).await {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the place never came back");
     server.stop().await;
 }
 

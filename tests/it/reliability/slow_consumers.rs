@@ -141,6 +141,9 @@ async fn scenario(subscribers: usize, stalled: usize, events: u64, retained: u64
     let mut config = helpers::server_config();
     config.max_sse_streams_per_tenant = subscribers + 10;
     config.max_sse_streams = subscribers + 10;
+    // Every subscriber and producer is on loopback: one address.
+    config.max_connections_per_ip = config.max_connections.max(subscribers + 100);
+    config.max_connections = config.max_connections_per_ip;
     let server = TestServer::start(config).await;
     let http = helpers::client();
     let r = http

@@ -1,0 +1,1400 @@
+//! The Durable Streams protocol (ElectricSQL's `PROTOCOL.md`, draft 1.0) under
+//! `/v1/stream/{path}`: `PUT` create, `POST` append (and close), `GET` catch-up, long-poll and
+//! SSE reads, `HEAD`, `DELETE`.
+//!
+//! A stream is a queue of kind [`QueueKind::Stream`] in the same log as every other queue, so
+//! it has the same durability (an append is answered after its fsync'd commit), TTL,
+//! `max_buffer_size`, tenancy (the caller's tenant, from the token in token mode) and storage
+//! backends. Its messages are stored exactly as given, beside the stream's content type; an
+//! `application/json` body that is an array is split into one message per element. A typed
+//! event queue (`/events/...`) with task id `T` reads as the `application/json` stream
+//! `/v1/stream/T`, one message per event.
+//!
+//! Offsets are the queue's offsets, rendered as 20 zero-padded decimal digits so that they sort
+//! as strings; `-1` is the start and `now` the tail. `Stream-Next-Offset` is the queue's latest
+//! offset (one past the newest message).
+//!
+//! Idempotent producers (`Producer-Id` / `Producer-Epoch` / `Producer-Seq`) are checked
+//! against per-stream state in this process, under one lock per stream, and each message of a
+//! producer's batch is stored with an id naming `(producer, epoch, seq, index)`: a retry the
+//! queue still retains is not stored twice, even after a restart (see `docs/durable-streams.md`).
+
+// The handlers' errors are whole HTTP answers (a `Response`, with the protocol's headers),
+// made at most once per request and returned straight to axum: boxing them saves nothing.
+#![allow(clippy::result_large_err)]
+
+mod wire;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::put;
+use futures_util::StreamExt;
+
+use crate::error::Error;
+use crate::ids::{EventId, TaskId, TenantId};
+use crate::queue::{EventQueue, QueueKind, QueueOptions};
+use crate::server::AppState;
+use crate::server::error::ApiError;
+use crate::server::tenant::Caller;
+use crate::subscription::Delivery;
+
+use wire::{ReadOffset, cursor, etag, format_offset, is_json, media_type, sse_frame_data};
+
+/// How long a long-poll read waits for new data before answering `204`.
+const LONG_POLL: Duration = Duration::from_secs(3);
+/// An SSE response ends after this long, so that clients reconnect (protocol §10.2).
+const SSE_LIFETIME: Duration = Duration::from_secs(60);
+/// Most messages one read answers.
+const READ_MESSAGES: usize = 1000;
+/// Most bytes of messages one read answers (at least one message is always sent).
+const READ_BYTES: usize = 1 << 20;
+
+/// The protocol's routes, to merge into the server's router.
+pub(crate) fn routes() -> Router<AppState> {
+    let streams = Streams::default();
+    Router::new()
+        .route(
+            "/v1/stream/{*path}",
+            put(create)
+                .post(append)
+                .get(read)
+                .head(head)
+                .delete(delete)
+                .options(preflight),
+        )
+        .layer(axum::Extension(streams))
+}
+
+/// What this process keeps per stream besides the queue: the idempotent producers' state and
+/// the last `Stream-Seq`, behind one async lock per stream that serialises appends that carry
+/// them.
+#[derive(Clone, Default)]
+struct Streams {
+    inner: Arc<Mutex<HashMap<Key, Arc<tokio::sync::Mutex<StreamState>>>>>,
+    /// When each stream was last read or written through the protocol (µs since the epoch).
+    touched: Arc<Mutex<HashMap<(TenantId, TaskId), i64>>>,
+    forks: Arc<Mutex<ForkGraph>>,
+}
+
+type Key = (TenantId, TaskId);
+
+/// Which stream each fork was made from, and the streams deleted while forks of them live:
+/// those answer `410 Gone` (and block re-creation of their path with `409`) until their last
+/// fork is deleted (protocol §5.4). A fork holds its own copy of what it inherited, so a
+/// soft-deleted stream's messages are removed at once; only its name stays reserved.
+#[derive(Default)]
+struct ForkGraph {
+    parent: HashMap<Key, Key>,
+    live_forks: HashMap<Key, usize>,
+    soft_deleted: std::collections::HashSet<Key>,
+}
+
+impl ForkGraph {
+    /// A stream's deletion leaves nothing behind it: the fork no longer counts for its source,
+    /// which, if it was soft-deleted and this was its last fork, goes too (and so on up).
+    fn release(&mut self, key: &Key) {
+        let mut key = key.clone();
+        while let Some(parent) = self.parent.remove(&key) {
+            let n = self.live_forks.entry(parent.clone()).or_insert(1);
+            *n = n.saturating_sub(1);
+            if *n > 0 || !self.soft_deleted.remove(&parent) {
+                if *n == 0 {
+                    self.live_forks.remove(&parent);
+                }
+                return;
+            }
+            self.live_forks.remove(&parent);
+            key = parent;
+        }
+    }
+}
+
+#[derive(Default)]
+struct StreamState {
+    producers: HashMap<String, ProducerState>,
+    last_seq: Option<String>,
+    /// The producer request that closed the stream, so that its retry is a duplicate.
+    closed_by: Option<(String, u64, u64)>,
+}
+
+#[derive(Clone, Copy)]
+struct ProducerState {
+    epoch: u64,
+    last_seq: u64,
+}
+
+impl Streams {
+    fn state(&self, tenant: &TenantId, task: &TaskId) -> Arc<tokio::sync::Mutex<StreamState>> {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry((tenant.clone(), task.clone()))
+            .or_default()
+            .clone()
+    }
+
+    fn forget(&self, tenant: &TenantId, task: &TaskId) {
+        let key = (tenant.clone(), task.clone());
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(&key);
+        drop(map);
+        let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        touched.remove(&key);
+    }
+
+    fn graph(&self) -> std::sync::MutexGuard<'_, ForkGraph> {
+        self.forks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn soft_deleted(&self, tenant: &TenantId, task: &TaskId) -> bool {
+        self.graph()
+            .soft_deleted
+            .contains(&(tenant.clone(), task.clone()))
+    }
+
+    fn forked(&self, source: Key, fork: Key) {
+        let mut g = self.graph();
+        *g.live_forks.entry(source.clone()).or_insert(0) += 1;
+        g.parent.insert(fork, source);
+    }
+
+    fn touch(&self, tenant: &TenantId, task: &TaskId) {
+        let now = crate::event::Timestamp::now().as_micros();
+        let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        touched.insert((tenant.clone(), task.clone()), now);
+    }
+
+    fn touched(&self, tenant: &TenantId, task: &TaskId) -> i64 {
+        let touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        touched
+            .get(&(tenant.clone(), task.clone()))
+            .copied()
+            .unwrap_or(i64::MIN)
+    }
+}
+
+/// The live queue behind a stream path: `None` when there is none, or when it has idled past
+/// its TTL and only waits for the next expiry sweep (the protocol answers `404` at once).
+/// With `touch`, the request counts as activity (reads and writes do, `HEAD` does not).
+async fn find(
+    state: &AppState,
+    streams: &Streams,
+    tenant: &TenantId,
+    task: &TaskId,
+    touch: bool,
+) -> Result<Option<EventQueue>, Response> {
+    // Also a stream another node sharing the store created a moment ago.
+    let found = state
+        .manager()
+        .find_queue(tenant, task)
+        .await
+        .map_err(|e| api_error(e.into()))?;
+    let Some(q) = found.filter(|q| !expired(q, streams)) else {
+        return Ok(None);
+    };
+    if touch {
+        streams.touch(tenant, task);
+    }
+    Ok(Some(q))
+}
+
+/// The task a request's path names, unless the protocol deleted it while forks of it live on
+/// (`410`).
+fn live_task(path: &str, streams: &Streams, caller: &Caller) -> Result<TaskId, Response> {
+    let task = task_of(path).map_err(api_error)?;
+    if streams.soft_deleted(&caller.tenant, &task) {
+        return Err(gone());
+    }
+    Ok(task)
+}
+
+/// Whether the queue has idled for its TTL (the expiry sweep removes it later). Reads through
+/// the protocol count as activity here, beside the queue's own last write.
+fn expired(q: &EventQueue, streams: &Streams) -> bool {
+    let info = q.info();
+    let last = info
+        .last_activity
+        .as_micros()
+        .max(streams.touched(q.tenant_id(), q.task_id()));
+    let idle_us = crate::event::Timestamp::now()
+        .as_micros()
+        .saturating_sub(last);
+    let ttl_us = info.ttl_minutes * 60.0 * 1e6;
+    idle_us as f64 >= ttl_us
+}
+
+/// Where a read of the stream ends: a typed task queue's stream ends after its terminal event
+/// (its task finished; events stored after it are for the events API's replay only), any
+/// queue's at its latest offset.
+fn tail_of(q: &EventQueue) -> u64 {
+    let latest = q.latest_offset();
+    match q.finished_at() {
+        Some(at) if q.kind() != QueueKind::Stream => latest.min(at + 1),
+        _ => latest,
+    }
+}
+
+/// Whether nothing more will come: the queue was closed, or its task finished.
+fn ended(q: &EventQueue) -> bool {
+    q.is_closed() || (q.kind() != QueueKind::Stream && q.is_finished())
+}
+
+/// The answer for a soft-deleted stream.
+fn gone() -> Response {
+    error(
+        StatusCode::GONE,
+        "the stream was deleted; forks of it still hold its data",
+    )
+}
+
+/// The stream path as a task id.
+fn task_of(path: &str) -> Result<TaskId, ApiError> {
+    TaskId::new(path).map_err(|e| ApiError::bad_request(format!("stream path: {e}")))
+}
+
+/// Headers every answer of the protocol carries (protocol §12.7).
+fn base(status: StatusCode) -> axum::http::response::Builder {
+    Response::builder()
+        .status(status)
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+        .header("cross-origin-resource-policy", "cross-origin")
+        .header(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")
+        .header(header::ACCESS_CONTROL_EXPOSE_HEADERS, wire::EXPOSE)
+}
+
+fn finish(b: axum::http::response::Builder, body: Body) -> Response {
+    b.body(body)
+        .unwrap_or_else(|e| ApiError::from(Error::internal(e)).into_response())
+}
+
+/// An error answer with the protocol's security headers.
+fn error(status: StatusCode, detail: &str) -> Response {
+    let body = serde_json::json!({ "detail": detail }).to_string();
+    finish(
+        base(status).header(header::CONTENT_TYPE, "application/json"),
+        Body::from(body),
+    )
+}
+
+fn api_error(e: ApiError) -> Response {
+    error(e.status(), e.detail())
+}
+
+/// The stream's content type: its own, or `application/json` for a typed event queue.
+fn content_type_of(q: &EventQueue) -> String {
+    q.content_type().unwrap_or("application/json").to_string()
+}
+
+/// Whether the `Stream-Closed` header says `true` (protocol §4.1: anything else is absent).
+fn closed_header(h: &HeaderMap) -> bool {
+    h.get("stream-closed")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+}
+
+fn header_str<'h>(h: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, Response> {
+    match h.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(Some)
+            .map_err(|_| error(StatusCode::BAD_REQUEST, &format!("{name}: not text"))),
+    }
+}
+
+/// A non-negative decimal without sign, leading zeros, point or exponent.
+fn strict_u64(s: &str) -> Option<u64> {
+    let ok =
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
+    if ok { s.parse().ok() } else { None }
+}
+
+/// Splits a body into messages: an `application/json` array into its elements (one level),
+/// any other JSON value into one message, other content types into one message as given.
+fn messages(
+    content_type: &str,
+    body: &[u8],
+    allow_empty_array: bool,
+) -> Result<Vec<Vec<u8>>, Response> {
+    if !is_json(content_type) {
+        return Ok(vec![body.to_vec()]);
+    }
+    let text = std::str::from_utf8(body).map_err(|_| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "the body is not valid JSON (UTF-8)",
+        )
+    })?;
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('[') {
+        let items: Vec<Box<serde_json::value::RawValue>> = serde_json::from_str(text)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON: {e}")))?;
+        if items.is_empty() && !allow_empty_array {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "an empty JSON array appends nothing",
+            ));
+        }
+        Ok(items
+            .into_iter()
+            .map(|m| m.get().as_bytes().to_vec())
+            .collect())
+    } else {
+        let one: Box<serde_json::value::RawValue> = serde_json::from_str(text)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid JSON: {e}")))?;
+        Ok(vec![one.get().as_bytes().to_vec()])
+    }
+}
+
+/// `PUT`: creates the stream, or answers `200` when it exists with the same settings.
+async fn create(
+    State(state): State<AppState>,
+    axum::Extension(streams): axum::Extension<Streams>,
+    caller: Caller,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match create_inner(&state, &streams, &caller, &path, &headers, &body).await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+async fn create_inner(
+    state: &AppState,
+    streams: &Streams,
+    caller: &Caller,
+    path: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, Response> {
+    let task = task_of(path).map_err(api_error)?;
+    if streams.soft_deleted(&caller.tenant, &task) {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "the path belongs to a deleted stream whose forks still live",
+        ));
+    }
+    if !headers.contains_key("stream-forked-from")
+        && (headers.contains_key("stream-fork-offset")
+            || headers.contains_key("stream-fork-sub-offset"))
+    {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "Stream-Fork-Offset and Stream-Fork-Sub-Offset need Stream-Forked-From",
+        ));
+    }
+    let fork = fork_of(state, streams, caller, headers).await?;
+    let requested_type = match header_str(headers, "content-type")? {
+        Some(ct) if !ct.trim().is_empty() => Some(ct.trim().to_string()),
+        _ => None,
+    };
+    let content_type = match (&requested_type, &fork) {
+        (Some(ct), _) => ct.clone(),
+        (None, Some(f)) => content_type_of(&f.source),
+        (None, None) => "application/octet-stream".to_string(),
+    };
+    let ttl = match header_str(headers, "stream-ttl")? {
+        Some(v) => Some(strict_u64(v.trim()).ok_or_else(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "Stream-TTL: a non-negative whole number of seconds",
+            )
+        })?),
+        None => None,
+    };
+    let expires_at = match header_str(headers, "stream-expires-at")? {
+        Some(v) => Some(
+            chrono::DateTime::parse_from_rfc3339(v.trim())
+                .map_err(|_| error(StatusCode::BAD_REQUEST, "Stream-Expires-At: not RFC 3339"))?,
+        ),
+        None => None,
+    };
+    if ttl.is_some() && expires_at.is_some() {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "Stream-TTL and Stream-Expires-At exclude each other",
+        ));
+    }
+    let close = closed_header(headers);
+    let manager = state.manager();
+    // An absolute expiry becomes the queue's TTL counted from now (queues expire after idling
+    // for their TTL).
+    let ttl_duration = match (ttl, expires_at) {
+        (Some(s), _) => Some(Duration::from_secs(s)),
+        (None, Some(at)) => {
+            let left = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
+            Some(left.to_std().unwrap_or(Duration::ZERO))
+        }
+        // A fork without its own expiry keeps its source's TTL (protocol §4.2).
+        (None, None) => fork.as_ref().and_then(|f| {
+            let own = f.source.info().ttl_minutes * 60.0;
+            let default = state.manager().config().default_ttl.as_secs_f64();
+            ((own - default).abs() > 0.0005).then(|| Duration::from_secs_f64(own))
+        }),
+    };
+    if let Some(f) = &fork
+        && media_type(&content_type) != media_type(&content_type_of(&f.source))
+    {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "a fork's Content-Type is its source's",
+        ));
+    }
+    let current = manager
+        .find_queue(&caller.tenant, &task)
+        .await
+        .map_err(|e| api_error(e.into()))?;
+    if let Some(q) = current {
+        if !expired(&q, streams) {
+            return existing(&q, &content_type, ttl, close);
+        }
+        // Idle past its TTL: gone for the protocol, so the path may be created anew.
+        manager
+            .delete_queue(&caller.tenant, &task)
+            .await
+            .map_err(|e| api_error(e.into()))?;
+    }
+    let initial = if body.is_empty() {
+        Vec::new()
+    } else {
+        messages(&content_type, body, true)?
+    };
+    let options = QueueOptions {
+        kind: QueueKind::Stream,
+        ttl: ttl_duration,
+        max_buffer_size: None,
+        content_type: Some(content_type.clone()),
+    };
+    let q = match manager.create_queue(&caller.tenant, &task, options).await {
+        Ok(q) => q,
+        Err(Error::QueueExists { .. }) => {
+            let current = manager
+                .find_queue(&caller.tenant, &task)
+                .await
+                .map_err(|e| api_error(e.into()))?;
+            return match current {
+                Some(q) => existing(&q, &content_type, ttl, close),
+                None => Err(error(StatusCode::CONFLICT, "the stream was just deleted")),
+            };
+        }
+        Err(e) => return Err(api_error(e.into())),
+    };
+    streams.forget(&caller.tenant, &task);
+    if let Some(f) = &fork {
+        copy_fork(f, &q, &content_type).await?;
+        streams.forked(
+            (caller.tenant.clone(), f.source.task_id().clone()),
+            (caller.tenant.clone(), task.clone()),
+        );
+    }
+    if !initial.is_empty() {
+        let batch = initial.iter().map(|m| (m.as_slice(), None)).collect();
+        q.append_messages(batch)
+            .await
+            .map_err(|e| api_error(e.into()))?;
+    }
+    if close {
+        q.close().await.map_err(|e| api_error(e.into()))?;
+    }
+    let host = header_str(headers, "host")?.unwrap_or("localhost");
+    let scheme = if state.config().tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut b = base(StatusCode::CREATED)
+        .header(header::CONTENT_TYPE, content_type)
+        .header("stream-next-offset", format_offset(q.latest_offset()))
+        .header(
+            header::LOCATION,
+            format!("{scheme}://{host}/v1/stream/{task}"),
+        );
+    if close {
+        b = b.header("stream-closed", "true");
+    }
+    Ok(finish(b, Body::empty()))
+}
+
+/// A fork's source and what it inherits: the source's messages below `upto`, then `sub`
+/// more messages (JSON) or bytes (other content types) of what follows.
+struct Fork {
+    source: EventQueue,
+    upto: u64,
+    sub: u64,
+}
+
+/// The fork a `PUT` asks for (`Stream-Forked-From`), if any.
+async fn fork_of(
+    state: &AppState,
+    streams: &Streams,
+    caller: &Caller,
+    headers: &HeaderMap,
+) -> Result<Option<Fork>, Response> {
+    let Some(from) = header_str(headers, "stream-forked-from")? else {
+        return Ok(None);
+    };
+    let path = from.trim();
+    let path = path.strip_prefix("/v1/stream/").unwrap_or(path);
+    let source_task = task_of(path).map_err(api_error)?;
+    if streams.soft_deleted(&caller.tenant, &source_task) {
+        return Err(error(StatusCode::CONFLICT, "the source stream was deleted"));
+    }
+    let Some(source) = find(state, streams, &caller.tenant, &source_task, false).await? else {
+        return Err(error(StatusCode::NOT_FOUND, "no such source stream"));
+    };
+    let tail = source.latest_offset();
+    let upto = match header_str(headers, "stream-fork-offset")? {
+        None => tail,
+        Some(v) => match ReadOffset::parse(v.trim()) {
+            Some(ReadOffset::At(n)) => n,
+            _ => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "Stream-Fork-Offset: not an offset",
+                ));
+            }
+        },
+    };
+    if upto > tail {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "Stream-Fork-Offset is beyond the source's tail",
+        ));
+    }
+    // A fork keeps its source's offsets: it can only start where the source still holds
+    // everything from offset 0.
+    if source.first_offset() > 0 {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "the source no longer retains its first messages",
+        ));
+    }
+    let sub = match header_str(headers, "stream-fork-sub-offset")? {
+        None => 0,
+        Some(v) => strict_u64(v.trim()).ok_or_else(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "Stream-Fork-Sub-Offset: a non-negative integer",
+            )
+        })?,
+    };
+    if sub > 0 && upto >= tail {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "Stream-Fork-Sub-Offset is beyond the source's tail",
+        ));
+    }
+    Ok(Some(Fork { source, upto, sub }))
+}
+
+/// Copies what a fork inherits into it (copy-on-fork: the fork is an independent queue with
+/// the source's offsets, protocol §4.2).
+async fn copy_fork(f: &Fork, fork: &EventQueue, content_type: &str) -> Result<(), Response> {
+    let mut from = 0;
+    while from < f.upto {
+        let chunk = read_chunk(&f.source, from, f.upto).await?;
+        if chunk.messages.is_empty() {
+            break;
+        }
+        let batch = chunk.messages.iter().map(|m| (m.as_ref(), None)).collect();
+        fork.append_messages(batch)
+            .await
+            .map_err(|e| api_error(e.into()))?;
+        from = chunk.next;
+    }
+    if f.sub > 0 {
+        let tail = f.source.latest_offset();
+        let rest = read_chunk(&f.source, f.upto, tail).await?;
+        let mut part: Vec<Vec<u8>> = Vec::new();
+        if is_json(content_type) {
+            let n = usize::try_from(f.sub).unwrap_or(usize::MAX);
+            if n > rest.messages.len() {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "Stream-Fork-Sub-Offset is beyond the source's tail",
+                ));
+            }
+            part.extend(rest.messages.iter().take(n).map(|m| m.to_vec()));
+        } else {
+            let mut left = usize::try_from(f.sub).unwrap_or(usize::MAX);
+            for m in &rest.messages {
+                if left == 0 {
+                    break;
+                }
+                let take = left.min(m.len());
+                part.push(m[..take].to_vec());
+                left -= take;
+            }
+            if left > 0 {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "Stream-Fork-Sub-Offset is beyond the source's tail",
+                ));
+            }
+        }
+        let batch = part.iter().map(|m| (m.as_slice(), None)).collect();
+        fork.append_messages(batch)
+            .await
+            .map_err(|e| api_error(e.into()))?;
+    }
+    Ok(())
+}
+
+/// `PUT` on an existing stream: `200` when content type, TTL and closure match, else `409`.
+fn existing(
+    q: &EventQueue,
+    content_type: &str,
+    ttl: Option<u64>,
+    close: bool,
+) -> Result<Response, Response> {
+    let have = content_type_of(q);
+    let same_type = media_type(&have) == media_type(content_type);
+    let same_ttl = ttl.is_none_or(|s| q.info().ttl_minutes * 60.0 == s as f64);
+    if !same_type || !same_ttl || q.is_closed() != close {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "the stream exists with other settings",
+        ));
+    }
+    let mut b = base(StatusCode::OK)
+        .header(header::CONTENT_TYPE, have)
+        .header("stream-next-offset", format_offset(q.latest_offset()));
+    if q.is_closed() {
+        b = b.header("stream-closed", "true");
+    }
+    Ok(finish(b, Body::empty()))
+}
+
+/// The three producer headers, all or none.
+struct Producer {
+    id: String,
+    epoch: u64,
+    seq: u64,
+}
+
+/// Largest producer epoch or sequence number (2^53 - 1, for JavaScript clients).
+const MAX_SAFE: u64 = (1 << 53) - 1;
+
+fn producer_of(h: &HeaderMap) -> Result<Option<Producer>, Response> {
+    let id = header_str(h, "producer-id")?;
+    let epoch = header_str(h, "producer-epoch")?;
+    let seq = header_str(h, "producer-seq")?;
+    match (id, epoch, seq) {
+        (None, None, None) => Ok(None),
+        (Some(id), Some(epoch), Some(seq)) => {
+            let bad = |what: &str| error(StatusCode::BAD_REQUEST, what);
+            if id.is_empty() {
+                return Err(bad("Producer-Id: empty"));
+            }
+            let epoch = strict_u64(epoch.trim())
+                .filter(|&e| e <= MAX_SAFE)
+                .ok_or_else(|| bad("Producer-Epoch: a non-negative integer up to 2^53-1"))?;
+            let seq = strict_u64(seq.trim())
+                .filter(|&s| s <= MAX_SAFE)
+                .ok_or_else(|| bad("Producer-Seq: a non-negative integer up to 2^53-1"))?;
+            Ok(Some(Producer {
+                id: id.to_string(),
+                epoch,
+                seq,
+            }))
+        }
+        _ => Err(error(
+            StatusCode::BAD_REQUEST,
+            "Producer-Id, Producer-Epoch and Producer-Seq go together",
+        )),
+    }
+}
+
+/// A stable id for message `index` of a producer's batch: names the producer (by a hash of
+/// its id), epoch and sequence number, within the event id alphabet.
+fn producer_message_id(p: &Producer, index: usize) -> Option<EventId> {
+    // FNV-1a: stable across processes and builds (the id must survive a restart).
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in p.id.as_bytes() {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    EventId::new(format!("ds-{hash:016x}-{}-{}-{index}", p.epoch, p.seq)).ok()
+}
+
+/// `POST`: appends (and with `Stream-Closed: true`, closes).
+async fn append(
+    State(state): State<AppState>,
+    axum::Extension(streams): axum::Extension<Streams>,
+    caller: Caller,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match append_inner(&state, &streams, &caller, &path, &headers, &body).await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+fn closed_conflict(q: &EventQueue) -> Response {
+    finish(
+        base(StatusCode::CONFLICT)
+            .header("stream-closed", "true")
+            .header("stream-next-offset", format_offset(q.latest_offset()))
+            .header(header::CONTENT_TYPE, "application/json"),
+        Body::from(r#"{"detail":"the stream is closed"}"#),
+    )
+}
+
+async fn append_inner(
+    state: &AppState,
+    streams: &Streams,
+    caller: &Caller,
+    path: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, Response> {
+    let task = live_task(path, streams, caller)?;
+    let Some(q) = find(state, streams, &caller.tenant, &task, true).await? else {
+        return Err(error(StatusCode::NOT_FOUND, "no such stream"));
+    };
+    let close = closed_header(headers);
+    let producer = producer_of(headers)?;
+    let stream_seq = header_str(headers, "stream-seq")?.map(str::to_string);
+    let lock = streams.state(&caller.tenant, &task);
+    let mut st = lock.lock().await;
+    if body.is_empty() {
+        if !close {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "an empty body appends nothing (close with Stream-Closed: true)",
+            ));
+        }
+        q.close().await.map_err(|e| api_error(e.into()))?;
+        let mut b = base(StatusCode::NO_CONTENT)
+            .header("stream-closed", "true")
+            .header("stream-next-offset", format_offset(q.latest_offset()));
+        if let Some(p) = &producer {
+            st.producers.insert(
+                p.id.clone(),
+                ProducerState {
+                    epoch: p.epoch,
+                    last_seq: p.seq,
+                },
+            );
+            st.closed_by = Some((p.id.clone(), p.epoch, p.seq));
+            b = b
+                .header("producer-epoch", p.epoch.to_string())
+                .header("producer-seq", p.seq.to_string());
+        }
+        return Ok(finish(b, Body::empty()));
+    }
+    if q.is_closed() {
+        if let (Some(p), Some((id, epoch, seq))) = (&producer, &st.closed_by)
+            && (&p.id, p.epoch, p.seq) == (id, *epoch, *seq)
+        {
+            return Ok(finish(
+                base(StatusCode::NO_CONTENT)
+                    .header("stream-closed", "true")
+                    .header("stream-next-offset", format_offset(q.latest_offset()))
+                    .header("producer-epoch", p.epoch.to_string())
+                    .header("producer-seq", p.seq.to_string()),
+                Body::empty(),
+            ));
+        }
+        return Err(closed_conflict(&q));
+    }
+    let have = content_type_of(&q);
+    match header_str(headers, "content-type")? {
+        None => {
+            return Err(error(StatusCode::BAD_REQUEST, "Content-Type is required"));
+        }
+        Some(ct) if media_type(ct) != media_type(&have) => {
+            return Err(error(
+                StatusCode::CONFLICT,
+                &format!("Content-Type {ct} does not match the stream's {have}"),
+            ));
+        }
+        Some(_) => {}
+    }
+    let msgs = messages(&have, body, false)?;
+    if q.kind() != QueueKind::Stream {
+        return append_events(state, caller, task, &q, producer.is_some(), &msgs).await;
+    }
+    if let Some(p) = &producer {
+        if let Some(prev) = st.producers.get(&p.id).copied() {
+            if p.epoch < prev.epoch {
+                return Err(finish(
+                    base(StatusCode::FORBIDDEN)
+                        .header("producer-epoch", prev.epoch.to_string())
+                        .header(header::CONTENT_TYPE, "application/json"),
+                    Body::from(r#"{"detail":"stale producer epoch"}"#),
+                ));
+            }
+            if p.epoch == prev.epoch {
+                if p.seq <= prev.last_seq {
+                    return Ok(finish(
+                        base(StatusCode::NO_CONTENT)
+                            .header("stream-next-offset", format_offset(q.latest_offset()))
+                            .header("producer-epoch", p.epoch.to_string())
+                            .header("producer-seq", prev.last_seq.to_string()),
+                        Body::empty(),
+                    ));
+                }
+                if p.seq > prev.last_seq + 1 {
+                    return Err(finish(
+                        base(StatusCode::CONFLICT)
+                            .header("producer-expected-seq", (prev.last_seq + 1).to_string())
+                            .header("producer-received-seq", p.seq.to_string())
+                            .header(header::CONTENT_TYPE, "application/json"),
+                        Body::from(r#"{"detail":"producer sequence gap"}"#),
+                    ));
+                }
+            } else if p.seq != 0 {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "a new producer epoch starts at Producer-Seq 0",
+                ));
+            }
+        } else if p.seq != 0 {
+            return Err(finish(
+                base(StatusCode::CONFLICT)
+                    .header("producer-expected-seq", "0")
+                    .header("producer-received-seq", p.seq.to_string())
+                    .header(header::CONTENT_TYPE, "application/json"),
+                Body::from(r#"{"detail":"producer sequence gap"}"#),
+            ));
+        }
+    }
+    if let (Some(seq), Some(last)) = (&stream_seq, &st.last_seq)
+        && seq.as_bytes() <= last.as_bytes()
+    {
+        return Err(error(StatusCode::CONFLICT, "Stream-Seq must increase"));
+    }
+    let batch = msgs
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            (
+                m.as_slice(),
+                producer.as_ref().and_then(|p| producer_message_id(p, i)),
+            )
+        })
+        .collect();
+    match q.append_messages(batch).await {
+        Ok(_) => {}
+        Err(Error::QueueClosed { .. }) => return Err(closed_conflict(&q)),
+        Err(e) => return Err(api_error(e.into())),
+    }
+    if let Some(seq) = stream_seq {
+        st.last_seq = Some(seq);
+    }
+    if let Some(p) = &producer {
+        st.producers.insert(
+            p.id.clone(),
+            ProducerState {
+                epoch: p.epoch,
+                last_seq: p.seq,
+            },
+        );
+    }
+    if close {
+        q.close().await.map_err(|e| api_error(e.into()))?;
+        st.closed_by = producer.as_ref().map(|p| (p.id.clone(), p.epoch, p.seq));
+    }
+    let status = if producer.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::NO_CONTENT
+    };
+    let mut b = base(status).header("stream-next-offset", format_offset(q.latest_offset()));
+    if let Some(p) = &producer {
+        b = b
+            .header("producer-epoch", p.epoch.to_string())
+            .header("producer-seq", p.seq.to_string());
+    }
+    if close {
+        b = b.header("stream-closed", "true");
+    }
+    Ok(finish(b, Body::empty()))
+}
+
+/// An append to a typed event queue: each message is one event, validated as the events API
+/// validates it (`400` naming the field), all stored in one commit or none.
+async fn append_events(
+    state: &AppState,
+    caller: &Caller,
+    task: TaskId,
+    q: &EventQueue,
+    producer: bool,
+    msgs: &[Vec<u8>],
+) -> Result<Response, Response> {
+    if producer {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "idempotent producers write to streams; a task's events carry their own event_id",
+        ));
+    }
+    let mut body = br#"{"events":["#.to_vec();
+    for (i, m) in msgs.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(m);
+    }
+    body.extend_from_slice(b"]}");
+    super::routes::enqueue_body(
+        state,
+        &crate::server::tenant::Tenant(caller.tenant.clone()),
+        &task,
+        q,
+        &body,
+    )
+    .await
+    .map_err(api_error)?;
+    Ok(finish(
+        base(StatusCode::NO_CONTENT).header("stream-next-offset", format_offset(q.latest_offset())),
+        Body::empty(),
+    ))
+}
+
+/// `HEAD`: the stream's metadata.
+async fn head(
+    State(state): State<AppState>,
+    axum::Extension(streams): axum::Extension<Streams>,
+    caller: Caller,
+    Path(path): Path<String>,
+) -> Response {
+    let task = match live_task(&path, &streams, &caller) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let q = match find(&state, &streams, &caller.tenant, &task, false).await {
+        Ok(Some(q)) => q,
+        Ok(None) => return error(StatusCode::NOT_FOUND, "no such stream"),
+        Err(r) => return r,
+    };
+    let mut b = base(StatusCode::OK)
+        .header(header::CONTENT_TYPE, content_type_of(&q))
+        .header("stream-next-offset", format_offset(tail_of(&q)))
+        .header(header::CACHE_CONTROL, "no-store");
+    // A TTL the stream was created with (the server's default one is not the stream's own).
+    let ttl = q.info().ttl_minutes * 60.0;
+    if q.kind() == QueueKind::Stream
+        && (ttl - state.manager().config().default_ttl.as_secs_f64()).abs() > 0.0005
+    {
+        b = b.header("stream-ttl", format!("{}", ttl.round() as u64));
+    }
+    if ended(&q) {
+        b = b.header("stream-closed", "true");
+    }
+    finish(b, Body::empty())
+}
+
+/// `DELETE`: removes the stream and its messages.
+async fn delete(
+    State(state): State<AppState>,
+    axum::Extension(streams): axum::Extension<Streams>,
+    caller: Caller,
+    Path(path): Path<String>,
+) -> Response {
+    let task = match live_task(&path, &streams, &caller) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    match state.manager().delete_queue(&caller.tenant, &task).await {
+        Ok(true) => {
+            streams.forget(&caller.tenant, &task);
+            let key = (caller.tenant.clone(), task.clone());
+            let mut g = streams.graph();
+            if g.live_forks.get(&key).is_some_and(|&n| n > 0) {
+                g.soft_deleted.insert(key);
+            } else {
+                g.release(&key);
+            }
+            drop(g);
+            finish(base(StatusCode::NO_CONTENT), Body::empty())
+        }
+        Ok(false) => error(StatusCode::NOT_FOUND, "no such stream"),
+        Err(e) => api_error(e.into()),
+    }
+}
+
+/// CORS preflight: any origin may call the protocol (credentials travel as a bearer token,
+/// never as cookies).
+async fn preflight() -> Response {
+    finish(
+        base(StatusCode::NO_CONTENT)
+            .header(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                "GET, HEAD, POST, PUT, DELETE, OPTIONS",
+            )
+            .header(header::ACCESS_CONTROL_ALLOW_HEADERS, wire::ALLOW)
+            .header(header::ACCESS_CONTROL_MAX_AGE, "86400"),
+        Body::empty(),
+    )
+}
+
+/// `GET`: catch-up, long-poll or SSE.
+async fn read(
+    State(state): State<AppState>,
+    axum::Extension(streams): axum::Extension<Streams>,
+    caller: Caller,
+    Path(path): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    match read_inner(&state, &streams, &caller, &path, &query, &headers).await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+/// Messages read from `from`, up to the read limits and `until`.
+struct Chunk {
+    messages: Vec<Bytes>,
+    /// The offset after the last message read.
+    next: u64,
+}
+
+/// Reads what the queue holds from `from` (at most up to `until`), waiting for nothing.
+async fn read_chunk(q: &EventQueue, from: u64, until: u64) -> Result<Chunk, Response> {
+    let mut out = Chunk {
+        messages: Vec::new(),
+        next: from,
+    };
+    if from >= until {
+        return Ok(out);
+    }
+    let mut sub = q.subscribe(from).map_err(|e| api_error(e.into()))?;
+    let mut bytes = 0;
+    while out.next < until && out.messages.len() < READ_MESSAGES && bytes < READ_BYTES {
+        match sub.next().await {
+            Some(Ok(Delivery::Event(e))) => {
+                bytes += e.json().len();
+                out.next = e.offset() + 1;
+                out.messages.push(e.json().clone());
+            }
+            Some(Ok(Delivery::Gap {
+                first_available_offset,
+                ..
+            })) => out.next = first_available_offset,
+            Some(Err(e)) => return Err(api_error(e.into())),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+async fn read_inner(
+    state: &AppState,
+    streams: &Streams,
+    caller: &Caller,
+    path: &str,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Result<Response, Response> {
+    let task = live_task(path, streams, caller)?;
+    let Some(q) = find(state, streams, &caller.tenant, &task, true).await? else {
+        return Err(error(StatusCode::NOT_FOUND, "no such stream"));
+    };
+    let live = match query.get("live").map(String::as_str) {
+        None | Some("false") | Some("") => None,
+        Some("long-poll") => Some(Live::LongPoll),
+        Some("sse") => Some(Live::Sse),
+        Some(other) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                &format!("live: {other} is not long-poll or sse"),
+            ));
+        }
+    };
+    let offset = match query.get("offset") {
+        Some(s) => ReadOffset::parse(s)
+            .ok_or_else(|| error(StatusCode::BAD_REQUEST, "offset: not an offset"))?,
+        None if live.is_some() => {
+            return Err(error(StatusCode::BAD_REQUEST, "live reads need an offset"));
+        }
+        None => ReadOffset::Start,
+    };
+    let tail = tail_of(&q);
+    let first = q.first_offset();
+    let from = match offset {
+        ReadOffset::Start => first,
+        ReadOffset::Now => tail,
+        ReadOffset::At(n) => {
+            if n < first {
+                return Err(error(
+                    StatusCode::GONE,
+                    "the offset is below the oldest retained message",
+                ));
+            }
+            if n > tail {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "the offset is beyond the stream's tail",
+                ));
+            }
+            n
+        }
+    };
+    let client_cursor = query.get("cursor").map(String::as_str);
+    let content_type = content_type_of(&q);
+    match live {
+        Some(Live::Sse) => Ok(sse(state, q, from, content_type, client_cursor)),
+        Some(Live::LongPoll) => long_poll(q, from, &content_type, client_cursor).await,
+        None => catch_up(q, from, &content_type, headers, offset).await,
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Live {
+    LongPoll,
+    Sse,
+}
+
+/// The body of a read: a JSON array for JSON streams, the messages' bytes otherwise.
+fn body_of(content_type: &str, messages: &[Bytes]) -> Vec<u8> {
+    if is_json(content_type) {
+        let mut out = Vec::with_capacity(2 + messages.iter().map(|m| m.len() + 1).sum::<usize>());
+        out.push(b'[');
+        for (i, m) in messages.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(m);
+        }
+        out.push(b']');
+        out
+    } else {
+        messages.concat()
+    }
+}
+
+async fn catch_up(
+    q: EventQueue,
+    from: u64,
+    content_type: &str,
+    headers: &HeaderMap,
+    offset: ReadOffset,
+) -> Result<Response, Response> {
+    let tail = tail_of(&q);
+    let closed = ended(&q);
+    let chunk = read_chunk(&q, from, tail).await?;
+    let up_to_date = chunk.next >= tail;
+    let tag = etag(from, chunk.next, closed && up_to_date);
+    let not_modified = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == tag));
+    let mut b = base(if not_modified {
+        StatusCode::NOT_MODIFIED
+    } else {
+        StatusCode::OK
+    })
+    .header(header::CONTENT_TYPE, content_type)
+    .header("stream-next-offset", format_offset(chunk.next))
+    .header(header::ETAG, &tag);
+    b = if matches!(offset, ReadOffset::Now) {
+        b.header(header::CACHE_CONTROL, "no-store")
+    } else {
+        b.header(header::CACHE_CONTROL, "private, max-age=60")
+    };
+    if up_to_date {
+        b = b.header("stream-up-to-date", "true");
+    }
+    if closed && up_to_date {
+        b = b.header("stream-closed", "true");
+    }
+    if not_modified {
+        return Ok(finish(b, Body::empty()));
+    }
+    Ok(finish(
+        b,
+        Body::from(body_of(content_type, &chunk.messages)),
+    ))
+}
+
+async fn long_poll(
+    q: EventQueue,
+    from: u64,
+    content_type: &str,
+    client_cursor: Option<&str>,
+) -> Result<Response, Response> {
+    let tail = tail_of(&q);
+    let mut chunk = read_chunk(&q, from, tail).await?;
+    if chunk.messages.is_empty() && !ended(&q) {
+        // Wait for the next message (or the close) from `from`.
+        let mut sub = q.subscribe(from).map_err(|e| api_error(e.into()))?;
+        if let Ok(Some(Ok(deliveries))) =
+            tokio::time::timeout(LONG_POLL, sub.next_batch(READ_MESSAGES, READ_BYTES)).await
+        {
+            for d in deliveries {
+                match d {
+                    Delivery::Event(e) => {
+                        chunk.next = e.offset() + 1;
+                        chunk.messages.push(e.json().clone());
+                    }
+                    Delivery::Gap {
+                        first_available_offset,
+                        ..
+                    } => chunk.next = first_available_offset,
+                }
+            }
+        }
+    }
+    let tail = tail_of(&q);
+    let closed = ended(&q);
+    let up_to_date = chunk.next >= tail;
+    let status = if chunk.messages.is_empty() {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::OK
+    };
+    let mut b = base(status)
+        .header("stream-next-offset", format_offset(chunk.next.max(from)))
+        .header(header::CACHE_CONTROL, "private, max-age=60");
+    if up_to_date {
+        b = b.header("stream-up-to-date", "true");
+    }
+    if closed && up_to_date {
+        b = b.header("stream-closed", "true");
+    } else {
+        b = b.header("stream-cursor", cursor(client_cursor));
+    }
+    if chunk.messages.is_empty() {
+        return Ok(finish(b, Body::empty()));
+    }
+    b = b
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::ETAG, etag(from, chunk.next, closed && up_to_date));
+    Ok(finish(
+        b,
+        Body::from(body_of(content_type, &chunk.messages)),
+    ))
+}
+
+/// An SSE read: `data` events with the messages, each followed by a `control` event; ends at
+/// the close (after `streamClosed: true`), after [`SSE_LIFETIME`], at server shutdown, or
+/// when the stream is deleted.
+fn sse(
+    state: &AppState,
+    q: EventQueue,
+    from: u64,
+    content_type: String,
+    client_cursor: Option<&str>,
+) -> Response {
+    let base64 = !(is_json(&content_type) || media_type(&content_type).starts_with("text/"));
+    let shutdown = state.shutdown_token().clone();
+    let client_cursor = client_cursor.map(str::to_string);
+    let first_cursor = cursor(client_cursor.as_deref());
+    let events = async_stream(move |tx| async move {
+        let control = |next: u64, closed: bool, up_to_date: bool, cur: &str| {
+            let mut c = serde_json::Map::new();
+            c.insert("streamNextOffset".into(), format_offset(next).into());
+            if closed {
+                c.insert("streamClosed".into(), true.into());
+            } else {
+                c.insert("streamCursor".into(), cur.into());
+            }
+            if up_to_date {
+                c.insert("upToDate".into(), true.into());
+            }
+            format!("event: control\ndata:{}\n\n", serde_json::Value::Object(c))
+        };
+        let mut next = from;
+        let mut sub = match q.subscribe(from) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        // Nothing more can come: say so at once.
+        if ended(&q) && from >= tail_of(&q) {
+            let _ = tx
+                .send(Bytes::from(control(next, true, true, &first_cursor)))
+                .await;
+            return;
+        }
+        if from >= tail_of(&q) {
+            let msg = control(next, false, true, &first_cursor);
+            if tx.send(Bytes::from(msg)).await.is_err() {
+                return;
+            }
+        }
+        let deadline = tokio::time::sleep(SSE_LIFETIME);
+        tokio::pin!(deadline);
+        loop {
+            let batch = tokio::select! {
+                b = sub.next_batch(READ_MESSAGES, READ_BYTES) => b,
+                () = shutdown.cancelled() => return,
+                () = &mut deadline => return,
+                () = tx.closed() => return,
+            };
+            let Some(Ok(deliveries)) = batch else {
+                // The subscription ended: the close (everything was delivered), or removal.
+                if ended(&q) {
+                    let _ = tx
+                        .send(Bytes::from(control(next, true, true, &first_cursor)))
+                        .await;
+                }
+                return;
+            };
+            let mut messages = Vec::new();
+            for d in deliveries {
+                match d {
+                    Delivery::Event(e) => {
+                        next = e.offset() + 1;
+                        messages.push(e.json().clone());
+                    }
+                    Delivery::Gap {
+                        first_available_offset,
+                        ..
+                    } => next = first_available_offset,
+                }
+            }
+            let mut frame = String::new();
+            if !messages.is_empty() {
+                let payload = body_of(&content_type, &messages);
+                frame.push_str(&sse_frame_data(&payload, base64));
+            }
+            let tail = tail_of(&q);
+            let closed = ended(&q) && next >= tail;
+            let cur = cursor(client_cursor.as_deref());
+            frame.push_str(&control(next, closed, next >= tail, &cur));
+            if tx.send(Bytes::from(frame)).await.is_err() || closed {
+                return;
+            }
+        }
+    });
+    let mut b = base(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header(HeaderName::from_static("x-accel-buffering"), "no");
+    if base64 {
+        b = b.header(
+            "stream-sse-data-encoding",
+            HeaderValue::from_static("base64"),
+        );
+    }
+    finish(
+        b,
+        Body::from_stream(events.map(Ok::<_, std::convert::Infallible>)),
+    )
+}
+
+/// A stream of byte chunks produced by `f` through a small channel (the producer runs as its
+/// own task and stops when the response is dropped).
+fn async_stream<F, Fut>(f: F) -> impl futures_util::Stream<Item = Bytes> + Send + 'static
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(f(tx));
+    tokio_stream_of(rx)
+}
+
+fn tokio_stream_of(
+    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+) -> impl futures_util::Stream<Item = Bytes> + Send + 'static {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -1,0 +1,196 @@
+//! The protocol's small formats: offsets, cursors, ETags, media types, SSE data frames.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Response headers a browser may read (CORS).
+pub(super) const EXPOSE: &str = "stream-next-offset, stream-up-to-date, stream-closed, \
+    stream-cursor, stream-sse-data-encoding, producer-epoch, producer-seq, \
+    producer-expected-seq, producer-received-seq, etag, location, content-type, \
+    stream-ttl, stream-expires-at";
+
+/// Request headers a browser may send (CORS).
+pub(super) const ALLOW: &str = "content-type, authorization, if-none-match, stream-ttl, \
+    stream-expires-at, stream-seq, stream-closed, producer-id, producer-epoch, producer-seq, \
+    x-tenant-id, stream-forked-from, stream-fork-offset, stream-fork-sub-offset";
+
+/// Digits of a rendered offset: every `u64` fits, and equal widths sort as numbers.
+const OFFSET_DIGITS: usize = 20;
+
+/// An offset as sent: 20 zero-padded decimal digits, so offsets sort as strings.
+pub(super) fn format_offset(offset: u64) -> String {
+    format!("{offset:0OFFSET_DIGITS$}")
+}
+
+/// A requested read position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ReadOffset {
+    /// `-1`: the oldest retained message.
+    Start,
+    /// `now`: the tail.
+    Now,
+    /// An offset the server gave out.
+    At(u64),
+}
+
+impl ReadOffset {
+    /// `-1`, `now`, or up to 20 decimal digits; anything else is no offset.
+    pub(super) fn parse(s: &str) -> Option<Self> {
+        match s {
+            "-1" => Some(ReadOffset::Start),
+            "now" => Some(ReadOffset::Now),
+            _ if !s.is_empty()
+                && s.len() <= OFFSET_DIGITS
+                && s.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                s.parse().ok().map(ReadOffset::At)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The media type of a `Content-Type` value: without parameters, lower case.
+pub(super) fn media_type(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// Whether the stream is in JSON mode (protocol §9.1).
+pub(super) fn is_json(content_type: &str) -> bool {
+    media_type(content_type) == "application/json"
+}
+
+/// The ETag of a read of `from..to`; it changes when the stream closes (protocol §10.1).
+pub(super) fn etag(from: u64, to: u64, closed: bool) -> String {
+    let c = if closed { ":c" } else { "" };
+    format!("\"{}:{}{c}\"", format_offset(from), format_offset(to))
+}
+
+/// Seconds of one cursor interval, counted from [`CURSOR_EPOCH`] (protocol §10.1).
+const CURSOR_INTERVAL: u64 = 20;
+/// 2024-10-09T00:00:00Z.
+const CURSOR_EPOCH: u64 = 1_728_432_000;
+
+/// The cursor of a live response: the current interval number, or, when the client already
+/// holds that interval or a later one, a later one (by 1 to 3600 s of jitter), so cursors
+/// never go backwards.
+pub(super) fn cursor(client: Option<&str>) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let current = now.saturating_sub(CURSOR_EPOCH) / CURSOR_INTERVAL;
+    match client.and_then(|c| c.parse::<u64>().ok()) {
+        Some(c) if c >= current => {
+            let jitter = fastrand::u64(1..=3600).div_ceil(CURSOR_INTERVAL).max(1);
+            (c + jitter).to_string()
+        }
+        _ => current.to_string(),
+    }
+}
+
+/// An SSE `data` event carrying `payload`: its lines as they are (text and JSON streams), or
+/// its standard base64 (binary streams), one `data:` line per line.
+pub(super) fn sse_frame_data(payload: &[u8], base64: bool) -> String {
+    let text = if base64 {
+        encode_base64(payload)
+    } else {
+        String::from_utf8_lossy(payload).into_owned()
+    };
+    let mut out = String::with_capacity(text.len() + 32);
+    out.push_str("event: data\n");
+    // CR LF, LF and a lone CR all end a line in SSE: each becomes a `data:` line of its own,
+    // so no payload can start a frame of its own.
+    for line in text.split("\r\n").flat_map(|l| l.split(['\n', '\r'])) {
+        out.push_str("data:");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push('\n');
+    out
+}
+
+/// Standard base64 (RFC 4648, with padding).
+pub(super) fn encode_base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_sort_as_strings_in_offset_order() {
+        let offsets = [0u64, 9, 10, 99, 100, 12_345, u64::MAX];
+        for pair in offsets.windows(2) {
+            assert!(format_offset(pair[0]) < format_offset(pair[1]));
+        }
+        assert_eq!(
+            ReadOffset::parse(&format_offset(42)),
+            Some(ReadOffset::At(42))
+        );
+        assert_eq!(ReadOffset::parse("-1"), Some(ReadOffset::Start));
+        assert_eq!(ReadOffset::parse("now"), Some(ReadOffset::Now));
+        for bad in ["", "abc", "-2", "1.5", "+1", "999999999999999999999"] {
+            assert_eq!(ReadOffset::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn base64_matches_rfc_4648_vectors() {
+        let vectors = [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ];
+        for (plain, encoded) in vectors {
+            assert_eq!(encode_base64(plain.as_bytes()), encoded);
+        }
+    }
+
+    #[test]
+    fn a_client_cursor_at_or_past_now_moves_forward() {
+        let now: u64 = cursor(None).parse().unwrap();
+        let ahead = now + 50;
+        let next: u64 = cursor(Some(&ahead.to_string())).parse().unwrap();
+        assert!(next > ahead);
+        let old: u64 = cursor(Some("1")).parse().unwrap();
+        assert!(old >= now);
+    }
+
+    #[test]
+    fn sse_data_lines_carry_each_line_of_the_payload() {
+        assert_eq!(
+            sse_frame_data(b"a\nb", false),
+            "event: data\ndata:a\ndata:b\n\n"
+        );
+        assert_eq!(
+            sse_frame_data(&[0, 1, 2], true),
+            "event: data\ndata:AAEC\n\n"
+        );
+    }
+}

@@ -1,0 +1,364 @@
+//! The Durable Streams protocol under `/v1/stream` (issue 23), through `router()`: what a
+//! protocol client relies on beyond the official conformance suite (tests/durable-streams/),
+//! which cannot see eventqueue's own guarantees: tenancy, restarts, typed queues as streams.
+
+use axum::http::StatusCode;
+use eventqueue::{Config, QueueManager};
+use serde_json::json;
+
+use super::app::{App, Req, token};
+use super::working;
+use crate::helpers;
+
+fn put(path: &str, content_type: &str) -> Req {
+    Req::new("PUT", path).header("content-type", content_type)
+}
+
+fn post(path: &str, content_type: &str, body: &str) -> Req {
+    Req::new("POST", path)
+        .header("content-type", content_type)
+        .body(body.as_bytes().to_vec())
+}
+
+#[tokio::test]
+async fn json_arrays_split_into_messages_read_back_from_any_offset() {
+    let app = App::open_mode().await;
+    let created = app.send(&put("/v1/stream/chat", "application/json")).await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let empty_tail = created.header("stream-next-offset").unwrap();
+
+    let r = app
+        .send(&post(
+            "/v1/stream/chat",
+            "application/json",
+            r#"[{"a":1}, {"b": [2, 3]}]"#,
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let after_two = r.header("stream-next-offset").unwrap();
+    let r = app
+        .send(&post("/v1/stream/chat", "application/json", r#"{"c":3}"#))
+        .await;
+    let after_three = r.header("stream-next-offset").unwrap();
+    // Opaque offsets that sort as strings in stream order.
+    assert!(empty_tail < after_two && after_two < after_three);
+
+    let all = app
+        .send(&Req::new("GET", "/v1/stream/chat?offset=-1"))
+        .await;
+    assert_eq!(all.status, StatusCode::OK);
+    // Each message exactly as sent (the array's elements keep their own spacing).
+    assert_eq!(
+        String::from_utf8(all.body.clone()).unwrap(),
+        r#"[{"a":1},{"b": [2, 3]},{"c":3}]"#
+    );
+    assert_eq!(all.header("stream-up-to-date").as_deref(), Some("true"));
+    assert_eq!(all.header("stream-next-offset").unwrap(), after_three);
+
+    let rest = app
+        .send(&Req::new(
+            "GET",
+            &format!("/v1/stream/chat?offset={after_two}"),
+        ))
+        .await;
+    assert_eq!(rest.json(), json!([{"c": 3}]));
+
+    // `now` skips what is there.
+    let now = app
+        .send(&Req::new("GET", "/v1/stream/chat?offset=now"))
+        .await;
+    assert_eq!(now.json(), json!([]));
+    assert_eq!(now.header("stream-next-offset").unwrap(), after_three);
+}
+
+#[tokio::test]
+async fn streams_belong_to_the_token_tenant_and_writes_need_publish() {
+    let app = App::token_mode().await;
+    let acme = token("acme", "subscribe publish");
+    let globex = token("globex", "subscribe publish");
+    let reader = token("acme", "subscribe");
+
+    let r = app
+        .send(&put("/v1/stream/log", "text/plain").bearer(&acme))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = app
+        .send(&post("/v1/stream/log", "text/plain", "hello").bearer(&acme))
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+
+    // Another tenant's stream does not exist for this one; the same path is its own stream.
+    let r = app
+        .send(&Req::new("GET", "/v1/stream/log").bearer(&globex))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = app
+        .send(&put("/v1/stream/log", "text/plain").bearer(&globex))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+
+    // Reading needs subscribe, writing publish.
+    let r = app
+        .send(&Req::new("GET", "/v1/stream/log").bearer(&reader))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body, b"hello");
+    let r = app
+        .send(&post("/v1/stream/log", "text/plain", "more").bearer(&reader))
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = app.send(&Req::new("GET", "/v1/stream/log")).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_typed_task_queue_reads_as_a_json_stream_of_its_events() {
+    let app = App::open_mode().await;
+    let r = app
+        .send(
+            &Req::new("POST", "/events/queues")
+                .header("content-type", "application/json")
+                .body(json!({"task_id": "wf-1", "kind": "workflow"}).to_string()),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = app
+        .send(
+            &Req::new("POST", "/events/queues/wf-1/events")
+                .header("content-type", "application/json")
+                .body(json!({"events": [working(1), working(2)]}).to_string()),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+
+    let head = app.send(&Req::new("HEAD", "/v1/stream/wf-1")).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(
+        head.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    let read = app
+        .send(&Req::new("GET", "/v1/stream/wf-1?offset=-1"))
+        .await;
+    let events = read.json();
+    let events = events.as_array().unwrap();
+    assert_eq!(events.len(), 2);
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e["offset"], json!(i));
+        assert_eq!(e["event_type"], json!("status"));
+        assert_eq!(e["phase"], json!(format!("phase_{}", i + 1)));
+    }
+    // Appends through the protocol are events, validated as the events API validates them.
+    let r = app
+        .send(&post(
+            "/v1/stream/wf-1",
+            "application/json",
+            r#"[{"event_type": "progress", "current": 1, "total": 2}]"#,
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = app
+        .send(&post(
+            "/v1/stream/wf-1",
+            "application/json",
+            r#"{"event_type": "progress", "current": 3, "total": 2}"#,
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.detail().contains("current"), "{}", r.detail());
+    let read = app
+        .send(&Req::new("GET", "/v1/stream/wf-1?offset=-1"))
+        .await;
+    let events = read.json();
+    assert_eq!(events.as_array().unwrap().len(), 3);
+    assert_eq!(events[2]["event_type"], json!("progress"));
+    assert_eq!(events[2]["task_id"], json!("wf-1"));
+    // The task's terminal event ends its stream: closed for a Durable Streams reader.
+    let r = app
+        .send(&post(
+            "/v1/stream/wf-1",
+            "application/json",
+            r#"{"event_type": "complete", "result": {"ok": true}}"#,
+        ))
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let tail = r.header("stream-next-offset").unwrap();
+    let head = app.send(&Req::new("HEAD", "/v1/stream/wf-1")).await;
+    assert_eq!(head.header("stream-closed").as_deref(), Some("true"));
+    let eof = app
+        .send(&Req::new("GET", &format!("/v1/stream/wf-1?offset={tail}")))
+        .await;
+    assert_eq!(eof.json(), json!([]));
+    assert_eq!(eof.header("stream-closed").as_deref(), Some("true"));
+}
+
+#[tokio::test]
+async fn idempotent_producers_store_a_retry_once_and_fence_stale_epochs() {
+    let app = App::open_mode().await;
+    app.send(&put("/v1/stream/p", "text/plain")).await;
+    let send = |epoch: &str, seq: &str, body: &str| {
+        post("/v1/stream/p", "text/plain", body)
+            .header("producer-id", "writer-1")
+            .header("producer-epoch", epoch)
+            .header("producer-seq", seq)
+    };
+    assert_eq!(app.send(&send("0", "0", "a")).await.status, StatusCode::OK);
+    assert_eq!(app.send(&send("0", "1", "b")).await.status, StatusCode::OK);
+    // A retry: acknowledged, not stored again.
+    let retry = app.send(&send("0", "1", "b")).await;
+    assert_eq!(retry.status, StatusCode::NO_CONTENT);
+    // A gap names what was expected.
+    let gap = app.send(&send("0", "5", "x")).await;
+    assert_eq!(gap.status, StatusCode::CONFLICT);
+    assert_eq!(gap.header("producer-expected-seq").as_deref(), Some("2"));
+    // A new epoch fences the old one.
+    assert_eq!(app.send(&send("1", "0", "c")).await.status, StatusCode::OK);
+    let zombie = app.send(&send("0", "2", "z")).await;
+    assert_eq!(zombie.status, StatusCode::FORBIDDEN);
+    assert_eq!(zombie.header("producer-epoch").as_deref(), Some("1"));
+
+    let all = app.send(&Req::new("GET", "/v1/stream/p")).await;
+    assert_eq!(all.body, b"abc");
+}
+
+#[tokio::test]
+async fn a_stream_its_content_type_and_closure_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let tail = {
+        let manager = QueueManager::open(Config::new(dir.path())).await.unwrap();
+        let app = App::over(
+            manager.clone(),
+            tempfile::tempdir().unwrap(),
+            helpers::server_config(),
+        );
+        app.send(&put("/v1/stream/bin", "application/x-thing"))
+            .await;
+        app.send(&post("/v1/stream/bin", "application/x-thing", "one"))
+            .await;
+        let r = app
+            .send(
+                &post("/v1/stream/bin", "application/x-thing", "two")
+                    .header("stream-closed", "true"),
+            )
+            .await;
+        assert_eq!(r.header("stream-closed").as_deref(), Some("true"));
+        manager.shutdown().await.unwrap();
+        r.header("stream-next-offset").unwrap()
+    };
+    let manager = QueueManager::open(Config::new(dir.path())).await.unwrap();
+    let app = App::over(
+        manager,
+        tempfile::tempdir().unwrap(),
+        helpers::server_config(),
+    );
+    let head = app.send(&Req::new("HEAD", "/v1/stream/bin")).await;
+    assert_eq!(
+        head.header("content-type").as_deref(),
+        Some("application/x-thing")
+    );
+    assert_eq!(head.header("stream-closed").as_deref(), Some("true"));
+    assert_eq!(head.header("stream-next-offset").unwrap(), tail);
+    let all = app.send(&Req::new("GET", "/v1/stream/bin?offset=-1")).await;
+    assert_eq!(all.body, b"onetwo");
+    // Closed: appends are refused with the final offset.
+    let r = app
+        .send(&post("/v1/stream/bin", "application/x-thing", "three"))
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(r.header("stream-next-offset").unwrap(), tail);
+}
+
+#[tokio::test]
+async fn a_fork_holds_its_source_up_to_the_fork_point_at_the_same_offsets() {
+    let app = App::open_mode().await;
+    app.send(&put("/v1/stream/src", "application/json")).await;
+    let first = app
+        .send(&post("/v1/stream/src", "application/json", r#"[1, 2]"#))
+        .await
+        .header("stream-next-offset")
+        .unwrap();
+    app.send(&post("/v1/stream/src", "application/json", r#"[3, 4, 5]"#))
+        .await;
+
+    // Inherit the first append and one message of the second (a JSON sub-offset counts
+    // messages); the content type is the source's.
+    let r = app
+        .send(
+            &Req::new("PUT", "/v1/stream/fork")
+                .header("stream-forked-from", "/v1/stream/src")
+                .header("stream-fork-offset", &first)
+                .header("stream-fork-sub-offset", "1"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    app.send(&post("/v1/stream/fork", "application/json", "6"))
+        .await;
+    let fork = app
+        .send(&Req::new("GET", "/v1/stream/fork?offset=-1"))
+        .await;
+    assert_eq!(fork.json(), json!([1, 2, 3, 6]));
+    // Same offsets as the source up to the fork point.
+    let tail = app
+        .send(&Req::new("GET", &format!("/v1/stream/fork?offset={first}")))
+        .await;
+    assert_eq!(tail.json(), json!([3, 6]));
+    let src = app.send(&Req::new("GET", "/v1/stream/src?offset=-1")).await;
+    assert_eq!(src.json(), json!([1, 2, 3, 4, 5]));
+
+    // Deleting the source while the fork lives: gone (410), its path reserved (409), the fork
+    // unharmed; deleting the fork then frees the path.
+    let r = app.send(&Req::new("DELETE", "/v1/stream/src")).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = app.send(&Req::new("GET", "/v1/stream/src")).await;
+    assert_eq!(r.status, StatusCode::GONE);
+    let r = app.send(&put("/v1/stream/src", "application/json")).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    let fork = app
+        .send(&Req::new("GET", "/v1/stream/fork?offset=-1"))
+        .await;
+    assert_eq!(fork.json(), json!([1, 2, 3, 6]));
+    let r = app.send(&Req::new("DELETE", "/v1/stream/fork")).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = app.send(&Req::new("GET", "/v1/stream/src")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = app.send(&put("/v1/stream/src", "application/json")).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn a_binary_fork_sub_offset_counts_bytes_into_the_next_append() {
+    let app = App::open_mode().await;
+    let created = app
+        .send(&put("/v1/stream/bytes", "application/octet-stream").body(b"ab".to_vec()))
+        .await;
+    let after_ab = created.header("stream-next-offset").unwrap();
+    app.send(&post(
+        "/v1/stream/bytes",
+        "application/octet-stream",
+        "cdef",
+    ))
+    .await;
+    let r = app
+        .send(
+            &Req::new("PUT", "/v1/stream/bytes-fork")
+                .header("stream-forked-from", "/v1/stream/bytes")
+                .header("stream-fork-offset", &after_ab)
+                .header("stream-fork-sub-offset", "3"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let fork = app
+        .send(&Req::new("GET", "/v1/stream/bytes-fork?offset=-1"))
+        .await;
+    assert_eq!(fork.body, b"abcde");
+    // Past the source's bytes: refused.
+    let r = app
+        .send(
+            &Req::new("PUT", "/v1/stream/bytes-fork-2")
+                .header("stream-forked-from", "/v1/stream/bytes")
+                .header("stream-fork-offset", &after_ab)
+                .header("stream-fork-sub-offset", "5"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
