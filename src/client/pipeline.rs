@@ -221,7 +221,7 @@ impl Pipeline {
     }
 
     /// Sends one event without waiting for its answer (waiting only while
-    /// [`MAX_OUTSTANDING`] frames are unanswered): one task can keep many in flight.
+    /// 256 frames (`MAX_OUTSTANDING`) are unanswered): one task can keep many in flight.
     ///
     /// # Errors
     ///
