@@ -108,6 +108,160 @@ impl Drop for RedisServer {
     }
 }
 
+/// A free loopback port.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A Redis Cluster of three masters (no replicas) on loopback, each a `redis-server` child
+/// with AOF `always` in a directory of its own; killed when dropped.
+pub(crate) struct RedisCluster {
+    pub(crate) ports: Vec<u16>,
+    _dir: TempDir,
+    children: Vec<Child>,
+}
+
+impl RedisCluster {
+    pub(crate) fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = RedisCluster {
+            ports: Vec::new(),
+            _dir: tempfile::tempdir().unwrap(),
+            children: Vec::new(),
+        };
+        for i in 0..3 {
+            let (port, bus) = (free_port(), free_port());
+            let node_dir = dir.path().join(format!("node{i}"));
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus.to_string(),
+                ])
+                .args(["--cluster-config-file", "nodes.conf"])
+                .args(["--dir", &node_dir.display().to_string()])
+                .args([
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server not found (apt-get install redis-server)");
+            cluster.children.push(child);
+            cluster.ports.push(port);
+        }
+        cluster._dir = dir;
+        for &port in &cluster.ports {
+            wait_for_ping(&format!("redis://127.0.0.1:{port}"));
+        }
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli not found");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for &port in &cluster.ports {
+            let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            loop {
+                let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut conn).unwrap();
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster did not come up: {info}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cluster
+    }
+
+    /// The seed URL: two of the three nodes (the third is learnt from them).
+    pub(crate) fn url(&self) -> String {
+        format!(
+            "redis-cluster://127.0.0.1:{},127.0.0.1:{}",
+            self.ports[0], self.ports[1]
+        )
+    }
+
+    pub(crate) fn config(&self) -> Config {
+        Config {
+            storage: StorageBackend::Redis {
+                url: self.url(),
+                prefix: "eq:".into(),
+            },
+            ..Config::new(PathBuf::from("unused"))
+        }
+    }
+
+    /// How many queue records (`eq:q:*`) each master holds.
+    fn queues_per_master(&self) -> Vec<usize> {
+        self.ports
+            .iter()
+            .map(|port| {
+                let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                    .unwrap()
+                    .get_connection()
+                    .unwrap();
+                let keys: Vec<String> = redis::cmd("KEYS").arg("eq:q:*").query(&mut conn).unwrap();
+                keys.len()
+            })
+            .collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits until the server at `url` answers PING.
+fn wait_for_ping(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(client) = redis::Client::open(url)
+            && let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(1))
+            && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "redis-server did not start at {url}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn working() -> StatusEvent {
     StatusEvent::new(TaskState::Working)
 }
@@ -136,8 +290,18 @@ async fn offsets(sub: &mut eventqueue::Subscription, n: usize) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_share_queues_offsets_and_live_streams() {
     let redis = RedisServer::start();
-    let a = QueueManager::open(redis.config()).await.unwrap();
-    let b = QueueManager::open(redis.config()).await.unwrap();
+    two_nodes_share_queues_offsets_and_live_streams_on(redis.config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_two_nodes_share_queues_offsets_and_live_streams() {
+    let cluster = RedisCluster::start();
+    two_nodes_share_queues_offsets_and_live_streams_on(cluster.config()).await;
+}
+
+async fn two_nodes_share_queues_offsets_and_live_streams_on(config: Config) {
+    let a = QueueManager::open(config.clone()).await.unwrap();
+    let b = QueueManager::open(config).await.unwrap();
     let (t, k) = (tenant("t"), task("shared"));
     let qa = a
         .create_queue(
@@ -194,8 +358,18 @@ async fn two_nodes_share_queues_offsets_and_live_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_cancel_close_and_delete_reach_every_node() {
     let redis = RedisServer::start();
-    let a = QueueManager::open(redis.config()).await.unwrap();
-    let b = QueueManager::open(redis.config()).await.unwrap();
+    idempotency_cancel_close_and_delete_reach_every_node_on(redis.config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_idempotency_cancel_close_and_delete_reach_every_node() {
+    let cluster = RedisCluster::start();
+    idempotency_cancel_close_and_delete_reach_every_node_on(cluster.config()).await;
+}
+
+async fn idempotency_cancel_close_and_delete_reach_every_node_on(config: Config) {
+    let a = QueueManager::open(config.clone()).await.unwrap();
+    let b = QueueManager::open(config).await.unwrap();
     let t = tenant("t");
     let k = task("job");
     let qa = a
@@ -285,8 +459,18 @@ async fn idempotency_cancel_close_and_delete_reach_every_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoint_saves_from_two_nodes_never_collide() {
     let redis = RedisServer::start();
-    let a = QueueManager::open(redis.config()).await.unwrap();
-    let b = QueueManager::open(redis.config()).await.unwrap();
+    checkpoint_saves_from_two_nodes_never_collide_on(redis.config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_checkpoint_saves_from_two_nodes_never_collide() {
+    let cluster = RedisCluster::start();
+    checkpoint_saves_from_two_nodes_never_collide_on(cluster.config()).await;
+}
+
+async fn checkpoint_saves_from_two_nodes_never_collide_on(config: Config) {
+    let a = QueueManager::open(config.clone()).await.unwrap();
+    let b = QueueManager::open(config).await.unwrap();
     let t = tenant("t");
     let w = task("wf");
     a.create_queue(&t, &w, QueueOptions::kind(eventqueue::QueueKind::Workflow))
@@ -342,8 +526,18 @@ async fn checkpoint_saves_from_two_nodes_never_collide() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ttl_sweep_runs_on_every_node_at_once() {
     let redis = RedisServer::start();
-    let a = QueueManager::open(redis.config()).await.unwrap();
-    let b = QueueManager::open(redis.config()).await.unwrap();
+    the_ttl_sweep_runs_on_every_node_at_once_on(redis.config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_the_ttl_sweep_runs_on_every_node_at_once() {
+    let cluster = RedisCluster::start();
+    the_ttl_sweep_runs_on_every_node_at_once_on(cluster.config()).await;
+}
+
+async fn the_ttl_sweep_runs_on_every_node_at_once_on(config: Config) {
+    let a = QueueManager::open(config.clone()).await.unwrap();
+    let b = QueueManager::open(config).await.unwrap();
     let t = tenant("t");
     let idle = task("idle");
     let q = a
@@ -573,4 +767,87 @@ async fn a_token_revocation_is_kept_by_redis_for_the_next_node() {
     .unwrap();
     assert!(other.token_revocations().await.unwrap().is_empty());
     other.shutdown().await.unwrap();
+}
+
+/// Two nodes writing many queues at once over one Redis: every group commit spans many
+/// queues, with the other node writing the same queues meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_writing_many_queues_at_once_keep_every_queue_dense() {
+    let redis = RedisServer::start();
+    two_nodes_write_many_queues_on(redis.config(), || ()).await;
+}
+
+/// A Redis Cluster: queues land in slots of every master; a node that starts later finds all
+/// of them (each master scanned); producers on two nodes writing many queues at once (group
+/// commits over several slots: each slot's checks, then each slot's writes) get dense offsets
+/// on every queue, and subscribers on the other node get every event in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_queues_spread_over_the_masters_and_batches_over_slots_stay_dense() {
+    let cluster = RedisCluster::start();
+    two_nodes_write_many_queues_on(cluster.config(), || {
+        let spread = cluster.queues_per_master();
+        assert_eq!(spread.iter().sum::<usize>(), QUEUES, "{spread:?}");
+        assert!(
+            spread.iter().filter(|&&n| n > 0).count() >= 2,
+            "queues on at least two masters: {spread:?}"
+        );
+    })
+    .await;
+}
+
+const QUEUES: usize = 24;
+
+/// Node A creates [`QUEUES`] queues (then `created` runs); node B, opened after, loads them
+/// all; producers on both nodes write every queue at once; subscribers on B get every event.
+async fn two_nodes_write_many_queues_on(config: Config, created: impl FnOnce()) {
+    let a = QueueManager::open(config.clone()).await.unwrap();
+    let t = tenant("t");
+    let names: Vec<_> = (0..QUEUES).map(|i| task(&format!("q{i}"))).collect();
+    for k in &names {
+        a.create_queue(&t, k, QueueOptions::default().with_max_buffer_size(10_000))
+            .await
+            .unwrap();
+    }
+    created();
+    let b = QueueManager::open(config).await.unwrap();
+    assert_eq!(
+        b.list_queues(Some(&t)).len(),
+        names.len(),
+        "a node started later loads every queue"
+    );
+    let mut subs = Vec::new();
+    for k in &names {
+        subs.push(b.get_queue(&t, k).unwrap().subscribe(0).unwrap());
+    }
+    const EACH: u64 = 20;
+    let mut producers = Vec::new();
+    for (node, m) in [(0, a.clone()), (1, b.clone())] {
+        for k in &names {
+            let q = m.get_queue(&t, k).unwrap();
+            producers.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                for i in 0..EACH {
+                    let id = eventqueue::EventId::new(format!("n{node}-{i}")).unwrap();
+                    let e = eventqueue::Event::new(q.tenant_id(), q.task_id(), working())
+                        .with_event_id(id);
+                    got.push(q.enqueue(e).await.unwrap());
+                }
+                got
+            }));
+        }
+    }
+    let mut acked = vec![Vec::new(); names.len()];
+    for (i, p) in producers.into_iter().enumerate() {
+        acked[i % names.len()].extend(p.await.unwrap());
+    }
+    let all: Vec<u64> = (0..2 * EACH).collect();
+    for (k, mut got) in names.iter().zip(acked) {
+        got.sort_unstable();
+        assert_eq!(got, all, "dense offsets on {k}");
+    }
+    for sub in &mut subs {
+        assert_eq!(offsets(sub, all.len()).await, all);
+    }
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
 }
