@@ -23,10 +23,17 @@ pub(crate) struct RedisServer {
     pub(crate) port: u16,
     dir: TempDir,
     child: Option<Child>,
+    /// More `redis-server` arguments (a replica's `--replicaof`).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     pub(crate) fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A server with more arguments.
+    pub(crate) fn start_with(extra: &[&str]) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -35,6 +42,7 @@ impl RedisServer {
             port,
             dir: tempfile::tempdir().unwrap(),
             child: None,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         server.restart();
         server
@@ -54,6 +62,7 @@ impl RedisServer {
                 "--appendfsync",
                 "always",
             ])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -64,9 +73,12 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
+            // Up: it answers (with a password set, that it wants it).
             if let Ok(client) = redis::Client::open(self.url())
                 && let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(1))
-                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+                && redis::cmd("PING")
+                    .query::<String>(&mut conn)
+                    .map_or_else(|e| e.code() == Some("NOAUTH"), |_| true)
             {
                 return;
             }
@@ -850,4 +862,379 @@ async fn two_nodes_write_many_queues_on(config: Config, created: impl FnOnce()) 
     }
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
+}
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let status = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl not found (apt-get install openssl)");
+    assert!(status.success(), "openssl {args:?} failed");
+}
+
+/// A `redis-server` with TLS only (`--port 0`) and a password, its certificate for
+/// `localhost` signed by a CA made here (`ca.crt` in `dir`); killed when dropped.
+struct TlsRedis {
+    port: u16,
+    child: Child,
+}
+
+const TLS_PASSWORD: &str = "s3cret-Pw";
+
+impl TlsRedis {
+    fn start(dir: &std::path::Path) -> TlsRedis {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=eventqueue test CA",
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        );
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .unwrap();
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.crt",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+            ],
+        );
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--dir", &dir.display().to_string()])
+            .args([
+                "--tls-cert-file",
+                "server.crt",
+                "--tls-key-file",
+                "server.key",
+            ])
+            .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"])
+            .args([
+                "--requirepass",
+                TLS_PASSWORD,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not found");
+        let server = TlsRedis { port, child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = Command::new("redis-cli")
+                .args(["--tls", "--cacert", "ca.crt", "-p", &port.to_string()])
+                .args(["--no-auth-warning", "-a", TLS_PASSWORD, "ping"])
+                .current_dir(dir)
+                .output()
+                .expect("redis-cli not found");
+            if String::from_utf8_lossy(&out.stdout).contains("PONG") {
+                return server;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server with TLS did not start (is it built with TLS?)"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `eventqueue serve --storage STORAGE` with `env`, until it listens (`Ok`: its base
+/// URL) or exits (`Err`: its log).
+fn serve(
+    dir: &std::path::Path,
+    name: &str,
+    storage: &str,
+    env: &[(&str, &str)],
+) -> (Child, Result<String, String>) {
+    let log_path = dir.join(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_eventqueue"))
+        .args(["serve", "--storage", storage, "--bind", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.join(name))
+        .env("RUST_LOG", "info")
+        .env_remove("EVENTQUEUE_REDIS_PASSWORD")
+        .env_remove("EVENTQUEUE_REDIS_CA")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("cannot start eventqueue serve");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if let Some(base) = text.lines().find_map(|l| {
+            let (_, rest) = l.split_once("eventqueue listening on ")?;
+            rest.split_whitespace().next().map(str::to_owned)
+        }) {
+            return (child, Ok(base));
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return (child, Err(text));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve neither listened nor exited:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `rediss://` with the password from `EVENTQUEUE_REDIS_PASSWORD` and the CA from
+/// `EVENTQUEUE_REDIS_CA`: events go to Redis over TLS. Without the CA the server's
+/// certificate is refused; with a wrong password the node does not start; the password is in
+/// no log line.
+#[tokio::test]
+async fn tls_and_a_password_from_the_environment_reach_redis_and_stay_out_of_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = TlsRedis::start(dir.path());
+    let storage = format!("rediss://localhost:{}", redis.port);
+    let ca = dir.path().join("ca.crt").display().to_string();
+
+    let (mut node, listening) = serve(
+        dir.path(),
+        "good",
+        &storage,
+        &[
+            ("EVENTQUEUE_REDIS_PASSWORD", TLS_PASSWORD),
+            ("EVENTQUEUE_REDIS_CA", &ca),
+        ],
+    );
+    let base = listening.unwrap_or_else(|log| panic!("serve did not start:\n{log}"));
+    let http = client();
+    let created = http
+        .post(format!("{base}/events/queues"))
+        .json(&json!({"task_id": "job"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    for expected in 0..2 {
+        let published = http
+            .post(format!("{base}/events/queues/job/events"))
+            .json(&json!({"event_type": "status", "state": "working"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(published.status(), 200);
+        let body: serde_json::Value = published.json().await.unwrap();
+        assert_eq!(body["offsets"], json!([expected]), "{body}");
+    }
+    let _ = node.kill();
+    let _ = node.wait();
+    let len = Command::new("redis-cli")
+        .args(["--tls", "--cacert", &ca, "-p", &redis.port.to_string()])
+        .args(["--no-auth-warning", "-a", TLS_PASSWORD])
+        .args(["XLEN", "eq:e:{default/job}"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&len.stdout).trim(), "2");
+
+    // The system's roots do not include the test CA: refused.
+    let (_node, refused) = serve(
+        dir.path(),
+        "no-ca",
+        &storage,
+        &[("EVENTQUEUE_REDIS_PASSWORD", TLS_PASSWORD)],
+    );
+    let log = refused.expect_err("a certificate from an unknown CA is refused");
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
+
+    // A wrong password: the node says so and does not start, without printing it.
+    let (_node, refused) = serve(
+        dir.path(),
+        "wrong",
+        &format!("rediss://:Wr0ng-pw@localhost:{}", redis.port),
+        &[("EVENTQUEUE_REDIS_CA", &ca)],
+    );
+    let log = refused.expect_err("a wrong password is refused");
+    assert!(!log.contains("Wr0ng-pw"), "{log}");
+    assert!(log.contains(&format!("localhost:{}", redis.port)), "{log}");
+    for name in ["good", "no-ca", "wrong"] {
+        let log = std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap();
+        assert!(
+            !log.contains(TLS_PASSWORD),
+            "the password is in {name}.log:\n{log}"
+        );
+    }
+}
+
+/// A password in a `redis://` URL (`--requirepass`): stores work; a wrong one fails to open
+/// with an error that names the server but not the password.
+#[tokio::test]
+async fn a_password_in_the_url_opens_the_store_and_a_wrong_one_is_not_shown() {
+    let redis = RedisServer::start_with(&["--requirepass", "url-Pw-1"]);
+    let with = |password: &str| Config {
+        storage: StorageBackend::Redis {
+            url: format!("redis://:{password}@127.0.0.1:{}", redis.port),
+            prefix: "eq:".into(),
+        },
+        ..Config::new(PathBuf::from("unused"))
+    };
+    let m = QueueManager::open(with("url-Pw-1")).await.unwrap();
+    let (t, k) = (tenant("t"), task("job"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        q.enqueue(eventqueue::Event::new(&t, &k, working()))
+            .await
+            .unwrap(),
+        0
+    );
+    m.shutdown().await.unwrap();
+    let err = QueueManager::open(with("not-it-9"))
+        .await
+        .err()
+        .expect("refused");
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains("not-it-9"), "{shown}");
+    assert!(
+        shown.contains(&format!("127.0.0.1:{}", redis.port)),
+        "{shown}"
+    );
+}
+
+/// `--redis-wait-replicas`: with one replica attached, N = 1 acknowledges (and the replica
+/// has the events); N = 2 cannot be met: the write answers 503 naming the storage and the
+/// replicas reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_replicas_acknowledges_when_they_confirm_and_answers_503_when_not() {
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut conn = redis::Client::open(replica.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut conn)
+            .unwrap();
+        if info.contains("master_link_status:up") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica did not sync: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let one = QueueManager::open(Config {
+        redis_wait_replicas: 1,
+        ..primary.config()
+    })
+    .await
+    .unwrap();
+    // The tenant of requests without a token, for the HTTP part below.
+    let (t, k) = (tenant("default"), task("job"));
+    let q = one
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    for expected in 0..3 {
+        assert_eq!(
+            q.enqueue(eventqueue::Event::new(&t, &k, working()))
+                .await
+                .unwrap(),
+            expected
+        );
+    }
+    let len: u64 = redis::cmd("XLEN")
+        .arg("eq:e:{default/job}")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(len, 3, "the replica had every acknowledged event");
+    one.shutdown().await.unwrap();
+
+    let storage = primary.storage();
+    let server = TestServer::start_tuned(
+        tempfile::tempdir().unwrap(),
+        move |c| {
+            c.storage = storage;
+            c.redis_wait_replicas = 2;
+            c.redis_wait_timeout = Duration::from_millis(100);
+        },
+        server_config(),
+    )
+    .await;
+    let refused = client()
+        .post(server.url("/events/queues/job/events"))
+        .json(&json!({"event_type": "status", "state": "working"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains(&format!("redis at redis://127.0.0.1:{}", primary.port))
+            && detail.contains("1 of 2 replicas"),
+        "{body}"
+    );
+    server.stop().await;
 }
