@@ -1145,10 +1145,9 @@ async fn a_password_in_the_url_opens_the_store_and_a_wrong_one_is_not_shown() {
         0
     );
     m.shutdown().await.unwrap();
-    let err = QueueManager::open(with("not-it-9"))
-        .await
-        .err()
-        .expect("refused");
+    let Err(err) = QueueManager::open(with("not-it-9")).await else {
+        panic!("a wrong password is refused");
+    };
     let shown = format!("{err} {err:?}");
     assert!(!shown.contains("not-it-9"), "{shown}");
     assert!(

@@ -239,21 +239,24 @@ fn ca_file() -> Result<Option<Vec<u8>>> {
 /// How a store reaches Redis.
 enum Backend {
     /// One server (and its replicas).
-    Single(redis::Client),
+    Single(Box<redis::Client>),
     /// A Redis Cluster.
-    Cluster {
-        client: redis::cluster::ClusterClient,
-        /// A client per seed node: the notice feed subscribes to one of them.
-        seeds: Vec<redis::Client>,
-        /// How to reach any other node (to scan a master).
-        template: NodeTemplate,
-    },
+    Cluster(Box<ClusterBackend>),
+}
+
+/// How a store reaches a Redis Cluster.
+struct ClusterBackend {
+    client: redis::cluster::ClusterClient,
+    /// A client per seed node: the notice feed subscribes to one of them.
+    seeds: Vec<redis::Client>,
+    /// How to reach any other node (to scan a master).
+    template: NodeTemplate,
 }
 
 /// A connection to the server, or to the cluster (routing each command by its key).
 enum Connection {
     Single(redis::Connection),
-    Cluster(redis::cluster::ClusterConnection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
 }
 
 impl redis::ConnectionLike for Connection {
@@ -361,34 +364,33 @@ impl Backend {
         if url.starts_with("redis-cluster") {
             let (template, seeds) = cluster_seeds(url, ca)?;
             let urls: Vec<String> = seeds.iter().map(|(h, p)| template.url(h, *p)).collect();
-            let mut builder = redis::cluster::ClusterClient::builder(urls.clone())
+            let builder = redis::cluster::ClusterClient::builder(urls.clone())
                 .connection_timeout(CONNECT_TIMEOUT)
                 .response_timeout(IO_TIMEOUT)
                 // Few retries: a cluster that is down answers 503 soon, as one server does.
                 .retries(2);
             #[cfg(feature = "redis-tls")]
-            if let Some(ca) = &template.ca
-                && template.scheme == "rediss"
-            {
-                builder = builder.certs(redis::TlsCertificates {
+            let builder = match &template.ca {
+                Some(ca) if template.scheme == "rediss" => builder.certs(redis::TlsCertificates {
                     client_tls: None,
                     root_cert: Some(ca.clone()),
-                });
-            }
+                }),
+                _ => builder,
+            };
             let client = builder.build().map_err(|e| e.to_string())?;
             let seeds = urls
                 .iter()
                 .map(|u| client_for(u, template.ca.as_deref()))
                 .collect::<redis::RedisResult<Vec<_>>>()
                 .map_err(|e| e.to_string())?;
-            Ok(Backend::Cluster {
+            Ok(Backend::Cluster(Box::new(ClusterBackend {
                 client,
                 seeds,
                 template,
-            })
+            })))
         } else {
             client_for(url, ca.as_deref())
-                .map(Backend::Single)
+                .map(|c| Backend::Single(Box::new(c)))
                 .map_err(|e| e.to_string())
         }
     }
@@ -397,11 +399,11 @@ impl Backend {
     fn connect(&self) -> redis::RedisResult<Connection> {
         match self {
             Backend::Single(client) => connect(client).map(Connection::Single),
-            Backend::Cluster { client, .. } => {
-                let c = client.get_connection()?;
+            Backend::Cluster(cluster) => {
+                let c = cluster.client.get_connection()?;
                 c.set_read_timeout(Some(IO_TIMEOUT))?;
                 c.set_write_timeout(Some(IO_TIMEOUT))?;
-                Ok(Connection::Cluster(c))
+                Ok(Connection::Cluster(Box::new(c)))
             }
         }
     }
@@ -411,8 +413,8 @@ impl Backend {
     /// every node).
     fn feed_clients(&self) -> Vec<redis::Client> {
         match self {
-            Backend::Single(client) => vec![client.clone()],
-            Backend::Cluster { seeds, .. } => seeds.clone(),
+            Backend::Single(client) => vec![(**client).clone()],
+            Backend::Cluster(cluster) => cluster.seeds.clone(),
         }
     }
 }
@@ -571,7 +573,7 @@ impl RedisStore {
     fn records(&self) -> Result<Vec<RemoteQueue>> {
         match &self.backend {
             Backend::Single(_) => self.records_single(),
-            Backend::Cluster { template, .. } => self.records_cluster(template),
+            Backend::Cluster(cluster) => self.records_cluster(&cluster.template),
         }
     }
 
@@ -1663,7 +1665,7 @@ impl RedisBatch<'_> {
         }
         let targets: Vec<Option<redis::cluster_routing::RoutingInfo>> = match &self.store.backend {
             Backend::Single(_) => vec![None],
-            Backend::Cluster { .. } => {
+            Backend::Cluster(_) => {
                 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
                 let masters = self.store.masters.read().unwrap_or_else(|p| p.into_inner());
                 let mut seen = HashSet::new();
@@ -1756,6 +1758,10 @@ impl RedisBatch<'_> {
         }
     }
 }
+
+/// What the scripts of a batch stored: each one's `(tag, revision)` pairs (see [`Reply`]), with
+/// the queue ids of its tags.
+type Stored<'a> = Vec<(Vec<(String, String)>, &'a HashMap<Arc<str>, u64>)>;
 
 /// The part of a batch in one cluster slot.
 struct Group<'b> {
@@ -1893,7 +1899,7 @@ impl WriteBatch for RedisBatch<'_> {
         let ci = self.store.key("ci", tenant);
         let (store, conn) = (self.store, &mut self.conn);
         self.checkpoints.taken(tenant, checkpoint_id, || {
-            if !matches!(store.backend, Backend::Cluster { .. }) {
+            if !matches!(store.backend, Backend::Cluster(_)) {
                 return conn.run("looking up a checkpoint id", |con| {
                     redis::cmd("HEXISTS").arg(&ci).arg(checkpoint_id).query(con)
                 });
@@ -1943,7 +1949,7 @@ impl WriteBatch for RedisBatch<'_> {
         if self.ops.is_empty() {
             return Ok(false);
         }
-        let cluster = matches!(self.store.backend, Backend::Cluster { .. });
+        let cluster = matches!(self.store.backend, Backend::Cluster(_));
         let (scripts, slots) = {
             let groups = if cluster {
                 self.groups().map_err(WriteError::Fatal)?
@@ -1986,7 +1992,7 @@ impl WriteBatch for RedisBatch<'_> {
         // slot passed, each slot's writes. Other nodes' batches of the claimed queues wait
         // meanwhile, so the writes meet the state the checks saw. Each step is one pipeline
         // (a round trip per master).
-        let stored: Vec<(Vec<(String, String)>, &HashMap<Arc<str>, u64>)> = if scripts.len() > 1 {
+        let stored: Stored<'_> = if scripts.len() > 1 {
             let claims: Vec<(&str, &[Vec<u8>])> = scripts
                 .iter()
                 .filter_map(|(key, claim, _, _)| Some((key.as_str(), claim.as_deref()?)))
