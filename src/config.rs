@@ -37,9 +37,11 @@ pub enum StorageBackend {
     Redb,
     /// Process memory: everything but restart survival, with the same bounds.
     Memory,
-    /// A Redis (or Valkey) server.
+    /// A Redis (or Valkey) server, or a Redis Cluster.
     Redis {
-        /// `redis://[:PASSWORD@]HOST:PORT[/DB]`.
+        /// `redis://[:PASSWORD@]HOST:PORT[/DB]` (`rediss://` with TLS), or
+        /// `redis-cluster://[:PASSWORD@]HOST:PORT[,HOST:PORT…]` (`redis-cluster+tls://` with
+        /// TLS): the nodes of a Redis Cluster to learn its layout from.
         url: String,
         /// Prefix of every key this install uses (default `eq:`), so installs can share a
         /// server.
@@ -65,8 +67,14 @@ impl StorageBackend {
         !matches!(self, StorageBackend::Memory)
     }
 
+    /// Whether this is a Redis Cluster (`redis-cluster://`, `redis-cluster+tls://`).
+    pub fn is_redis_cluster(&self) -> bool {
+        matches!(self, StorageBackend::Redis { url, .. } if url.starts_with("redis-cluster"))
+    }
+
     /// A Redis store at `url`; a `prefix=` query parameter sets the key prefix (removed from
-    /// the URL the client is given).
+    /// the URL the client is given). The prefix may not hold `{` or `}`: Redis Cluster takes
+    /// a key's first `{…}` as its hash tag, which must be the queue's (see docs/storage.md).
     fn redis(url: &str) -> std::result::Result<Self, String> {
         let (base, query) = match url.split_once('?') {
             Some((b, q)) => (b, q),
@@ -76,6 +84,9 @@ impl StorageBackend {
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
+                Some(("prefix", v)) if v.contains(['{', '}']) => {
+                    return Err("redis URL: prefix must not contain '{' or '}'".into());
+                }
                 Some(("prefix", v)) if !v.is_empty() => prefix = v.to_string(),
                 Some(("prefix", _)) => return Err("redis URL: prefix must not be empty".into()),
                 _ => kept.push(pair),
@@ -145,9 +156,37 @@ mod tests {
             !debug.contains("s3cret") && debug.contains("h:1"),
             "{debug}"
         );
-        let err = "rediss://h:1".parse::<StorageBackend>().unwrap_err();
-        assert!(err.contains("not supported yet"), "{err}");
+        let tls: StorageBackend = "rediss://:pw@h:1?prefix=p:".parse().unwrap();
+        assert_eq!(
+            tls,
+            StorageBackend::Redis {
+                url: "rediss://:pw@h:1".into(),
+                prefix: "p:".into()
+            }
+        );
+        assert!(!tls.is_redis_cluster());
+        for url in ["redis-cluster://a:1,b:2", "redis-cluster+tls://:pw@a:1,b:2"] {
+            let cluster: StorageBackend = format!("{url}?prefix=x:").parse().unwrap();
+            assert!(cluster.is_redis_cluster(), "{url}");
+            assert_eq!(
+                cluster,
+                StorageBackend::Redis {
+                    url: url.into(),
+                    prefix: "x:".into()
+                }
+            );
+        }
+        let cluster: StorageBackend = "redis-cluster+tls://:s3cret@a:1,b:2".parse().unwrap();
+        let debug = format!("{cluster:?}");
+        assert!(
+            !debug.contains("s3cret") && debug.contains("a:1,b:2"),
+            "{debug}"
+        );
         assert!("redis://h?prefix=".parse::<StorageBackend>().is_err());
+        let err = "redis-cluster://a:1?prefix={x}"
+            .parse::<StorageBackend>()
+            .unwrap_err();
+        assert!(err.contains("'{'"), "{err}");
         let err = "postgres://h".parse::<StorageBackend>().unwrap_err();
         assert!(err.contains("unknown storage"), "{err}");
     }
@@ -156,18 +195,22 @@ mod tests {
 impl std::str::FromStr for StorageBackend {
     type Err = String;
 
-    /// `redb`, `memory`, or `redis://…` (`?prefix=P` sets the key prefix).
+    /// `redb`, `memory`, `redis://…`, `rediss://…`, `redis-cluster://…` or
+    /// `redis-cluster+tls://…` (`?prefix=P` sets the key prefix).
     fn from_str(s: &str) -> std::result::Result<Self, String> {
+        const SCHEMES: [&str; 4] = [
+            "redis://",
+            "rediss://",
+            "redis-cluster://",
+            "redis-cluster+tls://",
+        ];
         match s {
             "redb" => Ok(StorageBackend::Redb),
             "memory" => Ok(StorageBackend::Memory),
-            url if url.starts_with("redis://") => Self::redis(url),
-            url if url.starts_with("rediss://") => Err(format!(
-                "{url:?}: TLS to Redis (rediss://) is not supported yet; use redis:// on a \
-                 trusted network or through a TLS tunnel"
-            )),
+            url if SCHEMES.iter().any(|scheme| url.starts_with(scheme)) => Self::redis(url),
             other => Err(format!(
-                "unknown storage {other:?}: expected redb, memory, or a redis:// URL"
+                "unknown storage {other:?}: expected redb, memory, or a redis://, rediss://, \
+                 redis-cluster:// or redis-cluster+tls:// URL"
             )),
         }
     }
@@ -229,6 +272,14 @@ pub struct Config {
     /// less. `Some(0)` turns the check off: a full disk is then met by a failing write (see
     /// `docs/guarantees.md`).
     pub disk_reserve: Option<u64>,
+    /// With a Redis store: replicas that must have each batch (`WAITAOF` on Redis ≥ 7.2:
+    /// in their AOF; else `WAIT`: received) before it is acknowledged, so a failover to one
+    /// of them keeps it. Fewer within [`Config::redis_wait_timeout`] → the batch's writers get
+    /// a storage-unavailable error (the events may or may not survive a failover). Default 0:
+    /// acknowledged once the primary has it.
+    pub redis_wait_replicas: u32,
+    /// Longest wait for [`Config::redis_wait_replicas`]. Default 1 s.
+    pub redis_wait_timeout: Duration,
 }
 
 impl Default for Config {
@@ -248,6 +299,8 @@ impl Default for Config {
             purge_step: 256,
             apply_bytes: 256 << 10,
             disk_reserve: None,
+            redis_wait_replicas: 0,
+            redis_wait_timeout: Duration::from_secs(1),
         }
     }
 }

@@ -116,6 +116,8 @@ impl QueueManager {
                 let target = RedisTarget {
                     url: url.clone(),
                     prefix: prefix.clone(),
+                    wait_replicas: config.redis_wait_replicas,
+                    wait_timeout: config.redis_wait_timeout,
                 };
                 let (store, recovered) =
                     tokio::task::spawn_blocking(move || RedisStore::open(&target))

@@ -33,10 +33,18 @@ pub struct ServeArgs {
     #[arg(long, env = "EVENTQUEUE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     /// Where queues are kept: `redb` (the embedded database in --data-dir), `memory`
-    /// (nothing survives a restart), or `redis://[:PASSWORD@]HOST:PORT[/DB][?prefix=P]`
-    /// (password also from EVENTQUEUE_REDIS_PASSWORD) [default: redb]
+    /// (nothing survives a restart), `redis://[:PASSWORD@]HOST:PORT[/DB][?prefix=P]`
+    /// (`rediss://` with TLS), or a Redis Cluster:
+    /// `redis-cluster://[:PASSWORD@]HOST:PORT[,HOST:PORT…][?prefix=P]`
+    /// (`redis-cluster+tls://` with TLS). Password also from EVENTQUEUE_REDIS_PASSWORD; CA
+    /// certificates for TLS from the PEM file EVENTQUEUE_REDIS_CA [default: redb]
     #[arg(long, env = "EVENTQUEUE_STORAGE", value_name = "STORAGE")]
     storage: Option<String>,
+    /// With Redis: replicas that must confirm each batch (WAITAOF, or WAIT before Redis
+    /// 7.2) before it is acknowledged; fewer within 1 s → the writers get a 503
+    /// [default: 0]
+    #[arg(long, env = "EVENTQUEUE_REDIS_WAIT_REPLICAS", value_name = "N")]
+    redis_wait_replicas: Option<u32>,
     /// Directory of the database [default: ./data]
     #[arg(long, env = "EVENTQUEUE_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -179,6 +187,7 @@ pub struct ServeArgs {
 #[serde(deny_unknown_fields)]
 pub(super) struct FileConfig {
     storage: Option<String>,
+    redis_wait_replicas: Option<u32>,
     data_dir: Option<PathBuf>,
     bind: Option<SocketAddr>,
     default_ttl_minutes: Option<f64>,
@@ -243,6 +252,9 @@ fn resolve(args: ServeArgs) -> Result<Settings, String> {
         && !password.is_empty()
     {
         *url = with_password(url, &password)?;
+    }
+    if let Some(n) = args.redis_wait_replicas.or(file.redis_wait_replicas) {
+        store.redis_wait_replicas = n;
     }
     if let Some(minutes) = args.default_ttl_minutes.or(file.default_ttl_minutes) {
         store.default_ttl = (minutes >= 0.0)
@@ -612,6 +624,10 @@ mod tests {
 
     #[test]
     fn the_redis_password_goes_into_the_url_unless_it_has_credentials() {
+        assert_eq!(
+            with_password("redis-cluster+tls://a:1,b:2", "pw").unwrap(),
+            "redis-cluster+tls://:pw@a:1,b:2"
+        );
         assert_eq!(
             with_password("redis://h:6379/2", "p@ss w").unwrap(),
             "redis://:p%40ss%20w@h:6379/2"

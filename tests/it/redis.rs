@@ -23,10 +23,17 @@ pub(crate) struct RedisServer {
     pub(crate) port: u16,
     dir: TempDir,
     child: Option<Child>,
+    /// More `redis-server` arguments (a replica's `--replicaof`).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     pub(crate) fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A server with more arguments.
+    pub(crate) fn start_with(extra: &[&str]) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -35,6 +42,7 @@ impl RedisServer {
             port,
             dir: tempfile::tempdir().unwrap(),
             child: None,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         server.restart();
         server
@@ -54,6 +62,7 @@ impl RedisServer {
                 "--appendfsync",
                 "always",
             ])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -64,9 +73,12 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
+            // Up: it answers (with a password set, that it wants it).
             if let Ok(client) = redis::Client::open(self.url())
                 && let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(1))
-                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+                && redis::cmd("PING")
+                    .query::<String>(&mut conn)
+                    .map_or_else(|e| e.code() == Some("NOAUTH"), |_| true)
             {
                 return;
             }
@@ -108,6 +120,160 @@ impl Drop for RedisServer {
     }
 }
 
+/// A free loopback port.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A Redis Cluster of three masters (no replicas) on loopback, each a `redis-server` child
+/// with AOF `always` in a directory of its own; killed when dropped.
+pub(crate) struct RedisCluster {
+    pub(crate) ports: Vec<u16>,
+    _dir: TempDir,
+    children: Vec<Child>,
+}
+
+impl RedisCluster {
+    pub(crate) fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = RedisCluster {
+            ports: Vec::new(),
+            _dir: tempfile::tempdir().unwrap(),
+            children: Vec::new(),
+        };
+        for i in 0..3 {
+            let (port, bus) = (free_port(), free_port());
+            let node_dir = dir.path().join(format!("node{i}"));
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus.to_string(),
+                ])
+                .args(["--cluster-config-file", "nodes.conf"])
+                .args(["--dir", &node_dir.display().to_string()])
+                .args([
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server not found (apt-get install redis-server)");
+            cluster.children.push(child);
+            cluster.ports.push(port);
+        }
+        cluster._dir = dir;
+        for &port in &cluster.ports {
+            wait_for_ping(&format!("redis://127.0.0.1:{port}"));
+        }
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli not found");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for &port in &cluster.ports {
+            let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            loop {
+                let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut conn).unwrap();
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster did not come up: {info}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cluster
+    }
+
+    /// The seed URL: two of the three nodes (the third is learnt from them).
+    pub(crate) fn url(&self) -> String {
+        format!(
+            "redis-cluster://127.0.0.1:{},127.0.0.1:{}",
+            self.ports[0], self.ports[1]
+        )
+    }
+
+    pub(crate) fn config(&self) -> Config {
+        Config {
+            storage: StorageBackend::Redis {
+                url: self.url(),
+                prefix: "eq:".into(),
+            },
+            ..Config::new(PathBuf::from("unused"))
+        }
+    }
+
+    /// How many queue records (`eq:q:*`) each master holds.
+    fn queues_per_master(&self) -> Vec<usize> {
+        self.ports
+            .iter()
+            .map(|port| {
+                let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                    .unwrap()
+                    .get_connection()
+                    .unwrap();
+                let keys: Vec<String> = redis::cmd("KEYS").arg("eq:q:*").query(&mut conn).unwrap();
+                keys.len()
+            })
+            .collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits until the server at `url` answers PING.
+fn wait_for_ping(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(client) = redis::Client::open(url)
+            && let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(1))
+            && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "redis-server did not start at {url}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn working() -> StatusEvent {
     StatusEvent::new(TaskState::Working)
 }
@@ -136,8 +302,18 @@ async fn offsets(sub: &mut eventqueue::Subscription, n: usize) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_share_queues_offsets_and_live_streams() {
     let redis = RedisServer::start();
-    let a = QueueManager::open(redis.config()).await.unwrap();
-    let b = QueueManager::open(redis.config()).await.unwrap();
+    two_nodes_share_queues_offsets_and_live_streams_on(redis.config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_two_nodes_share_queues_offsets_and_live_streams() {
+    let cluster = RedisCluster::start();
+    two_nodes_share_queues_offsets_and_live_streams_on(cluster.config()).await;
+}
+
+async fn two_nodes_share_queues_offsets_and_live_streams_on(config: Config) {
+    let a = QueueManager::open(config.clone()).await.unwrap();
+    let b = QueueManager::open(config).await.unwrap();
     let (t, k) = (tenant("t"), task("shared"));
     let qa = a
         .create_queue(
@@ -194,8 +370,18 @@ async fn two_nodes_share_queues_offsets_and_live_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_cancel_close_and_delete_reach_every_node() {
     let redis = RedisServer::start();
-    let a = QueueManager::open(redis.config()).await.unwrap();
-    let b = QueueManager::open(redis.config()).await.unwrap();
+    idempotency_cancel_close_and_delete_reach_every_node_on(redis.config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_idempotency_cancel_close_and_delete_reach_every_node() {
+    let cluster = RedisCluster::start();
+    idempotency_cancel_close_and_delete_reach_every_node_on(cluster.config()).await;
+}
+
+async fn idempotency_cancel_close_and_delete_reach_every_node_on(config: Config) {
+    let a = QueueManager::open(config.clone()).await.unwrap();
+    let b = QueueManager::open(config).await.unwrap();
     let t = tenant("t");
     let k = task("job");
     let qa = a
@@ -285,8 +471,18 @@ async fn idempotency_cancel_close_and_delete_reach_every_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoint_saves_from_two_nodes_never_collide() {
     let redis = RedisServer::start();
-    let a = QueueManager::open(redis.config()).await.unwrap();
-    let b = QueueManager::open(redis.config()).await.unwrap();
+    checkpoint_saves_from_two_nodes_never_collide_on(redis.config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_checkpoint_saves_from_two_nodes_never_collide() {
+    let cluster = RedisCluster::start();
+    checkpoint_saves_from_two_nodes_never_collide_on(cluster.config()).await;
+}
+
+async fn checkpoint_saves_from_two_nodes_never_collide_on(config: Config) {
+    let a = QueueManager::open(config.clone()).await.unwrap();
+    let b = QueueManager::open(config).await.unwrap();
     let t = tenant("t");
     let w = task("wf");
     a.create_queue(&t, &w, QueueOptions::kind(eventqueue::QueueKind::Workflow))
@@ -342,8 +538,18 @@ async fn checkpoint_saves_from_two_nodes_never_collide() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ttl_sweep_runs_on_every_node_at_once() {
     let redis = RedisServer::start();
-    let a = QueueManager::open(redis.config()).await.unwrap();
-    let b = QueueManager::open(redis.config()).await.unwrap();
+    the_ttl_sweep_runs_on_every_node_at_once_on(redis.config()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_the_ttl_sweep_runs_on_every_node_at_once() {
+    let cluster = RedisCluster::start();
+    the_ttl_sweep_runs_on_every_node_at_once_on(cluster.config()).await;
+}
+
+async fn the_ttl_sweep_runs_on_every_node_at_once_on(config: Config) {
+    let a = QueueManager::open(config.clone()).await.unwrap();
+    let b = QueueManager::open(config).await.unwrap();
     let t = tenant("t");
     let idle = task("idle");
     let q = a
@@ -573,4 +779,461 @@ async fn a_token_revocation_is_kept_by_redis_for_the_next_node() {
     .unwrap();
     assert!(other.token_revocations().await.unwrap().is_empty());
     other.shutdown().await.unwrap();
+}
+
+/// Two nodes writing many queues at once over one Redis: every group commit spans many
+/// queues, with the other node writing the same queues meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_writing_many_queues_at_once_keep_every_queue_dense() {
+    let redis = RedisServer::start();
+    two_nodes_write_many_queues_on(redis.config(), || ()).await;
+}
+
+/// A Redis Cluster: queues land in slots of every master; a node that starts later finds all
+/// of them (each master scanned); producers on two nodes writing many queues at once (group
+/// commits over several slots: each slot's checks, then each slot's writes) get dense offsets
+/// on every queue, and subscribers on the other node get every event in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_queues_spread_over_the_masters_and_batches_over_slots_stay_dense() {
+    let cluster = RedisCluster::start();
+    two_nodes_write_many_queues_on(cluster.config(), || {
+        let spread = cluster.queues_per_master();
+        assert_eq!(spread.iter().sum::<usize>(), QUEUES, "{spread:?}");
+        assert!(
+            spread.iter().filter(|&&n| n > 0).count() >= 2,
+            "queues on at least two masters: {spread:?}"
+        );
+    })
+    .await;
+}
+
+const QUEUES: usize = 24;
+
+/// Node A creates [`QUEUES`] queues (then `created` runs); node B, opened after, loads them
+/// all; producers on both nodes write every queue at once; subscribers on B get every event.
+async fn two_nodes_write_many_queues_on(config: Config, created: impl FnOnce()) {
+    let a = QueueManager::open(config.clone()).await.unwrap();
+    let t = tenant("t");
+    let names: Vec<_> = (0..QUEUES).map(|i| task(&format!("q{i}"))).collect();
+    for k in &names {
+        a.create_queue(&t, k, QueueOptions::default().with_max_buffer_size(10_000))
+            .await
+            .unwrap();
+    }
+    created();
+    let b = QueueManager::open(config).await.unwrap();
+    assert_eq!(
+        b.list_queues(Some(&t)).len(),
+        names.len(),
+        "a node started later loads every queue"
+    );
+    let mut subs = Vec::new();
+    for k in &names {
+        subs.push(b.get_queue(&t, k).unwrap().subscribe(0).unwrap());
+    }
+    const EACH: u64 = 20;
+    let mut producers = Vec::new();
+    for (node, m) in [(0, a.clone()), (1, b.clone())] {
+        for k in &names {
+            let q = m.get_queue(&t, k).unwrap();
+            producers.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                for i in 0..EACH {
+                    let id = eventqueue::EventId::new(format!("n{node}-{i}")).unwrap();
+                    let e = eventqueue::Event::new(q.tenant_id(), q.task_id(), working())
+                        .with_event_id(id);
+                    got.push(q.enqueue(e).await.unwrap());
+                }
+                got
+            }));
+        }
+    }
+    let mut acked = vec![Vec::new(); names.len()];
+    for (i, p) in producers.into_iter().enumerate() {
+        acked[i % names.len()].extend(p.await.unwrap());
+    }
+    let all: Vec<u64> = (0..2 * EACH).collect();
+    for (k, mut got) in names.iter().zip(acked) {
+        got.sort_unstable();
+        assert_eq!(got, all, "dense offsets on {k}");
+    }
+    for sub in &mut subs {
+        assert_eq!(offsets(sub, all.len()).await, all);
+    }
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+/// Runs `openssl` with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let status = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl not found (apt-get install openssl)");
+    assert!(status.success(), "openssl {args:?} failed");
+}
+
+/// A `redis-server` with TLS only (`--port 0`) and a password, its certificate for
+/// `localhost` signed by a CA made here (`ca.crt` in `dir`); killed when dropped.
+struct TlsRedis {
+    port: u16,
+    child: Child,
+}
+
+const TLS_PASSWORD: &str = "s3cret-Pw";
+
+impl TlsRedis {
+    fn start(dir: &std::path::Path) -> TlsRedis {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=eventqueue test CA",
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        );
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .unwrap();
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.crt",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+            ],
+        );
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--dir", &dir.display().to_string()])
+            .args([
+                "--tls-cert-file",
+                "server.crt",
+                "--tls-key-file",
+                "server.key",
+            ])
+            .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"])
+            .args([
+                "--requirepass",
+                TLS_PASSWORD,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not found");
+        let server = TlsRedis { port, child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = Command::new("redis-cli")
+                .args(["--tls", "--cacert", "ca.crt", "-p", &port.to_string()])
+                .args(["--no-auth-warning", "-a", TLS_PASSWORD, "ping"])
+                .current_dir(dir)
+                .output()
+                .expect("redis-cli not found");
+            if String::from_utf8_lossy(&out.stdout).contains("PONG") {
+                return server;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server with TLS did not start (is it built with TLS?)"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `eventqueue serve --storage STORAGE` with `env`, until it listens (`Ok`: its base
+/// URL) or exits (`Err`: its log).
+fn serve(
+    dir: &std::path::Path,
+    name: &str,
+    storage: &str,
+    env: &[(&str, &str)],
+) -> (Child, Result<String, String>) {
+    let log_path = dir.join(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_eventqueue"))
+        .args(["serve", "--storage", storage, "--bind", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.join(name))
+        .env("RUST_LOG", "info")
+        .env_remove("EVENTQUEUE_REDIS_PASSWORD")
+        .env_remove("EVENTQUEUE_REDIS_CA")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("cannot start eventqueue serve");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if let Some(base) = text.lines().find_map(|l| {
+            let (_, rest) = l.split_once("eventqueue listening on ")?;
+            rest.split_whitespace().next().map(str::to_owned)
+        }) {
+            return (child, Ok(base));
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return (child, Err(text));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve neither listened nor exited:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `rediss://` with the password from `EVENTQUEUE_REDIS_PASSWORD` and the CA from
+/// `EVENTQUEUE_REDIS_CA`: events go to Redis over TLS. Without the CA the server's
+/// certificate is refused; with a wrong password the node does not start; the password is in
+/// no log line.
+#[tokio::test]
+async fn tls_and_a_password_from_the_environment_reach_redis_and_stay_out_of_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = TlsRedis::start(dir.path());
+    let storage = format!("rediss://localhost:{}", redis.port);
+    let ca = dir.path().join("ca.crt").display().to_string();
+
+    let (mut node, listening) = serve(
+        dir.path(),
+        "good",
+        &storage,
+        &[
+            ("EVENTQUEUE_REDIS_PASSWORD", TLS_PASSWORD),
+            ("EVENTQUEUE_REDIS_CA", &ca),
+        ],
+    );
+    let base = listening.unwrap_or_else(|log| panic!("serve did not start:\n{log}"));
+    let http = client();
+    let created = http
+        .post(format!("{base}/events/queues"))
+        .json(&json!({"task_id": "job"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    for expected in 0..2 {
+        let published = http
+            .post(format!("{base}/events/queues/job/events"))
+            .json(&json!({"event_type": "status", "state": "working"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(published.status(), 200);
+        let body: serde_json::Value = published.json().await.unwrap();
+        assert_eq!(body["offsets"], json!([expected]), "{body}");
+    }
+    let _ = node.kill();
+    let _ = node.wait();
+    let len = Command::new("redis-cli")
+        .args(["--tls", "--cacert", &ca, "-p", &redis.port.to_string()])
+        .args(["--no-auth-warning", "-a", TLS_PASSWORD])
+        .args(["XLEN", "eq:e:{default/job}"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&len.stdout).trim(), "2");
+
+    // The system's roots do not include the test CA: refused.
+    let (_node, refused) = serve(
+        dir.path(),
+        "no-ca",
+        &storage,
+        &[("EVENTQUEUE_REDIS_PASSWORD", TLS_PASSWORD)],
+    );
+    let log = refused.expect_err("a certificate from an unknown CA is refused");
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
+
+    // A wrong password: the node says so and does not start, without printing it.
+    let (_node, refused) = serve(
+        dir.path(),
+        "wrong",
+        &format!("rediss://:Wr0ng-pw@localhost:{}", redis.port),
+        &[("EVENTQUEUE_REDIS_CA", &ca)],
+    );
+    let log = refused.expect_err("a wrong password is refused");
+    assert!(!log.contains("Wr0ng-pw"), "{log}");
+    assert!(log.contains(&format!("localhost:{}", redis.port)), "{log}");
+    for name in ["good", "no-ca", "wrong"] {
+        let log = std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap();
+        assert!(
+            !log.contains(TLS_PASSWORD),
+            "the password is in {name}.log:\n{log}"
+        );
+    }
+}
+
+/// A password in a `redis://` URL (`--requirepass`): stores work; a wrong one fails to open
+/// with an error that names the server but not the password.
+#[tokio::test]
+async fn a_password_in_the_url_opens_the_store_and_a_wrong_one_is_not_shown() {
+    let redis = RedisServer::start_with(&["--requirepass", "url-Pw-1"]);
+    let with = |password: &str| Config {
+        storage: StorageBackend::Redis {
+            url: format!("redis://:{password}@127.0.0.1:{}", redis.port),
+            prefix: "eq:".into(),
+        },
+        ..Config::new(PathBuf::from("unused"))
+    };
+    let m = QueueManager::open(with("url-Pw-1")).await.unwrap();
+    let (t, k) = (tenant("t"), task("job"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        q.enqueue(eventqueue::Event::new(&t, &k, working()))
+            .await
+            .unwrap(),
+        0
+    );
+    m.shutdown().await.unwrap();
+    let Err(err) = QueueManager::open(with("not-it-9")).await else {
+        panic!("a wrong password is refused");
+    };
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains("not-it-9"), "{shown}");
+    assert!(
+        shown.contains(&format!("127.0.0.1:{}", redis.port)),
+        "{shown}"
+    );
+}
+
+/// `--redis-wait-replicas`: with one replica attached, N = 1 acknowledges (and the replica
+/// has the events); N = 2 cannot be met: the write answers 503 naming the storage and the
+/// replicas reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_replicas_acknowledges_when_they_confirm_and_answers_503_when_not() {
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut conn = redis::Client::open(replica.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut conn)
+            .unwrap();
+        if info.contains("master_link_status:up") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica did not sync: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let one = QueueManager::open(Config {
+        redis_wait_replicas: 1,
+        ..primary.config()
+    })
+    .await
+    .unwrap();
+    // The tenant of requests without a token, for the HTTP part below.
+    let (t, k) = (tenant("default"), task("job"));
+    let q = one
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    for expected in 0..3 {
+        assert_eq!(
+            q.enqueue(eventqueue::Event::new(&t, &k, working()))
+                .await
+                .unwrap(),
+            expected
+        );
+    }
+    let len: u64 = redis::cmd("XLEN")
+        .arg("eq:e:{default/job}")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(len, 3, "the replica had every acknowledged event");
+    one.shutdown().await.unwrap();
+
+    let storage = primary.storage();
+    let server = TestServer::start_tuned(
+        tempfile::tempdir().unwrap(),
+        move |c| {
+            c.storage = storage;
+            c.redis_wait_replicas = 2;
+            c.redis_wait_timeout = Duration::from_millis(100);
+        },
+        server_config(),
+    )
+    .await;
+    let refused = client()
+        .post(server.url("/events/queues/job/events"))
+        .json(&json!({"event_type": "status", "state": "working"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains(&format!("redis at redis://127.0.0.1:{}", primary.port))
+            && detail.contains("1 of 2 replicas"),
+        "{body}"
+    );
+    server.stop().await;
 }

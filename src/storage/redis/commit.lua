@@ -1,8 +1,15 @@
 -- One batch of eventqueue's Redis store, applied atomically (see storage/redis/mod.rs).
 --
--- ARGV[1]  the key prefix
--- ARGV[2]  the writing node's id (named in the batch's notice, so the node skips its own)
--- ARGV[3]  n, then n pairs (queue tag, the revision the batch was built on, or "new" for a
+-- KEYS[1]  a key of the slot the batch's keys are in (only for routing in a Redis Cluster)
+-- ARGV[1]  the mode: "single" (one server: also keeps the tenant index `t:{T}`, `tenants`
+--          and the checkpoint id index `ci:{T}`, which live in other slots), "cluster" (a
+--          Redis Cluster: every key the script touches is in one slot, so those indexes are
+--          left to the node), or "claim" (the checks only: if they pass, the queues checked
+--          are this node's for CLAIM_US; the first step of a batch over several slots), or
+--          "release" (gives up this node's claims of the queues named)
+-- ARGV[2]  the key prefix
+-- ARGV[3]  the writing node's id (named in the batch's notice, so the node skips its own)
+-- ARGV[4]  n, then n pairs (queue tag, the revision the batch was built on, or "new" for a
 --          queue the batch creates)
 -- then     m, then m checkpoint checks (tenant, workflow, seq, id): the workflow's next
 --          checkpoint number is still `seq` (checked for its first save in the batch) and no
@@ -19,7 +26,9 @@
 --   cp   tenant workflow seq id rec   store a checkpoint (keeping the newest `keep`)
 --   keep n                            checkpoints kept per workflow
 --
--- Returns {"ok", tag, rev, ...} with the new revision of every queue the batch stored, or
+-- Returns {"ok", tag, rev, ...} with the new revision of every queue the batch stored (in
+-- "cluster" mode also pairs "ci:" .. tenant, checkpoint id: ids of checkpoints the batch
+-- dropped beyond `keep`, for the node to remove from the tenant's index), or
 -- {"stale", tag, {record fields}, ...} when some queue is no longer at the revision the batch
 -- was built on, or another node has its turn, or some checkpoint check failed (nothing of the
 -- batch stored in either case).
@@ -32,8 +41,13 @@
 -- Revisions: a queue's first revision is the server's clock in microseconds, then +1 per
 -- batch. A queue deleted and created again thus starts far above any revision its former
 -- self reached, so a node that knew the former queue can never mistake the new one for it.
-local p = ARGV[1]
-local node = ARGV[2]
+local mode = ARGV[1]
+local p = ARGV[2]
+local node = ARGV[3]
+local single = mode == 'single'
+-- How long a claim holds the queues of a batch over several slots, from its checks until
+-- its writes (one round trip later); other nodes' batches of those queues wait meanwhile.
+local CLAIM_US = 50000
 -- Fairness between nodes writing one queue: a batch found stale because another node wrote
 -- the queue first gives its node the queue's next turn (fields `turn`, `till` of the queue's
 -- hash) for this long, so its rebuild is not overtaken again by a faster node; the turn ends
@@ -43,8 +57,17 @@ local function qkey(tag) return p .. 'q:{' .. tag .. '}' end
 local function ekey(tag) return p .. 'e:{' .. tag .. '}' end
 local function ikey(tag) return p .. 'i:{' .. tag .. '}' end
 
-local i = 4
-local n = tonumber(ARGV[3])
+if mode == 'release' then
+  -- A claim given up (another slot of the batch was stale): the queues are free again.
+  for k = 0, tonumber(ARGV[4]) - 1 do
+    local key = qkey(ARGV[5 + 2 * k])
+    if redis.call('HGET', key, 'turn') == node then redis.call('HDEL', key, 'turn', 'till') end
+  end
+  return {'ok'}
+end
+
+local i = 5
+local n = tonumber(ARGV[4])
 local stale = {}
 local news = {}
 local kept = {}
@@ -98,7 +121,7 @@ for _ = 1, m do
     firsts[ck] = true
     if (redis.call('HGET', ck, 'next') or '0') ~= seq then checkpoints_stale = true end
   end
-  if redis.call('HEXISTS', p .. 'ci:{' .. tenant .. '}', id) == 1 then
+  if single and redis.call('HEXISTS', p .. 'ci:{' .. tenant .. '}', id) == 1 then
     checkpoints_stale = true
   end
 end
@@ -112,6 +135,11 @@ if #stale > 0 or checkpoints_stale then
     table.insert(out, redis.call('HGETALL', qkey(tag)))
   end
   return out
+end
+if mode == 'claim' then
+  local till = string.format('%.0f', clock() + CLAIM_US)
+  for tag in pairs(kept) do redis.call('HSET', qkey(tag), 'turn', node, 'till', till) end
+  return {'ok'}
 end
 
 -- The id an event record holds: [type, terminal, id length (2 bytes)], id, JSON.
@@ -164,8 +192,10 @@ while i <= argc do
     redis.call('HINCRBY', qkey(tag), 'rev', 1)
     -- Read back as text: a Lua number would print a revision this large in exponent form.
     local rev = redis.call('HGET', qkey(tag), 'rev')
-    redis.call('ZADD', p .. 't:{' .. tenant .. '}', 0, task)
-    redis.call('SADD', p .. 'tenants', tenant)
+    if single then
+      redis.call('ZADD', p .. 't:{' .. tenant .. '}', 0, task)
+      redis.call('SADD', p .. 'tenants', tenant)
+    end
     table.insert(revs, tag)
     table.insert(revs, rev)
     local note = {'put', tag, tenant, task, rev}
@@ -176,7 +206,7 @@ while i <= argc do
     local tag, tenant, task = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     local last = redis.call('HGET', qkey(tag), 'rev') or '0'
     redis.call('UNLINK', qkey(tag), ekey(tag), ikey(tag))
-    redis.call('ZREM', p .. 't:{' .. tenant .. '}', task)
+    if single then redis.call('ZREM', p .. 't:{' .. tenant .. '}', task) end
     table.insert(notes, {'rm', tag, tenant, task, last})
     i = i + 4
   elseif op == 'cp' then
@@ -185,11 +215,16 @@ while i <= argc do
     local ck = p .. 'c:{' .. tenant .. '/' .. workflow .. '}'
     local ci = p .. 'ci:{' .. tenant .. '}'
     redis.call('HSET', ck, 'r:' .. seq, rec, 'id:' .. seq, id, 'next', seq + 1)
-    redis.call('HSET', ci, id, workflow .. '/' .. seq)
+    if single then redis.call('HSET', ci, id, workflow .. '/' .. seq) end
     local old = seq - keep
     if old >= 0 then
       local old_id = redis.call('HGET', ck, 'id:' .. old)
-      if old_id then redis.call('HDEL', ci, old_id) end
+      if old_id and single then
+        redis.call('HDEL', ci, old_id)
+      elseif old_id then
+        table.insert(revs, 'ci:' .. tenant)
+        table.insert(revs, old_id)
+      end
       redis.call('HDEL', ck, 'r:' .. old, 'id:' .. old)
     end
     i = i + 6

@@ -87,10 +87,232 @@ const HEADER: usize = 4;
 /// Where a Redis store lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Target {
-    /// The server's URL as the Redis client takes it (`redis://` or `rediss://`).
+    /// The server's URL (`redis://`, `rediss://`), or a cluster's seed nodes
+    /// (`redis-cluster://`, `redis-cluster+tls://`).
     pub url: String,
     /// Prefix of every key.
     pub prefix: String,
+    /// Replicas each batch must reach before it is acknowledged (0: none).
+    pub wait_replicas: u32,
+    /// Longest wait for them.
+    pub wait_timeout: Duration,
+}
+
+/// Environment variable naming a PEM file of CA certificates for TLS to Redis (instead of the
+/// system's roots: the Redis client takes one or the other).
+pub const REDIS_CA_ENV: &str = "EVENTQUEUE_REDIS_CA";
+
+/// Number of hash slots of a Redis Cluster.
+const SLOTS: u16 = 16384;
+
+/// The cluster hash slot of a hash tag (CRC16/XMODEM, as Redis Cluster computes it).
+fn slot_of(tag: &str) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in tag.as_bytes() {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % SLOTS
+}
+
+/// How to reach a node of a cluster from its address: the scheme, credentials and options of
+/// the seed URL, and the CA file's certificates.
+#[derive(Clone)]
+struct NodeTemplate {
+    scheme: &'static str,
+    /// `user:password@` or empty.
+    userinfo: String,
+    /// `?…` or empty.
+    query: String,
+    ca: Option<Vec<u8>>,
+}
+
+impl NodeTemplate {
+    fn url(&self, host: &str, port: u16) -> String {
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
+        format!(
+            "{}://{}{host}:{port}{}",
+            self.scheme, self.userinfo, self.query
+        )
+    }
+
+    fn client(&self, host: &str, port: u16) -> redis::RedisResult<redis::Client> {
+        client_for(&self.url(host, port), self.ca.as_deref())
+    }
+}
+
+/// The seed nodes of `redis-cluster[+tls]://[USERINFO@]HOST:PORT[,HOST:PORT…][?QUERY]`, and
+/// the template for reaching any node.
+fn cluster_seeds(
+    url: &str,
+    ca: Option<Vec<u8>>,
+) -> std::result::Result<(NodeTemplate, Vec<(String, u16)>), String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| "invalid redis cluster URL".to_string())?;
+    let scheme = match scheme {
+        "redis-cluster" => "redis",
+        "redis-cluster+tls" => "rediss",
+        other => return Err(format!("not a redis cluster URL scheme: {other}")),
+    };
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, format!("?{q}")),
+        None => (rest, String::new()),
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if !path.is_empty() && path != "0" {
+        return Err("a Redis Cluster has only database 0".into());
+    }
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((u, h)) => (format!("{u}@"), h),
+        None => (String::new(), authority),
+    };
+    let mut seeds = Vec::new();
+    for node in hosts.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let (host, port) = match node.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(':') => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("invalid port in redis cluster node {node:?}"))?,
+            ),
+            _ => (node, 6379),
+        };
+        seeds.push((host.to_string(), port));
+    }
+    if seeds.is_empty() {
+        return Err("a redis cluster URL names no node".into());
+    }
+    Ok((
+        NodeTemplate {
+            scheme,
+            userinfo,
+            query,
+            ca,
+        },
+        seeds,
+    ))
+}
+
+/// A client for one server, trusting the certificates of `ca` instead of the system's roots
+/// when given (with TLS).
+fn client_for(url: &str, ca: Option<&[u8]>) -> redis::RedisResult<redis::Client> {
+    #[cfg(feature = "redis-tls")]
+    if let Some(ca) = ca
+        && url.starts_with("rediss://")
+    {
+        return redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.to_vec()),
+            },
+        );
+    }
+    #[cfg(not(feature = "redis-tls"))]
+    let _ = ca;
+    redis::Client::open(url)
+}
+
+/// The CA certificates named by [`REDIS_CA_ENV`], if set.
+fn ca_file() -> Result<Option<Vec<u8>>> {
+    let Some(path) = std::env::var_os(REDIS_CA_ENV).filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    std::fs::read(&path).map(Some).map_err(|e| {
+        Error::Storage(StorageError::io(
+            format_args!("reading {REDIS_CA_ENV} ({})", path.to_string_lossy()),
+            e,
+        ))
+    })
+}
+
+/// How a store reaches Redis.
+enum Backend {
+    /// One server (and its replicas).
+    Single(Box<redis::Client>),
+    /// A Redis Cluster.
+    Cluster(Box<ClusterBackend>),
+}
+
+/// How a store reaches a Redis Cluster.
+struct ClusterBackend {
+    client: redis::cluster::ClusterClient,
+    /// A client per seed node: the notice feed subscribes to one of them.
+    seeds: Vec<redis::Client>,
+    /// How to reach any other node (to scan a master).
+    template: NodeTemplate,
+}
+
+/// A connection to the server, or to the cluster (routing each command by its key).
+enum Connection {
+    Single(redis::Connection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
+}
+
+impl redis::ConnectionLike for Connection {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> redis::RedisResult<Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands(
+        &mut self,
+        cmd: &[u8],
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisResult<Vec<Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn req_command(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<Value> {
+        match self {
+            Connection::Single(c) => c.req_command(cmd),
+            Connection::Cluster(c) => c.req_command(cmd),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+
+    fn supports_pipelining(&self) -> bool {
+        match self {
+            Connection::Single(c) => c.supports_pipelining(),
+            Connection::Cluster(c) => c.supports_pipelining(),
+        }
+    }
+
+    fn check_connection(&mut self) -> bool {
+        match self {
+            Connection::Single(c) => c.check_connection(),
+            Connection::Cluster(c) => c.check_connection(),
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        match self {
+            Connection::Single(c) => c.is_open(),
+            Connection::Cluster(c) => c.is_open(),
+        }
+    }
 }
 
 /// A failure talking to Redis, as a storage error that names it. Connection failures keep an
@@ -136,6 +358,67 @@ fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
     Ok(c)
 }
 
+impl Backend {
+    fn open(url: &str) -> std::result::Result<Backend, String> {
+        let ca = ca_file().map_err(|e| e.to_string())?;
+        if url.starts_with("redis-cluster") {
+            let (template, seeds) = cluster_seeds(url, ca)?;
+            let urls: Vec<String> = seeds.iter().map(|(h, p)| template.url(h, *p)).collect();
+            let builder = redis::cluster::ClusterClient::builder(urls.clone())
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(IO_TIMEOUT)
+                // Few retries: a cluster that is down answers 503 soon, as one server does.
+                .retries(2);
+            #[cfg(feature = "redis-tls")]
+            let builder = match &template.ca {
+                Some(ca) if template.scheme == "rediss" => builder.certs(redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                }),
+                _ => builder,
+            };
+            let client = builder.build().map_err(|e| e.to_string())?;
+            let seeds = urls
+                .iter()
+                .map(|u| client_for(u, template.ca.as_deref()))
+                .collect::<redis::RedisResult<Vec<_>>>()
+                .map_err(|e| e.to_string())?;
+            Ok(Backend::Cluster(Box::new(ClusterBackend {
+                client,
+                seeds,
+                template,
+            })))
+        } else {
+            client_for(url, ca.as_deref())
+                .map(|c| Backend::Single(Box::new(c)))
+                .map_err(|e| e.to_string())
+        }
+    }
+
+    /// A connection with the timeouts of [`connect`].
+    fn connect(&self) -> redis::RedisResult<Connection> {
+        match self {
+            Backend::Single(client) => connect(client).map(Connection::Single),
+            Backend::Cluster(cluster) => {
+                let c = cluster.client.get_connection()?;
+                c.set_read_timeout(Some(IO_TIMEOUT))?;
+                c.set_write_timeout(Some(IO_TIMEOUT))?;
+                Ok(Connection::Cluster(Box::new(c)))
+            }
+        }
+    }
+
+    /// Clients of the servers to subscribe to, in the order to try them: the server, or the
+    /// seed nodes of a cluster (a PUBLISH on any node of a cluster reaches subscribers on
+    /// every node).
+    fn feed_clients(&self) -> Vec<redis::Client> {
+        match self {
+            Backend::Single(client) => vec![(**client).clone()],
+            Backend::Cluster(cluster) => cluster.seeds.clone(),
+        }
+    }
+}
+
 /// The URL without its password, for messages.
 fn shown(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -148,11 +431,18 @@ fn shown(url: &str) -> String {
 
 /// The Redis store. See the module docs.
 pub(crate) struct RedisStore {
-    client: redis::Client,
+    backend: Backend,
     shown: String,
     prefix: String,
     /// Idle connections; a connection that failed is dropped, not returned.
-    pool: Mutex<Vec<redis::Connection>>,
+    pool: Mutex<Vec<Connection>>,
+    wait_replicas: u32,
+    wait_timeout: Duration,
+    /// Whether the server has `WAITAOF` (Redis ≥ 7.2); learnt from the first try.
+    waitaof: AtomicBool,
+    /// A cluster's masters by slot range (`CLUSTER SLOTS`), for the replica waits; refreshed
+    /// by every full load.
+    masters: RwLock<Vec<(Range<u16>, String, u16)>>,
     /// Each queue's hash tag (`tenant/task`) by its id in this process.
     tags: RwLock<HashMap<u64, Arc<str>>>,
     /// The revision of each queue as of this node's latest commit or look.
@@ -175,14 +465,23 @@ impl RedisStore {
     /// A storage error when Redis cannot be reached.
     pub(crate) fn open(target: &Target) -> Result<(RedisStore, Recovered)> {
         let shown = shown(&target.url);
-        let client = redis::Client::open(target.url.as_str())
-            .map_err(|e| redis_error(&shown, "invalid URL", e))?;
+        if target.prefix.contains(['{', '}']) {
+            return Err(Error::storage(format!(
+                "redis at {shown}: the key prefix must not contain '{{' or '}}'"
+            )));
+        }
+        let backend = Backend::open(&target.url)
+            .map_err(|e| Error::storage(format!("redis at {shown}: {e}")))?;
         let node = format!("{:016x}{:016x}", rand_u64(), rand_u64());
         let store = RedisStore {
-            client,
+            backend,
             shown,
             prefix: target.prefix.clone(),
             pool: Mutex::new(Vec::new()),
+            wait_replicas: target.wait_replicas,
+            wait_timeout: target.wait_timeout,
+            waitaof: AtomicBool::new(true),
+            masters: RwLock::new(Vec::new()),
             tags: RwLock::new(HashMap::new()),
             revs: Mutex::new(HashMap::new()),
             node,
@@ -214,7 +513,10 @@ impl RedisStore {
         let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let conn = match pooled {
             Some(c) => c,
-            None => connect(&self.client).map_err(|e| self.err("connecting", e))?,
+            None => self
+                .backend
+                .connect()
+                .map_err(|e| self.err("connecting", e))?,
         };
         Ok(Conn {
             store: self,
@@ -234,10 +536,13 @@ impl RedisStore {
         }
     }
 
+    /// (In a cluster: as a seed node says; the nodes of one cluster are set up alike.)
     fn not_persistent(&self) -> Option<&'static str> {
-        let mut c = self.conn().ok()?;
-        let conn = c.conn.as_mut()?;
-        not_persistent(conn)
+        self.backend
+            .feed_clients()
+            .iter()
+            .find_map(|client| connect(client).ok())
+            .and_then(|mut conn| not_persistent(&mut conn))
     }
 
     /// Every queue's record; ids are assigned in this process from 1.
@@ -266,6 +571,122 @@ impl RedisStore {
 
     /// Every queue Redis holds, with its revision (record ids 0).
     fn records(&self) -> Result<Vec<RemoteQueue>> {
+        match &self.backend {
+            Backend::Single(_) => self.records_single(),
+            Backend::Cluster(cluster) => self.records_cluster(&cluster.template),
+        }
+    }
+
+    /// A cluster's masters by slot range, as `CLUSTER SLOTS` says now (also kept for the
+    /// replica waits).
+    fn refresh_masters(&self, c: &mut Conn<'_>) -> Result<Vec<(Range<u16>, String, u16)>> {
+        let reply: Value = c.run("reading the cluster's slots", |con| {
+            redis::cmd("CLUSTER").arg("SLOTS").query(con)
+        })?;
+        let corrupt = || Error::storage("unexpected reply to CLUSTER SLOTS from redis");
+        let Value::Array(ranges) = reply else {
+            return Err(corrupt());
+        };
+        let mut masters = Vec::new();
+        for range in ranges {
+            let Value::Array(parts) = range else {
+                return Err(corrupt());
+            };
+            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+                (parts.first(), parts.get(1), parts.get(2))
+            else {
+                return Err(corrupt());
+            };
+            let (Some(host), Some(Value::Int(port))) =
+                (master.first().and_then(text), master.get(1))
+            else {
+                return Err(corrupt());
+            };
+            let (Ok(start), Ok(end), Ok(port)) = (
+                u16::try_from(*start),
+                u16::try_from(*end + 1),
+                u16::try_from(*port),
+            ) else {
+                return Err(corrupt());
+            };
+            masters.push((start..end, host, port));
+        }
+        *self.masters.write().unwrap_or_else(|p| p.into_inner()) = masters.clone();
+        Ok(masters)
+    }
+
+    /// Every queue of a cluster: each master's queue records, found by `SCAN` in pages (no
+    /// index key spans the cluster's slots).
+    fn records_cluster(&self, template: &NodeTemplate) -> Result<Vec<RemoteQueue>> {
+        let mut c = self.conn()?;
+        let mut addrs: Vec<(String, u16)> = self
+            .refresh_masters(&mut c)?
+            .into_iter()
+            .map(|(_, host, port)| (host, port))
+            .collect();
+        drop(c);
+        addrs.sort();
+        addrs.dedup();
+        let qkeys = format!("{}q:", self.prefix);
+        let pattern = format!("{}*", glob_escape(&qkeys));
+        let mut queues = Vec::new();
+        for (host, port) in addrs {
+            let at = format!("{host}:{port}");
+            let mut con = template
+                .client(&host, port)
+                .and_then(|client| connect(&client))
+                .map_err(|e| self.err(&format!("connecting to cluster master {at}"), e))?;
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .arg("TYPE")
+                    .arg("hash")
+                    .query(&mut con)
+                    .map_err(|e| self.err(&format!("listing queues on {at}"), e))?;
+                if !keys.is_empty() {
+                    let mut pipe = redis::pipe();
+                    for key in &keys {
+                        pipe.cmd("HGETALL").arg(key);
+                    }
+                    let records: Vec<HashMap<String, String>> = pipe
+                        .query(&mut con)
+                        .map_err(|e| self.err(&format!("loading queues on {at}"), e))?;
+                    for (key, fields) in keys.iter().zip(records) {
+                        let Some((tenant, task)) = key
+                            .strip_prefix(qkeys.as_str())
+                            .and_then(|k| k.strip_prefix('{')?.strip_suffix('}'))
+                            .and_then(|tag| tag.split_once('/'))
+                        else {
+                            continue;
+                        };
+                        if fields.is_empty() || !fields.contains_key("kind") {
+                            continue;
+                        }
+                        let (record, rev) = parse_record(0, &fields)?;
+                        queues.push(RemoteQueue {
+                            tenant: tenant.to_string(),
+                            task: task.to_string(),
+                            rev,
+                            record: Some(record),
+                        });
+                    }
+                }
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(queues)
+    }
+
+    /// Every queue of one server, from the tenant index the batch script keeps there.
+    fn records_single(&self) -> Result<Vec<RemoteQueue>> {
         let mut c = self.conn()?;
         let tenants: Vec<String> = c.run("listing tenants", |con| {
             redis::cmd("SMEMBERS")
@@ -312,7 +733,7 @@ impl RedisStore {
     /// engine fell so far behind that notices were dropped.
     fn start_feed(&self) -> Result<std::sync::mpsc::Receiver<Notice>> {
         let (tx, rx) = std::sync::mpsc::sync_channel(FEED_CAPACITY);
-        let client = self.client.clone();
+        let clients = self.backend.feed_clients();
         let channel = format!("{}notices", self.prefix);
         let node = self.node.clone();
         let stop = self.stop.clone();
@@ -320,8 +741,14 @@ impl RedisStore {
         let handle = std::thread::Builder::new()
             .name("eventqueue-notices".into())
             .spawn(move || {
+                let mut attempt = 0usize;
                 while !stop.load(Ordering::Acquire) {
-                    let mut con = match connect(&client) {
+                    // The next server to try (a cluster's seed nodes in turn).
+                    let Some(client) = clients.get(attempt % clients.len().max(1)) else {
+                        return;
+                    };
+                    attempt = attempt.wrapping_add(1);
+                    let mut con = match connect(client) {
                         Ok(c) => c,
                         Err(_) => {
                             std::thread::sleep(FEED_POLL);
@@ -444,6 +871,18 @@ impl Drop for RedisStore {
     }
 }
 
+/// `s` with the glob characters of `SCAN … MATCH` escaped.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out
+}
+
 /// A random 64-bit value (for the node's id), from the standard library's per-process
 /// random hasher keys and the time.
 fn rand_u64() -> u64 {
@@ -462,14 +901,14 @@ fn rand_u64() -> u64 {
 /// error (its state is unknown).
 struct Conn<'s> {
     store: &'s RedisStore,
-    conn: Option<redis::Connection>,
+    conn: Option<Connection>,
 }
 
 impl Conn<'_> {
     fn run<T>(
         &mut self,
         context: &str,
-        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+        f: impl FnOnce(&mut Connection) -> redis::RedisResult<T>,
     ) -> Result<T> {
         let Some(conn) = self.conn.as_mut() else {
             return Err(Error::storage("redis connection already failed"));
@@ -754,7 +1193,11 @@ impl Storage for RedisStore {
         else {
             return Err(Error::storage("corrupt checkpoint index entry in redis"));
         };
-        self.checkpoint_at(&mut c, tenant, &workflow, seq)
+        // In a cluster the index is written apart from the checkpoint (another slot): an
+        // entry of a save that failed names a checkpoint with another id, or none.
+        Ok(self
+            .checkpoint_at(&mut c, tenant, &workflow, seq)?
+            .filter(|cp| cp.record.checkpoint_id == checkpoint_id))
     }
 
     fn list_checkpoints(&self, tenant: &str, workflow: &str) -> Result<Vec<LoadedCheckpoint>> {
@@ -950,22 +1393,68 @@ impl RedisBatch<'_> {
         self.tags.get(&qid).cloned().or_else(|| self.store.tag(qid))
     }
 
-    /// The script's arguments and the queue ids of the tags it checks; `None` for a batch
-    /// with nothing to store.
-    fn arguments(&self) -> Result<Option<Arguments>> {
-        if self.ops.is_empty() {
-            return Ok(None);
+    /// The batch's checks and operations by cluster slot (each slot's own script), with a
+    /// key of the slot to route the script by.
+    fn groups(&self) -> Result<Vec<Group<'_>>> {
+        let missing = |qid| Error::internal(format!("queue {qid} has no redis key"));
+        let mut groups: std::collections::BTreeMap<u16, Group<'_>> = Default::default();
+        fn group<'g, 'b>(
+            groups: &'g mut std::collections::BTreeMap<u16, Group<'b>>,
+            key: impl FnOnce() -> String,
+            tag: &str,
+        ) -> &'g mut Group<'b> {
+            let slot = slot_of(tag);
+            groups.entry(slot).or_insert_with(|| Group {
+                slot,
+                key: key(),
+                checks: Vec::new(),
+                ops: Vec::new(),
+            })
         }
+        for &qid in &self.checks {
+            let tag = self.tag(qid).ok_or_else(|| missing(qid))?;
+            group(&mut groups, || self.store.key("q", &tag), &tag)
+                .checks
+                .push(qid);
+        }
+        for op in &self.ops {
+            match op {
+                Staged::Add { qid, .. }
+                | Staged::Trim { qid, .. }
+                | Staged::Put { qid, .. }
+                | Staged::Remove { qid, .. } => {
+                    let tag = self.tag(*qid).ok_or_else(|| missing(*qid))?;
+                    group(&mut groups, || self.store.key("q", &tag), &tag)
+                        .ops
+                        .push(op);
+                }
+                Staged::Checkpoint {
+                    tenant, workflow, ..
+                } => {
+                    let tag = format!("{tenant}/{workflow}");
+                    group(&mut groups, || self.store.key("c", &tag), &tag)
+                        .ops
+                        .push(op);
+                }
+            }
+        }
+        Ok(groups.into_values().collect())
+    }
+
+    /// The script's arguments for `checks` and `ops` in `mode` (see the script's header),
+    /// and the queue ids of the tags it checks.
+    fn arguments(&self, mode: &str, checks: &[u64], ops: &[&Staged]) -> Result<Arguments> {
         let mut by_tag = HashMap::new();
         let mut args: Vec<Vec<u8>> = vec![
+            mode.as_bytes().to_vec(),
             self.store.prefix.clone().into_bytes(),
             self.store.node.clone().into_bytes(),
-            self.checks.len().to_string().into_bytes(),
+            checks.len().to_string().into_bytes(),
         ];
         let missing = |qid| Error::internal(format!("queue {qid} has no redis key"));
         {
             let revs = self.store.revs.lock().unwrap_or_else(|p| p.into_inner());
-            for qid in &self.checks {
+            for qid in checks {
                 let tag = self.tag(*qid).ok_or_else(|| missing(*qid))?;
                 by_tag.insert(tag.clone(), *qid);
                 args.push(tag.as_bytes().to_vec());
@@ -977,9 +1466,9 @@ impl RedisBatch<'_> {
                 });
             }
         }
-        let saves: Vec<&Staged> = self
-            .ops
+        let saves: Vec<&Staged> = ops
             .iter()
+            .copied()
             .filter(|op| matches!(op, Staged::Checkpoint { .. }))
             .collect();
         args.push(saves.len().to_string().into_bytes());
@@ -998,9 +1487,12 @@ impl RedisBatch<'_> {
                 args.push(id.clone().into_bytes());
             }
         }
+        if mode == "claim" {
+            return Ok((args, by_tag));
+        }
         args.push(b"keep".to_vec());
         args.push(KEEP_CHECKPOINTS.to_string().into_bytes());
-        for op in &self.ops {
+        for op in ops {
             match op {
                 Staged::Add {
                     qid,
@@ -1067,8 +1559,226 @@ impl RedisBatch<'_> {
                 }
             }
         }
-        Ok(Some((args, by_tag)))
+        Ok((args, by_tag))
     }
+
+    /// Runs the batch script with `args`, routed (in a cluster) by `key`.
+    fn invoke(&mut self, key: &str, args: &[Vec<u8>]) -> Result<Value, WriteError> {
+        let mut invocation = self.store.script.prepare_invoke();
+        invocation.key(key);
+        for a in args {
+            invocation.arg(a.as_slice());
+        }
+        // A lost connection leaves the outcome unknown (the next batch of these queues meets
+        // their new revision if the script ran); a refusal before the first write (OOM) left
+        // nothing. Any other error of a script may have stopped it halfway: stop writing.
+        self.conn
+            .run("storing a batch", |con| invocation.invoke(con))
+            .map_err(|e| match &e {
+                Error::Storage(se) if se.is_unavailable() || se.is_storage_full() => {
+                    WriteError::Rejected(e)
+                }
+                _ => WriteError::Fatal(e),
+            })
+    }
+
+    /// The batch script once per `(key, args)`, in one cluster pipeline (`EVALSHA`; should
+    /// a node not have the script yet, one by one, loading it); the replies in order.
+    fn pipelined(&mut self, calls: &[(&str, &[Vec<u8>])]) -> Result<Vec<Value>, WriteError> {
+        let hash = self.store.script.get_hash().to_string();
+        let mut pipe = redis::cluster::cluster_pipe();
+        for (key, args) in calls {
+            let cmd = pipe.cmd("EVALSHA").arg(&hash).arg(1).arg(*key);
+            for a in *args {
+                cmd.arg(a.as_slice());
+            }
+        }
+        let piped: Result<Vec<Value>> = self.conn.run("storing a batch", |con| match con {
+            Connection::Cluster(c) => pipe.query(c),
+            Connection::Single(_) => Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "a cluster pipeline on a single server",
+            ))),
+        });
+        match piped {
+            Ok(replies) if replies.len() == calls.len() => Ok(replies),
+            Ok(_) => Err(WriteError::Fatal(Error::storage(
+                "unexpected reply from the batch script",
+            ))),
+            Err(Error::Storage(se))
+                if se.to_string().contains("NOSCRIPT") || se.to_string().contains("NoScript") =>
+            {
+                calls
+                    .iter()
+                    .map(|(key, args)| self.invoke(key, args))
+                    .collect()
+            }
+            Err(e) => Err(match &e {
+                Error::Storage(se) if se.is_unavailable() || se.is_storage_full() => {
+                    WriteError::Rejected(e)
+                }
+                _ => WriteError::Fatal(e),
+            }),
+        }
+    }
+
+    /// In a cluster, before the scripts: points the tenant's checkpoint id index (a key of
+    /// another slot) at each checkpoint the batch saves. An entry whose save then fails is
+    /// harmless: lookups check that the checkpoint found holds the id.
+    fn index_checkpoint_ids(&mut self) -> Result<()> {
+        let entries: Vec<(String, String, String)> = self
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                Staged::Checkpoint {
+                    tenant,
+                    workflow,
+                    seq,
+                    id,
+                    ..
+                } => Some((
+                    self.store.key("ci", tenant),
+                    id.clone(),
+                    format!("{workflow}/{seq}"),
+                )),
+                _ => None,
+            })
+            .collect();
+        for (ci, id, at) in entries {
+            self.conn.run("indexing a checkpoint id", |con| {
+                redis::cmd("HSET")
+                    .arg(&ci)
+                    .arg(&id)
+                    .arg(&at)
+                    .query::<()>(con)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the configured number of replicas have what this batch wrote (on every
+    /// master it wrote to); an unavailable-storage error when fewer do in time.
+    fn wait_for_replicas(&mut self, slots: &[u16]) -> Result<()> {
+        let want = self.store.wait_replicas;
+        if want == 0 {
+            return Ok(());
+        }
+        let targets: Vec<Option<redis::cluster_routing::RoutingInfo>> = match &self.store.backend {
+            Backend::Single(_) => vec![None],
+            Backend::Cluster(_) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let masters = self.store.masters.read().unwrap_or_else(|p| p.into_inner());
+                let mut seen = HashSet::new();
+                let mut out = Vec::new();
+                for &slot in slots {
+                    let routing = match masters.iter().find(|(r, _, _)| r.contains(&slot)) {
+                        Some((_, host, port)) if seen.insert((host.clone(), *port)) => {
+                            SingleNodeRoutingInfo::ByAddress {
+                                host: host.clone(),
+                                port: *port,
+                            }
+                        }
+                        Some(_) => continue,
+                        None => {
+                            SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master))
+                        }
+                    };
+                    out.push(Some(RoutingInfo::SingleNode(routing)));
+                }
+                out
+            }
+        };
+        let timeout_ms = u64::try_from(self.store.wait_timeout.as_millis()).unwrap_or(u64::MAX);
+        for routing in targets {
+            let reached = self.wait_on(routing.as_ref(), want, timeout_ms)?;
+            if reached < i64::from(want) {
+                return Err(Error::Storage(StorageError::io(
+                    format_args!(
+                        "redis at {}: {reached} of {want} replicas confirmed the batch within \
+                         {timeout_ms} ms (--redis-wait-replicas); it is on the primary but \
+                         may not survive a failover",
+                        self.store.shown
+                    ),
+                    std::io::Error::from(std::io::ErrorKind::TimedOut),
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `WAITAOF 0 N timeout` (Redis ≥ 7.2: replicas that wrote the batch to their AOF), else
+    /// `WAIT N timeout` (replicas that received it), on the connection that wrote the batch;
+    /// the number of replicas that confirmed.
+    fn wait_on(
+        &mut self,
+        routing: Option<&redis::cluster_routing::RoutingInfo>,
+        want: u32,
+        timeout_ms: u64,
+    ) -> Result<i64> {
+        let run = |con: &mut Connection, cmd: &redis::Cmd| -> redis::RedisResult<Value> {
+            let v = match (con, routing) {
+                (Connection::Cluster(c), Some(r)) => c.route_command(cmd, r.clone())?,
+                (con, _) => cmd.query(con)?,
+            };
+            match v {
+                Value::ServerError(e) => Err(e.into()),
+                v => Ok(v),
+            }
+        };
+        if self.store.waitaof.load(Ordering::Relaxed) {
+            let mut cmd = redis::cmd("WAITAOF");
+            cmd.arg(0).arg(want).arg(timeout_ms);
+            match self.conn.run("waiting for replicas", |con| run(con, &cmd)) {
+                Ok(Value::Array(counts)) => {
+                    return match counts.get(1) {
+                        Some(Value::Int(n)) => Ok(*n),
+                        _ => Err(Error::storage("unexpected reply to WAITAOF from redis")),
+                    };
+                }
+                Ok(_) => return Err(Error::storage("unexpected reply to WAITAOF from redis")),
+                Err(e)
+                    if e.to_string()
+                        .to_ascii_lowercase()
+                        .contains("unknown command") =>
+                {
+                    // Before Redis 7.2: WAIT.
+                    self.store.waitaof.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(want).arg(timeout_ms);
+        match self
+            .conn
+            .run("waiting for replicas", |con| run(con, &cmd))?
+        {
+            Value::Int(n) => Ok(n),
+            _ => Err(Error::storage("unexpected reply to WAIT from redis")),
+        }
+    }
+}
+
+/// What the scripts of a batch stored: each one's `(tag, revision)` pairs (see [`Reply`]), with
+/// the queue ids of its tags.
+type Stored<'a> = Vec<(Vec<(String, String)>, &'a HashMap<Arc<str>, u64>)>;
+
+/// The part of a batch in one cluster slot.
+struct Group<'b> {
+    slot: u16,
+    /// A key of the slot (the script is routed by it).
+    key: String,
+    checks: Vec<u64>,
+    ops: Vec<&'b Staged>,
+}
+
+/// What one script answered.
+enum Reply {
+    /// Stored: `(tag, revision)` of each queue stored, and checkpoint ids to drop from a
+    /// tenant's index (`ci:T`, id).
+    Stored(Vec<(String, String)>),
+    /// Nothing stored: these queues are newer (their records taken in already).
+    Stale(Vec<Fresh>),
 }
 
 /// A reply element as text.
@@ -1187,11 +1897,28 @@ impl WriteBatch for RedisBatch<'_> {
 
     fn checkpoint_id_taken(&mut self, tenant: &str, checkpoint_id: &str) -> Result<bool> {
         let ci = self.store.key("ci", tenant);
-        let conn = &mut self.conn;
+        let (store, conn) = (self.store, &mut self.conn);
         self.checkpoints.taken(tenant, checkpoint_id, || {
-            conn.run("looking up a checkpoint id", |con| {
-                redis::cmd("HEXISTS").arg(&ci).arg(checkpoint_id).query(con)
-            })
+            if !matches!(store.backend, Backend::Cluster(_)) {
+                return conn.run("looking up a checkpoint id", |con| {
+                    redis::cmd("HEXISTS").arg(&ci).arg(checkpoint_id).query(con)
+                });
+            }
+            // A cluster's index may name a save that failed: taken only if it was stored.
+            let at: Option<String> = conn.run("looking up a checkpoint id", |con| {
+                redis::cmd("HGET").arg(&ci).arg(checkpoint_id).query(con)
+            })?;
+            let Some((workflow, seq)) = at.as_deref().and_then(|at| at.rsplit_once('/')) else {
+                return Ok(false);
+            };
+            let ck = store.key("c", &format!("{tenant}/{workflow}"));
+            let stored: Option<String> = conn.run("looking up a checkpoint id", |con| {
+                redis::cmd("HGET")
+                    .arg(&ck)
+                    .arg(format!("id:{seq}"))
+                    .query(con)
+            })?;
+            Ok(stored.as_deref() == Some(checkpoint_id))
         })
     }
 
@@ -1219,26 +1946,180 @@ impl WriteBatch for RedisBatch<'_> {
     }
 
     fn commit(mut self: Box<Self>) -> Result<bool, WriteError> {
-        let Some((args, by_tag)) = self.arguments().map_err(WriteError::Fatal)? else {
+        if self.ops.is_empty() {
             return Ok(false);
-        };
-        let script = &self.store.script;
-        let mut invocation = script.prepare_invoke();
-        for a in &args {
-            invocation.arg(a.as_slice());
         }
-        // A lost connection leaves the outcome unknown (the next batch of these queues meets
-        // their new revision if the script ran); a refusal before the first write (OOM) left
-        // nothing. Any other error of a script may have stopped it halfway: stop writing.
-        let reply: Value = self
-            .conn
-            .run("storing a batch", |con| invocation.invoke(con))
-            .map_err(|e| match &e {
-                Error::Storage(se) if se.is_unavailable() || se.is_storage_full() => {
-                    WriteError::Rejected(e)
-                }
+        let cluster = matches!(self.store.backend, Backend::Cluster(_));
+        let (scripts, slots) = {
+            let groups = if cluster {
+                self.groups().map_err(WriteError::Fatal)?
+            } else {
+                let tag = self
+                    .checks
+                    .first()
+                    .and_then(|&qid| self.tag(qid))
+                    .unwrap_or_else(|| Arc::from(""));
+                vec![Group {
+                    slot: slot_of(&tag),
+                    key: self.store.key("q", &tag),
+                    checks: self.checks.clone(),
+                    ops: self.ops.iter().collect(),
+                }]
+            };
+            let mode = if cluster { "cluster" } else { "single" };
+            let mut scripts = Vec::with_capacity(groups.len());
+            let mut slots = Vec::with_capacity(groups.len());
+            for g in &groups {
+                let claim = if groups.len() > 1 {
+                    Some(self.arguments("claim", &g.checks, &g.ops)?.0)
+                } else {
+                    None
+                };
+                let (args, by_tag) = self.arguments(mode, &g.checks, &g.ops)?;
+                scripts.push((g.key.clone(), claim, args, by_tag));
+                slots.push(g.slot);
+            }
+            (scripts, slots)
+        };
+        if cluster {
+            self.index_checkpoint_ids().map_err(|e| match &e {
+                Error::Storage(se) if se.is_unavailable() => WriteError::Rejected(e),
                 _ => WriteError::Fatal(e),
             })?;
+        }
+        // A batch over several slots cannot be one script: first each slot's checks, which
+        // claim its queues for this node if they pass (nothing is stored), then, once every
+        // slot passed, each slot's writes. Other nodes' batches of the claimed queues wait
+        // meanwhile, so the writes meet the state the checks saw. Each step is one pipeline
+        // (a round trip per master).
+        let stored: Stored<'_> = if scripts.len() > 1 {
+            let claims: Vec<(&str, &[Vec<u8>])> = scripts
+                .iter()
+                .filter_map(|(key, claim, _, _)| Some((key.as_str(), claim.as_deref()?)))
+                .collect();
+            let replies = self.pipelined(&claims).map_err(|e| match e {
+                // The checks store nothing.
+                WriteError::Fatal(e) => WriteError::Rejected(e),
+                other => other,
+            })?;
+            let mut fresh = Vec::new();
+            let mut claimed = Vec::new();
+            for (reply, (key, _, args, by_tag)) in replies.into_iter().zip(&scripts) {
+                match self.parse_reply(reply, by_tag)? {
+                    Reply::Stale(f) => fresh.extend(f),
+                    Reply::Stored(_) => claimed.push((key, args)),
+                }
+            }
+            if !fresh.is_empty() {
+                // Free the queues claimed, so that the node that has them next (another's
+                // batch, or this one's rebuild) need not wait out the claims.
+                let releases: Vec<(String, Vec<Vec<u8>>)> = claimed
+                    .iter()
+                    .map(|(key, args)| {
+                        let mut release = args.to_vec();
+                        if let Some(mode) = release.first_mut() {
+                            *mode = b"release".to_vec();
+                        }
+                        ((*key).clone(), release)
+                    })
+                    .collect();
+                let releases: Vec<(&str, &[Vec<u8>])> = releases
+                    .iter()
+                    .map(|(k, a)| (k.as_str(), a.as_slice()))
+                    .collect();
+                if !releases.is_empty()
+                    && let Err(e) = self.pipelined(&releases)
+                {
+                    tracing::debug!(error = %e.error(), "claims left to run out");
+                }
+                return Err(WriteError::Stale(fresh));
+            }
+            let writes: Vec<(&str, &[Vec<u8>])> = scripts
+                .iter()
+                .map(|(key, _, args, _)| (key.as_str(), args.as_slice()))
+                .collect();
+            let replies = self.pipelined(&writes)?;
+            let mut stored = Vec::new();
+            let mut stale = Vec::new();
+            for (reply, (_, _, _, by_tag)) in replies.into_iter().zip(&scripts) {
+                match self.parse_reply(reply, by_tag)? {
+                    Reply::Stored(pairs) => stored.push((pairs, by_tag)),
+                    Reply::Stale(f) => stale.extend(f),
+                }
+            }
+            if stored.is_empty() {
+                return Err(WriteError::Stale(stale));
+            }
+            if !stale.is_empty() {
+                // Some claim ran out before its writes: the other slots are stored. The
+                // callers get an error, as after a lost reply; this node's next batch of
+                // those queues meets their new revisions and takes them in.
+                return Err(WriteError::Rejected(Error::Storage(StorageError::io(
+                    format_args!(
+                        "redis at {}: a batch over {} cluster slots met another node's write \
+                         after its checks and was stored in part",
+                        self.store.shown,
+                        scripts.len()
+                    ),
+                    std::io::Error::from(std::io::ErrorKind::NotConnected),
+                ))));
+            }
+            stored
+        } else {
+            let mut stored = Vec::new();
+            for (key, _, args, by_tag) in &scripts {
+                let reply = self.invoke(key, args)?;
+                match self.parse_reply(reply, by_tag)? {
+                    Reply::Stored(pairs) => stored.push((pairs, by_tag)),
+                    Reply::Stale(fresh) => return Err(WriteError::Stale(fresh)),
+                }
+            }
+            stored
+        };
+        // Stored. Acknowledged only once enough replicas have it; otherwise the callers get
+        // an error and the revisions stay unknown to this node, so its next batch of these
+        // queues takes in what is stored.
+        self.wait_for_replicas(&slots)
+            .map_err(WriteError::Rejected)?;
+        let mut dropped: Vec<(String, String)> = Vec::new();
+        {
+            let mut revs = self.store.revs.lock().unwrap_or_else(|p| p.into_inner());
+            for (pairs, by_tag) in stored {
+                for (tag, rev) in pairs {
+                    if let Some(tenant) = tag.strip_prefix("ci:") {
+                        dropped.push((self.store.key("ci", tenant), rev));
+                    } else if let (Some(&qid), Ok(rev)) = (by_tag.get(tag.as_str()), rev.parse()) {
+                        revs.insert(qid, rev);
+                    }
+                }
+            }
+            let mut tags = self.store.tags.write().unwrap_or_else(|p| p.into_inner());
+            tags.extend(self.tags.drain());
+            for qid in &self.removed {
+                tags.remove(qid);
+                revs.remove(qid);
+            }
+        }
+        // Index entries of checkpoints dropped beyond the kept number (a cluster keeps the
+        // index apart from the checkpoints): best effort, lookups check what they find.
+        for (ci, id) in dropped {
+            if let Err(e) = self.conn.run("dropping a checkpoint id", |con| {
+                redis::cmd("HDEL").arg(&ci).arg(&id).query::<()>(con)
+            }) {
+                tracing::debug!(error = %e, "a dropped checkpoint's id stays indexed");
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl RedisBatch<'_> {
+    /// A script's reply: stored, or stale (the fresh records taken in at once).
+    fn parse_reply(
+        &self,
+        reply: Value,
+        by_tag: &HashMap<Arc<str>, u64>,
+    ) -> Result<Reply, WriteError> {
         let corrupt =
             || WriteError::Fatal(Error::storage("unexpected reply from the batch script"));
         let Value::Array(items) = reply else {
@@ -1249,25 +2130,16 @@ impl WriteBatch for RedisBatch<'_> {
         match status.as_str() {
             "ok" => {
                 let rest: Vec<Value> = items.collect();
-                let mut revs = self.store.revs.lock().unwrap_or_else(|p| p.into_inner());
+                let mut pairs = Vec::with_capacity(rest.len() / 2);
                 for pair in rest.chunks(2) {
-                    let (Some(tag), Some(rev)) = (
-                        pair.first().and_then(text),
-                        pair.get(1).and_then(text).and_then(|r| r.parse().ok()),
-                    ) else {
+                    let (Some(tag), Some(rev)) =
+                        (pair.first().and_then(text), pair.get(1).and_then(text))
+                    else {
                         return Err(corrupt());
                     };
-                    if let Some(&qid) = by_tag.get(tag.as_str()) {
-                        revs.insert(qid, rev);
-                    }
+                    pairs.push((tag, rev));
                 }
-                let mut tags = self.store.tags.write().unwrap_or_else(|p| p.into_inner());
-                tags.extend(self.tags.drain());
-                for qid in &self.removed {
-                    tags.remove(qid);
-                    revs.remove(qid);
-                }
-                Ok(true)
+                Ok(Reply::Stored(pairs))
             }
             "stale" => {
                 let rest: Vec<Value> = items.collect();
@@ -1311,7 +2183,7 @@ impl WriteBatch for RedisBatch<'_> {
                     };
                     fresh.push(Fresh { qid, record });
                 }
-                Err(WriteError::Stale(fresh))
+                Ok(Reply::Stale(fresh))
             }
             _ => Err(corrupt()),
         }
