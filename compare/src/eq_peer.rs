@@ -177,23 +177,30 @@ impl Eventqueue {
         // Every request in flight has its own keep-alive connection, opened before the clock
         // starts.
         let mut conns = Vec::new();
+        // On several nodes, connection `i` goes to node `i % n` and writes only the queues
+        // `q` with `q % n` equal to it: each queue's producers stay on one node, as a load
+        // balancer that routes a task's requests by its id keeps them (producers of one
+        // queue on several nodes contend for its turn in Redis).
+        let n = self.nodes.len();
         for c in 0..clients {
             for d in 0..depth {
-                let node = self.nodes[(c * depth + d) % self.nodes.len()];
-                conns.push((c, d, Conn::open(node).await?));
+                let node = (c * depth + d) % n;
+                conns.push((c, d, node, Conn::open(self.nodes[node]).await?));
             }
         }
         let paths = self.paths()?;
         let w = std::sync::Arc::new(Window::start(plan));
         let mut futures = Vec::new();
-        for (c, d, mut conn) in conns {
+        for (c, d, node, mut conn) in conns {
             let (w, paths, body) = (w.clone(), paths.clone(), body.clone());
             futures.push(async move {
                 let mut t = Tally::new();
                 let mut k = c * 37 + d * 7;
                 while w.open() {
                     let start = Instant::now();
-                    conn.post(&paths[k % STREAMS], body.clone()).await?;
+                    // One node: `k % STREAMS`, as before.
+                    let q = (k * n + node) % STREAMS;
+                    conn.post(&paths[q], body.clone()).await?;
                     t.ack(&w, start, per_request);
                     k += 1;
                 }

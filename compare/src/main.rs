@@ -57,7 +57,8 @@ struct Args {
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     workloads: Option<Vec<String>>,
     /// Run the scale-out comparison of issue 21 instead (`scale.rs`): eventqueue on Redis, 1
-    /// and 2 nodes, against Redis used directly; the memory backend against redb.
+    /// and 2 nodes, against Redis used directly; the memory backend against redb. `--only`
+    /// then picks the sections (`redis`, `memory`), `--workloads` the rows.
     #[arg(long)]
     scale: bool,
     /// Length of the measured window of the throughput workloads, in milliseconds (default:
@@ -254,7 +255,15 @@ async fn run(args: Args) -> Result<()> {
     if args.scale {
         check_binaries(&args)?;
         let floor_start = floor(work.path(), plan.floor_samples).await?;
-        let report = scale::run(&args.eventqueue, &args.redis_server, &plan, work.path()).await?;
+        let report = scale::run(
+            &args.eventqueue,
+            &args.redis_server,
+            &plan,
+            work.path(),
+            args.only.as_deref(),
+            args.workloads.as_deref(),
+        )
+        .await?;
         let floor_end = floor(work.path(), plan.floor_samples).await?;
         println!(
             "- Machine: {}, {} logical CPUs; {}; eventqueue {}\n- Raw floor (300-byte append + \

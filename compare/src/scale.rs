@@ -72,25 +72,48 @@ impl Column {
 }
 
 /// Runs both sections and returns the report.
-pub async fn run(bin: &Path, redis_bin: &Path, plan: &Plan, work: &Path) -> Result<String> {
+/// `sections`: `redis`, `memory` or both (`None`); `workloads`: the rows to run (`None`: all
+/// of the section's), named as `--workloads` names them.
+pub async fn run(
+    bin: &Path,
+    redis_bin: &Path,
+    plan: &Plan,
+    work: &Path,
+    sections: Option<&[String]>,
+    workloads: Option<&[String]>,
+) -> Result<String> {
+    let wanted = |w: &Workload| {
+        workloads.is_none_or(|list| {
+            let name = serde_json::to_value(w).ok();
+            list.iter()
+                .any(|l| name.as_ref().and_then(|n| n.as_str()) == Some(l.as_str()))
+        })
+    };
+    let section = |name: &str| sections.is_none_or(|s| s.iter().any(|x| x == name));
     let mut out = String::new();
-    let redis_rows = [
-        Workload::Sequential1,
-        Workload::Sequential8,
-        Workload::Batch8x16,
-        Workload::Replay,
-        Workload::Fanout1000,
-    ];
-    let columns = redis_section(bin, redis_bin, work).await?;
-    let columns = measure(columns, &redis_rows, plan, work).await;
-    write_redis(&mut out, &columns, &redis_rows);
-    stop(columns);
-
-    let all = crate::WORKLOADS;
-    let columns = memory_section(bin, work).await?;
-    let columns = measure(columns, &all, plan, work).await;
-    write_memory(&mut out, &columns, &all);
-    stop(columns);
+    if section("redis") {
+        let rows: Vec<Workload> = [
+            Workload::Sequential1,
+            Workload::Sequential8,
+            Workload::Batch8x16,
+            Workload::Replay,
+            Workload::Fanout1000,
+        ]
+        .into_iter()
+        .filter(wanted)
+        .collect();
+        let columns = redis_section(bin, redis_bin, work).await?;
+        let columns = measure(columns, &rows, plan, work).await;
+        write_redis(&mut out, &columns, &rows);
+        stop(columns);
+    }
+    if section("memory") {
+        let rows: Vec<Workload> = crate::WORKLOADS.into_iter().filter(wanted).collect();
+        let columns = memory_section(bin, work).await?;
+        let columns = measure(columns, &rows, plan, work).await;
+        write_memory(&mut out, &columns, &rows);
+        stop(columns);
+    }
     Ok(out)
 }
 
