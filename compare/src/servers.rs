@@ -62,6 +62,11 @@ impl Server {
         }
     }
 
+    /// The server's process id (its CPU time is read from `/proc/PID/stat`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
@@ -277,4 +282,31 @@ pub fn load_average() -> f64 {
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// CPU time a process has used so far, all its threads, user + system, in seconds: fields 14
+/// and 15 (`utime`, `stime`) of `/proc/PID/stat`, in clock ticks. `None` when the process is
+/// gone or the file cannot be read (not Linux).
+pub fn process_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    // `rest` starts at field 3 (state): utime is field 14, the 12th from here.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / clock_ticks() as f64)
+}
+
+/// Clock ticks per second of `/proc` times (`getconf CLK_TCK`; 100 on Linux when unknown).
+fn clock_ticks() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        first_line(Command::new("getconf").arg("CLK_TCK"))
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&t| t > 0)
+            .unwrap_or(100)
+    })
 }

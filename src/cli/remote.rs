@@ -7,7 +7,10 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
 use crate::cli::{CliError, ConnArgs, Outcome, remote_error, task_arg};
-use crate::client::{Client, ClientError, CreateQueue, ListFilter, RemoteQueueInfo, Route};
+use crate::client::{
+    Client, ClientError, CreateQueue, ListFilter, PendingAck, Pipeline, PublishOutcome,
+    RemoteQueueInfo, Route,
+};
 
 /// Flags of `eventqueue queues`.
 #[derive(clap::Args, Debug, Clone)]
@@ -84,7 +87,9 @@ pub struct CancelArgs {
 
 Events are JSON objects as the HTTP API takes them (task_id and tenant_id may be omitted).
 From a file or stdin, one event per line; lines are sent in batches, each stored
-atomically. Prints the offset of each event, one per line.")]
+atomically. Prints the offset of each event, one per line. Batches go over the server's
+pipelined producer connection (a WebSocket: the next batch is sent without waiting for the
+previous answer) when the server has it, else one HTTP request at a time.")]
 pub struct PublishArgs {
     /// Task id of the queue.
     pub task_id: String,
@@ -311,16 +316,25 @@ pub async fn publish(args: PublishArgs) -> Result<Outcome, CliError> {
             Err(e) => return Err(remote_error(e, &args.conn, Some(&args.task_id))),
         }
     }
+    // A single `--event` gains nothing from a pipeline.
+    let pipeline = if args.event.is_none() {
+        client.pipeline(&args.task_id).await.ok()
+    } else {
+        None
+    };
     let mut publisher = Publisher {
         client: &client,
         args: &args,
         sent: 0,
         cancelled: false,
+        pipeline,
+        pending: std::collections::VecDeque::new(),
     };
     match (&args.event, &args.file, args.stdin.as_deref()) {
         (Some(text), None, None) => {
             let event = parse_event(text, "--event")?;
             publisher.send(vec![event]).await?;
+            publisher.finish().await?;
         }
         (None, Some(path), None) if path.as_os_str() == "-" => {
             publisher.lines(tokio::io::stdin(), "stdin").await?;
@@ -369,11 +383,31 @@ struct Publisher<'a> {
     /// Events stored so far.
     sent: u64,
     cancelled: bool,
+    /// The pipelined producer connection, when the server has it.
+    pipeline: Option<Pipeline>,
+    /// Batches sent on it and not answered yet, in order.
+    pending: std::collections::VecDeque<PendingAck>,
 }
+
+/// Batches in flight on the pipeline before `publish` waits for the oldest answer.
+const PIPELINE_DEPTH: usize = 64;
 
 impl Publisher<'_> {
     async fn send(&mut self, events: Vec<Value>) -> Result<(), CliError> {
         if events.is_empty() {
+            return Ok(());
+        }
+        if let Some(pipeline) = &self.pipeline {
+            let sent = if events.len() == 1 {
+                pipeline.send(&events[0]).await
+            } else {
+                pipeline.send_batch(&events).await
+            };
+            let ack = sent.map_err(|e| self.error(e))?;
+            self.pending.push_back(ack);
+            while self.pending.len() >= PIPELINE_DEPTH {
+                self.answer_oldest().await?;
+            }
             return Ok(());
         }
         let result = if events.len() == 1 {
@@ -381,19 +415,42 @@ impl Publisher<'_> {
         } else {
             self.client.publish_batch(&self.args.task_id, &events).await
         };
-        let answer = result.map_err(|e| {
-            let mut err = remote_error(e, &self.args.conn, Some(&self.args.task_id));
-            if self.sent > 0 {
-                err.message
-                    .push_str(&format!(" ({} events before it were stored)", self.sent));
-            }
-            err
-        })?;
+        let answer = result.map_err(|e| self.error(e))?;
+        self.record(answer);
+        Ok(())
+    }
+
+    /// Waits for the oldest answer due on the pipeline and prints its offsets.
+    async fn answer_oldest(&mut self) -> Result<(), CliError> {
+        if let Some(ack) = self.pending.pop_front() {
+            let answer = ack.outcome().await.map_err(|e| self.error(e))?;
+            self.record(answer);
+        }
+        Ok(())
+    }
+
+    /// Waits for every answer still due.
+    async fn finish(&mut self) -> Result<(), CliError> {
+        while !self.pending.is_empty() {
+            self.answer_oldest().await?;
+        }
+        Ok(())
+    }
+
+    fn error(&self, e: ClientError) -> CliError {
+        let mut err = remote_error(e, &self.args.conn, Some(&self.args.task_id));
+        if self.sent > 0 {
+            err.message
+                .push_str(&format!(" ({} events before it were stored)", self.sent));
+        }
+        err
+    }
+
+    fn record(&mut self, answer: PublishOutcome) {
         self.sent += answer.offsets.len() as u64;
         self.cancelled |= answer.cancelled;
         let text: String = answer.offsets.iter().map(|o| format!("{o}\n")).collect();
         print!("{text}");
-        Ok(())
     }
 
     /// Reads JSON lines and sends them in batches of at most `--batch-size`, sending early
@@ -404,11 +461,17 @@ impl Publisher<'_> {
         let mut batch = Vec::new();
         let mut number = 0u64;
         loop {
-            let next = if batch.is_empty() {
+            let next = if batch.is_empty() && self.pending.is_empty() {
                 lines.next_line().await
             } else {
                 match tokio::time::timeout(LINGER, lines.next_line()).await {
                     Ok(r) => r,
+                    // No line for a moment: send the partial batch, or print the answers of
+                    // batches sent (a slow producer sees its offsets as they come).
+                    Err(_) if batch.is_empty() => {
+                        self.answer_oldest().await?;
+                        continue;
+                    }
                     Err(_) => {
                         self.send(std::mem::take(&mut batch)).await?;
                         continue;
@@ -431,6 +494,7 @@ impl Publisher<'_> {
                 self.send(std::mem::take(&mut batch)).await?;
             }
         }
-        self.send(batch).await
+        self.send(batch).await?;
+        self.finish().await
     }
 }

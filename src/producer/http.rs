@@ -1,12 +1,13 @@
 //! [`HttpSink`]: a [`Reporter`]'s queue on an eventqueue server (feature `client`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use super::{Cancellation, EventSink, ProducerError, Reporter, Sent};
 use crate::checkpoint::{Checkpoint, SavedCheckpoint};
-use crate::client::{Client, ClientError};
+use crate::client::{Client, ClientError, Pipeline, PublishOutcome};
 use crate::event::{Event, Payload};
 use crate::ids::{TaskId, TenantId};
 
@@ -16,15 +17,31 @@ const HTTP_SEND_ATTEMPTS: u32 = 4;
 
 /// A queue on an eventqueue server, for producers in another process.
 ///
-/// Sends go to `POST /events/queues/{task_id}/events` (retried with the same event ids after a
-/// transport error or a retryable status: idempotent; [`Sent::cancelled`] carries the answer's
-/// cancel flag), the boundary check reads `GET /events/queues/{task_id}` (one request per
+/// Sends go over the queue's pipelined producer connection ([`Client::pipeline`], a WebSocket
+/// opened at the first send and shared by the sink's clones, so sends from concurrent tasks
+/// are pipelined), or to `POST /events/queues/{task_id}/events` when the server does not offer
+/// it or the connection was lost (retried with the same event ids after a transport error or
+/// a retryable status: idempotent; [`Sent::cancelled`] carries the answer's cancel flag); a
+/// lost connection is opened again at the next send. The boundary check reads `GET /events/queues/{task_id}` (one request per
 /// check, which also gives the reason), checkpoints go to
 /// `POST /events/workflows/{task_id}/checkpoints` (not retried: a save is not idempotent).
 #[derive(Clone, Debug)]
 pub struct HttpSink {
     client: Client,
     task: TaskId,
+    pipe: Arc<tokio::sync::Mutex<Pipe>>,
+}
+
+/// The sink's pipelined connection.
+#[derive(Debug, Default)]
+enum Pipe {
+    /// Not opened yet, or lost: the next send opens it.
+    #[default]
+    Closed,
+    Open(Pipeline),
+    /// The server refused it (an older server, or one that answers the handshake with an
+    /// error): sends go over HTTP.
+    Unavailable,
 }
 
 impl HttpSink {
@@ -44,6 +61,7 @@ impl HttpSink {
         Self {
             client,
             task: task.clone(),
+            pipe: Arc::default(),
         }
     }
 
@@ -51,13 +69,47 @@ impl HttpSink {
     /// `subscribe` for the cancellation check's queue info).
     pub fn with_token(mut self, token: impl Into<String>) -> Self {
         self.client = self.client.with_token(token);
+        self.pipe = Arc::default();
         self
     }
 
     /// Acts for `tenant` (open mode's `X-Tenant-ID`; an admin token's `?tenant_id=`).
     pub fn with_tenant(mut self, tenant: &TenantId) -> Self {
         self.client = self.client.with_tenant(tenant.as_str());
+        self.pipe = Arc::default();
         self
+    }
+
+    /// Sends `events` over the pipelined connection, opening it if needed. `None`: no
+    /// connection (refused, unreachable) or it was lost before the answer — the caller sends
+    /// over HTTP (the events keep their ids, so a resend never duplicates one).
+    async fn send_pipelined(
+        &self,
+        events: &[Value],
+    ) -> Option<Result<PublishOutcome, ClientError>> {
+        let pipeline = {
+            let mut pipe = self.pipe.lock().await;
+            if matches!(*pipe, Pipe::Closed) {
+                *pipe = match self.client.pipeline(self.task.as_str()).await {
+                    Ok(p) => Pipe::Open(p),
+                    Err(ClientError::Api { .. }) => Pipe::Unavailable,
+                    // Unreachable now: HTTP says why, and the next send tries again.
+                    Err(_) => return None,
+                };
+            }
+            match &*pipe {
+                Pipe::Open(p) => p.clone(),
+                _ => return None,
+            }
+        };
+        match pipeline.publish_batch(events).await {
+            Err(e) if e.is_transport() => {
+                let mut pipe = self.pipe.lock().await;
+                *pipe = Pipe::Closed;
+                None
+            }
+            other => Some(other),
+        }
     }
 
     /// The underlying client (queue creation, info, cancel, streams).
@@ -85,6 +137,13 @@ impl EventSink for HttpSink {
 
     async fn send(&self, payloads: Vec<Payload>) -> Result<Sent, ProducerError> {
         let events: Vec<Value> = payloads.into_iter().map(|p| self.wire(p)).collect();
+        if let Some(answer) = self.send_pipelined(&events).await {
+            let outcome = answer?;
+            return Ok(Sent {
+                offsets: outcome.offsets,
+                cancelled: outcome.cancelled,
+            });
+        }
         let mut attempt = 0;
         let outcome = loop {
             match self.client.publish_batch(self.task.as_str(), &events).await {

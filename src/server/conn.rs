@@ -215,6 +215,48 @@ impl Connections {
     }
 }
 
+/// A connection's place in the counts, shared with what outlives its HTTP exchange: a
+/// connection upgraded to a WebSocket leaves hyper's connection task, and holds its place
+/// through the upgraded socket's own task instead. The place is given back when the last
+/// holder drops.
+#[derive(Debug, Clone)]
+pub(crate) struct Place {
+    _held: Arc<Admitted>,
+}
+
+/// A connection's service: `inner`, with the connection's [`Place`] in every request's
+/// extensions.
+#[derive(Debug, Clone)]
+pub(crate) struct Placed<S> {
+    inner: S,
+    place: Place,
+}
+
+impl<S> Placed<S> {
+    pub(crate) fn new(inner: S, admitted: Admitted) -> Self {
+        Self {
+            inner,
+            place: Place {
+                _held: Arc::new(admitted),
+            },
+        }
+    }
+}
+
+impl<S, B> hyper::service::Service<axum::http::Request<B>> for Placed<S>
+where
+    S: hyper::service::Service<axum::http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, mut req: axum::http::Request<B>) -> Self::Future {
+        req.extensions_mut().insert(self.place.clone());
+        self.inner.call(req)
+    }
+}
+
 /// The bytes of a `503` answer with `detail`, closing the connection.
 fn refusal_answer(detail: &str) -> Vec<u8> {
     let body = serde_json::json!({ "detail": detail }).to_string();

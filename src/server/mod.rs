@@ -49,6 +49,7 @@ mod sse;
 mod stream;
 mod tenant;
 mod tls;
+mod ws;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -128,6 +129,10 @@ pub struct ServerConfig {
     pub max_json_depth: usize,
     /// The A2A agent card's name, description, version and public URL (see [`a2a`]).
     pub a2a: A2aConfig,
+    /// Most frames a WebSocket producer connection may have sent and not yet had
+    /// acknowledged; beyond it the server stops reading that connection until it has answered
+    /// (back-pressure; also at four request bodies' worth of bytes). Default 256.
+    pub max_ws_in_flight: usize,
     /// Serve HTTPS with this certificate and key (HTTP/2 and HTTP/1.1 by ALPN) instead of
     /// plain HTTP. Applies to [`serve`]; the TLS handshake must finish within
     /// [`ServerConfig::header_read_timeout`]. Default: none (plain HTTP).
@@ -171,6 +176,7 @@ impl Default for ServerConfig {
             body_read_timeout: Duration::from_secs(30),
             max_json_depth: 64,
             a2a: A2aConfig::default(),
+            max_ws_in_flight: 256,
             tls: None,
             max_connections: 16_384,
             max_connections_per_ip: 1024,
@@ -318,6 +324,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/events/queues/{task_id}/offset", get(routes::queue_offset))
         .route("/events/queues/{task_id}/events", post(routes::enqueue))
+        .route("/events/queues/{task_id}/events/ws", get(ws::producer))
         .route("/events/queues/{task_id}/close", post(routes::close_queue))
         .route(
             "/events/admin/revocations",
@@ -600,12 +607,25 @@ pub async fn serve(
             continue;
         }
         let io = TokioIo::new(conn::HeadErrors::new(stream));
-        let conn = graceful.watch(http.serve_connection(io, service));
+        // The place goes with the requests: an upgraded connection keeps holding it.
+        let service = conn::Placed::new(service, admitted);
+        let conn = http.serve_connection(io, service).with_upgrades();
+        // Counted by the graceful shutdown until the connection ends; hyper-util cannot watch
+        // an upgradeable connection itself, so the shutdown token starts its graceful end.
+        let (watcher, token) = (graceful.watcher(), token.clone());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let mut conn = std::pin::pin!(conn);
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                () = token.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
-            drop(admitted);
+            drop(watcher);
         });
     }
     drop(listener);

@@ -151,7 +151,11 @@ fn read_body<'b, T: Deserialize<'b>>(
     })
 }
 
-async fn lookup(state: &AppState, tenant: &Tenant, task: &TaskId) -> Result<EventQueue, ApiError> {
+pub(super) async fn lookup(
+    state: &AppState,
+    tenant: &Tenant,
+    task: &TaskId,
+) -> Result<EventQueue, ApiError> {
     state
         .manager()
         .find_queue(&tenant.0, task)
@@ -451,6 +455,25 @@ pub(super) async fn enqueue_body(
     queue: &EventQueue,
     body: &[u8],
 ) -> Result<Response, ApiError> {
+    let events = read_enqueue_body(state, tenant, task, body)?;
+    let offsets = queue.enqueue_received(events).await?;
+    Ok(json(&EnqueueBody {
+        offsets,
+        latest_offset: queue.latest_offset(),
+        cancelled: queue.is_cancelled(),
+    }))
+}
+
+/// Parses and validates an enqueue body (one event object or `{"events": [...]}`) with the
+/// limits of the server's configuration: the same checks for `POST …/events` and for each
+/// frame of the WebSocket producer connection. Each event comes with `true` when the producer
+/// gave no `event_id`.
+pub(super) fn read_enqueue_body(
+    state: &AppState,
+    tenant: &Tenant,
+    task: &TaskId,
+    body: &[u8],
+) -> Result<Vec<(Event, bool)>, ApiError> {
     let config = state.config();
     // An event's compact JSON is no longer than its text in the body, so only a body larger
     // than the event limit can hold an event over it.
@@ -463,19 +486,13 @@ pub(super) async fn enqueue_body(
     if let Some(limit) = event_limit {
         check_event_sizes(body, limit)?;
     }
-    let events = event::read_slice(
+    event::read_slice(
         body,
         EnqueueRequest {
             ctx: &ctx,
             max_batch_events: config.max_batch_events,
         },
-    )?;
-    let offsets = queue.enqueue_received(events).await?;
-    Ok(json(&EnqueueBody {
-        offsets,
-        latest_offset: queue.latest_offset(),
-        cancelled: queue.is_cancelled(),
-    }))
+    )
 }
 
 /// The body of `POST /events/queues/{task_id}/events`: one event object, or

@@ -5,7 +5,7 @@
 //! (`dashboard`), checkpoint routes (`checkpoint`), the HTTP producer helpers and the demo
 //! (`producer`), a proptest-driven fuzz of event JSON parsing (`fuzz`), and HTTPS with
 //! HTTP/2 (`tls`); connection limits and bodies under hostile load (`connections`); token
-//! bounds and revocation (`tokens`).
+//! bounds and revocation (`tokens`); the pipelined WebSocket producer connection (`ws`).
 
 mod a2a;
 mod app;
@@ -25,6 +25,7 @@ mod sse;
 mod stream_memory;
 mod tls;
 mod tokens;
+mod ws;
 
 use serde_json::{Value, json};
 
