@@ -33,7 +33,7 @@ impl Peer {
         match (self, w) {
             (Peer::Redis(r), Workload::Sequential1) => r.sequential(plan, 1).await,
             (Peer::Redis(r), Workload::Sequential8) => r.sequential(plan, CLIENTS).await,
-            (Peer::Redis(r), Workload::InFlight8x16 | Workload::Batch8x16) => {
+            (Peer::Redis(r), Workload::InFlight8x16 | Workload::Batch8x16 | Workload::Ws8x16) => {
                 r.pipelined(plan).await
             }
             (Peer::Redis(r), Workload::Replay) => r.replay(plan.replay_events).await,
@@ -45,6 +45,7 @@ impl Peer {
                 e.requests(plan, CLIENTS, DEPTH).await
             }
             (Peer::Eventqueue(e), Workload::Batch8x16) => e.batches(plan).await,
+            (Peer::Eventqueue(e), Workload::Ws8x16) => e.websockets(plan).await,
             (Peer::Eventqueue(e), Workload::Replay) => e.replay(plan.replay_events).await,
             (Peer::Eventqueue(e), Workload::Fanout100) => e.fanout(plan, 100).await,
             (Peer::Eventqueue(e), Workload::Fanout1000) => e.fanout(plan, 1000).await,
@@ -228,7 +229,18 @@ async fn measure(
         for c in columns.iter_mut() {
             let Some(peer) = &c.peer else { continue };
             let before = throttled(crate::floor(work, plan.floor_samples_per_cell).await);
-            let result = peer.run(w, plan).await.map_err(|e| format!("{e:#}"));
+            // Server CPU per event where one process serves the column (not for several
+            // nodes, whose Redis is not theirs alone either).
+            let watched = c.servers.len() == 1;
+            crate::drive::watch_server_cpu(if watched { c.servers[0].pid() } else { 0 });
+            let mut result = peer.run(w, plan).await.map_err(|e| format!("{e:#}"));
+            if watched
+                && let Ok(m) = &mut result
+                && let Some(cpu) = crate::drive::window_cpu_secs().await
+                && m.events > 0
+            {
+                m.server_cpu_us_per_event = Some(cpu * 1e6 / m.events as f64);
+            }
             let after = throttled(crate::floor(work, plan.floor_samples_per_cell).await);
             match &result {
                 Ok(m) => say(&format!(
@@ -268,6 +280,7 @@ fn label(w: Workload, plan_events: Option<u64>) -> String {
         Workload::Sequential8 => "8 clients sequential".into(),
         Workload::InFlight8x16 => "8 clients × 16 one-event requests in flight".into(),
         Workload::Batch8x16 => "8 clients × batches of 16 (Redis: pipelines of 16)".into(),
+        Workload::Ws8x16 => "8 WebSocket producers × 16 frames in flight".into(),
         Workload::Replay => format!(
             "replay {}k events (Redis: XRANGE; eventqueue: SSE)",
             plan_events.unwrap_or(0) / 1000
@@ -310,10 +323,13 @@ fn cell(c: &Column, w: Workload) -> String {
                 ms(m.p99_ms)
             ),
             (Some(_), None) => format!(
-                "{}/s · p50 {} · p99 {} ms",
+                "{}/s · p50 {} · p99 {} ms{}",
                 rate(m.events_per_s),
                 ms(m.p50_ms),
-                ms(m.p99_ms)
+                ms(m.p99_ms),
+                m.server_cpu_us_per_event
+                    .map(|us| format!(" · {us:.0} µs CPU/ev"))
+                    .unwrap_or_default()
             ),
             (None, None) => format!("{}/s", rate(m.events_per_s)),
         },
