@@ -41,9 +41,7 @@ impl Peer {
             (Peer::Redis(r), Workload::Fanout1000) => r.fanout(plan, 1000).await,
             (Peer::Eventqueue(e), Workload::Sequential1) => e.requests(plan, 1, 1).await,
             (Peer::Eventqueue(e), Workload::Sequential8) => e.requests(plan, CLIENTS, 1).await,
-            (Peer::Eventqueue(e), Workload::InFlight8x16) => {
-                e.requests(plan, CLIENTS, DEPTH).await
-            }
+            (Peer::Eventqueue(e), Workload::InFlight8x16) => e.requests(plan, CLIENTS, DEPTH).await,
             (Peer::Eventqueue(e), Workload::Batch8x16) => e.batches(plan).await,
             (Peer::Eventqueue(e), Workload::Ws8x16) => e.websockets(plan).await,
             (Peer::Eventqueue(e), Workload::Replay) => e.replay(plan.replay_events).await,
