@@ -20,6 +20,9 @@ pub struct Eventqueue {
     addr: std::net::SocketAddr,
     base: String,
     tasks: Vec<String>,
+    /// Every node serving these queues (`addr` first): several `serve` processes over one
+    /// Redis (`scale.rs`). Throughput clients and fan-out subscribers are spread over them.
+    nodes: Vec<std::net::SocketAddr>,
 }
 
 /// A progress event of [`drive::EVENT_BYTES`] bytes whose details carry `sent_us`.
@@ -50,6 +53,19 @@ fn http_client() -> Result<reqwest::Client> {
 /// directory, open mode (no JWT secret), request logging off (`RUST_LOG=warn`), and creates
 /// the 100 queues.
 pub async fn start(bin: &Path, dir: &Path, durability: &str) -> Result<(Server, Eventqueue)> {
+    let name = format!("eventqueue ({durability})");
+    start_with(bin, dir, &name, &["--durability", durability], true).await
+}
+
+/// [`start`] with other `serve` flags (`--storage …`); `create`: create the 100 queues (not
+/// on a further node over a store that has them).
+pub async fn start_with(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    flags: &[&str],
+    create: bool,
+) -> Result<(Server, Eventqueue)> {
     let addr = free_addr()?;
     let mut cmd = Command::new(bin);
     cmd.arg("serve")
@@ -57,8 +73,7 @@ pub async fn start(bin: &Path, dir: &Path, durability: &str) -> Result<(Server, 
         .arg(dir.join("data"))
         .arg("--bind")
         .arg(addr.to_string())
-        .arg("--durability")
-        .arg(durability);
+        .args(flags);
     // Settings come from the flags above only: no token mode, no config file from the caller.
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("EVENTQUEUE_") {
@@ -66,16 +81,12 @@ pub async fn start(bin: &Path, dir: &Path, durability: &str) -> Result<(Server, 
         }
     }
     cmd.env("RUST_LOG", "warn");
-    let server = Server::spawn(
-        &format!("eventqueue ({durability})"),
-        cmd,
-        addr,
-        dir.join("server.log"),
-    )?;
+    let server = Server::spawn(name, cmd, addr, dir.join("server.log"))?;
     let eq = Eventqueue {
         addr,
         base: format!("http://{addr}"),
         tasks: (0..STREAMS).map(|i| format!("bench_s{i}")).collect(),
+        nodes: vec![addr],
     };
     let http = http_client()?;
     let health = http
@@ -86,8 +97,10 @@ pub async fn start(bin: &Path, dir: &Path, durability: &str) -> Result<(Server, 
     if !health.status().is_success() {
         bail!("GET /healthz answered {}", health.status());
     }
-    for t in &eq.tasks {
-        eq.create(&http, t).await?;
+    if create {
+        for t in &eq.tasks {
+            eq.create(&http, t).await?;
+        }
     }
     Ok((server, eq))
 }
@@ -113,6 +126,17 @@ async fn post(http: &reqwest::Client, url: &str, body: Bytes) -> Result<()> {
 }
 
 impl Eventqueue {
+    /// The same queues served by `other` too (another node over the same store).
+    pub fn and_node(mut self, other: &Eventqueue) -> Self {
+        self.nodes.push(other.addr);
+        self
+    }
+
+    /// The base URL of node `i` (round robin).
+    fn node_base(&self, i: usize) -> String {
+        format!("http://{}", self.nodes[i % self.nodes.len()])
+    }
+
     async fn create(&self, http: &reqwest::Client, task: &str) -> Result<()> {
         let body = format!("{{\"task_id\":\"{task}\",\"max_buffer_size\":{MAX_BUFFER}}}");
         post(http, &format!("{}/events/queues", self.base), body.into()).await
@@ -211,22 +235,30 @@ impl Eventqueue {
         // Every request in flight has its own keep-alive connection, opened before the clock
         // starts.
         let mut conns = Vec::new();
+        // On several nodes, connection `i` goes to node `i % n` and writes only the queues
+        // `q` with `q % n` equal to it: each queue's producers stay on one node, as a load
+        // balancer that routes a task's requests by its id keeps them (producers of one
+        // queue on several nodes contend for its turn in Redis).
+        let n = self.nodes.len();
         for c in 0..clients {
             for d in 0..depth {
-                conns.push((c, d, Conn::open(self.addr).await?));
+                let node = (c * depth + d) % n;
+                conns.push((c, d, node, Conn::open(self.nodes[node]).await?));
             }
         }
         let paths = self.paths()?;
         let w = std::sync::Arc::new(Window::start(plan));
         let mut futures = Vec::new();
-        for (c, d, mut conn) in conns {
+        for (c, d, node, mut conn) in conns {
             let (w, paths, body) = (w.clone(), paths.clone(), body.clone());
             futures.push(async move {
                 let mut t = Tally::new();
                 let mut k = c * 37 + d * 7;
                 while w.open() {
                     let start = Instant::now();
-                    conn.post(&paths[k % STREAMS], body.clone()).await?;
+                    // One node: `k % STREAMS`, as before.
+                    let q = (k * n + node) % STREAMS;
+                    conn.post(&paths[q], body.clone()).await?;
                     t.ack(&w, start, per_request);
                     k += 1;
                 }
@@ -255,7 +287,11 @@ impl Eventqueue {
         let start = Instant::now();
         let mut sse = Sse::open(
             &http,
-            &format!("{}/events/workflows/{task}?from_offset=0", self.base),
+            // The last node: on several nodes, one that did not write the events.
+            &format!(
+                "{}/events/workflows/{task}?from_offset=0",
+                self.node_base(self.nodes.len() - 1)
+            ),
         )
         .await?;
         let read = sse.count_events(n, Duration::from_secs(30)).await?;
@@ -277,11 +313,11 @@ impl Eventqueue {
         let http = http_client()?;
         let task = format!("bench_fanout{rate}");
         self.create(&http, &task).await?;
-        let stream_url = format!("{}/events/workflows/{task}?from_offset=0", self.base);
+        let stream_path = format!("/events/workflows/{task}?from_offset=0");
         let mut subs = Subscribers::new();
         let sub_http = http_client()?;
-        for _ in 0..plan.subscribers {
-            let (http, url) = (sub_http.clone(), stream_url.clone());
+        for i in 0..plan.subscribers {
+            let (http, url) = (sub_http.clone(), self.node_base(i) + &stream_path);
             subs.spawn(|tally, ready| async move {
                 let mut sse = Sse::open(&http, &url).await?;
                 while let Some(frame) = sse.next_frame().await? {

@@ -9,6 +9,7 @@ mod eq_peer;
 mod nats_peer;
 mod redis_peer;
 mod report;
+mod scale;
 mod servers;
 
 use std::path::{Path, PathBuf};
@@ -58,6 +59,11 @@ struct Args {
     /// ws8x16, batch8x16, replay, fanout100, fanout1000), e.g. to profile one of them.
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     workloads: Option<Vec<String>>,
+    /// Run the scale-out comparison of issue 21 instead (`scale.rs`): eventqueue on Redis, 1
+    /// and 2 nodes, against Redis used directly; the memory backend against redb. `--only`
+    /// then picks the sections (`redis`, `memory`), `--workloads` the rows.
+    #[arg(long)]
+    scale: bool,
     /// Length of the measured window of the throughput workloads, in milliseconds (default:
     /// 4000, `--quick` 1000), e.g. to profile a server under a steady load.
     #[arg(long, value_name = "MS")]
@@ -261,6 +267,34 @@ async fn run(args: Args) -> Result<()> {
         machine.logical_cpus,
         work.path().display()
     ));
+    if args.scale {
+        check_binaries(&args)?;
+        let floor_start = floor(work.path(), plan.floor_samples).await?;
+        let report = scale::run(
+            &args.eventqueue,
+            &args.redis_server,
+            &plan,
+            work.path(),
+            args.only.as_deref(),
+            args.workloads.as_deref(),
+        )
+        .await?;
+        let floor_end = floor(work.path(), plan.floor_samples).await?;
+        println!(
+            "- Machine: {}, {} logical CPUs; {}; eventqueue {}\n- Raw floor (300-byte append + \
+             fdatasync): start p50 {:.2} / p99 {:.2} ms, end p50 {:.2} / p99 {:.2} ms\n",
+            machine.cpu,
+            machine.logical_cpus,
+            machine.redis_version,
+            machine.eventqueue_revision,
+            floor_start.p50_ms,
+            floor_start.p99_ms,
+            floor_end.p50_ms,
+            floor_end.p99_ms
+        );
+        print!("{report}");
+        return Ok(());
+    }
     let load_start = servers::load_average();
     let floor_start = floor(work.path(), plan.floor_samples).await?;
     say(&format!(

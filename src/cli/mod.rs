@@ -6,7 +6,7 @@
 //! - `serve`, `token`, `revoke`, `compact`: the server, its tokens and its data directory;
 //! - `watch`, `queues`, `info`, `cancel`, `publish`: person-facing commands over HTTP, through
 //!   [`crate::client`];
-//! - `dump`, `inspect`: offline, on a data directory no server holds;
+//! - `dump`, `inspect`, `migrate`: offline, on a data directory no server holds;
 //! - `bench` ([`mod@bench`]) and `demo` ([`mod@demo`]): also library modules, for tests and
 //!   examples.
 //!
@@ -18,6 +18,7 @@
 pub mod bench;
 mod compact;
 pub mod demo;
+mod migrate;
 mod offline;
 mod remote;
 mod render;
@@ -81,6 +82,12 @@ enum Command {
     /// A running server reuses the space of removed events but never returns it to the
     /// filesystem; this does. Example: `eventqueue compact --data-dir ./data`
     Compact(compact::CompactArgs),
+    /// Copy a stopped single-node install's queues, events (at their offsets, with their
+    /// ids), checkpoints and token revocations into Redis (or another data directory), so
+    /// nodes started on it serve the same (offline).
+    ///
+    /// Example: `eventqueue migrate --from ./data --to redis://127.0.0.1:6379`
+    Migrate(migrate::MigrateArgs),
     /// Follow a task live: state, phase, a progress bar per phase (or for the task), artifacts,
     /// errors, the result. Reconnects by itself (resuming with Last-Event-ID) when the
     /// connection drops; with --wait, waits for the queue to be created.
@@ -154,6 +161,7 @@ pub fn run() -> ExitCode {
         Command::Bench(args) => runtime.block_on(bench::bench(args)),
         Command::Token(args) => token::token(args),
         Command::Compact(args) => compact::compact(args),
+        Command::Migrate(args) => migrate::migrate(args),
         Command::Watch(args) => return exit_code(runtime.block_on(watch(args))),
         Command::Queues(args) => return exit_code(runtime.block_on(queues(args))),
         Command::Info(args) => return exit_code(runtime.block_on(info(args))),

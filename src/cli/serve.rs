@@ -320,7 +320,7 @@ fn resolve(args: ServeArgs) -> Result<Settings, String> {
 
 /// A Redis URL with `password` (from `EVENTQUEUE_REDIS_PASSWORD`, so it stays out of process
 /// listings) unless the URL carries credentials already, which win.
-fn with_password(url: &str, password: &str) -> Result<String, String> {
+pub(super) fn with_password(url: &str, password: &str) -> Result<String, String> {
     let (scheme, rest) = url
         .split_once("://")
         .ok_or_else(|| format!("invalid redis URL {url:?}"))?;

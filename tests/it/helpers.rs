@@ -124,6 +124,11 @@ impl TestServer {
             .unwrap()
     }
 
+    /// The data directory it runs on.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     /// The server's manager.
     pub fn manager(&self) -> &QueueManager {
         self.state.manager()

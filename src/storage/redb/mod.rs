@@ -45,6 +45,8 @@
 pub(crate) mod checkpoints;
 pub(crate) mod codec;
 pub(crate) mod derived_ids;
+// Reading a stopped store out whole (`eventqueue migrate`).
+pub(crate) mod export;
 mod pending;
 #[cfg(feature = "failpoints")]
 pub mod sim;
