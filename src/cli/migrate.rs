@@ -50,9 +50,9 @@ pub struct MigrateArgs {
     /// it is changed).
     #[arg(long, value_name = "DIR")]
     pub from: PathBuf,
-    /// Where to copy to: `redis://HOST:PORT[/DB][?prefix=P]` (the store `serve --storage`
-    /// names; the password may come from EVENTQUEUE_REDIS_PASSWORD), or another data
-    /// directory.
+    /// Where to copy to: `redis://HOST:PORT[/DB][?prefix=P]` or any other Redis URL
+    /// `serve --storage` takes (the password may come from EVENTQUEUE_REDIS_PASSWORD), or
+    /// another data directory.
     #[arg(long, value_name = "URL|DIR")]
     pub to: String,
     /// Leave out queues (and workflows' checkpoints) the target already holds, instead of
@@ -181,6 +181,9 @@ fn open_target(to: &str, from: &Path) -> Result<(Dest, crate::storage::Recovered
     let target = RedisTarget {
         url: url.0,
         prefix: url.1,
+        // No replica waits: until the copy is done and checked, the source holds the data.
+        wait_replicas: 0,
+        wait_timeout: Duration::from_secs(1),
     };
     let (store, recovered) =
         RedisStore::open(&target).map_err(|e| format!("opening the target: {e}"))?;
