@@ -840,9 +840,22 @@ async fn two_nodes_write_many_queues_on(config: Config, created: impl FnOnce()) 
                 let mut got = Vec::new();
                 for i in 0..EACH {
                     let id = eventqueue::EventId::new(format!("n{node}-{i}")).unwrap();
-                    let e = eventqueue::Event::new(q.tenant_id(), q.task_id(), working())
-                        .with_event_id(id);
-                    got.push(q.enqueue(e).await.unwrap());
+                    // Two nodes writing the same queues in step can keep finding each
+                    // other's newer state until the node gives up with a 503-class error;
+                    // a producer then retries with the same event id, as real ones do.
+                    let mut attempts = 0;
+                    let offset = loop {
+                        let e = eventqueue::Event::new(q.tenant_id(), q.task_id(), working())
+                            .with_event_id(id.clone());
+                        match q.enqueue(e).await {
+                            Ok(offset) => break offset,
+                            Err(Error::Storage(e)) if e.is_unavailable() && attempts < 10 => {
+                                attempts += 1;
+                            }
+                            Err(e) => panic!("enqueue failed: {e}"),
+                        }
+                    };
+                    got.push(offset);
                 }
                 got
             }));

@@ -81,6 +81,8 @@ const FEED_CAPACITY: usize = 16_384;
 /// Longest wait to connect, and for one command's reply.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of JSON per event a read expects before it has read any (see `read_range`).
+const FIRST_EVENT_BYTES: usize = 256;
 /// Bytes of an event record's header: type, terminal, id length (u16, big-endian).
 const HEADER: usize = 4;
 
@@ -443,6 +445,8 @@ pub(crate) struct RedisStore {
     /// A cluster's masters by slot range (`CLUSTER SLOTS`), for the replica waits; refreshed
     /// by every full load.
     masters: RwLock<Vec<(Range<u16>, String, u16)>>,
+    /// Bytes of JSON per event in the latest read (0 before any), to size the next read.
+    event_bytes: std::sync::atomic::AtomicUsize,
     /// Each queue's hash tag (`tenant/task`) by its id in this process.
     tags: RwLock<HashMap<u64, Arc<str>>>,
     /// The revision of each queue as of this node's latest commit or look.
@@ -482,6 +486,7 @@ impl RedisStore {
             wait_timeout: target.wait_timeout,
             waitaof: AtomicBool::new(true),
             masters: RwLock::new(Vec::new()),
+            event_bytes: std::sync::atomic::AtomicUsize::new(0),
             tags: RwLock::new(HashMap::new()),
             revs: Mutex::new(HashMap::new()),
             node,
@@ -1073,13 +1078,20 @@ fn decode_record(rec: &[u8]) -> Result<(u8, bool, usize)> {
     Ok((header[0], header[1] != 0, at))
 }
 
-/// Stream entries `[[id, [field, value, …]], …]` as events.
-fn parse_entries(v: Value, max_bytes: usize, out: &mut Vec<StoredEvent>) -> Result<()> {
+/// Stream entries `[[id, [field, value, …]], …]` as events, appended to `out` until their JSON
+/// (counted in `copied`, across calls) would exceed `max_bytes` (`out` keeps at least one).
+/// Returns how many entries the reply held, and whether it stopped at `max_bytes`.
+fn parse_entries(
+    v: Value,
+    max_bytes: usize,
+    copied: &mut usize,
+    out: &mut Vec<StoredEvent>,
+) -> Result<(usize, bool)> {
     let corrupt = || Error::storage("unexpected reply to XRANGE from redis");
     let Value::Array(entries) = v else {
         return Err(corrupt());
     };
-    let mut copied = 0;
+    let n = entries.len();
     for entry in entries {
         let Value::Array(mut parts) = entry else {
             return Err(corrupt());
@@ -1105,9 +1117,9 @@ fn parse_entries(v: Value, max_bytes: usize, out: &mut Vec<StoredEvent>) -> Resu
             return Err(corrupt());
         };
         let (event_type, terminal, at) = decode_record(&rec)?;
-        copied += rec.len() - at;
-        if copied > max_bytes && !out.is_empty() {
-            break;
+        *copied += rec.len() - at;
+        if *copied > max_bytes && !out.is_empty() {
+            return Ok((n, true));
         }
         out.push(StoredEvent {
             offset: seq - 1,
@@ -1116,7 +1128,7 @@ fn parse_entries(v: Value, max_bytes: usize, out: &mut Vec<StoredEvent>) -> Resu
             json: Bytes::from(rec).slice(at..),
         });
     }
-    Ok(())
+    Ok((n, false))
 }
 
 impl Storage for RedisStore {
@@ -1155,16 +1167,38 @@ impl Storage for RedisStore {
         }
         let key = self.key("e", &tag);
         let mut c = self.conn()?;
-        let v: Value = c.run("reading events", |con| {
-            redis::cmd("XRANGE")
-                .arg(&key)
-                .arg(format!("0-{}", from + 1))
-                .arg(format!("0-{to}"))
-                .arg("COUNT")
-                .arg(limit)
-                .query(con)
-        })?;
-        parse_entries(v, max_bytes, &mut out)?;
+        // Ask Redis for about as many entries as `max_bytes` holds at the size events had in
+        // earlier reads (not `limit`: most of those would be sent only to be dropped), and go
+        // on from the last one while the read is short of both bounds: the result is the
+        // same as one read of `limit` entries cut at `max_bytes`.
+        let (mut copied, mut next) = (0usize, from);
+        loop {
+            let seen = self.event_bytes.load(Ordering::Relaxed);
+            let size = if seen == 0 { FIRST_EVENT_BYTES } else { seen };
+            let count = (max_bytes.saturating_sub(copied) / size.max(1))
+                .saturating_add(2)
+                .clamp(1, limit - out.len());
+            let v: Value = c.run("reading events", |con| {
+                redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg(format!("0-{}", next + 1))
+                    .arg(format!("0-{to}"))
+                    .arg("COUNT")
+                    .arg(count)
+                    .query(con)
+            })?;
+            let (entries, full) = parse_entries(v, max_bytes, &mut copied, &mut out)?;
+            let Some(last) = out.last() else { break };
+            next = last.offset + 1;
+            if full || entries < count || out.len() >= limit || next >= to {
+                break;
+            }
+        }
+        if !out.is_empty() {
+            let json: usize = out.iter().map(|e| e.json.len()).sum();
+            self.event_bytes
+                .store((json / out.len()).max(1), Ordering::Relaxed);
+        }
         Ok(out)
     }
 
