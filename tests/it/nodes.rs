@@ -297,18 +297,35 @@ async fn three_nodes_over_one_redis_lose_nothing_when_one_is_killed() {
         "events were acknowledged before and after the kill: {at_kill} then {}",
         acked.len()
     );
-    // Every queue's end, as a surviving node reports it.
+    // Every queue's end, once the surviving nodes agree on it: a node learns of another's
+    // last batch from its notice, a moment after that batch's acknowledgement.
     let mut ends = Vec::new();
-    for q in 0..QUEUES {
-        let info: Value = http
-            .get(format!("{}/events/queues/{}", cluster.bases[0], task(q)))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        ends.push(info["latest_offset"].as_u64().unwrap());
+    for _ in 0..100 {
+        let mut seen = Vec::new();
+        for (n, base) in cluster.bases.iter().enumerate() {
+            if n == 1 {
+                continue;
+            }
+            let mut node_ends = Vec::new();
+            for q in 0..QUEUES {
+                let info: Value = http
+                    .get(format!("{base}/events/queues/{}", task(q)))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                node_ends.push(info["latest_offset"].as_u64().unwrap());
+            }
+            seen.push(node_ends);
+        }
+        let agreed = seen.windows(2).all(|w| w[0] == w[1]);
+        ends = seen.swap_remove(0);
+        if agreed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Subscribers stop once they have everything below their queue's end.
     for (q, end) in ends.iter().enumerate() {
