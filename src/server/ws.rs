@@ -298,10 +298,17 @@ where
                 &mut submit,
             ));
         }
+        // The answers of a commit go out in one write: one flush (a syscall) per answer was a
+        // fifth of the server's CPU on this connection.
+        let mut fed = false;
         while let Some(text) = ready.remove(&next_answer) {
-            sink.send(Outgoing::Ack(text)).await.map_err(write_err)?;
+            sink.feed(Outgoing::Ack(text)).await.map_err(write_err)?;
             unanswered_bytes -= sizes.remove(&next_answer).unwrap_or(0);
             next_answer += 1;
+            fed = true;
+        }
+        if fed {
+            sink.flush().await.map_err(write_err)?;
         }
         if !reading && in_flight.is_none() && waiting.frames.is_empty() {
             break;
