@@ -72,8 +72,10 @@
 //! `?tenant_id=` (which an `admin` token may use to act on another tenant; other tokens ignore
 //! it).
 
+mod coalesce;
 mod pipeline;
 
+pub use coalesce::{Coalescer, DEFAULT_MAX_EVENTS};
 pub use pipeline::{PendingAck, Pipeline};
 
 use std::fmt;

@@ -257,6 +257,36 @@ where
     }
 }
 
+/// Serves an HTTP/1 connection that can be upgraded (to the WebSocket producer connection) to
+/// its end. hyper-util's graceful shutdown cannot watch such a connection, so `watcher` is
+/// held (counted by the shutdown) until the connection ends, and the connection starts its
+/// graceful end when `shutdown` is cancelled (the listener cancels it before waiting for the
+/// watchers).
+pub(crate) async fn serve_upgradeable<I, S, B>(
+    conn: hyper::server::conn::http1::UpgradeableConnection<I, S>,
+    watcher: hyper_util::server::graceful::Watcher,
+    shutdown: tokio_util::sync::CancellationToken,
+) where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => ended,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+    drop(watcher);
+}
+
 /// The bytes of a `503` answer with `detail`, closing the connection.
 fn refusal_answer(detail: &str) -> Vec<u8> {
     let body = serde_json::json!({ "detail": detail }).to_string();

@@ -596,37 +596,23 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        // The place goes with the requests: an upgraded connection keeps holding it.
+        let service = conn::Placed::new(TowerToHyperService::new(app.clone()), admitted);
         if let Some(tls) = &tls {
             // The handshake runs on the connection's own task, never in this loop.
-            let serve = tls.clone().serve(stream, service, graceful.watcher());
-            tokio::spawn(async move {
-                serve.await;
-                drop(admitted);
-            });
+            let serve = tls
+                .clone()
+                .serve(stream, service, graceful.watcher(), token.clone());
+            tokio::spawn(serve);
             continue;
         }
         let io = TokioIo::new(conn::HeadErrors::new(stream));
-        // The place goes with the requests: an upgraded connection keeps holding it.
-        let service = conn::Placed::new(service, admitted);
         let conn = http.serve_connection(io, service).with_upgrades();
-        // Counted by the graceful shutdown until the connection ends; hyper-util cannot watch
-        // an upgradeable connection itself, so the shutdown token starts its graceful end.
-        let (watcher, token) = (graceful.watcher(), token.clone());
-        tokio::spawn(async move {
-            let mut conn = std::pin::pin!(conn);
-            let ended = tokio::select! {
-                ended = conn.as_mut() => ended,
-                () = token.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = ended {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-            drop(watcher);
-        });
+        tokio::spawn(conn::serve_upgradeable(
+            conn,
+            graceful.watcher(),
+            token.clone(),
+        ));
     }
     drop(listener);
     tracing::info!("shutting down: closing streams, finishing in-flight requests");

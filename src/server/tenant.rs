@@ -217,7 +217,7 @@ fn open_mode_tenant(parts: &Parts) -> Result<TenantId, ApiError> {
 }
 
 /// The token of a request: `Authorization: Bearer <token>`, else `?access_token=`.
-fn bearer_token(parts: &Parts) -> Result<String, ApiError> {
+pub(crate) fn bearer_token(parts: &Parts) -> Result<String, ApiError> {
     let malformed = || {
         ApiError::unauthorized(
             "malformed Authorization header: expected `Bearer <token>`",

@@ -15,6 +15,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 
 /// The server's certificate chain and private key, for [`super::ServerConfig::tls`]. Cheap
 /// to clone.
@@ -181,10 +182,15 @@ impl TlsServe {
     }
 
     /// Runs the TLS handshake on `stream`, then serves it with `service` over HTTP/2 when the
-    /// client chose `h2` by ALPN, else HTTP/1.1; the connection shuts down gracefully through
-    /// `watcher`.
-    pub(super) async fn serve<S, B>(self, stream: TcpStream, service: S, watcher: Watcher)
-    where
+    /// client chose `h2` by ALPN, else HTTP/1.1 (upgradeable to the WebSocket producer
+    /// connection); the connection shuts down gracefully through `watcher` and `shutdown`.
+    pub(super) async fn serve<S, B>(
+        self,
+        stream: TcpStream,
+        service: S,
+        watcher: Watcher,
+        shutdown: CancellationToken,
+    ) where
         S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B> + Clone + Send + 'static,
         S::Future: Send + 'static,
         S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -205,19 +211,15 @@ impl TlsServe {
                 return;
             }
         };
-        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let result = if h2 {
-            watcher
-                .watch(self.http2.serve_connection(TokioIo::new(tls), service))
-                .await
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let conn = self.http2.serve_connection(TokioIo::new(tls), service);
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
         } else {
             let io = TokioIo::new(super::conn::HeadErrors::new(tls));
-            watcher
-                .watch(self.http1.serve_connection(io, service))
-                .await
-        };
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "connection ended with an error");
+            let conn = self.http1.serve_connection(io, service).with_upgrades();
+            super::conn::serve_upgradeable(conn, watcher, shutdown).await;
         }
     }
 }

@@ -5,12 +5,14 @@
 //! (`dashboard`), checkpoint routes (`checkpoint`), the HTTP producer helpers and the demo
 //! (`producer`), a proptest-driven fuzz of event JSON parsing (`fuzz`), and HTTPS with
 //! HTTP/2 (`tls`); connection limits and bodies under hostile load (`connections`); token
-//! bounds and revocation (`tokens`); the pipelined WebSocket producer connection (`ws`).
+//! bounds and revocation (`tokens`); the pipelined WebSocket producer connection (`ws`) and
+//! client-side coalescing (`coalesce`).
 
 mod a2a;
 mod app;
 mod auth;
 mod checkpoint;
+mod coalesce;
 mod connections;
 mod dashboard;
 mod durable_streams;

@@ -1,5 +1,6 @@
 //! HTTPS: the server with a self-signed certificate made at test time, followed by the Rust
-//! client trusting it; HTTP/2 by ALPN; and the failures no retry can fix, reported once.
+//! client trusting it; HTTP/2 by ALPN; the pipelined producer connection over HTTPS; and the
+//! failures no retry can fix, reported once.
 
 use eventqueue::client::{
     Client, ClientError, EndReason, StreamItem, SubscribeOptions, TlsFailure,
@@ -192,5 +193,23 @@ async fn https_to_a_plain_http_server_is_reported_once() {
         }) => {}
         other => panic!("expected a not-TLS error, got {other:?}"),
     }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_pipelined_producer_connection_works_over_https() {
+    let (server, url, cert) = https_server().await;
+    let client = Client::builder(&url).ca_cert_pem(cert).build().unwrap();
+    client
+        .create_queue("wf", &Default::default())
+        .await
+        .unwrap();
+    let pipeline = client.pipeline("wf").await.unwrap();
+    for i in 0..3 {
+        let outcome = pipeline.publish(&working(i)).await.unwrap();
+        assert_eq!(outcome.offsets, vec![i as u64]);
+    }
+    // Stored where a plain request reads them.
+    assert_eq!(client.queue_info("wf").await.unwrap().latest_offset, 3);
     server.stop().await;
 }

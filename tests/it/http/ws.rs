@@ -1,5 +1,6 @@
 //! The pipelined producer connection (`GET /events/queues/{task_id}/events/ws`): acks in
-//! order with offsets, per-frame errors, idempotent retries, auth at the handshake, a producer
+//! order with offsets, per-frame errors, idempotent retries, auth at the handshake and per
+//! frame (a revoked token), a producer
 //! that sends far more than the in-flight bound without reading, the connection limits, and
 //! shutdown.
 
@@ -228,6 +229,57 @@ async fn the_handshake_needs_the_publish_scope_of_the_queues_tenant() {
     let info: Value = info.json().await.unwrap();
     assert_eq!(info["tenant_id"], "acme");
     assert_eq!(info["latest_offset"], 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_whose_token_is_revoked_stores_nothing_more() {
+    let server = TestServer::start(token_config()).await;
+    // Issued a minute ago: a revocation "now" covers it.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let publisher = super::app::keys()
+        .mint_at(
+            &eventqueue::TenantId::new("acme").unwrap(),
+            eventqueue::server::Scopes::parse_strict("publish subscribe").unwrap(),
+            now + 3600,
+            now - 60,
+        )
+        .unwrap();
+    create(&server, "wf-1", Some(&publisher)).await;
+    let mut ws = connect(&server, "wf-1", Some(&publisher)).await.unwrap();
+    send(&mut ws, &working(0)).await;
+    assert_eq!(next_ack(&mut ws).await["offsets"], json!([0]));
+
+    let r = client()
+        .post(server.url("/events/admin/revocations"))
+        .bearer_auth(token("ops", "admin"))
+        .json(&json!({ "tenant_id": "acme" }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+
+    send(&mut ws, &working(1)).await;
+    let ack = next_ack(&mut ws).await;
+    assert_eq!(ack["status"], 401, "{ack}");
+    assert!(
+        ack["detail"].as_str().unwrap().contains("token revoked"),
+        "{ack}"
+    );
+    // Nothing of it was stored (an admin looks: acme's tokens of this second are revoked).
+    let info: Value = client()
+        .get(server.url("/events/queues/wf-1?tenant_id=acme"))
+        .bearer_auth(token("ops", "admin"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["latest_offset"], 1, "{info}");
     server.stop().await;
 }
 
