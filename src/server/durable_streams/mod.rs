@@ -14,10 +14,14 @@
 //! as strings; `-1` is the start and `now` the tail. `Stream-Next-Offset` is the queue's latest
 //! offset (one past the newest message).
 //!
-//! Idempotent producers (`Producer-Id` / `Producer-Epoch` / `Producer-Seq`) are checked
-//! against per-stream state in this process, under one lock per stream, and each message of a
-//! producer's batch is stored with an id naming `(producer, epoch, seq, index)`: a retry the
-//! queue still retains is not stored twice, even after a restart (see `docs/durable-streams.md`).
+//! Idempotent producers (`Producer-Id` / `Producer-Epoch` / `Producer-Seq`) and `Stream-Seq`
+//! are checked by the engine's writer against the stream's state kept in its queue record,
+//! and that state is updated in the same commit as the messages (and the close, with
+//! `Stream-Closed: true`): concurrent requests, or nodes sharing a Redis store, cannot both
+//! pass a check, and a restart keeps the state. Each message of a producer's batch is also
+//! stored with an id naming `(producer, epoch, seq, index)`, so a retry the queue still
+//! retains is not stored twice even where the producer's state was forgotten (see
+//! `docs/durable-streams.md`).
 
 // The handlers' errors are whole HTTP answers (a `Response`, with the protocol's headers),
 // made at most once per request and returned straight to axum: boxing them saves nothing.
@@ -37,6 +41,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::put;
 use futures_util::StreamExt;
 
+use crate::engine::{ProducerClaim, StreamAppended};
 use crate::error::Error;
 use crate::ids::{EventId, TaskId, TenantId};
 use crate::queue::{EventQueue, QueueKind, QueueOptions};
@@ -72,12 +77,10 @@ pub(crate) fn routes() -> Router<AppState> {
         .layer(axum::Extension(streams))
 }
 
-/// What this process keeps per stream besides the queue: the idempotent producers' state and
-/// the last `Stream-Seq`, behind one async lock per stream that serialises appends that carry
-/// them.
+/// What this process keeps per stream besides the queue: when it was last read, and the
+/// fork bookkeeping.
 #[derive(Clone, Default)]
 struct Streams {
-    inner: Arc<Mutex<HashMap<Key, Arc<tokio::sync::Mutex<StreamState>>>>>,
     /// When each stream was last read or written through the protocol (µs since the epoch).
     touched: Arc<Mutex<HashMap<(TenantId, TaskId), i64>>>,
     forks: Arc<Mutex<ForkGraph>>,
@@ -116,33 +119,9 @@ impl ForkGraph {
     }
 }
 
-#[derive(Default)]
-struct StreamState {
-    producers: HashMap<String, ProducerState>,
-    last_seq: Option<String>,
-    /// The producer request that closed the stream, so that its retry is a duplicate.
-    closed_by: Option<(String, u64, u64)>,
-}
-
-#[derive(Clone, Copy)]
-struct ProducerState {
-    epoch: u64,
-    last_seq: u64,
-}
-
 impl Streams {
-    fn state(&self, tenant: &TenantId, task: &TaskId) -> Arc<tokio::sync::Mutex<StreamState>> {
-        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry((tenant.clone(), task.clone()))
-            .or_default()
-            .clone()
-    }
-
     fn forget(&self, tenant: &TenantId, task: &TaskId) {
         let key = (tenant.clone(), task.clone());
-        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(&key);
-        drop(map);
         let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
         touched.remove(&key);
     }
@@ -213,9 +192,15 @@ fn live_task(path: &str, streams: &Streams, caller: &Caller) -> Result<TaskId, R
     Ok(task)
 }
 
-/// Whether the queue has idled for its TTL (the expiry sweep removes it later). Reads through
-/// the protocol count as activity here, beside the queue's own last write.
+/// Whether the queue has idled for its TTL, or reached its absolute expiry
+/// (`Stream-Expires-At`, which nothing extends); the expiry sweep removes it later. Reads
+/// through the protocol count as activity here, beside the queue's own last write.
 fn expired(q: &EventQueue, streams: &Streams) -> bool {
+    if q.expires_at()
+        .is_some_and(|at| at.as_micros() <= crate::event::Timestamp::now().as_micros())
+    {
+        return true;
+    }
     let info = q.info();
     let last = info
         .last_activity
@@ -470,6 +455,8 @@ async fn create_inner(
         ttl: ttl_duration,
         max_buffer_size: None,
         content_type: Some(content_type.clone()),
+        expires_at: expires_at
+            .map(|at| crate::event::Timestamp::from_micros(at.timestamp_micros())),
     };
     let q = match manager.create_queue(&caller.tenant, &task, options).await {
         Ok(q) => q,
@@ -493,14 +480,12 @@ async fn create_inner(
             (caller.tenant.clone(), task.clone()),
         );
     }
-    if !initial.is_empty() {
+    if !initial.is_empty() || close {
+        // The initial body and the close, in one commit.
         let batch = initial.iter().map(|m| (m.as_slice(), None)).collect();
-        q.append_messages(batch)
+        q.stream_append(batch, None, None, close)
             .await
             .map_err(|e| api_error(e.into()))?;
-    }
-    if close {
-        q.close().await.map_err(|e| api_error(e.into()))?;
     }
     let host = header_str(headers, "host")?.unwrap_or("localhost");
     let scheme = if state.config().tls.is_some() {
@@ -678,6 +663,20 @@ struct Producer {
     seq: u64,
 }
 
+impl Producer {
+    fn claim(&self) -> ProducerClaim {
+        ProducerClaim {
+            id: self.id.clone(),
+            epoch: self.epoch,
+            seq: self.seq,
+        }
+    }
+}
+
+/// Longest `Producer-Id`: the stream's record keeps up to `MAX_PRODUCERS` of them and is
+/// rewritten with each commit that changes it, so its size stays bounded.
+const MAX_PRODUCER_ID: usize = 256;
+
 /// Largest producer epoch or sequence number (2^53 - 1, for JavaScript clients).
 const MAX_SAFE: u64 = (1 << 53) - 1;
 
@@ -689,8 +688,8 @@ fn producer_of(h: &HeaderMap) -> Result<Option<Producer>, Response> {
         (None, None, None) => Ok(None),
         (Some(id), Some(epoch), Some(seq)) => {
             let bad = |what: &str| error(StatusCode::BAD_REQUEST, what);
-            if id.is_empty() {
-                return Err(bad("Producer-Id: empty"));
+            if id.is_empty() || id.len() > MAX_PRODUCER_ID {
+                return Err(bad("Producer-Id: 1 to 256 bytes"));
             }
             let epoch = strict_u64(epoch.trim())
                 .filter(|&e| e <= MAX_SAFE)
@@ -737,11 +736,11 @@ async fn append(
     }
 }
 
-fn closed_conflict(q: &EventQueue) -> Response {
+fn closed_conflict(next_offset: u64) -> Response {
     finish(
         base(StatusCode::CONFLICT)
             .header("stream-closed", "true")
-            .header("stream-next-offset", format_offset(q.latest_offset()))
+            .header("stream-next-offset", format_offset(next_offset))
             .header(header::CONTENT_TYPE, "application/json"),
         Body::from(r#"{"detail":"the stream is closed"}"#),
     )
@@ -762,8 +761,7 @@ async fn append_inner(
     let close = closed_header(headers);
     let producer = producer_of(headers)?;
     let stream_seq = header_str(headers, "stream-seq")?.map(str::to_string);
-    let lock = streams.state(&caller.tenant, &task);
-    let mut st = lock.lock().await;
+    let is_stream = q.kind() == QueueKind::Stream;
     if body.is_empty() {
         if !close {
             return Err(error(
@@ -771,39 +769,40 @@ async fn append_inner(
                 "an empty body appends nothing (close with Stream-Closed: true)",
             ));
         }
-        q.close().await.map_err(|e| api_error(e.into()))?;
-        let mut b = base(StatusCode::NO_CONTENT)
-            .header("stream-closed", "true")
-            .header("stream-next-offset", format_offset(q.latest_offset()));
-        if let Some(p) = &producer {
-            st.producers.insert(
-                p.id.clone(),
-                ProducerState {
-                    epoch: p.epoch,
-                    last_seq: p.seq,
-                },
-            );
-            st.closed_by = Some((p.id.clone(), p.epoch, p.seq));
-            b = b
-                .header("producer-epoch", p.epoch.to_string())
-                .header("producer-seq", p.seq.to_string());
-        }
-        return Ok(finish(b, Body::empty()));
-    }
-    if q.is_closed() {
-        if let (Some(p), Some((id, epoch, seq))) = (&producer, &st.closed_by)
-            && (&p.id, p.epoch, p.seq) == (id, *epoch, *seq)
-        {
+        if !is_stream {
+            q.close().await.map_err(|e| api_error(e.into()))?;
             return Ok(finish(
                 base(StatusCode::NO_CONTENT)
                     .header("stream-closed", "true")
-                    .header("stream-next-offset", format_offset(q.latest_offset()))
-                    .header("producer-epoch", p.epoch.to_string())
-                    .header("producer-seq", p.seq.to_string()),
+                    .header("stream-next-offset", format_offset(q.latest_offset())),
                 Body::empty(),
             ));
         }
-        return Err(closed_conflict(&q));
+        let claim = producer.as_ref().map(Producer::claim);
+        let answer = q
+            .stream_append(Vec::new(), claim, None, true)
+            .await
+            .map_err(|e| api_error(e.into()))?;
+        // A close alone is `204` with or without a producer: it appended nothing.
+        let mut r = answered(answer, producer.as_ref());
+        if r.status() == StatusCode::OK {
+            *r.status_mut() = StatusCode::NO_CONTENT;
+        }
+        return Ok(r);
+    }
+    // A closed stream answers that first (protocol §5.2: before a content type mismatch). The
+    // engine tells a retry of the closing request (`204`) from any other append (`409`);
+    // closed never reverts, so it stores nothing.
+    if q.is_closed() {
+        if !is_stream {
+            return Err(closed_conflict(q.latest_offset()));
+        }
+        let claim = producer.as_ref().map(Producer::claim);
+        let answer = q
+            .stream_append(vec![(body, None)], claim, None, false)
+            .await
+            .map_err(|e| api_error(e.into()))?;
+        return Ok(answered(answer, producer.as_ref()));
     }
     let have = content_type_of(&q);
     match header_str(headers, "content-type")? {
@@ -819,58 +818,8 @@ async fn append_inner(
         Some(_) => {}
     }
     let msgs = messages(&have, body, false)?;
-    if q.kind() != QueueKind::Stream {
+    if !is_stream {
         return append_events(state, caller, task, &q, producer.is_some(), &msgs).await;
-    }
-    if let Some(p) = &producer {
-        if let Some(prev) = st.producers.get(&p.id).copied() {
-            if p.epoch < prev.epoch {
-                return Err(finish(
-                    base(StatusCode::FORBIDDEN)
-                        .header("producer-epoch", prev.epoch.to_string())
-                        .header(header::CONTENT_TYPE, "application/json"),
-                    Body::from(r#"{"detail":"stale producer epoch"}"#),
-                ));
-            }
-            if p.epoch == prev.epoch {
-                if p.seq <= prev.last_seq {
-                    return Ok(finish(
-                        base(StatusCode::NO_CONTENT)
-                            .header("stream-next-offset", format_offset(q.latest_offset()))
-                            .header("producer-epoch", p.epoch.to_string())
-                            .header("producer-seq", prev.last_seq.to_string()),
-                        Body::empty(),
-                    ));
-                }
-                if p.seq > prev.last_seq + 1 {
-                    return Err(finish(
-                        base(StatusCode::CONFLICT)
-                            .header("producer-expected-seq", (prev.last_seq + 1).to_string())
-                            .header("producer-received-seq", p.seq.to_string())
-                            .header(header::CONTENT_TYPE, "application/json"),
-                        Body::from(r#"{"detail":"producer sequence gap"}"#),
-                    ));
-                }
-            } else if p.seq != 0 {
-                return Err(error(
-                    StatusCode::BAD_REQUEST,
-                    "a new producer epoch starts at Producer-Seq 0",
-                ));
-            }
-        } else if p.seq != 0 {
-            return Err(finish(
-                base(StatusCode::CONFLICT)
-                    .header("producer-expected-seq", "0")
-                    .header("producer-received-seq", p.seq.to_string())
-                    .header(header::CONTENT_TYPE, "application/json"),
-                Body::from(r#"{"detail":"producer sequence gap"}"#),
-            ));
-        }
-    }
-    if let (Some(seq), Some(last)) = (&stream_seq, &st.last_seq)
-        && seq.as_bytes() <= last.as_bytes()
-    {
-        return Err(error(StatusCode::CONFLICT, "Stream-Seq must increase"));
     }
     let batch = msgs
         .iter()
@@ -882,42 +831,79 @@ async fn append_inner(
             )
         })
         .collect();
-    match q.append_messages(batch).await {
-        Ok(_) => {}
-        Err(Error::QueueClosed { .. }) => return Err(closed_conflict(&q)),
-        Err(e) => return Err(api_error(e.into())),
-    }
-    if let Some(seq) = stream_seq {
-        st.last_seq = Some(seq);
-    }
-    if let Some(p) = &producer {
-        st.producers.insert(
-            p.id.clone(),
-            ProducerState {
-                epoch: p.epoch,
-                last_seq: p.seq,
-            },
-        );
-    }
-    if close {
-        q.close().await.map_err(|e| api_error(e.into()))?;
-        st.closed_by = producer.as_ref().map(|p| (p.id.clone(), p.epoch, p.seq));
-    }
-    let status = if producer.is_some() {
-        StatusCode::OK
-    } else {
-        StatusCode::NO_CONTENT
+    let claim = producer.as_ref().map(Producer::claim);
+    let answer = q
+        .stream_append(batch, claim, stream_seq, close)
+        .await
+        .map_err(|e| api_error(e.into()))?;
+    Ok(answered(answer, producer.as_ref()))
+}
+
+/// The protocol's answer to what the engine did with an append.
+fn answered(answer: StreamAppended, producer: Option<&Producer>) -> Response {
+    let with_producer = |mut b: axum::http::response::Builder, seq: u64| {
+        if let Some(p) = producer {
+            b = b
+                .header("producer-epoch", p.epoch.to_string())
+                .header("producer-seq", seq.to_string());
+        }
+        b
     };
-    let mut b = base(status).header("stream-next-offset", format_offset(q.latest_offset()));
-    if let Some(p) = &producer {
-        b = b
-            .header("producer-epoch", p.epoch.to_string())
-            .header("producer-seq", p.seq.to_string());
+    match answer {
+        StreamAppended::Appended {
+            next_offset,
+            closed,
+        } => {
+            let status = if producer.is_some() {
+                StatusCode::OK
+            } else {
+                StatusCode::NO_CONTENT
+            };
+            let mut b = base(status).header("stream-next-offset", format_offset(next_offset));
+            b = with_producer(b, producer.map_or(0, |p| p.seq));
+            if closed {
+                b = b.header("stream-closed", "true");
+            }
+            finish(b, Body::empty())
+        }
+        StreamAppended::Duplicate {
+            next_offset,
+            last_seq,
+            closed,
+        } => {
+            let mut b = base(StatusCode::NO_CONTENT)
+                .header("stream-next-offset", format_offset(next_offset));
+            b = with_producer(b, last_seq);
+            if closed {
+                b = b.header("stream-closed", "true");
+            }
+            finish(b, Body::empty())
+        }
+        StreamAppended::StaleEpoch { current } => finish(
+            base(StatusCode::FORBIDDEN)
+                .header("producer-epoch", current.to_string())
+                .header(header::CONTENT_TYPE, "application/json"),
+            Body::from(r#"{"detail":"stale producer epoch"}"#),
+        ),
+        StreamAppended::SeqGap { expected } => finish(
+            base(StatusCode::CONFLICT)
+                .header("producer-expected-seq", expected.to_string())
+                .header(
+                    "producer-received-seq",
+                    producer.map_or(0, |p| p.seq).to_string(),
+                )
+                .header(header::CONTENT_TYPE, "application/json"),
+            Body::from(r#"{"detail":"producer sequence gap"}"#),
+        ),
+        StreamAppended::EpochStartsAtZero => error(
+            StatusCode::BAD_REQUEST,
+            "a new producer epoch starts at Producer-Seq 0",
+        ),
+        StreamAppended::StreamSeqRegression => {
+            error(StatusCode::CONFLICT, "Stream-Seq must increase")
+        }
+        StreamAppended::Closed { next_offset } => closed_conflict(next_offset),
     }
-    if close {
-        b = b.header("stream-closed", "true");
-    }
-    Ok(finish(b, Body::empty()))
 }
 
 /// An append to a typed event queue: each message is one event, validated as the events API
@@ -979,9 +965,17 @@ async fn head(
         .header(header::CONTENT_TYPE, content_type_of(&q))
         .header("stream-next-offset", format_offset(tail_of(&q)))
         .header(header::CACHE_CONTROL, "no-store");
-    // A TTL the stream was created with (the server's default one is not the stream's own).
+    // A TTL the stream was created with (the server's default one is not the stream's own),
+    // or its absolute expiry.
     let ttl = q.info().ttl_minutes * 60.0;
-    if q.kind() == QueueKind::Stream
+    if let Some(at) = q.expires_at() {
+        if let Some(at) = chrono::DateTime::from_timestamp_micros(at.as_micros()) {
+            b = b.header(
+                "stream-expires-at",
+                at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            );
+        }
+    } else if q.kind() == QueueKind::Stream
         && (ttl - state.manager().config().default_ttl.as_secs_f64()).abs() > 0.0005
     {
         b = b.header("stream-ttl", format!("{}", ttl.round() as u64));
