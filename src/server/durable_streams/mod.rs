@@ -34,11 +34,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
+use std::ops::ControlFlow;
+
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::put;
+use bytes::BytesMut;
 use futures_util::StreamExt;
 
 use crate::engine::{ProducerClaim, StreamAppended};
@@ -47,6 +50,7 @@ use crate::ids::{EventId, TaskId, TenantId};
 use crate::queue::{EventQueue, QueueKind, QueueOptions};
 use crate::server::AppState;
 use crate::server::error::ApiError;
+use crate::server::stream::{self, Framing, Keepalive, StreamBody, StreamSlot};
 use crate::server::tenant::Caller;
 use crate::subscription::Delivery;
 
@@ -95,6 +99,9 @@ type Key = (TenantId, TaskId);
 #[derive(Default)]
 struct ForkGraph {
     parent: HashMap<Key, Key>,
+    /// Where each fork was made (`Stream-Fork-Offset`, `Stream-Fork-Sub-Offset`): a `PUT`
+    /// again with other ones is a conflict.
+    fork_point: HashMap<Key, (u64, u64)>,
     live_forks: HashMap<Key, usize>,
     soft_deleted: std::collections::HashSet<Key>,
 }
@@ -103,6 +110,7 @@ impl ForkGraph {
     /// A stream's deletion leaves nothing behind it: the fork no longer counts for its source,
     /// which, if it was soft-deleted and this was its last fork, goes too (and so on up).
     fn release(&mut self, key: &Key) {
+        self.fork_point.remove(key);
         let mut key = key.clone();
         while let Some(parent) = self.parent.remove(&key) {
             let n = self.live_forks.entry(parent.clone()).or_insert(1);
@@ -136,8 +144,9 @@ impl Streams {
             .contains(&(tenant.clone(), task.clone()))
     }
 
-    fn forked(&self, source: Key, fork: Key) {
+    fn forked(&self, source: Key, fork: Key, at: (u64, u64)) {
         let mut g = self.graph();
+        g.fork_point.insert(fork.clone(), at);
         *g.live_forks.entry(source.clone()).or_insert(0) += 1;
         g.parent.insert(fork, source);
     }
@@ -437,6 +446,7 @@ async fn create_inner(
         .map_err(|e| api_error(e.into()))?;
     if let Some(q) = current {
         if !expired(&q, streams) {
+            same_fork(streams, caller, &task, fork.as_ref())?;
             return existing(&q, &content_type, ttl, close);
         }
         // Idle past its TTL: gone for the protocol, so the path may be created anew.
@@ -466,7 +476,10 @@ async fn create_inner(
                 .await
                 .map_err(|e| api_error(e.into()))?;
             return match current {
-                Some(q) => existing(&q, &content_type, ttl, close),
+                Some(q) => {
+                    same_fork(streams, caller, &task, fork.as_ref())?;
+                    existing(&q, &content_type, ttl, close)
+                }
                 None => Err(error(StatusCode::CONFLICT, "the stream was just deleted")),
             };
         }
@@ -478,6 +491,7 @@ async fn create_inner(
         streams.forked(
             (caller.tenant.clone(), f.source.task_id().clone()),
             (caller.tenant.clone(), task.clone()),
+            (f.upto, f.sub),
         );
     }
     if !initial.is_empty() || close {
@@ -627,6 +641,27 @@ async fn copy_fork(f: &Fork, fork: &EventQueue, content_type: &str) -> Result<()
         fork.append_messages(batch)
             .await
             .map_err(|e| api_error(e.into()))?;
+    }
+    Ok(())
+}
+
+/// A `PUT` again of a fork must name the fork point it was made at (`409` otherwise).
+fn same_fork(
+    streams: &Streams,
+    caller: &Caller,
+    task: &TaskId,
+    fork: Option<&Fork>,
+) -> Result<(), Response> {
+    let Some(f) = fork else {
+        return Ok(());
+    };
+    let key = (caller.tenant.clone(), task.clone());
+    let at = streams.graph().fork_point.get(&key).copied();
+    if at.is_some_and(|at| at != (f.upto, f.sub)) {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "the stream exists, forked at another offset",
+        ));
     }
     Ok(())
 }
@@ -1135,7 +1170,7 @@ async fn read_inner(
     let client_cursor = query.get("cursor").map(String::as_str);
     let content_type = content_type_of(&q);
     match live {
-        Some(Live::Sse) => Ok(sse(state, q, from, content_type, client_cursor)),
+        Some(Live::Sse) => sse(state, caller, q, from, content_type, client_cursor),
         Some(Live::LongPoll) => long_poll(q, from, &content_type, client_cursor).await,
         None => catch_up(q, from, &content_type, headers, offset).await,
     }
@@ -1268,97 +1303,115 @@ async fn long_poll(
     ))
 }
 
-/// An SSE read: `data` events with the messages, each followed by a `control` event; ends at
-/// the close (after `streamClosed: true`), after [`SSE_LIFETIME`], at server shutdown, or
-/// when the stream is deleted.
+/// The `control` event after each batch: where to read next, and whether the stream is
+/// closed (then no cursor) and the reader up to date.
+fn control(next: u64, closed: bool, up_to_date: bool, cur: &str) -> String {
+    let mut c = serde_json::Map::new();
+    c.insert("streamNextOffset".into(), format_offset(next).into());
+    if closed {
+        c.insert("streamClosed".into(), true.into());
+    } else {
+        c.insert("streamCursor".into(), cur.into());
+    }
+    if up_to_date {
+        c.insert("upToDate".into(), true.into());
+    }
+    format!("event: control\ndata:{}\n\n", serde_json::Value::Object(c))
+}
+
+/// The protocol's SSE framing of a subscription's batches: a `data` event with the batch's
+/// messages, then a `control` event. The body around it is the one every event stream of
+/// the server uses (`server::stream`), so these readers count in the same open-stream limits,
+/// share the same memory budget, stop reading when their client stops, and end at shutdown.
+struct SseFraming {
+    q: EventQueue,
+    content_type: String,
+    base64: bool,
+    client_cursor: Option<String>,
+    next: u64,
+}
+
+impl Framing for SseFraming {
+    const PROTOCOL: &'static str = "durable-streams";
+
+    fn put_batch(&mut self, batch: &[Delivery], out: &mut BytesMut) -> ControlFlow<()> {
+        let mut messages = Vec::with_capacity(batch.len());
+        for d in batch {
+            match d {
+                Delivery::Event(e) => {
+                    self.next = e.offset() + 1;
+                    messages.push(e.json().clone());
+                }
+                Delivery::Gap {
+                    first_available_offset,
+                    ..
+                } => self.next = *first_available_offset,
+            }
+        }
+        if !messages.is_empty() {
+            let payload = body_of(&self.content_type, &messages);
+            out.extend_from_slice(sse_frame_data(&payload, self.base64).as_bytes());
+        }
+        let tail = tail_of(&self.q);
+        let closed = ended(&self.q) && self.next >= tail;
+        let cur = cursor(self.client_cursor.as_deref());
+        out.extend_from_slice(control(self.next, closed, self.next >= tail, &cur).as_bytes());
+        if closed {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+
+    fn put_end(&mut self, out: &mut BytesMut) {
+        // The subscription ended at the close, everything delivered (a removal says nothing).
+        if ended(&self.q) {
+            let cur = cursor(self.client_cursor.as_deref());
+            out.extend_from_slice(control(self.next, true, true, &cur).as_bytes());
+        }
+    }
+}
+
+/// An SSE read: `data` events with the messages, each batch followed by a `control` event;
+/// ends at the close (after `streamClosed: true`), after [`SSE_LIFETIME`], at server shutdown,
+/// or when the stream is deleted.
 fn sse(
     state: &AppState,
+    caller: &Caller,
     q: EventQueue,
     from: u64,
     content_type: String,
     client_cursor: Option<&str>,
-) -> Response {
+) -> Result<Response, Response> {
+    if stream::shutting_down(state) {
+        return Err(api_error(ApiError::shutting_down()));
+    }
+    // Given back when the body drops, however the stream ends.
+    let slot = StreamSlot::take(state, &caller.tenant).map_err(api_error)?;
     let base64 = !(is_json(&content_type) || media_type(&content_type).starts_with("text/"));
-    let shutdown = state.shutdown_token().clone();
-    let client_cursor = client_cursor.map(str::to_string);
-    let first_cursor = cursor(client_cursor.as_deref());
-    let events = async_stream(move |tx| async move {
-        let control = |next: u64, closed: bool, up_to_date: bool, cur: &str| {
-            let mut c = serde_json::Map::new();
-            c.insert("streamNextOffset".into(), format_offset(next).into());
-            if closed {
-                c.insert("streamClosed".into(), true.into());
-            } else {
-                c.insert("streamCursor".into(), cur.into());
-            }
-            if up_to_date {
-                c.insert("upToDate".into(), true.into());
-            }
-            format!("event: control\ndata:{}\n\n", serde_json::Value::Object(c))
-        };
-        let mut next = from;
-        let mut sub = match q.subscribe(from) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
-        // Nothing more can come: say so at once.
-        if ended(&q) && from >= tail_of(&q) {
-            let _ = tx
-                .send(Bytes::from(control(next, true, true, &first_cursor)))
-                .await;
-            return;
-        }
-        if from >= tail_of(&q) {
-            let msg = control(next, false, true, &first_cursor);
-            if tx.send(Bytes::from(msg)).await.is_err() {
-                return;
-            }
-        }
-        let deadline = tokio::time::sleep(SSE_LIFETIME);
-        tokio::pin!(deadline);
-        loop {
-            let batch = tokio::select! {
-                b = sub.next_batch(READ_MESSAGES, READ_BYTES) => b,
-                () = shutdown.cancelled() => return,
-                () = &mut deadline => return,
-                () = tx.closed() => return,
-            };
-            let Some(Ok(deliveries)) = batch else {
-                // The subscription ended: the close (everything was delivered), or removal.
-                if ended(&q) {
-                    let _ = tx
-                        .send(Bytes::from(control(next, true, true, &first_cursor)))
-                        .await;
-                }
-                return;
-            };
-            let mut messages = Vec::new();
-            for d in deliveries {
-                match d {
-                    Delivery::Event(e) => {
-                        next = e.offset() + 1;
-                        messages.push(e.json().clone());
-                    }
-                    Delivery::Gap {
-                        first_available_offset,
-                        ..
-                    } => next = first_available_offset,
-                }
-            }
-            let mut frame = String::new();
-            if !messages.is_empty() {
-                let payload = body_of(&content_type, &messages);
-                frame.push_str(&sse_frame_data(&payload, base64));
-            }
-            let tail = tail_of(&q);
-            let closed = ended(&q) && next >= tail;
-            let cur = cursor(client_cursor.as_deref());
-            frame.push_str(&control(next, closed, next >= tail, &cur));
-            if tx.send(Bytes::from(frame)).await.is_err() || closed {
-                return;
-            }
-        }
-    });
+    let first_cursor = cursor(client_cursor);
+    let sub = q.subscribe(from).map_err(|e| api_error(e.into()))?;
+    let tail = tail_of(&q);
+    // Nothing more can come: say so at once; at the tail, say the reader is up to date.
+    let (opening, only_opening) = if ended(&q) && from >= tail {
+        (control(from, true, true, &first_cursor), true)
+    } else if from >= tail {
+        (control(from, false, true, &first_cursor), false)
+    } else {
+        (String::new(), false)
+    };
+    let framing = SseFraming {
+        q,
+        content_type,
+        base64,
+        client_cursor: client_cursor.map(str::to_string),
+        next: from,
+    };
+    let keepalive = Keepalive::every(state.config().keepalive);
+    let mut body = StreamBody::new(state, slot, Bytes::from(opening), sub, framing, keepalive);
+    if only_opening {
+        body = body.end_after_opening();
+    }
     let mut b = base(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
@@ -1369,26 +1422,8 @@ fn sse(
             HeaderValue::from_static("base64"),
         );
     }
-    finish(
+    Ok(finish(
         b,
-        Body::from_stream(events.map(Ok::<_, std::convert::Infallible>)),
-    )
-}
-
-/// A stream of byte chunks produced by `f` through a small channel (the producer runs as its
-/// own task and stops when the response is dropped).
-fn async_stream<F, Fut>(f: F) -> impl futures_util::Stream<Item = Bytes> + Send + 'static
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(f(tx));
-    tokio_stream_of(rx)
-}
-
-fn tokio_stream_of(
-    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
-) -> impl futures_util::Stream<Item = Bytes> + Send + 'static {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+        Body::from_stream(body.take_until(tokio::time::sleep(SSE_LIFETIME))),
+    ))
 }

@@ -554,3 +554,53 @@ async fn two_nodes_over_one_redis_store_a_producer_request_once() {
         .await;
     assert_eq!(gap.header("producer-expected-seq").as_deref(), Some("4"));
 }
+
+#[tokio::test]
+async fn sse_readers_count_in_the_stream_limits_as_events_streams_do() {
+    let mut config = helpers::server_config();
+    config.max_sse_streams = 10;
+    config.max_sse_streams_per_tenant = 2;
+    let app = App::with(config).await;
+    app.send(&put("/v1/stream/live", "application/json")).await;
+    app.send(&post("/v1/stream/live", "application/json", "[1]"))
+        .await;
+    let events = app
+        .send(
+            &Req::new("POST", "/events/queues")
+                .header("content-type", "application/json")
+                .body(br#"{"task_id":"t1"}"#.to_vec()),
+        )
+        .await;
+    assert_eq!(events.status, StatusCode::CREATED);
+    let live = Req::new("GET", "/v1/stream/live?offset=-1&live=sse");
+    let first = app.open(&live).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let plain = app.open(&Req::new("GET", "/events/workflows/t1")).await;
+    assert_eq!(plain.status(), StatusCode::OK);
+    assert_eq!(app.state.open_streams(), 2);
+    // The tenant's two slots are taken, one by each protocol.
+    let refused = app.send(&live).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    drop(first);
+    assert_eq!(app.state.open_streams(), 1);
+    assert_eq!(app.open(&live).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_events_stream_of_a_binary_stream_is_refused_not_sent_as_events() {
+    let app = App::open_mode().await;
+    app.send(&put("/v1/stream/bin", "application/octet-stream"))
+        .await;
+    app.send(&post(
+        "/v1/stream/bin",
+        "application/octet-stream",
+        "\u{1}raw",
+    ))
+    .await;
+    let r = app.send(&Req::new("GET", "/events/workflows/bin")).await;
+    r.assert_error(StatusCode::CONFLICT, "/v1/stream/bin");
+    // A JSON stream's messages are JSON: its events stream sends them.
+    app.send(&put("/v1/stream/js", "application/json")).await;
+    let r = app.open(&Req::new("GET", "/events/ingestion/js")).await;
+    assert_eq!(r.status(), StatusCode::OK);
+}
