@@ -345,6 +345,55 @@ fn messages(
     }
 }
 
+/// Most bytes of an over-long request body read (and discarded) before its `413`.
+const DISCARD_BYTES: usize = 32 << 20;
+
+/// A request body, at most `max_body_bytes` long, within `body_read_timeout` (`408`).
+///
+/// A longer one is `413`, but only after it was read and discarded (up to [`DISCARD_BYTES`],
+/// within the same timeout): answering before the upload ends makes the server close a
+/// connection the client is still writing to, and clients (Node's `fetch`) then often report
+/// the reset rather than the `413`. Nothing of it is kept beyond the limit.
+async fn read_body(state: &AppState, body: Body) -> Result<Bytes, Response> {
+    let max = state.config().max_body_bytes;
+    let limit = state.config().body_read_timeout;
+    let mut data = body.into_data_stream();
+    let mut kept = BytesMut::new();
+    let mut seen = 0usize;
+    let read = async {
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk.map_err(|_| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "the request body could not be read",
+                )
+            })?;
+            seen = seen.saturating_add(chunk.len());
+            if seen <= max {
+                kept.extend_from_slice(&chunk);
+            } else {
+                kept = BytesMut::new();
+                if seen > DISCARD_BYTES {
+                    break;
+                }
+            }
+        }
+        Ok::<_, Response>(())
+    };
+    match tokio::time::timeout(limit, read).await {
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!("request body not received within {} ms", limit.as_millis()),
+        )),
+        Ok(Err(r)) => Err(r),
+        Ok(Ok(())) if seen > max => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("request body exceeds the limit of {max} bytes"),
+        )),
+        Ok(Ok(())) => Ok(kept.freeze()),
+    }
+}
+
 /// `PUT`: creates the stream, or answers `200` when it exists with the same settings.
 async fn create(
     State(state): State<AppState>,
@@ -352,8 +401,12 @@ async fn create(
     caller: Caller,
     Path(path): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
+    let body = match read_body(&state, body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     match create_inner(&state, &streams, &caller, &path, &headers, &body).await {
         Ok(r) | Err(r) => r,
     }
@@ -764,8 +817,12 @@ async fn append(
     caller: Caller,
     Path(path): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
+    let body = match read_body(&state, body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     match append_inner(&state, &streams, &caller, &path, &headers, &body).await {
         Ok(r) | Err(r) => r,
     }

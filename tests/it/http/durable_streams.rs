@@ -604,3 +604,23 @@ async fn an_events_stream_of_a_binary_stream_is_refused_not_sent_as_events() {
     let r = app.open(&Req::new("GET", "/events/ingestion/js")).await;
     assert_eq!(r.status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn an_append_over_the_body_limit_is_413_and_stores_nothing() {
+    let mut config = helpers::server_config();
+    config.max_body_bytes = 1024;
+    let app = App::with(config).await;
+    app.send(&put("/v1/stream/big", "application/octet-stream"))
+        .await;
+    let big = "x".repeat(5000);
+    let r = app
+        .send(&post("/v1/stream/big", "application/octet-stream", &big))
+        .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let fits = app
+        .send(&post("/v1/stream/big", "application/octet-stream", "ok"))
+        .await;
+    assert_eq!(fits.status, StatusCode::NO_CONTENT);
+    let all = app.send(&Req::new("GET", "/v1/stream/big?offset=-1")).await;
+    assert_eq!(all.body, b"ok");
+}
