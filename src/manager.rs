@@ -212,6 +212,7 @@ impl QueueManager {
             ttl: options.ttl.unwrap_or(self.core.config().default_ttl),
             max_buffer_size,
             content_type: options.content_type.clone(),
+            expires_at: options.expires_at,
         };
         let q = self.core.create(spec).await?;
         Ok(self.handle(q))

@@ -25,6 +25,9 @@ pub struct QueueOptions {
     pub max_buffer_size: Option<u64>,
     /// A stream's content type (kind [`QueueKind::Stream`], the Durable Streams protocol).
     pub content_type: Option<String>,
+    /// A stream's absolute expiry (the protocol's `Stream-Expires-At`): it expires then
+    /// whatever its activity, besides its idle TTL.
+    pub expires_at: Option<Timestamp>,
 }
 
 impl QueueOptions {
@@ -248,6 +251,49 @@ impl EventQueue {
             .map(|(data, id)| PreparedEvent::message(data, id))
             .collect();
         self.core.append(self.q.clone(), prepared).await
+    }
+
+    /// A Durable Streams append to a stream (kind [`QueueKind::Stream`]): the idempotent
+    /// producer's and `Stream-Seq`'s checks, the messages (each stored as given, with its id
+    /// when it has one), the producer's new state and, with `close`, the close, in one commit
+    /// (see `engine::StreamAppend`). Answers once durable.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidEvent`] when the queue holds typed events; [`Error::QueueNotFound`]
+    /// once it was removed; storage errors. The protocol's refusals are answers, not errors.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    pub(crate) async fn stream_append(
+        &self,
+        messages: Vec<(&[u8], Option<EventId>)>,
+        producer: Option<crate::engine::ProducerClaim>,
+        stream_seq: Option<String>,
+        close: bool,
+    ) -> Result<crate::engine::StreamAppended> {
+        if self.q.kind() != QueueKind::Stream {
+            return Err(Error::invalid_event(
+                "kind",
+                "messages go to streams only; this queue holds typed events",
+            ));
+        }
+        let messages = messages
+            .into_iter()
+            .map(|(data, id)| PreparedEvent::message(data, id))
+            .collect();
+        self.core
+            .stream_append(crate::engine::StreamAppend {
+                queue: self.q.clone(),
+                messages,
+                producer,
+                stream_seq,
+                close,
+            })
+            .await
+    }
+
+    /// A stream's absolute expiry (the protocol's `Stream-Expires-At`), if it has one.
+    pub fn expires_at(&self) -> Option<Timestamp> {
+        self.q.expires_at()
     }
 
     /// A stream's content type (kind [`QueueKind::Stream`]); `None` for typed event queues.

@@ -36,7 +36,9 @@ use crate::storage::{LoadedCheckpoint, Storage, StoredEvent};
 pub(crate) use hub::Live;
 pub use hub::RecordedEvent;
 pub use ops::SavedCheckpoint;
-pub(crate) use ops::{NewQueue, PreparedEvent, PreparedSave};
+pub(crate) use ops::{
+    NewQueue, PreparedEvent, PreparedSave, ProducerClaim, StreamAppend, StreamAppended,
+};
 pub(crate) use pipeline::Registry;
 use pipeline::{Poison, Request, Writer};
 pub use state::QueueKind;
@@ -249,6 +251,11 @@ impl Core {
     ) -> Result<Vec<u64>> {
         self.write(ops::Append { queue, events }, ops::Op::Append)
             .await
+    }
+
+    /// A Durable Streams append (see [`StreamAppend`]); answers once durable.
+    pub(crate) async fn stream_append(&self, args: StreamAppend) -> Result<StreamAppended> {
+        self.write(args, ops::Op::StreamAppend).await
     }
 
     /// Creates a queue; it is durable when this returns.

@@ -73,6 +73,8 @@ impl<A, T> Call<A, T> {
 pub(crate) enum Op {
     /// Appends events to a queue; answers their offsets.
     Append(Call<Append, Vec<u64>>),
+    /// A Durable Streams append: producer check, messages and close in one commit.
+    StreamAppend(Call<StreamAppend, StreamAppended>),
     /// Creates a queue.
     Create(Call<NewQueue, Arc<QueueState>>),
     /// Closes a queue to producers.
@@ -94,19 +96,24 @@ impl Op {
     pub(super) fn event_count(&self) -> usize {
         match self {
             Op::Append(call) => call.args.events.len(),
+            Op::StreamAppend(call) => call.args.messages.len().max(1),
             _ => 1,
         }
     }
 
     /// Whether the op adds data (refused while the store is short of room).
     pub(super) fn adds_data(&self) -> bool {
-        matches!(self, Op::Append(_) | Op::Create(_) | Op::SaveCheckpoint(_))
+        matches!(
+            self,
+            Op::Append(_) | Op::StreamAppend(_) | Op::Create(_) | Op::SaveCheckpoint(_)
+        )
     }
 
     /// Answers with an error without applying the op.
     pub(super) fn refuse(self, e: Error) {
         match self {
             Op::Append(c) => c.refuse(e),
+            Op::StreamAppend(c) => c.refuse(e),
             Op::Create(c) => c.refuse(e),
             Op::Close(c) => c.refuse(e),
             Op::Cancel(c) => c.refuse(e),
@@ -122,6 +129,55 @@ impl Op {
 pub(crate) struct Append {
     pub queue: Arc<QueueState>,
     pub events: Vec<PreparedEvent>,
+}
+
+/// [`Op::StreamAppend`]'s arguments. The writer checks the producer (and `Stream-Seq`)
+/// against the stream's committed state, appends and updates that state in the same batch:
+/// two requests racing, or two nodes over one shared store, cannot both pass the check, and
+/// a crash keeps both the data and the state that recognises its retry, or neither.
+pub(crate) struct StreamAppend {
+    pub queue: Arc<QueueState>,
+    /// The messages; none for a close alone.
+    pub messages: Vec<PreparedEvent>,
+    /// `Producer-Id` / `Producer-Epoch` / `Producer-Seq`.
+    pub producer: Option<ProducerClaim>,
+    /// `Stream-Seq`: must exceed the last one (compared as bytes).
+    pub stream_seq: Option<String>,
+    /// `Stream-Closed: true`: the stream closes in the same commit as the messages.
+    pub close: bool,
+}
+
+/// An idempotent producer's claim on a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ProducerClaim {
+    pub id: String,
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+/// What a [`StreamAppend`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StreamAppended {
+    /// Stored (a close alone stores only the close); the stream's next offset after it and
+    /// whether it is now closed.
+    Appended { next_offset: u64, closed: bool },
+    /// The producer's request was stored before: nothing stored now. `last_seq` is the
+    /// producer's newest accepted sequence number.
+    Duplicate {
+        next_offset: u64,
+        last_seq: u64,
+        closed: bool,
+    },
+    /// The producer's epoch is older than the stream's `current` one for it.
+    StaleEpoch { current: u64 },
+    /// A sequence number was skipped: `expected` comes next.
+    SeqGap { expected: u64 },
+    /// A new epoch must start at sequence number 0.
+    EpochStartsAtZero,
+    /// `Stream-Seq` did not increase.
+    StreamSeqRegression,
+    /// The stream is closed; its final next offset.
+    Closed { next_offset: u64 },
 }
 
 /// [`Op::Cancel`]'s arguments.
@@ -148,6 +204,8 @@ pub(crate) struct NewQueue {
     pub max_buffer_size: u64,
     /// A stream's content type ([`QueueKind::Stream`]).
     pub content_type: Option<String>,
+    /// A stream's absolute expiry (`Stream-Expires-At`), which activity does not extend.
+    pub expires_at: Option<Timestamp>,
 }
 
 /// A checkpoint save, prepared by its caller ([`Op::SaveCheckpoint`]).
@@ -188,6 +246,7 @@ pub(super) struct Answered<A, T> {
 /// own type.
 pub(super) enum Answer {
     Append(Answered<Append, Vec<u64>>),
+    StreamAppend(Answered<StreamAppend, StreamAppended>),
     Create(Answered<NewQueue, Arc<QueueState>>),
     Close(Answered<Arc<QueueState>, ()>),
     Cancel(Answered<Cancel, ()>),
@@ -217,6 +276,7 @@ macro_rules! each_answer {
     ($answer:expr, $a:ident => $body:expr) => {
         match $answer {
             Answer::Append($a) => $body,
+            Answer::StreamAppend($a) => $body,
             Answer::Create($a) => $body,
             Answer::Close($a) => $body,
             Answer::Cancel($a) => $body,
@@ -243,6 +303,7 @@ impl Answer {
     pub(super) fn into_op(self) -> Op {
         match self {
             Answer::Append(a) => Op::Append(a.call),
+            Answer::StreamAppend(a) => Op::StreamAppend(a.call),
             Answer::Create(a) => Op::Create(a.call),
             Answer::Close(a) => Op::Close(a.call),
             Answer::Cancel(a) => Op::Cancel(a.call),

@@ -63,7 +63,7 @@ use tokio::sync::mpsc;
 use super::hub::{Live, RecordedEvent};
 use super::ops::{
     Answer, Answered, Append, Call, Cancel, Delete, NewQueue, Op, PreparedEvent, PreparedSave,
-    SavedCheckpoint,
+    SavedCheckpoint, StreamAppend, StreamAppended,
 };
 use super::state::{CancelInfo, QueueState, View};
 use crate::clock::Clock;
@@ -1076,6 +1076,10 @@ fn apply(
             let result = append(w, batch, &call.args, now);
             settle(call, result, Answer::Append)
         }
+        Op::StreamAppend(call) => {
+            let result = stream_append(w, batch, &call.args, now);
+            settle(call, result, Answer::StreamAppend)
+        }
         Op::Create(call) => {
             let result = create(w, batch, keys, next_queue_id, &call.args, now);
             settle(call, result, Answer::Create)
@@ -1140,6 +1144,118 @@ fn append(
     Ok(Ok(offsets))
 }
 
+/// A Durable Streams append: the producer's and `Stream-Seq`'s checks against the stream's
+/// committed state, then the messages, the new state and the close, all staged in this batch
+/// (so stored together or not at all; see [`StreamAppend`]). Every refusal comes before the
+/// first change.
+fn stream_append(
+    w: &mut dyn WriteBatch,
+    batch: &mut Batch,
+    op: &StreamAppend,
+    now: Timestamp,
+) -> Result<Result<StreamAppended>> {
+    let queue = &op.queue;
+    let stage = batch.stage(queue);
+    if stage.view.removed {
+        return Ok(Err(queue.not_found()));
+    }
+    let producers = stage.view.producers.clone().unwrap_or_default();
+    let claim = op.producer.as_ref().map(|p| (p.id.clone(), p.epoch, p.seq));
+    if stage.view.closed {
+        let next_offset = stage.view.next_offset;
+        // The request that closed the stream, again: a duplicate. A close alone is
+        // idempotent too.
+        if op.messages.is_empty() || (claim.is_some() && claim == producers.closed_by) {
+            return Ok(Ok(StreamAppended::Duplicate {
+                next_offset,
+                last_seq: op.producer.as_ref().map_or(0, |p| p.seq),
+                closed: true,
+            }));
+        }
+        return Ok(Ok(StreamAppended::Closed { next_offset }));
+    }
+    // A close alone records its producer without a check (it appends nothing to repeat).
+    if let (Some(p), false) = (&op.producer, op.messages.is_empty()) {
+        match producers.by_id.get(&p.id) {
+            Some(prev) if p.epoch < prev.epoch => {
+                return Ok(Ok(StreamAppended::StaleEpoch {
+                    current: prev.epoch,
+                }));
+            }
+            Some(prev) if p.epoch == prev.epoch => {
+                if p.seq <= prev.last_seq {
+                    return Ok(Ok(StreamAppended::Duplicate {
+                        next_offset: stage.view.next_offset,
+                        last_seq: prev.last_seq,
+                        closed: false,
+                    }));
+                }
+                if p.seq > prev.last_seq + 1 {
+                    return Ok(Ok(StreamAppended::SeqGap {
+                        expected: prev.last_seq + 1,
+                    }));
+                }
+            }
+            Some(_) if p.seq != 0 => return Ok(Ok(StreamAppended::EpochStartsAtZero)),
+            None if p.seq != 0 => return Ok(Ok(StreamAppended::SeqGap { expected: 0 })),
+            _ => {}
+        }
+    }
+    if let (Some(seq), Some(last)) = (&op.stream_seq, &producers.last_stream_seq)
+        && seq.as_bytes() <= last.as_bytes()
+    {
+        return Ok(Ok(StreamAppended::StreamSeqRegression));
+    }
+    for ev in &op.messages {
+        let next = stage.view.next_offset;
+        let derived = ev.derived_id(w, queue.id(), next);
+        // A producer's message carries an id naming (producer, epoch, seq, index): one the
+        // stream still holds is not stored twice, even where the producer's state was lost.
+        if derived.is_none()
+            && !ev.id_is_generated()
+            && w.find_event_id(
+                queue.id(),
+                ev.event_id.as_str(),
+                stage.view.first_offset..next,
+            )?
+            .is_some()
+        {
+            continue;
+        }
+        stage.append(w, ev, derived.as_ref())?;
+    }
+    stage.touched(now);
+    let changed = op.producer.is_some() || op.stream_seq.is_some() || op.close;
+    if changed {
+        let state = Arc::make_mut(stage.view.producers.get_or_insert_with(Default::default));
+        if let Some(p) = &op.producer {
+            state.by_id.insert(
+                p.id.clone(),
+                crate::storage::ProducerState {
+                    epoch: p.epoch,
+                    last_seq: p.seq,
+                    at: stage.view.next_offset,
+                },
+            );
+            state.bound();
+        }
+        if let Some(seq) = &op.stream_seq {
+            state.last_stream_seq = Some(seq.clone());
+        }
+        if op.close {
+            state.closed_by = claim;
+            stage.view.closed = true;
+            let at = stage.view.next_offset;
+            stage.outbox.push(Live::Closed { at });
+        }
+        stage.dirty = true;
+    }
+    Ok(Ok(StreamAppended::Appended {
+        next_offset: stage.view.next_offset,
+        closed: stage.view.closed,
+    }))
+}
+
 fn create(
     w: &mut dyn WriteBatch,
     batch: &mut Batch,
@@ -1171,6 +1287,13 @@ fn create(
         finished_at: None,
         cancel: None,
         content_type: spec.content_type.clone(),
+        stream: spec
+            .content_type
+            .as_ref()
+            .map(|_| crate::storage::StreamRecord {
+                expires_at_us: spec.expires_at.map(Timestamp::as_micros),
+                producers: crate::storage::Producers::default(),
+            }),
     };
     let q = Arc::new(QueueState::from_record(
         spec.tenant.clone(),
@@ -1226,6 +1349,7 @@ fn delete(batch: &mut Batch, keys: &mut HashSet<(TenantId, TaskId)>, op: &Delete
     }
     if let Some(now) = op.expire_at
         && stage.view.last_activity.saturating_add(queue.ttl()) > now
+        && queue.expires_at().is_none_or(|at| at > now)
     {
         return Ok(false);
     }

@@ -81,6 +81,7 @@ mod tests {
             finished_at: None,
             cancel: None,
             content_type: None,
+            stream: None,
         };
         let q = Arc::new(QueueState::from_record(t.clone(), k.clone(), &rec));
         ((t, k), q)

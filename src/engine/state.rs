@@ -17,7 +17,7 @@ use super::hub::{Hub, Live, RecordedEvent};
 use crate::error::{Error, Result};
 use crate::event::Timestamp;
 use crate::ids::{TaskId, TenantId};
-use crate::storage::{CancelRecord, QueueRecord, StoredEvent};
+use crate::storage::{CancelRecord, Producers, QueueRecord, StoredEvent, StreamRecord};
 
 /// What a queue is for. For display and filtering only: every route serves every kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, serde::Deserialize)]
@@ -93,6 +93,9 @@ pub(crate) struct View {
     pub cancel: Option<CancelInfo>,
     pub last_activity: Timestamp,
     pub removed: bool,
+    /// A stream's idempotent producers (`None` for typed event queues): shared between
+    /// views until a batch changes it.
+    pub producers: Option<Arc<Producers>>,
 }
 
 impl View {
@@ -109,6 +112,7 @@ impl View {
             }),
             last_activity: Timestamp::from_micros(rec.last_activity_us),
             removed: false,
+            producers: rec.stream.as_ref().map(|st| Arc::new(st.producers.clone())),
         }
     }
 
@@ -129,6 +133,15 @@ impl View {
         }
         self.last_activity = self.last_activity.max(other.last_activity);
         self.removed |= other.removed;
+        match (&mut self.producers, &other.producers) {
+            (_, None) => {}
+            (None, Some(theirs)) => self.producers = Some(theirs.clone()),
+            (Some(ours), Some(theirs)) => {
+                if !Arc::ptr_eq(ours, theirs) && **ours != **theirs {
+                    Arc::make_mut(ours).merge(theirs);
+                }
+            }
+        }
     }
 
     /// Whether nothing can come from offset `from` on: it lies past the terminal event, or at
@@ -163,6 +176,8 @@ pub(crate) struct QueueState {
     subscribers: AtomicUsize,
     /// A stream's content type (kind [`QueueKind::Stream`]); `None` for typed event queues.
     content_type: Option<Arc<str>>,
+    /// A stream's absolute expiry (`Stream-Expires-At`), which activity does not extend.
+    expires_at: Option<Timestamp>,
 }
 
 impl QueueState {
@@ -188,6 +203,11 @@ impl QueueState {
             cancel_token,
             subscribers: AtomicUsize::new(0),
             content_type: rec.content_type.as_deref().map(Arc::from),
+            expires_at: rec
+                .stream
+                .as_ref()
+                .and_then(|st| st.expires_at_us)
+                .map(Timestamp::from_micros),
         }
     }
 
@@ -299,7 +319,17 @@ impl QueueState {
                 time_us: c.time.as_micros(),
             }),
             content_type: self.content_type.as_deref().map(str::to_string),
+            // A stream's own state, beside its content type (only streams have one).
+            stream: self.content_type.as_ref().map(|_| StreamRecord {
+                expires_at_us: self.expires_at.map(Timestamp::as_micros),
+                producers: st.producers.as_deref().cloned().unwrap_or_default(),
+            }),
         }
+    }
+
+    /// A stream's absolute expiry (`Stream-Expires-At`).
+    pub(crate) fn expires_at(&self) -> Option<Timestamp> {
+        self.expires_at
     }
 
     /// A stream's content type; `None` for typed event queues.
@@ -349,7 +379,8 @@ impl QueueState {
 
     /// Whether the queue was idle for at least its TTL at `now`.
     pub(crate) fn is_expired_at(&self, now: Timestamp) -> bool {
-        self.with_view(|v| v.last_activity.saturating_add(self.ttl) <= now)
+        self.expires_at.is_some_and(|at| at <= now)
+            || self.with_view(|v| v.last_activity.saturating_add(self.ttl) <= now)
     }
 
     /// Joins the live channel (creating it if there is none) and reads the published state,

@@ -117,6 +117,18 @@ async fn open(
         .find_queue(&tenant, &task)
         .await?
         .ok_or_else(|| route.not_found(&task))?;
+    // A Durable Stream of other bytes than JSON holds no events: its messages are read
+    // through its own protocol, never sent as if they were events.
+    if let Some(ct) = queue.content_type()
+        && !ct
+            .split(';')
+            .next()
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+    {
+        return Err(ApiError::conflict(format!(
+            "{task} is a Durable Stream of {ct}, not events: read it at /v1/stream/{task}"
+        )));
+    }
     // Nothing can come past the terminal event, or at or past the end of a closed queue: 204
     // tells a browser's EventSource to stop reconnecting.
     if queue.nothing_from(from) {

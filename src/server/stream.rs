@@ -1,5 +1,6 @@
 //! What every event stream shares, whatever its protocol: the plain SSE streams
-//! (`GET /events/...`, [`super::sse`]) and A2A's `SubscribeToTask` ([`super::a2a`]).
+//! (`GET /events/...`, [`super::sse`]), A2A's `SubscribeToTask` ([`super::a2a`]) and the
+//! Durable Streams protocol's `live=sse` reads ([`super::durable_streams`]).
 //!
 //! - [`StreamSlot`]: the stream's place under the open-stream limits
 //!   ([`ServerConfig::max_sse_streams`], [`ServerConfig::max_sse_streams_per_tenant`]).
@@ -276,6 +277,10 @@ pub(super) trait Framing: Send + Unpin + 'static {
     /// Appends the frames of `batch` (in offset order, at least one delivery) to `out`.
     /// `Break` ends the stream once what was appended is sent.
     fn put_batch(&mut self, batch: &[Delivery], out: &mut BytesMut) -> ControlFlow<()>;
+
+    /// Appends the frames that end the stream when the subscription ends (the queue was
+    /// closed and everything delivered, or it was removed); none by default.
+    fn put_end(&mut self, _out: &mut BytesMut) {}
 }
 
 /// A batch of deliveries and the stream budget it holds (see the module docs' `# Memory`).
@@ -556,7 +561,10 @@ impl<F: Framing> Stream for StreamBody<F> {
                     tracing::error!(error = %e, protocol = F::PROTOCOL, "stream ended by a read error");
                     this.done = true;
                 }
-                Poll::Ready(None) => this.done = true,
+                Poll::Ready(None) => {
+                    this.framing.put_end(&mut out);
+                    this.done = true;
+                }
                 Poll::Pending => break,
             }
         }

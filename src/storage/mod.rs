@@ -90,6 +90,97 @@ pub(crate) struct QueueRecord {
     /// typed queues keep their bytes and older records still decode).
     #[serde(skip)]
     pub content_type: Option<String>,
+    /// A Durable Streams stream's own state (absolute expiry, idempotent producers): kept
+    /// beside the record as the content type is, and committed with the batch that changes
+    /// it, so a producer's check and its data are one commit. `None` for typed event queues.
+    #[serde(skip)]
+    pub stream: Option<StreamRecord>,
+}
+
+/// Most idempotent producers a stream remembers. A producer drops out only after this many
+/// others wrote to the stream more recently; its state then starts afresh, which stays safe:
+/// a retry with a sequence number past 0 is a gap (`409`, nothing stored), and a retry the
+/// stream still retains is recognised by its messages' ids (see `durable_streams`). Keeps the
+/// record, rewritten with every commit that changes it, bounded.
+pub(crate) const MAX_PRODUCERS: usize = 1024;
+
+/// A stream's state beside its queue record (see [`QueueRecord::stream`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub(crate) struct StreamRecord {
+    /// `Stream-Expires-At`: when the stream expires whatever its activity (µs since the
+    /// epoch).
+    pub expires_at_us: Option<i64>,
+    /// The idempotent producers' state.
+    pub producers: Producers,
+}
+
+/// What a stream's idempotent producers (`Producer-Id` / `Producer-Epoch` / `Producer-Seq`)
+/// and `Stream-Seq` writers last did.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub(crate) struct Producers {
+    /// Each producer's epoch, last sequence number and when it last wrote (the stream's next
+    /// offset then, for [`MAX_PRODUCERS`]).
+    pub by_id: std::collections::BTreeMap<String, ProducerState>,
+    /// The producer request (`id`, epoch, seq) that closed the stream: its retry is a
+    /// duplicate.
+    pub closed_by: Option<(String, u64, u64)>,
+    /// The last `Stream-Seq` appended with.
+    pub last_stream_seq: Option<String>,
+}
+
+/// One producer's state (see [`Producers`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ProducerState {
+    pub epoch: u64,
+    pub last_seq: u64,
+    /// The stream's next offset after the producer's last write.
+    pub at: u64,
+}
+
+impl Producers {
+    /// Takes in `other` (a newer record of the same stream from a shared store, or a batch's):
+    /// each producer's state only moves forward (epoch, then sequence number), so keeping the
+    /// further of each gives the newest whatever the order.
+    pub(crate) fn merge(&mut self, other: &Producers) {
+        for (id, theirs) in &other.by_id {
+            match self.by_id.get_mut(id) {
+                Some(ours) => {
+                    if (theirs.epoch, theirs.last_seq, theirs.at)
+                        > (ours.epoch, ours.last_seq, ours.at)
+                    {
+                        *ours = *theirs;
+                    }
+                }
+                None => {
+                    self.by_id.insert(id.clone(), *theirs);
+                }
+            }
+        }
+        if self.closed_by.is_none() {
+            self.closed_by.clone_from(&other.closed_by);
+        }
+        if other.last_stream_seq.as_deref().map(str::as_bytes)
+            > self.last_stream_seq.as_deref().map(str::as_bytes)
+        {
+            self.last_stream_seq.clone_from(&other.last_stream_seq);
+        }
+        self.bound();
+    }
+
+    /// Forgets the producers that wrote least recently beyond [`MAX_PRODUCERS`].
+    pub(crate) fn bound(&mut self) {
+        while self.by_id.len() > MAX_PRODUCERS {
+            let Some(oldest) = self
+                .by_id
+                .iter()
+                .min_by_key(|(_, p)| p.at)
+                .map(|(id, _)| id.clone())
+            else {
+                return;
+            };
+            self.by_id.remove(&oldest);
+        }
+    }
 }
 
 /// A persisted cancellation.

@@ -14,10 +14,14 @@
 //! as strings; `-1` is the start and `now` the tail. `Stream-Next-Offset` is the queue's latest
 //! offset (one past the newest message).
 //!
-//! Idempotent producers (`Producer-Id` / `Producer-Epoch` / `Producer-Seq`) are checked
-//! against per-stream state in this process, under one lock per stream, and each message of a
-//! producer's batch is stored with an id naming `(producer, epoch, seq, index)`: a retry the
-//! queue still retains is not stored twice, even after a restart (see `docs/durable-streams.md`).
+//! Idempotent producers (`Producer-Id` / `Producer-Epoch` / `Producer-Seq`) and `Stream-Seq`
+//! are checked by the engine's writer against the stream's state kept in its queue record,
+//! and that state is updated in the same commit as the messages (and the close, with
+//! `Stream-Closed: true`): concurrent requests, or nodes sharing a Redis store, cannot both
+//! pass a check, and a restart keeps the state. Each message of a producer's batch is also
+//! stored with an id naming `(producer, epoch, seq, index)`, so a retry the queue still
+//! retains is not stored twice even where the producer's state was forgotten (see
+//! `docs/durable-streams.md`).
 
 // The handlers' errors are whole HTTP answers (a `Response`, with the protocol's headers),
 // made at most once per request and returned straight to axum: boxing them saves nothing.
@@ -30,18 +34,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
+use std::ops::ControlFlow;
+
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::put;
+use bytes::BytesMut;
 use futures_util::StreamExt;
 
+use crate::engine::{ProducerClaim, StreamAppended};
 use crate::error::Error;
 use crate::ids::{EventId, TaskId, TenantId};
 use crate::queue::{EventQueue, QueueKind, QueueOptions};
 use crate::server::AppState;
 use crate::server::error::ApiError;
+use crate::server::stream::{self, Framing, Keepalive, StreamBody, StreamSlot};
 use crate::server::tenant::Caller;
 use crate::subscription::Delivery;
 
@@ -72,12 +81,10 @@ pub(crate) fn routes() -> Router<AppState> {
         .layer(axum::Extension(streams))
 }
 
-/// What this process keeps per stream besides the queue: the idempotent producers' state and
-/// the last `Stream-Seq`, behind one async lock per stream that serialises appends that carry
-/// them.
+/// What this process keeps per stream besides the queue: when it was last read, and the
+/// fork bookkeeping.
 #[derive(Clone, Default)]
 struct Streams {
-    inner: Arc<Mutex<HashMap<Key, Arc<tokio::sync::Mutex<StreamState>>>>>,
     /// When each stream was last read or written through the protocol (µs since the epoch).
     touched: Arc<Mutex<HashMap<(TenantId, TaskId), i64>>>,
     forks: Arc<Mutex<ForkGraph>>,
@@ -92,6 +99,9 @@ type Key = (TenantId, TaskId);
 #[derive(Default)]
 struct ForkGraph {
     parent: HashMap<Key, Key>,
+    /// Where each fork was made (`Stream-Fork-Offset`, `Stream-Fork-Sub-Offset`): a `PUT`
+    /// again with other ones is a conflict.
+    fork_point: HashMap<Key, (u64, u64)>,
     live_forks: HashMap<Key, usize>,
     soft_deleted: std::collections::HashSet<Key>,
 }
@@ -100,6 +110,7 @@ impl ForkGraph {
     /// A stream's deletion leaves nothing behind it: the fork no longer counts for its source,
     /// which, if it was soft-deleted and this was its last fork, goes too (and so on up).
     fn release(&mut self, key: &Key) {
+        self.fork_point.remove(key);
         let mut key = key.clone();
         while let Some(parent) = self.parent.remove(&key) {
             let n = self.live_forks.entry(parent.clone()).or_insert(1);
@@ -116,33 +127,9 @@ impl ForkGraph {
     }
 }
 
-#[derive(Default)]
-struct StreamState {
-    producers: HashMap<String, ProducerState>,
-    last_seq: Option<String>,
-    /// The producer request that closed the stream, so that its retry is a duplicate.
-    closed_by: Option<(String, u64, u64)>,
-}
-
-#[derive(Clone, Copy)]
-struct ProducerState {
-    epoch: u64,
-    last_seq: u64,
-}
-
 impl Streams {
-    fn state(&self, tenant: &TenantId, task: &TaskId) -> Arc<tokio::sync::Mutex<StreamState>> {
-        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry((tenant.clone(), task.clone()))
-            .or_default()
-            .clone()
-    }
-
     fn forget(&self, tenant: &TenantId, task: &TaskId) {
         let key = (tenant.clone(), task.clone());
-        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(&key);
-        drop(map);
         let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
         touched.remove(&key);
     }
@@ -157,8 +144,9 @@ impl Streams {
             .contains(&(tenant.clone(), task.clone()))
     }
 
-    fn forked(&self, source: Key, fork: Key) {
+    fn forked(&self, source: Key, fork: Key, at: (u64, u64)) {
         let mut g = self.graph();
+        g.fork_point.insert(fork.clone(), at);
         *g.live_forks.entry(source.clone()).or_insert(0) += 1;
         g.parent.insert(fork, source);
     }
@@ -213,9 +201,15 @@ fn live_task(path: &str, streams: &Streams, caller: &Caller) -> Result<TaskId, R
     Ok(task)
 }
 
-/// Whether the queue has idled for its TTL (the expiry sweep removes it later). Reads through
-/// the protocol count as activity here, beside the queue's own last write.
+/// Whether the queue has idled for its TTL, or reached its absolute expiry
+/// (`Stream-Expires-At`, which nothing extends); the expiry sweep removes it later. Reads
+/// through the protocol count as activity here, beside the queue's own last write.
 fn expired(q: &EventQueue, streams: &Streams) -> bool {
+    if q.expires_at()
+        .is_some_and(|at| at.as_micros() <= crate::event::Timestamp::now().as_micros())
+    {
+        return true;
+    }
     let info = q.info();
     let last = info
         .last_activity
@@ -351,6 +345,55 @@ fn messages(
     }
 }
 
+/// Most bytes of an over-long request body read (and discarded) before its `413`.
+const DISCARD_BYTES: usize = 32 << 20;
+
+/// A request body, at most `max_body_bytes` long, within `body_read_timeout` (`408`).
+///
+/// A longer one is `413`, but only after it was read and discarded (up to [`DISCARD_BYTES`],
+/// within the same timeout): answering before the upload ends makes the server close a
+/// connection the client is still writing to, and clients (Node's `fetch`) then often report
+/// the reset rather than the `413`. Nothing of it is kept beyond the limit.
+async fn read_body(state: &AppState, body: Body) -> Result<Bytes, Response> {
+    let max = state.config().max_body_bytes;
+    let limit = state.config().body_read_timeout;
+    let mut data = body.into_data_stream();
+    let mut kept = BytesMut::new();
+    let mut seen = 0usize;
+    let read = async {
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk.map_err(|_| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "the request body could not be read",
+                )
+            })?;
+            seen = seen.saturating_add(chunk.len());
+            if seen <= max {
+                kept.extend_from_slice(&chunk);
+            } else {
+                kept = BytesMut::new();
+                if seen > DISCARD_BYTES {
+                    break;
+                }
+            }
+        }
+        Ok::<_, Response>(())
+    };
+    match tokio::time::timeout(limit, read).await {
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!("request body not received within {} ms", limit.as_millis()),
+        )),
+        Ok(Err(r)) => Err(r),
+        Ok(Ok(())) if seen > max => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("request body exceeds the limit of {max} bytes"),
+        )),
+        Ok(Ok(())) => Ok(kept.freeze()),
+    }
+}
+
 /// `PUT`: creates the stream, or answers `200` when it exists with the same settings.
 async fn create(
     State(state): State<AppState>,
@@ -358,8 +401,12 @@ async fn create(
     caller: Caller,
     Path(path): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
+    let body = match read_body(&state, body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     match create_inner(&state, &streams, &caller, &path, &headers, &body).await {
         Ok(r) | Err(r) => r,
     }
@@ -452,6 +499,7 @@ async fn create_inner(
         .map_err(|e| api_error(e.into()))?;
     if let Some(q) = current {
         if !expired(&q, streams) {
+            same_fork(streams, caller, &task, fork.as_ref())?;
             return existing(&q, &content_type, ttl, close);
         }
         // Idle past its TTL: gone for the protocol, so the path may be created anew.
@@ -470,6 +518,8 @@ async fn create_inner(
         ttl: ttl_duration,
         max_buffer_size: None,
         content_type: Some(content_type.clone()),
+        expires_at: expires_at
+            .map(|at| crate::event::Timestamp::from_micros(at.timestamp_micros())),
     };
     let q = match manager.create_queue(&caller.tenant, &task, options).await {
         Ok(q) => q,
@@ -479,7 +529,10 @@ async fn create_inner(
                 .await
                 .map_err(|e| api_error(e.into()))?;
             return match current {
-                Some(q) => existing(&q, &content_type, ttl, close),
+                Some(q) => {
+                    same_fork(streams, caller, &task, fork.as_ref())?;
+                    existing(&q, &content_type, ttl, close)
+                }
                 None => Err(error(StatusCode::CONFLICT, "the stream was just deleted")),
             };
         }
@@ -491,16 +544,15 @@ async fn create_inner(
         streams.forked(
             (caller.tenant.clone(), f.source.task_id().clone()),
             (caller.tenant.clone(), task.clone()),
+            (f.upto, f.sub),
         );
     }
-    if !initial.is_empty() {
+    if !initial.is_empty() || close {
+        // The initial body and the close, in one commit.
         let batch = initial.iter().map(|m| (m.as_slice(), None)).collect();
-        q.append_messages(batch)
+        q.stream_append(batch, None, None, close)
             .await
             .map_err(|e| api_error(e.into()))?;
-    }
-    if close {
-        q.close().await.map_err(|e| api_error(e.into()))?;
     }
     let host = header_str(headers, "host")?.unwrap_or("localhost");
     let scheme = if state.config().tls.is_some() {
@@ -646,6 +698,27 @@ async fn copy_fork(f: &Fork, fork: &EventQueue, content_type: &str) -> Result<()
     Ok(())
 }
 
+/// A `PUT` again of a fork must name the fork point it was made at (`409` otherwise).
+fn same_fork(
+    streams: &Streams,
+    caller: &Caller,
+    task: &TaskId,
+    fork: Option<&Fork>,
+) -> Result<(), Response> {
+    let Some(f) = fork else {
+        return Ok(());
+    };
+    let key = (caller.tenant.clone(), task.clone());
+    let at = streams.graph().fork_point.get(&key).copied();
+    if at.is_some_and(|at| at != (f.upto, f.sub)) {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "the stream exists, forked at another offset",
+        ));
+    }
+    Ok(())
+}
+
 /// `PUT` on an existing stream: `200` when content type, TTL and closure match, else `409`.
 fn existing(
     q: &EventQueue,
@@ -678,6 +751,20 @@ struct Producer {
     seq: u64,
 }
 
+impl Producer {
+    fn claim(&self) -> ProducerClaim {
+        ProducerClaim {
+            id: self.id.clone(),
+            epoch: self.epoch,
+            seq: self.seq,
+        }
+    }
+}
+
+/// Longest `Producer-Id`: the stream's record keeps up to `MAX_PRODUCERS` of them and is
+/// rewritten with each commit that changes it, so its size stays bounded.
+const MAX_PRODUCER_ID: usize = 256;
+
 /// Largest producer epoch or sequence number (2^53 - 1, for JavaScript clients).
 const MAX_SAFE: u64 = (1 << 53) - 1;
 
@@ -689,8 +776,8 @@ fn producer_of(h: &HeaderMap) -> Result<Option<Producer>, Response> {
         (None, None, None) => Ok(None),
         (Some(id), Some(epoch), Some(seq)) => {
             let bad = |what: &str| error(StatusCode::BAD_REQUEST, what);
-            if id.is_empty() {
-                return Err(bad("Producer-Id: empty"));
+            if id.is_empty() || id.len() > MAX_PRODUCER_ID {
+                return Err(bad("Producer-Id: 1 to 256 bytes"));
             }
             let epoch = strict_u64(epoch.trim())
                 .filter(|&e| e <= MAX_SAFE)
@@ -730,18 +817,22 @@ async fn append(
     caller: Caller,
     Path(path): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
+    let body = match read_body(&state, body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     match append_inner(&state, &streams, &caller, &path, &headers, &body).await {
         Ok(r) | Err(r) => r,
     }
 }
 
-fn closed_conflict(q: &EventQueue) -> Response {
+fn closed_conflict(next_offset: u64) -> Response {
     finish(
         base(StatusCode::CONFLICT)
             .header("stream-closed", "true")
-            .header("stream-next-offset", format_offset(q.latest_offset()))
+            .header("stream-next-offset", format_offset(next_offset))
             .header(header::CONTENT_TYPE, "application/json"),
         Body::from(r#"{"detail":"the stream is closed"}"#),
     )
@@ -762,8 +853,7 @@ async fn append_inner(
     let close = closed_header(headers);
     let producer = producer_of(headers)?;
     let stream_seq = header_str(headers, "stream-seq")?.map(str::to_string);
-    let lock = streams.state(&caller.tenant, &task);
-    let mut st = lock.lock().await;
+    let is_stream = q.kind() == QueueKind::Stream;
     if body.is_empty() {
         if !close {
             return Err(error(
@@ -771,39 +861,40 @@ async fn append_inner(
                 "an empty body appends nothing (close with Stream-Closed: true)",
             ));
         }
-        q.close().await.map_err(|e| api_error(e.into()))?;
-        let mut b = base(StatusCode::NO_CONTENT)
-            .header("stream-closed", "true")
-            .header("stream-next-offset", format_offset(q.latest_offset()));
-        if let Some(p) = &producer {
-            st.producers.insert(
-                p.id.clone(),
-                ProducerState {
-                    epoch: p.epoch,
-                    last_seq: p.seq,
-                },
-            );
-            st.closed_by = Some((p.id.clone(), p.epoch, p.seq));
-            b = b
-                .header("producer-epoch", p.epoch.to_string())
-                .header("producer-seq", p.seq.to_string());
-        }
-        return Ok(finish(b, Body::empty()));
-    }
-    if q.is_closed() {
-        if let (Some(p), Some((id, epoch, seq))) = (&producer, &st.closed_by)
-            && (&p.id, p.epoch, p.seq) == (id, *epoch, *seq)
-        {
+        if !is_stream {
+            q.close().await.map_err(|e| api_error(e.into()))?;
             return Ok(finish(
                 base(StatusCode::NO_CONTENT)
                     .header("stream-closed", "true")
-                    .header("stream-next-offset", format_offset(q.latest_offset()))
-                    .header("producer-epoch", p.epoch.to_string())
-                    .header("producer-seq", p.seq.to_string()),
+                    .header("stream-next-offset", format_offset(q.latest_offset())),
                 Body::empty(),
             ));
         }
-        return Err(closed_conflict(&q));
+        let claim = producer.as_ref().map(Producer::claim);
+        let answer = q
+            .stream_append(Vec::new(), claim, None, true)
+            .await
+            .map_err(|e| api_error(e.into()))?;
+        // A close alone is `204` with or without a producer: it appended nothing.
+        let mut r = answered(answer, producer.as_ref());
+        if r.status() == StatusCode::OK {
+            *r.status_mut() = StatusCode::NO_CONTENT;
+        }
+        return Ok(r);
+    }
+    // A closed stream answers that first (protocol §5.2: before a content type mismatch). The
+    // engine tells a retry of the closing request (`204`) from any other append (`409`);
+    // closed never reverts, so it stores nothing.
+    if q.is_closed() {
+        if !is_stream {
+            return Err(closed_conflict(q.latest_offset()));
+        }
+        let claim = producer.as_ref().map(Producer::claim);
+        let answer = q
+            .stream_append(vec![(body, None)], claim, None, false)
+            .await
+            .map_err(|e| api_error(e.into()))?;
+        return Ok(answered(answer, producer.as_ref()));
     }
     let have = content_type_of(&q);
     match header_str(headers, "content-type")? {
@@ -819,58 +910,8 @@ async fn append_inner(
         Some(_) => {}
     }
     let msgs = messages(&have, body, false)?;
-    if q.kind() != QueueKind::Stream {
+    if !is_stream {
         return append_events(state, caller, task, &q, producer.is_some(), &msgs).await;
-    }
-    if let Some(p) = &producer {
-        if let Some(prev) = st.producers.get(&p.id).copied() {
-            if p.epoch < prev.epoch {
-                return Err(finish(
-                    base(StatusCode::FORBIDDEN)
-                        .header("producer-epoch", prev.epoch.to_string())
-                        .header(header::CONTENT_TYPE, "application/json"),
-                    Body::from(r#"{"detail":"stale producer epoch"}"#),
-                ));
-            }
-            if p.epoch == prev.epoch {
-                if p.seq <= prev.last_seq {
-                    return Ok(finish(
-                        base(StatusCode::NO_CONTENT)
-                            .header("stream-next-offset", format_offset(q.latest_offset()))
-                            .header("producer-epoch", p.epoch.to_string())
-                            .header("producer-seq", prev.last_seq.to_string()),
-                        Body::empty(),
-                    ));
-                }
-                if p.seq > prev.last_seq + 1 {
-                    return Err(finish(
-                        base(StatusCode::CONFLICT)
-                            .header("producer-expected-seq", (prev.last_seq + 1).to_string())
-                            .header("producer-received-seq", p.seq.to_string())
-                            .header(header::CONTENT_TYPE, "application/json"),
-                        Body::from(r#"{"detail":"producer sequence gap"}"#),
-                    ));
-                }
-            } else if p.seq != 0 {
-                return Err(error(
-                    StatusCode::BAD_REQUEST,
-                    "a new producer epoch starts at Producer-Seq 0",
-                ));
-            }
-        } else if p.seq != 0 {
-            return Err(finish(
-                base(StatusCode::CONFLICT)
-                    .header("producer-expected-seq", "0")
-                    .header("producer-received-seq", p.seq.to_string())
-                    .header(header::CONTENT_TYPE, "application/json"),
-                Body::from(r#"{"detail":"producer sequence gap"}"#),
-            ));
-        }
-    }
-    if let (Some(seq), Some(last)) = (&stream_seq, &st.last_seq)
-        && seq.as_bytes() <= last.as_bytes()
-    {
-        return Err(error(StatusCode::CONFLICT, "Stream-Seq must increase"));
     }
     let batch = msgs
         .iter()
@@ -882,42 +923,79 @@ async fn append_inner(
             )
         })
         .collect();
-    match q.append_messages(batch).await {
-        Ok(_) => {}
-        Err(Error::QueueClosed { .. }) => return Err(closed_conflict(&q)),
-        Err(e) => return Err(api_error(e.into())),
-    }
-    if let Some(seq) = stream_seq {
-        st.last_seq = Some(seq);
-    }
-    if let Some(p) = &producer {
-        st.producers.insert(
-            p.id.clone(),
-            ProducerState {
-                epoch: p.epoch,
-                last_seq: p.seq,
-            },
-        );
-    }
-    if close {
-        q.close().await.map_err(|e| api_error(e.into()))?;
-        st.closed_by = producer.as_ref().map(|p| (p.id.clone(), p.epoch, p.seq));
-    }
-    let status = if producer.is_some() {
-        StatusCode::OK
-    } else {
-        StatusCode::NO_CONTENT
+    let claim = producer.as_ref().map(Producer::claim);
+    let answer = q
+        .stream_append(batch, claim, stream_seq, close)
+        .await
+        .map_err(|e| api_error(e.into()))?;
+    Ok(answered(answer, producer.as_ref()))
+}
+
+/// The protocol's answer to what the engine did with an append.
+fn answered(answer: StreamAppended, producer: Option<&Producer>) -> Response {
+    let with_producer = |mut b: axum::http::response::Builder, seq: u64| {
+        if let Some(p) = producer {
+            b = b
+                .header("producer-epoch", p.epoch.to_string())
+                .header("producer-seq", seq.to_string());
+        }
+        b
     };
-    let mut b = base(status).header("stream-next-offset", format_offset(q.latest_offset()));
-    if let Some(p) = &producer {
-        b = b
-            .header("producer-epoch", p.epoch.to_string())
-            .header("producer-seq", p.seq.to_string());
+    match answer {
+        StreamAppended::Appended {
+            next_offset,
+            closed,
+        } => {
+            let status = if producer.is_some() {
+                StatusCode::OK
+            } else {
+                StatusCode::NO_CONTENT
+            };
+            let mut b = base(status).header("stream-next-offset", format_offset(next_offset));
+            b = with_producer(b, producer.map_or(0, |p| p.seq));
+            if closed {
+                b = b.header("stream-closed", "true");
+            }
+            finish(b, Body::empty())
+        }
+        StreamAppended::Duplicate {
+            next_offset,
+            last_seq,
+            closed,
+        } => {
+            let mut b = base(StatusCode::NO_CONTENT)
+                .header("stream-next-offset", format_offset(next_offset));
+            b = with_producer(b, last_seq);
+            if closed {
+                b = b.header("stream-closed", "true");
+            }
+            finish(b, Body::empty())
+        }
+        StreamAppended::StaleEpoch { current } => finish(
+            base(StatusCode::FORBIDDEN)
+                .header("producer-epoch", current.to_string())
+                .header(header::CONTENT_TYPE, "application/json"),
+            Body::from(r#"{"detail":"stale producer epoch"}"#),
+        ),
+        StreamAppended::SeqGap { expected } => finish(
+            base(StatusCode::CONFLICT)
+                .header("producer-expected-seq", expected.to_string())
+                .header(
+                    "producer-received-seq",
+                    producer.map_or(0, |p| p.seq).to_string(),
+                )
+                .header(header::CONTENT_TYPE, "application/json"),
+            Body::from(r#"{"detail":"producer sequence gap"}"#),
+        ),
+        StreamAppended::EpochStartsAtZero => error(
+            StatusCode::BAD_REQUEST,
+            "a new producer epoch starts at Producer-Seq 0",
+        ),
+        StreamAppended::StreamSeqRegression => {
+            error(StatusCode::CONFLICT, "Stream-Seq must increase")
+        }
+        StreamAppended::Closed { next_offset } => closed_conflict(next_offset),
     }
-    if close {
-        b = b.header("stream-closed", "true");
-    }
-    Ok(finish(b, Body::empty()))
 }
 
 /// An append to a typed event queue: each message is one event, validated as the events API
@@ -979,9 +1057,17 @@ async fn head(
         .header(header::CONTENT_TYPE, content_type_of(&q))
         .header("stream-next-offset", format_offset(tail_of(&q)))
         .header(header::CACHE_CONTROL, "no-store");
-    // A TTL the stream was created with (the server's default one is not the stream's own).
+    // A TTL the stream was created with (the server's default one is not the stream's own),
+    // or its absolute expiry.
     let ttl = q.info().ttl_minutes * 60.0;
-    if q.kind() == QueueKind::Stream
+    if let Some(at) = q.expires_at() {
+        if let Some(at) = chrono::DateTime::from_timestamp_micros(at.as_micros()) {
+            b = b.header(
+                "stream-expires-at",
+                at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            );
+        }
+    } else if q.kind() == QueueKind::Stream
         && (ttl - state.manager().config().default_ttl.as_secs_f64()).abs() > 0.0005
     {
         b = b.header("stream-ttl", format!("{}", ttl.round() as u64));
@@ -1141,7 +1227,7 @@ async fn read_inner(
     let client_cursor = query.get("cursor").map(String::as_str);
     let content_type = content_type_of(&q);
     match live {
-        Some(Live::Sse) => Ok(sse(state, q, from, content_type, client_cursor)),
+        Some(Live::Sse) => sse(state, caller, q, from, content_type, client_cursor),
         Some(Live::LongPoll) => long_poll(q, from, &content_type, client_cursor).await,
         None => catch_up(q, from, &content_type, headers, offset).await,
     }
@@ -1274,97 +1360,115 @@ async fn long_poll(
     ))
 }
 
-/// An SSE read: `data` events with the messages, each followed by a `control` event; ends at
-/// the close (after `streamClosed: true`), after [`SSE_LIFETIME`], at server shutdown, or
-/// when the stream is deleted.
+/// The `control` event after each batch: where to read next, and whether the stream is
+/// closed (then no cursor) and the reader up to date.
+fn control(next: u64, closed: bool, up_to_date: bool, cur: &str) -> String {
+    let mut c = serde_json::Map::new();
+    c.insert("streamNextOffset".into(), format_offset(next).into());
+    if closed {
+        c.insert("streamClosed".into(), true.into());
+    } else {
+        c.insert("streamCursor".into(), cur.into());
+    }
+    if up_to_date {
+        c.insert("upToDate".into(), true.into());
+    }
+    format!("event: control\ndata:{}\n\n", serde_json::Value::Object(c))
+}
+
+/// The protocol's SSE framing of a subscription's batches: a `data` event with the batch's
+/// messages, then a `control` event. The body around it is the one every event stream of
+/// the server uses (`server::stream`), so these readers count in the same open-stream limits,
+/// share the same memory budget, stop reading when their client stops, and end at shutdown.
+struct SseFraming {
+    q: EventQueue,
+    content_type: String,
+    base64: bool,
+    client_cursor: Option<String>,
+    next: u64,
+}
+
+impl Framing for SseFraming {
+    const PROTOCOL: &'static str = "durable-streams";
+
+    fn put_batch(&mut self, batch: &[Delivery], out: &mut BytesMut) -> ControlFlow<()> {
+        let mut messages = Vec::with_capacity(batch.len());
+        for d in batch {
+            match d {
+                Delivery::Event(e) => {
+                    self.next = e.offset() + 1;
+                    messages.push(e.json().clone());
+                }
+                Delivery::Gap {
+                    first_available_offset,
+                    ..
+                } => self.next = *first_available_offset,
+            }
+        }
+        if !messages.is_empty() {
+            let payload = body_of(&self.content_type, &messages);
+            out.extend_from_slice(sse_frame_data(&payload, self.base64).as_bytes());
+        }
+        let tail = tail_of(&self.q);
+        let closed = ended(&self.q) && self.next >= tail;
+        let cur = cursor(self.client_cursor.as_deref());
+        out.extend_from_slice(control(self.next, closed, self.next >= tail, &cur).as_bytes());
+        if closed {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+
+    fn put_end(&mut self, out: &mut BytesMut) {
+        // The subscription ended at the close, everything delivered (a removal says nothing).
+        if ended(&self.q) {
+            let cur = cursor(self.client_cursor.as_deref());
+            out.extend_from_slice(control(self.next, true, true, &cur).as_bytes());
+        }
+    }
+}
+
+/// An SSE read: `data` events with the messages, each batch followed by a `control` event;
+/// ends at the close (after `streamClosed: true`), after [`SSE_LIFETIME`], at server shutdown,
+/// or when the stream is deleted.
 fn sse(
     state: &AppState,
+    caller: &Caller,
     q: EventQueue,
     from: u64,
     content_type: String,
     client_cursor: Option<&str>,
-) -> Response {
+) -> Result<Response, Response> {
+    if stream::shutting_down(state) {
+        return Err(api_error(ApiError::shutting_down()));
+    }
+    // Given back when the body drops, however the stream ends.
+    let slot = StreamSlot::take(state, &caller.tenant).map_err(api_error)?;
     let base64 = !(is_json(&content_type) || media_type(&content_type).starts_with("text/"));
-    let shutdown = state.shutdown_token().clone();
-    let client_cursor = client_cursor.map(str::to_string);
-    let first_cursor = cursor(client_cursor.as_deref());
-    let events = async_stream(move |tx| async move {
-        let control = |next: u64, closed: bool, up_to_date: bool, cur: &str| {
-            let mut c = serde_json::Map::new();
-            c.insert("streamNextOffset".into(), format_offset(next).into());
-            if closed {
-                c.insert("streamClosed".into(), true.into());
-            } else {
-                c.insert("streamCursor".into(), cur.into());
-            }
-            if up_to_date {
-                c.insert("upToDate".into(), true.into());
-            }
-            format!("event: control\ndata:{}\n\n", serde_json::Value::Object(c))
-        };
-        let mut next = from;
-        let mut sub = match q.subscribe(from) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
-        // Nothing more can come: say so at once.
-        if ended(&q) && from >= tail_of(&q) {
-            let _ = tx
-                .send(Bytes::from(control(next, true, true, &first_cursor)))
-                .await;
-            return;
-        }
-        if from >= tail_of(&q) {
-            let msg = control(next, false, true, &first_cursor);
-            if tx.send(Bytes::from(msg)).await.is_err() {
-                return;
-            }
-        }
-        let deadline = tokio::time::sleep(SSE_LIFETIME);
-        tokio::pin!(deadline);
-        loop {
-            let batch = tokio::select! {
-                b = sub.next_batch(READ_MESSAGES, READ_BYTES) => b,
-                () = shutdown.cancelled() => return,
-                () = &mut deadline => return,
-                () = tx.closed() => return,
-            };
-            let Some(Ok(deliveries)) = batch else {
-                // The subscription ended: the close (everything was delivered), or removal.
-                if ended(&q) {
-                    let _ = tx
-                        .send(Bytes::from(control(next, true, true, &first_cursor)))
-                        .await;
-                }
-                return;
-            };
-            let mut messages = Vec::new();
-            for d in deliveries {
-                match d {
-                    Delivery::Event(e) => {
-                        next = e.offset() + 1;
-                        messages.push(e.json().clone());
-                    }
-                    Delivery::Gap {
-                        first_available_offset,
-                        ..
-                    } => next = first_available_offset,
-                }
-            }
-            let mut frame = String::new();
-            if !messages.is_empty() {
-                let payload = body_of(&content_type, &messages);
-                frame.push_str(&sse_frame_data(&payload, base64));
-            }
-            let tail = tail_of(&q);
-            let closed = ended(&q) && next >= tail;
-            let cur = cursor(client_cursor.as_deref());
-            frame.push_str(&control(next, closed, next >= tail, &cur));
-            if tx.send(Bytes::from(frame)).await.is_err() || closed {
-                return;
-            }
-        }
-    });
+    let first_cursor = cursor(client_cursor);
+    let sub = q.subscribe(from).map_err(|e| api_error(e.into()))?;
+    let tail = tail_of(&q);
+    // Nothing more can come: say so at once; at the tail, say the reader is up to date.
+    let (opening, only_opening) = if ended(&q) && from >= tail {
+        (control(from, true, true, &first_cursor), true)
+    } else if from >= tail {
+        (control(from, false, true, &first_cursor), false)
+    } else {
+        (String::new(), false)
+    };
+    let framing = SseFraming {
+        q,
+        content_type,
+        base64,
+        client_cursor: client_cursor.map(str::to_string),
+        next: from,
+    };
+    let keepalive = Keepalive::every(state.config().keepalive);
+    let mut body = StreamBody::new(state, slot, Bytes::from(opening), sub, framing, keepalive);
+    if only_opening {
+        body = body.end_after_opening();
+    }
     let mut b = base(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
@@ -1375,26 +1479,8 @@ fn sse(
             HeaderValue::from_static("base64"),
         );
     }
-    finish(
+    Ok(finish(
         b,
-        Body::from_stream(events.map(Ok::<_, std::convert::Infallible>)),
-    )
-}
-
-/// A stream of byte chunks produced by `f` through a small channel (the producer runs as its
-/// own task and stops when the response is dropped).
-fn async_stream<F, Fut>(f: F) -> impl futures_util::Stream<Item = Bytes> + Send + 'static
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(f(tx));
-    tokio_stream_of(rx)
-}
-
-fn tokio_stream_of(
-    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
-) -> impl futures_util::Stream<Item = Bytes> + Send + 'static {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+        Body::from_stream(body.take_until(tokio::time::sleep(SSE_LIFETIME))),
+    ))
 }

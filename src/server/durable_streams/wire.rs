@@ -13,12 +13,24 @@ pub(super) const ALLOW: &str = "content-type, authorization, if-none-match, stre
     stream-expires-at, stream-seq, stream-closed, producer-id, producer-epoch, producer-seq, \
     x-tenant-id, stream-forked-from, stream-fork-offset, stream-fork-sub-offset";
 
-/// Digits of a rendered offset: every `u64` fits, and equal widths sort as numbers.
-const OFFSET_DIGITS: usize = 20;
+/// Digits of each half of a rendered offset.
+const HALF_DIGITS: usize = 16;
+/// What one half counts up to: the offset is `high * SPLIT + low`.
+const SPLIT: u64 = 10_u64.pow(HALF_DIGITS as u32);
+/// Digits of the offsets sent before the split form (still accepted).
+const LEGACY_DIGITS: usize = 20;
 
-/// An offset as sent: 20 zero-padded decimal digits, so offsets sort as strings.
+/// An offset as sent: `HHHHHHHHHHHHHHHH_LLLLLLLLLLLLLLLL`, the queue offset's decimal digits
+/// split in two zero-padded halves of 16 (the reference server's shape, so clients and
+/// tests that know it work; every `u64` fits). Equal widths sort as strings, one to one
+/// with queue offsets.
 pub(super) fn format_offset(offset: u64) -> String {
-    format!("{offset:0OFFSET_DIGITS$}")
+    format!(
+        "{:0w$}_{:0w$}",
+        offset / SPLIT,
+        offset % SPLIT,
+        w = HALF_DIGITS
+    )
 }
 
 /// A requested read position.
@@ -33,18 +45,30 @@ pub(super) enum ReadOffset {
 }
 
 impl ReadOffset {
-    /// `-1`, `now`, or up to 20 decimal digits; anything else is no offset.
+    /// `-1`, `now`, an offset as [`format_offset`] renders it, or up to 20 decimal digits
+    /// (the form offsets had before, which clients may have saved); anything else is no
+    /// offset.
     pub(super) fn parse(s: &str) -> Option<Self> {
+        let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
         match s {
             "-1" => Some(ReadOffset::Start),
             "now" => Some(ReadOffset::Now),
-            _ if !s.is_empty()
-                && s.len() <= OFFSET_DIGITS
-                && s.bytes().all(|b| b.is_ascii_digit()) =>
-            {
-                s.parse().ok().map(ReadOffset::At)
-            }
-            _ => None,
+            _ => match s.split_once('_') {
+                Some((high, low))
+                    if high.len() == HALF_DIGITS
+                        && low.len() == HALF_DIGITS
+                        && digits(high)
+                        && digits(low) =>
+                {
+                    let high: u64 = high.parse().ok()?;
+                    let low: u64 = low.parse().ok()?;
+                    high.checked_mul(SPLIT)?
+                        .checked_add(low)
+                        .map(ReadOffset::At)
+                }
+                None if s.len() <= LEGACY_DIGITS && digits(s) => s.parse().ok().map(ReadOffset::At),
+                _ => None,
+            },
         }
     }
 }
@@ -141,17 +165,40 @@ mod tests {
 
     #[test]
     fn offsets_sort_as_strings_in_offset_order() {
-        let offsets = [0u64, 9, 10, 99, 100, 12_345, u64::MAX];
+        let offsets = [0u64, 9, 10, 99, 100, 12_345, SPLIT - 1, SPLIT, u64::MAX];
         for pair in offsets.windows(2) {
             assert!(format_offset(pair[0]) < format_offset(pair[1]));
         }
+        for n in offsets {
+            assert_eq!(
+                ReadOffset::parse(&format_offset(n)),
+                Some(ReadOffset::At(n))
+            );
+        }
+        assert_eq!(format_offset(42), "0000000000000000_0000000000000042");
         assert_eq!(
-            ReadOffset::parse(&format_offset(42)),
+            ReadOffset::parse("0000000000000000_0000000000000000"),
+            Some(ReadOffset::At(0))
+        );
+        // The 20-digit form offsets had before is still read.
+        assert_eq!(
+            ReadOffset::parse("00000000000000000042"),
             Some(ReadOffset::At(42))
         );
         assert_eq!(ReadOffset::parse("-1"), Some(ReadOffset::Start));
         assert_eq!(ReadOffset::parse("now"), Some(ReadOffset::Now));
-        for bad in ["", "abc", "-2", "1.5", "+1", "999999999999999999999"] {
+        for bad in [
+            "",
+            "abc",
+            "-2",
+            "1.5",
+            "+1",
+            "999999999999999999999",
+            "0_1",
+            "0000000000000000_000000000000000x",
+            "9999999999999999_9999999999999999",
+            "0000000000000000_0000000000000000_0",
+        ] {
             assert_eq!(ReadOffset::parse(bad), None, "{bad}");
         }
     }

@@ -128,13 +128,20 @@ impl<'a> Iterator for Records<'a> {
     }
 }
 
-/// A queue record: its postcard encoding, then, for a stream only, `postcard(content type)`.
-/// Typed queues' records keep the bytes they had before streams existed, and a record without
-/// the trailer decodes with no content type.
+/// A queue record: its postcard encoding, then, for a stream only, `postcard(content type)`
+/// and `postcard(stream state)`. Typed queues' records keep the bytes they had before streams
+/// existed; a record without the trailer decodes with no content type, and one with the
+/// content type alone (written before streams kept their own state) with the default state.
 pub(crate) fn encode_queue(record: &QueueRecord) -> Result<Vec<u8>> {
     let buf = postcard::to_allocvec(record).map_err(Error::storage)?;
     match &record.content_type {
-        Some(ct) => postcard::to_extend(ct.as_str(), buf).map_err(Error::storage),
+        Some(ct) => {
+            let buf = postcard::to_extend(ct.as_str(), buf).map_err(Error::storage)?;
+            match &record.stream {
+                Some(st) => postcard::to_extend(st, buf).map_err(Error::storage),
+                None => Ok(buf),
+            }
+        }
         None => Ok(buf),
     }
 }
@@ -143,7 +150,11 @@ pub(crate) fn decode_queue(bytes: &[u8]) -> Result<QueueRecord> {
     let corrupt = |e: postcard::Error| Error::storage(format!("corrupt queue record: {e}"));
     let (mut record, rest) = postcard::take_from_bytes::<QueueRecord>(bytes).map_err(corrupt)?;
     if !rest.is_empty() {
-        record.content_type = Some(postcard::from_bytes::<String>(rest).map_err(corrupt)?);
+        let (ct, rest) = postcard::take_from_bytes::<String>(rest).map_err(corrupt)?;
+        record.content_type = Some(ct);
+        if !rest.is_empty() {
+            record.stream = Some(postcard::from_bytes(rest).map_err(corrupt)?);
+        }
     }
     Ok(record)
 }
@@ -237,6 +248,7 @@ mod tests {
                 time_us: 5,
             }),
             content_type: None,
+            stream: None,
         };
         let typed = encode_queue(&rec).unwrap();
         assert_eq!(decode_queue(&typed).unwrap(), rec);
@@ -250,6 +262,26 @@ mod tests {
         let bytes = encode_queue(&stream).unwrap();
         assert!(bytes.len() > typed.len());
         assert_eq!(decode_queue(&bytes).unwrap(), stream);
+        // Its own state (expiry, producers) follows the content type.
+        let mut producers = crate::storage::Producers::default();
+        producers.by_id.insert(
+            "p1".into(),
+            crate::storage::ProducerState {
+                epoch: 2,
+                last_seq: 5,
+                at: 9,
+            },
+        );
+        producers.closed_by = Some(("p1".into(), 2, 5));
+        let with_state = QueueRecord {
+            stream: Some(crate::storage::StreamRecord {
+                expires_at_us: Some(123),
+                producers,
+            }),
+            ..stream
+        };
+        let bytes = encode_queue(&with_state).unwrap();
+        assert_eq!(decode_queue(&bytes).unwrap(), with_state);
     }
 
     use proptest::prelude::*;

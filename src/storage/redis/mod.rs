@@ -975,6 +975,13 @@ fn record_fields(r: &QueueRecord) -> Vec<(&'static str, String)> {
     if let Some(ct) = &r.content_type {
         f.push(("ctype", ct.clone()));
     }
+    // A stream's own state (expiry, idempotent producers), as JSON: written with the data in
+    // the batch's script, so the producers' check and the append commit together.
+    if let Some(st) = &r.stream
+        && let Ok(json) = serde_json::to_string(st)
+    {
+        f.push(("stream", json));
+    }
     f
 }
 
@@ -1010,6 +1017,12 @@ fn parse_record(id: u64, f: &HashMap<String, String>) -> Result<(QueueRecord, u6
         finished_at: opt(f, "finished")?,
         cancel,
         content_type: f.get("ctype").cloned(),
+        stream: match f.get("stream") {
+            None => None,
+            Some(json) => Some(serde_json::from_str(json).map_err(|e| {
+                Error::storage(format!("corrupt queue record in redis: field stream: {e}"))
+            })?),
+        },
     };
     if record.first_offset > record.next_offset {
         return Err(Error::storage(

@@ -362,3 +362,265 @@ async fn a_binary_fork_sub_offset_counts_bytes_into_the_next_append() {
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 }
+
+/// A producer request with its three headers.
+fn produced(path: &str, body: &str, id: &str, epoch: u64, seq: u64) -> Req {
+    post(path, "text/plain", body)
+        .header("producer-id", id)
+        .header("producer-epoch", &epoch.to_string())
+        .header("producer-seq", &seq.to_string())
+}
+
+#[tokio::test]
+async fn a_producer_continues_its_sequence_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = |dir: &std::path::Path| {
+        let dir = dir.to_path_buf();
+        async move {
+            let manager = QueueManager::open(Config::new(&dir)).await.unwrap();
+            let app = App::over(
+                manager.clone(),
+                tempfile::tempdir().unwrap(),
+                helpers::server_config(),
+            );
+            (manager, app)
+        }
+    };
+    {
+        let (manager, app) = open(dir.path()).await;
+        app.send(&put("/v1/stream/r", "text/plain")).await;
+        for (seq, body) in ["a", "b"].into_iter().enumerate() {
+            let r = app
+                .send(&produced("/v1/stream/r", body, "w", 3, seq as u64))
+                .await;
+            assert_eq!(r.status, StatusCode::OK);
+        }
+        manager.shutdown().await.unwrap();
+    }
+    let (manager, app) = open(dir.path()).await;
+    // The producer's state was committed with its data: seq 2 follows, a retry of seq 1 is
+    // a duplicate, a gap names what comes next, an older epoch is fenced.
+    let next = app.send(&produced("/v1/stream/r", "c", "w", 3, 2)).await;
+    assert_eq!(next.status, StatusCode::OK, "seq n+1 after a restart");
+    let retry = app.send(&produced("/v1/stream/r", "b", "w", 3, 1)).await;
+    assert_eq!(retry.status, StatusCode::NO_CONTENT);
+    assert_eq!(retry.header("producer-seq").as_deref(), Some("2"));
+    let gap = app.send(&produced("/v1/stream/r", "z", "w", 3, 9)).await;
+    assert_eq!(gap.status, StatusCode::CONFLICT);
+    assert_eq!(gap.header("producer-expected-seq").as_deref(), Some("3"));
+    let zombie = app.send(&produced("/v1/stream/r", "z", "w", 2, 0)).await;
+    assert_eq!(zombie.status, StatusCode::FORBIDDEN);
+    assert_eq!(zombie.header("producer-epoch").as_deref(), Some("3"));
+    // The close of a producer's final append, and its retry after another restart.
+    let last = app
+        .send(&produced("/v1/stream/r", "d", "w", 3, 3).header("stream-closed", "true"))
+        .await;
+    assert_eq!(last.status, StatusCode::OK);
+    assert_eq!(last.header("stream-closed").as_deref(), Some("true"));
+    manager.shutdown().await.unwrap();
+    drop(app);
+    let (_manager, app) = open(dir.path()).await;
+    let retry = app
+        .send(&produced("/v1/stream/r", "d", "w", 3, 3).header("stream-closed", "true"))
+        .await;
+    assert_eq!(
+        retry.status,
+        StatusCode::NO_CONTENT,
+        "the closing request again"
+    );
+    assert_eq!(retry.header("stream-closed").as_deref(), Some("true"));
+    let other = app.send(&produced("/v1/stream/r", "e", "w", 3, 4)).await;
+    assert_eq!(other.status, StatusCode::CONFLICT);
+    assert_eq!(other.header("stream-closed").as_deref(), Some("true"));
+    let all = app.send(&Req::new("GET", "/v1/stream/r?offset=-1")).await;
+    assert_eq!(all.body, b"abcd");
+}
+
+#[tokio::test]
+async fn concurrent_copies_of_a_producer_request_store_it_once() {
+    let app = App::open_mode().await;
+    app.send(&put("/v1/stream/dup", "text/plain")).await;
+    for seq in 0..4u64 {
+        let body = format!("m{seq};");
+        let req = produced("/v1/stream/dup", &body, "p", 0, seq);
+        let answers = futures_util::future::join_all((0..16).map(|_| app.send(&req))).await;
+        let stored = answers
+            .iter()
+            .filter(|r| r.status == StatusCode::OK)
+            .count();
+        let repeats = answers
+            .iter()
+            .filter(|r| r.status == StatusCode::NO_CONTENT)
+            .count();
+        assert_eq!((stored, repeats), (1, 15), "seq {seq}");
+    }
+    let all = app.send(&Req::new("GET", "/v1/stream/dup?offset=-1")).await;
+    assert_eq!(all.body, b"m0;m1;m2;m3;");
+}
+
+#[tokio::test]
+async fn a_final_append_and_its_close_are_one_commit() {
+    let app = App::open_mode().await;
+    app.send(&put("/v1/stream/fin", "text/plain")).await;
+    // Appenders race a final append with `Stream-Closed: true`: each is either stored before
+    // the close (and acknowledged) or refused as closed, and the final data is the last.
+    let appends = (0..32).map(|i| {
+        let req = post("/v1/stream/fin", "text/plain", &format!("<{i}>"));
+        let app = &app;
+        async move { (i, app.send(&req).await) }
+    });
+    let close = async {
+        tokio::task::yield_now().await;
+        app.send(&post("/v1/stream/fin", "text/plain", "<end>").header("stream-closed", "true"))
+            .await
+    };
+    let (answers, closed) = tokio::join!(futures_util::future::join_all(appends), close);
+    assert_eq!(closed.status, StatusCode::NO_CONTENT);
+    assert_eq!(closed.header("stream-closed").as_deref(), Some("true"));
+    let all = app.send(&Req::new("GET", "/v1/stream/fin?offset=-1")).await;
+    assert_eq!(all.header("stream-closed").as_deref(), Some("true"));
+    let text = String::from_utf8(all.body).unwrap();
+    assert!(text.ends_with("<end>"), "the final append is last: {text}");
+    assert_eq!(text.matches("<end>").count(), 1);
+    for (i, r) in answers {
+        let stored = text.contains(&format!("<{i}>"));
+        match r.status {
+            StatusCode::NO_CONTENT => assert!(stored, "acknowledged append {i} is stored"),
+            StatusCode::CONFLICT => {
+                assert!(!stored, "refused append {i} is not stored");
+                assert_eq!(r.header("stream-closed").as_deref(), Some("true"));
+                assert_eq!(
+                    r.header("stream-next-offset"),
+                    closed.header("stream-next-offset")
+                );
+            }
+            other => panic!("append {i}: {other}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_nodes_over_one_redis_store_a_producer_request_once() {
+    let redis = crate::redis::RedisServer::start();
+    let config = || Config {
+        storage: eventqueue::StorageBackend::Redis {
+            url: format!("redis://127.0.0.1:{}", redis.port),
+            prefix: "ds:".into(),
+        },
+        ..Config::new(std::path::PathBuf::from("unused"))
+    };
+    let nodes = [
+        App::over(
+            QueueManager::open(config()).await.unwrap(),
+            tempfile::tempdir().unwrap(),
+            helpers::server_config(),
+        ),
+        App::over(
+            QueueManager::open(config()).await.unwrap(),
+            tempfile::tempdir().unwrap(),
+            helpers::server_config(),
+        ),
+    ];
+    let created = nodes[0].send(&put("/v1/stream/both", "text/plain")).await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    for seq in 0..3u64 {
+        let body = format!("m{seq};");
+        let req = produced("/v1/stream/both", &body, "p", 0, seq);
+        // Copies of one request on both nodes at once.
+        let answers = futures_util::future::join_all((0..8).map(|i| nodes[i % 2].send(&req))).await;
+        let stored = answers
+            .iter()
+            .filter(|r| r.status == StatusCode::OK)
+            .count();
+        let repeats = answers
+            .iter()
+            .filter(|r| r.status == StatusCode::NO_CONTENT)
+            .count();
+        assert_eq!((stored, repeats), (1, 7), "seq {seq}");
+    }
+    for node in &nodes {
+        let all = node
+            .send(&Req::new("GET", "/v1/stream/both?offset=-1"))
+            .await;
+        assert_eq!(all.body, b"m0;m1;m2;");
+    }
+    // Either node continues the sequence the other stored.
+    let next = nodes[1]
+        .send(&produced("/v1/stream/both", "m3;", "p", 0, 3))
+        .await;
+    assert_eq!(next.status, StatusCode::OK);
+    let gap = nodes[0]
+        .send(&produced("/v1/stream/both", "x", "p", 0, 9))
+        .await;
+    assert_eq!(gap.header("producer-expected-seq").as_deref(), Some("4"));
+}
+
+#[tokio::test]
+async fn sse_readers_count_in_the_stream_limits_as_events_streams_do() {
+    let mut config = helpers::server_config();
+    config.max_sse_streams = 10;
+    config.max_sse_streams_per_tenant = 2;
+    let app = App::with(config).await;
+    app.send(&put("/v1/stream/live", "application/json")).await;
+    app.send(&post("/v1/stream/live", "application/json", "[1]"))
+        .await;
+    let events = app
+        .send(
+            &Req::new("POST", "/events/queues")
+                .header("content-type", "application/json")
+                .body(br#"{"task_id":"t1"}"#.to_vec()),
+        )
+        .await;
+    assert_eq!(events.status, StatusCode::CREATED);
+    let live = Req::new("GET", "/v1/stream/live?offset=-1&live=sse");
+    let first = app.open(&live).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let plain = app.open(&Req::new("GET", "/events/workflows/t1")).await;
+    assert_eq!(plain.status(), StatusCode::OK);
+    assert_eq!(app.state.open_streams(), 2);
+    // The tenant's two slots are taken, one by each protocol.
+    let refused = app.send(&live).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    drop(first);
+    assert_eq!(app.state.open_streams(), 1);
+    assert_eq!(app.open(&live).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_events_stream_of_a_binary_stream_is_refused_not_sent_as_events() {
+    let app = App::open_mode().await;
+    app.send(&put("/v1/stream/bin", "application/octet-stream"))
+        .await;
+    app.send(&post(
+        "/v1/stream/bin",
+        "application/octet-stream",
+        "\u{1}raw",
+    ))
+    .await;
+    let r = app.send(&Req::new("GET", "/events/workflows/bin")).await;
+    r.assert_error(StatusCode::CONFLICT, "/v1/stream/bin");
+    // A JSON stream's messages are JSON: its events stream sends them.
+    app.send(&put("/v1/stream/js", "application/json")).await;
+    let r = app.open(&Req::new("GET", "/events/ingestion/js")).await;
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_append_over_the_body_limit_is_413_and_stores_nothing() {
+    let mut config = helpers::server_config();
+    config.max_body_bytes = 1024;
+    let app = App::with(config).await;
+    app.send(&put("/v1/stream/big", "application/octet-stream"))
+        .await;
+    let big = "x".repeat(5000);
+    let r = app
+        .send(&post("/v1/stream/big", "application/octet-stream", &big))
+        .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let fits = app
+        .send(&post("/v1/stream/big", "application/octet-stream", "ok"))
+        .await;
+    assert_eq!(fits.status, StatusCode::NO_CONTENT);
+    let all = app.send(&Req::new("GET", "/v1/stream/big?offset=-1")).await;
+    assert_eq!(all.body, b"ok");
+}
