@@ -126,6 +126,7 @@ mod tests {
             finished_at: None,
             cancel: None,
             content_type: Some("text/plain".into()),
+            stream: None,
         }
     }
 

@@ -45,7 +45,8 @@
 pub(crate) mod checkpoints;
 pub(crate) mod codec;
 pub(crate) mod derived_ids;
-// Reading a stopped store out whole (`eventqueue migrate`).
+// Reading a stopped store out whole (`eventqueue migrate`, so only with the CLI).
+#[cfg(feature = "cli")]
 pub(crate) mod export;
 mod pending;
 #[cfg(feature = "failpoints")]
