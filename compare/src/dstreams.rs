@@ -30,8 +30,8 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 
 use crate::drive::{histogram, now_us, quantile_ms, record};
-use crate::servers::{Server, free_addr};
 use crate::say;
+use crate::servers::{Server, free_addr};
 
 const MSG: usize = 256;
 const BATCH: usize = 500;
@@ -99,8 +99,18 @@ fn start_eq(bin: &Path, dir: &Path) -> Result<Target> {
         .arg("--bind")
         .arg(addr.to_string())
         .args(["--durability", "immediate", "--max-buffer-size", "10000000"])
-        .args(["--max-sse-streams", "5000", "--max-sse-streams-per-tenant", "5000"])
-        .args(["--max-connections", "10000", "--max-connections-per-ip", "10000"]);
+        .args([
+            "--max-sse-streams",
+            "5000",
+            "--max-sse-streams-per-tenant",
+            "5000",
+        ])
+        .args([
+            "--max-connections",
+            "10000",
+            "--max-connections-per-ip",
+            "10000",
+        ]);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("EVENTQUEUE_") {
             cmd.env_remove(&key);
@@ -124,7 +134,12 @@ fn start_electric(bin: &Path, dir: &Path) -> Result<Target> {
         .arg(dir.join("data"))
         .args(["--durability", "wal"])
         .current_dir(dir);
-    let server = Server::spawn("electric durable-streams", cmd, addr, dir.join("server.log"))?;
+    let server = Server::spawn(
+        "electric durable-streams",
+        cmd,
+        addr,
+        dir.join("server.log"),
+    )?;
     Ok(Target {
         name: "electric 0.1.5",
         setting: "`--durability wal` (group fdatasync of the WAL before the ack; default)".into(),
@@ -163,7 +178,10 @@ async fn create(http: &reqwest::Client, url: &str, ctype: &str) -> Result<()> {
         .with_context(|| format!("PUT {url}"))?;
     if !r.status().is_success() {
         let s = r.status();
-        bail!("PUT {url} answered {s}: {}", r.text().await.unwrap_or_default());
+        bail!(
+            "PUT {url} answered {s}: {}",
+            r.text().await.unwrap_or_default()
+        );
     }
     Ok(())
 }
@@ -287,9 +305,15 @@ async fn catchup(t: &Target, plan: &DsPlan) -> Result<Cell> {
     }
     let secs = t0.elapsed().as_secs_f64();
     if got != plan.catchup {
-        bail!("catch-up read {got} messages of {} in {reqs} GETs", plan.catchup);
+        bail!(
+            "catch-up read {got} messages of {} in {reqs} GETs",
+            plan.catchup
+        );
     }
-    say(&format!("  {} catch-up: {got} messages in {reqs} GETs, {secs:.3} s", t.name));
+    say(&format!(
+        "  {} catch-up: {got} messages in {reqs} GETs, {secs:.3} s",
+        t.name
+    ));
     Ok(Cell {
         rate: got as f64 / secs,
         ..Cell::default()
@@ -423,7 +447,10 @@ enum W {
 impl W {
     fn label(self, plan: &DsPlan) -> String {
         match self {
-            W::Append(n) => format!("append 256 B, {n} writer{} on one stream", if n > 1 { "s" } else { "" }),
+            W::Append(n) => format!(
+                "append 256 B, {n} writer{} on one stream",
+                if n > 1 { "s" } else { "" }
+            ),
             W::Catchup => format!("catch-up read of {}k messages", plan.catchup / 1000),
             W::Tail(n) => format!("live SSE tail, {n} readers, 200 msg/s"),
         }
@@ -460,7 +487,9 @@ fn cell_text(w: W, c: &Cell) -> String {
             fmt_rate(c.rate),
             c.p50.unwrap_or(0.0),
             c.p99.unwrap_or(0.0),
-            c.cpu_us.map(|u| format!(", {u:.0} µs CPU/msg")).unwrap_or_default()
+            c.cpu_us
+                .map(|u| format!(", {u:.0} µs CPU/msg"))
+                .unwrap_or_default()
         ),
         W::Catchup => format!("{}/s", fmt_rate(c.rate)),
         W::Tail(_) => format!(
@@ -495,7 +524,11 @@ pub async fn run(eq_bin: &Path, work: &Path, quick: bool) -> Result<String> {
         Err(e) => notes.push(format!("eventqueue could not start: {e:#}")),
     }
     for (var, name, f) in [
-        ("EQ_DS_ELECTRIC", "electric durable-streams 0.1.5", start_electric as fn(&Path, &Path) -> Result<Target>),
+        (
+            "EQ_DS_ELECTRIC",
+            "electric durable-streams 0.1.5",
+            start_electric as fn(&Path, &Path) -> Result<Target>,
+        ),
         ("EQ_DS_DSS", "durable-streams-server 0.3.0", start_dss),
     ] {
         match std::env::var_os(var) {
@@ -521,7 +554,12 @@ pub async fn run(eq_bin: &Path, work: &Path, quick: bool) -> Result<String> {
                 error: Some(format!("{e:#}")),
                 ..Cell::default()
             });
-            say(&format!("{:<16} {:<40} {}", t.name, w.label(&plan), cell_text(w, &c)));
+            say(&format!(
+                "{:<16} {:<40} {}",
+                t.name,
+                w.label(&plan),
+                cell_text(w, &c)
+            ));
             cells[i].push(c);
         }
     }
@@ -540,7 +578,12 @@ pub async fn run(eq_bin: &Path, work: &Path, quick: bool) -> Result<String> {
     let _ = writeln!(
         out,
         "- Raw floor (300-byte append + fdatasync): start p50 {:.2} / p99 {:.2} ms, end p50 {:.2} / p99 {:.2} ms; load average {:.2} → {:.2}",
-        floor_start.p50_ms, floor_start.p99_ms, floor_end.p50_ms, floor_end.p99_ms, load_start, load_end
+        floor_start.p50_ms,
+        floor_start.p99_ms,
+        floor_end.p50_ms,
+        floor_end.p99_ms,
+        load_start,
+        load_end
     );
     for t in &targets {
         let _ = writeln!(out, "- {}: {}", t.name, t.setting);
@@ -566,18 +609,32 @@ pub async fn run(eq_bin: &Path, work: &Path, quick: bool) -> Result<String> {
         }
         // Ratio against the better peer (columns after the first are peers).
         let eq = cells.first().map(|c| &c[k]).filter(|c| c.error.is_none());
-        let peers: Vec<&Cell> = cells.iter().skip(1).map(|c| &c[k]).filter(|c| c.error.is_none()).collect();
+        let peers: Vec<&Cell> = cells
+            .iter()
+            .skip(1)
+            .map(|c| &c[k])
+            .filter(|c| c.error.is_none())
+            .collect();
         let (ratio, goal) = match (w, eq) {
             (W::Append(_) | W::Catchup, Some(e)) if !peers.is_empty() => {
                 let best = peers.iter().map(|c| c.rate).fold(0.0, f64::max);
                 let need = if *w == W::Catchup { 2.0 } else { 1.5 };
                 let r = e.rate / best;
-                (format!("{r:.2}× throughput"), format!("≥ {need}× — {}", if r >= need { "met" } else { "missed" }))
+                (
+                    format!("{r:.2}× throughput"),
+                    format!("≥ {need}× — {}", if r >= need { "met" } else { "missed" }),
+                )
             }
             (W::Tail(_), Some(e)) if !peers.is_empty() => {
-                let best = peers.iter().filter_map(|c| c.p99).fold(f64::INFINITY, f64::min);
+                let best = peers
+                    .iter()
+                    .filter_map(|c| c.p99)
+                    .fold(f64::INFINITY, f64::min);
                 let r = e.p99.unwrap_or(f64::INFINITY) / best;
-                (format!("{r:.2}× p99"), format!("p99 ≤ 1× — {}", if r <= 1.0 { "met" } else { "missed" }))
+                (
+                    format!("{r:.2}× p99"),
+                    format!("p99 ≤ 1× — {}", if r <= 1.0 { "met" } else { "missed" }),
+                )
             }
             _ => ("—".into(), "—".into()),
         };
