@@ -19,26 +19,26 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 /// Publishes to one queue, gathering concurrent publishes into batch requests. Cheap to
 /// clone: clones share the batches.
 ///
-///  One event per HTTP request pays the whole request path per event (a request head, a
-///  commit, its hand-offs); a batch pays it once. Many tasks of one program publishing to the
-///  same queue at once — reporters of parallel steps, a web handler per request — can share
-///  batches without changing their code: each calls [`Coalescer::publish`] and gets the answer
-///  for its own event.
+/// One event per HTTP request pays the whole request path per event (a request head, a
+/// commit, its hand-offs); a batch pays it once. Many tasks of one program publishing to the
+/// same queue at once — reporters of parallel steps, a web handler per request — can share
+/// batches without changing their code: each calls [`Coalescer::publish`] and gets the answer
+/// for its own event.
 ///
-///  How events are gathered: while no batch is being sent, the first event starts one, which
-///  waits the [linger](Coalescer::with_linger) (default **0**: it goes at once) or until
-///  [`Coalescer::with_max_events`] events (default 100) are waiting, then is sent. Events
-///  published while a batch request is in flight wait for it and go together in the next. So a
-///  lone publisher sees one request per event with no added delay, and under load batches grow
-///  by themselves. One batch request is in flight per coalescer at a time, so events are stored
-///  in the order their `publish` calls queued them.
+/// How events are gathered: while no batch is being sent, the first event starts one, which
+/// waits the [linger](Coalescer::with_linger) (default **0**: it goes at once) or until
+/// [`Coalescer::with_max_events`] events (default 100) are waiting, then is sent. Events
+/// published while a batch request is in flight wait for it and go together in the next. So a
+/// lone publisher sees one request per event with no added delay, and under load batches grow
+/// by themselves. One batch request is in flight per coalescer at a time, so events are stored
+/// in the order their `publish` calls queued them.
 ///
-///  What an answer means is what [`Client::publish`]'s means: `Ok` = that event is stored
-///  (durably, with the server's `immediate` durability), with its own offset. A batch is
-///  stored atomically by the server, so when it is refused (one invalid event, a closed queue)
-///  its events are sent again one per request, and each publisher gets its own event's answer.
-///  A transport failure is every waiting event's answer (their events may or may not be
-///  stored: retry with `event_id`s, as after a failed [`Client::publish`]).
+/// What an answer means is what [`Client::publish`]'s means: `Ok` = that event is stored
+/// (durably, with the server's `immediate` durability), with its own offset. A batch is
+/// stored atomically by the server, so when it is refused (one invalid event, a closed queue)
+/// its events are sent again one per request, and each publisher gets its own event's answer.
+/// A transport failure is every waiting event's answer (their events may or may not be
+/// stored: retry with `event_id`s, as after a failed [`Client::publish`]).
 #[derive(Clone)]
 pub struct Coalescer {
     inner: Arc<Inner>,
