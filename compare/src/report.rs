@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use crate::drive::Measure;
 use crate::{Kind, Run, SystemRun, WORKLOADS, Workload};
 
-fn rate(v: f64) -> String {
+pub(crate) fn rate(v: f64) -> String {
     if v >= 1e6 {
         format!("{:.2}M", v / 1e6)
     } else if v >= 1e3 {
@@ -18,7 +18,7 @@ fn rate(v: f64) -> String {
     }
 }
 
-fn ms(v: Option<f64>) -> String {
+pub(crate) fn ms(v: Option<f64>) -> String {
     match v {
         Some(v) if v >= 10.0 => format!("{v:.0}"),
         Some(v) if v >= 1.0 => format!("{v:.1}"),
@@ -473,7 +473,11 @@ pub fn svg(run: &Run) -> String {
         out,
         r##"<text x="10" y="38" fill="#444">eventqueue {}, {}; raw fdatasync p50 {} / {} ms; load {:.2} / {:.2} on {} CPUs. Bar: measured ratio (log scale); black tick: goal.</text>"##,
         escape(&run.machine.eventqueue_revision),
-        if run.plan.quick { "--quick run" } else { "full run" },
+        if run.plan.quick {
+            "--quick run"
+        } else {
+            "full run"
+        },
         ms(Some(run.floor_start.p50_ms)),
         ms(Some(run.floor_end.p50_ms)),
         run.load_start,

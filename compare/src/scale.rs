@@ -19,6 +19,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use crate::drive::{CLIENTS, DEPTH, Measure, Plan};
+use crate::report::{ms, rate};
 use crate::servers::Server;
 use crate::{Workload, eq_peer, redis_peer, say};
 
@@ -285,25 +286,6 @@ fn label(w: Workload, plan_events: Option<u64>) -> String {
         ),
         Workload::Fanout100 => "fan-out 1 → 100 at 100 events/s".into(),
         Workload::Fanout1000 => "fan-out 1 → 100 at 1000 events/s".into(),
-    }
-}
-
-fn rate(v: f64) -> String {
-    if v >= 1e6 {
-        format!("{:.2}M", v / 1e6)
-    } else if v >= 1e3 {
-        format!("{:.1}k", v / 1e3)
-    } else {
-        format!("{v:.0}")
-    }
-}
-
-fn ms(v: Option<f64>) -> String {
-    match v {
-        Some(v) if v >= 10.0 => format!("{v:.0}"),
-        Some(v) if v >= 1.0 => format!("{v:.1}"),
-        Some(v) => format!("{v:.2}"),
-        None => "–".into(),
     }
 }
 
