@@ -78,6 +78,9 @@ pub struct Metrics {
     /// Batches rebuilt because a shared store held newer state of one of their queues
     /// (another node wrote to it).
     pub batch_rebuilds: AtomicU64,
+    /// Group commits the writer thread acknowledged itself (nothing else waiting), without
+    /// handing them to the acknowledger thread.
+    pub writer_acks: AtomicU64,
     /// Gap notices delivered.
     pub gap_notices: AtomicU64,
     /// Events removed by trimming, expiry and deletion.
@@ -103,6 +106,7 @@ impl Default for Metrics {
             ]),
             lag_recoveries: AtomicU64::new(0),
             batch_rebuilds: AtomicU64::new(0),
+            writer_acks: AtomicU64::new(0),
             gap_notices: AtomicU64::new(0),
             events_removed: AtomicU64::new(0),
             pending_purges: AtomicU64::new(0),

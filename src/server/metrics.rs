@@ -86,6 +86,13 @@ pub(super) async fn render(State(state): State<AppState>) -> Response {
     );
     counter(
         &mut out,
+        "eventqueue_writer_acks_total",
+        "Group commits the writer thread synced (if needed), published and answered itself \
+         because nothing else was waiting (the rest went to the acknowledger thread).",
+        Metrics::get(&m.writer_acks),
+    );
+    counter(
+        &mut out,
         "eventqueue_gap_notices_total",
         "Gap notices delivered to subscribers.",
         Metrics::get(&m.gap_notices),
