@@ -1254,6 +1254,15 @@ fn stream_append(
         return Ok(Err(queue.not_found()));
     }
     let producers = stage.view.producers.clone().unwrap_or_default();
+    // An answer decided on the producer state alone (a refusal, or a duplicate, which a
+    // newer epoch would fence instead) has the store confirm that state: on a store shared
+    // by several nodes this node's view may trail another node's append of the same
+    // producer, and a stale view makes the batch stale (decided again on fresh state)
+    // instead of answering a spurious refusal.
+    let decided = |w: &mut dyn WriteBatch, answer| {
+        w.check(queue.id());
+        Ok(Ok(answer))
+    };
     let claim = op.producer.as_ref().map(|p| (p.id.clone(), p.epoch, p.seq));
     if stage.view.closed {
         let next_offset = stage.view.next_offset;
@@ -1272,33 +1281,42 @@ fn stream_append(
     if let (Some(p), false) = (&op.producer, op.messages.is_empty()) {
         match producers.by_id.get(&p.id) {
             Some(prev) if p.epoch < prev.epoch => {
-                return Ok(Ok(StreamAppended::StaleEpoch {
-                    current: prev.epoch,
-                }));
+                return decided(
+                    w,
+                    StreamAppended::StaleEpoch {
+                        current: prev.epoch,
+                    },
+                );
             }
             Some(prev) if p.epoch == prev.epoch => {
                 if p.seq <= prev.last_seq {
-                    return Ok(Ok(StreamAppended::Duplicate {
-                        next_offset: stage.view.next_offset,
-                        last_seq: prev.last_seq,
-                        closed: false,
-                    }));
+                    return decided(
+                        w,
+                        StreamAppended::Duplicate {
+                            next_offset: stage.view.next_offset,
+                            last_seq: prev.last_seq,
+                            closed: false,
+                        },
+                    );
                 }
                 if p.seq > prev.last_seq + 1 {
-                    return Ok(Ok(StreamAppended::SeqGap {
-                        expected: prev.last_seq + 1,
-                    }));
+                    return decided(
+                        w,
+                        StreamAppended::SeqGap {
+                            expected: prev.last_seq + 1,
+                        },
+                    );
                 }
             }
-            Some(_) if p.seq != 0 => return Ok(Ok(StreamAppended::EpochStartsAtZero)),
-            None if p.seq != 0 => return Ok(Ok(StreamAppended::SeqGap { expected: 0 })),
+            Some(_) if p.seq != 0 => return decided(w, StreamAppended::EpochStartsAtZero),
+            None if p.seq != 0 => return decided(w, StreamAppended::SeqGap { expected: 0 }),
             _ => {}
         }
     }
     if let (Some(seq), Some(last)) = (&op.stream_seq, &producers.last_stream_seq)
         && seq.as_bytes() <= last.as_bytes()
     {
-        return Ok(Ok(StreamAppended::StreamSeqRegression));
+        return decided(w, StreamAppended::StreamSeqRegression);
     }
     for ev in &op.messages {
         let next = stage.view.next_offset;

@@ -698,6 +698,14 @@ pub(crate) trait WriteBatch {
         record: &CheckpointRecord,
     ) -> Result<u64>;
 
+    /// Has the commit confirm that queue `qid` is still as this batch found it, although the
+    /// batch may write nothing to it: an answer decided on the queue's state alone (a Durable
+    /// Streams producer refusal) then rests on current state, not on a view that trails
+    /// another node's write. A store shared by several nodes makes a batch whose queue
+    /// changed meanwhile stale ([`WriteError::Stale`]: rebuilt on fresh state); a store that
+    /// is its data's only writer has nothing to confirm (the default).
+    fn check(&mut self, _qid: u64) {}
+
     /// Stores the batch: all of it or nothing. Returns whether anything was written.
     ///
     /// # Errors

@@ -14,7 +14,7 @@ use eventqueue::StorageBackend;
 use serde_json::{Value, json};
 
 use crate::helpers::{SseReader, TestServer, client, server_config};
-use crate::redis::RedisServer;
+use crate::redis::{RedisCluster, RedisServer};
 
 /// `(tenant, task)` of every queue the test creates; `notes` is a Durable Streams stream.
 const QUEUES: [(&str, &str); 4] = [
@@ -398,4 +398,50 @@ async fn a_single_node_install_moves_to_redis_and_serves_the_same() {
         info["latest_offset"], 9,
         "the copy kept what was written since"
     );
+}
+
+/// The same install moved into a Redis Cluster (the queues land in several slots; a
+/// workflow's checkpoints share its queue's slot): a server on the cluster answers what the
+/// old node answered, recognises re-posts of copied ids, and a second migration refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_install_moves_into_a_redis_cluster_and_serves_the_same() {
+    let cluster = RedisCluster::start();
+    let url = cluster.url();
+    let old = TestServer::start(server_config()).await;
+    fill(&old).await;
+    let before = snapshot(&old).await;
+    let dir = old.stop().await;
+    let done = migrate(dir.path(), &url, &[]);
+    assert!(done.status.success(), "{}", text(&done.stderr));
+    assert!(
+        text(&done.stdout).contains("migrated 4 queues (0 skipped), 14 events, 2 checkpoints"),
+        "{}",
+        text(&done.stdout)
+    );
+
+    let storage = cluster.config().storage;
+    let new = TestServer::start_tuned(
+        tempfile::tempdir().unwrap(),
+        move |c| c.storage = storage,
+        server_config(),
+    )
+    .await;
+    assert_eq!(before, snapshot(&new).await);
+    let (status, reply) = call(
+        &new,
+        "beta",
+        "POST",
+        "/events/queues/trimmed/events",
+        Some(events("trimmed", &["b-6", "b-8"])),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["offsets"], json!([6, 8]));
+
+    let again = migrate(dir.path(), &url, &[]);
+    assert!(!again.status.success());
+    let err = text(&again.stderr);
+    assert!(err.contains("already holds 5"), "{err}");
+    assert!(err.contains("checkpoints of workflow acme/wf-1"), "{err}");
+    new.stop().await;
 }

@@ -128,26 +128,61 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A Redis Cluster of three masters (no replicas) on loopback, each a `redis-server` child
-/// with AOF `always` in a directory of its own; killed when dropped.
+/// A Redis Cluster of three masters (with `replicas` replicas each) on loopback, each node a
+/// `redis-server` child with AOF `always` in a directory of its own; killed when dropped.
 pub(crate) struct RedisCluster {
+    /// Every node's port.
     pub(crate) ports: Vec<u16>,
+    /// Each node's cluster bus port and directory, to start it again as it was.
+    nodes: Vec<(u16, PathBuf)>,
     _dir: TempDir,
     children: Vec<Child>,
 }
 
 impl RedisCluster {
     pub(crate) fn start() -> Self {
+        Self::start_with_replicas(0)
+    }
+
+    /// Three masters and `replicas` replicas of each.
+    pub(crate) fn start_with_replicas(replicas: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = RedisCluster {
             ports: Vec::new(),
+            nodes: Vec::new(),
             _dir: tempfile::tempdir().unwrap(),
             children: Vec::new(),
         };
-        for i in 0..3 {
-            let (port, bus) = (free_port(), free_port());
+        for i in 0..3 * (1 + replicas) {
             let node_dir = dir.path().join(format!("node{i}"));
             std::fs::create_dir_all(&node_dir).unwrap();
+            cluster.ports.push(free_port());
+            cluster.nodes.push((free_port(), node_dir));
+        }
+        cluster._dir = dir;
+        cluster.spawn();
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&nodes)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli not found");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        cluster.wait_until_ok();
+        cluster
+    }
+
+    /// Starts every node (again: a node restarted keeps its cluster config and its AOF).
+    fn spawn(&mut self) {
+        for (&port, (bus, node_dir)) in self.ports.iter().zip(&self.nodes) {
             let child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args([
@@ -170,47 +205,55 @@ impl RedisCluster {
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("redis-server not found (apt-get install redis-server)");
-            cluster.children.push(child);
-            cluster.ports.push(port);
+            self.children.push(child);
         }
-        cluster._dir = dir;
-        for &port in &cluster.ports {
+        for &port in &self.ports {
             wait_for_ping(&format!("redis://127.0.0.1:{port}"));
         }
-        let nodes: Vec<String> = cluster
-            .ports
-            .iter()
-            .map(|p| format!("127.0.0.1:{p}"))
-            .collect();
-        let created = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&nodes)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("redis-cli not found");
-        assert!(created.success(), "redis-cli --cluster create failed");
+    }
+
+    /// Waits until every node says the cluster is ok and every replica is in sync.
+    fn wait_until_ok(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        for &port in &cluster.ports {
+        for &port in &self.ports {
             let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
                 .unwrap()
                 .get_connection()
                 .unwrap();
             loop {
                 let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut conn).unwrap();
-                if info.contains("cluster_state:ok") {
+                let replication: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query(&mut conn)
+                    .unwrap();
+                if info.contains("cluster_state:ok")
+                    && (replication.contains("role:master")
+                        || replication.contains("master_link_status:up"))
+                {
                     break;
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "the cluster did not come up: {info}"
+                    "the cluster did not come up: {info}{replication}"
                 );
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        cluster
+    }
+
+    /// SIGKILL of every node.
+    fn kill_all(&mut self) {
+        for mut child in self.children.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Every node started again after [`RedisCluster::kill_all`]; returns once the cluster
+    /// is ok.
+    fn restart_all(&mut self) {
+        self.spawn();
+        self.wait_until_ok();
     }
 
     /// The seed URL: two of the three nodes (the third is learnt from them).
@@ -610,9 +653,59 @@ async fn redis_without_persistence_is_reported_at_start() {
     );
 }
 
+/// A Redis that a test takes down and brings back.
+trait Outage {
+    /// The storage backend over it.
+    fn storage(&self) -> StorageBackend;
+    /// What a 503's detail names it by.
+    fn shown(&self) -> String;
+    /// Every server SIGKILLed.
+    fn down(&mut self);
+    /// Every server started again on its data; returns once it serves.
+    fn up(&mut self);
+}
+
+impl Outage for RedisServer {
+    fn storage(&self) -> StorageBackend {
+        RedisServer::storage(self)
+    }
+    fn shown(&self) -> String {
+        self.url()
+    }
+    fn down(&mut self) {
+        self.kill();
+    }
+    fn up(&mut self) {
+        self.restart();
+    }
+}
+
+impl Outage for RedisCluster {
+    fn storage(&self) -> StorageBackend {
+        self.config().storage
+    }
+    fn shown(&self) -> String {
+        self.url()
+    }
+    fn down(&mut self) {
+        self.kill_all();
+    }
+    fn up(&mut self) {
+        self.restart_all();
+    }
+}
+
 #[tokio::test]
 async fn redis_down_answers_503_naming_it_and_the_node_recovers_by_itself() {
-    let mut redis = RedisServer::start();
+    redis_down_on(RedisServer::start()).await;
+}
+
+#[tokio::test]
+async fn cluster_down_answers_503_naming_it_and_the_node_recovers_by_itself() {
+    redis_down_on(RedisCluster::start()).await;
+}
+
+async fn redis_down_on(mut redis: impl Outage) {
     let storage = redis.storage();
     let server = TestServer::start_tuned(
         tempfile::tempdir().unwrap(),
@@ -635,19 +728,19 @@ async fn redis_down_answers_503_naming_it_and_the_node_recovers_by_itself() {
     };
     assert_eq!(publish().await.unwrap().status(), 200);
 
-    redis.kill();
+    redis.down();
     let down = publish().await.unwrap();
     assert_eq!(down.status(), 503);
     let body: serde_json::Value = down.json().await.unwrap();
     let detail = body["detail"].as_str().unwrap();
     assert!(
-        detail.contains(&format!("redis at redis://127.0.0.1:{}", redis.port)),
+        detail.contains(&format!("redis at {}", redis.shown())),
         "{detail}"
     );
     let health = http.get(server.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 503);
 
-    redis.restart();
+    redis.up();
     let deadline = Instant::now() + Duration::from_secs(20);
     while http
         .get(server.url("/healthz"))
@@ -660,8 +753,16 @@ async fn redis_down_answers_503_naming_it_and_the_node_recovers_by_itself() {
         assert!(Instant::now() < deadline, "/healthz stayed 503");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Writes work again, on the offsets that follow what was stored before.
-    let again = publish().await.unwrap();
+    // Writes work again, on the offsets that follow what was stored before (a cluster's
+    // client may need a moment to find its nodes again: a 503 meanwhile is retried).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let again = loop {
+        let answer = publish().await.unwrap();
+        if answer.status() != 503 || Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(again.status(), 200);
     let body: serde_json::Value = again.json().await.unwrap();
     assert_eq!(body["offsets"], json!([1]), "{body}");
@@ -1249,4 +1350,186 @@ async fn waiting_for_replicas_acknowledges_when_they_confirm_and_answers_503_whe
         "{body}"
     );
     server.stop().await;
+}
+
+/// Durable Streams producers over two nodes: a producer that sends each append to the other
+/// node, without waiting, is never refused a valid sequence. Each node decides a refusal (a
+/// gap, an epoch that does not start at 0, a `Stream-Seq` regression) on its own view of the
+/// stream, which takes in the other node's append only when that append's notice arrives; a
+/// refusal therefore has Redis confirm the view it was decided on, and a stale view is
+/// refreshed and the append decided again instead of being answered 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_alternating_nodes_is_never_refused_a_valid_sequence() {
+    let redis = RedisServer::start();
+    a_producer_alternating_nodes_on(redis.storage()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_a_producer_alternating_nodes_is_never_refused_a_valid_sequence() {
+    let cluster = RedisCluster::start();
+    a_producer_alternating_nodes_on(cluster.config().storage).await;
+}
+
+async fn a_producer_alternating_nodes_on(storage: StorageBackend) {
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let storage = storage.clone();
+        nodes.push(
+            TestServer::start_tuned(
+                tempfile::tempdir().unwrap(),
+                move |c| c.storage = storage,
+                server_config(),
+            )
+            .await,
+        );
+    }
+    let http = client();
+    let created = http
+        .put(nodes[0].url("/v1/stream/alt"))
+        .header("content-type", "text/plain")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    // Epoch 0 for the first half, then the producer restarts with epoch 1 (from seq 0);
+    // `Stream-Seq` grows throughout.
+    const APPENDS: usize = 60;
+    let mut expected = String::new();
+    for i in 0..APPENDS {
+        let (epoch, seq) = if i < APPENDS / 2 {
+            (0, i)
+        } else {
+            (1, i - APPENDS / 2)
+        };
+        let body = format!("m{i};");
+        let answer = http
+            .post(nodes[i % 2].url("/v1/stream/alt"))
+            .header("content-type", "text/plain")
+            .header("producer-id", "p")
+            .header("producer-epoch", epoch.to_string())
+            .header("producer-seq", seq.to_string())
+            .header("stream-seq", format!("{i:06}"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = answer.status();
+        let headers = format!("{:?}", answer.headers());
+        assert_eq!(
+            status,
+            200,
+            "append {i} (epoch {epoch}, seq {seq}) on node {}: {headers}",
+            i % 2
+        );
+        expected.push_str(&body);
+    }
+    // A real gap is still refused, on either node, naming the seq that comes next.
+    for node in &nodes {
+        let gap = http
+            .post(node.url("/v1/stream/alt"))
+            .header("content-type", "text/plain")
+            .header("producer-id", "p")
+            .header("producer-epoch", "1")
+            .header("producer-seq", "99")
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(gap.status(), 409);
+        assert_eq!(
+            gap.headers()
+                .get("producer-expected-seq")
+                .and_then(|v| v.to_str().ok()),
+            Some((APPENDS / 2).to_string().as_str())
+        );
+    }
+    for node in &nodes {
+        let all = http
+            .get(node.url("/v1/stream/alt?offset=-1"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(all, expected);
+    }
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+/// `--redis-wait-replicas` on a Redis Cluster with one replica per master: N = 1
+/// acknowledges once the replica of the queue's master has the events; N = 2 cannot be met
+/// and the write fails as unavailable, naming the storage and the replicas reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_waiting_for_replicas_acknowledges_when_they_confirm_and_fails_when_not() {
+    let cluster = RedisCluster::start_with_replicas(1);
+    let one = QueueManager::open(Config {
+        redis_wait_replicas: 1,
+        ..cluster.config()
+    })
+    .await
+    .unwrap();
+    let (t, k) = (tenant("t"), task("job"));
+    let q = one
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    for expected in 0..3 {
+        assert_eq!(
+            q.enqueue(eventqueue::Event::new(&t, &k, working()))
+                .await
+                .unwrap(),
+            expected
+        );
+    }
+    // The replica of the queue's master answers for its slot once told to read.
+    let on_replicas: Vec<u64> = cluster
+        .ports
+        .iter()
+        .filter_map(|port| {
+            let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .ok()?
+                .get_connection()
+                .ok()?;
+            let role: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut conn)
+                .ok()?;
+            if !role.contains("role:slave") {
+                return None;
+            }
+            redis::cmd("READONLY").query::<()>(&mut conn).ok()?;
+            redis::cmd("XLEN").arg("eq:e:{t/job}").query(&mut conn).ok()
+        })
+        .collect();
+    assert_eq!(
+        on_replicas,
+        vec![3],
+        "one replica serves the slot and had every acknowledged event"
+    );
+    one.shutdown().await.unwrap();
+
+    let two = QueueManager::open(Config {
+        redis_wait_replicas: 2,
+        redis_wait_timeout: Duration::from_millis(100),
+        ..cluster.config()
+    })
+    .await
+    .unwrap();
+    let q = two.get_queue(&t, &k).unwrap();
+    match q.enqueue(eventqueue::Event::new(&t, &k, working())).await {
+        Err(Error::Storage(e)) => {
+            let text = e.to_string();
+            assert!(e.is_unavailable(), "{text}");
+            assert!(
+                text.contains(&format!("redis at {}", cluster.url()))
+                    && text.contains("1 of 2 replicas"),
+                "{text}"
+            );
+        }
+        other => panic!("expected the replica wait to fail, got {other:?}"),
+    }
+    two.shutdown().await.unwrap();
 }

@@ -1992,10 +1992,18 @@ impl WriteBatch for RedisBatch<'_> {
         Ok(seq)
     }
 
+    fn check(&mut self, qid: u64) {
+        self.touch(qid);
+    }
+
     fn commit(mut self: Box<Self>) -> Result<bool, WriteError> {
-        if self.ops.is_empty() {
+        // A batch of checks alone (see `WriteBatch::check`) still runs the script: its
+        // revision checks confirm the views its answers were decided on, and it writes
+        // nothing, so it waits for no replica either.
+        if self.ops.is_empty() && self.checks.is_empty() {
             return Ok(false);
         }
+        let writes = !self.ops.is_empty();
         let cluster = matches!(self.store.backend, Backend::Cluster(_));
         let (scripts, slots) = {
             let groups = if cluster {
@@ -2024,7 +2032,9 @@ impl WriteBatch for RedisBatch<'_> {
                 };
                 let (args, by_tag) = self.arguments(mode, &g.checks, &g.ops)?;
                 scripts.push((g.key.clone(), claim, args, by_tag));
-                slots.push(g.slot);
+                if !g.ops.is_empty() {
+                    slots.push(g.slot);
+                }
             }
             (scripts, slots)
         };
@@ -2126,8 +2136,10 @@ impl WriteBatch for RedisBatch<'_> {
         // Stored. Acknowledged only once enough replicas have it; otherwise the callers get
         // an error and the revisions stay unknown to this node, so its next batch of these
         // queues takes in what is stored.
-        self.wait_for_replicas(&slots)
-            .map_err(WriteError::Rejected)?;
+        if writes {
+            self.wait_for_replicas(&slots)
+                .map_err(WriteError::Rejected)?;
+        }
         let mut dropped: Vec<(String, String)> = Vec::new();
         {
             let mut revs = self.store.revs.lock().unwrap_or_else(|p| p.into_inner());
@@ -2156,7 +2168,7 @@ impl WriteBatch for RedisBatch<'_> {
                 tracing::debug!(error = %e, "a dropped checkpoint's id stays indexed");
             }
         }
-        Ok(true)
+        Ok(writes)
     }
 }
 
