@@ -28,9 +28,9 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 /// together in batches: while a batch is on its way, the sends made meanwhile wait and go as
 /// the next batch (up to 100 events or 1 MiB), each send's events kept together and in order.
 /// A lone send goes at once, with no added delay: the [linger](HttpSink::with_linger), how
-/// long the first send of a batch waits for others, defaults to **zero**. One batch costs
-/// the server one frame or request and one commit whatever its size, so reporters of parallel
-/// steps sharing a sink cost a fraction of a send each (see `docs/producers.md` for figures).
+/// long the first send of a batch waits for others, defaults to **zero**. A batch is one
+/// frame (or request) and one answer whatever its size, instead of one per send (figures in
+/// `docs/producers.md`).
 /// What a send's answer means does not change: `Ok` = its events are stored (durably, with the
 /// server's `immediate` durability) at the offsets given. A batch is stored atomically; when
 /// the server refuses one (an invalid event, a closed queue), each send in it is sent again on
