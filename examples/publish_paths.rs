@@ -1,7 +1,9 @@
-//! One-event publishes from many tasks of one program, three ways through the Rust client,
+//! One-event publishes from many tasks of one program, four ways through the Rust client,
 //! against an in-process server (its own runtime, default durability: fsync before the ack):
 //! `Client::publish` (one request per event), `Client::coalescer` (concurrent publishes to a
-//! queue share batch requests) and `Client::pipeline` (the WebSocket producer connection).
+//! queue share batch requests), `Client::pipeline` (the WebSocket producer connection) and
+//! the producer helpers' `HttpSink` (one sink per queue shared by its tasks, as reporters of
+//! parallel steps share it).
 //!
 //! ```text
 //! cargo run --release --example publish_paths -- [CLIENTS] [TASKS_PER_CLIENT] [SECS]
@@ -10,13 +12,15 @@
 //! Each client publishes to its own queue from `TASKS_PER_CLIENT` tasks, each awaiting its
 //! event's answer before the next (defaults: 8 clients × 16 tasks, 3 s per way). Prints
 //! events/s, the process's CPU per event (server and clients: one process), and for the
-//! coalescer the events per request. `EQ_LINGER_US` sets the coalescer's linger (default 0).
+//! coalescer the events per request. `EQ_LINGER_US` sets the coalescer's and the sink's linger
+//! (default 0). `EQ_WAYS` picks ways by name (e.g. `Sink,Coalesced`; default all four).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use eventqueue::client::Client;
+use eventqueue::producer::{EventSink, HttpSink};
 use eventqueue::server::{self, AppState, ServerConfig};
 use eventqueue::{Config, QueueManager};
 use serde_json::json;
@@ -26,11 +30,20 @@ fn event(i: u64) -> serde_json::Value {
            "details": {"i": i, "pad": "x".repeat(200)}})
 }
 
+/// The same event as [`event`], as a producer helper's payload.
+fn payload(i: u64) -> eventqueue::Payload {
+    eventqueue::ProgressEvent::new(1, 100)
+        .step("s")
+        .details(json!({"i": i, "pad": "x".repeat(200)}))
+        .into()
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Way {
     Requests,
     Coalesced,
     Pipelined,
+    Sink,
 }
 
 fn main() {
@@ -67,9 +80,11 @@ fn main() {
         ));
         addr
     });
-    for (round, way) in [Way::Requests, Way::Coalesced, Way::Pipelined]
+    let ways = std::env::var("EQ_WAYS").unwrap_or_default();
+    for (round, way) in [Way::Requests, Way::Coalesced, Way::Pipelined, Way::Sink]
         .into_iter()
         .enumerate()
+        .filter(|(_, w)| ways.is_empty() || ways.split(',').any(|n| n == format!("{w:?}")))
     {
         crt.block_on(run(addr, way, round, clients, tasks, secs));
     }
@@ -87,6 +102,7 @@ async fn run(
     let done = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::new();
     let mut coalescers = Vec::new();
+    let mut sinks = Vec::new();
     let end = Instant::now() + Duration::from_secs(secs);
     for c in 0..clients {
         let task = format!("q{round}-{c}");
@@ -103,20 +119,23 @@ async fn run(
             Way::Pipelined => Some(client.pipeline(&task).await.unwrap()),
             _ => None,
         };
+        let sink = HttpSink::from_client(client.clone(), &eventqueue::TaskId::new(&task).unwrap())
+            .with_linger(Duration::from_micros(linger_us()));
+        sinks.push(sink.clone());
         for _ in 0..tasks {
             let (client, task, done) = (client.clone(), task.clone(), done.clone());
-            let (coalescer, pipeline) = (coalescer.clone(), pipeline.clone());
+            let (coalescer, pipeline, sink) = (coalescer.clone(), pipeline.clone(), sink.clone());
             handles.push(tokio::spawn(async move {
                 let mut i = 0;
                 while Instant::now() < end {
                     let e = event(i);
-                    let outcome = match (way, &pipeline) {
-                        (Way::Requests, _) => client.publish(&task, &e).await,
-                        (Way::Coalesced, _) => coalescer.publish(&e).await,
-                        (Way::Pipelined, Some(p)) => p.publish(&e).await,
+                    match (way, &pipeline) {
+                        (Way::Requests, _) => drop(client.publish(&task, &e).await.unwrap()),
+                        (Way::Coalesced, _) => drop(coalescer.publish(&e).await.unwrap()),
+                        (Way::Pipelined, Some(p)) => drop(p.publish(&e).await.unwrap()),
                         (Way::Pipelined, None) => unreachable!(),
-                    };
-                    outcome.unwrap();
+                        (Way::Sink, _) => drop(sink.send(vec![payload(i)]).await.unwrap()),
+                    }
                     done.fetch_add(1, Ordering::Relaxed);
                     i += 1;
                 }
@@ -131,9 +150,12 @@ async fn run(
     let elapsed = start.elapsed().as_secs_f64();
     let cpu = cpu_us().saturating_sub(cpu0);
     let events = done.load(Ordering::Relaxed);
-    let requests: u64 = coalescers.iter().map(|c| c.requests()).sum();
+    let requests: u64 = match way {
+        Way::Sink => sinks.iter().map(|s| s.batches_sent()).sum(),
+        _ => coalescers.iter().map(|c| c.requests()).sum(),
+    };
     let per_request = match way {
-        Way::Coalesced if requests > 0 => {
+        Way::Coalesced | Way::Sink if requests > 0 => {
             format!(", {:.1} events/request", events as f64 / requests as f64)
         }
         _ => String::new(),

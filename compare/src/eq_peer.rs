@@ -17,9 +17,9 @@ use crate::servers::{Server, free_addr};
 const MAX_BUFFER: u64 = 10_000_000;
 
 pub struct Eventqueue {
-    addr: std::net::SocketAddr,
+    pub(crate) addr: std::net::SocketAddr,
     base: String,
-    tasks: Vec<String>,
+    pub(crate) tasks: Vec<String>,
     /// Every node serving these queues (`addr` first): several `serve` processes over one
     /// Redis (`scale.rs`). Throughput clients and fan-out subscribers are spread over them.
     nodes: Vec<std::net::SocketAddr>,
@@ -351,13 +351,13 @@ impl Eventqueue {
 /// One keep-alive HTTP/1.1 connection of a throughput workload: hyper's connection-level
 /// client, whose connection runs in its own task fed by a channel (as a redis-rs multiplexed
 /// connection does), with no pool or URL parsing per request.
-struct Conn {
+pub(crate) struct Conn {
     send: hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>,
     host: hyper::header::HeaderValue,
 }
 
 impl Conn {
-    async fn open(addr: std::net::SocketAddr) -> Result<Self> {
+    pub(crate) async fn open(addr: std::net::SocketAddr) -> Result<Self> {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
             .with_context(|| format!("connecting to {addr}"))?;
@@ -375,7 +375,7 @@ impl Conn {
     }
 
     /// POSTs `body` as JSON to `path` and reads the whole answer; fails unless it is a 2xx.
-    async fn post(&mut self, path: &hyper::Uri, body: Bytes) -> Result<()> {
+    pub(crate) async fn post(&mut self, path: &hyper::Uri, body: Bytes) -> Result<()> {
         use http_body_util::BodyExt;
         self.send.ready().await.context("connection closed")?;
         let req = hyper::Request::post(path.clone())

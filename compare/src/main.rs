@@ -4,6 +4,7 @@
 //!
 //! `compare/run.sh` installs the peers, builds everything and runs this binary.
 
+mod coalesce;
 mod drive;
 mod dstreams;
 mod eq_peer;
@@ -57,7 +58,8 @@ struct Args {
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// Run only these workloads (comma-separated: sequential1, sequential8, in_flight8x16,
-    /// ws8x16, batch8x16, replay, fanout100, fanout1000), e.g. to profile one of them.
+    /// ws8x16, coalesced8x16, batch8x16, replay, fanout100, fanout1000), e.g. to profile one
+    /// of them.
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     workloads: Option<Vec<String>>,
     /// Run the scale-out comparison of issue 21 instead (`scale.rs`): eventqueue on Redis, 1
@@ -152,6 +154,9 @@ pub enum Workload {
     /// eventqueue only: eight WebSocket producer connections, 16 one-event frames
     /// unacknowledged on each (the pipelined connection, against the peers' 8 × 16).
     Ws8x16,
+    /// eventqueue only: eight clients × 16 concurrent one-event publishers whose events ride
+    /// in batch requests (client-side coalescing, against the peers' 8 × 16).
+    Coalesced8x16,
     /// Read back a stream of `replay_events` events from its start.
     Replay,
     /// One publisher → 100 subscribers of one stream at 100 events/s.
@@ -160,11 +165,12 @@ pub enum Workload {
     Fanout1000,
 }
 
-pub const WORKLOADS: [Workload; 8] = [
+pub const WORKLOADS: [Workload; 9] = [
     Workload::Sequential1,
     Workload::Sequential8,
     Workload::InFlight8x16,
     Workload::Ws8x16,
+    Workload::Coalesced8x16,
     Workload::Batch8x16,
     Workload::Replay,
     Workload::Fanout100,
@@ -173,13 +179,18 @@ pub const WORKLOADS: [Workload; 8] = [
 
 impl Workload {
     fn applies_to(self, kind: Kind) -> bool {
-        !matches!(self, Workload::Batch8x16 | Workload::Ws8x16) || kind == Kind::Eventqueue
+        !matches!(
+            self,
+            Workload::Batch8x16 | Workload::Ws8x16 | Workload::Coalesced8x16
+        ) || kind == Kind::Eventqueue
     }
 
     /// The peers' workload an eventqueue-only row is compared with.
     pub fn peer_workload(self) -> Workload {
         match self {
-            Workload::Batch8x16 | Workload::Ws8x16 => Workload::InFlight8x16,
+            Workload::Batch8x16 | Workload::Ws8x16 | Workload::Coalesced8x16 => {
+                Workload::InFlight8x16
+            }
             w => w,
         }
     }
@@ -556,6 +567,7 @@ impl Peer {
             (Peer::Eventqueue(e), Workload::InFlight8x16) => e.requests(plan, CLIENTS, DEPTH).await,
             (Peer::Eventqueue(e), Workload::Batch8x16) => e.batches(plan).await,
             (Peer::Eventqueue(e), Workload::Ws8x16) => e.websockets(plan).await,
+            (Peer::Eventqueue(e), Workload::Coalesced8x16) => e.coalesced(plan).await,
             (Peer::Eventqueue(e), Workload::Replay) => e.replay(plan.replay_events).await,
             (Peer::Eventqueue(e), Workload::Fanout100) => e.fanout(plan, 100).await,
             (Peer::Eventqueue(e), Workload::Fanout1000) => e.fanout(plan, 1000).await,

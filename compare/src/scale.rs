@@ -34,9 +34,13 @@ impl Peer {
         match (self, w) {
             (Peer::Redis(r), Workload::Sequential1) => r.sequential(plan, 1).await,
             (Peer::Redis(r), Workload::Sequential8) => r.sequential(plan, CLIENTS).await,
-            (Peer::Redis(r), Workload::InFlight8x16 | Workload::Batch8x16 | Workload::Ws8x16) => {
-                r.pipelined(plan).await
-            }
+            (
+                Peer::Redis(r),
+                Workload::InFlight8x16
+                | Workload::Batch8x16
+                | Workload::Ws8x16
+                | Workload::Coalesced8x16,
+            ) => r.pipelined(plan).await,
             (Peer::Redis(r), Workload::Replay) => r.replay(plan.replay_events).await,
             (Peer::Redis(r), Workload::Fanout100) => r.fanout(plan, 100).await,
             (Peer::Redis(r), Workload::Fanout1000) => r.fanout(plan, 1000).await,
@@ -45,6 +49,7 @@ impl Peer {
             (Peer::Eventqueue(e), Workload::InFlight8x16) => e.requests(plan, CLIENTS, DEPTH).await,
             (Peer::Eventqueue(e), Workload::Batch8x16) => e.batches(plan).await,
             (Peer::Eventqueue(e), Workload::Ws8x16) => e.websockets(plan).await,
+            (Peer::Eventqueue(e), Workload::Coalesced8x16) => e.coalesced(plan).await,
             (Peer::Eventqueue(e), Workload::Replay) => e.replay(plan.replay_events).await,
             (Peer::Eventqueue(e), Workload::Fanout100) => e.fanout(plan, 100).await,
             (Peer::Eventqueue(e), Workload::Fanout1000) => e.fanout(plan, 1000).await,
@@ -280,6 +285,7 @@ fn label(w: Workload, plan_events: Option<u64>) -> String {
         Workload::InFlight8x16 => "8 clients × 16 one-event requests in flight".into(),
         Workload::Batch8x16 => "8 clients × batches of 16 (Redis: pipelines of 16)".into(),
         Workload::Ws8x16 => "8 WebSocket producers × 16 frames in flight".into(),
+        Workload::Coalesced8x16 => "8 clients × 16 in flight, coalesced".into(),
         Workload::Replay => format!(
             "replay {}k events (Redis: XRANGE; eventqueue: SSE)",
             plan_events.unwrap_or(0) / 1000

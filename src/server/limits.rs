@@ -9,9 +9,12 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use axum::http::StatusCode;
+use axum::http::header::RETRY_AFTER;
 use serde::de::IgnoredAny;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::ids::TenantId;
 use crate::server::error::ApiError;
@@ -179,6 +182,61 @@ pub(crate) struct QueueReservation<'a> {
 impl Drop for QueueReservation<'_> {
     fn drop(&mut self) {
         self.limits.release_queue(&self.tenant);
+    }
+}
+
+/// The server-wide budget of bytes in flight ([`crate::server::ServerConfig::max_body_bytes_in_flight`]):
+/// request bodies while they are read, and WebSocket producer frames from when they are read
+/// until they are answered. Both are bytes a client made the server hold; one budget for both
+/// means that neither many slow bodies nor many pipelining producers can make the server hold
+/// more than the budget in total. Counted in KiB (a semaphore's permits), each holder at least 1.
+#[derive(Debug, Clone)]
+pub(crate) struct BodyBudget {
+    room: Arc<Semaphore>,
+    /// The budget in KiB: the most one holder takes, so that a body or frame larger than the
+    /// whole budget still gets in alone.
+    kib: usize,
+    bytes: usize,
+}
+
+impl BodyBudget {
+    /// A budget of `bytes` (at least 1 KiB).
+    pub(crate) fn new(bytes: usize) -> Self {
+        let kib = (bytes / 1024).clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            room: Arc::new(Semaphore::new(kib)),
+            kib,
+            bytes,
+        }
+    }
+
+    /// Takes room for `bytes`, held until the permit is dropped.
+    ///
+    /// # Errors
+    ///
+    /// `503` with `Retry-After` when the budget has no room for them now (nothing waits: the
+    /// client retries, and a holder that does not give its room back cannot queue others
+    /// behind it).
+    pub(crate) fn take(&self, bytes: usize) -> Result<OwnedSemaphorePermit, ApiError> {
+        let kib = bytes.div_ceil(1024).clamp(1, self.kib);
+        let kib = u32::try_from(kib).unwrap_or(u32::MAX);
+        self.room.clone().try_acquire_many_owned(kib).map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "too many request bodies being received: the server takes at most {} \
+                     bytes of them at once; retry shortly",
+                    self.bytes
+                ),
+            )
+            .with_header(RETRY_AFTER, RETRY_AFTER_SECS.to_string())
+        })
+    }
+
+    /// Bytes held now (in whole KiB).
+    #[cfg(test)]
+    pub(crate) fn held_bytes(&self) -> usize {
+        self.kib.saturating_sub(self.room.available_permits()) * 1024
     }
 }
 

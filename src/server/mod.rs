@@ -147,7 +147,9 @@ pub struct ServerConfig {
     pub max_connections_per_ip: usize,
     /// Most bytes of request bodies being received at once, server-wide: a body reserves its
     /// declared `Content-Length` (or [`ServerConfig::max_body_bytes`] when it declares none)
-    /// while it is read; one that does not fit gets `503` at once. Default 128 MiB.
+    /// while it is read; one that does not fit gets `503` at once. WebSocket producer frames
+    /// count against the same budget from when they are read until they are answered; a frame
+    /// that does not fit is answered `503` (nothing stored). Default 128 MiB.
     pub max_body_bytes_in_flight: usize,
     /// Longest lifetime of an accepted token: `exp − iat` (or `exp − now` when it has no
     /// `iat`); longer ones get `401`. Default 30 days.
@@ -200,9 +202,9 @@ struct Inner {
     config: ServerConfig,
     shutdown: CancellationToken,
     limits: limits::Limits,
-    /// Room for request bodies being received, in KiB
+    /// Room for request bodies being received and WebSocket frames being committed
     /// ([`ServerConfig::max_body_bytes_in_flight`]).
-    bodies: Arc<tokio::sync::Semaphore>,
+    bodies: limits::BodyBudget,
     /// Each tenant's token not-before time, as last loaded from the store.
     revocations: auth::Revocations,
     /// [`ServerConfig::stream_buffer_bytes`], in permits of one byte.
@@ -212,11 +214,10 @@ struct Inner {
 impl AppState {
     /// State serving `manager` with `config`.
     pub fn new(manager: QueueManager, config: ServerConfig) -> Self {
-        let body_kib =
-            (config.max_body_bytes_in_flight / 1024).clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         Self {
             inner: Arc::new(Inner {
                 manager,
+                bodies: limits::BodyBudget::new(config.max_body_bytes_in_flight),
                 stream_budget: Arc::new(tokio::sync::Semaphore::new(
                     config
                         .stream_buffer_bytes
@@ -225,7 +226,6 @@ impl AppState {
                 config,
                 shutdown: CancellationToken::new(),
                 limits: limits::Limits::default(),
-                bodies: Arc::new(tokio::sync::Semaphore::new(body_kib)),
                 revocations: auth::Revocations::default(),
             }),
         }
@@ -256,7 +256,7 @@ impl AppState {
         &self.inner.limits
     }
 
-    fn bodies(&self) -> &Arc<tokio::sync::Semaphore> {
+    fn bodies(&self) -> &limits::BodyBudget {
         &self.inner.bodies
     }
 

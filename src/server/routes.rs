@@ -68,29 +68,7 @@ impl FromRequest<AppState> for RawBody {
         }
         // A body without a declared length may grow to the limit: it reserves that much.
         let reserve = declared.map_or(max, |n| usize::try_from(n).unwrap_or(max));
-        // At most the whole budget, so that a body limit above the budget still lets one in.
-        let kib = reserve
-            .div_ceil(1024)
-            .clamp(1, (state.config().max_body_bytes_in_flight / 1024).max(1));
-        let kib = u32::try_from(kib).unwrap_or(u32::MAX);
-        let _room = state
-            .bodies()
-            .clone()
-            .try_acquire_many_owned(kib)
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "too many request bodies being received: the server takes at most {} \
-                     bytes of them at once; retry shortly",
-                        state.config().max_body_bytes_in_flight
-                    ),
-                )
-                .with_header(
-                    axum::http::header::RETRY_AFTER,
-                    crate::server::RETRY_AFTER_SECS.to_string(),
-                )
-            })?;
+        let _room = state.bodies().take(reserve)?;
         let limit = state.config().body_read_timeout;
         tokio::time::timeout(limit, Bytes::from_request(req, state))
             .await

@@ -26,11 +26,18 @@
 //! the producer back. A producer that stops reading acknowledgements is held back the same
 //! way, once the socket buffers are full.
 //!
+//! **The server-wide budget.** Each frame also holds its bytes of
+//! [`ServerConfig::max_body_bytes_in_flight`] — the budget request bodies count against — from
+//! when it is read until its answer is written. A frame that does not fit is answered `503`
+//! (nothing of it stored; retry it, as a `503` to a `POST`), so many producer connections
+//! together cannot make the server hold more frames than that budget, however many are open.
+//!
 //! **Ordering.** One commit per connection is in flight at a time; the frames read meanwhile
 //! ride together in the next one (atomically, as one batch). So acknowledgements come in
 //! frame order and the offsets of a connection's events increase in the order sent.
 //!
 //! [`ServerConfig::max_ws_in_flight`]: crate::server::ServerConfig::max_ws_in_flight
+//! [`ServerConfig::max_body_bytes_in_flight`]: crate::server::ServerConfig::max_body_bytes_in_flight
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -45,6 +52,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use serde::Serialize;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::error::Result;
 use crate::event::Event;
@@ -53,6 +61,7 @@ use crate::server::AppState;
 use crate::server::auth::{Auth, Claims, LEEWAY, TokenError};
 use crate::server::conn::Place;
 use crate::server::error::ApiError;
+use crate::server::limits::BodyBudget;
 use crate::server::routes::{TaskPath, lookup, read_enqueue_body};
 use crate::server::tenant::{Caller, Need, Tenant, bearer_token};
 
@@ -119,6 +128,7 @@ pub(super) async fn producer(
         max_frames: config.max_ws_in_flight.max(1),
         max_bytes: config.max_body_bytes.saturating_mul(4),
         max_batch_events: config.max_batch_events.max(1),
+        budget: state.bodies().clone(),
     };
     Ok(upgrade
         .max_message_size(config.max_body_bytes)
@@ -204,7 +214,7 @@ pub(super) enum Outgoing {
 pub(super) type Submitted = Pin<Box<dyn Future<Output = Result<(Vec<u64>, u64, bool)>> + Send>>;
 
 /// Bounds of one connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct Limits {
     /// Frames read and not yet acknowledged.
     pub max_frames: usize,
@@ -212,6 +222,8 @@ pub(super) struct Limits {
     pub max_bytes: usize,
     /// Events per commit (frames are not split: a commit holds whole frames).
     pub max_batch_events: usize,
+    /// The server-wide budget of bytes in flight, shared with request bodies.
+    pub budget: BodyBudget,
 }
 
 #[derive(Serialize)]
@@ -245,7 +257,9 @@ struct Waiting {
 }
 
 /// Runs one producer connection: reads frames from `source` while fewer than the limits are
-/// unacknowledged, parses each (`parse`: an error is that frame's answer), commits the valid
+/// unacknowledged, takes each frame's bytes from the server-wide budget until it is answered
+/// (a frame that does not fit is answered `503` unparsed), parses each (`parse`: an error is
+/// that frame's answer), commits the valid
 /// frames (`submit`: one commit in flight, holding every frame that waited for it), and writes
 /// the answers to `sink` in frame order. Ends when the producer closes the connection (after
 /// answering every frame read) or `shutdown` resolves (stops reading, answers what was read,
@@ -277,8 +291,9 @@ where
     let write_err = |e: Snk::Error| format!("cannot write an acknowledgement: {e}");
     // Sequence numbers: of the next frame read, and of the next answer to write.
     let (mut next_seq, mut next_answer) = (0u64, 0u64);
-    // Bytes of the frames read and not answered, by sequence number.
-    let mut sizes: BTreeMap<u64, usize> = BTreeMap::new();
+    // Bytes of the frames read and not answered, by sequence number, with their room in the
+    // server-wide budget (none for a frame refused for want of it).
+    let mut sizes: BTreeMap<u64, (usize, Option<OwnedSemaphorePermit>)> = BTreeMap::new();
     let mut unanswered_bytes = 0usize;
     // Answers ready but waiting for an earlier one.
     let mut ready: BTreeMap<u64, String> = BTreeMap::new();
@@ -303,7 +318,8 @@ where
         let mut fed = false;
         while let Some(text) = ready.remove(&next_answer) {
             sink.feed(Outgoing::Ack(text)).await.map_err(write_err)?;
-            unanswered_bytes -= sizes.remove(&next_answer).unwrap_or(0);
+            // The frame's room in the budget goes back with its answer.
+            unanswered_bytes -= sizes.remove(&next_answer).map_or(0, |(n, _)| n);
             next_answer += 1;
             fed = true;
         }
@@ -335,9 +351,15 @@ where
                 Some(Ok(Incoming::Frame(body))) => {
                     let seq = next_seq;
                     next_seq += 1;
-                    sizes.insert(seq, body.len());
                     unanswered_bytes += body.len();
-                    match parse(&body) {
+                    let room = limits.budget.take(body.len());
+                    let parsed = match &room {
+                        Ok(_) => parse(&body),
+                        // Not parsed: the budget is what a flood of frames would exhaust.
+                        Err(e) => Err(e.clone()),
+                    };
+                    sizes.insert(seq, (body.len(), room.ok()));
+                    match parsed {
                         Ok(events) if events.is_empty() => {
                             answer(&mut ready, vec![(seq, 0)], Ok((Vec::new(), 0, false)));
                         }
@@ -484,6 +506,7 @@ mod tests {
             max_frames: 4,
             max_bytes: usize::MAX,
             max_batch_events: 1000,
+            budget: BodyBudget::new(1 << 20),
         };
         let task = tokio::spawn(pump(
             source,
@@ -530,5 +553,90 @@ mod tests {
             }
         }
         assert_eq!(seqs, (1..100).collect::<Vec<_>>());
+    }
+    #[tokio::test(flavor = "current_thread")]
+    async fn producers_together_hold_at_most_the_server_wide_budget() {
+        // Four connections of ten 1500-byte frames (2 KiB of budget each) over a budget of
+        // 8 KiB, with commits that finish only when the test says so: four frames in all get
+        // room, every other frame is answered 503 unparsed, and the room comes back with the
+        // answers.
+        let budget = BodyBudget::new(8 << 10);
+        let (commits_tx, mut commits) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
+        let parsed = Arc::new(AtomicUsize::new(0));
+        let mut pumps = Vec::new();
+        let mut answers = Vec::new();
+        for _ in 0..4 {
+            let source =
+                stream::iter(0..10).map(|_| Ok(Incoming::Frame(Bytes::from(vec![b' '; 1500]))));
+            let (acks_tx, acks) = mpsc::unbounded_channel::<Outgoing>();
+            answers.push(acks);
+            let sink = futures_util::sink::unfold(acks_tx, |tx, out: Outgoing| async move {
+                tx.send(out).map_err(|_| "closed")?;
+                Ok::<_, &str>(tx)
+            });
+            let commits_tx = commits_tx.clone();
+            let submit = move |events: Vec<(Event, bool)>| -> Submitted {
+                let (done, wait) = oneshot::channel();
+                let _ = commits_tx.send(done);
+                let n = events.len() as u64;
+                Box::pin(async move {
+                    let _ = wait.await;
+                    Ok(((0..n).collect(), n, false))
+                })
+            };
+            let parse = {
+                let parsed = parsed.clone();
+                move |body: &[u8]| {
+                    parsed.fetch_add(1, Ordering::SeqCst);
+                    one_event(body)
+                }
+            };
+            let limits = Limits {
+                max_frames: 256,
+                max_bytes: usize::MAX,
+                max_batch_events: 1000,
+                budget: budget.clone(),
+            };
+            pumps.push(tokio::spawn(pump(
+                source,
+                sink,
+                parse,
+                submit,
+                limits,
+                std::future::pending(),
+            )));
+        }
+        settle().await;
+        assert_eq!(budget.held_bytes(), 8 << 10);
+        assert_eq!(
+            parsed.load(Ordering::SeqCst),
+            4,
+            "only frames with room are parsed"
+        );
+        let release = tokio::spawn(async move {
+            while let Some(done) = commits.recv().await {
+                let _ = done.send(());
+            }
+        });
+        for p in pumps {
+            p.await.unwrap().unwrap();
+        }
+        drop(commits_tx);
+        release.await.unwrap();
+        assert_eq!(budget.held_bytes(), 0, "every frame's room came back");
+        let (mut stored, mut refused) = (0, 0);
+        for mut acks in answers {
+            while let Ok(out) = acks.try_recv() {
+                if let Outgoing::Ack(text) = out {
+                    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    match v["status"].as_u64() {
+                        None => stored += 1,
+                        Some(503) => refused += 1,
+                        Some(other) => panic!("unexpected answer {other}: {text}"),
+                    }
+                }
+            }
+        }
+        assert_eq!((stored, refused), (4, 36));
     }
 }

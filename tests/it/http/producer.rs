@@ -315,3 +315,79 @@ async fn the_demo_ingestion_cancelled_mid_way_stops_at_a_video_boundary() {
     assert_eq!(seen.iter().filter(|e| e["state"] == "cancelled").count(), 1);
     server.stop().await;
 }
+
+/// A progress payload that names its send and its place in it.
+fn marked(send: u64, k: u64) -> eventqueue::Payload {
+    eventqueue::ProgressEvent::new(k, 2)
+        .details(json!({"send": send, "k": k}))
+        .into()
+}
+
+#[tokio::test]
+async fn concurrent_sends_through_one_sink_ride_in_one_batch_each_answered_with_its_own_offsets() {
+    use eventqueue::producer::EventSink;
+    let server = TestServer::start(helpers::server_config()).await;
+    let sink = HttpSink::new(&server.url(""), &id("wf"))
+        .unwrap()
+        .with_tenant(&acme());
+    create(sink.client(), "wf", "workflow").await;
+    // Sixteen tasks send two events each at the same moment, through clones of one sink.
+    let sends = (0..16u64).map(|i| {
+        let sink = sink.clone();
+        async move { (i, sink.send(vec![marked(i, 0), marked(i, 1)]).await) }
+    });
+    let answers = futures_util::future::join_all(sends).await;
+    assert_eq!(
+        sink.batches_sent(),
+        1,
+        "all sixteen sends rode in one batch"
+    );
+    sink.client().close_queue("wf").await.unwrap();
+    let q = server.manager().get_queue(&acme(), &id("wf")).unwrap();
+    let events = all_json(&q).await;
+    assert_eq!(events.len(), 32);
+    for (i, answer) in answers {
+        let sent = answer.unwrap();
+        // A send's events stay together and in order, at the offsets its answer gives.
+        assert_eq!(sent.offsets.len(), 2);
+        assert_eq!(sent.offsets[1], sent.offsets[0] + 1);
+        for (k, offset) in sent.offsets.iter().enumerate() {
+            let stored = &events[*offset as usize];
+            assert_eq!(stored["details"], json!({"send": i, "k": k}));
+        }
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_send_in_a_batch_gets_its_own_refusal_and_the_others_are_stored() {
+    use eventqueue::client::ClientError;
+    use eventqueue::producer::EventSink;
+    let server = TestServer::start(helpers::server_config()).await;
+    let sink = HttpSink::new(&server.url(""), &id("wf"))
+        .unwrap()
+        .with_tenant(&acme());
+    create(sink.client(), "wf", "workflow").await;
+    // The middle send is invalid (current above total): the server refuses its batch whole.
+    let invalid: eventqueue::Payload = eventqueue::ProgressEvent::new(5, 1).into();
+    let (a, b, c) = tokio::join!(
+        sink.send(vec![marked(0, 0)]),
+        sink.send(vec![invalid]),
+        sink.send(vec![marked(2, 0)]),
+    );
+    let err = b.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ProducerError::Http(ClientError::Api { status: 400, .. })
+        ),
+        "{err:?}"
+    );
+    let (a, c) = (a.unwrap(), c.unwrap());
+    assert_eq!((a.offsets.len(), c.offsets.len()), (1, 1));
+    // One batch, refused, then each send on its own.
+    assert_eq!(sink.batches_sent(), 4);
+    let q = server.manager().get_queue(&acme(), &id("wf")).unwrap();
+    assert_eq!(q.latest_offset(), 2);
+    server.stop().await;
+}

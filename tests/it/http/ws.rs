@@ -450,3 +450,64 @@ async fn the_clients_pipeline_answers_concurrent_publishes_each_with_its_own_off
     drop(pipeline);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn frames_count_against_the_server_wide_budget_that_request_bodies_take() {
+    let mut config = server_config();
+    config.max_body_bytes_in_flight = 64 << 10;
+    config.body_read_timeout = std::time::Duration::from_secs(600);
+    let server = TestServer::start(config).await;
+    create(&server, "wf-1", None).await;
+    let mut ws = connect(&server, "wf-1", None).await.unwrap();
+    let big = json!({"event_type": "progress", "current": 1, "total": 2,
+                     "details": {"pad": "x".repeat(8000)}});
+    // An HTTP client declares a 60 000-byte body and sends none of it: while the server waits
+    // for it, it holds 59 of the budget's 64 KiB, and an 8 KB frame does not fit.
+    let mut holding = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    holding
+        .write_all(
+            b"POST /events/queues/wf-1/events HTTP/1.1\r\nHost: x\r\n\
+              Content-Type: application/json\r\nContent-Length: 60000\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+    // (Until the server has read that request's head, the frame still fits: it is stored,
+    // and sent again.)
+    let refused = tokio::time::timeout(HANG_GUARD, async {
+        loop {
+            send(&mut ws, &big).await;
+            let ack = next_ack(&mut ws).await;
+            if ack["status"] == 503 {
+                return ack;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the frame was never refused");
+    assert!(
+        refused["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("too many request bodies being received"),
+        "{refused}"
+    );
+    let stored_before = refused["seq"].as_u64().unwrap();
+    // A frame that fits in what is left is stored; the refused one stored nothing.
+    send(&mut ws, &working(0)).await;
+    let ack = next_ack(&mut ws).await;
+    assert_eq!(ack["offsets"], json!([stored_before]), "{ack}");
+    // The held share comes back when that client goes away; the big frame then fits.
+    drop(holding);
+    tokio::time::timeout(HANG_GUARD, async {
+        loop {
+            send(&mut ws, &big).await;
+            if next_ack(&mut ws).await["offsets"].is_array() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the budget never came back");
+}
