@@ -167,7 +167,9 @@ impl Client {
             tokio_tungstenite::client_async_with_config(
                 request,
                 stream,
-                Some(WebSocketConfig::default()),
+                // Acknowledgements are small: the default 128 KiB read buffer is zeroed
+                // before every read, which costs more than the reads themselves.
+                Some(WebSocketConfig::default().read_buffer_size(16 * 1024)),
             ),
         )
         .await
