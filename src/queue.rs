@@ -335,6 +335,24 @@ impl EventQueue {
         Subscription::new(self.q.clone(), self.core.clone(), from_offset)
     }
 
+    /// Starts a read of the stored events in `from..to` on the blocking pool, without a
+    /// subscription (see `Storage::read_range` for `limit` and `max_bytes`): for a reader
+    /// that wants the stored bytes below a tail it read from [`EventQueue::latest_offset`]
+    /// (published, so stored and synced) and nothing live, such as a Durable Streams
+    /// catch-up read. Offsets missing from the result were trimmed; an empty result means
+    /// nothing of `from..to` is retained (or the queue was deleted).
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    pub(crate) fn spawn_read(
+        &self,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> tokio::task::JoinHandle<Result<Vec<crate::storage::StoredEvent>>> {
+        self.core
+            .spawn_read(self.q.id(), from, to, limit, max_bytes)
+    }
+
     /// One past the newest offset ever appended (dropped events included); 0 when empty.
     pub fn latest_offset(&self) -> u64 {
         self.q.with_view(|v| v.next_offset)

@@ -1257,6 +1257,30 @@ fn body_of(content_type: &str, messages: &[Bytes]) -> Vec<u8> {
     }
 }
 
+/// Most messages one catch-up read answers; a read of more ends there without
+/// `Stream-Up-To-Date`, and the client goes on from its `Stream-Next-Offset`. Memory does not
+/// depend on it (the body is streamed slice by slice): it only bounds how long one response
+/// runs.
+const CATCH_UP_MESSAGES: u64 = 1 << 20;
+/// Most messages of one slice of a catch-up read: what is read from the store at once.
+const SLICE_MESSAGES: usize = 8192;
+/// Most bytes of messages of one slice (at least one message is always read). A streaming
+/// read holds at most two slices: the one being sent and the one read ahead.
+const SLICE_BYTES: usize = 512 << 10;
+
+/// A catch-up `GET`: the stored messages from `from` up to the tail as it was when the request
+/// came (at most [`CATCH_UP_MESSAGES`]), in one response.
+///
+/// The end is decided first, from the queue's published tail (everything below it is stored
+/// and synced), so the headers (`Stream-Next-Offset`, `ETag`, `Stream-Up-To-Date`) are known
+/// before any message is read, and an `If-None-Match` hit reads nothing. The messages then go
+/// straight from the store to the body, read in slices on the blocking pool (the next slice
+/// is read while the current one is sent) and written as they come: no subscription, no
+/// decoding into events, one copy from the store's read into the body, and memory bounded by
+/// two slices whatever the read's length. A read that fits one slice is answered whole, with
+/// its length. Messages trimmed while the read runs are skipped, as a subscription skips a
+/// gap; a storage error after the headers went out cuts the body short (the client sees an
+/// incomplete response, never a wrong one).
 async fn catch_up(
     q: EventQueue,
     from: u64,
@@ -1266,9 +1290,9 @@ async fn catch_up(
 ) -> Result<Response, Response> {
     let tail = tail_of(&q);
     let closed = ended(&q);
-    let chunk = read_chunk(&q, from, tail).await?;
-    let up_to_date = chunk.next >= tail;
-    let tag = etag(from, chunk.next, closed && up_to_date);
+    let end = tail.min(from.saturating_add(CATCH_UP_MESSAGES));
+    let up_to_date = end >= tail;
+    let tag = etag(from, end, closed && up_to_date);
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -1279,7 +1303,7 @@ async fn catch_up(
         StatusCode::OK
     })
     .header(header::CONTENT_TYPE, content_type)
-    .header("stream-next-offset", format_offset(chunk.next))
+    .header("stream-next-offset", format_offset(end))
     .header(header::ETAG, &tag);
     b = if matches!(offset, ReadOffset::Now) {
         b.header(header::CACHE_CONTROL, "no-store")
@@ -1295,10 +1319,104 @@ async fn catch_up(
     if not_modified {
         return Ok(finish(b, Body::empty()));
     }
-    Ok(finish(
-        b,
-        Body::from(body_of(content_type, &chunk.messages)),
-    ))
+    let mut body = CatchUpBody {
+        q,
+        next: from,
+        end,
+        json: is_json(content_type),
+        started: false,
+        any: false,
+        ahead: None,
+    };
+    // The first slice before the answer: a read that fits it is sent whole, and a failing
+    // store is still an error status.
+    let first = body.step().await.map_err(|e| api_error(e.into()))?;
+    if body.finished() {
+        return Ok(finish(b, Body::from(first)));
+    }
+    let rest = futures_util::stream::unfold(body, |mut body| async move {
+        if body.finished() {
+            return None;
+        }
+        let chunk = body.step().await.map_err(|e| {
+            tracing::warn!(error = %e, "a Durable Streams catch-up read failed; its body is cut short");
+            std::io::Error::other(e.to_string())
+        });
+        if chunk.is_err() {
+            body.next = body.end;
+        }
+        Some((chunk, body))
+    });
+    let stream = futures_util::stream::once(async move { Ok(first) }).chain(rest);
+    Ok(finish(b, Body::from_stream(stream)))
+}
+
+/// The state of a streamed catch-up read (see [`catch_up`]).
+struct CatchUpBody {
+    q: EventQueue,
+    /// The next offset to read.
+    next: u64,
+    /// Where the read ends (exclusive): its `Stream-Next-Offset`.
+    end: u64,
+    /// A JSON stream's body is one array of the messages.
+    json: bool,
+    /// Whether the array's `[` went out.
+    started: bool,
+    /// Whether a message went out (the next one needs a `,` before it).
+    any: bool,
+    /// The read of the next slice, started while the current one is sent.
+    ahead: Option<tokio::task::JoinHandle<crate::error::Result<Vec<crate::storage::StoredEvent>>>>,
+}
+
+impl CatchUpBody {
+    fn finished(&self) -> bool {
+        self.next >= self.end && self.started
+    }
+
+    fn read(
+        &self,
+        from: u64,
+    ) -> tokio::task::JoinHandle<crate::error::Result<Vec<crate::storage::StoredEvent>>> {
+        self.q
+            .spawn_read(from, self.end, SLICE_MESSAGES, SLICE_BYTES)
+    }
+
+    /// The body's next piece: the next slice of messages (framed), and at the end the
+    /// array's close; starts the read of the slice after it.
+    async fn step(&mut self) -> Result<Bytes, Error> {
+        let events = if self.next >= self.end {
+            Vec::new()
+        } else {
+            let read = match self.ahead.take() {
+                Some(r) => r,
+                None => self.read(self.next),
+            };
+            read.await
+                .map_err(|e| Error::internal(format!("storage read task failed: {e}")))??
+        };
+        // Nothing retained in the rest of the range (trimmed, or the stream was deleted).
+        self.next = events.last().map_or(self.end, |e| e.offset + 1);
+        if self.next < self.end {
+            self.ahead = Some(self.read(self.next));
+        }
+        let size: usize = events.iter().map(|e| e.json.len() + 1).sum();
+        let mut out = BytesMut::with_capacity(size + 2);
+        if self.json && !self.started {
+            out.extend_from_slice(b"[");
+        }
+        self.started = true;
+        for e in &events {
+            if self.json && self.any {
+                out.extend_from_slice(b",");
+            }
+            self.any = true;
+            out.extend_from_slice(&e.json);
+        }
+        if self.json && self.next >= self.end {
+            out.extend_from_slice(b"]");
+        }
+        Ok(out.freeze())
+    }
 }
 
 async fn long_poll(
