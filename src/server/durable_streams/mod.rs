@@ -1365,7 +1365,26 @@ struct CatchUpBody {
     /// Whether a message went out (the next one needs a `,` before it).
     any: bool,
     /// The read of the next slice, started while the current one is sent.
-    ahead: Option<tokio::task::JoinHandle<crate::error::Result<Vec<crate::storage::StoredEvent>>>>,
+    ahead: Option<tokio::task::JoinHandle<crate::error::Result<Slice>>>,
+}
+
+/// One slice of a catch-up read: its messages framed for the body, as the store lends them.
+struct Slice {
+    out: BytesMut,
+    json: bool,
+    any: bool,
+    last: Option<u64>,
+}
+
+impl Slice {
+    fn put(&mut self, offset: u64, message: &[u8]) {
+        if self.json && self.any {
+            self.out.extend_from_slice(b",");
+        }
+        self.any = true;
+        self.out.extend_from_slice(message);
+        self.last = Some(offset);
+    }
 }
 
 impl CatchUpBody {
@@ -1373,44 +1392,51 @@ impl CatchUpBody {
         self.next >= self.end && self.started
     }
 
-    fn read(
-        &self,
-        from: u64,
-    ) -> tokio::task::JoinHandle<crate::error::Result<Vec<crate::storage::StoredEvent>>> {
-        self.q
-            .spawn_read(from, self.end, SLICE_MESSAGES, SLICE_BYTES)
+    fn read(&self, from: u64, any: bool) -> tokio::task::JoinHandle<crate::error::Result<Slice>> {
+        let slice = Slice {
+            // A little more than a slice holds, so that its last message needs no regrowth.
+            out: BytesMut::with_capacity(SLICE_BYTES + SLICE_BYTES / 8),
+            json: self.json,
+            any,
+            last: None,
+        };
+        self.q.spawn_read_each(
+            from,
+            self.end,
+            SLICE_MESSAGES,
+            SLICE_BYTES,
+            slice,
+            Slice::put,
+        )
     }
 
     /// The body's next piece: the next slice of messages (framed), and at the end the
     /// array's close; starts the read of the slice after it.
     async fn step(&mut self) -> Result<Bytes, Error> {
-        let events = if self.next >= self.end {
-            Vec::new()
-        } else {
-            let read = match self.ahead.take() {
-                Some(r) => r,
-                None => self.read(self.next),
-            };
-            read.await
-                .map_err(|e| Error::internal(format!("storage read task failed: {e}")))??
-        };
-        // Nothing retained in the rest of the range (trimmed, or the stream was deleted).
-        self.next = events.last().map_or(self.end, |e| e.offset + 1);
-        if self.next < self.end {
-            self.ahead = Some(self.read(self.next));
-        }
-        let size: usize = events.iter().map(|e| e.json.len() + 1).sum();
-        let mut out = BytesMut::with_capacity(size + 2);
+        let mut out = BytesMut::new();
         if self.json && !self.started {
             out.extend_from_slice(b"[");
         }
         self.started = true;
-        for e in &events {
-            if self.json && self.any {
-                out.extend_from_slice(b",");
+        if self.next < self.end {
+            let read = match self.ahead.take() {
+                Some(r) => r,
+                None => self.read(self.next, self.any),
+            };
+            let slice = read
+                .await
+                .map_err(|e| Error::internal(format!("storage read task failed: {e}")))??;
+            // No message: nothing retained in the rest of the range (trimmed, or deleted).
+            self.next = slice.last.map_or(self.end, |last| last + 1);
+            self.any = slice.any;
+            if self.next < self.end {
+                self.ahead = Some(self.read(self.next, self.any));
             }
-            self.any = true;
-            out.extend_from_slice(&e.json);
+            if out.is_empty() {
+                out = slice.out;
+            } else {
+                out.extend_from_slice(&slice.out);
+            }
         }
         if self.json && self.next >= self.end {
             out.extend_from_slice(b"]");
