@@ -54,7 +54,7 @@ use crate::server::stream::{self, Framing, Keepalive, StreamBody, StreamSlot};
 use crate::server::tenant::Caller;
 use crate::subscription::Delivery;
 
-use wire::{ReadOffset, cursor, etag, format_offset, is_json, media_type, sse_frame_data};
+use wire::{ReadOffset, cursor, etag, format_offset, is_json, media_type, put_sse_data};
 
 /// How long a long-poll read waits for new data before answering `204`.
 const LONG_POLL: Duration = Duration::from_secs(3);
@@ -1240,21 +1240,22 @@ enum Live {
 }
 
 /// The body of a read: a JSON array for JSON streams, the messages' bytes otherwise.
-fn body_of(content_type: &str, messages: &[Bytes]) -> Vec<u8> {
-    if is_json(content_type) {
-        let mut out = Vec::with_capacity(2 + messages.iter().map(|m| m.len() + 1).sum::<usize>());
+fn body_of<M: AsRef<[u8]>>(json: bool, messages: &[M]) -> Vec<u8> {
+    let size: usize = messages.iter().map(|m| m.as_ref().len() + 1).sum();
+    let mut out = Vec::with_capacity(size + 2);
+    if json {
         out.push(b'[');
-        for (i, m) in messages.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(m);
-        }
-        out.push(b']');
-        out
-    } else {
-        messages.concat()
     }
+    for (i, m) in messages.iter().enumerate() {
+        if json && i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(m.as_ref());
+    }
+    if json {
+        out.push(b']');
+    }
+    out
 }
 
 /// Most messages one catch-up read answers; a read of more ends there without
@@ -1500,24 +1501,28 @@ async fn long_poll(
         .header(header::ETAG, etag(from, chunk.next, closed && up_to_date));
     Ok(finish(
         b,
-        Body::from(body_of(content_type, &chunk.messages)),
+        Body::from(body_of(is_json(content_type), &chunk.messages)),
     ))
 }
 
 /// The `control` event after each batch: where to read next, and whether the stream is
-/// closed (then no cursor) and the reader up to date.
-fn control(next: u64, closed: bool, up_to_date: bool, cur: &str) -> String {
-    let mut c = serde_json::Map::new();
-    c.insert("streamNextOffset".into(), format_offset(next).into());
+/// closed (then no cursor) and the reader up to date. Written by hand, in place: every live
+/// reader sends one per batch, and its values (an offset, a cursor: digits) need no escaping.
+fn put_control(out: &mut BytesMut, next: u64, closed: bool, up_to_date: bool, cur: &str) {
+    out.extend_from_slice(b"event: control\ndata:{\"streamNextOffset\":\"");
+    out.extend_from_slice(format_offset(next).as_bytes());
     if closed {
-        c.insert("streamClosed".into(), true.into());
+        out.extend_from_slice(b"\",\"streamClosed\":true");
     } else {
-        c.insert("streamCursor".into(), cur.into());
+        debug_assert!(cur.bytes().all(|b| b.is_ascii_digit()));
+        out.extend_from_slice(b"\",\"streamCursor\":\"");
+        out.extend_from_slice(cur.as_bytes());
+        out.extend_from_slice(b"\"");
     }
     if up_to_date {
-        c.insert("upToDate".into(), true.into());
+        out.extend_from_slice(b",\"upToDate\":true");
     }
-    format!("event: control\ndata:{}\n\n", serde_json::Value::Object(c))
+    out.extend_from_slice(b"}\n\n");
 }
 
 /// The protocol's SSE framing of a subscription's batches: a `data` event with the batch's
@@ -1526,7 +1531,8 @@ fn control(next: u64, closed: bool, up_to_date: bool, cur: &str) -> String {
 /// share the same memory budget, stop reading when their client stops, and end at shutdown.
 struct SseFraming {
     q: EventQueue,
-    content_type: String,
+    /// A JSON stream: a batch is framed as one array.
+    json: bool,
     base64: bool,
     client_cursor: Option<String>,
     next: u64,
@@ -1536,12 +1542,12 @@ impl Framing for SseFraming {
     const PROTOCOL: &'static str = "durable-streams";
 
     fn put_batch(&mut self, batch: &[Delivery], out: &mut BytesMut) -> ControlFlow<()> {
-        let mut messages = Vec::with_capacity(batch.len());
+        let mut messages: Vec<&[u8]> = Vec::with_capacity(batch.len());
         for d in batch {
             match d {
                 Delivery::Event(e) => {
                     self.next = e.offset() + 1;
-                    messages.push(e.json().clone());
+                    messages.push(e.json().as_ref());
                 }
                 Delivery::Gap {
                     first_available_offset,
@@ -1549,14 +1555,16 @@ impl Framing for SseFraming {
                 } => self.next = *first_available_offset,
             }
         }
-        if !messages.is_empty() {
-            let payload = body_of(&self.content_type, &messages);
-            out.extend_from_slice(sse_frame_data(&payload, self.base64).as_bytes());
+        match messages.as_slice() {
+            [] => {}
+            // The common live case: one message of a text or binary stream, framed as it is.
+            [one] if !self.json => put_sse_data(out, one, self.base64),
+            many => put_sse_data(out, &body_of(self.json, many), self.base64),
         }
         let tail = tail_of(&self.q);
         let closed = ended(&self.q) && self.next >= tail;
         let cur = cursor(self.client_cursor.as_deref());
-        out.extend_from_slice(control(self.next, closed, self.next >= tail, &cur).as_bytes());
+        put_control(out, self.next, closed, self.next >= tail, &cur);
         if closed {
             ControlFlow::Break(())
         } else {
@@ -1568,7 +1576,7 @@ impl Framing for SseFraming {
         // The subscription ended at the close, everything delivered (a removal says nothing).
         if ended(&self.q) {
             let cur = cursor(self.client_cursor.as_deref());
-            out.extend_from_slice(control(self.next, true, true, &cur).as_bytes());
+            put_control(out, self.next, true, true, &cur);
         }
     }
 }
@@ -1594,22 +1602,20 @@ fn sse(
     let sub = q.subscribe(from).map_err(|e| api_error(e.into()))?;
     let tail = tail_of(&q);
     // Nothing more can come: say so at once; at the tail, say the reader is up to date.
-    let (opening, only_opening) = if ended(&q) && from >= tail {
-        (control(from, true, true, &first_cursor), true)
-    } else if from >= tail {
-        (control(from, false, true, &first_cursor), false)
-    } else {
-        (String::new(), false)
-    };
+    let mut opening = BytesMut::new();
+    let only_opening = ended(&q) && from >= tail;
+    if from >= tail {
+        put_control(&mut opening, from, only_opening, true, &first_cursor);
+    }
     let framing = SseFraming {
         q,
-        content_type,
+        json: is_json(&content_type),
         base64,
         client_cursor: client_cursor.map(str::to_string),
         next: from,
     };
     let keepalive = Keepalive::every(state.config().keepalive);
-    let mut body = StreamBody::new(state, slot, Bytes::from(opening), sub, framing, keepalive);
+    let mut body = StreamBody::new(state, slot, opening.freeze(), sub, framing, keepalive);
     if only_opening {
         body = body.end_after_opening();
     }
