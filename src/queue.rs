@@ -335,6 +335,35 @@ impl EventQueue {
         Subscription::new(self.q.clone(), self.core.clone(), from_offset)
     }
 
+    /// Starts a read of the stored events in `from..to` on the blocking pool, without a
+    /// subscription (see `Storage::read_each` for `limit` and `max_bytes`): `each` gets every
+    /// event's offset and JSON, lent from the store's read, with `state`, which the read then
+    /// returns. For a reader that wants the stored bytes below a tail it took from
+    /// [`EventQueue::latest_offset`] (published, so stored and synced) and nothing live, such
+    /// as a Durable Streams catch-up read. Offsets missing were trimmed; no event at all means
+    /// nothing of `from..to` is retained (or the queue was deleted).
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    pub(crate) fn spawn_read_each<S: Send + 'static>(
+        &self,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+        mut state: S,
+        each: fn(&mut S, u64, &[u8]),
+    ) -> tokio::task::JoinHandle<Result<S>> {
+        let (core, qid) = (self.core.clone(), self.q.id());
+        tokio::spawn(async move {
+            core.on_storage(move |storage| {
+                storage.read_each(qid, from, to, limit, max_bytes, &mut |offset, json| {
+                    each(&mut state, offset, json)
+                })?;
+                Ok(state)
+            })
+            .await
+        })
+    }
+
     /// One past the newest offset ever appended (dropped events included); 0 when empty.
     pub fn latest_offset(&self) -> u64 {
         self.q.with_view(|v| v.next_offset)

@@ -490,6 +490,30 @@ pub(crate) trait Storage: Send + Sync + 'static {
         max_bytes: usize,
     ) -> Result<Vec<StoredEvent>>;
 
+    /// What [`Storage::read_range`] reads, handed to `each` as it is read (offset and JSON, in
+    /// offset order) instead of collected into [`StoredEvent`]s: for a reader that only copies
+    /// the bytes on (a Durable Streams catch-up read), so a store can lend them straight from
+    /// its read. The same events, limits and stopping rule as `read_range`; the default reads
+    /// through it.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors (`each` may have seen some events by then).
+    fn read_each(
+        &self,
+        qid: u64,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+        each: &mut dyn FnMut(u64, &[u8]),
+    ) -> Result<()> {
+        for e in self.read_range(qid, from, to, limit, max_bytes)? {
+            each(e.offset, &e.json);
+        }
+        Ok(())
+    }
+
     /// The workflow's newest checkpoint.
     ///
     /// # Errors

@@ -54,7 +54,7 @@ use crate::server::stream::{self, Framing, Keepalive, StreamBody, StreamSlot};
 use crate::server::tenant::Caller;
 use crate::subscription::Delivery;
 
-use wire::{ReadOffset, cursor, etag, format_offset, is_json, media_type, sse_frame_data};
+use wire::{ReadOffset, cursor, etag, format_offset, is_json, media_type, put_sse_data};
 
 /// How long a long-poll read waits for new data before answering `204`.
 const LONG_POLL: Duration = Duration::from_secs(3);
@@ -1240,23 +1240,48 @@ enum Live {
 }
 
 /// The body of a read: a JSON array for JSON streams, the messages' bytes otherwise.
-fn body_of(content_type: &str, messages: &[Bytes]) -> Vec<u8> {
-    if is_json(content_type) {
-        let mut out = Vec::with_capacity(2 + messages.iter().map(|m| m.len() + 1).sum::<usize>());
+fn body_of<M: AsRef<[u8]>>(json: bool, messages: &[M]) -> Vec<u8> {
+    let size: usize = messages.iter().map(|m| m.as_ref().len() + 1).sum();
+    let mut out = Vec::with_capacity(size + 2);
+    if json {
         out.push(b'[');
-        for (i, m) in messages.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(m);
-        }
-        out.push(b']');
-        out
-    } else {
-        messages.concat()
     }
+    for (i, m) in messages.iter().enumerate() {
+        if json && i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(m.as_ref());
+    }
+    if json {
+        out.push(b']');
+    }
+    out
 }
 
+/// Most messages one catch-up read answers; a read of more ends there without
+/// `Stream-Up-To-Date`, and the client goes on from its `Stream-Next-Offset`. Memory does not
+/// depend on it (the body is streamed slice by slice): it only bounds how long one response
+/// runs.
+const CATCH_UP_MESSAGES: u64 = 1 << 20;
+/// Most messages of one slice of a catch-up read: what is read from the store at once.
+const SLICE_MESSAGES: usize = 8192;
+/// Most bytes of messages of one slice (at least one message is always read). A streaming
+/// read holds at most two slices: the one being sent and the one read ahead.
+const SLICE_BYTES: usize = 512 << 10;
+
+/// A catch-up `GET`: the stored messages from `from` up to the tail as it was when the request
+/// came (at most [`CATCH_UP_MESSAGES`]), in one response.
+///
+/// The end is decided first, from the queue's published tail (everything below it is stored
+/// and synced), so the headers (`Stream-Next-Offset`, `ETag`, `Stream-Up-To-Date`) are known
+/// before any message is read, and an `If-None-Match` hit reads nothing. The messages then go
+/// straight from the store to the body, read in slices on the blocking pool (the next slice
+/// is read while the current one is sent) and written as they come: no subscription, no
+/// decoding into events, one copy from the store's read into the body, and memory bounded by
+/// two slices whatever the read's length. A read that fits one slice is answered whole, with
+/// its length. Messages trimmed while the read runs are skipped, as a subscription skips a
+/// gap; a storage error after the headers went out cuts the body short (the client sees an
+/// incomplete response, never a wrong one).
 async fn catch_up(
     q: EventQueue,
     from: u64,
@@ -1266,9 +1291,9 @@ async fn catch_up(
 ) -> Result<Response, Response> {
     let tail = tail_of(&q);
     let closed = ended(&q);
-    let chunk = read_chunk(&q, from, tail).await?;
-    let up_to_date = chunk.next >= tail;
-    let tag = etag(from, chunk.next, closed && up_to_date);
+    let end = tail.min(from.saturating_add(CATCH_UP_MESSAGES));
+    let up_to_date = end >= tail;
+    let tag = etag(from, end, closed && up_to_date);
     let not_modified = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -1279,7 +1304,7 @@ async fn catch_up(
         StatusCode::OK
     })
     .header(header::CONTENT_TYPE, content_type)
-    .header("stream-next-offset", format_offset(chunk.next))
+    .header("stream-next-offset", format_offset(end))
     .header(header::ETAG, &tag);
     b = if matches!(offset, ReadOffset::Now) {
         b.header(header::CACHE_CONTROL, "no-store")
@@ -1295,10 +1320,130 @@ async fn catch_up(
     if not_modified {
         return Ok(finish(b, Body::empty()));
     }
-    Ok(finish(
-        b,
-        Body::from(body_of(content_type, &chunk.messages)),
-    ))
+    let mut body = CatchUpBody {
+        q,
+        next: from,
+        end,
+        json: is_json(content_type),
+        started: false,
+        any: false,
+        ahead: None,
+    };
+    // The first slice before the answer: a read that fits it is sent whole, and a failing
+    // store is still an error status.
+    let first = body.step().await.map_err(|e| api_error(e.into()))?;
+    if body.finished() {
+        return Ok(finish(b, Body::from(first)));
+    }
+    let rest = futures_util::stream::unfold(body, |mut body| async move {
+        if body.finished() {
+            return None;
+        }
+        let chunk = body.step().await.map_err(|e| {
+            tracing::warn!(error = %e, "a Durable Streams catch-up read failed; its body is cut short");
+            std::io::Error::other(e.to_string())
+        });
+        if chunk.is_err() {
+            body.next = body.end;
+        }
+        Some((chunk, body))
+    });
+    let stream = futures_util::stream::once(async move { Ok(first) }).chain(rest);
+    Ok(finish(b, Body::from_stream(stream)))
+}
+
+/// The state of a streamed catch-up read (see [`catch_up`]).
+struct CatchUpBody {
+    q: EventQueue,
+    /// The next offset to read.
+    next: u64,
+    /// Where the read ends (exclusive): its `Stream-Next-Offset`.
+    end: u64,
+    /// A JSON stream's body is one array of the messages.
+    json: bool,
+    /// Whether the array's `[` went out.
+    started: bool,
+    /// Whether a message went out (the next one needs a `,` before it).
+    any: bool,
+    /// The read of the next slice, started while the current one is sent.
+    ahead: Option<tokio::task::JoinHandle<crate::error::Result<Slice>>>,
+}
+
+/// One slice of a catch-up read: its messages framed for the body, as the store lends them.
+struct Slice {
+    out: BytesMut,
+    json: bool,
+    any: bool,
+    last: Option<u64>,
+}
+
+impl Slice {
+    fn put(&mut self, offset: u64, message: &[u8]) {
+        if self.json && self.any {
+            self.out.extend_from_slice(b",");
+        }
+        self.any = true;
+        self.out.extend_from_slice(message);
+        self.last = Some(offset);
+    }
+}
+
+impl CatchUpBody {
+    fn finished(&self) -> bool {
+        self.next >= self.end && self.started
+    }
+
+    fn read(&self, from: u64, any: bool) -> tokio::task::JoinHandle<crate::error::Result<Slice>> {
+        let slice = Slice {
+            // A little more than a slice holds, so that its last message needs no regrowth.
+            out: BytesMut::with_capacity(SLICE_BYTES + SLICE_BYTES / 8),
+            json: self.json,
+            any,
+            last: None,
+        };
+        self.q.spawn_read_each(
+            from,
+            self.end,
+            SLICE_MESSAGES,
+            SLICE_BYTES,
+            slice,
+            Slice::put,
+        )
+    }
+
+    /// The body's next piece: the next slice of messages (framed), and at the end the
+    /// array's close; starts the read of the slice after it.
+    async fn step(&mut self) -> Result<Bytes, Error> {
+        let mut out = BytesMut::new();
+        if self.json && !self.started {
+            out.extend_from_slice(b"[");
+        }
+        self.started = true;
+        if self.next < self.end {
+            let read = match self.ahead.take() {
+                Some(r) => r,
+                None => self.read(self.next, self.any),
+            };
+            let slice = read
+                .await
+                .map_err(|e| Error::internal(format!("storage read task failed: {e}")))??;
+            // No message: nothing retained in the rest of the range (trimmed, or deleted).
+            self.next = slice.last.map_or(self.end, |last| last + 1);
+            self.any = slice.any;
+            if self.next < self.end {
+                self.ahead = Some(self.read(self.next, self.any));
+            }
+            if out.is_empty() {
+                out = slice.out;
+            } else {
+                out.extend_from_slice(&slice.out);
+            }
+        }
+        if self.json && self.next >= self.end {
+            out.extend_from_slice(b"]");
+        }
+        Ok(out.freeze())
+    }
 }
 
 async fn long_poll(
@@ -1356,24 +1501,28 @@ async fn long_poll(
         .header(header::ETAG, etag(from, chunk.next, closed && up_to_date));
     Ok(finish(
         b,
-        Body::from(body_of(content_type, &chunk.messages)),
+        Body::from(body_of(is_json(content_type), &chunk.messages)),
     ))
 }
 
 /// The `control` event after each batch: where to read next, and whether the stream is
-/// closed (then no cursor) and the reader up to date.
-fn control(next: u64, closed: bool, up_to_date: bool, cur: &str) -> String {
-    let mut c = serde_json::Map::new();
-    c.insert("streamNextOffset".into(), format_offset(next).into());
+/// closed (then no cursor) and the reader up to date. Written by hand, in place: every live
+/// reader sends one per batch, and its values (an offset, a cursor: digits) need no escaping.
+fn put_control(out: &mut BytesMut, next: u64, closed: bool, up_to_date: bool, cur: &str) {
+    out.extend_from_slice(b"event: control\ndata:{\"streamNextOffset\":\"");
+    out.extend_from_slice(format_offset(next).as_bytes());
     if closed {
-        c.insert("streamClosed".into(), true.into());
+        out.extend_from_slice(b"\",\"streamClosed\":true");
     } else {
-        c.insert("streamCursor".into(), cur.into());
+        debug_assert!(cur.bytes().all(|b| b.is_ascii_digit()));
+        out.extend_from_slice(b"\",\"streamCursor\":\"");
+        out.extend_from_slice(cur.as_bytes());
+        out.extend_from_slice(b"\"");
     }
     if up_to_date {
-        c.insert("upToDate".into(), true.into());
+        out.extend_from_slice(b",\"upToDate\":true");
     }
-    format!("event: control\ndata:{}\n\n", serde_json::Value::Object(c))
+    out.extend_from_slice(b"}\n\n");
 }
 
 /// The protocol's SSE framing of a subscription's batches: a `data` event with the batch's
@@ -1382,7 +1531,8 @@ fn control(next: u64, closed: bool, up_to_date: bool, cur: &str) -> String {
 /// share the same memory budget, stop reading when their client stops, and end at shutdown.
 struct SseFraming {
     q: EventQueue,
-    content_type: String,
+    /// A JSON stream: a batch is framed as one array.
+    json: bool,
     base64: bool,
     client_cursor: Option<String>,
     next: u64,
@@ -1392,12 +1542,12 @@ impl Framing for SseFraming {
     const PROTOCOL: &'static str = "durable-streams";
 
     fn put_batch(&mut self, batch: &[Delivery], out: &mut BytesMut) -> ControlFlow<()> {
-        let mut messages = Vec::with_capacity(batch.len());
+        let mut messages: Vec<&[u8]> = Vec::with_capacity(batch.len());
         for d in batch {
             match d {
                 Delivery::Event(e) => {
                     self.next = e.offset() + 1;
-                    messages.push(e.json().clone());
+                    messages.push(e.json().as_ref());
                 }
                 Delivery::Gap {
                     first_available_offset,
@@ -1405,14 +1555,16 @@ impl Framing for SseFraming {
                 } => self.next = *first_available_offset,
             }
         }
-        if !messages.is_empty() {
-            let payload = body_of(&self.content_type, &messages);
-            out.extend_from_slice(sse_frame_data(&payload, self.base64).as_bytes());
+        match messages.as_slice() {
+            [] => {}
+            // The common live case: one message of a text or binary stream, framed as it is.
+            [one] if !self.json => put_sse_data(out, one, self.base64),
+            many => put_sse_data(out, &body_of(self.json, many), self.base64),
         }
         let tail = tail_of(&self.q);
         let closed = ended(&self.q) && self.next >= tail;
         let cur = cursor(self.client_cursor.as_deref());
-        out.extend_from_slice(control(self.next, closed, self.next >= tail, &cur).as_bytes());
+        put_control(out, self.next, closed, self.next >= tail, &cur);
         if closed {
             ControlFlow::Break(())
         } else {
@@ -1424,7 +1576,7 @@ impl Framing for SseFraming {
         // The subscription ended at the close, everything delivered (a removal says nothing).
         if ended(&self.q) {
             let cur = cursor(self.client_cursor.as_deref());
-            out.extend_from_slice(control(self.next, true, true, &cur).as_bytes());
+            put_control(out, self.next, true, true, &cur);
         }
     }
 }
@@ -1450,22 +1602,20 @@ fn sse(
     let sub = q.subscribe(from).map_err(|e| api_error(e.into()))?;
     let tail = tail_of(&q);
     // Nothing more can come: say so at once; at the tail, say the reader is up to date.
-    let (opening, only_opening) = if ended(&q) && from >= tail {
-        (control(from, true, true, &first_cursor), true)
-    } else if from >= tail {
-        (control(from, false, true, &first_cursor), false)
-    } else {
-        (String::new(), false)
-    };
+    let mut opening = BytesMut::new();
+    let only_opening = ended(&q) && from >= tail;
+    if from >= tail {
+        put_control(&mut opening, from, only_opening, true, &first_cursor);
+    }
     let framing = SseFraming {
         q,
-        content_type,
+        json: is_json(&content_type),
         base64,
         client_cursor: client_cursor.map(str::to_string),
         next: from,
     };
     let keepalive = Keepalive::every(state.config().keepalive);
-    let mut body = StreamBody::new(state, slot, Bytes::from(opening), sub, framing, keepalive);
+    let mut body = StreamBody::new(state, slot, opening.freeze(), sub, framing, keepalive);
     if only_opening {
         body = body.end_after_opening();
     }

@@ -2,6 +2,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bytes::BytesMut;
+
 /// Response headers a browser may read (CORS).
 pub(super) const EXPOSE: &str = "stream-next-offset, stream-up-to-date, stream-closed, \
     stream-cursor, stream-sse-data-encoding, producer-epoch, producer-seq, \
@@ -116,25 +118,30 @@ pub(super) fn cursor(client: Option<&str>) -> String {
     }
 }
 
-/// An SSE `data` event carrying `payload`: its lines as they are (text and JSON streams), or
-/// its standard base64 (binary streams), one `data:` line per line.
-pub(super) fn sse_frame_data(payload: &[u8], base64: bool) -> String {
-    let text = if base64 {
-        encode_base64(payload)
+/// Appends an SSE `data` event carrying `payload` to `out`: its lines as they are (text and
+/// JSON streams), or its standard base64 (binary streams), one `data:` line per line.
+/// Written in place: every live reader frames every message, so nothing is allocated for
+/// valid UTF-8 text.
+pub(super) fn put_sse_data(out: &mut BytesMut, payload: &[u8], base64: bool) {
+    if base64 {
+        put_sse_lines(out, &encode_base64(payload));
     } else {
-        String::from_utf8_lossy(payload).into_owned()
-    };
-    let mut out = String::with_capacity(text.len() + 32);
-    out.push_str("event: data\n");
+        // Borrowed when valid: a copy only where invalid UTF-8 is replaced.
+        put_sse_lines(out, &String::from_utf8_lossy(payload));
+    }
+}
+
+fn put_sse_lines(out: &mut BytesMut, text: &str) {
+    out.reserve(text.len() + 32);
+    out.extend_from_slice(b"event: data\n");
     // CR LF, LF and a lone CR all end a line in SSE: each becomes a `data:` line of its own,
     // so no payload can start a frame of its own.
     for line in text.split("\r\n").flat_map(|l| l.split(['\n', '\r'])) {
-        out.push_str("data:");
-        out.push_str(line);
-        out.push('\n');
+        out.extend_from_slice(b"data:");
+        out.extend_from_slice(line.as_bytes());
+        out.extend_from_slice(b"\n");
     }
-    out.push('\n');
-    out
+    out.extend_from_slice(b"\n");
 }
 
 /// Standard base64 (RFC 4648, with padding).
@@ -231,13 +238,21 @@ mod tests {
 
     #[test]
     fn sse_data_lines_carry_each_line_of_the_payload() {
+        let frame = |payload: &[u8], base64: bool| {
+            let mut out = BytesMut::new();
+            put_sse_data(&mut out, payload, base64);
+            String::from_utf8(out.to_vec()).unwrap()
+        };
+        assert_eq!(frame(b"a\nb", false), "event: data\ndata:a\ndata:b\n\n");
         assert_eq!(
-            sse_frame_data(b"a\nb", false),
-            "event: data\ndata:a\ndata:b\n\n"
+            frame(b"a\r\nb\rc", false),
+            "event: data\ndata:a\ndata:b\ndata:c\n\n"
         );
+        assert_eq!(frame(&[0, 1, 2], true), "event: data\ndata:AAEC\n\n");
+        // Invalid UTF-8 is replaced, never sent raw.
         assert_eq!(
-            sse_frame_data(&[0, 1, 2], true),
-            "event: data\ndata:AAEC\n\n"
+            frame(&[b'a', 0xff], false),
+            "event: data\ndata:a\u{fffd}\n\n"
         );
     }
 }

@@ -60,6 +60,43 @@ pub(crate) fn decode_event(record: &[u8]) -> Result<(EventHeader<'_>, usize)> {
     }
 }
 
+/// Where an event record's JSON starts, as [`decode_event`] finds it, without decoding the
+/// header: its fields skipped by their postcard encoding (`event_type` one byte, `terminal`
+/// one byte, `timestamp_us` a varint, `event_id` a varint length and its bytes), so a reader
+/// that wants only the JSON pays no UTF-8 check of the id.
+pub(crate) fn json_start(record: &[u8]) -> Result<usize> {
+    let corrupt = || Error::storage("corrupt event record: truncated header");
+    match record.first() {
+        Some(&RECORD_VERSION) => {}
+        Some(v) => return Err(Error::storage(format!("unknown event record version {v}"))),
+        None => return Err(Error::storage("empty event record")),
+    }
+    // Version, event_type, terminal.
+    let mut at = 3;
+    if record.len() < at {
+        return Err(corrupt());
+    }
+    let varint = |at: &mut usize| -> Result<u64> {
+        let mut value = 0u64;
+        for shift in (0..70).step_by(7) {
+            let b = *record.get(*at).ok_or_else(corrupt)?;
+            *at += 1;
+            value |= u64::from(b & 0x7f).checked_shl(shift).unwrap_or(0);
+            if b & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(corrupt())
+    };
+    varint(&mut at)?;
+    let id_len = usize::try_from(varint(&mut at)?).map_err(|_| corrupt())?;
+    let start = at.checked_add(id_len).ok_or_else(corrupt)?;
+    if start > record.len() {
+        return Err(corrupt());
+    }
+    Ok(start)
+}
+
 /// Encodes records of consecutive offsets as one `events` value: the record itself when there
 /// is one, a block otherwise. `None` for no records.
 pub(crate) fn encode_value<R: AsRef<[u8]>>(records: &[R]) -> Option<std::borrow::Cow<'_, [u8]>> {
@@ -179,6 +216,37 @@ mod tests {
         assert_eq!(back, header);
         assert_eq!(at, start);
         assert_eq!(&buf[at..], json);
+    }
+
+    #[test]
+    fn json_start_finds_the_json_decode_event_finds() {
+        for (event_type, terminal, timestamp_us, event_id) in [
+            (0u8, false, 0i64, ""),
+            (3, true, 1_764_000_000_123_456, "evt_0123456789ab"),
+            (
+                255,
+                false,
+                -1,
+                "ds-0123456789abcdef-0-18446744073709551615-999",
+            ),
+            (1, false, i64::MIN, &"x".repeat(300)[..]),
+        ] {
+            let header = EventHeader {
+                event_type,
+                terminal,
+                timestamp_us,
+                event_id,
+            };
+            let json = br#"{"a":1}"#;
+            let (mut buf, start) = encode_event(&header, json.len()).unwrap();
+            buf.extend_from_slice(json);
+            assert_eq!(json_start(&buf).unwrap(), start);
+            assert_eq!(decode_event(&buf).unwrap().1, start);
+            // A record cut inside its header is corrupt, never a wrong start.
+            for cut in 0..start {
+                assert!(json_start(&buf[..cut]).is_err(), "cut at {cut}");
+            }
+        }
     }
 
     fn record(id: &str, json: &[u8]) -> Vec<u8> {

@@ -911,6 +911,70 @@ impl Store {
         Ok(full)
     }
 
+    /// [`Storage::read_each`]: [`Store::read_range`]'s events, each JSON lent to `each`
+    /// straight from redb's value (or the pending batch) rather than copied into a
+    /// [`StoredEvent`], and the record header skipped rather than decoded. For readers that
+    /// copy the bytes on: a catch-up read of many small messages spent a third of its CPU on
+    /// those copies and decodes.
+    pub(crate) fn read_each(
+        &self,
+        qid: u64,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+        each: &mut dyn FnMut(u64, &[u8]),
+    ) -> Result<()> {
+        if from >= to || limit == 0 {
+            return Ok(());
+        }
+        // Pending first, redb second, as in `read_range`.
+        let pending = self.pending().read(qid, from, to, limit);
+        let (start, end) = (from.max(pending.applied.start), to.min(pending.applied.end));
+        let (mut taken, mut bytes, mut full) = (0usize, 0usize, false);
+        if start < end {
+            let txn = self.begin_read()?;
+            let table = txn.open_table(EVENTS).map_err(st)?;
+            let first_row = row_at(&table, qid, start)?.map_or(start, |(first, _)| first);
+            'rows: for row in table.range((qid, first_row)..(qid, end)).map_err(st)? {
+                let (k, v) = row.map_err(st)?;
+                for (offset, record) in (k.value().1..).zip(codec::records(v.value())) {
+                    if offset < start {
+                        continue;
+                    }
+                    if offset >= end {
+                        break 'rows;
+                    }
+                    let record = record?;
+                    let json = &record[codec::json_start(record)?..];
+                    if taken > 0 && bytes + json.len() > max_bytes {
+                        full = true;
+                        break 'rows;
+                    }
+                    each(offset, json);
+                    taken += 1;
+                    bytes += json.len();
+                    if taken >= limit || bytes >= max_bytes {
+                        full = true;
+                        break 'rows;
+                    }
+                }
+            }
+        }
+        // A read of redb cut short must not go on with pending events.
+        if !full {
+            for e in pending.events.into_iter().take(limit - taken) {
+                if taken > 0 && bytes + e.json.len() > max_bytes {
+                    break;
+                }
+                each(e.offset, &e.json);
+                taken += 1;
+                bytes += e.json.len();
+            }
+        }
+        Ok(())
+    }
+
     /// Size of the database file in bytes.
     pub(crate) fn file_size(&self) -> u64 {
         std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
@@ -1117,6 +1181,18 @@ impl Storage for Store {
         max_bytes: usize,
     ) -> Result<Vec<StoredEvent>> {
         Store::read_range(self, qid, from, to, limit, max_bytes)
+    }
+
+    fn read_each(
+        &self,
+        qid: u64,
+        from: u64,
+        to: u64,
+        limit: usize,
+        max_bytes: usize,
+        each: &mut dyn FnMut(u64, &[u8]),
+    ) -> Result<()> {
+        Store::read_each(self, qid, from, to, limit, max_bytes, each)
     }
 
     fn latest_checkpoint(&self, tenant: &str, workflow: &str) -> Result<Option<LoadedCheckpoint>> {

@@ -635,3 +635,88 @@ async fn an_append_over_the_body_limit_is_413_and_stores_nothing() {
     let all = app.send(&Req::new("GET", "/v1/stream/big?offset=-1")).await;
     assert_eq!(all.body, b"ok");
 }
+
+/// A catch-up read answers everything up to the tail in one response, however many slices
+/// of the store it is streamed in (512 KiB each): in order, as one JSON array, nothing
+/// repeated or lost, retention respected, `Stream-Next-Offset` the tail.
+#[tokio::test]
+async fn a_catch_up_read_streams_everything_to_the_tail_in_one_response() {
+    let app = App::open_mode().await;
+    app.send(&put("/v1/stream/big", "application/json")).await;
+    // 1200 messages of ~1 KiB (2.4 slices) into a stream retaining 1000 (the default).
+    let pad = "p".repeat(1000);
+    let mut tails = Vec::new();
+    for batch in 0..12 {
+        let items: Vec<String> = (0..100)
+            .map(|i| format!(r#"{{"i":{},"pad":"{pad}"}}"#, batch * 100 + i))
+            .collect();
+        let r = app
+            .send(&post(
+                "/v1/stream/big",
+                "application/json",
+                &format!("[{}]", items.join(",")),
+            ))
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT);
+        tails.push(r.header("stream-next-offset").unwrap());
+    }
+    let indexes = |r: &super::app::Reply| -> Vec<u64> {
+        r.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["i"].as_u64().unwrap())
+            .collect()
+    };
+    let all = app.send(&Req::new("GET", "/v1/stream/big?offset=-1")).await;
+    assert_eq!(all.status, StatusCode::OK);
+    assert_eq!(indexes(&all), (200..1200).collect::<Vec<_>>());
+    assert_eq!(all.header("stream-next-offset").as_ref(), tails.last());
+    assert_eq!(all.header("stream-up-to-date").as_deref(), Some("true"));
+    // From an offset a response gave: the rest, in one response again.
+    let rest = app
+        .send(&Req::new(
+            "GET",
+            &format!("/v1/stream/big?offset={}", tails[5]),
+        ))
+        .await;
+    assert_eq!(indexes(&rest), (600..1200).collect::<Vec<_>>());
+    assert_eq!(rest.header("stream-next-offset").as_ref(), tails.last());
+    // Below retention: gone.
+    let gone = app
+        .send(&Req::new(
+            "GET",
+            &format!("/v1/stream/big?offset={}", tails[0]),
+        ))
+        .await;
+    assert_eq!(gone.status, StatusCode::GONE);
+    // The same read again is the same ETag, and `If-None-Match` with it reads nothing.
+    let etag = all.header("etag").unwrap();
+    let cached = app
+        .send(&Req::new("GET", "/v1/stream/big?offset=-1").header("if-none-match", &etag))
+        .await;
+    assert_eq!(cached.status, StatusCode::NOT_MODIFIED);
+    assert!(cached.body.is_empty());
+
+    // A binary stream's read is its messages' bytes, back to back, across slices too.
+    app.send(&put("/v1/stream/bytes", "application/octet-stream"))
+        .await;
+    let mut sent = Vec::new();
+    for k in 0..3u8 {
+        let chunk = vec![b'a' + k; 300 << 10];
+        let r = app
+            .send(
+                &Req::new("POST", "/v1/stream/bytes")
+                    .header("content-type", "application/octet-stream")
+                    .body(chunk.clone()),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::NO_CONTENT);
+        sent.extend_from_slice(&chunk);
+    }
+    let read = app
+        .send(&Req::new("GET", "/v1/stream/bytes?offset=-1"))
+        .await;
+    assert_eq!(read.body.len(), sent.len());
+    assert!(read.body == sent);
+}
