@@ -11,7 +11,7 @@ use bytes::Bytes;
 use redb::ReadableTable;
 
 use super::checkpoints::CHECKPOINTS;
-use super::{EVENTS, Store, codec, row_at, st};
+use super::{Store, codec, st};
 use crate::error::Result;
 
 /// One stored event with everything its record holds.
@@ -48,40 +48,24 @@ impl Store {
         if from >= to || limit == 0 {
             return Ok(out);
         }
-        let txn = self.begin_read()?;
-        let table = txn.open_table(EVENTS).map_err(st)?;
-        // The value holding `from` may start before it (a block).
-        let start = row_at(&table, qid, from)?.map_or(from, |(first, _)| first);
         let mut bytes = 0;
-        'rows: for row in table.range((qid, start)..(qid, to)).map_err(st)? {
-            let (k, v) = row.map_err(st)?;
-            for (offset, record) in (k.value().1..).zip(codec::records(v.value())) {
-                if offset < from {
-                    continue;
-                }
-                if offset >= to {
-                    break 'rows;
-                }
-                let record = record?;
-                let (header, at) = codec::decode_event(record)?;
-                let json = &record[at..];
-                if !out.is_empty() && bytes + json.len() > max_bytes {
-                    break 'rows;
-                }
-                bytes += json.len();
-                out.push(ExportedEvent {
-                    offset,
-                    event_type: header.event_type,
-                    terminal: header.terminal,
-                    timestamp_us: header.timestamp_us,
-                    event_id: header.event_id.to_string(),
-                    json: Bytes::copy_from_slice(json),
-                });
-                if out.len() >= limit || bytes >= max_bytes {
-                    break 'rows;
-                }
+        self.for_each_record(qid, from, to, |offset, record| {
+            let (header, at) = codec::decode_event(record)?;
+            let json = &record[at..];
+            if !out.is_empty() && bytes + json.len() > max_bytes {
+                return Ok(false);
             }
-        }
+            bytes += json.len();
+            out.push(ExportedEvent {
+                offset,
+                event_type: header.event_type,
+                terminal: header.terminal,
+                timestamp_us: header.timestamp_us,
+                event_id: header.event_id.to_string(),
+                json: Bytes::copy_from_slice(json),
+            });
+            Ok(out.len() < limit && bytes < max_bytes)
+        })?;
         Ok(out)
     }
 

@@ -850,8 +850,6 @@ impl Store {
         /// spent a fifth of its CPU in page faults filling them (with 1024-event steps, 32 KiB
         /// buffers cut the server's CPU per 100k-event SSE replay from ~60 to ~42 ms).
         const SHARED: usize = 32 << 10;
-        let txn = self.begin_read()?;
-        let table = txn.open_table(EVENTS).map_err(st)?;
         // (offset, type, terminal, JSON range in `buf`) of the events since the last flush.
         let mut metas: Vec<(u64, u8, bool, std::ops::Range<usize>)> = Vec::new();
         let mut buf: Vec<u8> = Vec::new();
@@ -872,43 +870,55 @@ impl Store {
         };
         let mut taken = out.len();
         let (mut copied, mut full) = (0, false);
-        // The value holding `from` may start before it (a block).
+        self.for_each_record(qid, from, to, |offset, record| {
+            let (header, at) = codec::decode_event(record)?;
+            if taken > 0 && copied + (record.len() - at) > max_bytes {
+                full = true;
+                return Ok(false);
+            }
+            if buf.is_empty() {
+                buf.reserve(SHARED.max(record.len()));
+            } else if buf.len() + record.len() > buf.capacity() {
+                flush(&mut metas, &mut buf, out);
+                buf.reserve(SHARED.max(record.len()));
+            }
+            let start = buf.len();
+            buf.extend_from_slice(&record[at..]);
+            metas.push((offset, header.event_type, header.terminal, start..buf.len()));
+            taken += 1;
+            copied += buf.len() - start;
+            full = taken >= limit || copied >= max_bytes;
+            Ok(!full)
+        })?;
+        flush(&mut metas, &mut buf, out);
+        Ok(full)
+    }
+
+    /// Hands `each` every record redb holds for queue `qid` in `from..to`, in offset order,
+    /// until `each` answers `false`. The one walk of the events table that every read shares:
+    /// a value may hold a block of records, the first of which may lie before `from`.
+    fn for_each_record(
+        &self,
+        qid: u64,
+        from: u64,
+        to: u64,
+        mut each: impl FnMut(u64, &[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(EVENTS).map_err(st)?;
         let start = row_at(&table, qid, from)?.map_or(from, |(first, _)| first);
-        'rows: for row in table.range((qid, start)..(qid, to)).map_err(st)? {
+        for row in table.range((qid, start)..(qid, to)).map_err(st)? {
             let (k, v) = row.map_err(st)?;
-            let first = k.value().1;
-            for (offset, record) in (first..).zip(codec::records(v.value())) {
+            for (offset, record) in (k.value().1..).zip(codec::records(v.value())) {
                 if offset < from {
                     continue;
                 }
-                if offset >= to {
-                    break 'rows;
-                }
-                let record = record?;
-                let (header, at) = codec::decode_event(record)?;
-                if taken > 0 && copied + (record.len() - at) > max_bytes {
-                    full = true;
-                    break 'rows;
-                }
-                if buf.is_empty() {
-                    buf.reserve(SHARED.max(record.len()));
-                } else if buf.len() + record.len() > buf.capacity() {
-                    flush(&mut metas, &mut buf, out);
-                    buf.reserve(SHARED.max(record.len()));
-                }
-                let start = buf.len();
-                buf.extend_from_slice(&record[at..]);
-                metas.push((offset, header.event_type, header.terminal, start..buf.len()));
-                taken += 1;
-                copied += buf.len() - start;
-                if taken >= limit || copied >= max_bytes {
-                    full = true;
-                    break 'rows;
+                if offset >= to || !each(offset, record?)? {
+                    return Ok(());
                 }
             }
         }
-        flush(&mut metas, &mut buf, out);
-        Ok(full)
+        Ok(())
     }
 
     /// [`Storage::read_each`]: [`Store::read_range`]'s events, each JSON lent to `each`
@@ -933,33 +943,18 @@ impl Store {
         let (start, end) = (from.max(pending.applied.start), to.min(pending.applied.end));
         let (mut taken, mut bytes, mut full) = (0usize, 0usize, false);
         if start < end {
-            let txn = self.begin_read()?;
-            let table = txn.open_table(EVENTS).map_err(st)?;
-            let first_row = row_at(&table, qid, start)?.map_or(start, |(first, _)| first);
-            'rows: for row in table.range((qid, first_row)..(qid, end)).map_err(st)? {
-                let (k, v) = row.map_err(st)?;
-                for (offset, record) in (k.value().1..).zip(codec::records(v.value())) {
-                    if offset < start {
-                        continue;
-                    }
-                    if offset >= end {
-                        break 'rows;
-                    }
-                    let record = record?;
-                    let json = &record[codec::json_start(record)?..];
-                    if taken > 0 && bytes + json.len() > max_bytes {
-                        full = true;
-                        break 'rows;
-                    }
-                    each(offset, json);
-                    taken += 1;
-                    bytes += json.len();
-                    if taken >= limit || bytes >= max_bytes {
-                        full = true;
-                        break 'rows;
-                    }
+            self.for_each_record(qid, start, end, |offset, record| {
+                let json = &record[codec::json_start(record)?..];
+                if taken > 0 && bytes + json.len() > max_bytes {
+                    full = true;
+                    return Ok(false);
                 }
-            }
+                each(offset, json);
+                taken += 1;
+                bytes += json.len();
+                full = taken >= limit || bytes >= max_bytes;
+                Ok(!full)
+            })?;
         }
         // A read of redb cut short must not go on with pending events.
         if !full {
