@@ -311,7 +311,11 @@ impl Eventqueue {
     /// on the same queue.
     pub async fn fanout(&self, plan: &Plan, rate: u64) -> Result<Measure> {
         let http = http_client()?;
-        let task = format!("bench_fanout{rate}");
+        // A queue of its own per run, so a workload measured several times on one server
+        // does not find the last run's queue.
+        static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let run = RUNS.fetch_add(1, Ordering::Relaxed);
+        let task = format!("bench_fanout{rate}_{run}");
         self.create(&http, &task).await?;
         let stream_path = format!("/events/workflows/{task}?from_offset=0");
         let mut subs = Subscribers::new();
