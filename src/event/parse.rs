@@ -568,6 +568,7 @@ impl<'de> ReadObject<'de> for EventReader<'_> {
 /// # Errors
 ///
 /// The parser's, for text that is not a key.
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub(crate) fn next_key<'de, A: MapAccess<'de>>(
     map: &mut A,
 ) -> Result<Option<Cow<'de, str>>, A::Error> {
