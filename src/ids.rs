@@ -139,14 +139,29 @@ id_type!(
 impl EventId {
     /// A fresh random id, `evt_` followed by 12 lowercase hex characters.
     pub fn generate() -> Self {
-        Self(Arc::from(format!("evt_{:012x}", fastrand::u64(..1 << 48))))
+        // Written in place: this runs for every event a producer sends without an id, and
+        // `format!` took three allocations where the `Arc` alone needs one.
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut id = *b"evt_000000000000";
+        let mut n = fastrand::u64(..1 << 48);
+        for c in id[4..].iter_mut().rev() {
+            *c = HEX[(n & 0xf) as usize];
+            n >>= 4;
+        }
+        // Only ASCII was written.
+        Self(Arc::from(
+            std::str::from_utf8(&id).unwrap_or("evt_000000000000"),
+        ))
     }
 }
 
 impl TenantId {
     /// The tenant used in open mode when a request names none: `default`.
     pub fn default_tenant() -> Self {
-        Self(Arc::from("default"))
+        // Shared: open mode names it on every request that gives no tenant.
+        static DEFAULT: std::sync::LazyLock<TenantId> =
+            std::sync::LazyLock::new(|| TenantId(Arc::from("default")));
+        DEFAULT.clone()
     }
 }
 
@@ -183,5 +198,14 @@ mod tests {
                 .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
         );
         assert_ne!(EventId::generate(), EventId::generate());
+        // Every hex position is random (48 bits), not only the low ones.
+        let ids: Vec<EventId> = (0..64).map(|_| EventId::generate()).collect();
+        for at in 4..16 {
+            let first = ids[0].as_str().as_bytes()[at];
+            assert!(
+                ids.iter().any(|id| id.as_str().as_bytes()[at] != first),
+                "position {at} never changes"
+            );
+        }
     }
 }

@@ -242,17 +242,35 @@ impl Stage {
 #[derive(Default)]
 struct Batch {
     stages: Vec<Stage>,
+    /// Where each queue's stage is, once the batch has more than [`LINEAR_STAGES`].
     index: HashMap<u64, usize>,
 }
 
+/// Up to this many queues in a batch, a queue's stage is found by looking at each: most
+/// batches touch one or a few queues, and an index would be an allocation per batch.
+const LINEAR_STAGES: usize = 8;
+
 impl Batch {
     fn stage(&mut self, q: &Arc<QueueState>) -> &mut Stage {
-        let i = match self.index.get(&q.id()) {
-            Some(&i) => i,
+        let id = q.id();
+        let found = if self.index.is_empty() {
+            self.stages.iter().position(|s| s.q.id() == id)
+        } else {
+            self.index.get(&id).copied()
+        };
+        let i = match found {
+            Some(i) => i,
             None => {
                 self.stages.push(Stage::of(q));
-                self.index.insert(q.id(), self.stages.len() - 1);
-                self.stages.len() - 1
+                let i = self.stages.len() - 1;
+                if !self.index.is_empty() {
+                    self.index.insert(id, i);
+                } else if self.stages.len() > LINEAR_STAGES {
+                    self.index = (self.stages.iter().enumerate())
+                        .map(|(i, s)| (s.q.id(), i))
+                        .collect();
+                }
+                i
             }
         };
         &mut self.stages[i]
@@ -390,6 +408,7 @@ impl Writer {
             purges,
             last_purge: Instant::now(),
             purge_refused: false,
+            own: Vec::with_capacity(1),
         };
         {
             // Declared after `stage`, so dropped before it while unwinding: the engine is
@@ -423,6 +442,9 @@ struct WriterLoop {
     last_purge: Instant,
     /// The last purge step was refused (a full disk): idle retries back off.
     purge_refused: bool,
+    /// The batch the writer acknowledges itself (see `hand_over`), in a list kept between
+    /// batches so that doing so allocates nothing.
+    own: Vec<Job>,
 }
 
 impl WriterLoop {
@@ -744,7 +766,8 @@ impl WriterLoop {
         let acks = &self.acks;
         if acks.outstanding.load(Ordering::Acquire) == 0 && self.w.rx.is_empty() {
             let mut st = acks.sync_state();
-            acks.acknowledge(&mut st, vec![job]);
+            self.own.push(job);
+            acks.acknowledge(&mut st, &mut self.own);
             Metrics::add(&self.w.metrics.writer_acks, 1);
             return;
         }
@@ -1058,8 +1081,9 @@ impl Acks {
     }
 
     /// Syncs the store if `jobs` (or, in buffered durability, the flush interval) ask for
-    /// it, then publishes the batches and answers their callers, in order.
-    fn acknowledge(&self, st: &mut SyncState, jobs: Vec<Job>) {
+    /// it, then publishes the batches and answers their callers, in order. Leaves `jobs`
+    /// empty (its room is kept for the next ones).
+    fn acknowledge(&self, st: &mut SyncState, jobs: &mut Vec<Job>) {
         st.unsynced |= jobs.iter().any(|j| j.logged);
         let due = self
             .flush_interval
@@ -1067,7 +1091,7 @@ impl Acks {
         if st.unsynced && (due || jobs.iter().any(|j| j.needs_sync)) {
             if let Err(e) = self.storage.sync() {
                 self.failure.set(&e);
-                for job in jobs {
+                for job in jobs.drain(..) {
                     for answer in job.answers {
                         answer.fail(e.clone());
                     }
@@ -1077,7 +1101,7 @@ impl Acks {
             st.unsynced = false;
             st.last_sync = Instant::now();
         }
-        for job in jobs {
+        for job in jobs.drain(..) {
             // A batch committed after a failed sync is not answered as durable.
             if job.needs_sync
                 && let Some(e) = self.failure.get()
@@ -1109,6 +1133,7 @@ impl Acknowledger {
     fn run(self) {
         // Long enough to mean "only when handed a batch" in immediate durability.
         const IDLE: Duration = Duration::from_secs(3600);
+        let mut jobs = Vec::new();
         loop {
             // In buffered durability, wake when the pending commits' sync falls due, or
             // after one flush interval (commits the writer acknowledged itself meanwhile
@@ -1126,17 +1151,17 @@ impl Acknowledger {
                     }
                 }
             };
-            let mut jobs = match self.jobs.recv_timeout(wait) {
-                Ok(job) => vec![job],
-                Err(std_mpsc::RecvTimeoutError::Timeout) => Vec::new(),
+            match self.jobs.recv_timeout(wait) {
+                Ok(job) => jobs.push(job),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
-            };
+            }
             while let Ok(job) = self.jobs.try_recv() {
                 jobs.push(job);
             }
             let n = jobs.len();
             let mut st = self.acks.sync_state();
-            self.acks.acknowledge(&mut st, jobs);
+            self.acks.acknowledge(&mut st, &mut jobs);
             // Only now may the writer acknowledge a later batch itself.
             self.acks.outstanding.fetch_sub(n, Ordering::Release);
         }

@@ -21,7 +21,7 @@ mod wire;
 // The readers the server's request bodies use; the library alone uses only some of them.
 #[cfg_attr(not(feature = "server"), allow(unused_imports))]
 pub(crate) use parse::{
-    EventReader, Failure, FieldError, FromFieldError, ObjectSeed, ReadObject, read_event,
+    EventReader, Failure, FieldError, FromFieldError, ObjectSeed, ReadObject, next_key, read_event,
     read_slice, struct_from_slice,
 };
 use wire::{Head, PayloadWire, Wire};
@@ -695,16 +695,38 @@ impl Event {
 
     /// The event's JSON split around the offset's value, for splicing the offset in at commit.
     pub fn render(&self) -> RenderedEvent {
-        let mut prefix = Vec::with_capacity(160);
-        wire::write(&mut prefix, &Head::of(self));
-        // The head renders as `{…,"offset":null}`; the prefix ends before the `null`.
-        debug_assert!(prefix.ends_with(b"\"offset\":null}"));
-        prefix.truncate(prefix.len() - b"null}".len());
-        let mut suffix = Vec::with_capacity(96);
-        wire::write(&mut suffix, &PayloadWire::from(&self.payload));
-        // Every type has fields: `{"…` becomes `,"…`.
-        suffix[0] = b',';
-        RenderedEvent { prefix, suffix }
+        // Both parts are written into this thread's scratch buffer and copied out at their
+        // exact size: one allocation each, where growing a guessed capacity took two more
+        // for an event of a few hundred bytes (this runs once per event received).
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        /// A larger scratch buffer (after a large event) is not kept.
+        const KEEP: usize = 64 << 10;
+        let render = |scratch: &mut Vec<u8>| {
+            scratch.clear();
+            wire::write(scratch, &Head::of(self));
+            // The head renders as `{…,"offset":null}`; the prefix ends before the `null`.
+            debug_assert!(scratch.ends_with(b"\"offset\":null}"));
+            let prefix = scratch[..scratch.len() - b"null}".len()].to_vec();
+            scratch.clear();
+            wire::write(scratch, &PayloadWire::from(&self.payload));
+            let mut suffix = scratch.to_vec();
+            // Every type has fields: `{"…` becomes `,"…`.
+            suffix[0] = b',';
+            if scratch.capacity() > KEEP {
+                *scratch = Vec::new();
+            }
+            RenderedEvent { prefix, suffix }
+        };
+        SCRATCH
+            .try_with(|s| match s.try_borrow_mut() {
+                Ok(mut scratch) => render(&mut scratch),
+                // Only if rendering ever rendered an event itself.
+                Err(_) => render(&mut Vec::new()),
+            })
+            // While the thread's locals are being torn down.
+            .unwrap_or_else(|_| render(&mut Vec::new()))
     }
 
     /// The full JSON, with `offset` set to [`self.offset`](Self::offset) (`null` when `None`).

@@ -562,6 +562,19 @@ impl<'de> ReadObject<'de> for EventReader<'_> {
     }
 }
 
+/// The next key of `map`, borrowed from the text when it has no escapes (a `String` key
+/// would be an allocation per object).
+///
+/// # Errors
+///
+/// The parser's, for text that is not a key.
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
+pub(crate) fn next_key<'de, A: MapAccess<'de>>(
+    map: &mut A,
+) -> Result<Option<Cow<'de, str>>, A::Error> {
+    map.next_key_seed(Key)
+}
+
 /// An event's entries from `map` (after `first`, a key already read from it).
 pub(crate) fn read_event<'de, A: MapAccess<'de>>(
     mut map: A,

@@ -251,9 +251,11 @@ impl BodyBudget {
 ///
 /// `400` naming the depth limit, or the repeated key and the object it is in.
 pub(crate) fn check_json(body: &[u8], max: usize) -> Result<(), ApiError> {
-    let mut frames: Vec<Frame<'_>> = Vec::new();
-    // Key lists of closed objects, kept for reuse.
-    let mut spare: Vec<Vec<Cow<'_, [u8]>>> = Vec::new();
+    // Sized for an ordinary event, so that checking one allocates twice in all.
+    let mut frames: Vec<Frame<'_>> = Vec::with_capacity(8);
+    // The keys of every open object, outermost first: an object's own are those from its
+    // `start` on (an inner object's come after the key whose value it is).
+    let mut keys: Vec<Cow<'_, [u8]>> = Vec::with_capacity(32);
     let mut duplicate: Option<String> = None;
     let mut i = 0;
     while i < body.len() {
@@ -282,7 +284,7 @@ pub(crate) fn check_json(body: &[u8], max: usize) -> Result<(), ApiError> {
                 }
                 if duplicate.is_none()
                     && let Some(Frame::Object {
-                        keys,
+                        start: own,
                         set,
                         expect_key,
                     }) = frames.last_mut()
@@ -297,8 +299,8 @@ pub(crate) fn check_json(body: &[u8], max: usize) -> Result<(), ApiError> {
                     } else {
                         Cow::Borrowed(&body[start..i])
                     };
-                    if let Err(key) = insert_key(keys, set, key) {
-                        duplicate = Some(duplicate_key(&frames, &key));
+                    if let Err(key) = insert_key(&mut keys, *own, set, key) {
+                        duplicate = Some(duplicate_key(&frames, &keys, &key));
                     }
                 }
             }
@@ -310,7 +312,7 @@ pub(crate) fn check_json(body: &[u8], max: usize) -> Result<(), ApiError> {
                 }
                 frames.push(if body[i] == b'{' {
                     Frame::Object {
-                        keys: spare.pop().unwrap_or_default(),
+                        start: keys.len(),
                         set: None,
                         expect_key: true,
                     }
@@ -319,9 +321,8 @@ pub(crate) fn check_json(body: &[u8], max: usize) -> Result<(), ApiError> {
                 });
             }
             b']' | b'}' => {
-                if let Some(Frame::Object { mut keys, .. }) = frames.pop() {
-                    keys.clear();
-                    spare.push(keys);
+                if let Some(Frame::Object { start, .. }) = frames.pop() {
+                    keys.truncate(start);
                 }
             }
             b',' => match frames.last_mut() {
@@ -345,8 +346,9 @@ pub(crate) fn check_json(body: &[u8], max: usize) -> Result<(), ApiError> {
 /// An open array or object in [`check_json`].
 enum Frame<'a> {
     Object {
-        /// The keys read so far, in order (the last one's value is being read).
-        keys: Vec<Cow<'a, [u8]>>,
+        /// Where its keys start in the list of open objects' keys (read so far, in order;
+        /// the last one's value is being read).
+        start: usize,
         /// The same keys, once there are more than [`LINEAR_KEYS`] of them.
         set: Option<HashSet<Cow<'a, [u8]>>>,
         /// Whether the next string is a key.
@@ -362,17 +364,19 @@ enum Frame<'a> {
 /// so that an object of many keys costs linear time.
 const LINEAR_KEYS: usize = 16;
 
-/// Adds `key` to `keys` (mirrored in `set` for large objects), or gives it back when it is
-/// there already.
+/// Adds `key` to the innermost object's keys (those of `keys` from `start` on, mirrored in
+/// `set` for large objects), or gives it back when it is there already.
 fn insert_key<'a>(
     keys: &mut Vec<Cow<'a, [u8]>>,
+    start: usize,
     set: &mut Option<HashSet<Cow<'a, [u8]>>>,
     key: Cow<'a, [u8]>,
 ) -> Result<(), Cow<'a, [u8]>> {
-    let repeated = if keys.len() < LINEAR_KEYS {
-        keys.contains(&key)
+    let own = &keys[start..];
+    let repeated = if own.len() < LINEAR_KEYS {
+        own.contains(&key)
     } else {
-        let set = set.get_or_insert_with(|| keys.iter().cloned().collect());
+        let set = set.get_or_insert_with(|| own.iter().cloned().collect());
         !set.insert(key.clone())
     };
     if repeated {
@@ -383,16 +387,25 @@ fn insert_key<'a>(
 }
 
 /// The error detail for `key`, repeated in the innermost object of `frames`.
-fn duplicate_key(frames: &[Frame<'_>], key: &[u8]) -> String {
+fn duplicate_key(frames: &[Frame<'_>], keys: &[Cow<'_, [u8]>], key: &[u8]) -> String {
     let mut path = String::new();
     // Every frame but the innermost is inside the value of its last key or element.
-    for frame in &frames[..frames.len().saturating_sub(1)] {
+    let outer = frames.len().saturating_sub(1);
+    for (i, frame) in frames[..outer].iter().enumerate() {
         match frame {
-            Frame::Object { keys, .. } => {
+            Frame::Object { start, .. } => {
                 if !path.is_empty() {
                     path.push('.');
                 }
-                if let Some(k) = keys.last() {
+                // Its keys end where the next object inside it starts.
+                let end = frames[i + 1..]
+                    .iter()
+                    .find_map(|f| match f {
+                        Frame::Object { start, .. } => Some(*start),
+                        Frame::Array { .. } => None,
+                    })
+                    .unwrap_or(keys.len());
+                if let Some(k) = keys[*start..end].last() {
                     path.push_str(&quote_key(k, false));
                 }
             }
@@ -481,6 +494,17 @@ mod tests {
             None
         );
         assert_eq!(duplicate(r#"{"a":"b","b":"a"}"#), None);
+        // An object's keys stay its own around the objects inside it: after one closes, its
+        // keys are forgotten and the outer object's are still checked.
+        assert_eq!(duplicate(r#"{"a":{"b":1,"c":{"d":1}},"b":2,"d":3}"#), None);
+        assert_eq!(
+            duplicate(r#"{"a":{"b":1},"c":[{"e":{}}],"a":2}"#).as_deref(),
+            Some(r#"invalid JSON: duplicate key "a""#)
+        );
+        assert_eq!(
+            duplicate(r#"{"x":1,"y":{"z":[1,{"k":1,"q":{},"k":2}]}}"#).as_deref(),
+            Some(r#"invalid JSON: duplicate key "k" in y.z[1]"#)
+        );
         // Text that is not JSON is left to the parser, whatever its keys.
         assert_eq!(duplicate(r#"{"a":1,"a":2"#), None);
     }

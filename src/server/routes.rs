@@ -489,10 +489,10 @@ impl<'de> ReadObject<'de> for EnqueueRequest<'_> {
         self,
         mut map: A,
     ) -> Result<Self::Value, Failure<ApiError, A::Error>> {
-        let first = map.next_key::<String>().map_err(Failure::Json)?;
+        let first = event::next_key(&mut map).map_err(Failure::Json)?;
         if first.as_deref() != Some("events") {
             // One event; its first key is read already.
-            return match event::read_event(map, first.map(Into::into), Some(self.ctx)) {
+            return match event::read_event(map, first, Some(self.ctx)) {
                 Ok(event) => Ok(vec![event]),
                 Err(Failure::Json(e)) => Err(Failure::Json(e)),
                 Err(Failure::Read(e)) => Err(Failure::Read(e.into())),

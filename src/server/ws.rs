@@ -414,11 +414,19 @@ where
         taken += 1;
     }
     let mut frames = Vec::with_capacity(taken);
-    let mut events = Vec::with_capacity(events_taken);
-    for (seq, evs) in waiting.frames.drain(..taken) {
+    let events = if taken == 1 {
+        // A frame alone (a producer waiting for each answer) keeps its own list.
+        let (seq, evs) = waiting.frames.remove(0);
         frames.push((seq, evs.len()));
-        events.extend(evs);
-    }
+        evs
+    } else {
+        let mut events = Vec::with_capacity(events_taken);
+        for (seq, evs) in waiting.frames.drain(..taken) {
+            frames.push((seq, evs.len()));
+            events.extend(evs);
+        }
+        events
+    };
     waiting.events -= events_taken;
     (frames, submit(events))
 }

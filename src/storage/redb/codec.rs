@@ -170,7 +170,9 @@ impl<'a> Iterator for Records<'a> {
 /// existed; a record without the trailer decodes with no content type, and one with the
 /// content type alone (written before streams kept their own state) with the default state.
 pub(crate) fn encode_queue(record: &QueueRecord) -> Result<Vec<u8>> {
-    let buf = postcard::to_allocvec(record).map_err(Error::storage)?;
+    // Room for a typed queue's record, so that encoding it (once per batch that touches the
+    // queue) allocates once instead of growing from empty.
+    let buf = postcard::to_extend(record, Vec::with_capacity(64)).map_err(Error::storage)?;
     match &record.content_type {
         Some(ct) => {
             let buf = postcard::to_extend(ct.as_str(), buf).map_err(Error::storage)?;
