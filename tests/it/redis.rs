@@ -1533,3 +1533,138 @@ async fn cluster_waiting_for_replicas_acknowledges_when_they_confirm_and_fails_w
     }
     two.shutdown().await.unwrap();
 }
+
+/// Ids the server gives events sent without one are derived from their offsets: every node
+/// derives the same, stores them without an idempotency-index entry, and recognises one
+/// sent back explicitly (on any node) as the stored event; a queue deleted and created
+/// again derives other ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_derived_from_offsets_are_shared_by_every_node() {
+    let redis = RedisServer::start();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let storage = redis.storage();
+        nodes.push(
+            TestServer::start_tuned(
+                tempfile::tempdir().unwrap(),
+                move |c| c.storage = storage,
+                server_config(),
+            )
+            .await,
+        );
+    }
+    let http = client();
+    let post = |node: usize, path: &str, body: serde_json::Value| {
+        http.post(nodes[node].url(path)).json(&body).send()
+    };
+    let status = json!({"event_type": "status", "state": "working"});
+    let mut con = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    // The ids of the events stored, and how many the index holds.
+    let mut stored = || {
+        let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+            .arg("eq:e:{default/job}")
+            .arg("-")
+            .arg("+")
+            .query(&mut con)
+            .unwrap();
+        let ids: Vec<String> = entries
+            .iter()
+            .map(|(_, fields)| {
+                let rec = &fields[0].1;
+                let json = 4 + usize::from(u16::from_be_bytes([rec[2], rec[3]]));
+                let event: serde_json::Value = serde_json::from_slice(&rec[json..]).unwrap();
+                event["event_id"].as_str().unwrap().to_string()
+            })
+            .collect();
+        let indexed: usize = redis::cmd("HLEN")
+            .arg("eq:i:{default/job}")
+            .query(&mut con)
+            .unwrap();
+        (ids, indexed)
+    };
+    let created = post(0, "/events/queues", json!({"task_id": "job"}))
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    // Sent to both nodes, without ids.
+    for node in [0, 1, 0] {
+        let answer: serde_json::Value = post(node, "/events/queues/job/events", status.clone())
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(answer["offsets"].is_array(), "{answer}");
+    }
+    let (ids, indexed) = stored();
+    assert_eq!(ids.len(), 3);
+    assert_eq!(indexed, 0, "derived ids need no index entry");
+    for id in &ids {
+        assert!(
+            id.len() == 16
+                && id.starts_with("evt_")
+                && id[4..].bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id}"
+        );
+    }
+    assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2]);
+    // Each id sent again, on either node, is the event stored: nothing appended.
+    for (offset, id) in ids.iter().enumerate() {
+        for node in [0, 1] {
+            let mut event = status.clone();
+            event["event_id"] = json!(id);
+            let answer: serde_json::Value = post(node, "/events/queues/job/events", event)
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(answer["offsets"], json!([offset]), "{id} on node {node}");
+            assert_eq!(answer["latest_offset"], json!(3));
+        }
+    }
+    // Deleted and created again: other ids, and an old one is new (on the other node, once
+    // it knows the new queue).
+    let deleted = http
+        .delete(nodes[1].url("/events/queues/job"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    let created = post(1, "/events/queues", json!({"task_id": "job"}))
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    for _ in 0..2 {
+        let answer = post(1, "/events/queues/job/events", status.clone())
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while nodes[0].get_json("/events/queues/job").await["latest_offset"] != json!(2) {
+        assert!(Instant::now() < deadline, "node A learns of the new queue");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (again, _) = stored();
+    assert_eq!(again.len(), 2);
+    assert!(
+        again.iter().all(|id| !ids.contains(id)),
+        "{ids:?} {again:?}"
+    );
+    let mut old = status.clone();
+    old["event_id"] = json!(ids[1]);
+    let answer: serde_json::Value = post(0, "/events/queues/job/events", old)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["offsets"], json!([2]), "{answer}");
+    for node in nodes {
+        node.stop().await;
+    }
+}
