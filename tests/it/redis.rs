@@ -1668,3 +1668,74 @@ async fn ids_derived_from_offsets_are_shared_by_every_node() {
         node.stop().await;
     }
 }
+
+/// A replay of many chunks from Redis gets every event once, in order, while producers
+/// append and trimming drops the oldest: a gap notice where events went, never a repeat or a
+/// hole after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_of_many_chunks_is_dense_while_appends_trim_it() {
+    let redis = RedisServer::start();
+    let config = Config {
+        replay_chunk: 64,
+        ..redis.config()
+    };
+    let m = QueueManager::open(config).await.unwrap();
+    let (t, k) = (tenant("t"), task("long"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default().with_max_buffer_size(3000))
+        .await
+        .unwrap();
+    let batch = |n: usize| {
+        (0..n)
+            .map(|_| eventqueue::Event::new(&t, &k, working()))
+            .collect::<Vec<_>>()
+    };
+    for _ in 0..20 {
+        q.enqueue_batch(batch(100)).await.unwrap();
+    }
+    // Whole: 2000 events, 32 chunks.
+    let mut sub = q.subscribe(0).unwrap();
+    let all: Vec<u64> = (0..2000).collect();
+    assert_eq!(offsets(&mut sub, 2000).await, all);
+    drop(sub);
+    // Read slowly from the start while 3000 more are appended: the first 2000 are trimmed
+    // meanwhile (3000 retained).
+    let mut sub = q.subscribe(0).unwrap();
+    let producer = {
+        let q = q.clone();
+        let events: Vec<_> = (0..30).map(|_| batch(100)).collect();
+        tokio::spawn(async move {
+            for b in events {
+                q.enqueue_batch(b).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let mut next = 0;
+    while next < 5000 {
+        let d = tokio::time::timeout(Duration::from_secs(20), sub.next())
+            .await
+            .expect("a delivery within 20 s")
+            .expect("the stream goes on")
+            .unwrap();
+        match d {
+            eventqueue::Delivery::Event(e) => {
+                assert_eq!(e.offset(), next, "no repeat, no hole");
+                next += 1;
+            }
+            eventqueue::Delivery::Gap {
+                requested_offset,
+                first_available_offset,
+            } => {
+                assert_eq!(requested_offset, next);
+                assert!(first_available_offset > next && first_available_offset <= 2000);
+                next = first_available_offset;
+            }
+        }
+        if next % 500 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    producer.await.unwrap();
+    m.shutdown().await.unwrap();
+}
