@@ -1534,6 +1534,9 @@ async fn cluster_waiting_for_replicas_acknowledges_when_they_confirm_and_fails_w
     two.shutdown().await.unwrap();
 }
 
+/// A stream entry as `XRANGE` answers it: its id and its fields.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
 /// Ids the server gives events sent without one are derived from their offsets: every node
 /// derives the same, stores them without an idempotency-index entry, and recognises one
 /// sent back explicitly (on any node) as the stored event; a queue deleted and created
@@ -1564,7 +1567,7 @@ async fn ids_derived_from_offsets_are_shared_by_every_node() {
         .unwrap();
     // The ids of the events stored, and how many the index holds.
     let mut stored = || {
-        let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+        let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
             .arg("eq:e:{default/job}")
             .arg("-")
             .arg("+")
