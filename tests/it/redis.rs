@@ -1533,3 +1533,212 @@ async fn cluster_waiting_for_replicas_acknowledges_when_they_confirm_and_fails_w
     }
     two.shutdown().await.unwrap();
 }
+
+/// A stream entry as `XRANGE` answers it: its id and its fields.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
+/// Ids the server gives events sent without one are derived from their offsets: every node
+/// derives the same, stores them without an idempotency-index entry, and recognises one
+/// sent back explicitly (on any node) as the stored event; a queue deleted and created
+/// again derives other ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_derived_from_offsets_are_shared_by_every_node() {
+    let redis = RedisServer::start();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let storage = redis.storage();
+        nodes.push(
+            TestServer::start_tuned(
+                tempfile::tempdir().unwrap(),
+                move |c| c.storage = storage,
+                server_config(),
+            )
+            .await,
+        );
+    }
+    let http = client();
+    let post = |node: usize, path: &str, body: serde_json::Value| {
+        http.post(nodes[node].url(path)).json(&body).send()
+    };
+    let status = json!({"event_type": "status", "state": "working"});
+    let mut con = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    // The ids of the events stored, and how many the index holds.
+    let mut stored = || {
+        let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
+            .arg("eq:e:{default/job}")
+            .arg("-")
+            .arg("+")
+            .query(&mut con)
+            .unwrap();
+        let ids: Vec<String> = entries
+            .iter()
+            .map(|(_, fields)| {
+                let rec = &fields[0].1;
+                let json = 4 + usize::from(u16::from_be_bytes([rec[2], rec[3]]));
+                let event: serde_json::Value = serde_json::from_slice(&rec[json..]).unwrap();
+                event["event_id"].as_str().unwrap().to_string()
+            })
+            .collect();
+        let indexed: usize = redis::cmd("HLEN")
+            .arg("eq:i:{default/job}")
+            .query(&mut con)
+            .unwrap();
+        (ids, indexed)
+    };
+    let created = post(0, "/events/queues", json!({"task_id": "job"}))
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    // Sent to both nodes, without ids.
+    for node in [0, 1, 0] {
+        let answer: serde_json::Value = post(node, "/events/queues/job/events", status.clone())
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(answer["offsets"].is_array(), "{answer}");
+    }
+    let (ids, indexed) = stored();
+    assert_eq!(ids.len(), 3);
+    assert_eq!(indexed, 0, "derived ids need no index entry");
+    for id in &ids {
+        assert!(
+            id.len() == 16
+                && id.starts_with("evt_")
+                && id[4..].bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id}"
+        );
+    }
+    assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2]);
+    // Each id sent again, on either node, is the event stored: nothing appended.
+    for (offset, id) in ids.iter().enumerate() {
+        for node in [0, 1] {
+            let mut event = status.clone();
+            event["event_id"] = json!(id);
+            let answer: serde_json::Value = post(node, "/events/queues/job/events", event)
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(answer["offsets"], json!([offset]), "{id} on node {node}");
+            assert_eq!(answer["latest_offset"], json!(3));
+        }
+    }
+    // Deleted and created again: other ids, and an old one is new (on the other node, once
+    // it knows the new queue).
+    let deleted = http
+        .delete(nodes[1].url("/events/queues/job"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    let created = post(1, "/events/queues", json!({"task_id": "job"}))
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    for _ in 0..2 {
+        let answer = post(1, "/events/queues/job/events", status.clone())
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while nodes[0].get_json("/events/queues/job").await["latest_offset"] != json!(2) {
+        assert!(Instant::now() < deadline, "node A learns of the new queue");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (again, _) = stored();
+    assert_eq!(again.len(), 2);
+    assert!(
+        again.iter().all(|id| !ids.contains(id)),
+        "{ids:?} {again:?}"
+    );
+    let mut old = status.clone();
+    old["event_id"] = json!(ids[1]);
+    let answer: serde_json::Value = post(0, "/events/queues/job/events", old)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["offsets"], json!([2]), "{answer}");
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+/// A replay of many chunks from Redis gets every event once, in order, while producers
+/// append and trimming drops the oldest: a gap notice where events went, never a repeat or a
+/// hole after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_of_many_chunks_is_dense_while_appends_trim_it() {
+    let redis = RedisServer::start();
+    let config = Config {
+        replay_chunk: 64,
+        ..redis.config()
+    };
+    let m = QueueManager::open(config).await.unwrap();
+    let (t, k) = (tenant("t"), task("long"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default().with_max_buffer_size(3000))
+        .await
+        .unwrap();
+    let batch = |n: usize| {
+        (0..n)
+            .map(|_| eventqueue::Event::new(&t, &k, working()))
+            .collect::<Vec<_>>()
+    };
+    for _ in 0..20 {
+        q.enqueue_batch(batch(100)).await.unwrap();
+    }
+    // Whole: 2000 events, 32 chunks.
+    let mut sub = q.subscribe(0).unwrap();
+    let all: Vec<u64> = (0..2000).collect();
+    assert_eq!(offsets(&mut sub, 2000).await, all);
+    drop(sub);
+    // Read slowly from the start while 3000 more are appended: the first 2000 are trimmed
+    // meanwhile (3000 retained).
+    let mut sub = q.subscribe(0).unwrap();
+    let producer = {
+        let q = q.clone();
+        let events: Vec<_> = (0..30).map(|_| batch(100)).collect();
+        tokio::spawn(async move {
+            for b in events {
+                q.enqueue_batch(b).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let mut next = 0;
+    while next < 5000 {
+        let d = tokio::time::timeout(Duration::from_secs(20), sub.next())
+            .await
+            .expect("a delivery within 20 s")
+            .expect("the stream goes on")
+            .unwrap();
+        match d {
+            eventqueue::Delivery::Event(e) => {
+                assert_eq!(e.offset(), next, "no repeat, no hole");
+                next += 1;
+            }
+            eventqueue::Delivery::Gap {
+                requested_offset,
+                first_available_offset,
+            } => {
+                assert_eq!(requested_offset, next);
+                assert!(first_available_offset > next && first_available_offset <= 2000);
+                next = first_available_offset;
+            }
+        }
+        if next % 500 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    producer.await.unwrap();
+    m.shutdown().await.unwrap();
+}

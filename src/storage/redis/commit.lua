@@ -15,12 +15,16 @@
 --          checkpoint number is still `seq` (checked for its first save in the batch) and no
 --          checkpoint of the tenant has this id yet
 -- then     operations, each a name followed by its arguments:
---   add  tag seq offset id record     append the event at `offset` (stream id 0-seq, seq =
---                                     offset + 1; id "" when not indexed)
+--   add  tag seq n id1 rec1 ... idn recn
+--                                     append n events at consecutive offsets from seq - 1
+--                                     (stream ids 0-seq, 0-(seq+1), ...: entry 0-(o+1) holds
+--                                     offset o); each id "" when not indexed (an id derived
+--                                     from the offset names it without an index entry)
 --   trim tag last minid               remove offsets below `to` (and their ids): `last` is
 --                                     the stream id of offset to - 1, `minid` that of `to`
--- (Offsets travel as decimal strings, never through Lua numbers, which would print offsets
--- of 10^14 and more in exponent form.)
+-- (Offsets and revisions pass through Lua numbers (doubles, exact below 2^53) only to add to
+-- them, and are printed back with %.0f: Lua's own printing would turn 10^14 and more into
+-- exponent form.)
 --   put  tag tenant task n f1 v1 ...  store the queue's record (n fields), bump its revision
 --   rm   tag tenant task              remove the queue and its events
 --   cp   tenant workflow seq id rec   store a checkpoint (keeping the newest `keep`)
@@ -97,7 +101,7 @@ for _ = 1, n do
       -- Another node's turn (it was behind, and rebuilds now): wait for it.
       table.insert(stale, tag)
     else
-      kept[tag] = true
+      kept[tag] = f[1]
       if f[2] then table.insert(mine, tag) end
     end
   end
@@ -157,45 +161,62 @@ local argc = #ARGV
 while i <= argc do
   local op = ARGV[i]
   if op == 'add' then
-    local tag, seq, offset, id, rec = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
-    -- Stream id 0-(offset + 1): offset 0 cannot be 0-0, an id Redis refuses.
-    redis.call('XADD', ekey(tag), '0-' .. seq, 'r', rec)
-    if id ~= '' then
-      redis.call('HSET', ikey(tag), id, offset)
+    local tag, seq, count = ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+    local ek, ik = ekey(tag), ikey(tag)
+    i = i + 4
+    for k = 0, count - 1 do
+      local id = ARGV[i]
+      -- Stream id 0-(offset + 1): offset 0 cannot be 0-0, an id Redis refuses.
+      redis.call('XADD', ek, string.format('0-%.0f', seq + k), 'r', ARGV[i + 1])
+      if id ~= '' then
+        redis.call('HSET', ik, id, string.format('%.0f', seq + k - 1))
+      end
+      i = i + 2
     end
-    i = i + 6
   elseif op == 'trim' then
     local tag, last, minid = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-    local gone = redis.call('XRANGE', ekey(tag), '-', last)
-    local ids = {}
-    for _, entry in ipairs(gone) do
-      local id = record_id(entry[2][2])
-      if id ~= '' then table.insert(ids, id) end
-      -- unpack() is bounded by Lua's stack: remove ids in chunks.
-      if #ids >= 1000 then
-        redis.call('HDEL', ikey(tag), unpack(ids))
-        ids = {}
+    -- The ids of the events trimmed leave the index. A queue whose ids are all derived from
+    -- their offsets has no index: nothing to read.
+    if redis.call('EXISTS', ikey(tag)) == 1 then
+      local gone = redis.call('XRANGE', ekey(tag), '-', last)
+      local ids = {}
+      for _, entry in ipairs(gone) do
+        local id = record_id(entry[2][2])
+        if id ~= '' then table.insert(ids, id) end
+        -- unpack() is bounded by Lua's stack: remove ids in chunks.
+        if #ids >= 1000 then
+          redis.call('HDEL', ikey(tag), unpack(ids))
+          ids = {}
+        end
       end
+      if #ids > 0 then redis.call('HDEL', ikey(tag), unpack(ids)) end
     end
-    if #ids > 0 then redis.call('HDEL', ikey(tag), unpack(ids)) end
     redis.call('XTRIM', ekey(tag), 'MINID', minid)
     i = i + 4
   elseif op == 'put' then
     local tag, tenant, task, nf = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4])
     local fields = {}
     for k = 1, nf * 2 do fields[k] = ARGV[i + 4 + k] end
-    if redis.call('EXISTS', qkey(tag)) == 0 then
-      local t = redis.call('TIME')
-      redis.call('HSET', qkey(tag), 'rev', t[1] .. string.rep('0', 6 - #t[2]) .. t[2])
+    -- The queue's revision: the one checked above (or stored earlier in this batch), or, for
+    -- a queue this batch creates, the server's clock; one more for this batch. One HSET
+    -- writes it with the record.
+    local base = kept[tag]
+    if not base then
+      base = redis.call('HGET', qkey(tag), 'rev')
+      if not base then
+        -- New: listed under its tenant (once; a removal unlists it).
+        base = clock()
+        if single then
+          redis.call('ZADD', p .. 't:{' .. tenant .. '}', 0, task)
+          redis.call('SADD', p .. 'tenants', tenant)
+        end
+      end
     end
+    local rev = string.format('%.0f', tonumber(base) + 1)
+    kept[tag] = rev
+    fields[nf * 2 + 1] = 'rev'
+    fields[nf * 2 + 2] = rev
     redis.call('HSET', qkey(tag), unpack(fields))
-    redis.call('HINCRBY', qkey(tag), 'rev', 1)
-    -- Read back as text: a Lua number would print a revision this large in exponent form.
-    local rev = redis.call('HGET', qkey(tag), 'rev')
-    if single then
-      redis.call('ZADD', p .. 't:{' .. tenant .. '}', 0, task)
-      redis.call('SADD', p .. 'tenants', tenant)
-    end
     table.insert(revs, tag)
     table.insert(revs, rev)
     local note = {'put', tag, tenant, task, rev}
@@ -206,6 +227,7 @@ while i <= argc do
     local tag, tenant, task = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     local last = redis.call('HGET', qkey(tag), 'rev') or '0'
     redis.call('UNLINK', qkey(tag), ekey(tag), ikey(tag))
+    kept[tag] = nil
     if single then redis.call('ZREM', p .. 't:{' .. tenant .. '}', task) end
     table.insert(notes, {'rm', tag, tenant, task, last})
     i = i + 4

@@ -15,6 +15,23 @@
 //! - `c:{T/W}` — hash: a workflow's checkpoints (`r:SEQ`, `id:SEQ`, `next`);
 //!   `ci:{T}` — hash: checkpoint id → `W/SEQ`.
 //! - `notices` — the channel on which every stored batch is announced (see below).
+//! - `idkey` — the key of the event ids derived from offsets (see below), shared by every
+//!   node; written once by the first node that opens the store.
+//!
+//! # Derived event ids
+//!
+//! An event whose producer gave no id gets one derived from its offset, as on redb
+//! (`storage/redb/derived_ids.rs`): `evt_` + 12 hex characters, a keyed permutation of the
+//! offset. It needs no entry in the id index, so the most common append writes one stream
+//! entry and nothing else. Every node must derive the same id for the same event, and a
+//! queue deleted and created again must not repeat its predecessor's ids: the permutation's
+//! key is the one `idkey` holds, and its per-queue tweak comes from what every node reads in
+//! the queue's record — its tag and creation time ([`id_tweak`]) — not from a node's own
+//! queue id. An id of that shape that a producer sends is found by inverting the permutation
+//! and comparing the id stored at the offset it names (besides the index, which holds the ids
+//! producers chose and every id stored before ids were derived). Events appended in the batch
+//! that creates their queue keep the id generated on receipt (indexed): the queue's creation
+//! time is stored after them.
 //!
 //! # The write path
 //!
@@ -62,6 +79,7 @@ use bytes::Bytes;
 use redis::Value;
 
 use super::redb::checkpoints::{decode_checkpoint, encode_checkpoint};
+use super::redb::derived_ids::IdKey;
 use super::{
     BatchCheckpoints, CancelRecord, CheckpointRecord, DERIVED_LEN, EventMeta, Fresh,
     KEEP_CHECKPOINTS, LoadedCheckpoint, LoadedQueue, Notice, QueueRecord, Recovered, RemoteQueue,
@@ -449,6 +467,11 @@ pub(crate) struct RedisStore {
     event_bytes: std::sync::atomic::AtomicUsize,
     /// Each queue's hash tag (`tenant/task`) by its id in this process.
     tags: RwLock<HashMap<u64, Arc<str>>>,
+    /// The key of derived event ids (see the module docs), as `idkey` holds it.
+    id_key: IdKey,
+    /// Each queue's tweak of its derived ids ([`id_tweak`]), by its id in this process: from
+    /// the newest record this node saw of it.
+    tweaks: RwLock<HashMap<u64, u64>>,
     /// The revision of each queue as of this node's latest commit or look.
     revs: Mutex<HashMap<u64, u64>>,
     /// This node's id in notices (random).
@@ -477,7 +500,7 @@ impl RedisStore {
         let backend = Backend::open(&target.url)
             .map_err(|e| Error::storage(format!("redis at {shown}: {e}")))?;
         let node = format!("{:016x}{:016x}", rand_u64(), rand_u64());
-        let store = RedisStore {
+        let mut store = RedisStore {
             backend,
             shown,
             prefix: target.prefix.clone(),
@@ -488,6 +511,8 @@ impl RedisStore {
             masters: RwLock::new(Vec::new()),
             event_bytes: std::sync::atomic::AtomicUsize::new(0),
             tags: RwLock::new(HashMap::new()),
+            id_key: IdKey::random(),
+            tweaks: RwLock::new(HashMap::new()),
             revs: Mutex::new(HashMap::new()),
             node,
             stop: Arc::new(AtomicBool::new(false)),
@@ -498,6 +523,7 @@ impl RedisStore {
             faults: Arc::default(),
         };
         store.warn_unless_persistent();
+        store.id_key = store.shared_id_key()?;
         let recovered = store.load()?;
         Ok((store, recovered))
     }
@@ -527,6 +553,39 @@ impl RedisStore {
             store: self,
             conn: Some(conn),
         })
+    }
+
+    /// The key of derived event ids every node uses: the one Redis holds, or (the first
+    /// node to open the store) a fresh one stored there.
+    fn shared_id_key(&self) -> Result<IdKey> {
+        let key = format!("{}idkey", self.prefix);
+        let fresh = IdKey::random().parts();
+        let mut c = self.conn()?;
+        let stored: String = c.run("reading the event id key", |con| {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(format!("{:016x}{:016x}", fresh.0, fresh.1))
+                .arg("NX")
+                .query::<()>(con)?;
+            redis::cmd("GET").arg(&key).query(con)
+        })?;
+        let half = |h: Option<&str>| h.and_then(|h| u64::from_str_radix(h, 16).ok());
+        match (stored.len(), half(stored.get(..16)), half(stored.get(16..))) {
+            (32, Some(k0), Some(k1)) => Ok(IdKey::from_parts(k0, k1)),
+            _ => Err(Error::storage(format!(
+                "redis at {}: corrupt event id key {key}",
+                self.shown
+            ))),
+        }
+    }
+
+    /// Queue `qid`'s tweak of its derived ids, if this node knows its record.
+    fn tweak(&self, qid: u64) -> Option<u64> {
+        self.tweaks
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&qid)
+            .copied()
     }
 
     /// Says once, at start, when Redis keeps nothing on disk (neither AOF nor snapshots):
@@ -1091,6 +1150,43 @@ fn decode_record(rec: &[u8]) -> Result<(u8, bool, usize)> {
     Ok((header[0], header[1] != 0, at))
 }
 
+/// The record of the one entry of an `XRANGE` reply (`None` when it has none).
+fn only_record(v: Value) -> Result<Option<Vec<u8>>> {
+    let corrupt = || Error::storage("unexpected reply to XRANGE from redis");
+    let Value::Array(mut entries) = v else {
+        return Err(corrupt());
+    };
+    let Some(Value::Array(mut parts)) = entries.pop() else {
+        return Ok(None);
+    };
+    match parts.pop() {
+        Some(Value::Array(mut fields)) => match fields.pop() {
+            Some(Value::BulkString(rec)) => Ok(Some(rec)),
+            _ => Err(corrupt()),
+        },
+        _ => Err(corrupt()),
+    }
+}
+
+/// The event id an event record holds (see [`decode_record`]).
+fn record_id(rec: &[u8]) -> Option<&[u8]> {
+    let (_, _, at) = decode_record(rec).ok()?;
+    rec.get(HEADER..at)
+}
+
+/// The tweak of a queue's derived ids (see the module docs): from its tag and creation time,
+/// which every node reads in its record, so every node derives the same ids, and a queue
+/// deleted and created again (a later creation time) derives others. FNV-1a over the tag:
+/// a hash that stays the same across builds, as the ids derived from it are stored.
+fn id_tweak(tag: &str, created_at_us: i64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in tag.as_bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^ (created_at_us as u64).rotate_left(32)
+}
+
 /// Stream entries `[[id, [field, value, …]], …]` as events, appended to `out` until their JSON
 /// (counted in `copied`, across calls) would exceed `max_bytes` (`out` keeps at least one).
 /// Returns how many entries the reply held, and whether it stopped at `max_bytes`.
@@ -1153,6 +1249,7 @@ impl Storage for RedisStore {
             checked: HashSet::new(),
             ops: Vec::new(),
             tags: HashMap::new(),
+            tweaks: HashMap::new(),
             removed: Vec::new(),
             ids: HashMap::new(),
             checkpoints: BatchCheckpoints::default(),
@@ -1342,13 +1439,23 @@ impl Storage for RedisStore {
     }
 
     fn adopt(&self, qid: u64, queue: &RemoteQueue) {
-        self.tags
+        let tag = self
+            .tags
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .entry(qid)
-            .or_insert_with(|| Arc::from(format!("{}/{}", queue.tenant, queue.task)));
+            .or_insert_with(|| Arc::from(format!("{}/{}", queue.tenant, queue.task)))
+            .clone();
         let mut revs = self.revs.lock().unwrap_or_else(|p| p.into_inner());
         let rev = revs.entry(qid).or_insert(queue.rev);
+        if *rev <= queue.rev
+            && let Some(record) = &queue.record
+        {
+            self.tweaks
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(qid, id_tweak(&tag, record.created_at_us));
+        }
         *rev = (*rev).max(queue.rev);
     }
 
@@ -1362,6 +1469,10 @@ impl Storage for RedisStore {
 
     fn forget(&self, qid: u64) {
         self.tags
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&qid);
+        self.tweaks
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&qid);
@@ -1423,6 +1534,8 @@ struct RedisBatch<'s> {
     ops: Vec<Staged>,
     /// Tags of queues this batch creates.
     tags: HashMap<u64, Arc<str>>,
+    /// Tweaks of the derived ids of queues this batch creates (see [`id_tweak`]).
+    tweaks: HashMap<u64, u64>,
     removed: Vec<u64>,
     /// Ids appended by this batch: `(qid, id)` → offset.
     ids: HashMap<(u64, Box<str>), u64>,
@@ -1539,21 +1652,33 @@ impl RedisBatch<'_> {
         }
         args.push(b"keep".to_vec());
         args.push(KEEP_CHECKPOINTS.to_string().into_bytes());
-        for op in ops {
+        let mut k = 0;
+        while let Some(op) = ops.get(k) {
+            k += 1;
             match op {
-                Staged::Add {
-                    qid,
-                    offset,
-                    id,
-                    record,
-                } => {
+                Staged::Add { qid, offset, .. } => {
+                    // A run of appends to one queue at consecutive offsets is one operation:
+                    // the queue's keys are named once, and each event passes only its id and
+                    // record.
+                    let run = ops[k - 1..]
+                        .iter()
+                        .zip(*offset..)
+                        .take_while(|(op, o)| {
+                            matches!(op, Staged::Add { qid: q, offset: at, .. } if q == qid && at == o)
+                        })
+                        .count();
                     let tag = self.tag(*qid).ok_or_else(|| missing(*qid))?;
                     args.push(b"add".to_vec());
                     args.push(tag.as_bytes().to_vec());
                     args.push((offset + 1).to_string().into_bytes());
-                    args.push(offset.to_string().into_bytes());
-                    args.push(id.as_deref().unwrap_or("").as_bytes().to_vec());
-                    args.push(record.to_vec());
+                    args.push(run.to_string().into_bytes());
+                    for op in &ops[k - 1..k - 1 + run] {
+                        if let Staged::Add { id, record, .. } = op {
+                            args.push(id.as_deref().unwrap_or("").as_bytes().to_vec());
+                            args.push(record.to_vec());
+                        }
+                    }
+                    k += run - 1;
                 }
                 Staged::Trim { qid, to } => {
                     if *to == 0 {
@@ -1839,8 +1964,10 @@ fn text(v: &Value) -> Option<String> {
 }
 
 impl WriteBatch for RedisBatch<'_> {
-    fn derived_id(&self, _qid: u64, _offset: u64) -> Option<[u8; DERIVED_LEN]> {
-        None
+    fn derived_id(&self, qid: u64, offset: u64) -> Option<[u8; DERIVED_LEN]> {
+        // Known once the queue's record is stored: a queue this batch creates has none yet.
+        let tweak = self.store.tweak(qid)?;
+        self.store.id_key.derive(tweak, offset)
     }
 
     fn find_event_id(
@@ -1852,14 +1979,70 @@ impl WriteBatch for RedisBatch<'_> {
         if let Some(&at) = self.ids.get(&(qid, Box::from(event_id))) {
             return Ok(Some(at));
         }
+        // The one offset whose derived id `event_id` can be: the event there holds the id
+        // if it was derived (not indexed).
+        let mut derived = self
+            .store
+            .tweak(qid)
+            .and_then(|tweak| self.store.id_key.offset_of(tweak, event_id))
+            .filter(|at| retained.contains(at));
+        if let Some(at) = derived {
+            let staged = self.ops.iter().rev().find_map(|op| match op {
+                Staged::Add {
+                    qid: q,
+                    offset,
+                    record,
+                    ..
+                } if *q == qid && *offset == at => Some(record),
+                _ => None,
+            });
+            if let Some(record) = staged {
+                if record_id(record) == Some(event_id.as_bytes()) {
+                    return Ok(Some(at));
+                }
+                derived = None;
+            }
+        }
         let Some(tag) = self.store.tag(qid) else {
             return Ok(None);
         };
-        let key = self.store.key("i", &tag);
-        let at: Option<u64> = self.conn.run("looking up an event id", |con| {
-            redis::cmd("HGET").arg(&key).arg(event_id).query(con)
-        })?;
-        Ok(at.filter(|at| retained.contains(at)))
+        let index = self.store.key("i", &tag);
+        let (indexed, stored) = match derived {
+            None => {
+                let at: Option<u64> = self.conn.run("looking up an event id", |con| {
+                    redis::cmd("HGET").arg(&index).arg(event_id).query(con)
+                })?;
+                (at, None)
+            }
+            // Both in one round trip.
+            Some(at) => {
+                let entry = format!("0-{}", at + 1);
+                let events = self.store.key("e", &tag);
+                let (indexed, stored): (Option<u64>, Value) =
+                    self.conn.run("looking up an event id", |con| {
+                        redis::pipe()
+                            .cmd("HGET")
+                            .arg(&index)
+                            .arg(event_id)
+                            .cmd("XRANGE")
+                            .arg(&events)
+                            .arg(&entry)
+                            .arg(&entry)
+                            .query(con)
+                    })?;
+                (indexed, Some((at, stored)))
+            }
+        };
+        if let Some(at) = indexed.filter(|at| retained.contains(at)) {
+            return Ok(Some(at));
+        }
+        let Some((at, stored)) = stored else {
+            return Ok(None);
+        };
+        Ok(
+            (only_record(stored)?.as_deref().and_then(record_id) == Some(event_id.as_bytes()))
+                .then_some(at),
+        )
     }
 
     fn event_record(&self, meta: &EventMeta<'_>, json_len: usize) -> Result<(Vec<u8>, usize)> {
@@ -1907,9 +2090,12 @@ impl WriteBatch for RedisBatch<'_> {
     fn put_queue(&mut self, tenant: &str, task: &str, record: &QueueRecord) -> Result<()> {
         let qid = record.id;
         if self.store.tag(qid).is_none() {
-            self.tags
+            let tag = self
+                .tags
                 .entry(qid)
                 .or_insert_with(|| Arc::from(format!("{tenant}/{task}")));
+            let tweak = id_tweak(tag, record.created_at_us);
+            self.tweaks.insert(qid, tweak);
         }
         self.touch(qid);
         self.ops.push(Staged::Put {
@@ -2154,8 +2340,11 @@ impl WriteBatch for RedisBatch<'_> {
             }
             let mut tags = self.store.tags.write().unwrap_or_else(|p| p.into_inner());
             tags.extend(self.tags.drain());
+            let mut tweaks = self.store.tweaks.write().unwrap_or_else(|p| p.into_inner());
+            tweaks.extend(self.tweaks.drain());
             for qid in &self.removed {
                 tags.remove(qid);
+                tweaks.remove(qid);
                 revs.remove(qid);
             }
         }
@@ -2221,6 +2410,11 @@ impl RedisBatch<'_> {
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .remove(&qid);
+                        self.store
+                            .tweaks
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&qid);
                         None
                     } else {
                         let (record, rev) =
@@ -2238,6 +2432,15 @@ impl RedisBatch<'_> {
                                 .unwrap_or_else(|p| p.into_inner())
                                 .insert(qid, tag.clone());
                         }
+                        // Its ids are derived as the stored record says (the queue may be
+                        // another than the one this node knew by that id).
+                        if let Some(tag) = self.tag(qid) {
+                            self.store
+                                .tweaks
+                                .write()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(qid, id_tweak(&tag, record.created_at_us));
+                        }
                         Some(record)
                     };
                     fresh.push(Fresh { qid, record });
@@ -2246,5 +2449,22 @@ impl RedisBatch<'_> {
             }
             _ => Err(corrupt()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Derived ids are stored, and recognised when a producer sends one again by deriving it
+    /// anew: the tweak must stay what they were derived with, across builds and versions.
+    #[test]
+    fn the_tweak_of_derived_ids_is_pinned_and_tells_queues_apart() {
+        assert_eq!(
+            id_tweak("t/k", 1_765_000_000_000_000),
+            0x4018_e719_43ad_bebf
+        );
+        assert_ne!(id_tweak("t/k", 1), id_tweak("t/k", 2));
+        assert_ne!(id_tweak("t/k", 1), id_tweak("t/j", 1));
     }
 }
