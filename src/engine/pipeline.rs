@@ -807,6 +807,7 @@ impl WriterLoop {
                     let (answer, failed) = apply(
                         &mut *w,
                         &mut batch,
+                        &self.w.registry,
                         &mut self.keys,
                         &mut next_queue_id,
                         op,
@@ -1185,6 +1186,7 @@ fn settle<A, T>(
 fn apply(
     w: &mut dyn WriteBatch,
     batch: &mut Batch,
+    registry: &Registry,
     keys: &mut HashSet<(TenantId, TaskId)>,
     next_queue_id: &mut u64,
     op: Op,
@@ -1200,7 +1202,7 @@ fn apply(
             settle(call, result, Answer::StreamAppend)
         }
         Op::Create(call) => {
-            let result = create(w, batch, keys, next_queue_id, &call.args, now);
+            let result = create(w, batch, registry, keys, next_queue_id, &call.args, now);
             settle(call, result, Answer::Create)
         }
         Op::Close(call) => {
@@ -1396,6 +1398,7 @@ fn stream_append(
 fn create(
     w: &mut dyn WriteBatch,
     batch: &mut Batch,
+    registry: &Registry,
     keys: &mut HashSet<(TenantId, TaskId)>,
     next_queue_id: &mut u64,
     spec: &NewQueue,
@@ -1403,6 +1406,21 @@ fn create(
 ) -> Result<Result<Arc<QueueState>>> {
     let key = (spec.tenant.clone(), spec.task.clone());
     if keys.contains(&key) {
+        // "Exists" decided on this node's view has the store confirm the queue: on a store
+        // shared by several nodes another node may have deleted it a moment ago (its notice
+        // still on the way), and a stale view makes the batch stale (decided again on fresh
+        // state) instead of answering a spurious conflict. A queue created earlier in this
+        // batch is not published yet, and needs no check: this node made it.
+        // (Staged unchanged, so that a stale answer's fresh state reaches its view.)
+        let known = registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        if let Some(q) = known {
+            batch.stage(&q);
+            w.check(q.id());
+        }
         return Ok(Err(Error::QueueExists {
             tenant_id: spec.tenant.to_string(),
             task_id: spec.task.to_string(),

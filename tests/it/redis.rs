@@ -509,6 +509,45 @@ async fn idempotency_cancel_close_and_delete_reach_every_node_on(config: Config)
     b.shutdown().await.unwrap();
 }
 
+/// A queue deleted on one node can be created again on another at once: the second node's
+/// view may still hold the queue (the deletion's notice is on its way), and a create it
+/// refuses as "exists" on that view alone would be a spurious 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_deleted_on_one_node_is_created_again_on_another_at_once() {
+    let redis = RedisServer::start();
+    let config = redis.config();
+    let a = QueueManager::open(config.clone()).await.unwrap();
+    let b = QueueManager::open(config).await.unwrap();
+    let t = tenant("t");
+    for round in 0..40 {
+        let k = task(&format!("again-{round}"));
+        a.create_queue(&t, &k, QueueOptions::default())
+            .await
+            .unwrap();
+        assert!(b.find_queue(&t, &k).await.unwrap().is_some());
+        let created = tokio::time::Instant::now();
+        // A knows the queue too (it created it); B deletes it, A creates it again at once.
+        assert!(b.delete_queue(&t, &k).await.unwrap());
+        let again = a.create_queue(&t, &k, QueueOptions::default()).await;
+        assert!(
+            again.is_ok(),
+            "round {round}: created again on the other node {:?} after the delete: {:?}",
+            created.elapsed(),
+            again.err()
+        );
+        let q = again.unwrap();
+        assert_eq!(
+            q.enqueue(eventqueue::Event::new(&t, &k, working()))
+                .await
+                .unwrap(),
+            0,
+            "round {round}: the new queue starts at offset 0"
+        );
+    }
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
 /// Checkpoint saves of one workflow from two nodes at once: every save stored, numbered
 /// without collisions, each with its events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
