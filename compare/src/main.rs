@@ -70,6 +70,8 @@ struct Args {
     /// Run the Durable Streams comparison of issue 23 instead (`dstreams.rs`): eventqueue's
     /// `/v1/stream` against the peers whose binaries `EQ_DS_ELECTRIC` (ElectricSQL
     /// `durable-streams` 0.1.5) and `EQ_DS_DSS` (`durable-streams-server` 0.3.0) name.
+    /// `--workloads` then picks the rows (append1, append8, append64, catchup, tail100,
+    /// tail1000).
     #[arg(long)]
     durable_streams: bool,
     /// Length of the measured window of the throughput workloads, in milliseconds (default:
@@ -277,7 +279,13 @@ async fn run(args: Args) -> Result<()> {
             &args.nats_server,
             args.repo.as_deref(),
         );
-        let report = dstreams::run(&args.eventqueue, work.path(), args.quick).await?;
+        let report = dstreams::run(
+            &args.eventqueue,
+            work.path(),
+            args.quick,
+            args.workloads.as_deref(),
+        )
+        .await?;
         println!(
             "- Machine: {}, {} logical CPUs, {:.1} GiB; disk {}; eventqueue {}",
             machine.cpu,

@@ -1393,10 +1393,22 @@ impl CatchUpBody {
         self.next >= self.end && self.started
     }
 
-    fn read(&self, from: u64, any: bool) -> tokio::task::JoinHandle<crate::error::Result<Slice>> {
+    /// Starts reading the slice from `from`; `open` puts the array's `[` first, so that the
+    /// first slice is not copied again behind it.
+    fn read(
+        &self,
+        from: u64,
+        any: bool,
+        open: bool,
+    ) -> tokio::task::JoinHandle<crate::error::Result<Slice>> {
+        // A little more than a slice holds, so that its last message (and the array's `]`)
+        // needs no regrowth.
+        let mut out = BytesMut::with_capacity(SLICE_BYTES + SLICE_BYTES / 8);
+        if open {
+            out.extend_from_slice(b"[");
+        }
         let slice = Slice {
-            // A little more than a slice holds, so that its last message needs no regrowth.
-            out: BytesMut::with_capacity(SLICE_BYTES + SLICE_BYTES / 8),
+            out,
             json: self.json,
             any,
             last: None,
@@ -1414,15 +1426,12 @@ impl CatchUpBody {
     /// The body's next piece: the next slice of messages (framed), and at the end the
     /// array's close; starts the read of the slice after it.
     async fn step(&mut self) -> Result<Bytes, Error> {
-        let mut out = BytesMut::new();
-        if self.json && !self.started {
-            out.extend_from_slice(b"[");
-        }
+        let open = self.json && !self.started;
         self.started = true;
-        if self.next < self.end {
+        let mut out = if self.next < self.end {
             let read = match self.ahead.take() {
                 Some(r) => r,
-                None => self.read(self.next, self.any),
+                None => self.read(self.next, self.any, open),
             };
             let slice = read
                 .await
@@ -1431,14 +1440,16 @@ impl CatchUpBody {
             self.next = slice.last.map_or(self.end, |last| last + 1);
             self.any = slice.any;
             if self.next < self.end {
-                self.ahead = Some(self.read(self.next, self.any));
+                self.ahead = Some(self.read(self.next, self.any, false));
             }
-            if out.is_empty() {
-                out = slice.out;
-            } else {
-                out.extend_from_slice(&slice.out);
+            slice.out
+        } else {
+            let mut out = BytesMut::new();
+            if open {
+                out.extend_from_slice(b"[");
             }
-        }
+            out
+        };
         if self.json && self.next >= self.end {
             out.extend_from_slice(b"]");
         }
