@@ -120,12 +120,22 @@ impl Drop for RedisServer {
     }
 }
 
-/// A free loopback port.
+/// A free loopback port, never one handed out before in this process: tests run in
+/// parallel, and a port is free only until a server binds it, so two servers must not be
+/// given the same one (a cluster test alone takes up to 24).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A Redis Cluster of three masters (with `replicas` replicas each) on loopback, each node a
@@ -181,9 +191,34 @@ impl RedisCluster {
     }
 
     /// Starts every node (again: a node restarted keeps its cluster config and its AOF).
+    /// On the first start, a node that exits at once (its port or bus port was taken
+    /// meanwhile by some other process) is started again on new ports.
     fn spawn(&mut self) {
-        for (&port, (bus, node_dir)) in self.ports.iter().zip(&self.nodes) {
-            let child = Command::new("redis-server")
+        let first = self.children.is_empty() && !self.nodes[0].1.join("nodes.conf").exists();
+        for i in 0..self.ports.len() {
+            let mut attempts = 0;
+            loop {
+                let mut child = self.spawn_node(i);
+                if wait_for_ping_unless_exited(self.ports[i], &mut child) {
+                    self.children.push(child);
+                    break;
+                }
+                attempts += 1;
+                assert!(
+                    first && attempts < 5,
+                    "redis-server did not start at port {}",
+                    self.ports[i]
+                );
+                self.ports[i] = free_port();
+                self.nodes[i].0 = free_port();
+            }
+        }
+    }
+
+    fn spawn_node(&self, i: usize) -> Child {
+        let (port, (bus, node_dir)) = (self.ports[i], &self.nodes[i]);
+        {
+            Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args([
                     "--cluster-enabled",
@@ -204,11 +239,7 @@ impl RedisCluster {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
-                .expect("redis-server not found (apt-get install redis-server)");
-            self.children.push(child);
-        }
-        for &port in &self.ports {
-            wait_for_ping(&format!("redis://127.0.0.1:{port}"));
+                .expect("redis-server not found (apt-get install redis-server)")
         }
     }
 
@@ -299,15 +330,19 @@ impl Drop for RedisCluster {
     }
 }
 
-/// Waits until the server at `url` answers PING.
-fn wait_for_ping(url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+/// Waits until the server on `port` answers PING (true), or its process has exited (false).
+fn wait_for_ping_unless_exited(port: u16, child: &mut Child) -> bool {
+    let url = format!("redis://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(client) = redis::Client::open(url)
+        if let Ok(client) = redis::Client::open(url.as_str())
             && let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(1))
             && redis::cmd("PING").query::<String>(&mut conn).is_ok()
         {
-            return;
+            return true;
+        }
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return false;
         }
         assert!(
             Instant::now() < deadline,
