@@ -1444,7 +1444,8 @@ async fn cluster_a_producer_alternating_nodes_is_never_refused_a_valid_sequence(
     a_producer_alternating_nodes_on(cluster.config().storage).await;
 }
 
-async fn a_producer_alternating_nodes_on(storage: StorageBackend) {
+/// Two `eventqueue serve` nodes over one store.
+async fn two_servers(storage: &StorageBackend) -> Vec<TestServer> {
     let mut nodes = Vec::new();
     for _ in 0..2 {
         let storage = storage.clone();
@@ -1457,6 +1458,11 @@ async fn a_producer_alternating_nodes_on(storage: StorageBackend) {
             .await,
         );
     }
+    nodes
+}
+
+async fn a_producer_alternating_nodes_on(storage: StorageBackend) {
+    let nodes = two_servers(&storage).await;
     let http = client();
     let created = http
         .put(nodes[0].url("/v1/stream/alt"))
@@ -1618,18 +1624,7 @@ type StreamEntry = (String, Vec<(String, Vec<u8>)>);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_derived_from_offsets_are_shared_by_every_node() {
     let redis = RedisServer::start();
-    let mut nodes = Vec::new();
-    for _ in 0..2 {
-        let storage = redis.storage();
-        nodes.push(
-            TestServer::start_tuned(
-                tempfile::tempdir().unwrap(),
-                move |c| c.storage = storage,
-                server_config(),
-            )
-            .await,
-        );
-    }
+    let nodes = two_servers(&redis.storage()).await;
     let http = client();
     let post = |node: usize, path: &str, body: serde_json::Value| {
         http.post(nodes[node].url(path)).json(&body).send()
