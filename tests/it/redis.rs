@@ -194,7 +194,8 @@ impl RedisCluster {
     /// On the first start, a node that exits at once (its port or bus port was taken
     /// meanwhile by some other process) is started again on new ports.
     fn spawn(&mut self) {
-        let first = self.children.is_empty() && !self.nodes[0].1.join("nodes.conf").exists();
+        // A node started before has written its cluster config.
+        let first = !self.nodes[0].1.join("nodes.conf").exists();
         for i in 0..self.ports.len() {
             let mut attempts = 0;
             loop {
@@ -217,30 +218,28 @@ impl RedisCluster {
 
     fn spawn_node(&self, i: usize) -> Child {
         let (port, (bus, node_dir)) = (self.ports[i], &self.nodes[i]);
-        {
-            Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args([
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-port",
-                    &bus.to_string(),
-                ])
-                .args(["--cluster-config-file", "nodes.conf"])
-                .args(["--dir", &node_dir.display().to_string()])
-                .args([
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "yes",
-                    "--appendfsync",
-                    "always",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server not found (apt-get install redis-server)")
-        }
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                &bus.to_string(),
+            ])
+            .args(["--cluster-config-file", "nodes.conf"])
+            .args(["--dir", &node_dir.display().to_string()])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not found (apt-get install redis-server)")
     }
 
     /// Waits until every node says the cluster is ok and every replica is in sync.
