@@ -15,6 +15,9 @@
 //! 3. The **background** thread runs work the store hands off between batches
 //!    ([`Storage::background`]: for the embedded store, writing logged batches into redb).
 //!
+//! When the writer is idle and no op waits for it, a caller commits its own op on its own
+//! thread instead, running the writer's and the acknowledger's steps for it ([`Front`]).
+//!
 //! So throughput grows with the number of waiting callers, the sync of one batch overlaps the
 //! CPU work of the next, and each acknowledgement still means "durable".
 //!
