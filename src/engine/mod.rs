@@ -166,8 +166,10 @@ impl Core {
     /// caller's own thread instead when the writer is idle (see `pipeline::Front`).
     async fn call<T>(&self, make: impl FnOnce(ops::Reply<T>) -> Request) -> Result<T> {
         let (tx, rx) = oneshot::channel();
-        let request = match make(ops::Reply::new(tx)) {
-            Request::Write(op) => match self.front.try_commit(op) {
+        let request = make(ops::Reply::new(tx));
+        let _in_flight = matches!(request, Request::Write(_)).then(|| self.front.enter());
+        let request = match (request, &_in_flight) {
+            (Request::Write(op), Some(me)) => match self.front.try_commit(op, me) {
                 Ok(purging) => {
                     if purging {
                         // A full channel holds requests: the writer is awake anyway.
@@ -181,7 +183,7 @@ impl Core {
                     Some(Request::Write(op))
                 }
             },
-            other => Some(other),
+            (other, _) => Some(other),
         };
         if let Some(request) = request {
             // Uncounted again if the send fails or is abandoned (this future dropped while

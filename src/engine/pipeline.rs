@@ -485,10 +485,26 @@ struct WriterLoop {
 /// producer whose next op follows its previous one (a connection's commits, a client
 /// awaiting each answer) never sees them reordered: either the previous op was committed,
 /// or it is counted in `queued` and the next one queues behind it.
+///
+/// Only a write that is alone in flight (no other caller between sending a write and its
+/// answer) is committed by its caller: concurrent writes are worth batching, and on a
+/// caller's thread each would be a batch of one (measured: 8 sequential clients cost ~30 %
+/// more server CPU per event that way, one client ~40 % less).
 pub(crate) struct Front {
     state: Mutex<Option<WriterLoop>>,
     /// Write requests in the writer's channel (raised by the caller before it sends).
     pub(crate) queued: Arc<AtomicUsize>,
+    /// Writes between their call and their answer (see [`InFlight`]).
+    active: AtomicUsize,
+}
+
+/// A write between its call and its answer, counted in [`Front`]'s `active` while it lives.
+pub(crate) struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Front {
@@ -496,7 +512,14 @@ impl Front {
         Front {
             state: Mutex::new(None),
             queued: Arc::new(AtomicUsize::new(0)),
+            active: AtomicUsize::new(0),
         }
+    }
+
+    /// Counts a write in flight until the returned guard is dropped.
+    pub(crate) fn enter(&self) -> InFlight<'_> {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.active)
     }
 
     /// The writer's state: `None` before the writer started and after it stopped (or after
@@ -517,8 +540,13 @@ impl Front {
     ///
     /// Only on a multi-threaded tokio runtime, where `block_in_place` moves the runtime's
     /// other tasks off this thread while the commit blocks on the store.
-    pub(crate) fn try_commit(&self, op: Op) -> std::result::Result<bool, Op> {
-        if matches!(op, Op::Shutdown(_)) || !may_block_in_place() {
+    /// `_me` is the caller's own count in flight: only a write alone in flight is
+    /// committed here.
+    pub(crate) fn try_commit(&self, op: Op, _me: &InFlight<'_>) -> std::result::Result<bool, Op> {
+        if matches!(op, Op::Shutdown(_))
+            || self.active.load(Ordering::Relaxed) > 1
+            || !may_block_in_place()
+        {
             return Err(op);
         }
         let Ok(mut guard) = self.state.try_lock() else {
