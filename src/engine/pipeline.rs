@@ -144,9 +144,7 @@ impl Poison {
             None => Error::ShuttingDown,
         }
     }
-}
 
-impl Poison {
     /// Marks the engine poisoned by a panic of `thread` (the first one named stays).
     fn set(&self, thread: &'static str) {
         tracing::error!(thread, "a worker thread panicked; writes stop");
@@ -538,10 +536,9 @@ impl Front {
     /// Answers `Ok(true)` when deletions wait to be purged: the caller then wakes the
     /// writer thread ([`Request::Purge`]), which purges them step by step while idle.
     ///
-    /// Only on a multi-threaded tokio runtime, where `block_in_place` moves the runtime's
-    /// other tasks off this thread while the commit blocks on the store.
-    /// `_me` is the caller's own count in flight: only a write alone in flight is
-    /// committed here.
+    /// Only for a write alone in flight (`_me` is the caller's own count), and only on a
+    /// multi-threaded tokio runtime, where `block_in_place` moves the runtime's other tasks
+    /// off this thread while the commit blocks on the store.
     pub(crate) fn try_commit(&self, op: Op, _me: &InFlight<'_>) -> std::result::Result<bool, Op> {
         if matches!(op, Op::Shutdown(_))
             || self.active.load(Ordering::Relaxed) > 1
@@ -653,48 +650,46 @@ impl WriterLoop {
     /// to `max_commit_events` events) as one batch, then the housekeeping between batches.
     /// Returns true when a shutdown was processed.
     fn round(&mut self, first: Request, rx: &mut mpsc::Receiver<Request>) -> bool {
-        {
-            let mut ops = Vec::new();
-            let mut compactions = Vec::new();
-            let mut n = 0;
-            let mut next = Some(first);
-            while let Some(req) = next.take() {
-                match req {
-                    Request::Write(op) => {
-                        // Taken under the lock, committed before it is released.
-                        self.queued.fetch_sub(1, Ordering::SeqCst);
-                        n += op.event_count();
-                        ops.push(op);
-                    }
-                    Request::Compact(call) => compactions.push(call),
-                    Request::Remote(call) => {
-                        let accepted = self.remote(call.args);
-                        call.reply.send(Ok(accepted));
-                    }
-                    Request::Load(call) => {
-                        let (tenant, task) = &call.args;
-                        let result = self.load(tenant, task);
-                        call.reply.send(result);
-                    }
-                    // The purge steps run between batches and while idle.
-                    Request::Purge => {}
+        let mut ops = Vec::new();
+        let mut compactions = Vec::new();
+        let mut n = 0;
+        let mut next = Some(first);
+        while let Some(req) = next.take() {
+            match req {
+                Request::Write(op) => {
+                    // Taken under the lock, committed before it is released.
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                    n += op.event_count();
+                    ops.push(op);
                 }
-                if n < self.w.max_commit_events {
-                    next = rx.try_recv().ok();
+                Request::Compact(call) => compactions.push(call),
+                Request::Remote(call) => {
+                    let accepted = self.remote(call.args);
+                    call.reply.send(Ok(accepted));
                 }
+                Request::Load(call) => {
+                    let (tenant, task) = &call.args;
+                    let result = self.load(tenant, task);
+                    call.reply.send(result);
+                }
+                // The purge steps run between batches and while idle.
+                Request::Purge => {}
             }
-            let ops = self.admit(ops);
-            let shutdown = !ops.is_empty() && self.process(ops);
-            // A compaction changes no content: it runs after whatever was collected with it.
-            for call in compactions {
-                let result = self.compact();
-                call.reply.send(result);
+            if n < self.w.max_commit_events {
+                next = rx.try_recv().ok();
             }
-            if shutdown {
-                return true;
-            }
-            self.between_batches();
         }
+        let ops = self.admit(ops);
+        let shutdown = !ops.is_empty() && self.process(ops);
+        // A compaction changes no content: it runs after whatever was collected with it.
+        for call in compactions {
+            let result = self.compact();
+            call.reply.send(result);
+        }
+        if shutdown {
+            return true;
+        }
+        self.between_batches();
         false
     }
 
