@@ -88,6 +88,8 @@ use super::{
 use crate::error::{Error, Result, StorageError};
 use crate::ids::EventId;
 
+mod xrange;
+
 /// The batch script; see the module docs and the script's own header.
 const COMMIT: &str = include_str!("commit.lua");
 
@@ -456,6 +458,11 @@ pub(crate) struct RedisStore {
     prefix: String,
     /// Idle connections; a connection that failed is dropped, not returned.
     pool: Mutex<Vec<Connection>>,
+    /// Where replays read with their own reply parser ([`xrange`]): one server reached
+    /// without TLS; `None` for the rest, which read through the redis crate.
+    direct: Option<xrange::Target>,
+    /// Idle connections of those reads, as `pool`.
+    readers: Mutex<Vec<xrange::Reader<xrange::Stream>>>,
     wait_replicas: u32,
     wait_timeout: Duration,
     /// Whether the server has `WAITAOF` (Redis ≥ 7.2); learnt from the first try.
@@ -500,11 +507,17 @@ impl RedisStore {
         let backend = Backend::open(&target.url)
             .map_err(|e| Error::storage(format!("redis at {shown}: {e}")))?;
         let node = format!("{:016x}{:016x}", rand_u64(), rand_u64());
+        let direct = match &backend {
+            Backend::Single(client) => xrange::Target::of(client),
+            Backend::Cluster(_) => None,
+        };
         let mut store = RedisStore {
             backend,
             shown,
             prefix: target.prefix.clone(),
             pool: Mutex::new(Vec::new()),
+            direct,
+            readers: Mutex::new(Vec::new()),
             wait_replicas: target.wait_replicas,
             wait_timeout: target.wait_timeout,
             waitaof: AtomicBool::new(true),
@@ -553,6 +566,70 @@ impl RedisStore {
             store: self,
             conn: Some(conn),
         })
+    }
+
+    /// A connection of the replays' own reader from the pool (`true`), or a new one.
+    fn reader(&self, target: &xrange::Target) -> Result<(xrange::Reader<xrange::Stream>, bool)> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let pooled = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match pooled {
+            Some(r) => Ok((r, true)),
+            None => target
+                .connect(CONNECT_TIMEOUT, IO_TIMEOUT)
+                .map(|r| (r, false))
+                .map_err(|e| self.read_error("connecting", e)),
+        }
+    }
+
+    /// Returns a read's connection to its pool (a crate connection returns on drop).
+    fn give_back(&self, source: Source<'_>) {
+        if let Source::Direct(r) = source
+            && !self.closed.load(Ordering::Acquire)
+        {
+            self.readers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(r);
+        }
+    }
+
+    /// A failure of the replays' own reader, as [`redis_error`] words the crate's.
+    fn read_error(&self, context: &str, e: xrange::ReadError) -> Error {
+        let (kind, source) = match e {
+            xrange::ReadError::Io(e) => {
+                let kind = match e.kind() {
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                        std::io::ErrorKind::TimedOut
+                    }
+                    std::io::ErrorKind::ConnectionRefused => std::io::ErrorKind::ConnectionRefused,
+                    _ => std::io::ErrorKind::ConnectionReset,
+                };
+                (kind, e)
+            }
+            xrange::ReadError::Server(message) => {
+                let code = message.split(' ').next().unwrap_or("");
+                let kind = match code {
+                    "OOM" => std::io::ErrorKind::StorageFull,
+                    // Up but not serving yet: soon.
+                    "LOADING" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" => {
+                        std::io::ErrorKind::NotConnected
+                    }
+                    _ => std::io::ErrorKind::Other,
+                };
+                (kind, std::io::Error::other(message))
+            }
+            xrange::ReadError::Protocol(what) => (
+                std::io::ErrorKind::Other,
+                std::io::Error::new(std::io::ErrorKind::InvalidData, what),
+            ),
+        };
+        Error::Storage(StorageError::caused(
+            format_args!("redis at {}: {context}", self.shown),
+            kind,
+            source,
+        ))
     }
 
     /// The key of derived event ids every node uses: the one Redis holds, or (the first
@@ -961,6 +1038,14 @@ fn rand_u64() -> u64 {
     h.finish()
 }
 
+/// The connection a read goes through.
+enum Source<'s> {
+    /// The replays' own reader ([`xrange`]).
+    Direct(xrange::Reader<xrange::Stream>),
+    /// The redis crate's.
+    Crate(Conn<'s>),
+}
+
 /// A pooled connection: back to the pool when dropped after success, discarded after an
 /// error (its state is unknown).
 struct Conn<'s> {
@@ -1276,34 +1361,80 @@ impl Storage for RedisStore {
             return Ok(out);
         }
         let key = self.key("e", &tag);
-        let mut c = self.conn()?;
+        // A pooled connection may have broken while it was idle (Redis restarted): its
+        // first failure is retried once on a new connection, as a read can be.
+        let (mut source, mut idle) = match &self.direct {
+            Some(target) => {
+                let (reader, pooled) = self.reader(target)?;
+                (Source::Direct(reader), pooled)
+            }
+            None => (Source::Crate(self.conn()?), false),
+        };
         // Ask Redis for about as many entries as `max_bytes` holds at the size events had in
         // earlier reads (not `limit`: most of those would be sent only to be dropped), and go
         // on from the last one while the read is short of both bounds: the result is the
         // same as one read of `limit` entries cut at `max_bytes`.
         let (mut copied, mut next) = (0usize, from);
+        let seen = self.event_bytes.load(Ordering::Relaxed);
+        let size = if seen == 0 { FIRST_EVENT_BYTES } else { seen };
         loop {
-            let seen = self.event_bytes.load(Ordering::Relaxed);
-            let size = if seen == 0 { FIRST_EVENT_BYTES } else { seen };
             let count = (max_bytes.saturating_sub(copied) / size.max(1))
                 .saturating_add(2)
                 .clamp(1, limit - out.len());
-            let v: Value = c.run("reading events", |con| {
-                redis::cmd("XRANGE")
-                    .arg(&key)
-                    .arg(format!("0-{}", next + 1))
-                    .arg(format!("0-{to}"))
-                    .arg("COUNT")
-                    .arg(count)
-                    .query(con)
-            })?;
-            let (entries, full) = parse_entries(v, max_bytes, &mut copied, &mut out)?;
+            let (entries, full) = match &mut source {
+                Source::Direct(reader) => {
+                    let read = reader.xrange(
+                        &key,
+                        next,
+                        to,
+                        count,
+                        size,
+                        max_bytes,
+                        &mut copied,
+                        &mut out,
+                    );
+                    match read {
+                        Ok(chunk) => {
+                            idle = false;
+                            (chunk.entries, chunk.full)
+                        }
+                        Err(e) if e.breaks_connection() && idle => {
+                            idle = false;
+                            if let Some(target) = &self.direct {
+                                *reader = target
+                                    .connect(CONNECT_TIMEOUT, IO_TIMEOUT)
+                                    .map_err(|e| self.read_error("connecting", e))?;
+                            }
+                            continue;
+                        }
+                        Err(e) => {
+                            if !e.breaks_connection() {
+                                self.give_back(source);
+                            }
+                            return Err(self.read_error("reading events", e));
+                        }
+                    }
+                }
+                Source::Crate(c) => {
+                    let v: Value = c.run("reading events", |con| {
+                        redis::cmd("XRANGE")
+                            .arg(&key)
+                            .arg(format!("0-{}", next + 1))
+                            .arg(format!("0-{to}"))
+                            .arg("COUNT")
+                            .arg(count)
+                            .query(con)
+                    })?;
+                    parse_entries(v, max_bytes, &mut copied, &mut out)?
+                }
+            };
             let Some(last) = out.last() else { break };
             next = last.offset + 1;
             if full || entries < count || out.len() >= limit || next >= to {
                 break;
             }
         }
+        self.give_back(source);
         if !out.is_empty() {
             let json: usize = out.iter().map(|e| e.json.len()).sum();
             self.event_bytes
@@ -1403,6 +1534,10 @@ impl Storage for RedisStore {
             let _ = h.join();
         }
         self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     fn notices(&self) -> Option<std::sync::mpsc::Receiver<Notice>> {
