@@ -458,11 +458,12 @@ pub(crate) struct RedisStore {
     prefix: String,
     /// Idle connections; a connection that failed is dropped, not returned.
     pool: Mutex<Vec<Connection>>,
-    /// Where replays read with their own reply parser ([`xrange`]): one server reached
-    /// without TLS; `None` for the rest, which read through the redis crate.
-    direct: Option<xrange::Target>,
-    /// Idle connections of those reads, as `pool`.
-    readers: Mutex<Vec<xrange::Reader<xrange::Stream>>>,
+    /// Where replays read with their own reply parser ([`xrange`]); `None` with TLS, whose
+    /// reads go through the redis crate.
+    direct: Option<Direct>,
+    /// Idle connections of those reads by server (`host:port`; empty for the one server),
+    /// as `pool`.
+    readers: Mutex<HashMap<String, Vec<xrange::Reader<xrange::Stream>>>>,
     wait_replicas: u32,
     wait_timeout: Duration,
     /// Whether the server has `WAITAOF` (Redis ≥ 7.2); learnt from the first try.
@@ -508,8 +509,9 @@ impl RedisStore {
             .map_err(|e| Error::storage(format!("redis at {shown}: {e}")))?;
         let node = format!("{:016x}{:016x}", rand_u64(), rand_u64());
         let direct = match &backend {
-            Backend::Single(client) => xrange::Target::of(client),
-            Backend::Cluster(_) => None,
+            Backend::Single(client) => xrange::Target::of(client).map(Direct::Single),
+            Backend::Cluster(cluster) => (cluster.template.scheme == "redis")
+                .then(|| Direct::Cluster(cluster.template.clone())),
         };
         let mut store = RedisStore {
             backend,
@@ -517,7 +519,7 @@ impl RedisStore {
             prefix: target.prefix.clone(),
             pool: Mutex::new(Vec::new()),
             direct,
-            readers: Mutex::new(Vec::new()),
+            readers: Mutex::new(HashMap::new()),
             wait_replicas: target.wait_replicas,
             wait_timeout: target.wait_timeout,
             waitaof: AtomicBool::new(true),
@@ -568,30 +570,68 @@ impl RedisStore {
         })
     }
 
-    /// A connection of the replays' own reader from the pool (`true`), or a new one.
-    fn reader(&self, target: &xrange::Target) -> Result<(xrange::Reader<xrange::Stream>, bool)> {
+    /// The connection a read of queue `tag`'s events goes through, and whether it was idle
+    /// in the pool: a connection of the store's own reader to the server (in a cluster: to
+    /// the master of the queue's slot, as the store last learnt it), else the crate's.
+    fn read_source(&self, tag: &str) -> Result<(Source<'_>, bool)> {
+        let server = match &self.direct {
+            None => None,
+            Some(Direct::Single(target)) => Some((String::new(), Some(target.clone()))),
+            Some(Direct::Cluster(template)) => {
+                let slot = slot_of(tag);
+                let masters = self.masters.read().unwrap_or_else(|p| p.into_inner());
+                masters
+                    .iter()
+                    .find(|(r, _, _)| r.contains(&slot))
+                    .map(|(_, host, port)| {
+                        let target = template
+                            .client(host, *port)
+                            .ok()
+                            .and_then(|c| xrange::Target::of(&c));
+                        (format!("{host}:{port}"), target)
+                    })
+            }
+        };
+        let Some((addr, Some(target))) = server else {
+            return Ok((Source::Crate(self.conn()?), false));
+        };
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
-        let pooled = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        match pooled {
-            Some(r) => Ok((r, true)),
+        let pooled = self
+            .readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&addr)
+            .and_then(Vec::pop);
+        let idle = pooled.is_some();
+        let reader = match pooled {
+            Some(r) => r,
             None => target
                 .connect(CONNECT_TIMEOUT, IO_TIMEOUT)
-                .map(|r| (r, false))
-                .map_err(|e| self.read_error("connecting", e)),
-        }
+                .map_err(|e| self.read_error("connecting", e))?,
+        };
+        Ok((
+            Source::Direct {
+                addr,
+                target,
+                reader,
+            },
+            idle,
+        ))
     }
 
     /// Returns a read's connection to its pool (a crate connection returns on drop).
     fn give_back(&self, source: Source<'_>) {
-        if let Source::Direct(r) = source
+        if let Source::Direct { addr, reader, .. } = source
             && !self.closed.load(Ordering::Acquire)
         {
             self.readers
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push(r);
+                .entry(addr)
+                .or_default()
+                .push(reader);
         }
     }
 
@@ -1040,10 +1080,22 @@ fn rand_u64() -> u64 {
 
 /// The connection a read goes through.
 enum Source<'s> {
-    /// The replays' own reader ([`xrange`]).
-    Direct(xrange::Reader<xrange::Stream>),
+    /// The replays' own reader ([`xrange`]) to the server at `addr` (its pool's key).
+    Direct {
+        addr: String,
+        target: xrange::Target,
+        reader: xrange::Reader<xrange::Stream>,
+    },
     /// The redis crate's.
     Crate(Conn<'s>),
+}
+
+/// How the store's own reader reaches the servers (see [`RedisStore::read_source`]).
+enum Direct {
+    /// The one server.
+    Single(xrange::Target),
+    /// A cluster's nodes, by the addresses `CLUSTER SLOTS` gives.
+    Cluster(NodeTemplate),
 }
 
 /// A pooled connection: back to the pool when dropped after success, discarded after an
@@ -1363,13 +1415,7 @@ impl Storage for RedisStore {
         let key = self.key("e", &tag);
         // A pooled connection may have broken while it was idle (Redis restarted): its
         // first failure is retried once on a new connection, as a read can be.
-        let (mut source, mut idle) = match &self.direct {
-            Some(target) => {
-                let (reader, pooled) = self.reader(target)?;
-                (Source::Direct(reader), pooled)
-            }
-            None => (Source::Crate(self.conn()?), false),
-        };
+        let (mut source, mut idle) = self.read_source(&tag)?;
         // Ask Redis for about as many entries as `max_bytes` holds at the size events had in
         // earlier reads (not `limit`: most of those would be sent only to be dropped), and go
         // on from the last one while the read is short of both bounds: the result is the
@@ -1382,7 +1428,7 @@ impl Storage for RedisStore {
                 .saturating_add(2)
                 .clamp(1, limit - out.len());
             let (entries, full) = match &mut source {
-                Source::Direct(reader) => {
+                Source::Direct { target, reader, .. } => {
                     let read = reader.xrange(
                         &key,
                         next,
@@ -1400,11 +1446,22 @@ impl Storage for RedisStore {
                         }
                         Err(e) if e.breaks_connection() && idle => {
                             idle = false;
-                            if let Some(target) = &self.direct {
-                                *reader = target
-                                    .connect(CONNECT_TIMEOUT, IO_TIMEOUT)
-                                    .map_err(|e| self.read_error("connecting", e))?;
+                            *reader = target
+                                .connect(CONNECT_TIMEOUT, IO_TIMEOUT)
+                                .map_err(|e| self.read_error("connecting", e))?;
+                            continue;
+                        }
+                        Err(xrange::ReadError::Server(m))
+                            if m.starts_with("MOVED ") || m.starts_with("ASK ") =>
+                        {
+                            // The slot moved (or is moving) since the store learnt the
+                            // cluster's masters: relearn them for the next reads, and read
+                            // this one through the crate, which follows the redirection.
+                            let mut c = self.conn()?;
+                            if let Err(e) = self.refresh_masters(&mut c) {
+                                tracing::debug!(error = %e, "relearning the cluster's masters");
                             }
+                            self.give_back(std::mem::replace(&mut source, Source::Crate(c)));
                             continue;
                         }
                         Err(e) => {
