@@ -429,9 +429,11 @@ fn lossy(text: &[u8]) -> String {
     String::from_utf8_lossy(text).into_owned()
 }
 
-/// The line at `at`: its type byte, its text up to CRLF, and where the next one starts.
-/// `None` when it has not fully arrived.
-fn line(buf: &[u8], at: usize) -> Result<Option<(u8, &[u8], usize)>, ReadError> {
+/// A reply line: its type byte, its text up to CRLF, and where the next one starts.
+type Line<'b> = (u8, &'b [u8], usize);
+
+/// The line at `at`; `None` when it has not fully arrived.
+fn line(buf: &[u8], at: usize) -> Result<Option<Line<'_>>, ReadError> {
     let Some(rest) = buf.get(at..) else {
         return Ok(None);
     };
