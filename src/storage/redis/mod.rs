@@ -607,9 +607,15 @@ impl RedisStore {
         let idle = pooled.is_some();
         let reader = match pooled {
             Some(r) => r,
-            None => target
-                .connect(CONNECT_TIMEOUT, IO_TIMEOUT)
-                .map_err(|e| self.read_error("connecting", e))?,
+            None => match target.connect(CONNECT_TIMEOUT, IO_TIMEOUT) {
+                Ok(r) => r,
+                // The master as last learnt is gone (a failover?): the crate's cluster
+                // connection finds the slot's owner.
+                Err(_) if !addr.is_empty() => {
+                    return Ok((Source::Crate(self.relearn_masters()?), false));
+                }
+                Err(e) => return Err(self.read_error("connecting", e)),
+            },
         };
         Ok((
             Source::Direct {
@@ -619,6 +625,16 @@ impl RedisStore {
             },
             idle,
         ))
+    }
+
+    /// A crate connection after relearning a cluster's masters (for the next reads: the
+    /// ones the store knew failed it), to read through while the store's own reader cannot.
+    fn relearn_masters(&self) -> Result<Conn<'_>> {
+        let mut c = self.conn()?;
+        if let Err(e) = self.refresh_masters(&mut c) {
+            tracing::debug!(error = %e, "relearning the cluster's masters");
+        }
+        Ok(c)
     }
 
     /// Returns a read's connection to its pool (a crate connection returns on drop).
@@ -1414,7 +1430,8 @@ impl Storage for RedisStore {
         }
         let key = self.key("e", &tag);
         // A pooled connection may have broken while it was idle (Redis restarted): its
-        // first failure is retried once on a new connection, as a read can be.
+        // first failure is retried once on a new connection, as a read can be. In a cluster,
+        // a node that fails the store's own reader is left to the crate (below).
         let (mut source, mut idle) = self.read_source(&tag)?;
         // Ask Redis for about as many entries as `max_bytes` holds at the size events had in
         // earlier reads (not `limit`: most of those would be sent only to be dropped), and go
@@ -1428,7 +1445,11 @@ impl Storage for RedisStore {
                 .saturating_add(2)
                 .clamp(1, limit - out.len());
             let (entries, full) = match &mut source {
-                Source::Direct { target, reader, .. } => {
+                Source::Direct {
+                    addr,
+                    target,
+                    reader,
+                } => {
                     let read = reader.xrange(
                         &key,
                         next,
@@ -1444,11 +1465,21 @@ impl Storage for RedisStore {
                             idle = false;
                             (chunk.entries, chunk.full)
                         }
-                        Err(e) if e.breaks_connection() && idle => {
+                        Err(e) if e.breaks_connection() && idle && addr.is_empty() => {
                             idle = false;
                             *reader = target
                                 .connect(CONNECT_TIMEOUT, IO_TIMEOUT)
                                 .map_err(|e| self.read_error("connecting", e))?;
+                            continue;
+                        }
+                        Err(e @ (xrange::ReadError::Io(_) | xrange::ReadError::Protocol(_)))
+                            if !addr.is_empty() =>
+                        {
+                            // In a cluster: the master as last learnt is gone or failing (a
+                            // failover?); the crate's cluster connection finds the slot's
+                            // owner, and the next reads use the masters relearnt.
+                            tracing::debug!(error = ?e, "reading from a cluster node");
+                            source = Source::Crate(self.relearn_masters()?);
                             continue;
                         }
                         Err(xrange::ReadError::Server(m))
@@ -1457,10 +1488,7 @@ impl Storage for RedisStore {
                             // The slot moved (or is moving) since the store learnt the
                             // cluster's masters: relearn them for the next reads, and read
                             // this one through the crate, which follows the redirection.
-                            let mut c = self.conn()?;
-                            if let Err(e) = self.refresh_masters(&mut c) {
-                                tracing::debug!(error = %e, "relearning the cluster's masters");
-                            }
+                            let c = self.relearn_masters()?;
                             self.give_back(std::mem::replace(&mut source, Source::Crate(c)));
                             continue;
                         }
