@@ -1307,14 +1307,16 @@ async fn tls_and_a_password_from_the_environment_reach_redis_and_stay_out_of_log
     }
 }
 
-/// A password in a `redis://` URL (`--requirepass`): stores work; a wrong one fails to open
-/// with an error that names the server but not the password.
+/// A password and a database in a `redis://` URL (`--requirepass`, `/2`): stores write and
+/// replay there (a replay reads on connections of its own, which log in and select the
+/// database too); a wrong password fails to open with an error that names the server but
+/// not the password.
 #[tokio::test]
 async fn a_password_in_the_url_opens_the_store_and_a_wrong_one_is_not_shown() {
     let redis = RedisServer::start_with(&["--requirepass", "url-Pw-1"]);
     let with = |password: &str| Config {
         storage: StorageBackend::Redis {
-            url: format!("redis://:{password}@127.0.0.1:{}", redis.port),
+            url: format!("redis://:{password}@127.0.0.1:{}/2", redis.port),
             prefix: "eq:".into(),
         },
         ..Config::new(PathBuf::from("unused"))
@@ -1331,7 +1333,23 @@ async fn a_password_in_the_url_opens_the_store_and_a_wrong_one_is_not_shown() {
             .unwrap(),
         0
     );
+    q.enqueue_batch(
+        (0..4)
+            .map(|_| eventqueue::Event::new(&t, &k, working()))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let mut sub = q.subscribe(0).unwrap();
+    assert_eq!(offsets(&mut sub, 5).await, [0, 1, 2, 3, 4]);
     m.shutdown().await.unwrap();
+    let keys = |db: u8| -> Vec<String> {
+        let url = format!("redis://:url-Pw-1@127.0.0.1:{}/{db}", redis.port);
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        redis::cmd("KEYS").arg("eq:e:*").query(&mut c).unwrap()
+    };
+    assert_eq!(keys(2), ["eq:e:{t/job}"]);
+    assert!(keys(0).is_empty(), "{:?}", keys(0));
     let Err(err) = QueueManager::open(with("not-it-9")).await else {
         panic!("a wrong password is refused");
     };
@@ -1808,5 +1826,134 @@ async fn a_replay_of_many_chunks_is_dense_while_appends_trim_it() {
         }
     }
     producer.await.unwrap();
+    m.shutdown().await.unwrap();
+}
+
+/// A replay right after Redis restarted: the node's idle read connections broke with it,
+/// and the read is retried on a new one instead of failing the stream.
+#[tokio::test]
+async fn a_replay_after_a_redis_restart_reads_on_a_new_connection() {
+    let mut redis = RedisServer::start();
+    let m = QueueManager::open(redis.config()).await.unwrap();
+    let (t, k) = (tenant("t"), task("again"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    q.enqueue_batch(
+        (0..20)
+            .map(|_| eventqueue::Event::new(&t, &k, working()))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let all: Vec<u64> = (0..20).collect();
+    let mut sub = q.subscribe(0).unwrap();
+    assert_eq!(offsets(&mut sub, 20).await, all);
+    drop(sub);
+    redis.kill();
+    redis.restart();
+    let mut sub = q.subscribe(0).unwrap();
+    assert_eq!(offsets(&mut sub, 20).await, all);
+    m.shutdown().await.unwrap();
+}
+
+/// A queue's slot moved to another master after the node learnt the cluster's masters:
+/// the node's next replay meets the redirection and still reads every event (and so do
+/// later ones, and writes).
+#[tokio::test]
+async fn cluster_a_replay_follows_its_queue_to_another_master() {
+    let cluster = RedisCluster::start();
+    let m = QueueManager::open(cluster.config()).await.unwrap();
+    let (t, k) = (tenant("t"), task("moving"));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    q.enqueue_batch(
+        (0..30)
+            .map(|_| eventqueue::Event::new(&t, &k, working()))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let all: Vec<u64> = (0..30).collect();
+    let mut sub = q.subscribe(0).unwrap();
+    assert_eq!(offsets(&mut sub, 30).await, all);
+    drop(sub);
+
+    // Move the queue's slot from its master to another, as `redis-cli --cluster reshard`
+    // does: IMPORTING / MIGRATING, MIGRATE its keys, then every master is told the owner.
+    let conn = |port: u16| {
+        redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    };
+    let mut any = conn(cluster.ports[0]);
+    let slot: i64 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg("eq:e:{t/moving}")
+        .query(&mut any)
+        .unwrap();
+    let count = |port: u16| -> i64 {
+        redis::cmd("CLUSTER")
+            .arg("COUNTKEYSINSLOT")
+            .arg(slot)
+            .query(&mut conn(port))
+            .unwrap()
+    };
+    let from = *cluster.ports.iter().find(|&&p| count(p) > 0).unwrap();
+    let to = *cluster.ports.iter().find(|&&p| p != from).unwrap();
+    let id = |port: u16| -> String {
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut conn(port))
+            .unwrap()
+    };
+    let (from_id, to_id) = (id(from), id(to));
+    let setslot = |port: u16, how: &str, node: &str| {
+        let () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg(how)
+            .arg(node)
+            .query(&mut conn(port))
+            .unwrap();
+    };
+    setslot(to, "IMPORTING", &from_id);
+    setslot(from, "MIGRATING", &to_id);
+    let keys: Vec<String> = redis::cmd("CLUSTER")
+        .arg("GETKEYSINSLOT")
+        .arg(slot)
+        .arg(100)
+        .query(&mut conn(from))
+        .unwrap();
+    assert!(keys.contains(&"eq:e:{t/moving}".to_string()), "{keys:?}");
+    let () = redis::cmd("MIGRATE")
+        .arg("127.0.0.1")
+        .arg(to)
+        .arg("")
+        .arg(0)
+        .arg(5000)
+        .arg("KEYS")
+        .arg(&keys)
+        .query(&mut conn(from))
+        .unwrap();
+    for &port in &cluster.ports {
+        setslot(port, "NODE", &to_id);
+    }
+    assert_eq!(count(from), 0);
+
+    for _ in 0..2 {
+        let mut sub = q.subscribe(0).unwrap();
+        assert_eq!(offsets(&mut sub, 30).await, all);
+    }
+    assert_eq!(
+        q.enqueue(eventqueue::Event::new(&t, &k, working()))
+            .await
+            .unwrap(),
+        30
+    );
     m.shutdown().await.unwrap();
 }

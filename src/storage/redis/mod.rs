@@ -88,6 +88,8 @@ use super::{
 use crate::error::{Error, Result, StorageError};
 use crate::ids::EventId;
 
+mod xrange;
+
 /// The batch script; see the module docs and the script's own header.
 const COMMIT: &str = include_str!("commit.lua");
 
@@ -456,6 +458,12 @@ pub(crate) struct RedisStore {
     prefix: String,
     /// Idle connections; a connection that failed is dropped, not returned.
     pool: Mutex<Vec<Connection>>,
+    /// Where replays read with their own reply parser ([`xrange`]); `None` with TLS, whose
+    /// reads go through the redis crate.
+    direct: Option<Direct>,
+    /// Idle connections of those reads by server (`host:port`; empty for the one server),
+    /// as `pool`.
+    readers: Mutex<HashMap<String, Vec<xrange::Reader<xrange::Stream>>>>,
     wait_replicas: u32,
     wait_timeout: Duration,
     /// Whether the server has `WAITAOF` (Redis ≥ 7.2); learnt from the first try.
@@ -500,11 +508,18 @@ impl RedisStore {
         let backend = Backend::open(&target.url)
             .map_err(|e| Error::storage(format!("redis at {shown}: {e}")))?;
         let node = format!("{:016x}{:016x}", rand_u64(), rand_u64());
+        let direct = match &backend {
+            Backend::Single(client) => xrange::Target::of(client).map(Direct::Single),
+            Backend::Cluster(cluster) => (cluster.template.scheme == "redis")
+                .then(|| Direct::Cluster(cluster.template.clone())),
+        };
         let mut store = RedisStore {
             backend,
             shown,
             prefix: target.prefix.clone(),
             pool: Mutex::new(Vec::new()),
+            direct,
+            readers: Mutex::new(HashMap::new()),
             wait_replicas: target.wait_replicas,
             wait_timeout: target.wait_timeout,
             waitaof: AtomicBool::new(true),
@@ -553,6 +568,124 @@ impl RedisStore {
             store: self,
             conn: Some(conn),
         })
+    }
+
+    /// The connection a read of queue `tag`'s events goes through, and whether it was idle
+    /// in the pool: a connection of the store's own reader to the server (in a cluster: to
+    /// the master of the queue's slot, as the store last learnt it), else the crate's.
+    fn read_source(&self, tag: &str) -> Result<(Source<'_>, bool)> {
+        let server = match &self.direct {
+            None => None,
+            Some(Direct::Single(target)) => Some((String::new(), Some(target.clone()))),
+            Some(Direct::Cluster(template)) => {
+                let slot = slot_of(tag);
+                let masters = self.masters.read().unwrap_or_else(|p| p.into_inner());
+                masters
+                    .iter()
+                    .find(|(r, _, _)| r.contains(&slot))
+                    .map(|(_, host, port)| {
+                        let target = template
+                            .client(host, *port)
+                            .ok()
+                            .and_then(|c| xrange::Target::of(&c));
+                        (format!("{host}:{port}"), target)
+                    })
+            }
+        };
+        let Some((addr, Some(target))) = server else {
+            return Ok((Source::Crate(self.conn()?), false));
+        };
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let pooled = self
+            .readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&addr)
+            .and_then(Vec::pop);
+        let idle = pooled.is_some();
+        let reader = match pooled {
+            Some(r) => r,
+            None => match target.connect(CONNECT_TIMEOUT, IO_TIMEOUT) {
+                Ok(r) => r,
+                // The master as last learnt is gone (a failover?): the crate's cluster
+                // connection finds the slot's owner.
+                Err(_) if !addr.is_empty() => {
+                    return Ok((Source::Crate(self.relearn_masters()?), false));
+                }
+                Err(e) => return Err(self.read_error("connecting", e)),
+            },
+        };
+        Ok((
+            Source::Direct {
+                addr,
+                target,
+                reader,
+            },
+            idle,
+        ))
+    }
+
+    /// A crate connection after relearning a cluster's masters (for the next reads: the
+    /// ones the store knew failed it), to read through while the store's own reader cannot.
+    fn relearn_masters(&self) -> Result<Conn<'_>> {
+        let mut c = self.conn()?;
+        if let Err(e) = self.refresh_masters(&mut c) {
+            tracing::debug!(error = %e, "relearning the cluster's masters");
+        }
+        Ok(c)
+    }
+
+    /// Returns a read's connection to its pool (a crate connection returns on drop).
+    fn give_back(&self, source: Source<'_>) {
+        if let Source::Direct { addr, reader, .. } = source
+            && !self.closed.load(Ordering::Acquire)
+        {
+            self.readers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(addr)
+                .or_default()
+                .push(reader);
+        }
+    }
+
+    /// A failure of the replays' own reader, as [`redis_error`] words the crate's.
+    fn read_error(&self, context: &str, e: xrange::ReadError) -> Error {
+        let (kind, source) = match e {
+            xrange::ReadError::Io(e) => {
+                let kind = match e.kind() {
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                        std::io::ErrorKind::TimedOut
+                    }
+                    std::io::ErrorKind::ConnectionRefused => std::io::ErrorKind::ConnectionRefused,
+                    _ => std::io::ErrorKind::ConnectionReset,
+                };
+                (kind, e)
+            }
+            xrange::ReadError::Server(message) => {
+                let code = message.split(' ').next().unwrap_or("");
+                let kind = match code {
+                    "OOM" => std::io::ErrorKind::StorageFull,
+                    // Up but not serving yet: soon.
+                    "LOADING" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" => {
+                        std::io::ErrorKind::NotConnected
+                    }
+                    _ => std::io::ErrorKind::Other,
+                };
+                (kind, std::io::Error::other(message))
+            }
+            xrange::ReadError::Protocol(what) => (
+                std::io::ErrorKind::Other,
+                std::io::Error::new(std::io::ErrorKind::InvalidData, what),
+            ),
+        };
+        Error::Storage(StorageError::caused(
+            format_args!("redis at {}: {context}", self.shown),
+            kind,
+            source,
+        ))
     }
 
     /// The key of derived event ids every node uses: the one Redis holds, or (the first
@@ -961,6 +1094,26 @@ fn rand_u64() -> u64 {
     h.finish()
 }
 
+/// The connection a read goes through.
+enum Source<'s> {
+    /// The replays' own reader ([`xrange`]) to the server at `addr` (its pool's key).
+    Direct {
+        addr: String,
+        target: xrange::Target,
+        reader: xrange::Reader<xrange::Stream>,
+    },
+    /// The redis crate's.
+    Crate(Conn<'s>),
+}
+
+/// How the store's own reader reaches the servers (see [`RedisStore::read_source`]).
+enum Direct {
+    /// The one server.
+    Single(xrange::Target),
+    /// A cluster's nodes, by the addresses `CLUSTER SLOTS` gives.
+    Cluster(NodeTemplate),
+}
+
 /// A pooled connection: back to the pool when dropped after success, discarded after an
 /// error (its state is unknown).
 struct Conn<'s> {
@@ -1276,34 +1429,97 @@ impl Storage for RedisStore {
             return Ok(out);
         }
         let key = self.key("e", &tag);
-        let mut c = self.conn()?;
+        // A pooled connection may have broken while it was idle (Redis restarted): its
+        // first failure is retried once on a new connection, as a read can be. In a cluster,
+        // a node that fails the store's own reader is left to the crate (below).
+        let (mut source, mut idle) = self.read_source(&tag)?;
         // Ask Redis for about as many entries as `max_bytes` holds at the size events had in
         // earlier reads (not `limit`: most of those would be sent only to be dropped), and go
         // on from the last one while the read is short of both bounds: the result is the
         // same as one read of `limit` entries cut at `max_bytes`.
         let (mut copied, mut next) = (0usize, from);
+        let seen = self.event_bytes.load(Ordering::Relaxed);
+        let size = if seen == 0 { FIRST_EVENT_BYTES } else { seen };
         loop {
-            let seen = self.event_bytes.load(Ordering::Relaxed);
-            let size = if seen == 0 { FIRST_EVENT_BYTES } else { seen };
             let count = (max_bytes.saturating_sub(copied) / size.max(1))
                 .saturating_add(2)
                 .clamp(1, limit - out.len());
-            let v: Value = c.run("reading events", |con| {
-                redis::cmd("XRANGE")
-                    .arg(&key)
-                    .arg(format!("0-{}", next + 1))
-                    .arg(format!("0-{to}"))
-                    .arg("COUNT")
-                    .arg(count)
-                    .query(con)
-            })?;
-            let (entries, full) = parse_entries(v, max_bytes, &mut copied, &mut out)?;
+            let (entries, full) = match &mut source {
+                Source::Direct {
+                    addr,
+                    target,
+                    reader,
+                } => {
+                    let read = reader.xrange(
+                        &key,
+                        next,
+                        to,
+                        count,
+                        size,
+                        max_bytes,
+                        &mut copied,
+                        &mut out,
+                    );
+                    match read {
+                        Ok(chunk) => {
+                            idle = false;
+                            (chunk.entries, chunk.full)
+                        }
+                        Err(e) if e.breaks_connection() && idle && addr.is_empty() => {
+                            idle = false;
+                            *reader = target
+                                .connect(CONNECT_TIMEOUT, IO_TIMEOUT)
+                                .map_err(|e| self.read_error("connecting", e))?;
+                            continue;
+                        }
+                        Err(e @ (xrange::ReadError::Io(_) | xrange::ReadError::Protocol(_)))
+                            if !addr.is_empty() =>
+                        {
+                            // In a cluster: the master as last learnt is gone or failing (a
+                            // failover?); the crate's cluster connection finds the slot's
+                            // owner, and the next reads use the masters relearnt.
+                            tracing::debug!(error = ?e, "reading from a cluster node");
+                            source = Source::Crate(self.relearn_masters()?);
+                            continue;
+                        }
+                        Err(xrange::ReadError::Server(m))
+                            if m.starts_with("MOVED ") || m.starts_with("ASK ") =>
+                        {
+                            // The slot moved (or is moving) since the store learnt the
+                            // cluster's masters: relearn them for the next reads, and read
+                            // this one through the crate, which follows the redirection.
+                            let c = self.relearn_masters()?;
+                            self.give_back(std::mem::replace(&mut source, Source::Crate(c)));
+                            continue;
+                        }
+                        Err(e) => {
+                            if !e.breaks_connection() {
+                                self.give_back(source);
+                            }
+                            return Err(self.read_error("reading events", e));
+                        }
+                    }
+                }
+                Source::Crate(c) => {
+                    let v: Value = c.run("reading events", |con| {
+                        redis::cmd("XRANGE")
+                            .arg(&key)
+                            .arg(format!("0-{}", next + 1))
+                            .arg(format!("0-{to}"))
+                            .arg("COUNT")
+                            .arg(count)
+                            .query(con)
+                    })?;
+                    parse_entries(v, max_bytes, &mut copied, &mut out)?
+                }
+            };
             let Some(last) = out.last() else { break };
             next = last.offset + 1;
             if full || entries < count || out.len() >= limit || next >= to {
                 break;
             }
         }
+        self.give_back(source);
         if !out.is_empty() {
             let json: usize = out.iter().map(|e| e.json.len()).sum();
             self.event_bytes
@@ -1403,6 +1619,10 @@ impl Storage for RedisStore {
             let _ = h.join();
         }
         self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     fn notices(&self) -> Option<std::sync::mpsc::Receiver<Notice>> {
