@@ -181,7 +181,7 @@ async fn connection(
             if let Some(claims) = &claims {
                 still_valid(claims, &state)?;
             }
-            let events = read_enqueue_body(&state, &tenant, queue.task_id(), body)?;
+            let events = read_enqueue_body(state.config(), &tenant, queue.task_id(), body)?;
             for (event, _) in &events {
                 queue.prepare(event)?;
             }
