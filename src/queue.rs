@@ -209,6 +209,7 @@ impl EventQueue {
     /// already rendered. Those that came without an `event_id` (the one they hold was
     /// generated on receipt and has been seen by nobody) get an id derived from their offset
     /// from a store that derives ids, which the idempotency index does not need to hold.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub(crate) async fn enqueue_received(&self, events: Vec<Received>) -> Result<Vec<u64>> {
         let prepared = events.into_iter().map(PreparedEvent::received).collect();
         self.append_prepared(prepared).await

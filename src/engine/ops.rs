@@ -373,6 +373,7 @@ impl PreparedEvent {
     /// When the producer gave no id (its `event_id` was generated on receipt and nobody has
     /// seen it), a store that derives ids replaces it with one derived from the offset, which
     /// needs no idempotency-index entry.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     pub(crate) fn received(event: Received) -> Self {
         let mut prepared = Self {
             event_id: event.event_id,

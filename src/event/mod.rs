@@ -761,6 +761,7 @@ fn render<J: serde::Serialize>(head: &Head<'_>, payload: &PayloadWire<'_, J>) ->
 /// [`ReceivedReader`]: parsed, checked against its queue, validated and rendered in one pass,
 /// its free-form fields' text copied rather than built into `Value`s and written again).
 #[derive(Debug)]
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub(crate) struct Received {
     pub event_id: EventId,
     /// The producer gave no `event_id`: `event_id` was generated on receipt.

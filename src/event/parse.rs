@@ -566,6 +566,7 @@ impl<'de> ReadObject<'de> for EventReader<'_> {
 /// Reads one event a producer sent to the queue `ctx` straight into its stored form
 /// ([`Received`]): the same checks and errors as [`EventReader`], no `Value`s.
 #[derive(Clone, Copy)]
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 pub(crate) struct ReceivedReader<'c> {
     pub ctx: &'c ProducerContext<'c>,
 }
