@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Core, PreparedEvent, QueueState};
 use crate::error::{Error, Result};
-use crate::event::{Event, Timestamp};
+use crate::event::{Event, Received, Timestamp};
 use crate::ids::{EventId, TaskId, TenantId};
 use crate::subscription::Subscription;
 
@@ -197,27 +197,25 @@ impl EventQueue {
     ///
     /// As [`EventQueue::enqueue`]; an invalid event rejects the whole batch.
     pub async fn enqueue_batch(&self, events: Vec<Event>) -> Result<Vec<u64>> {
-        self.enqueue_received(events.into_iter().map(|e| (e, false)).collect())
-            .await
-    }
-
-    /// [`EventQueue::enqueue_batch`] for events received from producers; those flagged `true`
-    /// came without an `event_id` (the one they hold was generated on receipt and has been
-    /// seen by nobody), so the store gives them an id derived from their offset instead,
-    /// which the idempotency index does not need to hold.
-    pub(crate) async fn enqueue_received(&self, events: Vec<(Event, bool)>) -> Result<Vec<u64>> {
         let prepared = events
             .iter()
-            .map(|(e, derive_id)| {
-                self.prepare(e).map(|()| {
-                    if *derive_id {
-                        PreparedEvent::deriving_id(e)
-                    } else {
-                        PreparedEvent::new(e)
-                    }
-                })
-            })
+            .map(|e| self.prepare(e).map(|()| PreparedEvent::new(e)))
             .collect::<Result<Vec<_>>>()?;
+        self.append_prepared(prepared).await
+    }
+
+    /// [`EventQueue::enqueue_batch`] for events a producer sent, read for this queue by
+    /// `event::ReceivedReader` (which checked them against the queue and validated them) and
+    /// already rendered. Those that came without an `event_id` (the one they hold was
+    /// generated on receipt and has been seen by nobody) get an id derived from their offset
+    /// from a store that derives ids, which the idempotency index does not need to hold.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    pub(crate) async fn enqueue_received(&self, events: Vec<Received>) -> Result<Vec<u64>> {
+        let prepared = events.into_iter().map(PreparedEvent::received).collect();
+        self.append_prepared(prepared).await
+    }
+
+    async fn append_prepared(&self, prepared: Vec<PreparedEvent>) -> Result<Vec<u64>> {
         if prepared.is_empty() {
             return Ok(Vec::new());
         }

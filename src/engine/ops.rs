@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use super::state::{QueueKind, QueueState};
 use crate::error::{Error, Result};
-use crate::event::{Event, EventType, RenderedEvent, Timestamp};
+use crate::event::{Event, EventType, Received, RenderedEvent, Timestamp};
 use crate::ids::{EventId, TaskId, TenantId};
 use crate::storage::{CheckpointRecord, DERIVED_LEN, EventMeta, WriteBatch};
 
@@ -394,14 +394,25 @@ impl PreparedEvent {
         }
     }
 
-    /// As [`PreparedEvent::new`] for an event whose producer gave no id (its `event_id` was
-    /// generated on receipt and nobody has seen it): a store that derives ids replaces it
-    /// with one derived from the offset, which needs no idempotency-index entry.
-    pub(crate) fn deriving_id(event: &Event) -> Self {
-        let mut prepared = Self::new(event);
+    /// An event a producer sent, parsed and rendered on receipt (no [`Event`] in between).
+    /// When the producer gave no id (its `event_id` was generated on receipt and nobody has
+    /// seen it), a store that derives ids replaces it with one derived from the offset, which
+    /// needs no idempotency-index entry.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    pub(crate) fn received(event: Received) -> Self {
+        let mut prepared = Self {
+            event_id: event.event_id,
+            event_type: event.event_type,
+            terminal: event.terminal,
+            timestamp_us: event.timestamp.as_micros(),
+            rendered: event.rendered,
+            derive_id: false,
+            raw: false,
+        };
         let id = prepared.event_id.as_str().as_bytes();
         // Generated ids have the derived ids' length; anything else keeps its own id.
-        prepared.derive_id = id.len() == DERIVED_LEN
+        prepared.derive_id = event.generated_id
+            && id.len() == DERIVED_LEN
             && prepared.rendered.prefix.get(..ID_AT) == Some(br#"{"event_id":""#.as_slice())
             && prepared.rendered.prefix.get(ID_AT..ID_AT + DERIVED_LEN) == Some(id);
         prepared

@@ -13,16 +13,17 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use crate::error::Error;
-use crate::ids::{EventId, TaskId, TenantId, validate_id};
+use crate::ids::{EventId, TaskId, TenantId};
 
+mod canonical;
 mod parse;
 mod wire;
 
 // The readers the server's request bodies use; the library alone uses only some of them.
 #[cfg_attr(not(feature = "server"), allow(unused_imports))]
 pub(crate) use parse::{
-    EventReader, Failure, FieldError, FromFieldError, ObjectSeed, ReadObject, next_key, read_event,
-    read_slice, struct_from_slice,
+    EventReader, Failure, FieldError, FromFieldError, ObjectSeed, ReadObject, ReceivedReader,
+    next_key, read_received, read_slice, struct_from_slice,
 };
 use wire::{Head, PayloadWire, Wire};
 
@@ -638,12 +639,7 @@ impl Event {
     /// `recoverable: false`, or a `status` with state `failed` or `cancelled`. (`status:
     /// completed` is not terminal.)
     pub fn is_terminal(&self) -> bool {
-        match &self.payload {
-            Payload::Complete(_) => true,
-            Payload::Error(e) => !e.recoverable,
-            Payload::Status(s) => matches!(s.state, TaskState::Failed | TaskState::Cancelled),
-            Payload::Progress(_) | Payload::Artifact(_) => false,
-        }
+        PayloadWire::from(&self.payload).is_terminal()
     }
 
     /// Checks everything the types do not guarantee.
@@ -653,80 +649,12 @@ impl Event {
     /// [`Error::InvalidEvent`] naming the offending field, or [`Error::InvalidId`] with field
     /// `artifact_id` for a bad artifact id.
     pub fn validate(&self) -> Result<(), Error> {
-        match &self.payload {
-            Payload::Status(_) => Ok(()),
-            Payload::Progress(p) => {
-                if p.current > p.total {
-                    return Err(Error::invalid_event(
-                        "current",
-                        format!("must not exceed total ({}), got {}", p.total, p.current),
-                    ));
-                }
-                if !p.percentage.is_finite() || !(0.0..=100.0).contains(&p.percentage) {
-                    return Err(Error::invalid_event(
-                        "percentage",
-                        format!("must be a number from 0 to 100, got {}", p.percentage),
-                    ));
-                }
-                require_object("details", &p.details)
-            }
-            Payload::Artifact(a) => {
-                require_non_empty("artifact_type", &a.artifact_type)?;
-                validate_id("artifact_id", &a.artifact_id)?;
-                require_object("data", &a.data)
-            }
-            Payload::Error(e) => {
-                require_non_empty("error_type", &e.error_type)?;
-                require_non_empty("error_message", &e.error_message)?;
-                require_object("context", &e.context)
-            }
-            Payload::Complete(c) => {
-                require_object("result", &c.result)?;
-                match c.execution_time_seconds {
-                    Some(t) if !t.is_finite() || t < 0.0 => Err(Error::invalid_event(
-                        "execution_time_seconds",
-                        format!("must be a finite number >= 0, got {t}"),
-                    )),
-                    _ => Ok(()),
-                }
-            }
-        }
+        PayloadWire::from(&self.payload).validate()
     }
 
     /// The event's JSON split around the offset's value, for splicing the offset in at commit.
     pub fn render(&self) -> RenderedEvent {
-        // Both parts are written into this thread's scratch buffer and copied out at their
-        // exact size: one allocation each, where growing a guessed capacity took two more
-        // for an event of a few hundred bytes (this runs once per event received).
-        thread_local! {
-            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        /// A larger scratch buffer (after a large event) is not kept.
-        const KEEP: usize = 64 << 10;
-        let render = |scratch: &mut Vec<u8>| {
-            scratch.clear();
-            wire::write(scratch, &Head::of(self));
-            // The head renders as `{…,"offset":null}`; the prefix ends before the `null`.
-            debug_assert!(scratch.ends_with(b"\"offset\":null}"));
-            let prefix = scratch[..scratch.len() - b"null}".len()].to_vec();
-            scratch.clear();
-            wire::write(scratch, &PayloadWire::from(&self.payload));
-            let mut suffix = scratch.to_vec();
-            // Every type has fields: `{"…` becomes `,"…`.
-            suffix[0] = b',';
-            if scratch.capacity() > KEEP {
-                *scratch = Vec::new();
-            }
-            RenderedEvent { prefix, suffix }
-        };
-        SCRATCH
-            .try_with(|s| match s.try_borrow_mut() {
-                Ok(mut scratch) => render(&mut scratch),
-                // Only if rendering ever rendered an event itself.
-                Err(_) => render(&mut Vec::new()),
-            })
-            // While the thread's locals are being torn down.
-            .unwrap_or_else(|_| render(&mut Vec::new()))
+        render(&Head::of(self), &PayloadWire::from(&self.payload))
     }
 
     /// The full JSON, with `offset` set to [`self.offset`](Self::offset) (`null` when `None`).
@@ -793,6 +721,57 @@ impl Event {
     }
 }
 
+/// An event's JSON from its parts, split around the offset's value (see [`Event::render`]).
+fn render<J: serde::Serialize>(head: &Head<'_>, payload: &PayloadWire<'_, J>) -> RenderedEvent {
+    // Both parts are written into this thread's scratch buffer and copied out at their
+    // exact size: one allocation each, where growing a guessed capacity took two more
+    // for an event of a few hundred bytes (this runs once per event received).
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    /// A larger scratch buffer (after a large event) is not kept.
+    const KEEP: usize = 64 << 10;
+    let render = |scratch: &mut Vec<u8>| {
+        scratch.clear();
+        wire::write(scratch, head);
+        // The head renders as `{…,"offset":null}`; the prefix ends before the `null`.
+        debug_assert!(scratch.ends_with(b"\"offset\":null}"));
+        let prefix = scratch[..scratch.len() - b"null}".len()].to_vec();
+        scratch.clear();
+        wire::write(scratch, payload);
+        let mut suffix = scratch.to_vec();
+        // Every type has fields: `{"…` becomes `,"…`.
+        suffix[0] = b',';
+        if scratch.capacity() > KEEP {
+            *scratch = Vec::new();
+        }
+        RenderedEvent { prefix, suffix }
+    };
+    SCRATCH
+        .try_with(|s| match s.try_borrow_mut() {
+            Ok(mut scratch) => render(&mut scratch),
+            // Only if rendering ever rendered an event itself.
+            Err(_) => render(&mut Vec::new()),
+        })
+        // While the thread's locals are being torn down.
+        .unwrap_or_else(|_| render(&mut Vec::new()))
+}
+
+/// An event a producer sent, read straight into what the writer stores (by
+/// [`ReceivedReader`]: parsed, checked against its queue, validated and rendered in one pass,
+/// its free-form fields' text copied rather than built into `Value`s and written again).
+#[derive(Debug)]
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
+pub(crate) struct Received {
+    pub event_id: EventId,
+    /// The producer gave no `event_id`: `event_id` was generated on receipt.
+    pub generated_id: bool,
+    pub event_type: EventType,
+    pub terminal: bool,
+    pub timestamp: Timestamp,
+    pub rendered: RenderedEvent,
+}
+
 impl serde::Serialize for Event {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         serde::Serialize::serialize(&self.wire(), s)
@@ -855,29 +834,12 @@ fn preview(s: &str) -> String {
     }
 }
 
-fn require_object(field: &str, value: &Value) -> Result<(), Error> {
-    if value.is_object() {
-        Ok(())
-    } else {
-        Err(Error::invalid_event(
-            field,
-            format!("must be a JSON object, got {}", json_type(value)),
-        ))
-    }
-}
-
-fn require_non_empty(field: &str, value: &str) -> Result<(), Error> {
-    if value.is_empty() {
-        Err(Error::invalid_event(field, "must not be empty"))
-    } else {
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::parse::{EventReader, ReceivedReader};
     use super::*;
     use chrono::SecondsFormat;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn tenant() -> TenantId {
@@ -892,26 +854,76 @@ mod tests {
         Event::new(&tenant(), &task(), payload)
     }
 
+    /// `value` read as a producer's event; its text read both ways must agree (see
+    /// [`read_both`]).
     fn parse(value: Value) -> Result<Event, Error> {
         let (tenant, task) = (tenant(), task());
-        Event::from_producer_json(
-            value,
+        let event = Event::from_producer_json(
+            value.clone(),
             &ProducerContext {
                 tenant_id: &tenant,
                 task_id: &task,
             },
-        )
+        );
+        let _ = read_both(&serde_json::to_vec(&value).expect("a Value renders"));
+        event
     }
 
+    /// `bytes` read as a producer's event, both ways (see [`read_both`]).
     fn parse_bytes(bytes: &[u8]) -> Result<Event, Error> {
+        read_both(bytes)
+    }
+
+    /// Reads `bytes` both ways a producer's event is read, into an [`Event`] and straight
+    /// into its stored form ([`Received`], as the server does), and checks that they agree:
+    /// the same error, or the same stored bytes (what was generated on receipt aside: an
+    /// absent id, timestamp or artifact id). Returns the [`Event`].
+    fn read_both(bytes: &[u8]) -> Result<Event, Error> {
         let (tenant, task) = (tenant(), task());
-        Event::from_producer_bytes(
-            bytes,
-            &ProducerContext {
-                tenant_id: &tenant,
-                task_id: &task,
-            },
-        )
+        let ctx = ProducerContext {
+            tenant_id: &tenant,
+            task_id: &task,
+        };
+        let event = parse::read_slice(bytes, EventReader { ctx: Some(&ctx) });
+        let received = parse::read_slice(bytes, ReceivedReader { ctx: &ctx });
+        let shown = String::from_utf8_lossy(bytes);
+        match (&event, received) {
+            (Err(a), Err(b)) => assert_eq!(format!("{a:?}"), format!("{b:?}"), "{shown}"),
+            (Ok((e, generated_id)), Ok(r)) => {
+                assert_eq!(*generated_id, r.generated_id, "{shown}");
+                assert_eq!(e.event_type(), r.event_type, "{shown}");
+                assert_eq!(e.is_terminal(), r.terminal, "{shown}");
+                let given: Value = serde_json::from_slice(bytes).expect("JSON");
+                let absent = |key: &str| given.get(key).is_none_or(Value::is_null);
+                let mut e = e.clone();
+                if r.generated_id {
+                    e.event_id = r.event_id.clone();
+                } else {
+                    assert_eq!(e.event_id, r.event_id);
+                }
+                if absent("timestamp") {
+                    e.timestamp = r.timestamp;
+                }
+                assert_eq!(e.timestamp, r.timestamp, "{shown}");
+                if let Payload::Artifact(a) = &mut e.payload
+                    && absent("artifact_id")
+                {
+                    let stored = Event::from_json_bytes(&r.rendered.with_offset(0))
+                        .expect("stored JSON reads back");
+                    let Payload::Artifact(s) = stored.payload else {
+                        panic!("not an artifact: {shown}")
+                    };
+                    a.artifact_id = s.artifact_id;
+                }
+                assert_eq!(
+                    String::from_utf8_lossy(&e.render().with_offset(3)),
+                    String::from_utf8_lossy(&r.rendered.with_offset(3)),
+                    "{shown}"
+                );
+            }
+            (a, b) => panic!("{shown}: read as {a:?} and as {b:?}"),
+        }
+        event.map(|(e, _)| e)
     }
 
     fn err_field(result: Result<Event, Error>) -> String {
@@ -1739,5 +1751,207 @@ mod tests {
             .expect_err("data")
             .to_string();
         assert!(msg.contains("object") && msg.contains("array"), "{msg}");
+    }
+
+    /// Producer event bodies of every shape: mostly valid ones of each type (required fields
+    /// valid, optional ones present or not, free-form ones of any content, base fields given
+    /// or not), some with a field of any JSON type or an unknown or repeated key, in any
+    /// order; so that both the stored bytes and the errors are compared.
+    fn event_body() -> impl Strategy<Value = String> {
+        let object = canonical::tests::json_text().prop_map(|v| format!("{{\"v\": {v}, \"a\":0}}"));
+        let free = prop_oneof![3 => object, 1 => canonical::tests::json_text()];
+        let text = prop_oneof![
+            proptest::sample::select(vec![r#""x""#, r#""a b""#, r#""""#, r#""é\n\"""#, "null"])
+                .prop_map(str::to_string),
+        ];
+        let number = proptest::sample::select(vec![
+            "0", "1", "3", "10", "2.5", "-1", "100.0", "1e2", "null",
+        ])
+        .prop_map(str::to_string);
+        let boolean =
+            proptest::sample::select(vec!["true", "false", "null"]).prop_map(str::to_string);
+        let type_fields = (0usize..5).prop_flat_map(move |t| {
+            let (name, fields): (&str, Vec<(&str, BoxedStrategy<String>)>) = match t {
+                0 => (
+                    "status",
+                    vec![
+                        (
+                            "state",
+                            proptest::sample::select(vec![
+                                r#""working""#,
+                                r#""failed""#,
+                                r#""cancelled""#,
+                            ])
+                            .prop_map(str::to_string)
+                            .boxed(),
+                        ),
+                        ("phase", text.clone().boxed()),
+                        ("message", text.clone().boxed()),
+                    ],
+                ),
+                1 => (
+                    "progress",
+                    vec![
+                        (
+                            "current",
+                            proptest::sample::select(vec!["0", "1", "5"])
+                                .prop_map(str::to_string)
+                                .boxed(),
+                        ),
+                        (
+                            "total",
+                            proptest::sample::select(vec!["5", "10", "18446744073709551615"])
+                                .prop_map(str::to_string)
+                                .boxed(),
+                        ),
+                        ("percentage", number.clone().boxed()),
+                        ("step", text.clone().boxed()),
+                        ("details", free.clone().boxed()),
+                    ],
+                ),
+                2 => (
+                    "artifact",
+                    vec![
+                        (
+                            "artifact_type",
+                            proptest::sample::select(vec![r#""search""#, r#""frames""#])
+                                .prop_map(str::to_string)
+                                .boxed(),
+                        ),
+                        ("data", free.clone().boxed()),
+                        (
+                            "artifact_id",
+                            proptest::sample::select(vec![r#""art_1""#, "null"])
+                                .prop_map(str::to_string)
+                                .boxed(),
+                        ),
+                        ("is_partial", boolean.clone().boxed()),
+                    ],
+                ),
+                3 => (
+                    "error",
+                    vec![
+                        (
+                            "error_type",
+                            proptest::sample::select(vec![r#""E""#])
+                                .prop_map(str::to_string)
+                                .boxed(),
+                        ),
+                        ("error_message", text.clone().boxed()),
+                        ("error_code", text.clone().boxed()),
+                        ("context", free.clone().boxed()),
+                        ("recoverable", boolean.clone().boxed()),
+                    ],
+                ),
+                _ => (
+                    "complete",
+                    vec![
+                        ("result", free.clone().boxed()),
+                        ("summary", text.clone().boxed()),
+                        ("execution_time_seconds", number.clone().boxed()),
+                    ],
+                ),
+            };
+            let required = match name {
+                "status" | "artifact" => 1,
+                "progress" | "error" => 2,
+                _ => 1,
+            };
+            let present = proptest::collection::vec(any::<bool>(), fields.len());
+            let values: Vec<BoxedStrategy<(String, String)>> = fields
+                .into_iter()
+                .map(|(k, v)| v.prop_map(move |v| (k.to_string(), v)).boxed())
+                .collect();
+            (Just(name), values, present).prop_map(move |(name, values, present)| {
+                let mut entries = vec![("event_type".to_string(), format!("\"{name}\""))];
+                for (i, (entry, keep)) in values.into_iter().zip(present).enumerate() {
+                    if i < required || keep {
+                        entries.push(entry);
+                    }
+                }
+                entries
+            })
+        });
+        let base = proptest::collection::vec(
+            proptest::sample::select(vec![
+                ("event_id", r#""evt_0123456789ab""#),
+                ("event_id", "null"),
+                ("task_id", r#""wf1""#),
+                ("tenant_id", r#""t1""#),
+                ("timestamp", r#""2026-11-28T02:31:45.664387Z""#),
+                ("offset", "7"),
+            ]),
+            0..3,
+        );
+        let junk = proptest::collection::vec(
+            (
+                proptest::sample::select(vec![
+                    "state",
+                    "current",
+                    "details",
+                    "data",
+                    "result",
+                    "event_type",
+                    "colour",
+                    "task_id",
+                    "timestamp",
+                    "percentage",
+                    "is_partial",
+                ]),
+                prop_oneof![
+                    proptest::sample::select(vec![
+                        r#""x""#, "null", "true", "-1", "1e400", "[]", "{}"
+                    ])
+                    .prop_map(str::to_string),
+                    canonical::tests::json_text(),
+                ],
+            ),
+            0..2,
+        );
+        (
+            type_fields,
+            base,
+            prop_oneof![3 => Just(Vec::new()), 1 => junk],
+        )
+            .prop_flat_map(|(mut entries, base, junk)| {
+                entries.extend(
+                    base.into_iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string())),
+                );
+                entries.extend(junk.into_iter().map(|(k, v)| (k.to_string(), v)));
+                Just(entries).prop_shuffle()
+            })
+            .prop_map(|entries| {
+                let fields: Vec<String> = entries
+                    .into_iter()
+                    .map(|(k, v)| format!("\"{k}\":{v}"))
+                    .collect();
+                format!("{{{}}}", fields.join(","))
+            })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_body_reads_the_same_into_an_event_and_into_its_stored_form(body in event_body()) {
+            let _ = read_both(body.as_bytes());
+        }
+    }
+
+    #[test]
+    fn valid_bodies_read_the_same_both_ways() {
+        for body in [
+            // The compare harness's event (keys of `details` out of order).
+            r#"{"event_type":"progress","current":1,"total":100,"step":"processing_video","details":{"sent_us":1733480000000000,"pad":"xxxx"}}"#,
+            r#"{"event_type":"progress","current":1,"total":3}"#,
+            r#"{ "details" : { "b" : [ 1 , 2.50 ] , "a" : "\u00e9\n" } , "total" : 10 , "current" : 5 , "event_type" : "progress" }"#,
+            r#"{"event_type":"artifact","artifact_type":"t","data":{"z":1,"z":2,"a":{}}}"#,
+            r#"{"event_type":"artifact","artifact_type":"t","artifact_id":"a1","data":{},"is_partial":true}"#,
+            r#"{"event_type":"error","error_type":"E","error_message":"m","context":{"k":[null]},"recoverable":false}"#,
+            r#"{"event_type":"complete","result":{"answer":"é ✓","n":-3},"summary":"s","execution_time_seconds":10}"#,
+            r#"{"event_id":"evt_given","timestamp":"2026-11-28T04:31:45.664387+02:00","event_type":"status","state":"failed","message":"a \"quoted\" line\n"}"#,
+            r#"{"event_type":"complete","result":{"$serde_json::private::RawValue":"{\"b\":1,\"a\":2}"}}"#,
+        ] {
+            read_both(body.as_bytes()).expect(body);
+        }
     }
 }

@@ -21,8 +21,9 @@ use serde::de::{
 };
 use serde_json::Value;
 
-use super::wire::Head;
-use super::{Event, EventType, Payload, ProducerContext, Timestamp, preview};
+use super::canonical::{Canonical, transcode_into};
+use super::wire::{FreeForm, Head, PayloadWire};
+use super::{Event, EventType, ProducerContext, Received, Timestamp, preview, render};
 use crate::error::Error;
 use crate::ids::{EventId, TaskId, TenantId};
 
@@ -177,7 +178,7 @@ fn cut(s: String) -> String {
 // ---------------------------------------------------------------------------------------------
 
 /// Reads a map key, borrowed from the input when it has no escapes.
-struct Key;
+pub(super) struct Key;
 
 impl<'de> DeserializeSeed<'de> for Key {
     type Value = Cow<'de, str>;
@@ -558,7 +559,24 @@ impl<'de> ReadObject<'de> for EventReader<'_> {
     type Error = Error;
 
     fn read<A: MapAccess<'de>>(self, map: A) -> Result<(Event, bool), Failure<Error, A::Error>> {
-        read_event(map, None, self.ctx)
+        read_event::<AsEvent, A>(map, None, self.ctx)
+    }
+}
+
+/// Reads one event a producer sent to the queue `ctx` straight into its stored form
+/// ([`Received`]): the same checks and errors as [`EventReader`], no `Value`s.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
+pub(crate) struct ReceivedReader<'c> {
+    pub ctx: &'c ProducerContext<'c>,
+}
+
+impl<'de> ReadObject<'de> for ReceivedReader<'_> {
+    type Value = Received;
+    type Error = Error;
+
+    fn read<A: MapAccess<'de>>(self, map: A) -> Result<Received, Failure<Error, A::Error>> {
+        read_event::<AsReceived, A>(map, None, Some(self.ctx))
     }
 }
 
@@ -575,12 +593,97 @@ pub(crate) fn next_key<'de, A: MapAccess<'de>>(
     map.next_key_seed(Key)
 }
 
-/// An event's entries from `map` (after `first`, a key already read from it).
-pub(crate) fn read_event<'de, A: MapAccess<'de>>(
+/// What [`read_event`] reads an event into.
+pub(super) trait EventForm {
+    /// What a free-form field is read as.
+    type Free: for<'de> de::Deserialize<'de> + FreeForm;
+    /// The event read.
+    type Output;
+
+    /// The event from its checked base fields and its type's fields (defaults not filled in).
+    fn finish(base: Base, payload: PayloadWire<'_, Self::Free>) -> Result<Self::Output, Error>;
+}
+
+/// An [`Event`], and whether its id was generated.
+pub(super) enum AsEvent {}
+
+impl EventForm for AsEvent {
+    type Free = Cow<'static, Value>;
+    type Output = (Event, bool);
+
+    fn finish(base: Base, payload: PayloadWire<'_, Self::Free>) -> Result<(Event, bool), Error> {
+        let event = Event {
+            event_id: base.event_id,
+            task_id: base.task_id,
+            tenant_id: base.tenant_id,
+            timestamp: base.timestamp,
+            offset: base.offset,
+            payload: payload.into(),
+        };
+        event.validate()?;
+        Ok((event, base.generated_id))
+    }
+}
+
+/// A producer's event in its stored form, without an [`Event`] in between.
+pub(super) enum AsReceived {}
+
+impl EventForm for AsReceived {
+    type Free = Canonical;
+    type Output = Received;
+
+    fn finish(base: Base, payload: PayloadWire<'_, Canonical>) -> Result<Received, Error> {
+        let payload = payload.with_defaults();
+        payload.validate()?;
+        let head = Head {
+            event_id: Some(Cow::Borrowed(base.event_id.as_str())),
+            task_id: Some(Cow::Borrowed(base.task_id.as_str())),
+            tenant_id: Some(Cow::Borrowed(base.tenant_id.as_str())),
+            timestamp: Some(base.timestamp),
+            event_type: Some(base.event_type),
+            offset: None,
+        };
+        let rendered = render(&head, &payload);
+        Ok(Received {
+            terminal: payload.is_terminal(),
+            event_type: base.event_type,
+            timestamp: base.timestamp,
+            generated_id: base.generated_id,
+            event_id: base.event_id,
+            rendered,
+        })
+    }
+}
+
+/// An event's base fields, checked against the queue and with their defaults.
+pub(super) struct Base {
+    event_id: EventId,
+    generated_id: bool,
+    task_id: TaskId,
+    tenant_id: TenantId,
+    timestamp: Timestamp,
+    offset: Option<u64>,
+    event_type: EventType,
+}
+
+/// A producer's event for the queue `ctx` from the entries of `map` (after `first`, a key
+/// already read from it), straight into its stored form (see [`ReceivedReader`]).
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
+pub(crate) fn read_received<'de, A: MapAccess<'de>>(
+    map: A,
+    first: Option<Cow<'de, str>>,
+    ctx: &ProducerContext<'_>,
+) -> Result<Received, Failure<Error, A::Error>> {
+    read_event::<AsReceived, A>(map, first, Some(ctx))
+}
+
+/// An event's entries from `map` (after `first`, a key already read from it), read into
+/// the form `F`.
+fn read_event<'de, F: EventForm, A: MapAccess<'de>>(
     mut map: A,
     first: Option<Cow<'de, str>>,
     ctx: Option<&ProducerContext<'_>>,
-) -> Result<(Event, bool), Failure<Error, A::Error>> {
+) -> Result<F::Output, Failure<Error, A::Error>> {
     // A producer's offset is ignored, whatever it is.
     let skip = if ctx.is_some() { Some("offset") } else { None };
     let mut aside: Vec<Entry<'de>> = Vec::new();
@@ -590,11 +693,11 @@ pub(crate) fn read_event<'de, A: MapAccess<'de>>(
             Some(key) => key,
             None => match map.next_key_seed(Key).map_err(Failure::Json)? {
                 Some(key) => key,
-                None => break None,
+                None => break TypeValue::Absent,
             },
         };
         if key == "event_type" {
-            break Some(map.next_value::<Value>().map_err(Failure::Json)?);
+            break map.next_value_seed(ReadTypeValue).map_err(Failure::Json)?;
         }
         if skip == Some(&*key) {
             map.next_value::<IgnoredAny>().map_err(Failure::Json)?;
@@ -611,37 +714,122 @@ pub(crate) fn read_event<'de, A: MapAccess<'de>>(
     };
     let mut fields = FieldMap::new(map, aside, divert);
     let payload = event_type
-        .read_payload(Fields(&mut fields))
+        .read_payload::<F::Free, _>(Fields(&mut fields))
         .map_err(|e| Failure::Read(event_error(e, event_type, fields.fields)))?;
     let payload_fields = fields.fields;
     let rest = fields.divert.entries.unwrap_or_default();
     let mut head_fields = FieldMap::new(NoEntries, rest, Divert::default());
     let head = <Head as de::Deserialize>::deserialize(Fields(&mut head_fields))
         .map_err(|e| Failure::Read(event_error(e, event_type, payload_fields)))?;
-    build(head, event_type, payload, ctx).map_err(Failure::Read)
+    let base = base(head, event_type, ctx).map_err(Failure::Read)?;
+    F::finish(base, payload).map_err(Failure::Read)
+}
+
+/// The value of `event_type`, read without building a `Value` of it.
+enum TypeValue<'de> {
+    /// No `event_type` key.
+    Absent,
+    /// `null`.
+    Null,
+    Str(Cow<'de, str>),
+    /// Anything else: its JSON type.
+    Other(&'static str),
+}
+
+/// Reads a [`TypeValue`]. A value that is not a string is read through as a `Value` would
+/// read it (so the parser reports what it would have), into a buffer that is dropped.
+struct ReadTypeValue;
+
+impl<'de> DeserializeSeed<'de> for ReadTypeValue {
+    type Value = TypeValue<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<TypeValue<'de>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+/// A [`TypeValue`] of a value of JSON type `kind`.
+fn other<'de>(kind: &'static str) -> TypeValue<'de> {
+    match kind {
+        "null" => TypeValue::Null,
+        kind => TypeValue::Other(kind),
+    }
+}
+
+macro_rules! read_through {
+    ($($method:ident($ty:ty);)*) => {
+        $(fn $method<E: de::Error>(self, v: $ty) -> Result<TypeValue<'de>, E> {
+            transcode_into(&mut Vec::new()).$method(v).map(other)
+        })*
+    };
+}
+
+impl<'de> Visitor<'de> for ReadTypeValue {
+    type Value = TypeValue<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any valid JSON value")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<TypeValue<'de>, E> {
+        Ok(TypeValue::Str(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<TypeValue<'de>, E> {
+        Ok(TypeValue::Str(Cow::Owned(v.to_owned())))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<TypeValue<'de>, E> {
+        Ok(TypeValue::Str(Cow::Owned(v)))
+    }
+
+    read_through! {
+        visit_bool(bool);
+        visit_i64(i64);
+        visit_u64(u64);
+        visit_i128(i128);
+        visit_u128(u128);
+        visit_f64(f64);
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<TypeValue<'de>, E> {
+        Ok(TypeValue::Null)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<TypeValue<'de>, E> {
+        Ok(TypeValue::Null)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<TypeValue<'de>, D::Error> {
+        self.deserialize(d)
+    }
+
+    fn visit_seq<S: de::SeqAccess<'de>>(self, seq: S) -> Result<TypeValue<'de>, S::Error> {
+        transcode_into(&mut Vec::new()).visit_seq(seq).map(other)
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<TypeValue<'de>, M::Error> {
+        transcode_into(&mut Vec::new()).visit_map(map).map(other)
+    }
 }
 
 /// The event type from the value of `event_type`.
-fn event_type_of(value: Option<Value>) -> Result<EventType, Error> {
+fn event_type_of(value: TypeValue<'_>) -> Result<EventType, Error> {
     let types = || EventType::ALL.map(EventType::as_str).join(", ");
     match value {
-        Some(Value::String(s)) => EventType::parse(&s).ok_or_else(|| {
+        TypeValue::Str(s) => EventType::parse(&s).ok_or_else(|| {
             Error::invalid_event(
                 "event_type",
                 format!("must be one of {}, got {}", types(), preview(&s)),
             )
         }),
-        None | Some(Value::Null) => Err(Error::invalid_event(
+        TypeValue::Absent | TypeValue::Null => Err(Error::invalid_event(
             "event_type",
             format!("is required (one of {})", types()),
         )),
-        Some(other) => Err(Error::invalid_event(
+        TypeValue::Other(kind) => Err(Error::invalid_event(
             "event_type",
-            format!(
-                "must be a string (one of {}), got {}",
-                types(),
-                super::json_type(&other)
-            ),
+            format!("must be a string (one of {}), got {kind}", types()),
         )),
     }
 }
@@ -666,17 +854,15 @@ fn event_error(e: FieldError, event_type: EventType, type_fields: &[&str]) -> Er
     }
 }
 
-/// The event from its parts: ids checked against `ctx`, defaults filled in, validated.
-fn build(
+/// The base fields from `head`: ids checked against `ctx`, defaults filled in.
+fn base(
     head: Head<'_>,
     event_type: EventType,
-    payload: Payload,
     ctx: Option<&ProducerContext<'_>>,
-) -> Result<(Event, bool), Error> {
+) -> Result<Base, Error> {
     if head.event_type.is_some() {
         return Err(Error::invalid_event("event_type", "appears more than once"));
     }
-    debug_assert_eq!(payload.event_type(), event_type);
     let generated_id = head.event_id.is_none();
     let event_id = match head.event_id {
         Some(s) => EventId::new(&*s)?,
@@ -692,16 +878,15 @@ fn build(
             TaskId::new(&*head.task_id.ok_or_else(|| missing("task_id"))?)?,
         ),
     };
-    let event = Event {
+    Ok(Base {
         event_id,
+        generated_id,
         task_id,
         tenant_id,
         timestamp: head.timestamp.unwrap_or_else(Timestamp::now),
         offset: if ctx.is_some() { None } else { head.offset },
-        payload,
-    };
-    event.validate()?;
-    Ok((event, generated_id))
+        event_type,
+    })
 }
 
 fn missing(field: &str) -> Error {

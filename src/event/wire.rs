@@ -11,10 +11,14 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::canonical::Canonical;
 use super::{
     ArtifactEvent, CompleteEvent, ErrorEvent, Event, EventType, Payload, ProgressEvent,
     StatusEvent, TaskState, Timestamp, computed_percentage, empty_object, generate_artifact_id,
+    json_type,
 };
+use crate::error::Error;
+use crate::ids::validate_id;
 
 /// The base fields every event has, first in its JSON.
 ///
@@ -57,27 +61,28 @@ pub(super) struct StatusWire<'a> {
     pub message: Option<Cow<'a, str>>,
 }
 
-/// A `progress` event's fields.
+/// A `progress` event's fields. `J`, here and below, is what a free-form field holds: a
+/// `Value` (an [`Event`]'s), or its text ([`Canonical`], an event rendered on receipt).
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct ProgressWire<'a> {
+pub(super) struct ProgressWire<'a, J = Cow<'a, Value>> {
     pub current: u64,
     pub total: u64,
     /// Computed from `current` and `total` when absent.
     pub percentage: Option<f64>,
     pub step: Option<Cow<'a, str>>,
     /// `{}` when absent.
-    pub details: Option<Cow<'a, Value>>,
+    pub details: Option<J>,
 }
 
 /// An `artifact` event's fields.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct ArtifactWire<'a> {
+pub(super) struct ArtifactWire<'a, J = Cow<'a, Value>> {
     pub artifact_type: Cow<'a, str>,
     /// Generated when absent.
     pub artifact_id: Option<Cow<'a, str>>,
-    pub data: Cow<'a, Value>,
+    pub data: J,
     /// `false` when absent.
     pub is_partial: Option<bool>,
 }
@@ -85,12 +90,12 @@ pub(super) struct ArtifactWire<'a> {
 /// An `error` event's fields.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct ErrorWire<'a> {
+pub(super) struct ErrorWire<'a, J = Cow<'a, Value>> {
     pub error_type: Cow<'a, str>,
     pub error_message: Cow<'a, str>,
     pub error_code: Option<Cow<'a, str>>,
     /// `{}` when absent.
-    pub context: Option<Cow<'a, Value>>,
+    pub context: Option<J>,
     /// `true` when absent.
     pub recoverable: Option<bool>,
 }
@@ -98,8 +103,8 @@ pub(super) struct ErrorWire<'a> {
 /// A `complete` event's fields.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct CompleteWire<'a> {
-    pub result: Cow<'a, Value>,
+pub(super) struct CompleteWire<'a, J = Cow<'a, Value>> {
+    pub result: J,
     pub summary: Option<Cow<'a, str>>,
     pub execution_time_seconds: Option<f64>,
 }
@@ -108,12 +113,149 @@ pub(super) struct CompleteWire<'a> {
 /// base field).
 #[derive(Serialize)]
 #[serde(untagged)]
-pub(super) enum PayloadWire<'a> {
+pub(super) enum PayloadWire<'a, J = Cow<'a, Value>> {
     Status(StatusWire<'a>),
-    Progress(ProgressWire<'a>),
-    Artifact(ArtifactWire<'a>),
-    Error(ErrorWire<'a>),
-    Complete(CompleteWire<'a>),
+    Progress(ProgressWire<'a, J>),
+    Artifact(ArtifactWire<'a, J>),
+    Error(ErrorWire<'a, J>),
+    Complete(CompleteWire<'a, J>),
+}
+
+/// What a free-form field (`details`, `data`, `context`, `result`) holds.
+pub(super) trait FreeForm {
+    /// `{}`.
+    fn empty_object() -> Self;
+    /// The JSON type of the value, as [`json_type`] names it.
+    fn json_type(&self) -> &'static str;
+}
+
+impl FreeForm for Cow<'_, Value> {
+    fn empty_object() -> Self {
+        Cow::Owned(empty_object())
+    }
+
+    fn json_type(&self) -> &'static str {
+        json_type(self)
+    }
+}
+
+impl FreeForm for Canonical {
+    fn empty_object() -> Self {
+        Canonical::empty_object()
+    }
+
+    fn json_type(&self) -> &'static str {
+        self.kind()
+    }
+}
+
+impl<J: FreeForm> PayloadWire<'_, J> {
+    /// The defaults filled in: every optional field that has a default has it (a generated
+    /// artifact id, `{}`, the computed percentage, …); only optionals that are `null` by
+    /// default stay `None`.
+    pub fn with_defaults(self) -> Self {
+        match self {
+            PayloadWire::Status(s) => PayloadWire::Status(s),
+            PayloadWire::Progress(p) => PayloadWire::Progress(ProgressWire {
+                percentage: Some(
+                    p.percentage
+                        .unwrap_or_else(|| computed_percentage(p.current, p.total)),
+                ),
+                details: Some(p.details.unwrap_or_else(J::empty_object)),
+                ..p
+            }),
+            PayloadWire::Artifact(a) => PayloadWire::Artifact(ArtifactWire {
+                artifact_id: Some(
+                    a.artifact_id
+                        .unwrap_or_else(|| Cow::Owned(generate_artifact_id())),
+                ),
+                is_partial: Some(a.is_partial.unwrap_or(false)),
+                ..a
+            }),
+            PayloadWire::Error(e) => PayloadWire::Error(ErrorWire {
+                context: Some(e.context.unwrap_or_else(J::empty_object)),
+                recoverable: Some(e.recoverable.unwrap_or(true)),
+                ..e
+            }),
+            PayloadWire::Complete(c) => PayloadWire::Complete(c),
+        }
+    }
+
+    /// Checks everything the types do not guarantee (see [`Event::validate`]); an absent
+    /// optional counts as its default.
+    pub fn validate(&self) -> Result<(), Error> {
+        match self {
+            PayloadWire::Status(_) => Ok(()),
+            PayloadWire::Progress(p) => {
+                if p.current > p.total {
+                    return Err(Error::invalid_event(
+                        "current",
+                        format!("must not exceed total ({}), got {}", p.total, p.current),
+                    ));
+                }
+                if let Some(percentage) = p.percentage
+                    && (!percentage.is_finite() || !(0.0..=100.0).contains(&percentage))
+                {
+                    return Err(Error::invalid_event(
+                        "percentage",
+                        format!("must be a number from 0 to 100, got {percentage}"),
+                    ));
+                }
+                require_object("details", p.details.as_ref())
+            }
+            PayloadWire::Artifact(a) => {
+                require_non_empty("artifact_type", &a.artifact_type)?;
+                if let Some(id) = &a.artifact_id {
+                    validate_id("artifact_id", id)?;
+                }
+                require_object("data", Some(&a.data))
+            }
+            PayloadWire::Error(e) => {
+                require_non_empty("error_type", &e.error_type)?;
+                require_non_empty("error_message", &e.error_message)?;
+                require_object("context", e.context.as_ref())
+            }
+            PayloadWire::Complete(c) => {
+                require_object("result", Some(&c.result))?;
+                match c.execution_time_seconds {
+                    Some(t) if !t.is_finite() || t < 0.0 => Err(Error::invalid_event(
+                        "execution_time_seconds",
+                        format!("must be a finite number >= 0, got {t}"),
+                    )),
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// Whether the event finishes its task (see [`Event::is_terminal`]).
+    pub fn is_terminal(&self) -> bool {
+        match self {
+            PayloadWire::Complete(_) => true,
+            PayloadWire::Error(e) => !e.recoverable.unwrap_or(true),
+            PayloadWire::Status(s) => matches!(s.state, TaskState::Failed | TaskState::Cancelled),
+            PayloadWire::Progress(_) | PayloadWire::Artifact(_) => false,
+        }
+    }
+}
+
+/// `Ok` when `value` is absent (its default is `{}`) or a JSON object.
+fn require_object(field: &str, value: Option<&impl FreeForm>) -> Result<(), Error> {
+    match value.map(FreeForm::json_type) {
+        None | Some("object") => Ok(()),
+        Some(got) => Err(Error::invalid_event(
+            field,
+            format!("must be a JSON object, got {got}"),
+        )),
+    }
+}
+
+fn require_non_empty(field: &str, value: &str) -> Result<(), Error> {
+    if value.is_empty() {
+        Err(Error::invalid_event(field, "must not be empty"))
+    } else {
+        Ok(())
+    }
 }
 
 /// A whole event: the head, then the type's fields.
@@ -180,8 +322,8 @@ impl From<StatusWire<'_>> for Payload {
     }
 }
 
-impl From<ProgressWire<'_>> for Payload {
-    fn from(w: ProgressWire<'_>) -> Self {
+impl From<ProgressWire<'_, Cow<'_, Value>>> for Payload {
+    fn from(w: ProgressWire<'_, Cow<'_, Value>>) -> Self {
         Payload::Progress(ProgressEvent {
             current: w.current,
             total: w.total,
@@ -194,8 +336,8 @@ impl From<ProgressWire<'_>> for Payload {
     }
 }
 
-impl From<ArtifactWire<'_>> for Payload {
-    fn from(w: ArtifactWire<'_>) -> Self {
+impl From<ArtifactWire<'_, Cow<'_, Value>>> for Payload {
+    fn from(w: ArtifactWire<'_, Cow<'_, Value>>) -> Self {
         Payload::Artifact(ArtifactEvent {
             artifact_type: w.artifact_type.into_owned(),
             artifact_id: owned(w.artifact_id).unwrap_or_else(generate_artifact_id),
@@ -205,8 +347,8 @@ impl From<ArtifactWire<'_>> for Payload {
     }
 }
 
-impl From<ErrorWire<'_>> for Payload {
-    fn from(w: ErrorWire<'_>) -> Self {
+impl From<ErrorWire<'_, Cow<'_, Value>>> for Payload {
+    fn from(w: ErrorWire<'_, Cow<'_, Value>>) -> Self {
         Payload::Error(ErrorEvent {
             error_type: w.error_type.into_owned(),
             error_message: w.error_message.into_owned(),
@@ -217,8 +359,8 @@ impl From<ErrorWire<'_>> for Payload {
     }
 }
 
-impl From<CompleteWire<'_>> for Payload {
-    fn from(w: CompleteWire<'_>) -> Self {
+impl From<CompleteWire<'_, Cow<'_, Value>>> for Payload {
+    fn from(w: CompleteWire<'_, Cow<'_, Value>>) -> Self {
         Payload::Complete(CompleteEvent {
             result: w.result.into_owned(),
             summary: owned(w.summary),
@@ -227,18 +369,30 @@ impl From<CompleteWire<'_>> for Payload {
     }
 }
 
+impl From<PayloadWire<'_, Cow<'_, Value>>> for Payload {
+    fn from(w: PayloadWire<'_, Cow<'_, Value>>) -> Self {
+        match w {
+            PayloadWire::Status(w) => w.into(),
+            PayloadWire::Progress(w) => w.into(),
+            PayloadWire::Artifact(w) => w.into(),
+            PayloadWire::Error(w) => w.into(),
+            PayloadWire::Complete(w) => w.into(),
+        }
+    }
+}
+
 impl EventType {
-    /// Reads this type's fields from `d` (the type's struct above).
-    pub(super) fn read_payload<'de, D: serde::Deserializer<'de>>(
+    /// Reads this type's fields from `d` (the type's struct above), free-form fields as `J`.
+    pub(super) fn read_payload<'de, J: Deserialize<'de>, D: serde::Deserializer<'de>>(
         self,
         d: D,
-    ) -> Result<Payload, D::Error> {
+    ) -> Result<PayloadWire<'de, J>, D::Error> {
         Ok(match self {
-            EventType::Status => StatusWire::deserialize(d)?.into(),
-            EventType::Progress => ProgressWire::deserialize(d)?.into(),
-            EventType::Artifact => ArtifactWire::deserialize(d)?.into(),
-            EventType::Error => ErrorWire::deserialize(d)?.into(),
-            EventType::Complete => CompleteWire::deserialize(d)?.into(),
+            EventType::Status => PayloadWire::Status(StatusWire::deserialize(d)?),
+            EventType::Progress => PayloadWire::Progress(ProgressWire::deserialize(d)?),
+            EventType::Artifact => PayloadWire::Artifact(ArtifactWire::deserialize(d)?),
+            EventType::Error => PayloadWire::Error(ErrorWire::deserialize(d)?),
+            EventType::Complete => PayloadWire::Complete(CompleteWire::deserialize(d)?),
             EventType::Message => {
                 return Err(serde::de::Error::custom(
                     "a stream message is not an event type",
@@ -261,7 +415,7 @@ pub(super) fn write<T: Serialize + ?Sized>(buf: &mut Vec<u8>, value: &T) {
 /// Writes one of the structs above as serde_json's compact form would, except that field
 /// names are copied as they are: they are the Rust identifiers of the structs above, which
 /// need no escapes (serde_json scans every byte of every name for them, a third of
-/// rendering's time). The fields' values are written by serde_json.
+/// rendering's time). The fields' values are written by [`FieldWriter`].
 struct Writer<'b>(&'b mut Vec<u8>);
 
 /// The fields of a struct being written by [`Writer`].
@@ -378,11 +532,185 @@ impl serde::ser::SerializeStruct for StructFields<'_, '_> {
         buf.extend_from_slice(key.as_bytes());
         buf.extend_from_slice(b"\":");
         self.first = false;
-        value.serialize(&mut serde_json::Serializer::new(buf))
+        value.serialize(FieldWriter(buf))
     }
 
     fn end(self) -> Result<(), serde_json::Error> {
         self.writer.0.push(b'}');
+        Ok(())
+    }
+}
+
+/// Writes one field's value as serde_json's compact form would (through serde_json), except
+/// bytes: they are JSON text, written as they are. Only a [`Canonical`] value serialises as
+/// bytes (no field of the structs above is a byte string), so an event rendered on receipt
+/// copies its free-form fields' text instead of building and writing a `Value`.
+struct FieldWriter<'b>(&'b mut Vec<u8>);
+
+impl FieldWriter<'_> {
+    fn json<T: Serialize + ?Sized>(self, v: &T) -> Result<(), serde_json::Error> {
+        v.serialize(&mut serde_json::Serializer::new(self.0))
+    }
+}
+
+macro_rules! through_serde_json {
+    ($($method:ident($ty:ty);)*) => {
+        $(fn $method(self, v: $ty) -> Result<(), serde_json::Error> {
+            self.json(&v)
+        })*
+    };
+}
+
+impl<'b> serde::Serializer for FieldWriter<'b> {
+    type Ok = ();
+    type Error = serde_json::Error;
+    type SerializeSeq = Items<'b>;
+    type SerializeTuple = Unsupported;
+    type SerializeTupleStruct = Unsupported;
+    type SerializeTupleVariant = Unsupported;
+    type SerializeMap = Entries<'b>;
+    type SerializeStruct = Unsupported;
+    type SerializeStructVariant = Unsupported;
+
+    through_serde_json! {
+        serialize_bool(bool);
+        serialize_i8(i8);
+        serialize_i16(i16);
+        serialize_i32(i32);
+        serialize_i64(i64);
+        serialize_u8(u8);
+        serialize_u16(u16);
+        serialize_u32(u32);
+        serialize_u64(u64);
+        serialize_f32(f32);
+        serialize_f64(f64);
+        serialize_char(char);
+        serialize_str(&str);
+    }
+
+    unsupported! {
+        serialize_tuple(len: usize) -> Self::SerializeTuple;
+        serialize_tuple_struct(name: &'static str, len: usize) -> Self::SerializeTupleStruct;
+        serialize_tuple_variant(name: &'static str, index: u32, variant: &'static str, len: usize) -> Self::SerializeTupleVariant;
+        serialize_struct(name: &'static str, len: usize) -> Self::SerializeStruct;
+        serialize_struct_variant(name: &'static str, index: u32, variant: &'static str, len: usize) -> Self::SerializeStructVariant;
+    }
+
+    fn serialize_bytes(self, json: &[u8]) -> Result<(), serde_json::Error> {
+        self.0.extend_from_slice(json);
+        Ok(())
+    }
+
+    fn serialize_none(self) -> Result<(), serde_json::Error> {
+        self.serialize_unit()
+    }
+
+    fn serialize_some<T: Serialize + ?Sized>(self, v: &T) -> Result<(), serde_json::Error> {
+        v.serialize(self)
+    }
+
+    fn serialize_unit(self) -> Result<(), serde_json::Error> {
+        self.0.extend_from_slice(b"null");
+        Ok(())
+    }
+
+    fn serialize_unit_struct(self, _: &'static str) -> Result<(), serde_json::Error> {
+        self.serialize_unit()
+    }
+
+    fn serialize_unit_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        variant: &'static str,
+    ) -> Result<(), serde_json::Error> {
+        self.json(variant)
+    }
+
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(
+        self,
+        _: &'static str,
+        v: &T,
+    ) -> Result<(), serde_json::Error> {
+        v.serialize(self)
+    }
+
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        _: &'static str,
+        _: u32,
+        _: &'static str,
+        _: &T,
+    ) -> Result<(), serde_json::Error> {
+        Err(unsupported())
+    }
+
+    fn serialize_seq(self, _: Option<usize>) -> Result<Items<'b>, serde_json::Error> {
+        self.0.push(b'[');
+        Ok(Items {
+            buf: self.0,
+            first: true,
+        })
+    }
+
+    fn serialize_map(self, _: Option<usize>) -> Result<Entries<'b>, serde_json::Error> {
+        self.0.push(b'{');
+        Ok(Entries {
+            buf: self.0,
+            first: true,
+        })
+    }
+}
+
+/// The elements of an array a [`FieldWriter`] writes (a `Value`'s), each by serde_json.
+struct Items<'b> {
+    buf: &'b mut Vec<u8>,
+    first: bool,
+}
+
+impl serde::ser::SerializeSeq for Items<'_> {
+    type Ok = ();
+    type Error = serde_json::Error;
+
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), Self::Error> {
+        if !std::mem::take(&mut self.first) {
+            self.buf.push(b',');
+        }
+        v.serialize(&mut serde_json::Serializer::new(&mut *self.buf))
+    }
+
+    fn end(self) -> Result<(), Self::Error> {
+        self.buf.push(b']');
+        Ok(())
+    }
+}
+
+/// The entries of an object a [`FieldWriter`] writes (a `Value`'s), each by serde_json.
+struct Entries<'b> {
+    buf: &'b mut Vec<u8>,
+    first: bool,
+}
+
+impl serde::ser::SerializeMap for Entries<'_> {
+    type Ok = ();
+    type Error = serde_json::Error;
+
+    fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), Self::Error> {
+        if !std::mem::take(&mut self.first) {
+            self.buf.push(b',');
+        }
+        // A `Value`'s keys are strings: written as serde_json writes a string.
+        key.serialize(&mut serde_json::Serializer::new(&mut *self.buf))?;
+        self.buf.push(b':');
+        Ok(())
+    }
+
+    fn serialize_value<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), Self::Error> {
+        v.serialize(&mut serde_json::Serializer::new(&mut *self.buf))
+    }
+
+    fn end(self) -> Result<(), Self::Error> {
+        self.buf.push(b'}');
         Ok(())
     }
 }

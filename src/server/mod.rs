@@ -76,6 +76,8 @@ pub use auth::{Auth, OpenBind, Scopes, TokenKeys};
 pub use conn::{open_file_limit, raise_open_file_limit};
 pub use error::ApiError;
 pub use limits::RETRY_AFTER_SECS;
+#[doc(hidden)]
+pub use routes::enqueue_body_json;
 pub use tenant::{ACCESS_TOKEN_PARAM, Caller, Need, Reach, TENANT_HEADER, Tenant};
 pub use tls::{TlsConfig, TlsError};
 

@@ -55,7 +55,7 @@ use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::error::Result;
-use crate::event::Event;
+use crate::event::Received;
 use crate::queue::EventQueue;
 use crate::server::AppState;
 use crate::server::auth::{Auth, Claims, LEEWAY, TokenError};
@@ -177,20 +177,17 @@ async fn connection(
     });
     let parse = {
         let (state, queue) = (state.clone(), queue.clone());
-        move |body: &[u8]| -> Result<Vec<(Event, bool)>, ApiError> {
+        move |body: &[u8]| -> Result<Vec<Received>, ApiError> {
             if let Some(claims) = &claims {
                 still_valid(claims, &state)?;
             }
-            let events = read_enqueue_body(&state, &tenant, queue.task_id(), body)?;
-            for (event, _) in &events {
-                queue.prepare(event)?;
-            }
-            Ok(events)
+            // Checked against the queue and validated as it is read.
+            read_enqueue_body(state.config(), &tenant, queue.task_id(), body)
         }
     };
     let submit = {
         let queue = queue.clone();
-        move |events: Vec<(Event, bool)>| -> Submitted {
+        move |events: Vec<Received>| -> Submitted {
             let queue = queue.clone();
             Box::pin(async move {
                 let offsets = queue.enqueue_received(events).await?;
@@ -259,7 +256,7 @@ fn refusal(seq: u64, e: &ApiError) -> String {
 
 /// Frames parsed and waiting for a commit: each frame's sequence number and events.
 struct Waiting {
-    frames: Vec<(u64, Vec<(Event, bool)>)>,
+    frames: Vec<(u64, Vec<Received>)>,
     events: usize,
 }
 
@@ -288,8 +285,8 @@ where
     Src: Stream<Item = std::result::Result<Incoming, String>>,
     Snk: Sink<Outgoing>,
     Snk::Error: std::fmt::Display,
-    P: Fn(&[u8]) -> Result<Vec<(Event, bool)>, ApiError>,
-    S: FnMut(Vec<(Event, bool)>) -> Submitted,
+    P: Fn(&[u8]) -> Result<Vec<Received>, ApiError>,
+    S: FnMut(Vec<Received>) -> Submitted,
     D: Future<Output = ()>,
 {
     let mut source = std::pin::pin!(source);
@@ -402,7 +399,7 @@ fn next_commit<S>(
     submit: &mut S,
 ) -> (Vec<(u64, usize)>, Submitted)
 where
-    S: FnMut(Vec<(Event, bool)>) -> Submitted,
+    S: FnMut(Vec<Received>) -> Submitted,
 {
     let mut taken = 0;
     let mut events_taken = 0;
@@ -470,15 +467,17 @@ mod tests {
     use tokio::sync::{mpsc, oneshot};
 
     use super::*;
-    use crate::event::{StatusEvent, TaskState};
     use crate::ids::{TaskId, TenantId};
+    use crate::server::{ServerConfig, Tenant};
 
-    fn one_event(_: &[u8]) -> Result<Vec<(Event, bool)>, ApiError> {
+    fn one_event(_: &[u8]) -> Result<Vec<Received>, ApiError> {
         let (tenant, task) = (TenantId::default_tenant(), TaskId::new("t").unwrap());
-        Ok(vec![(
-            Event::new(&tenant, &task, StatusEvent::new(TaskState::Working)),
-            true,
-        )])
+        read_enqueue_body(
+            &ServerConfig::default(),
+            &Tenant(tenant),
+            &task,
+            br#"{"event_type":"status","state":"working"}"#,
+        )
     }
 
     /// Lets every task of this single-threaded runtime run until all wait.
@@ -507,7 +506,7 @@ mod tests {
         });
         let (commits_tx, mut commits) = mpsc::unbounded_channel::<(usize, oneshot::Sender<()>)>();
         let next = Arc::new(AtomicUsize::new(0));
-        let submit = move |events: Vec<(Event, bool)>| -> Submitted {
+        let submit = move |events: Vec<Received>| -> Submitted {
             let (done, wait) = oneshot::channel();
             let n = events.len();
             let _ = commits_tx.send((n, done));
@@ -590,7 +589,7 @@ mod tests {
                 Ok::<_, &str>(tx)
             });
             let commits_tx = commits_tx.clone();
-            let submit = move |events: Vec<(Event, bool)>| -> Submitted {
+            let submit = move |events: Vec<Received>| -> Submitted {
                 let (done, wait) = oneshot::channel();
                 let _ = commits_tx.send(done);
                 let n = events.len() as u64;
