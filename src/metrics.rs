@@ -81,9 +81,6 @@ pub struct Metrics {
     /// Group commits the writer thread acknowledged itself (nothing else waiting), without
     /// handing them to the acknowledger thread.
     pub writer_acks: AtomicU64,
-    /// Ops committed by their own caller's thread, the writer being idle (see
-    /// `engine::pipeline::Front::try_commit`).
-    pub caller_commits: AtomicU64,
     /// Gap notices delivered.
     pub gap_notices: AtomicU64,
     /// Events removed by trimming, expiry and deletion.
@@ -110,7 +107,6 @@ impl Default for Metrics {
             lag_recoveries: AtomicU64::new(0),
             batch_rebuilds: AtomicU64::new(0),
             writer_acks: AtomicU64::new(0),
-            caller_commits: AtomicU64::new(0),
             gap_notices: AtomicU64::new(0),
             events_removed: AtomicU64::new(0),
             pending_purges: AtomicU64::new(0),

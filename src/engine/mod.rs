@@ -40,34 +40,18 @@ pub(crate) use ops::{
     NewQueue, PreparedEvent, PreparedSave, ProducerClaim, StreamAppend, StreamAppended,
 };
 pub(crate) use pipeline::Registry;
-use pipeline::{Front, Poison, Request, Writer};
+use pipeline::{Poison, Request, Writer};
 pub use state::QueueKind;
 pub(crate) use state::{QueueState, SubscriberGuard};
 
 /// Capacity of the writer's op channel; callers wait (asynchronously) beyond it.
 const OP_CHANNEL: usize = 4096;
 
-/// A write counted in `Front::queued` that has not reached the writer's channel: uncounts
-/// it when dropped.
-struct Counted<'a> {
-    queued: Option<&'a std::sync::atomic::AtomicUsize>,
-}
-
-impl Drop for Counted<'_> {
-    fn drop(&mut self) {
-        if let Some(q) = self.queued {
-            q.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-}
-
 /// What every handle of one manager shares: the store, the registry of queues, the writer's
 /// channel.
 pub(crate) struct Core {
     storage: Arc<dyn Storage>,
     tx: mpsc::Sender<Request>,
-    /// The writer's state, for callers that commit their own op when it is idle.
-    front: Arc<Front>,
     config: Config,
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
@@ -126,6 +110,7 @@ impl Core {
             clock: clock.clone(),
             metrics: metrics.clone(),
             poison: poison.clone(),
+            rx,
             flush_interval: match config.durability {
                 Durability::Immediate => None,
                 Durability::Buffered { flush_interval } => Some(flush_interval),
@@ -135,15 +120,11 @@ impl Core {
             purges: recovered.purges,
             purge_step: config.purge_step.max(1),
         };
-        let front = Arc::new(Front::new());
         let handle = std::thread::Builder::new()
             .name("eventqueue-writer".into())
-            .spawn({
-                let front = front.clone();
-                move || {
-                    if let Err(e) = writer.run(rx, front) {
-                        tracing::error!(error = %e, "the writer could not start");
-                    }
+            .spawn(move || {
+                if let Err(e) = writer.run() {
+                    tracing::error!(error = %e, "the writer could not start");
                 }
             })
             .map_err(|e| Error::internal(format!("cannot start the writer thread: {e}")))?;
@@ -151,7 +132,6 @@ impl Core {
         Ok(Core {
             storage,
             tx,
-            front,
             config,
             metrics,
             registry,
@@ -162,39 +142,11 @@ impl Core {
         })
     }
 
-    /// Sends a request to the writer and waits for its reply. A write is committed on the
-    /// caller's own thread instead when the writer is idle (see `pipeline::Front`).
+    /// Sends a request to the writer and waits for its reply.
     async fn call<T>(&self, make: impl FnOnce(ops::Reply<T>) -> Request) -> Result<T> {
         let (tx, rx) = oneshot::channel();
-        let request = make(ops::Reply::new(tx));
-        let _in_flight = matches!(request, Request::Write(_)).then(|| self.front.enter());
-        let request = match (request, &_in_flight) {
-            (Request::Write(op), Some(me)) => match self.front.try_commit(op, me) {
-                Ok(purging) => {
-                    if purging {
-                        // A full channel holds requests: the writer is awake anyway.
-                        let _ = self.tx.try_send(Request::Purge);
-                    }
-                    return rx.await.map_err(|_| self.poison.gone())?;
-                }
-                Err(op) => {
-                    // Counted before it is sent: see `Front`'s ordering argument.
-                    self.front.queued.fetch_add(1, Ordering::SeqCst);
-                    Some(Request::Write(op))
-                }
-            },
-            (other, _) => Some(other),
-        };
-        if let Some(request) = request {
-            // Uncounted again if the send fails or is abandoned (this future dropped while
-            // the channel is full): the writer lowers the count only for what it takes.
-            let counted = Counted {
-                queued: matches!(request, Request::Write(_)).then_some(&*self.front.queued),
-            };
-            if self.tx.send(request).await.is_err() {
-                return Err(self.poison.gone());
-            }
-            std::mem::forget(counted);
+        if self.tx.send(make(ops::Reply::new(tx))).await.is_err() {
+            return Err(self.poison.gone());
         }
         rx.await.map_err(|_| self.poison.gone())?
     }

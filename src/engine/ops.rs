@@ -45,33 +45,8 @@ impl<T> Drop for Reply<T> {
     }
 }
 
-thread_local! {
-    /// The pipeline role this thread is playing for now, when it is not a pipeline thread:
-    /// a caller committing its own op plays the writer (see `pipeline::Front::try_commit`).
-    static ROLE: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
-}
-
-/// Plays a pipeline role on the current thread until dropped (see [`panicking_thread`]).
-pub(super) struct Role(Option<&'static str>);
-
-impl Role {
-    pub(super) fn enter(role: &'static str) -> Self {
-        Role(ROLE.with(|r| r.replace(Some(role))))
-    }
-}
-
-impl Drop for Role {
-    fn drop(&mut self) {
-        ROLE.with(|r| r.set(self.0));
-    }
-}
-
-/// The pipeline thread that is panicking, by role (its name without the crate's prefix, or
-/// the role it plays, see [`Role`]).
+/// The pipeline thread that is panicking, by role (its name without the crate's prefix).
 pub(super) fn panicking_thread() -> std::sync::Arc<str> {
-    if let Some(role) = ROLE.with(|r| r.get()) {
-        return std::sync::Arc::from(role);
-    }
     let thread = std::thread::current();
     let name = thread.name().unwrap_or("worker");
     std::sync::Arc::from(name.strip_prefix("eventqueue-").unwrap_or(name))

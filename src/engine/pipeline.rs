@@ -15,9 +15,6 @@
 //! 3. The **background** thread runs work the store hands off between batches
 //!    ([`Storage::background`]: for the embedded store, writing logged batches into redb).
 //!
-//! When the writer is idle and no op waits for it, a caller commits its own op on its own
-//! thread instead, running the writer's and the acknowledger's steps for it ([`Front`]).
-//!
 //! So throughput grows with the number of waiting callers, the sync of one batch overlaps the
 //! CPU work of the next, and each acknowledgement still means "durable".
 //!
@@ -92,9 +89,6 @@ pub(crate) enum Request {
     Remote(Call<Remote, Vec<(Arc<QueueState>, QueueRecord)>>),
     /// A queue this node does not know, to be loaded from a shared store if it holds it.
     Load(Call<(TenantId, TaskId), Option<Arc<QueueState>>>),
-    /// Wakes the writer thread: a caller's own commit left deletions to purge (see
-    /// [`Front::try_commit`]).
-    Purge,
 }
 
 /// Changes a shared store announced (or, after a reload, everything it holds).
@@ -144,13 +138,6 @@ impl Poison {
             None => Error::ShuttingDown,
         }
     }
-
-    /// Marks the engine poisoned by a panic of `thread` (the first one named stays).
-    fn set(&self, thread: &'static str) {
-        tracing::error!(thread, "a worker thread panicked; writes stop");
-        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        slot.get_or_insert_with(|| Arc::from(thread));
-    }
 }
 
 /// Marks the engine poisoned if the thread holding it unwinds from a panic.
@@ -162,7 +149,12 @@ struct PoisonGuard {
 impl Drop for PoisonGuard {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.poison.set(self.thread);
+            tracing::error!(
+                thread = self.thread,
+                "a worker thread panicked; writes stop"
+            );
+            let mut slot = self.poison.0.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert_with(|| Arc::from(self.thread));
         }
     }
 }
@@ -304,6 +296,7 @@ pub(crate) struct Writer {
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
     pub poison: Arc<Poison>,
+    pub rx: mpsc::Receiver<Request>,
     /// `None` in immediate durability; the flush interval in buffered durability.
     pub flush_interval: Option<Duration>,
     pub max_commit_events: usize,
@@ -342,13 +335,12 @@ const MAX_BACKOFF: Duration = Duration::from_millis(5);
 const PURGE_RETRY: Duration = Duration::from_millis(100);
 
 impl Writer {
-    /// Runs the pipeline until a shutdown op or until every sender is gone: takes the
-    /// requests `rx` carries and lets callers commit through `front` meanwhile.
+    /// Runs the pipeline until a shutdown op or until every sender is gone.
     ///
     /// # Errors
     ///
     /// Only if a helper thread cannot be started.
-    pub(crate) fn run(self, rx: mpsc::Receiver<Request>, front: Arc<Front>) -> Result<()> {
+    pub(crate) fn run(self) -> Result<()> {
         let failure = Arc::new(Failure::default());
         let (jobs_tx, jobs_rx) = std_mpsc::channel();
         let acks = Arc::new(Acks {
@@ -406,7 +398,7 @@ impl Writer {
             .collect();
         let purges = self.purges.iter().cloned().collect();
         let poison = self.poison.clone();
-        *front.state() = Some(WriterLoop {
+        let mut stage = WriterLoop {
             w: self,
             failure,
             jobs: jobs_tx,
@@ -416,22 +408,18 @@ impl Writer {
             purges,
             last_purge: Instant::now(),
             purge_refused: false,
-            queued: front.queued.clone(),
             own: Vec::with_capacity(1),
-        });
-        let mut rx = rx;
+        };
         {
-            // Declared after `rx`, so dropped before it while unwinding: the engine is
+            // Declared after `stage`, so dropped before it while unwinding: the engine is
             // marked poisoned before the op channel closes.
             let _guard = PoisonGuard {
                 poison,
                 thread: "writer",
             };
-            front.serve(&mut rx);
+            stage.run();
         }
-        // The acknowledger and the background thread end once the writer's state (which
-        // holds their senders) is gone.
-        drop(front.state().take());
+        drop(stage);
         let _ = ack.join();
         let _ = background.join();
         Ok(())
@@ -454,255 +442,76 @@ struct WriterLoop {
     last_purge: Instant,
     /// The last purge step was refused (a full disk): idle retries back off.
     purge_refused: bool,
-    /// Write requests sent to the writer's channel and not yet taken into a batch (see
-    /// [`Front`]).
-    queued: Arc<AtomicUsize>,
     /// The batch the writer acknowledges itself (see `hand_over`), in a list kept between
     /// batches so that doing so allocates nothing.
     own: Vec<Job>,
 }
 
-/// The writer's state, shared by the writer thread and by callers that commit their own op.
-///
-/// A lone request crosses two thread hand-offs on its way through the writer thread: the
-/// caller wakes the writer, and the writer (having synced and answered) wakes the caller's
-/// task again; on this kind of machine a woken thread starts 13–50 µs later. So when the
-/// writer is idle and nothing waits for it, the caller commits its op itself, on its own
-/// thread ([`Front::try_commit`], under `tokio::task::block_in_place`, so the runtime's
-/// other tasks move to another thread meanwhile), with the same code the writer thread
-/// runs; under load ops go through the writer's channel and are batched as before.
-///
-/// # Ordering
-///
-/// Whoever holds `state`'s lock is the writer: batches are built, committed and handed to
-/// the acknowledger one at a time, in commit order, under it, so the pipeline's ordering
-/// argument (module docs, [`Acks`]) holds whichever thread runs them. A caller commits its
-/// op only when, holding the lock, it reads `queued` as 0: every write sent to the channel
-/// before has then been taken into a batch, and that batch committed (the writer thread
-/// lowers `queued` under the lock, before it releases it with the batch committed). So a
-/// producer whose next op follows its previous one (a connection's commits, a client
-/// awaiting each answer) never sees them reordered: either the previous op was committed,
-/// or it is counted in `queued` and the next one queues behind it.
-///
-/// Only a write that is alone in flight (no other caller between sending a write and its
-/// answer) is committed by its caller: concurrent writes are worth batching, and on a
-/// caller's thread each would be a batch of one (measured: 8 sequential clients cost ~30 %
-/// more server CPU per event that way, one client ~40 % less).
-pub(crate) struct Front {
-    state: Mutex<Option<WriterLoop>>,
-    /// Write requests in the writer's channel (raised by the caller before it sends).
-    pub(crate) queued: Arc<AtomicUsize>,
-    /// Writes between their call and their answer (see [`InFlight`]).
-    active: AtomicUsize,
-}
-
-/// A write between its call and its answer, counted in [`Front`]'s `active` while it lives.
-pub(crate) struct InFlight<'a>(&'a AtomicUsize);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Front {
-    pub(crate) fn new() -> Self {
-        Front {
-            state: Mutex::new(None),
-            queued: Arc::new(AtomicUsize::new(0)),
-            active: AtomicUsize::new(0),
-        }
-    }
-
-    /// Counts a write in flight until the returned guard is dropped.
-    pub(crate) fn enter(&self) -> InFlight<'_> {
-        self.active.fetch_add(1, Ordering::Relaxed);
-        InFlight(&self.active)
-    }
-
-    /// The writer's state: `None` before the writer started and after it stopped (or after
-    /// a commit panicked on a caller's thread).
-    fn state(&self) -> std::sync::MutexGuard<'_, Option<WriterLoop>> {
-        // A panic while the lock was held happened on the writer thread (a caller's commit
-        // catches its own): that thread has marked the engine poisoned and is gone, and no
-        // one builds on the state any more.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Commits `op` on the calling thread when the writer is idle and no write waits in its
-    /// channel (see [`Front`]); hands `op` back otherwise, to be sent to the writer. Its
-    /// answer goes to its reply channel either way (at once, unless an earlier batch is
-    /// still with the acknowledger: then the acknowledger answers it, after that batch).
-    /// Answers `Ok(true)` when deletions wait to be purged: the caller then wakes the
-    /// writer thread ([`Request::Purge`]), which purges them step by step while idle.
-    ///
-    /// Only for a write alone in flight (`_me` is the caller's own count), and only on a
-    /// multi-threaded tokio runtime, where `block_in_place` moves the runtime's other tasks
-    /// off this thread while the commit blocks on the store.
-    pub(crate) fn try_commit(&self, op: Op, _me: &InFlight<'_>) -> std::result::Result<bool, Op> {
-        if matches!(op, Op::Shutdown(_))
-            || self.active.load(Ordering::Relaxed) > 1
-            || !may_block_in_place()
-        {
-            return Err(op);
-        }
-        let Ok(mut guard) = self.state.try_lock() else {
-            return Err(op);
-        };
-        if self.queued.load(Ordering::SeqCst) != 0 {
-            return Err(op);
-        }
-        let Some(st) = guard.as_mut() else {
-            return Err(op);
-        };
-        let panicked = tokio::task::block_in_place(|| {
-            // A panic (a bug) fails this op as a panic of the writer thread would: its
-            // answer says the writer panicked, and writes stop.
-            let _role = super::ops::Role::enter("writer");
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                Metrics::add(&st.w.metrics.caller_commits, 1);
-                let ops = st.admit(vec![op]);
-                if !ops.is_empty() {
-                    st.process(ops);
-                }
-                st.between_batches();
-            }))
-            .is_err()
-        });
-        let purging = !panicked && st.purging();
-        if panicked {
-            let st = guard.take();
-            drop(guard);
-            if let Some(st) = &st {
-                st.w.poison.set("writer");
-            }
-            // Its senders gone, the acknowledger ends; the writer thread, finding no state,
-            // ends too and closes the channel.
-            drop(st);
-        }
-        Ok(purging)
-    }
-
-    /// The writer thread's loop: takes the requests sent to the channel, in batches, until
-    /// a shutdown op or until every sender is gone.
-    fn serve(&self, rx: &mut mpsc::Receiver<Request>) {
+impl WriterLoop {
+    fn run(&mut self) {
         loop {
-            let (purging, refused) = match self.state().as_ref() {
-                Some(st) => (st.purging(), st.purge_refused),
-                None => return,
-            };
-            let first = if !purging {
-                match rx.blocking_recv() {
+            let first = if self.purges.is_empty() || self.failure.get().is_some() {
+                match self.w.rx.blocking_recv() {
                     Some(req) => req,
                     None => break,
                 }
             } else {
                 // Idle with deletions pending: purge step by step, checking for ops between
                 // steps.
-                match rx.try_recv() {
+                match self.w.rx.try_recv() {
                     Ok(req) => req,
                     Err(mpsc::error::TryRecvError::Empty) => {
-                        if refused {
+                        if self.purge_refused {
                             // Do not spin on a full disk; ops still get through.
                             std::thread::sleep(PURGE_RETRY);
                         }
-                        if let Some(st) = self.state().as_mut() {
-                            st.purge_step();
-                        }
+                        self.purge_step();
                         continue;
                     }
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
                 }
             };
-            let mut guard = self.state();
-            let Some(st) = guard.as_mut() else {
-                return;
-            };
-            if st.round(first, rx) {
-                // Shut down: callers find no writer state from now on.
-                let st = guard.take();
-                drop(guard);
-                drop(st);
+            let mut ops = Vec::new();
+            let mut compactions = Vec::new();
+            let mut n = 0;
+            let mut next = Some(first);
+            while let Some(req) = next.take() {
+                match req {
+                    Request::Write(op) => {
+                        n += op.event_count();
+                        ops.push(op);
+                    }
+                    Request::Compact(call) => compactions.push(call),
+                    Request::Remote(call) => {
+                        let accepted = self.remote(call.args);
+                        call.reply.send(Ok(accepted));
+                    }
+                    Request::Load(call) => {
+                        let (tenant, task) = &call.args;
+                        let result = self.load(tenant, task);
+                        call.reply.send(result);
+                    }
+                }
+                if n < self.w.max_commit_events {
+                    next = self.w.rx.try_recv().ok();
+                }
+            }
+            let ops = self.admit(ops);
+            let shutdown = !ops.is_empty() && self.process(ops);
+            // A compaction changes no content: it runs after whatever was collected with it.
+            for call in compactions {
+                let result = self.compact();
+                call.reply.send(result);
+            }
+            if shutdown {
                 return;
             }
+            if !self.purges.is_empty() && self.last_purge.elapsed() >= PURGE_PACE {
+                self.purge_step();
+            }
+            self.maintain();
         }
         // Every handle is gone: leave a durable store behind.
-        if let Some(st) = self.state().as_mut() {
-            st.leave_durable();
-        }
-    }
-}
-
-/// Whether the current thread may call `tokio::task::block_in_place`: a worker of a
-/// multi-threaded runtime (it panics on a current-thread runtime).
-fn may_block_in_place() -> bool {
-    tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
-}
-
-impl WriterLoop {
-    /// Deletions wait to be purged while no op comes.
-    fn purging(&self) -> bool {
-        !self.purges.is_empty() && self.failure.get().is_none()
-    }
-
-    /// One round of the writer thread: `first` and whatever else waits in the channel (up
-    /// to `max_commit_events` events) as one batch, then the housekeeping between batches.
-    /// Returns true when a shutdown was processed.
-    fn round(&mut self, first: Request, rx: &mut mpsc::Receiver<Request>) -> bool {
-        let mut ops = Vec::new();
-        let mut compactions = Vec::new();
-        let mut n = 0;
-        let mut next = Some(first);
-        while let Some(req) = next.take() {
-            match req {
-                Request::Write(op) => {
-                    // Taken under the lock, committed before it is released.
-                    self.queued.fetch_sub(1, Ordering::SeqCst);
-                    n += op.event_count();
-                    ops.push(op);
-                }
-                Request::Compact(call) => compactions.push(call),
-                Request::Remote(call) => {
-                    let accepted = self.remote(call.args);
-                    call.reply.send(Ok(accepted));
-                }
-                Request::Load(call) => {
-                    let (tenant, task) = &call.args;
-                    let result = self.load(tenant, task);
-                    call.reply.send(result);
-                }
-                // The purge steps run between batches and while idle.
-                Request::Purge => {}
-            }
-            if n < self.w.max_commit_events {
-                next = rx.try_recv().ok();
-            }
-        }
-        let ops = self.admit(ops);
-        let shutdown = !ops.is_empty() && self.process(ops);
-        // A compaction changes no content: it runs after whatever was collected with it.
-        for call in compactions {
-            let result = self.compact();
-            call.reply.send(result);
-        }
-        if shutdown {
-            return true;
-        }
-        self.between_batches();
-        false
-    }
-
-    /// The housekeeping between batches: a purge step when one is due, the store's own.
-    fn between_batches(&mut self) {
-        if !self.purges.is_empty() && self.last_purge.elapsed() >= PURGE_PACE {
-            self.purge_step();
-        }
-        self.maintain();
-    }
-
-    /// Folds the store, so that it is wholly durable in its own form.
-    fn leave_durable(&mut self) {
         if self.failure.get().is_none()
             && let Err(e) = self.w.storage.fold()
         {
@@ -955,8 +764,7 @@ impl WriterLoop {
     /// when no sync is needed).
     fn hand_over(&mut self, job: Job) {
         let acks = &self.acks;
-        if acks.outstanding.load(Ordering::Acquire) == 0 && self.queued.load(Ordering::SeqCst) == 0
-        {
+        if acks.outstanding.load(Ordering::Acquire) == 0 && self.w.rx.is_empty() {
             let mut st = acks.sync_state();
             self.own.push(job);
             acks.acknowledge(&mut st, &mut self.own);

@@ -93,13 +93,6 @@ pub(super) async fn render(State(state): State<AppState>) -> Response {
     );
     counter(
         &mut out,
-        "eventqueue_caller_commits_total",
-        "Ops committed on their caller's own thread because the writer was idle and nothing \
-         was waiting for it (no thread hand-off; the rest went through the writer thread).",
-        Metrics::get(&m.caller_commits),
-    );
-    counter(
-        &mut out,
         "eventqueue_gap_notices_total",
         "Gap notices delivered to subscribers.",
         Metrics::get(&m.gap_notices),

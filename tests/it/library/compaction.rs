@@ -77,26 +77,6 @@ async fn deletion_is_purged_in_steps_while_appends_continue() {
     assert_eq!(removed, 10_000);
 }
 
-/// A deletion committed on its caller's own thread (the writer idle, on a multi-threaded
-/// runtime) is purged all the same, with no other op to wake the writer.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deletion_committed_by_its_caller_is_purged_without_further_ops() {
-    let dir = tempfile::tempdir().unwrap();
-    let m = one_value_per_step(dir.path()).await;
-    fill(&m, "big", 2000).await;
-    let before = m.metrics().caller_commits.load(Ordering::Relaxed);
-    assert!(m.delete_queue(&tenant("t"), &task("big")).await.unwrap());
-    assert!(
-        m.metrics().caller_commits.load(Ordering::Relaxed) > before,
-        "the deletion went through the writer thread"
-    );
-    wait_for("the purge", || {
-        m.metrics().pending_purges.load(Ordering::Relaxed) == 0
-    })
-    .await;
-    assert_eq!(m.metrics().events_removed.load(Ordering::Relaxed), 2000);
-}
-
 /// A deletion's purge cut short by a shutdown goes on after the reopen, and ends. Whether the
 /// shutdown lands before the purge finished is up to the scheduler, so the scenario is run
 /// until one does (it almost always does at once).

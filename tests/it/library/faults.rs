@@ -90,17 +90,6 @@ async fn a_failed_fsync_is_never_acknowledged_and_reopen_is_consistent() {
 
 #[tokio::test]
 async fn a_panicked_writer_poisons_the_manager_instead_of_looking_shut_down() {
-    a_panicked_writer_poisons_the_manager().await;
-}
-
-/// The same when the op that meets the panic is committed on its caller's own thread (a
-/// multi-threaded runtime, the writer idle): the caller gets the error, not the panic.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panic_in_a_callers_own_commit_poisons_the_manager_too() {
-    a_panicked_writer_poisons_the_manager().await;
-}
-
-async fn a_panicked_writer_poisons_the_manager() {
     let dir = tempfile::tempdir().unwrap();
     let (t, k) = (tenant("t"), task("wf"));
     let m = open(dir.path()).await;
