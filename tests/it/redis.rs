@@ -372,6 +372,30 @@ async fn offsets(sub: &mut eventqueue::Subscription, n: usize) -> Vec<u64> {
     out
 }
 
+/// Queue `name` of tenant `t`, created on `m` with `n` events in one batch.
+async fn queue_with_events(m: &QueueManager, name: &str, n: usize) -> eventqueue::EventQueue {
+    let (t, k) = (tenant("t"), task(name));
+    let q = m
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    q.enqueue_batch(
+        (0..n)
+            .map(|_| eventqueue::Event::new(&t, &k, working()))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    q
+}
+
+/// A replay of `q` from offset 0 delivers offsets `0..n`, each once, in order.
+async fn assert_replays(q: &eventqueue::EventQueue, n: usize) {
+    let mut sub = q.subscribe(0).unwrap();
+    let all: Vec<u64> = (0..n as u64).collect();
+    assert_eq!(offsets(&mut sub, n).await, all);
+}
+
 /// Two nodes over one Redis: a queue created on one is found on the other at once (before
 /// any notice could arrive, it is looked up in Redis); producers on both nodes get dense,
 /// distinct offsets; subscribers on both nodes, from the start and live, get every event
@@ -1835,26 +1859,11 @@ async fn a_replay_of_many_chunks_is_dense_while_appends_trim_it() {
 async fn a_replay_after_a_redis_restart_reads_on_a_new_connection() {
     let mut redis = RedisServer::start();
     let m = QueueManager::open(redis.config()).await.unwrap();
-    let (t, k) = (tenant("t"), task("again"));
-    let q = m
-        .create_queue(&t, &k, QueueOptions::default())
-        .await
-        .unwrap();
-    q.enqueue_batch(
-        (0..20)
-            .map(|_| eventqueue::Event::new(&t, &k, working()))
-            .collect(),
-    )
-    .await
-    .unwrap();
-    let all: Vec<u64> = (0..20).collect();
-    let mut sub = q.subscribe(0).unwrap();
-    assert_eq!(offsets(&mut sub, 20).await, all);
-    drop(sub);
+    let q = queue_with_events(&m, "again", 20).await;
+    assert_replays(&q, 20).await;
     redis.kill();
     redis.restart();
-    let mut sub = q.subscribe(0).unwrap();
-    assert_eq!(offsets(&mut sub, 20).await, all);
+    assert_replays(&q, 20).await;
     m.shutdown().await.unwrap();
 }
 
@@ -1865,22 +1874,8 @@ async fn a_replay_after_a_redis_restart_reads_on_a_new_connection() {
 async fn cluster_a_replay_follows_its_queue_to_another_master() {
     let cluster = RedisCluster::start();
     let m = QueueManager::open(cluster.config()).await.unwrap();
-    let (t, k) = (tenant("t"), task("moving"));
-    let q = m
-        .create_queue(&t, &k, QueueOptions::default())
-        .await
-        .unwrap();
-    q.enqueue_batch(
-        (0..30)
-            .map(|_| eventqueue::Event::new(&t, &k, working()))
-            .collect(),
-    )
-    .await
-    .unwrap();
-    let all: Vec<u64> = (0..30).collect();
-    let mut sub = q.subscribe(0).unwrap();
-    assert_eq!(offsets(&mut sub, 30).await, all);
-    drop(sub);
+    let q = queue_with_events(&m, "moving", 30).await;
+    assert_replays(&q, 30).await;
 
     // Move the queue's slot from its master to another, as `redis-cli --cluster reshard`
     // does: IMPORTING / MIGRATING, MIGRATE its keys, then every master is told the owner.
@@ -1946,9 +1941,9 @@ async fn cluster_a_replay_follows_its_queue_to_another_master() {
     assert_eq!(count(from), 0);
 
     for _ in 0..2 {
-        let mut sub = q.subscribe(0).unwrap();
-        assert_eq!(offsets(&mut sub, 30).await, all);
+        assert_replays(&q, 30).await;
     }
+    let (t, k) = (tenant("t"), task("moving"));
     assert_eq!(
         q.enqueue(eventqueue::Event::new(&t, &k, working()))
             .await
