@@ -396,6 +396,92 @@ async fn assert_replays(q: &eventqueue::EventQueue, n: usize) {
     assert_eq!(offsets(&mut sub, n).await, all);
 }
 
+/// The events a batch appends to a queue are one stream entry per run of up to 128 (named
+/// after its last offset); a trim inside an entry keeps the entry, but no node delivers or
+/// recognises the events before the queue's first offset, and both still read every event
+/// after it, from any offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_one_entry_and_a_trim_within_one_hides_what_it_trimmed() {
+    let redis = RedisServer::start();
+    let a = QueueManager::open(redis.config()).await.unwrap();
+    let mut con = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut entry_ids = |key: &str| -> Vec<String> {
+        let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
+            .arg(key)
+            .arg("-")
+            .arg("+")
+            .query(&mut con)
+            .unwrap();
+        entries.into_iter().map(|(id, _)| id).collect()
+    };
+    let q = queue_with_events(&a, "runs", 300).await;
+    assert_eq!(entry_ids("eq:e:{t/runs}"), ["0-128", "0-256", "0-300"]);
+    assert_replays(&q, 300).await;
+    // From within an entry, on a node that did not write the queue.
+    let b = QueueManager::open(redis.config()).await.unwrap();
+    let qb = b
+        .find_queue(q.tenant_id(), q.task_id())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut sub = qb.subscribe(200).unwrap();
+    assert_eq!(
+        offsets(&mut sub, 100).await,
+        (200..300).collect::<Vec<u64>>()
+    );
+
+    // 150 events, 100 kept: offsets 50..150 stay, in the entries of 0..=127 and 128..=149.
+    let (t, k) = (tenant("t"), task("trimmed"));
+    let q = a
+        .create_queue(&t, &k, QueueOptions::default().with_max_buffer_size(100))
+        .await
+        .unwrap();
+    let events = (0..150)
+        .map(|i| {
+            eventqueue::Event::new(&t, &k, working())
+                .with_event_id(eventqueue::EventId::new(format!("e{i}")).unwrap())
+        })
+        .collect();
+    assert_eq!(
+        q.enqueue_batch(events).await.unwrap(),
+        (0..150).collect::<Vec<u64>>()
+    );
+    assert_eq!(entry_ids("eq:e:{t/trimmed}"), ["0-128", "0-150"]);
+    let qb = b.find_queue(&t, &k).await.unwrap().unwrap();
+    for q in [&q, &qb] {
+        let mut sub = q.subscribe(0).unwrap();
+        let gap = tokio::time::timeout(Duration::from_secs(20), sub.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(
+                gap,
+                eventqueue::Delivery::Gap {
+                    requested_offset: 0,
+                    first_available_offset: 50
+                }
+            ),
+            "{gap:?}"
+        );
+        assert_eq!(
+            offsets(&mut sub, 100).await,
+            (50..150).collect::<Vec<u64>>()
+        );
+    }
+    // The id of an event trimmed (still in the entry) is a new event; one retained is not.
+    let again = |id: &str| {
+        eventqueue::Event::new(&t, &k, working())
+            .with_event_id(eventqueue::EventId::new(id).unwrap())
+    };
+    assert_eq!(qb.enqueue(again("e10")).await.unwrap(), 150);
+    assert_eq!(q.enqueue(again("e60")).await.unwrap(), 60);
+}
+
 /// Two nodes over one Redis: a queue created on one is found on the other at once (before
 /// any notice could arrive, it is looked up in Redis); producers on both nodes get dense,
 /// distinct offsets; subscribers on both nodes, from the start and live, get every event

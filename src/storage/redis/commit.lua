@@ -17,11 +17,16 @@
 -- then     operations, each a name followed by its arguments:
 --   add  tag seq n id1 rec1 ... idn recn
 --                                     append n events at consecutive offsets from seq - 1
---                                     (stream ids 0-seq, 0-(seq+1), ...: entry 0-(o+1) holds
---                                     offset o); each id "" when not indexed (an id derived
---                                     from the offset names it without an index entry)
---   trim tag last minid               remove offsets below `to` (and their ids): `last` is
---                                     the stream id of offset to - 1, `minid` that of `to`
+--                                     as one stream entry, named after its last offset
+--                                     (0-(seq+n-1): an entry 0-(o+1) ends with offset o), its
+--                                     fields `r` rec1 … `r` recn; each id "" when not indexed
+--                                     (an id derived from the offset names it without an
+--                                     index entry)
+--   trim tag last minid               remove the entries that hold only offsets below `to`
+--                                     (and their ids): `last` is the stream id of offset
+--                                     to - 1, `minid` that of `to` (an entry holding `to - 1`
+--                                     and `to` stays: readers skip offsets below the
+--                                     queue's first)
 -- (Offsets and revisions pass through Lua numbers (doubles, exact below 2^53) only to add to
 -- them, and are printed back with %.0f: Lua's own printing would turn 10^14 and more into
 -- exponent form.)
@@ -164,32 +169,56 @@ while i <= argc do
     local tag, seq, count = ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
     local ek, ik = ekey(tag), ikey(tag)
     i = i + 4
+    -- One entry for the run, one XADD: a call from Lua costs more than the entry's fields.
+    -- Its stream id is 0-(last offset + 1) (offset 0 cannot be 0-0, an id Redis refuses),
+    -- so that `XRANGE 0-(o+1) …` starts at the entry holding offset o.
+    local xadd = {'XADD', ek, string.format('0-%.0f', seq + count - 1)}
     for k = 0, count - 1 do
       local id = ARGV[i]
-      -- Stream id 0-(offset + 1): offset 0 cannot be 0-0, an id Redis refuses.
-      redis.call('XADD', ek, string.format('0-%.0f', seq + k), 'r', ARGV[i + 1])
+      xadd[4 + 2 * k] = 'r'
+      xadd[5 + 2 * k] = ARGV[i + 1]
       if id ~= '' then
         redis.call('HSET', ik, id, string.format('%.0f', seq + k - 1))
       end
       i = i + 2
     end
+    redis.call(unpack(xadd))
   elseif op == 'trim' then
     local tag, last, minid = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     -- The ids of the events trimmed leave the index. A queue whose ids are all derived from
     -- their offsets has no index: nothing to read.
+    -- An entry may have held trimmed offsets for a while (a trim keeps the entry holding
+    -- the queue's first offset), and a producer may have sent such an id again meanwhile:
+    -- an id leaves the index only while the index still points at the offset removed.
     if redis.call('EXISTS', ikey(tag)) == 1 then
       local gone = redis.call('XRANGE', ekey(tag), '-', last)
-      local ids = {}
+      local ids, offsets = {}, {}
+      -- unpack() is bounded by Lua's stack: ids in chunks.
+      local function drop()
+        if #ids == 0 then return end
+        local at = redis.call('HMGET', ikey(tag), unpack(ids))
+        local stale = {}
+        for j = 1, #ids do
+          if at[j] and tonumber(at[j]) == offsets[j] then table.insert(stale, ids[j]) end
+        end
+        if #stale > 0 then redis.call('HDEL', ikey(tag), unpack(stale)) end
+        ids, offsets = {}, {}
+      end
       for _, entry in ipairs(gone) do
-        local id = record_id(entry[2][2])
-        if id ~= '' then table.insert(ids, id) end
-        -- unpack() is bounded by Lua's stack: remove ids in chunks.
-        if #ids >= 1000 then
-          redis.call('HDEL', ikey(tag), unpack(ids))
-          ids = {}
+        -- Entry 0-(o+1) holds the offsets up to o, one record each.
+        local fields = entry[2]
+        local n = #fields / 2
+        local last_offset = tonumber(string.sub(entry[1], 3)) - 1
+        for f = 2, #fields, 2 do
+          local id = record_id(fields[f])
+          if id ~= '' then
+            table.insert(ids, id)
+            table.insert(offsets, last_offset - n + f / 2)
+          end
+          if #ids >= 1000 then drop() end
         end
       end
-      if #ids > 0 then redis.call('HDEL', ikey(tag), unpack(ids)) end
+      drop()
     end
     redis.call('XTRIM', ekey(tag), 'MINID', minid)
     i = i + 4

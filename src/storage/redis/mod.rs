@@ -101,8 +101,14 @@ const FEED_CAPACITY: usize = 16_384;
 /// Longest wait to connect, and for one command's reply.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bytes of JSON per event a read expects before it has read any (see `read_range`).
-const FIRST_EVENT_BYTES: usize = 256;
+/// Bytes of JSON per stream entry a read expects before it has read any (see `read_range`).
+const FIRST_ENTRY_BYTES: usize = 256;
+/// Most events one stream entry holds (a run of appends to one queue in a batch is one entry,
+/// see `commit.lua`): far below what the script's `unpack` can pass to one `XADD` (~4000).
+const RUN_EVENTS: usize = 128;
+/// An entry takes no further event once its records hold this many bytes, so that a read
+/// sized by the entries seen before (`read_range`) cannot meet entries much larger.
+const RUN_BYTES: usize = 64 * 1024;
 /// Bytes of an event record's header: type, terminal, id length (u16, big-endian).
 const HEADER: usize = 4;
 
@@ -471,8 +477,9 @@ pub(crate) struct RedisStore {
     /// A cluster's masters by slot range (`CLUSTER SLOTS`), for the replica waits; refreshed
     /// by every full load.
     masters: RwLock<Vec<(Range<u16>, String, u16)>>,
-    /// Bytes of JSON per event in the latest read (0 before any), to size the next read.
-    event_bytes: std::sync::atomic::AtomicUsize,
+    /// Bytes of JSON per stream entry in the latest read (0 before any), to size the next
+    /// read.
+    entry_bytes: std::sync::atomic::AtomicUsize,
     /// Each queue's hash tag (`tenant/task`) by its id in this process.
     tags: RwLock<HashMap<u64, Arc<str>>>,
     /// The key of derived event ids (see the module docs), as `idkey` holds it.
@@ -482,6 +489,10 @@ pub(crate) struct RedisStore {
     tweaks: RwLock<HashMap<u64, u64>>,
     /// The revision of each queue as of this node's latest commit or look.
     revs: Mutex<HashMap<u64, u64>>,
+    /// Each queue's first retained offset as of this node's latest commit or look: a trim
+    /// removes whole stream entries, so the entry holding the first offset may still hold
+    /// events before it, which reads skip (see `read_range`).
+    firsts: RwLock<HashMap<u64, u64>>,
     /// This node's id in notices (random).
     node: String,
     stop: Arc<AtomicBool>,
@@ -524,11 +535,12 @@ impl RedisStore {
             wait_timeout: target.wait_timeout,
             waitaof: AtomicBool::new(true),
             masters: RwLock::new(Vec::new()),
-            event_bytes: std::sync::atomic::AtomicUsize::new(0),
+            entry_bytes: std::sync::atomic::AtomicUsize::new(0),
             tags: RwLock::new(HashMap::new()),
             id_key: IdKey::random(),
             tweaks: RwLock::new(HashMap::new()),
             revs: Mutex::new(HashMap::new()),
+            firsts: RwLock::new(HashMap::new()),
             node,
             stop: Arc::new(AtomicBool::new(false)),
             feed: Mutex::new(None),
@@ -1247,6 +1259,16 @@ fn parse_record(id: u64, f: &HashMap<String, String>) -> Result<(QueueRecord, u6
 /// The changes a notice announces, unless this node (`own`) stored the batch or the message
 /// is not a notice (both ignored).
 fn parse_notice(payload: &[u8], own: &str) -> Option<Vec<RemoteQueue>> {
+    // The script encodes `[node, …]` with the node's id (hex digits, nothing to escape)
+    // first: this node's own notices, the most frequent ones on a node that writes, are
+    // skipped without being parsed.
+    if payload
+        .strip_prefix(b"[\"")
+        .and_then(|rest| rest.strip_prefix(own.as_bytes()))
+        .is_some_and(|rest| rest.starts_with(b"\","))
+    {
+        return None;
+    }
     let (node, entries): (String, Vec<Vec<String>>) = serde_json::from_slice(payload).ok()?;
     if node == own {
         return None;
@@ -1303,8 +1325,9 @@ fn decode_record(rec: &[u8]) -> Result<(u8, bool, usize)> {
     Ok((header[0], header[1] != 0, at))
 }
 
-/// The record of the one entry of an `XRANGE` reply (`None` when it has none).
-fn only_record(v: Value) -> Result<Option<Vec<u8>>> {
+/// The record of offset `at` in the reply to `XRANGE key 0-(at+1) + COUNT 1` (the entry
+/// holding `at`, if any is stored); `None` when the offset is not stored.
+fn record_at(v: Value, at: u64) -> Result<Option<Vec<u8>>> {
     let corrupt = || Error::storage("unexpected reply to XRANGE from redis");
     let Value::Array(mut entries) = v else {
         return Err(corrupt());
@@ -1312,11 +1335,28 @@ fn only_record(v: Value) -> Result<Option<Vec<u8>>> {
     let Some(Value::Array(mut parts)) = entries.pop() else {
         return Ok(None);
     };
-    match parts.pop() {
-        Some(Value::Array(mut fields)) => match fields.pop() {
-            Some(Value::BulkString(rec)) => Ok(Some(rec)),
-            _ => Err(corrupt()),
-        },
+    let (Some(Value::Array(fields)), Some(id)) = (parts.pop(), parts.pop()) else {
+        return Err(corrupt());
+    };
+    let id = match id {
+        Value::BulkString(b) => String::from_utf8(b).map_err(|_| corrupt())?,
+        Value::SimpleString(s) => s,
+        _ => return Err(corrupt()),
+    };
+    // Named after its last offset; its records hold the offsets up to it.
+    let seq: u64 = id
+        .strip_prefix("0-")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(corrupt)?;
+    let records = (fields.len() / 2) as u64;
+    let Some(first) = seq.checked_sub(records) else {
+        return Err(corrupt());
+    };
+    if at < first || at >= seq {
+        return Ok(None);
+    }
+    match fields.into_iter().nth(2 * (at - first) as usize + 1) {
+        Some(Value::BulkString(rec)) => Ok(Some(rec)),
         _ => Err(corrupt()),
     }
 }
@@ -1340,20 +1380,26 @@ fn id_tweak(tag: &str, created_at_us: i64) -> u64 {
     h ^ (created_at_us as u64).rotate_left(32)
 }
 
-/// Stream entries `[[id, [field, value, …]], …]` as events, appended to `out` until their JSON
+/// Stream entries `[[id, [field, record, …]], …]` (a run of events each, see `commit.lua`) as
+/// the events of offsets `from..to`, appended to `out` until it holds `limit` or their JSON
 /// (counted in `copied`, across calls) would exceed `max_bytes` (`out` keeps at least one).
-/// Returns how many entries the reply held, and whether it stopped at `max_bytes`.
 fn parse_entries(
     v: Value,
-    max_bytes: usize,
+    (from, to): (u64, u64),
+    (limit, max_bytes): (usize, usize),
     copied: &mut usize,
     out: &mut Vec<StoredEvent>,
-) -> Result<(usize, bool)> {
+) -> Result<xrange::Chunk> {
     let corrupt = || Error::storage("unexpected reply to XRANGE from redis");
     let Value::Array(entries) = v else {
         return Err(corrupt());
     };
-    let n = entries.len();
+    let mut chunk = xrange::Chunk {
+        entries: entries.len(),
+        records: 0,
+        seen: 0,
+        full: false,
+    };
     for entry in entries {
         let Value::Array(mut parts) = entry else {
             return Err(corrupt());
@@ -1372,25 +1418,42 @@ fn parse_entries(
             .strip_prefix("0-")
             .and_then(|s| s.parse().ok())
             .ok_or_else(corrupt)?;
-        let Value::Array(mut fields) = fields else {
+        let Value::Array(fields) = fields else {
             return Err(corrupt());
         };
-        let Some(Value::BulkString(rec)) = fields.pop() else {
+        let records = fields.len() / 2;
+        if records == 0 || fields.len() % 2 != 0 {
             return Err(corrupt());
-        };
-        let (event_type, terminal, at) = decode_record(&rec)?;
-        *copied += rec.len() - at;
-        if *copied > max_bytes && !out.is_empty() {
-            return Ok((n, true));
         }
-        out.push(StoredEvent {
-            offset: seq - 1,
-            event_type,
-            terminal,
-            json: Bytes::from(rec).slice(at..),
-        });
+        // The entry is named after its last offset (`seq - 1`).
+        let first = seq.checked_sub(records as u64).ok_or_else(corrupt)?;
+        chunk.seen += 1;
+        chunk.records += records;
+        for (offset, rec) in (first..).zip(fields.into_iter().skip(1).step_by(2)) {
+            let Value::BulkString(rec) = rec else {
+                return Err(corrupt());
+            };
+            if offset < from {
+                continue;
+            }
+            if offset >= to || out.len() >= limit {
+                return Ok(chunk);
+            }
+            let (event_type, terminal, at) = decode_record(&rec)?;
+            *copied += rec.len() - at;
+            if *copied > max_bytes && !out.is_empty() {
+                chunk.full = true;
+                return Ok(chunk);
+            }
+            out.push(StoredEvent {
+                offset,
+                event_type,
+                terminal,
+                json: Bytes::from(rec).slice(at..),
+            });
+        }
     }
-    Ok((n, false))
+    Ok(chunk)
 }
 
 impl Storage for RedisStore {
@@ -1425,6 +1488,15 @@ impl Storage for RedisStore {
         let Some(tag) = self.tag(qid) else {
             return Ok(out);
         };
+        // Not the events before the queue's first that share its first's entry: trimmed.
+        let first = self
+            .firsts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&qid)
+            .copied()
+            .unwrap_or(0);
+        let from = from.max(first);
         if from >= to || limit == 0 {
             return Ok(out);
         }
@@ -1433,37 +1505,41 @@ impl Storage for RedisStore {
         // first failure is retried once on a new connection, as a read can be. In a cluster,
         // a node that fails the store's own reader is left to the crate (below).
         let (mut source, mut idle) = self.read_source(&tag)?;
-        // Ask Redis for about as many entries as `max_bytes` holds at the size events had in
-        // earlier reads (not `limit`: most of those would be sent only to be dropped), and go
-        // on from the last one while the read is short of both bounds: the result is the
-        // same as one read of `limit` entries cut at `max_bytes`.
-        let (mut copied, mut next) = (0usize, from);
-        let seen = self.event_bytes.load(Ordering::Relaxed);
-        let size = if seen == 0 { FIRST_EVENT_BYTES } else { seen };
+        // Ask Redis for about as many entries as `max_bytes` holds at the size entries had
+        // in earlier reads (not `limit`: most of those would be sent only to be dropped),
+        // and go on from the last event while the read is short of both bounds: the result
+        // is the same as one read of `limit` events cut at `max_bytes`. (An entry holds at
+        // least one event, and at most RUN_BYTES of records and one more event.)
+        // Entries seen, and the records they held (some skipped, below `from`).
+        let (mut copied, mut next, mut seen, mut records) = (0usize, from, 0usize, 0usize);
+        let size = match self.entry_bytes.load(Ordering::Relaxed) {
+            0 => FIRST_ENTRY_BYTES,
+            known => known,
+        };
         loop {
             let count = (max_bytes.saturating_sub(copied) / size.max(1))
                 .saturating_add(2)
                 .clamp(1, limit - out.len());
-            let (entries, full) = match &mut source {
+            let chunk = match &mut source {
                 Source::Direct {
                     addr,
                     target,
                     reader,
                 } => {
-                    let read = reader.xrange(
+                    let chunk = reader.xrange(
                         &key,
-                        next,
-                        to,
+                        (next, to),
                         count,
                         size,
+                        limit,
                         max_bytes,
                         &mut copied,
                         &mut out,
                     );
-                    match read {
+                    match chunk {
                         Ok(chunk) => {
                             idle = false;
-                            (chunk.entries, chunk.full)
+                            chunk
                         }
                         Err(e) if e.breaks_connection() && idle && addr.is_empty() => {
                             idle = false;
@@ -1501,29 +1577,33 @@ impl Storage for RedisStore {
                     }
                 }
                 Source::Crate(c) => {
+                    // From the entry holding offset `next` (named after its last offset).
                     let v: Value = c.run("reading events", |con| {
                         redis::cmd("XRANGE")
                             .arg(&key)
                             .arg(format!("0-{}", next + 1))
-                            .arg(format!("0-{to}"))
+                            .arg("+")
                             .arg("COUNT")
                             .arg(count)
                             .query(con)
                     })?;
-                    parse_entries(v, max_bytes, &mut copied, &mut out)?
+                    parse_entries(v, (next, to), (limit, max_bytes), &mut copied, &mut out)?
                 }
             };
+            seen += chunk.seen;
+            records += chunk.records;
             let Some(last) = out.last() else { break };
             next = last.offset + 1;
-            if full || entries < count || out.len() >= limit || next >= to {
+            if chunk.full || chunk.entries < count || out.len() >= limit || next >= to {
                 break;
             }
         }
         self.give_back(source);
-        if !out.is_empty() {
+        if !out.is_empty() && seen > 0 {
+            // JSON per event taken, times records per entry seen.
             let json: usize = out.iter().map(|e| e.json.len()).sum();
-            self.event_bytes
-                .store((json / out.len()).max(1), Ordering::Relaxed);
+            let per_entry = (json / out.len()).saturating_mul(records) / seen;
+            self.entry_bytes.store(per_entry.max(1), Ordering::Relaxed);
         }
         Ok(out)
     }
@@ -1675,6 +1755,9 @@ impl Storage for RedisStore {
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(qid, id_tweak(&tag, record.created_at_us));
+            let mut firsts = self.firsts.write().unwrap_or_else(|p| p.into_inner());
+            let first = firsts.entry(qid).or_insert(0);
+            *first = (*first).max(record.first_offset);
         }
         *rev = (*rev).max(queue.rev);
     }
@@ -1698,6 +1781,10 @@ impl Storage for RedisStore {
             .remove(&qid);
         self.revs
             .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&qid);
+        self.firsts
+            .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&qid);
     }
@@ -1877,14 +1964,26 @@ impl RedisBatch<'_> {
             k += 1;
             match op {
                 Staged::Add { qid, offset, .. } => {
-                    // A run of appends to one queue at consecutive offsets is one operation:
-                    // the queue's keys are named once, and each event passes only its id and
-                    // record.
+                    // A run of appends to one queue at consecutive offsets is one operation
+                    // and one stream entry (see `commit.lua`): the queue's keys are named
+                    // once, and each event passes only its id and record. A run ends at
+                    // RUN_EVENTS events, or at the first event past RUN_BYTES.
+                    let mut bytes = 0usize;
                     let run = ops[k - 1..]
                         .iter()
                         .zip(*offset..)
-                        .take_while(|(op, o)| {
-                            matches!(op, Staged::Add { qid: q, offset: at, .. } if q == qid && at == o)
+                        .take(RUN_EVENTS)
+                        .take_while(|(op, o)| match op {
+                            Staged::Add {
+                                qid: q,
+                                offset: at,
+                                record,
+                                ..
+                            } if q == qid && at == o && bytes < RUN_BYTES => {
+                                bytes += record.len();
+                                true
+                            }
+                            _ => false,
                         })
                         .count();
                     let tag = self.tag(*qid).ok_or_else(|| missing(*qid))?;
@@ -2234,7 +2333,8 @@ impl WriteBatch for RedisBatch<'_> {
                 })?;
                 (at, None)
             }
-            // Both in one round trip.
+            // Both in one round trip; the entry holding `at` is the first named after `at`
+            // or a later offset.
             Some(at) => {
                 let entry = format!("0-{}", at + 1);
                 let events = self.store.key("e", &tag);
@@ -2247,7 +2347,9 @@ impl WriteBatch for RedisBatch<'_> {
                             .cmd("XRANGE")
                             .arg(&events)
                             .arg(&entry)
-                            .arg(&entry)
+                            .arg("+")
+                            .arg("COUNT")
+                            .arg(1)
                             .query(con)
                     })?;
                 (indexed, Some((at, stored)))
@@ -2260,7 +2362,7 @@ impl WriteBatch for RedisBatch<'_> {
             return Ok(None);
         };
         Ok(
-            (only_record(stored)?.as_deref().and_then(record_id) == Some(event_id.as_bytes()))
+            (record_at(stored, at)?.as_deref().and_then(record_id) == Some(event_id.as_bytes()))
                 .then_some(at),
         )
     }
@@ -2562,10 +2664,18 @@ impl WriteBatch for RedisBatch<'_> {
             tags.extend(self.tags.drain());
             let mut tweaks = self.store.tweaks.write().unwrap_or_else(|p| p.into_inner());
             tweaks.extend(self.tweaks.drain());
+            let mut firsts = self.store.firsts.write().unwrap_or_else(|p| p.into_inner());
+            for op in &self.ops {
+                if let Staged::Put { qid, record, .. } = op {
+                    let first = firsts.entry(*qid).or_insert(0);
+                    *first = (*first).max(record.first_offset);
+                }
+            }
             for qid in &self.removed {
                 tags.remove(qid);
                 tweaks.remove(qid);
                 revs.remove(qid);
+                firsts.remove(qid);
             }
         }
         // Index entries of checkpoints dropped beyond the kept number (a cluster keeps the
@@ -2686,5 +2796,30 @@ mod tests {
         );
         assert_ne!(id_tweak("t/k", 1), id_tweak("t/k", 2));
         assert_ne!(id_tweak("t/k", 1), id_tweak("t/j", 1));
+    }
+
+    /// A notice as the batch script encodes it (`cjson`): another node's is taken in, this
+    /// node's own is skipped, whatever follows its id.
+    #[test]
+    fn notices_of_other_nodes_are_read_and_own_ones_skipped() {
+        let own = "0123456789abcdef0123456789abcdef";
+        let other = "fedcba9876543210fedcba9876543210";
+        let notice = |node: &str| {
+            format!(
+                r#"["{node}",[["put","t\/k","t","k","17","kind","2","created","5","activity","6","ttl","0","max","10","first","0","next","3","closed","0","finished","","cancelled",""],["rm","t\/j","t","j","9"]]]"#
+            )
+        };
+        let changes = parse_notice(notice(other).as_bytes(), own).expect("another node's notice");
+        assert_eq!(changes.len(), 2);
+        assert_eq!((changes[0].task.as_str(), changes[0].rev), ("k", 17));
+        let record = changes[0].record.as_ref().expect("a put holds the record");
+        assert_eq!((record.first_offset, record.next_offset), (0, 3));
+        assert_eq!((changes[1].task.as_str(), changes[1].rev), ("j", 9));
+        assert!(changes[1].record.is_none());
+        assert!(parse_notice(notice(own).as_bytes(), own).is_none());
+        // An id that merely starts with this node's is another node's.
+        let longer = format!("{own}00");
+        assert!(parse_notice(notice(&longer).as_bytes(), own).is_some());
+        assert!(parse_notice(b"not json", own).is_none());
     }
 }

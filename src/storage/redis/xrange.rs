@@ -12,8 +12,9 @@
 //!
 //! # Scope
 //!
-//! Only the reply of one command is read: `XRANGE key 0-A 0-B COUNT n` on entries the batch
-//! script writes (`0-(offset+1)`, one field whose value is the event record). The
+//! Only the reply of one command is read: `XRANGE key 0-A + COUNT n` on entries the batch
+//! script writes (one per run of events appended together, named `0-(offset+1)` after the
+//! run's last offset, a field `r` per event whose value is the event record). The
 //! connection speaks RESP2 (no `HELLO`), sends `AUTH` and `SELECT` itself when the URL names
 //! a password or a database, and reaches the server over TCP or a Unix socket. TLS and a
 //! cluster's redirections are not handled here: those stores keep reading through the
@@ -37,7 +38,8 @@ use super::{HEADER, StoredEvent};
 
 /// Bytes a reply of `n` entries takes beyond its records: the entry's array and id headers,
 /// the field name and the record's length header (`*2\r\n$5\r\n0-123\r\n*2\r\n$1\r\nr\r\n$N\r\n`
-/// and the CRLFs): under 64 for ids below 10^20.
+/// and the CRLFs): under 64 for ids below 10^20 (and ~16 more per further event of an
+/// entry, within the bytes a reader expects per entry).
 const ENTRY_OVERHEAD: usize = 64;
 /// Bytes a read from the socket asks for at least (the buffer grows by this much when full).
 const READ_STEP: usize = 64 * 1024;
@@ -196,11 +198,15 @@ impl ReadError {
 pub(super) struct Chunk {
     /// Entries in the reply (all of them, also those past `max_bytes`).
     pub entries: usize,
+    /// Entries looked into, and the records they held (taken or not): what an entry holds
+    /// on average, to size the next read.
+    pub seen: usize,
+    pub records: usize,
     /// Whether the events taken stopped at `max_bytes`.
     pub full: bool,
 }
 
-/// Where an entry of a reply lies: its offset, header fields and JSON.
+/// Where an event of a reply lies: its offset, header fields and JSON.
 struct Entry {
     offset: u64,
     event_type: u8,
@@ -274,18 +280,19 @@ impl<S: Read + Write> Reader<S> {
         }
     }
 
-    /// `XRANGE key 0-(from+1) 0-to COUNT count`: events of offsets `from..to`, appended to
-    /// `out` until their JSON (counted in `copied`, across calls) would exceed `max_bytes`
-    /// (`out` keeps at least one). `expect_bytes`: JSON bytes per event to expect, to size
+    /// `XRANGE key 0-(from+1) + COUNT count` (the entries from the one holding offset
+    /// `from`): events of offsets `from..to`, appended to `out` until it holds `limit`
+    /// events or their JSON (counted in `copied`, across calls) would exceed `max_bytes`
+    /// (`out` keeps at least one). `expect_bytes`: JSON bytes per entry to expect, to size
     /// the buffer once.
     #[allow(clippy::too_many_arguments)] // the read's bounds, as `Storage::read_range` has them
     pub(super) fn xrange(
         &mut self,
         key: &str,
-        from: u64,
-        to: u64,
+        (from, to): (u64, u64),
         count: usize,
         expect_bytes: usize,
+        limit: usize,
         max_bytes: usize,
         copied: &mut usize,
         out: &mut Vec<StoredEvent>,
@@ -297,7 +304,7 @@ impl<S: Read + Write> Reader<S> {
                 b"XRANGE",
                 key.as_bytes(),
                 format!("0-{}", from + 1).as_bytes(),
-                format!("0-{to}").as_bytes(),
+                b"+",
                 b"COUNT",
                 count.to_string().as_bytes(),
             ],
@@ -307,16 +314,25 @@ impl<S: Read + Write> Reader<S> {
             .saturating_mul(expect_bytes.saturating_add(ENTRY_OVERHEAD))
             .saturating_add(16);
         self.reserve(room.min(64 << 20));
-        let (entries, end) = self.read_entries()?;
+        let (events, n, end) = self.read_entries()?;
         let reply = self.take(end);
-        let n = entries.len();
-        for e in entries {
+        let mut chunk = Chunk {
+            entries: n,
+            seen: n,
+            records: events.len(),
+            full: false,
+        };
+        for e in events {
+            if e.offset < from {
+                continue;
+            }
+            if e.offset >= to || out.len() >= limit {
+                break;
+            }
             *copied += e.json.len();
             if *copied > max_bytes && !out.is_empty() {
-                return Ok(Chunk {
-                    entries: n,
-                    full: true,
-                });
+                chunk.full = true;
+                return Ok(chunk);
             }
             out.push(StoredEvent {
                 offset: e.offset,
@@ -325,14 +341,11 @@ impl<S: Read + Write> Reader<S> {
                 json: reply.slice(e.json),
             });
         }
-        Ok(Chunk {
-            entries: n,
-            full: false,
-        })
+        Ok(chunk)
     }
 
-    /// Reads one `XRANGE` reply: its entries and the bytes it took.
-    fn read_entries(&mut self) -> Result<(Vec<Entry>, usize), ReadError> {
+    /// Reads one `XRANGE` reply: its events, its number of entries and the bytes it took.
+    fn read_entries(&mut self) -> Result<(Vec<Entry>, usize, usize), ReadError> {
         let (total, mut at) = loop {
             match line(&self.buf[..self.filled], 0)? {
                 Some((b'*', text, next)) => match int(text)? {
@@ -348,17 +361,18 @@ impl<S: Read + Write> Reader<S> {
                 None => self.fill(READ_STEP)?,
             }
         };
-        let mut entries = Vec::with_capacity(total.min(1 << 16));
-        while entries.len() < total {
-            match entry(&self.buf[..self.filled], at)? {
-                Some((e, next)) => {
-                    entries.push(e);
+        let mut events = Vec::with_capacity(total.min(1 << 16));
+        let mut entries = 0;
+        while entries < total {
+            match entry(&self.buf[..self.filled], at, &mut events)? {
+                Some(next) => {
+                    entries += 1;
                     at = next;
                 }
                 None => self.fill(READ_STEP)?,
             }
         }
-        Ok((entries, at))
+        Ok((events, total, at))
     }
 
     /// Room for at least `n` more bytes without growing while they arrive.
@@ -503,9 +517,19 @@ fn bulk(buf: &[u8], at: usize) -> Result<Option<(Range<usize>, usize)>, ReadErro
     }
 }
 
-/// One entry `[id, [field, value, …]]` at `at`, whose id is `0-(offset+1)` and whose last
-/// value is the event record; `None` when it has not fully arrived.
-fn entry(buf: &[u8], at: usize) -> Result<Option<(Entry, usize)>, ReadError> {
+/// One entry `[id, [field, record, …]]` at `at`: its `n` records hold the offsets up to
+/// the one its id `0-(offset+1)` names, appended to `events`; where the next value starts,
+/// or `None` (and `events` as it was) when the entry has not fully arrived.
+fn entry(buf: &[u8], at: usize, events: &mut Vec<Entry>) -> Result<Option<usize>, ReadError> {
+    let before = events.len();
+    let parsed = records(buf, at, events);
+    if !matches!(parsed, Ok(Some(_))) {
+        events.truncate(before);
+    }
+    parsed
+}
+
+fn records(buf: &[u8], at: usize, events: &mut Vec<Entry>) -> Result<Option<usize>, ReadError> {
     let corrupt = ReadError::Protocol;
     let Some((parts, at)) = array(buf, at)? else {
         return Ok(None);
@@ -528,31 +552,36 @@ fn entry(buf: &[u8], at: usize) -> Result<Option<(Entry, usize)>, ReadError> {
     if fields == 0 || fields % 2 != 0 {
         return Err(corrupt("an XRANGE entry without its record"));
     }
-    let mut record = 0..0;
-    for _ in 0..fields {
-        let Some((value, next)) = bulk(buf, at)? else {
+    let n = (fields / 2) as u64;
+    // The entry's first offset: its last (`seq - 1`) less the other records.
+    let first = seq.checked_sub(n).ok_or(corrupt(
+        "an entry with more records than offsets before its id",
+    ))?;
+    for k in 0..n {
+        // The field's name, then the record.
+        let Some((_, next)) = bulk(buf, at)? else {
             return Ok(None);
         };
-        record = value;
+        let Some((record, next)) = bulk(buf, next)? else {
+            return Ok(None);
+        };
         at = next;
-    }
-    let rec = &buf[record.clone()];
-    let header = rec
-        .get(..HEADER)
-        .ok_or(corrupt("an event record shorter than its header"))?;
-    let json_at = HEADER + usize::from(u16::from_be_bytes([header[2], header[3]]));
-    if rec.len() < json_at {
-        return Err(corrupt("an event record shorter than its id"));
-    }
-    Ok(Some((
-        Entry {
-            offset: seq - 1,
+        let rec = &buf[record.clone()];
+        let header = rec
+            .get(..HEADER)
+            .ok_or(corrupt("an event record shorter than its header"))?;
+        let json_at = HEADER + usize::from(u16::from_be_bytes([header[2], header[3]]));
+        if rec.len() < json_at {
+            return Err(corrupt("an event record shorter than its id"));
+        }
+        events.push(Entry {
+            offset: first + k,
             event_type: header[0],
             terminal: header[1] != 0,
             json: record.start + json_at..record.end,
-        },
-        at,
-    )))
+        });
+    }
+    Ok(Some(at))
 }
 
 #[cfg(test)]
@@ -639,10 +668,10 @@ mod tests {
         let mut copied = 0;
         let res = r.xrange(
             "eq:e:{t/k}",
-            5,
-            100,
+            (5, 100),
             10,
             8,
+            usize::MAX,
             max_bytes,
             &mut copied,
             &mut out,
@@ -671,6 +700,8 @@ mod tests {
                 res.unwrap(),
                 Chunk {
                     entries: 3,
+                    seen: 3,
+                    records: 3,
                     full: false
                 },
                 "reads of {piece} bytes"
@@ -689,7 +720,7 @@ mod tests {
             );
             assert_eq!(
                 r.stream.written,
-                b"*6\r\n$6\r\nXRANGE\r\n$10\r\neq:e:{t/k}\r\n$3\r\n0-6\r\n$5\r\n0-100\r\n\
+                b"*6\r\n$6\r\nXRANGE\r\n$10\r\neq:e:{t/k}\r\n$3\r\n0-6\r\n$1\r\n+\r\n\
                   $5\r\nCOUNT\r\n$2\r\n10\r\n"
             );
         }
@@ -702,6 +733,8 @@ mod tests {
             res.unwrap(),
             Chunk {
                 entries: 0,
+                seen: 0,
+                records: 0,
                 full: false
             }
         );
@@ -718,6 +751,8 @@ mod tests {
             res.unwrap(),
             Chunk {
                 entries: 3,
+                seen: 3,
+                records: 3,
                 full: true
             }
         );
@@ -734,9 +769,9 @@ mod tests {
         bytes.extend(reply(&[(8, record(1, false, b"x", b"[8]"))]));
         let mut r = Reader::new(Script::new(&bytes, 4096));
         let (mut out, mut copied) = (Vec::new(), 0);
-        r.xrange("k", 5, 9, 3, 8, usize::MAX, &mut copied, &mut out)
+        r.xrange("k", (5, 9), 3, 8, 9, usize::MAX, &mut copied, &mut out)
             .unwrap();
-        r.xrange("k", 8, 9, 3, 8, usize::MAX, &mut copied, &mut out)
+        r.xrange("k", (8, 9), 3, 8, 9, usize::MAX, &mut copied, &mut out)
             .unwrap();
         assert_eq!(
             out.iter().map(|e| e.offset).collect::<Vec<_>>(),
@@ -751,12 +786,12 @@ mod tests {
         bytes.extend(reply(&[(0, record(1, false, b"", b"{}"))]));
         let mut r = Reader::new(Script::new(&bytes, 3));
         let (mut out, mut copied) = (Vec::new(), 0);
-        match r.xrange("k", 0, 1, 1, 8, usize::MAX, &mut copied, &mut out) {
+        match r.xrange("k", (0, 1), 1, 8, 1, usize::MAX, &mut copied, &mut out) {
             Err(ReadError::Server(m)) => assert!(m.starts_with("LOADING "), "{m}"),
             other => panic!("{other:?}"),
         }
         assert!(!ReadError::Server(String::new()).breaks_connection());
-        r.xrange("k", 0, 1, 1, 8, usize::MAX, &mut copied, &mut out)
+        r.xrange("k", (0, 1), 1, 8, 1, usize::MAX, &mut copied, &mut out)
             .unwrap();
         assert_eq!(out.len(), 1);
     }
@@ -787,6 +822,69 @@ mod tests {
                 other => panic!("{:?}: {other:?}", String::from_utf8_lossy(b)),
             }
         }
+    }
+
+    /// An entry of a run of events: named after its last offset, a field `r` per record.
+    fn run_entry(last: u64, recs: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = b"*2\r\n".to_vec();
+        out.extend(bulk_of(format!("0-{}", last + 1).as_bytes()));
+        out.extend(format!("*{}\r\n", 2 * recs.len()).into_bytes());
+        for rec in recs {
+            out.extend(bulk_of(b"r"));
+            out.extend(bulk_of(rec));
+        }
+        out
+    }
+
+    #[test]
+    fn an_entry_of_several_events_gives_each_its_offset_within_the_bounds_asked() {
+        // Offsets 3..=6 in one entry, 7 alone, 8..=9 in another.
+        let rec = |o: u64| record(1, false, b"", format!("[{o}]").as_bytes());
+        let mut bytes = b"*3\r\n".to_vec();
+        bytes.extend(run_entry(6, &[rec(3), rec(4), rec(5), rec(6)]));
+        bytes.extend(run_entry(7, &[rec(7)]));
+        bytes.extend(run_entry(9, &[rec(8), rec(9)]));
+        let read = |bounds: (u64, u64), limit: usize, max_bytes: usize| {
+            let mut r = Reader::new(Script::new(&bytes, 5));
+            let (mut out, mut copied) = (Vec::new(), 0);
+            let chunk = r
+                .xrange("k", bounds, 3, 8, limit, max_bytes, &mut copied, &mut out)
+                .unwrap();
+            assert_eq!(r.filled, 0, "the whole reply was consumed");
+            let got: Vec<(u64, Vec<u8>)> =
+                out.iter().map(|e| (e.offset, e.json.to_vec())).collect();
+            for (o, json) in &got {
+                assert_eq!(json, format!("[{o}]").as_bytes());
+            }
+            (chunk, got.into_iter().map(|(o, _)| o).collect::<Vec<_>>())
+        };
+        // Offsets below `from` in the first entry are skipped, those from `to` on dropped.
+        let (chunk, got) = read((5, 9), usize::MAX, usize::MAX);
+        assert_eq!(got, [5, 6, 7, 8]);
+        assert_eq!(
+            chunk,
+            Chunk {
+                entries: 3,
+                seen: 3,
+                records: 7,
+                full: false
+            }
+        );
+        assert_eq!(
+            read((0, 100), usize::MAX, usize::MAX).1,
+            [3, 4, 5, 6, 7, 8, 9]
+        );
+        // At most `limit` events, even within an entry.
+        assert_eq!(read((4, 100), 2, usize::MAX).1, [4, 5]);
+        // `max_bytes` cuts within an entry too (each JSON here is 3 bytes).
+        let (chunk, got) = read((3, 100), usize::MAX, 7);
+        assert_eq!(got, [3, 4]);
+        assert!(chunk.full);
+        // An entry naming fewer offsets than it holds records is corrupt.
+        let mut bad = b"*1\r\n".to_vec();
+        bad.extend(run_entry(0, &[rec(0), rec(1)]));
+        let (res, _, _) = super::tests::read(&bad, 64, usize::MAX);
+        assert!(matches!(res, Err(ReadError::Protocol(_))), "{res:?}");
     }
 
     #[test]
