@@ -101,8 +101,6 @@ const FEED_CAPACITY: usize = 16_384;
 /// Longest wait to connect, and for one command's reply.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bytes of JSON per stream entry a read expects before it has read any (see `read_range`).
-const FIRST_ENTRY_BYTES: usize = 256;
 /// Most events one stream entry holds (a run of appends to one queue in a batch is one entry,
 /// see `commit.lua`): far below what the script's `unpack` can pass to one `XADD` (~4000).
 const RUN_EVENTS: usize = 128;
@@ -477,9 +475,6 @@ pub(crate) struct RedisStore {
     /// A cluster's masters by slot range (`CLUSTER SLOTS`), for the replica waits; refreshed
     /// by every full load.
     masters: RwLock<Vec<(Range<u16>, String, u16)>>,
-    /// Bytes of JSON per stream entry in the latest read (0 before any), to size the next
-    /// read.
-    entry_bytes: std::sync::atomic::AtomicUsize,
     /// Each queue's hash tag (`tenant/task`) by its id in this process.
     tags: RwLock<HashMap<u64, Arc<str>>>,
     /// The key of derived event ids (see the module docs), as `idkey` holds it.
@@ -489,10 +484,8 @@ pub(crate) struct RedisStore {
     tweaks: RwLock<HashMap<u64, u64>>,
     /// The revision of each queue as of this node's latest commit or look.
     revs: Mutex<HashMap<u64, u64>>,
-    /// Each queue's first retained offset as of this node's latest commit or look: a trim
-    /// removes whole stream entries, so the entry holding the first offset may still hold
-    /// events before it, which reads skip (see `read_range`).
-    firsts: RwLock<HashMap<u64, u64>>,
+    /// What reads of each queue need to know (see `read_range`).
+    reads: RwLock<HashMap<u64, QueueReads>>,
     /// This node's id in notices (random).
     node: String,
     stop: Arc<AtomicBool>,
@@ -503,7 +496,35 @@ pub(crate) struct RedisStore {
     faults: Arc<super::redb::wal::Faults>,
 }
 
+/// What a node knows for its reads of one queue.
+#[derive(Default, Clone, Copy)]
+struct QueueReads {
+    /// The first retained offset as of this node's latest commit or look: a trim removes
+    /// whole stream entries, so the entry holding the first offset may still hold events
+    /// before it, which reads skip.
+    first: u64,
+    /// Bytes of JSON per stream entry in the latest read (0 before any), to size the next.
+    entry_bytes: usize,
+}
+
 impl RedisStore {
+    /// The queue's first retained offset is `first` (from its newest record seen).
+    fn set_first(&self, qid: u64, first: u64) {
+        self.reads
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(qid)
+            .or_default()
+            .first = first;
+    }
+
+    fn forget_reads(&self, qid: u64) {
+        self.reads
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&qid);
+    }
+
     /// Connects and loads every queue's record.
     ///
     /// # Errors
@@ -535,12 +556,11 @@ impl RedisStore {
             wait_timeout: target.wait_timeout,
             waitaof: AtomicBool::new(true),
             masters: RwLock::new(Vec::new()),
-            entry_bytes: std::sync::atomic::AtomicUsize::new(0),
             tags: RwLock::new(HashMap::new()),
             id_key: IdKey::random(),
             tweaks: RwLock::new(HashMap::new()),
             revs: Mutex::new(HashMap::new()),
-            firsts: RwLock::new(HashMap::new()),
+            reads: RwLock::new(HashMap::new()),
             node,
             stop: Arc::new(AtomicBool::new(false)),
             feed: Mutex::new(None),
@@ -1328,37 +1348,69 @@ fn decode_record(rec: &[u8]) -> Result<(u8, bool, usize)> {
 /// The record of offset `at` in the reply to `XRANGE key 0-(at+1) + COUNT 1` (the entry
 /// holding `at`, if any is stored); `None` when the offset is not stored.
 fn record_at(v: Value, at: u64) -> Result<Option<Vec<u8>>> {
-    let corrupt = || Error::storage("unexpected reply to XRANGE from redis");
     let Value::Array(mut entries) = v else {
-        return Err(corrupt());
+        return Err(xrange_corrupt());
     };
-    let Some(Value::Array(mut parts)) = entries.pop() else {
+    let Some(entry) = entries.pop() else {
         return Ok(None);
     };
-    let (Some(Value::Array(fields)), Some(id)) = (parts.pop(), parts.pop()) else {
-        return Err(corrupt());
+    let (first, fields) = entry_of(entry)?;
+    let Some(k) = at
+        .checked_sub(first)
+        .filter(|&k| k < (fields.len() / 2) as u64)
+    else {
+        return Ok(None);
+    };
+    match fields.into_iter().nth(2 * k as usize + 1) {
+        Some(Value::BulkString(rec)) => Ok(Some(rec)),
+        _ => Err(xrange_corrupt()),
+    }
+}
+
+/// JSON bytes per stream entry in a read: per event taken, times records per entry seen.
+fn entry_bytes(out: &[StoredEvent], records: usize, seen: usize) -> Option<usize> {
+    if out.is_empty() || seen == 0 {
+        return None;
+    }
+    let json: usize = out.iter().map(|e| e.json.len()).sum();
+    Some(((json / out.len()).saturating_mul(records) / seen).max(1))
+}
+
+/// The last entry id a read of offsets below `to` asks for: the entry holding `to - 1`
+/// ends at most RUN_EVENTS - 1 offsets later.
+fn last_entry_id(to: u64) -> String {
+    format!("0-{}", to.saturating_add(RUN_EVENTS as u64 - 1))
+}
+
+fn xrange_corrupt() -> Error {
+    Error::storage("unexpected reply to XRANGE from redis")
+}
+
+/// A stream entry `[id, [field, record, …]]` of an `XRANGE` reply: the first offset its
+/// records hold (it is named after the last, `0-(last+1)`), and its fields.
+fn entry_of(entry: Value) -> Result<(u64, Vec<Value>)> {
+    let Value::Array(mut parts) = entry else {
+        return Err(xrange_corrupt());
+    };
+    let (Some(Value::Array(fields)), Some(id), None) = (parts.pop(), parts.pop(), parts.pop())
+    else {
+        return Err(xrange_corrupt());
     };
     let id = match id {
-        Value::BulkString(b) => String::from_utf8(b).map_err(|_| corrupt())?,
+        Value::BulkString(b) => String::from_utf8(b).map_err(|_| xrange_corrupt())?,
         Value::SimpleString(s) => s,
-        _ => return Err(corrupt()),
+        _ => return Err(xrange_corrupt()),
     };
-    // Named after its last offset; its records hold the offsets up to it.
     let seq: u64 = id
         .strip_prefix("0-")
         .and_then(|s| s.parse().ok())
-        .ok_or_else(corrupt)?;
-    let records = (fields.len() / 2) as u64;
-    let Some(first) = seq.checked_sub(records) else {
-        return Err(corrupt());
-    };
-    if at < first || at >= seq {
-        return Ok(None);
+        .ok_or_else(xrange_corrupt)?;
+    let records = fields.len() / 2;
+    if records == 0 || fields.len() % 2 != 0 {
+        return Err(xrange_corrupt());
     }
-    match fields.into_iter().nth(2 * (at - first) as usize + 1) {
-        Some(Value::BulkString(rec)) => Ok(Some(rec)),
-        _ => Err(corrupt()),
-    }
+    let first = seq.checked_sub(records as u64).ok_or_else(xrange_corrupt)?;
+    Ok((first, fields))
 }
 
 /// The event id an event record holds (see [`decode_record`]).
@@ -1390,9 +1442,8 @@ fn parse_entries(
     copied: &mut usize,
     out: &mut Vec<StoredEvent>,
 ) -> Result<xrange::Chunk> {
-    let corrupt = || Error::storage("unexpected reply to XRANGE from redis");
     let Value::Array(entries) = v else {
-        return Err(corrupt());
+        return Err(xrange_corrupt());
     };
     let mut chunk = xrange::Chunk {
         entries: entries.len(),
@@ -1401,37 +1452,12 @@ fn parse_entries(
         full: false,
     };
     for entry in entries {
-        let Value::Array(mut parts) = entry else {
-            return Err(corrupt());
-        };
-        if parts.len() != 2 {
-            return Err(corrupt());
-        }
-        let fields = parts.pop().ok_or_else(corrupt)?;
-        let id = parts.pop().ok_or_else(corrupt)?;
-        let id = match id {
-            Value::BulkString(b) => String::from_utf8(b).map_err(|_| corrupt())?,
-            Value::SimpleString(s) => s,
-            _ => return Err(corrupt()),
-        };
-        let seq: u64 = id
-            .strip_prefix("0-")
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(corrupt)?;
-        let Value::Array(fields) = fields else {
-            return Err(corrupt());
-        };
-        let records = fields.len() / 2;
-        if records == 0 || fields.len() % 2 != 0 {
-            return Err(corrupt());
-        }
-        // The entry is named after its last offset (`seq - 1`).
-        let first = seq.checked_sub(records as u64).ok_or_else(corrupt)?;
+        let (first, fields) = entry_of(entry)?;
         chunk.seen += 1;
-        chunk.records += records;
+        chunk.records += fields.len() / 2;
         for (offset, rec) in (first..).zip(fields.into_iter().skip(1).step_by(2)) {
             let Value::BulkString(rec) = rec else {
-                return Err(corrupt());
+                return Err(xrange_corrupt());
             };
             if offset < from {
                 continue;
@@ -1488,15 +1514,15 @@ impl Storage for RedisStore {
         let Some(tag) = self.tag(qid) else {
             return Ok(out);
         };
-        // Not the events before the queue's first that share its first's entry: trimmed.
-        let first = self
-            .firsts
+        let known = self
+            .reads
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&qid)
             .copied()
-            .unwrap_or(0);
-        let from = from.max(first);
+            .unwrap_or_default();
+        // Not the events before the queue's first that share its first's entry: trimmed.
+        let from = from.max(known.first);
         if from >= to || limit == 0 {
             return Ok(out);
         }
@@ -1505,21 +1531,26 @@ impl Storage for RedisStore {
         // first failure is retried once on a new connection, as a read can be. In a cluster,
         // a node that fails the store's own reader is left to the crate (below).
         let (mut source, mut idle) = self.read_source(&tag)?;
-        // Ask Redis for about as many entries as `max_bytes` holds at the size entries had
-        // in earlier reads (not `limit`: most of those would be sent only to be dropped),
-        // and go on from the last event while the read is short of both bounds: the result
-        // is the same as one read of `limit` events cut at `max_bytes`. (An entry holds at
-        // least one event, and at most RUN_BYTES of records and one more event.)
+        // Ask Redis for about as many entries as `max_bytes` holds at the size this queue's
+        // entries had in earlier reads (not `limit`: most of those would be sent only to be
+        // dropped; before any, as if each were a full run), and go on from the last event
+        // while the read is short of its bounds: the result is the same as one read of
+        // `limit` events cut at `max_bytes`. Every entry asked for holds an offset still
+        // wanted (`XRANGE` from the entry holding `next`, up to the last that can hold
+        // `to - 1`: an entry holds at most RUN_EVENTS), so a read never asks for more
+        // entries than offsets it wants.
         // Entries seen, and the records they held (some skipped, below `from`).
         let (mut copied, mut next, mut seen, mut records) = (0usize, from, 0usize, 0usize);
-        let size = match self.entry_bytes.load(Ordering::Relaxed) {
-            0 => FIRST_ENTRY_BYTES,
-            known => known,
+        let mut size = match known.entry_bytes {
+            0 => RUN_BYTES,
+            bytes => bytes,
         };
         loop {
+            let wanted = usize::try_from(to - next).unwrap_or(usize::MAX);
             let count = (max_bytes.saturating_sub(copied) / size.max(1))
                 .saturating_add(2)
-                .clamp(1, limit - out.len());
+                .clamp(1, (limit - out.len()).min(wanted).max(1));
+            let taken = out.len();
             let chunk = match &mut source {
                 Source::Direct {
                     addr,
@@ -1582,7 +1613,7 @@ impl Storage for RedisStore {
                         redis::cmd("XRANGE")
                             .arg(&key)
                             .arg(format!("0-{}", next + 1))
-                            .arg("+")
+                            .arg(last_entry_id(to))
                             .arg("COUNT")
                             .arg(count)
                             .query(con)
@@ -1594,16 +1625,26 @@ impl Storage for RedisStore {
             records += chunk.records;
             let Some(last) = out.last() else { break };
             next = last.offset + 1;
-            if chunk.full || chunk.entries < count || out.len() >= limit || next >= to {
+            // No event taken: what is left of the range is gone (trimmed meanwhile, or the
+            // queue removed), or lies past `to`.
+            if chunk.full
+                || chunk.entries < count
+                || out.len() >= limit
+                || next >= to
+                || out.len() == taken
+            {
                 break;
             }
+            size = entry_bytes(&out, records, seen).unwrap_or(size);
         }
         self.give_back(source);
-        if !out.is_empty() && seen > 0 {
-            // JSON per event taken, times records per entry seen.
-            let json: usize = out.iter().map(|e| e.json.len()).sum();
-            let per_entry = (json / out.len()).saturating_mul(records) / seen;
-            self.entry_bytes.store(per_entry.max(1), Ordering::Relaxed);
+        if let Some(bytes) = entry_bytes(&out, records, seen) {
+            self.reads
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(qid)
+                .or_default()
+                .entry_bytes = bytes;
         }
         Ok(out)
     }
@@ -1755,9 +1796,7 @@ impl Storage for RedisStore {
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(qid, id_tweak(&tag, record.created_at_us));
-            let mut firsts = self.firsts.write().unwrap_or_else(|p| p.into_inner());
-            let first = firsts.entry(qid).or_insert(0);
-            *first = (*first).max(record.first_offset);
+            self.set_first(qid, record.first_offset);
         }
         *rev = (*rev).max(queue.rev);
     }
@@ -1783,10 +1822,7 @@ impl Storage for RedisStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&qid);
-        self.firsts
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&qid);
+        self.forget_reads(qid);
     }
 
     #[cfg(feature = "failpoints")]
@@ -2664,18 +2700,17 @@ impl WriteBatch for RedisBatch<'_> {
             tags.extend(self.tags.drain());
             let mut tweaks = self.store.tweaks.write().unwrap_or_else(|p| p.into_inner());
             tweaks.extend(self.tweaks.drain());
-            let mut firsts = self.store.firsts.write().unwrap_or_else(|p| p.into_inner());
+            let mut reads = self.store.reads.write().unwrap_or_else(|p| p.into_inner());
             for op in &self.ops {
                 if let Staged::Put { qid, record, .. } = op {
-                    let first = firsts.entry(*qid).or_insert(0);
-                    *first = (*first).max(record.first_offset);
+                    reads.entry(*qid).or_default().first = record.first_offset;
                 }
             }
             for qid in &self.removed {
                 tags.remove(qid);
                 tweaks.remove(qid);
                 revs.remove(qid);
-                firsts.remove(qid);
+                reads.remove(qid);
             }
         }
         // Index entries of checkpoints dropped beyond the kept number (a cluster keeps the
@@ -2745,6 +2780,7 @@ impl RedisBatch<'_> {
                             .write()
                             .unwrap_or_else(|p| p.into_inner())
                             .remove(&qid);
+                        self.store.forget_reads(qid);
                         None
                     } else {
                         let (record, rev) =
@@ -2771,6 +2807,7 @@ impl RedisBatch<'_> {
                                 .unwrap_or_else(|p| p.into_inner())
                                 .insert(qid, id_tweak(&tag, record.created_at_us));
                         }
+                        self.store.set_first(qid, record.first_offset);
                         Some(record)
                     };
                     fresh.push(Fresh { qid, record });
@@ -2796,6 +2833,55 @@ mod tests {
         );
         assert_ne!(id_tweak("t/k", 1), id_tweak("t/k", 2));
         assert_ne!(id_tweak("t/k", 1), id_tweak("t/j", 1));
+    }
+
+    /// An `XRANGE` reply through the Redis client (TLS, a cluster's redirections): entries of
+    /// several records give each its offset; a read skips what lies outside its bounds, and
+    /// the lookup of one offset finds its record.
+    #[test]
+    fn entries_of_several_events_read_through_the_client() {
+        let rec = |o: u64| {
+            let mut r = vec![1, 0, 0, 2, b'i', b'd'];
+            r.extend_from_slice(format!("[{o}]").as_bytes());
+            Value::BulkString(r)
+        };
+        let entry = |last: u64, offsets: std::ops::RangeInclusive<u64>| {
+            let mut fields = Vec::new();
+            for o in offsets {
+                fields.push(Value::BulkString(b"r".to_vec()));
+                fields.push(rec(o));
+            }
+            Value::Array(vec![
+                Value::BulkString(format!("0-{}", last + 1).into_bytes()),
+                Value::Array(fields),
+            ])
+        };
+        let reply = || Value::Array(vec![entry(6, 3..=6), entry(7, 7..=7), entry(9, 8..=9)]);
+        let read = |bounds, limit| {
+            let mut out = Vec::new();
+            let chunk = parse_entries(reply(), bounds, (limit, usize::MAX), &mut 0, &mut out)
+                .expect("a well-formed reply");
+            for e in &out {
+                assert_eq!(&e.json[..], format!("[{}]", e.offset).as_bytes());
+            }
+            (chunk, out.iter().map(|e| e.offset).collect::<Vec<_>>())
+        };
+        let (chunk, got) = read((5, 9), usize::MAX);
+        assert_eq!(got, [5, 6, 7, 8]);
+        assert_eq!((chunk.entries, chunk.seen, chunk.records), (3, 3, 7));
+        assert_eq!(read((0, 100), usize::MAX).1, [3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(read((4, 100), 2).1, [4, 5]);
+        let one = |at| {
+            record_at(Value::Array(vec![entry(6, 3..=6)]), at)
+                .unwrap()
+                .map(|r| r[6..].to_vec())
+        };
+        assert_eq!(one(3), Some(b"[3]".to_vec()));
+        assert_eq!(one(6), Some(b"[6]".to_vec()));
+        assert_eq!(one(2), None, "before the entry: not stored");
+        assert_eq!(record_at(Value::Array(vec![]), 2).unwrap(), None);
+        // An entry naming fewer offsets than it holds records is corrupt.
+        assert!(record_at(Value::Array(vec![entry(0, 0..=1)]), 0).is_err());
     }
 
     /// A notice as the batch script encodes it (`cjson`): another node's is taken in, this

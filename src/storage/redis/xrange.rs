@@ -12,7 +12,7 @@
 //!
 //! # Scope
 //!
-//! Only the reply of one command is read: `XRANGE key 0-A + COUNT n` on entries the batch
+//! Only the reply of one command is read: `XRANGE key 0-A 0-B COUNT n` on entries the batch
 //! script writes (one per run of events appended together, named `0-(offset+1)` after the
 //! run's last offset, a field `r` per event whose value is the event record). The
 //! connection speaks RESP2 (no `HELLO`), sends `AUTH` and `SELECT` itself when the URL names
@@ -280,8 +280,8 @@ impl<S: Read + Write> Reader<S> {
         }
     }
 
-    /// `XRANGE key 0-(from+1) + COUNT count` (the entries from the one holding offset
-    /// `from`): events of offsets `from..to`, appended to `out` until it holds `limit`
+    /// `XRANGE key 0-(from+1) 0-(to+RUN_EVENTS-1) COUNT count` (the entries from the one
+    /// holding offset `from` to the last that can hold `to - 1`): events of offsets `from..to`, appended to `out` until it holds `limit`
     /// events or their JSON (counted in `copied`, across calls) would exceed `max_bytes`
     /// (`out` keeps at least one). `expect_bytes`: JSON bytes per entry to expect, to size
     /// the buffer once.
@@ -304,7 +304,7 @@ impl<S: Read + Write> Reader<S> {
                 b"XRANGE",
                 key.as_bytes(),
                 format!("0-{}", from + 1).as_bytes(),
-                b"+",
+                super::last_entry_id(to).as_bytes(),
                 b"COUNT",
                 count.to_string().as_bytes(),
             ],
@@ -720,7 +720,7 @@ mod tests {
             );
             assert_eq!(
                 r.stream.written,
-                b"*6\r\n$6\r\nXRANGE\r\n$10\r\neq:e:{t/k}\r\n$3\r\n0-6\r\n$1\r\n+\r\n\
+                b"*6\r\n$6\r\nXRANGE\r\n$10\r\neq:e:{t/k}\r\n$3\r\n0-6\r\n$5\r\n0-227\r\n\
                   $5\r\nCOUNT\r\n$2\r\n10\r\n"
             );
         }
