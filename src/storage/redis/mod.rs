@@ -8,8 +8,11 @@
 //!
 //! - `q:{T/K}` — hash: the queue's record (settings, offsets, lifecycle) and `rev`, its
 //!   revision, bumped by every batch that changes it.
-//! - `e:{T/K}` — stream: the retained events; offset `o` is entry id `0-(o+1)`, field `r` the
-//!   record (`[type, terminal, id length (u16)]`, the id, the JSON).
+//! - `e:{T/K}` — stream: the retained events. The events a batch appends to the queue
+//!   together are one entry (a run of up to `RUN_EVENTS`), named `0-(o+1)` after its last
+//!   offset `o`, a field `r` per event in offset order holding its record (`[type, terminal,
+//!   id length (u16)]`, the id, the JSON). A trim removes whole entries, so reads skip the
+//!   offsets below the queue's first that its first entry may still hold.
 //! - `i:{T/K}` — hash: event id → offset, for idempotent enqueues.
 //! - `t:{T}` — sorted set of the tenant's task ids (listing); `tenants` — set of tenants.
 //! - `c:{T/W}` — hash: a workflow's checkpoints (`r:SEQ`, `id:SEQ`, `next`);
@@ -22,8 +25,8 @@
 //!
 //! An event whose producer gave no id gets one derived from its offset, as on redb
 //! (`storage/redb/derived_ids.rs`): `evt_` + 12 hex characters, a keyed permutation of the
-//! offset. It needs no entry in the id index, so the most common append writes one stream
-//! entry and nothing else. Every node must derive the same id for the same event, and a
+//! offset. It needs no entry in the id index, so the most common append writes its record
+//! into a stream entry and nothing else. Every node must derive the same id for the same event, and a
 //! queue deleted and created again must not repeat its predecessor's ids: the permutation's
 //! key is the one `idkey` holds, and its per-queue tweak comes from what every node reads in
 //! the queue's record — its tag and creation time ([`id_tweak`]) — not from a node's own
