@@ -513,12 +513,17 @@ struct QueueReads {
 impl RedisStore {
     /// The queue's first retained offset is `first` (from its newest record seen).
     fn set_first(&self, qid: u64, first: u64) {
-        self.reads
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(qid)
-            .or_default()
-            .first = first;
+        self.update_reads(qid, |r| r.first = first);
+    }
+
+    fn update_reads(&self, qid: u64, update: impl FnOnce(&mut QueueReads)) {
+        update(
+            self.reads
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(qid)
+                .or_default(),
+        );
     }
 
     fn forget_reads(&self, qid: u64) {
@@ -1371,12 +1376,12 @@ fn record_at(v: Value, at: u64) -> Result<Option<Vec<u8>>> {
 }
 
 /// JSON bytes per stream entry in a read: per event taken, times records per entry seen.
-fn entry_bytes(out: &[StoredEvent], records: usize, seen: usize) -> Option<usize> {
-    if out.is_empty() || seen == 0 {
+fn entry_bytes(out: &[StoredEvent], records: usize, entries: usize) -> Option<usize> {
+    if out.is_empty() || entries == 0 {
         return None;
     }
     let json: usize = out.iter().map(|e| e.json.len()).sum();
-    Some(((json / out.len()).saturating_mul(records) / seen).max(1))
+    Some(((json / out.len()).saturating_mul(records) / entries).max(1))
 }
 
 /// The last entry id a read of offsets below `to` asks for: the entry holding `to - 1`
@@ -1451,13 +1456,16 @@ fn parse_entries(
     let mut chunk = xrange::Chunk {
         entries: entries.len(),
         records: 0,
-        seen: 0,
         full: false,
     };
+    // Once the read is done, the entries left only count their records.
+    let mut done = false;
     for entry in entries {
         let (first, fields) = entry_of(entry)?;
-        chunk.seen += 1;
         chunk.records += fields.len() / 2;
+        if done {
+            continue;
+        }
         for (offset, rec) in (first..).zip(fields.into_iter().skip(1).step_by(2)) {
             let Value::BulkString(rec) = rec else {
                 return Err(xrange_corrupt());
@@ -1466,13 +1474,15 @@ fn parse_entries(
                 continue;
             }
             if offset >= to || out.len() >= limit {
-                return Ok(chunk);
+                done = true;
+                break;
             }
             let (event_type, terminal, at) = decode_record(&rec)?;
             *copied += rec.len() - at;
             if *copied > max_bytes && !out.is_empty() {
                 chunk.full = true;
-                return Ok(chunk);
+                done = true;
+                break;
             }
             out.push(StoredEvent {
                 offset,
@@ -1542,8 +1552,8 @@ impl Storage for RedisStore {
         // wanted (`XRANGE` from the entry holding `next`, up to the last that can hold
         // `to - 1`: an entry holds at most RUN_EVENTS), so a read never asks for more
         // entries than offsets it wants.
-        // Entries seen, and the records they held (some skipped, below `from`).
-        let (mut copied, mut next, mut seen, mut records) = (0usize, from, 0usize, 0usize);
+        // Entries read, and the records they held (some skipped: below `from`, or past the read).
+        let (mut copied, mut next, mut entries, mut records) = (0usize, from, 0usize, 0usize);
         let mut size = match known.entry_bytes {
             0 => RUN_BYTES,
             bytes => bytes,
@@ -1624,7 +1634,7 @@ impl Storage for RedisStore {
                     parse_entries(v, (next, to), (limit, max_bytes), &mut copied, &mut out)?
                 }
             };
-            seen += chunk.seen;
+            entries += chunk.entries;
             records += chunk.records;
             let Some(last) = out.last() else { break };
             next = last.offset + 1;
@@ -1638,16 +1648,11 @@ impl Storage for RedisStore {
             {
                 break;
             }
-            size = entry_bytes(&out, records, seen).unwrap_or(size);
+            size = entry_bytes(&out, records, entries).unwrap_or(size);
         }
         self.give_back(source);
-        if let Some(bytes) = entry_bytes(&out, records, seen) {
-            self.reads
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(qid)
-                .or_default()
-                .entry_bytes = bytes;
+        if let Some(bytes) = entry_bytes(&out, records, entries) {
+            self.update_reads(qid, |r| r.entry_bytes = bytes);
         }
         Ok(out)
     }
@@ -2871,7 +2876,7 @@ mod tests {
         };
         let (chunk, got) = read((5, 9), usize::MAX);
         assert_eq!(got, [5, 6, 7, 8]);
-        assert_eq!((chunk.entries, chunk.seen, chunk.records), (3, 3, 7));
+        assert_eq!((chunk.entries, chunk.records), (3, 7));
         assert_eq!(read((0, 100), usize::MAX).1, [3, 4, 5, 6, 7, 8, 9]);
         assert_eq!(read((4, 100), 2).1, [4, 5]);
         let one = |at| {

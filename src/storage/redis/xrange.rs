@@ -198,9 +198,8 @@ impl ReadError {
 pub(super) struct Chunk {
     /// Entries in the reply (all of them, also those past `max_bytes`).
     pub entries: usize,
-    /// Entries looked into, and the records they held (taken or not): what an entry holds
-    /// on average, to size the next read.
-    pub seen: usize,
+    /// Records those entries held (taken or not): what an entry holds on average, to size
+    /// the next read.
     pub records: usize,
     /// Whether the events taken stopped at `max_bytes`.
     pub full: bool,
@@ -318,7 +317,6 @@ impl<S: Read + Write> Reader<S> {
         let reply = self.take(end);
         let mut chunk = Chunk {
             entries: n,
-            seen: n,
             records: events.len(),
             full: false,
         };
@@ -700,7 +698,6 @@ mod tests {
                 res.unwrap(),
                 Chunk {
                     entries: 3,
-                    seen: 3,
                     records: 3,
                     full: false
                 },
@@ -733,7 +730,6 @@ mod tests {
             res.unwrap(),
             Chunk {
                 entries: 0,
-                seen: 0,
                 records: 0,
                 full: false
             }
@@ -751,7 +747,6 @@ mod tests {
             res.unwrap(),
             Chunk {
                 entries: 3,
-                seen: 3,
                 records: 3,
                 full: true
             }
@@ -865,7 +860,6 @@ mod tests {
             chunk,
             Chunk {
                 entries: 3,
-                seen: 3,
                 records: 7,
                 full: false
             }
