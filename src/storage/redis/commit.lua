@@ -62,6 +62,16 @@ local CLAIM_US = 50000
 -- hash) for this long, so its rebuild is not overtaken again by a faster node; the turn ends
 -- with that node's next stored batch, or by itself.
 local TURN_US = 10000
+-- The turns and claims above are brief locks between nodes: written on the master only, never
+-- to the AOF or the replicas (`REPL_NONE`), so taking one costs no fsync. A failover or a
+-- restart drops them; a batch's writes check its queues' revisions again, so a claim lost
+-- that way ends as one that ran out (see storage/redis/mod.rs).
+local function unlogged(...)
+  redis.set_repl(redis.REPL_NONE)
+  local r = redis.call(...)
+  redis.set_repl(redis.REPL_ALL)
+  return r
+end
 local function qkey(tag) return p .. 'q:{' .. tag .. '}' end
 local function ekey(tag) return p .. 'e:{' .. tag .. '}' end
 local function ikey(tag) return p .. 'i:{' .. tag .. '}' end
@@ -70,7 +80,7 @@ if mode == 'release' then
   -- A claim given up (another slot of the batch was stale): the queues are free again.
   for k = 0, tonumber(ARGV[4]) - 1 do
     local key = qkey(ARGV[5 + 2 * k])
-    if redis.call('HGET', key, 'turn') == node then redis.call('HDEL', key, 'turn', 'till') end
+    if redis.call('HGET', key, 'turn') == node then unlogged('HDEL', key, 'turn', 'till') end
   end
   return {'ok'}
 end
@@ -136,7 +146,7 @@ for _ = 1, m do
 end
 if #stale > 0 or checkpoints_stale then
   for _, tag in ipairs(claims) do
-    redis.call('HSET', qkey(tag), 'turn', node, 'till', string.format('%.0f', clock() + TURN_US))
+    unlogged('HSET', qkey(tag), 'turn', node, 'till', string.format('%.0f', clock() + TURN_US))
   end
   local out = {'stale'}
   for _, tag in ipairs(stale) do
@@ -147,7 +157,7 @@ if #stale > 0 or checkpoints_stale then
 end
 if mode == 'claim' then
   local till = string.format('%.0f', clock() + CLAIM_US)
-  for tag in pairs(kept) do redis.call('HSET', qkey(tag), 'turn', node, 'till', till) end
+  for tag in pairs(kept) do unlogged('HSET', qkey(tag), 'turn', node, 'till', till) end
   return {'ok'}
 end
 
@@ -157,7 +167,7 @@ local function record_id(rec)
   return string.sub(rec, 5, 4 + len)
 end
 
-for _, tag in ipairs(mine) do redis.call('HDEL', qkey(tag), 'turn', 'till') end
+for _, tag in ipairs(mine) do unlogged('HDEL', qkey(tag), 'turn', 'till') end
 
 local keep = 100
 local revs = {'ok'}

@@ -2600,7 +2600,9 @@ impl WriteBatch for RedisBatch<'_> {
         // claim its queues for this node if they pass (nothing is stored), then, once every
         // slot passed, each slot's writes. Other nodes' batches of the claimed queues wait
         // meanwhile, so the writes meet the state the checks saw. Each step is one pipeline
-        // (a round trip per master).
+        // (a round trip per master). A claim is kept out of the AOF and the replicas (see
+        // `commit.lua`): the checks write nothing durable, so they wait for no fsync; a claim
+        // a failover dropped ends as one that ran out (the writes check the revisions again).
         let stored: Stored<'_> = if scripts.len() > 1 {
             let claims: Vec<(&str, &[Vec<u8>])> = scripts
                 .iter()
