@@ -14,25 +14,12 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def redis_cli(port, *args):
-    return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True,
-                          check=True).stdout
+from redislab import free_port, redis_cli, start_node
 
 
 def info(port):
@@ -52,24 +39,6 @@ def calls(stats):
             by[k[8:]] = n
             total += n
     return total, by
-
-
-def start_node(binary, redis_port, tmp, n):
-    port = free_port()
-    log = open(os.path.join(tmp, f"node{n}.log"), "w")
-    p = subprocess.Popen([binary, "serve", "--storage", f"redis://127.0.0.1:{redis_port}",
-                          "--bind", f"127.0.0.1:{port}", "--data-dir",
-                          os.path.join(tmp, f"node{n}")], stdout=log, stderr=log)
-    for _ in range(200):
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            c.request("GET", "/healthz")
-            if c.getresponse().status == 200:
-                return p, port
-        except OSError:
-            pass
-        time.sleep(0.05)
-    sys.exit(f"node {n} did not start")
 
 
 def subscriber(port, want, done):
@@ -100,7 +69,7 @@ def run(binary, nodes, args):
     procs = []
     try:
         for n in range(nodes):
-            procs.append(start_node(binary, rport, tmp, n))
+            procs.append(start_node(binary, f"redis://127.0.0.1:{rport}", tmp, f"node{n}"))
         c = http.client.HTTPConnection("127.0.0.1", procs[0][1])
         c.request("POST", "/events/queues", json.dumps(
             {"task_id": "amp", "kind": "workflow", "max_buffer_size": 1000000}),

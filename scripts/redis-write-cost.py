@@ -24,28 +24,16 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
+from redislab import free_port, redis_cli, start_node
+
 EVENT = {"event_type": "progress", "current": 1, "total": 100, "step": "processing",
          "details": {"pad": "x" * 200}}
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def redis_cli(port, *args):
-    return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True,
-                          check=True).stdout
 
 
 def start_redis(tmp, cluster):
@@ -90,26 +78,6 @@ def stop_redis(ports):
             redis_cli(port, "SHUTDOWN", "NOSAVE")
         except subprocess.CalledProcessError:
             pass
-
-
-def start_node(binary, url, tmp):
-    port = free_port()
-    log = open(os.path.join(tmp, "node.log"), "w")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTQUEUE_")}
-    p = subprocess.Popen([binary, "serve", "--storage", url, "--bind", f"127.0.0.1:{port}",
-                          "--data-dir", os.path.join(tmp, "node")], stdout=log, stderr=log,
-                         env=env)
-    for _ in range(200):
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            c.request("GET", "/healthz")
-            if c.getresponse().status == 200:
-                return p, port
-        except OSError:
-            pass
-        time.sleep(0.05)
-    p.terminate()
-    sys.exit("the node did not start")
 
 
 def post(c, path, body):
@@ -199,7 +167,7 @@ def main():
         ports, url = start_redis(tmp, mode == "cluster")
         node = None
         try:
-            node, node_port = start_node(binary, url, tmp)
+            node, node_port = start_node(binary, url, tmp, "node")
             for run, (clients, batch, requests) in enumerate(
                     [(1, 1, args.requests), (8, 1, args.requests),
                      (8, 16, max(1, args.requests // 10))]):
