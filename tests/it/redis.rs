@@ -304,7 +304,6 @@ impl RedisCluster {
         }
     }
 
-    /// How many queue records (`eq:q:*`) each master holds.
     /// Everything the nodes logged to their AOF so far.
     fn aof(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -319,6 +318,7 @@ impl RedisCluster {
         out
     }
 
+    /// How many queue records (`eq:q:*`) each master holds.
     fn queues_per_master(&self) -> Vec<usize> {
         self.ports
             .iter()

@@ -26,15 +26,15 @@
 //! An event whose producer gave no id gets one derived from its offset, as on redb
 //! (`storage/redb/derived_ids.rs`): `evt_` + 12 hex characters, a keyed permutation of the
 //! offset. It needs no entry in the id index, so the most common append writes its record
-//! into a stream entry and nothing else. Every node must derive the same id for the same event, and a
-//! queue deleted and created again must not repeat its predecessor's ids: the permutation's
-//! key is the one `idkey` holds, and its per-queue tweak comes from what every node reads in
-//! the queue's record — its tag and creation time ([`id_tweak`]) — not from a node's own
-//! queue id. An id of that shape that a producer sends is found by inverting the permutation
-//! and comparing the id stored at the offset it names (besides the index, which holds the ids
-//! producers chose and every id stored before ids were derived). Events appended in the batch
-//! that creates their queue keep the id generated on receipt (indexed): the queue's creation
-//! time is stored after them.
+//! into a stream entry and nothing else. Every node must derive the same id for the same
+//! event, and a queue deleted and created again must not repeat its predecessor's ids: the
+//! permutation's key is the one `idkey` holds, and its per-queue tweak comes from what every
+//! node reads in the queue's record — its tag and creation time ([`id_tweak`]) — not from a
+//! node's own queue id. An id of that shape that a producer sends is found by inverting the
+//! permutation and comparing the id stored at the offset it names (besides the index, which
+//! holds the ids producers chose and every id stored before ids were derived). Events appended
+//! in the batch that creates their queue keep the id generated on receipt (indexed): the
+//! queue's creation time is stored after them.
 //!
 //! # The write path
 //!

@@ -280,10 +280,10 @@ impl<S: Read + Write> Reader<S> {
     }
 
     /// `XRANGE key 0-(from+1) 0-(to+RUN_EVENTS-1) COUNT count` (the entries from the one
-    /// holding offset `from` to the last that can hold `to - 1`): events of offsets `from..to`, appended to `out` until it holds `limit`
-    /// events or their JSON (counted in `copied`, across calls) would exceed `max_bytes`
-    /// (`out` keeps at least one). `expect_bytes`: JSON bytes per entry to expect, to size
-    /// the buffer once.
+    /// holding offset `from` to the last that can hold `to - 1`): events of offsets
+    /// `from..to`, appended to `out` until it holds `limit` events or their JSON (counted in
+    /// `copied`, across calls) would exceed `max_bytes` (`out` keeps at least one).
+    /// `expect_bytes`: JSON bytes per entry to expect, to size the buffer once.
     #[allow(clippy::too_many_arguments)] // the read's bounds, as `Storage::read_range` has them
     pub(super) fn xrange(
         &mut self,
