@@ -16,8 +16,16 @@
 //! After a [`Notice::Resync`] (the feed reconnected, or fell behind and dropped notices) it
 //! reloads every queue the store holds and hands that over as complete, so nothing missed
 //! meanwhile stays missed.
+//!
+//! The node's own writer sends into the same channel ([`Notice::Behind`]) the queues whose
+//! published state no notice will bring up to date: a batch that met another node's write
+//! took the newer state in (so the notice of that write is old news when it comes), or a
+//! batch failed after it may have been stored (a node skips its own notices). The follower
+//! hands their records over with the other changes, to be followed even when the writer knows
+//! them already; a [`Behind`](Notice::Behind) the channel had no room for asks for a reload.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
@@ -33,18 +41,67 @@ const READ_BYTES: usize = 1 << 20;
 const BURST: usize = 1024;
 /// Wait before retrying a reload the store refused (it is away).
 const RETRY: Duration = Duration::from_millis(500);
+/// Notices a node holds for its follower; past that the store's feed asks for a reload
+/// instead (and so does the writer, see [`Feed::behind`]).
+const CAPACITY: usize = 16_384;
 
-/// Starts the follower of a shared store; does nothing for a store only this process writes.
+/// The writer's end of the follower's channel (see the module docs).
+pub(crate) struct Feed {
+    tx: std_mpsc::SyncSender<Notice>,
+    /// A [`Notice::Behind`] found the channel full: the follower reloads everything.
+    lost: Arc<AtomicBool>,
+}
+
+impl Feed {
+    /// Has the follower bring the published state of these queues up to the store's (see
+    /// [`Notice::Behind`]). Never blocks: when the channel is full, the follower reloads
+    /// every queue after what it holds (which follows them all).
+    pub(crate) fn behind(
+        &self,
+        known: Vec<crate::storage::RemoteQueue>,
+        load: Vec<(String, String)>,
+    ) {
+        if known.is_empty() && load.is_empty() {
+            return;
+        }
+        if self.tx.try_send(Notice::Behind { known, load }).is_err() {
+            self.lost.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// The follower's channel, with the store's feed started into it; `None` for a store only
+/// this process writes.
+pub(super) fn channel(storage: &Arc<dyn Storage>) -> Option<(Feed, Follower)> {
+    let (tx, rx) = std_mpsc::sync_channel(CAPACITY);
+    if !storage.notices(tx.clone()) {
+        return None;
+    }
+    let lost = Arc::new(AtomicBool::new(false));
+    let feed = Feed {
+        tx,
+        lost: lost.clone(),
+    };
+    Some((feed, Follower { rx, lost }))
+}
+
+/// The follower's end of its channel.
+pub(super) struct Follower {
+    rx: std_mpsc::Receiver<Notice>,
+    lost: Arc<AtomicBool>,
+}
+
+/// Starts the follower of a shared store.
 pub(super) fn start(
     storage: &Arc<dyn Storage>,
+    follower: Follower,
     writer: mpsc::Sender<Request>,
     read_limit: usize,
 ) -> Option<std::thread::JoinHandle<()>> {
-    let notices = storage.notices()?;
     let storage = storage.clone();
     let spawned = std::thread::Builder::new()
         .name("eventqueue-follow".into())
-        .spawn(move || run(&*storage, &notices, &writer, read_limit.max(1)));
+        .spawn(move || run(&*storage, &follower, &writer, read_limit.max(1)));
     match spawned {
         Ok(handle) => Some(handle),
         Err(e) => {
@@ -56,13 +113,15 @@ pub(super) fn start(
 
 fn run(
     storage: &dyn Storage,
-    notices: &std_mpsc::Receiver<Notice>,
+    follower: &Follower,
     writer: &mpsc::Sender<Request>,
     read_limit: usize,
 ) {
+    let notices = &follower.rx;
     let mut resync = false;
     loop {
         let mut changes = Vec::new();
+        let mut behind = Vec::new();
         if !resync {
             let Ok(first) = notices.recv() else { return };
             let mut burst = vec![first];
@@ -76,8 +135,28 @@ fn run(
                 match notice {
                     Notice::Changed(c) => changes.extend(c),
                     Notice::Resync => resync = true,
+                    Notice::Behind { known, load } => {
+                        behind.extend(known);
+                        for (tenant, task) in load {
+                            match storage.load_queue(&tenant, &task) {
+                                Ok(Some(q)) => behind.push(q),
+                                // Removed: a notice of its removal says so.
+                                Ok(None) => {}
+                                // The store is away (or the queue's part of it moving): reload
+                                // everything once it answers.
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "cannot load a queue this node may be behind on");
+                                    resync = true;
+                                }
+                            }
+                        }
+                    }
                 }
             }
+        }
+        // Since the previous burst, the writer had no room to say which queues are behind.
+        if follower.lost.swap(false, Ordering::AcqRel) {
+            resync = true;
         }
         // A reload reads everything as of now: it supersedes the changes taken with it.
         let complete = resync;
@@ -85,6 +164,7 @@ fn run(
             match storage.load_all() {
                 Ok(all) => {
                     changes = all;
+                    behind.clear();
                     resync = false;
                 }
                 Err(e) => {
@@ -95,7 +175,11 @@ fn run(
             }
         }
         let (tx, rx) = oneshot::channel();
-        let remote = Remote { changes, complete };
+        let remote = Remote {
+            changes,
+            complete,
+            behind,
+        };
         if writer
             .blocking_send(Request::Remote(Call::new(remote, Reply::new(tx))))
             .is_err()

@@ -104,6 +104,7 @@ impl Core {
             .store(recovered.purges.len() as u64, Ordering::Relaxed);
         let poison = Arc::new(Poison::default());
         let (tx, rx) = mpsc::channel(OP_CHANNEL);
+        let (feed, follower) = follow::channel(&storage).unzip();
         let writer = Writer {
             storage: storage.clone(),
             registry: registry.clone(),
@@ -119,6 +120,7 @@ impl Core {
             next_queue_id: recovered.next_queue_id,
             purges: recovered.purges,
             purge_step: config.purge_step.max(1),
+            feed,
         };
         let handle = std::thread::Builder::new()
             .name("eventqueue-writer".into())
@@ -128,7 +130,9 @@ impl Core {
                 }
             })
             .map_err(|e| Error::internal(format!("cannot start the writer thread: {e}")))?;
-        let shared = follow::start(&storage, tx.clone(), config.replay_chunk).is_some();
+        let shared = follower
+            .and_then(|f| follow::start(&storage, f, tx.clone(), config.replay_chunk))
+            .is_some();
         Ok(Core {
             storage,
             tx,

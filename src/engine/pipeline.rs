@@ -97,6 +97,10 @@ pub(crate) struct Remote {
     /// `changes` is every queue the store holds: a queue this node knows that is not among
     /// them may have been removed (checked with the store before it is forgotten).
     pub complete: bool,
+    /// Records of queues whose published state may be behind them although this node's
+    /// writer has seen them (see [`Notice::Behind`](crate::storage::Notice::Behind)): taken in
+    /// as changes, and followed even when not new to the writer.
+    pub behind: Vec<RemoteQueue>,
 }
 
 /// The first storage failure, shared by the pipeline's threads.
@@ -305,6 +309,9 @@ pub(crate) struct Writer {
     pub purges: Vec<PendingPurge>,
     /// Most events one purge step removes.
     pub purge_step: u64,
+    /// A shared store's follower, told of queues whose published state no notice will bring
+    /// up to date (see `process`); `None` for a store only this process writes.
+    pub feed: Option<super::follow::Feed>,
 }
 
 /// While appends keep coming, one purge step runs at most this often, so a large deletion
@@ -651,6 +658,8 @@ impl WriterLoop {
         let started = Instant::now();
         let mut ops = ops;
         let mut rebuilds = 0;
+        // Newer states of queues taken in from stale rounds (see the end).
+        let mut absorbed: Vec<(u64, RemoteQueue)> = Vec::new();
         let (batch, answers, next_queue_id, result) = loop {
             let (batch, answers, next_queue_id, result) = self.build(ops, now);
             match result {
@@ -659,7 +668,7 @@ impl WriterLoop {
                 // way, so the next batch builds on it).
                 Err(WriteError::Stale(fresh)) => {
                     self.undo_keys(&batch);
-                    self.absorb(&batch, &fresh);
+                    self.absorb(&batch, &fresh, &mut absorbed);
                     if rebuilds < MAX_REBUILDS {
                         rebuilds += 1;
                         Metrics::add(&self.w.metrics.batch_rebuilds, 1);
@@ -705,6 +714,7 @@ impl WriterLoop {
                 .map_err(WriteError::Fatal),
             other => other,
         };
+        self.tell_behind(&batch, result.is_ok(), absorbed);
         match result {
             Ok(logged) => {
                 let events: u64 = batch.stages.iter().map(|s| s.appended).sum();
@@ -860,13 +870,17 @@ impl WriterLoop {
     fn remote(&mut self, remote: Remote) -> Vec<(Arc<QueueState>, QueueRecord)> {
         let mut accepted = Vec::new();
         let mut seen = HashSet::new();
-        for change in remote.changes {
+        let announced = remote.changes.len();
+        let changes = remote.changes.into_iter().chain(remote.behind);
+        for (i, change) in changes.enumerate() {
+            // Followed even when seen already (see `Remote::behind`).
+            let follow_seen = remote.complete || i >= announced;
             let (Ok(tenant), Ok(task)) = (TenantId::new(&change.tenant), TaskId::new(&change.task))
             else {
                 continue;
             };
             let key = (tenant, task);
-            if remote.complete {
+            if remote.complete && i < announced {
                 seen.insert(key.clone());
             }
             let current = self
@@ -886,7 +900,7 @@ impl WriterLoop {
                     {
                         // Seen already; after a reload the published side may still be
                         // behind it (a delivery that could not read): follow again.
-                        if remote.complete {
+                        if follow_seen {
                             accepted.push((q, record.clone()));
                         }
                         continue;
@@ -1006,8 +1020,45 @@ impl WriterLoop {
         Ok(Some(self.adopt(&key, &change, &record)))
     }
 
-    /// Takes in the newer state a shared store answered a stale batch with.
-    fn absorb(&mut self, batch: &Batch, fresh: &[crate::storage::Fresh]) {
+    /// Tells a shared store's follower which queues of a batch may have a published state
+    /// behind the store that no notice will bring up to date:
+    ///
+    /// - the newer states `absorbed` from stale rounds: the notices of those writes are old
+    ///   news to the writer when they come. A queue `batch` commits is published with them
+    ///   (see `publish`); any other — the batch failed, or none of its ops kept the queue —
+    ///   is followed;
+    /// - every queue of a batch that failed (`committed` false): a shared store's rejection
+    ///   may leave it stored (see [`WriteError::Rejected`]), and a node skips its own notices.
+    fn tell_behind(&self, batch: &Batch, committed: bool, absorbed: Vec<(u64, RemoteQueue)>) {
+        let Some(feed) = &self.w.feed else { return };
+        let known: Vec<RemoteQueue> = absorbed
+            .into_iter()
+            .filter(|(qid, _)| !committed || !batch.stages.iter().any(|s| s.q.id() == *qid))
+            .map(|(_, q)| q)
+            .collect();
+        let load = if committed {
+            Vec::new()
+        } else {
+            batch
+                .stages
+                .iter()
+                .map(|s| {
+                    let (t, k) = (s.q.tenant_id(), s.q.task_id());
+                    (t.as_str().to_string(), k.as_str().to_string())
+                })
+                .collect()
+        };
+        feed.behind(known, load);
+    }
+
+    /// Takes in the newer state a shared store answered a stale batch with (and adds each
+    /// record of a queue this node had to `absorbed`).
+    fn absorb(
+        &mut self,
+        batch: &Batch,
+        fresh: &[crate::storage::Fresh],
+        absorbed: &mut Vec<(u64, RemoteQueue)>,
+    ) {
         for f in fresh {
             let Some(stage) = batch.stages.iter().find(|s| s.q.id() == f.qid) else {
                 continue;
@@ -1036,7 +1087,19 @@ impl WriterLoop {
                 continue;
             }
             match &f.record {
-                Some(record) => q.committed().merge(&View::of_record(record)),
+                Some(record) => {
+                    q.committed().merge(&View::of_record(record));
+                    absorbed.retain(|(qid, _)| *qid != f.qid);
+                    absorbed.push((
+                        f.qid,
+                        RemoteQueue {
+                            tenant: q.tenant_id().as_str().to_string(),
+                            task: q.task_id().as_str().to_string(),
+                            rev: f.rev,
+                            record: Some(record.clone()),
+                        },
+                    ));
+                }
                 None => self.forget(q),
             }
         }
@@ -1618,10 +1681,30 @@ fn publish(registry: &Registry, batch: Batch) {
                 q.cancel_token().cancel();
             }
             // A shared store's newer state may have been taken in meanwhile (see
-            // `QueueState::absorb`): never move the published state back.
+            // `WriterLoop::absorb`, `QueueState::follow`): never move the published state
+            // back.
+            let (was_next, was_closed) = (st.view.next_offset, st.view.closed);
             st.view.merge(&stage.view);
+            // Another node's writes this batch's stale rounds took in are published with it
+            // (the notices of those writes are old news to the writer when they come, and a
+            // follow of them then finds nothing to tell): subscribers read the events before
+            // the batch's own from the store, and hear of a close.
+            let own_from = stage.outbox.iter().find_map(|m| match m {
+                Live::Event(e) => Some(e.offset()),
+                _ => None,
+            });
+            let taken_in_to = own_from.unwrap_or(st.view.next_offset);
+            if taken_in_to > was_next {
+                st.hub.publish(Live::Advanced { to: taken_in_to });
+            }
+            let mut closed_said = false;
             for msg in stage.outbox {
+                closed_said |= matches!(msg, Live::Closed { .. });
                 st.hub.publish(msg);
+            }
+            if st.view.closed && !was_closed && !closed_said {
+                let at = st.view.next_offset;
+                st.hub.publish(Live::Closed { at });
             }
             if removed {
                 st.hub.shut();

@@ -32,7 +32,8 @@
 //!   operations; only it assigns offsets and applies the rules, always against the newest
 //!   state.
 //! - **Failures.** [`WriteError::Rejected`]: nothing of the batch was stored and the store can
-//!   take the next batch (a full disk). [`WriteError::Fatal`]: the store may no longer match
+//!   take the next batch (a full disk); on a shared store, possibly stored but not confirmed
+//!   (see there). [`WriteError::Fatal`]: the store may no longer match
 //!   what callers were told; the engine refuses writes until it is reopened, where recovery
 //!   keeps exactly the batches that reached stable storage.
 //!
@@ -320,7 +321,12 @@ pub(crate) struct EventMeta<'a> {
 #[derive(Debug)]
 pub(crate) enum WriteError {
     /// Nothing of the batch was stored: the store is exactly as before and can take the next
-    /// batch.
+    /// batch. A shared store also answers this when it may hold the batch (or part of it) but
+    /// cannot confirm it — a reply lost with the connection, replicas that did not confirm
+    /// in time, a batch over several cluster slots stored in part: the callers get the error
+    /// (a retry by `event_id` finds what was stored), and the engine has the batch's queues'
+    /// published state follow the store's records ([`Notice::Behind`]), as no notice of a
+    /// node's own write reaches it.
     Rejected(Error),
     /// The store may no longer match what its users were told: refuse writes until reopen.
     Fatal(Error),
@@ -337,6 +343,8 @@ pub(crate) struct Fresh {
     pub qid: u64,
     /// Its record; `None` when it was removed.
     pub record: Option<QueueRecord>,
+    /// The store's revision of that record (0 for a removal).
+    pub rev: u64,
 }
 
 impl WriteError {
@@ -378,6 +386,16 @@ pub(crate) enum Notice {
     /// Notices may have been lost (the feed reconnected): the node should reload what the
     /// store holds.
     Resync,
+    /// Sent by the node's own writer, not the store: these queues' published state may be
+    /// behind what the store holds although no notice will say so — a batch met another
+    /// node's write of them (the writer took the newer state in, and the notice of it is then
+    /// old news), or a batch failed after it may have been stored (the node skips its own
+    /// notices). The follower makes their published state follow the records `known`, and
+    /// the current records of the queues in `load`, read from the store.
+    Behind {
+        known: Vec<RemoteQueue>,
+        load: Vec<(String, String)>,
+    },
 }
 
 /// Work a store hands from the writer's thread to the engine's background thread (see
@@ -565,10 +583,11 @@ pub(crate) trait Storage: Send + Sync + 'static {
         Ok(())
     }
 
-    /// A store several nodes share: the feed of other nodes' changes, taken once by the engine
-    /// at start. `None` for a store only this process writes.
-    fn notices(&self) -> Option<std::sync::mpsc::Receiver<Notice>> {
-        None
+    /// A store several nodes share: starts the feed of other nodes' changes into `to` (called
+    /// once by the engine at start; the engine's writer sends into the same channel, see
+    /// [`Notice::Behind`]). `false` for a store only this process writes.
+    fn notices(&self, _to: std::sync::mpsc::SyncSender<Notice>) -> bool {
+        false
     }
 
     /// A shared store's current record of a queue this node does not know yet (created by

@@ -99,8 +99,6 @@ const COMMIT: &str = include_str!("commit.lua");
 /// How long the notice feed waits for a message before it checks whether it should stop,
 /// and between attempts to reconnect.
 const FEED_POLL: Duration = Duration::from_millis(500);
-/// Notices a node holds for its engine before it drops them and asks for a reload instead.
-const FEED_CAPACITY: usize = 16_384;
 /// Longest wait to connect, and for one command's reply.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -968,8 +966,7 @@ impl RedisStore {
     /// [`Notice`] (see the module docs): other nodes' batches, and a [`Notice::Resync`]
     /// after every reconnect (notices may have been missed while away) and whenever the
     /// engine fell so far behind that notices were dropped.
-    fn start_feed(&self) -> Result<std::sync::mpsc::Receiver<Notice>> {
-        let (tx, rx) = std::sync::mpsc::sync_channel(FEED_CAPACITY);
+    fn start_feed(&self, tx: std::sync::mpsc::SyncSender<Notice>) -> Result<()> {
         let clients = self.backend.feed_clients();
         let channel = format!("{}notices", self.prefix);
         let node = self.node.clone();
@@ -1033,7 +1030,7 @@ impl RedisStore {
             })
             .map_err(|e| Error::internal(format!("cannot start the notice thread: {e}")))?;
         *self.feed.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
-        Ok(rx)
+        Ok(())
     }
 
     fn tag(&self, qid: u64) -> Option<Arc<str>> {
@@ -1754,12 +1751,12 @@ impl Storage for RedisStore {
             .clear();
     }
 
-    fn notices(&self) -> Option<std::sync::mpsc::Receiver<Notice>> {
-        match self.start_feed() {
-            Ok(rx) => Some(rx),
+    fn notices(&self, to: std::sync::mpsc::SyncSender<Notice>) -> bool {
+        match self.start_feed(to) {
+            Ok(()) => true,
             Err(e) => {
                 tracing::error!(error = %e, "cannot follow other nodes' writes");
-                None
+                false
             }
         }
     }
@@ -2198,47 +2195,64 @@ impl RedisBatch<'_> {
         if want == 0 {
             return Ok(());
         }
-        let targets: Vec<Option<redis::cluster_routing::RoutingInfo>> = match &self.store.backend {
-            Backend::Single(_) => vec![None],
-            Backend::Cluster(_) => {
-                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-                let masters = self.store.masters.read().unwrap_or_else(|p| p.into_inner());
-                let mut seen = HashSet::new();
-                let mut out = Vec::new();
-                for &slot in slots {
-                    let routing = match masters.iter().find(|(r, _, _)| r.contains(&slot)) {
-                        Some((_, host, port)) if seen.insert((host.clone(), *port)) => {
-                            SingleNodeRoutingInfo::ByAddress {
-                                host: host.clone(),
-                                port: *port,
-                            }
-                        }
-                        Some(_) => continue,
-                        None => {
-                            SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master))
-                        }
-                    };
-                    out.push(Some(RoutingInfo::SingleNode(routing)));
-                }
-                out
-            }
-        };
         let timeout_ms = u64::try_from(self.store.wait_timeout.as_millis()).unwrap_or(u64::MAX);
-        for routing in targets {
-            let reached = self.wait_on(routing.as_ref(), want, timeout_ms)?;
-            if reached < i64::from(want) {
-                return Err(Error::Storage(StorageError::io(
-                    format_args!(
-                        "redis at {}: {reached} of {want} replicas confirmed the batch within \
-                         {timeout_ms} ms (--redis-wait-replicas); it is on the primary but \
-                         may not survive a failover",
-                        self.store.shown
-                    ),
-                    std::io::Error::from(std::io::ErrorKind::TimedOut),
-                )));
+        let mut relearnt = false;
+        'targets: loop {
+            for routing in self.wait_targets(slots) {
+                let reached = match self.wait_on(routing.as_ref(), want, timeout_ms) {
+                    Ok(n) => n,
+                    // In a cluster, the master as last learnt may be gone or a replica now (a
+                    // failover): learn the masters again and wait at the new ones, once.
+                    Err(e) if routing.is_some() && !relearnt => {
+                        tracing::debug!(error = %e, "waiting for replicas; relearning the masters");
+                        relearnt = true;
+                        let mut c = self.store.conn()?;
+                        self.store.refresh_masters(&mut c).map_err(|_| e)?;
+                        continue 'targets;
+                    }
+                    Err(e) => return Err(e),
+                };
+                if reached < i64::from(want) {
+                    return Err(Error::Storage(StorageError::io(
+                        format_args!(
+                            "redis at {}: {reached} of {want} replicas confirmed the batch \
+                             within {timeout_ms} ms (--redis-wait-replicas); it is on the \
+                             primary but may not survive a failover",
+                            self.store.shown
+                        ),
+                        std::io::Error::from(std::io::ErrorKind::TimedOut),
+                    )));
+                }
             }
+            return Ok(());
         }
-        Ok(())
+    }
+
+    /// Where the replica waits of a batch over `slots` go: the one server (`None`), or each
+    /// master the batch wrote to, once (by the masters as last learnt; by slot for a slot none
+    /// of them serves).
+    fn wait_targets(&self, slots: &[u16]) -> Vec<Option<redis::cluster_routing::RoutingInfo>> {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        if let Backend::Single(_) = &self.store.backend {
+            return vec![None];
+        }
+        let masters = self.store.masters.read().unwrap_or_else(|p| p.into_inner());
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for &slot in slots {
+            let routing = match masters.iter().find(|(r, _, _)| r.contains(&slot)) {
+                Some((_, host, port)) if seen.insert((host.clone(), *port)) => {
+                    SingleNodeRoutingInfo::ByAddress {
+                        host: host.clone(),
+                        port: *port,
+                    }
+                }
+                Some(_) => continue,
+                None => SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master)),
+            };
+            out.push(Some(RoutingInfo::SingleNode(routing)));
+        }
+        out
     }
 
     /// `WAITAOF 0 N timeout` (Redis ≥ 7.2: replicas that wrote the batch to their AOF), else
@@ -2779,7 +2793,7 @@ impl RedisBatch<'_> {
                         .chunks(2)
                         .filter_map(|p| Some((text(p.first()?)?, text(p.get(1)?)?)))
                         .collect();
-                    let record = if fields.is_empty() {
+                    let (record, rev) = if fields.is_empty() {
                         self.store
                             .revs
                             .lock()
@@ -2791,7 +2805,7 @@ impl RedisBatch<'_> {
                             .unwrap_or_else(|p| p.into_inner())
                             .remove(&qid);
                         self.store.forget_reads(qid);
-                        None
+                        (None, 0)
                     } else {
                         let (record, rev) =
                             parse_record(qid, &fields).map_err(WriteError::Fatal)?;
@@ -2818,9 +2832,9 @@ impl RedisBatch<'_> {
                                 .insert(qid, id_tweak(&tag, record.created_at_us));
                         }
                         self.store.set_first(qid, record.first_offset);
-                        Some(record)
+                        (Some(record), rev)
                     };
-                    fresh.push(Fresh { qid, record });
+                    fresh.push(Fresh { qid, record, rev });
                 }
                 Ok(Reply::Stale(fresh))
             }
