@@ -403,6 +403,19 @@ async fn queue_with_events(m: &QueueManager, name: &str, n: usize) -> eventqueue
     q
 }
 
+/// Queue `name` of tenant `t` on node `m`, once the notice of its creation elsewhere reached it.
+async fn known_on(m: &QueueManager, name: &str) -> eventqueue::EventQueue {
+    let (t, k) = (tenant("t"), task(name));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(q) = m.get_queue(&t, &k) {
+            return q;
+        }
+        assert!(Instant::now() < deadline, "the node never learnt of {name}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// A replay of `q` from offset 0 delivers offsets `0..n`, each once, in order.
 async fn assert_replays(q: &eventqueue::EventQueue, n: usize) {
     let mut sub = q.subscribe(0).unwrap();
@@ -1498,12 +1511,8 @@ async fn a_password_in_the_url_opens_the_store_and_a_wrong_one_is_not_shown() {
     );
 }
 
-/// `--redis-wait-replicas`: with one replica attached, N = 1 acknowledges (and the replica
-/// has the events); N = 2 cannot be met: the write answers 503 naming the storage and the
-/// replicas reached.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn waiting_for_replicas_acknowledges_when_they_confirm_and_answers_503_when_not() {
-    let primary = RedisServer::start();
+/// A replica of `primary`, once in sync, and a connection to it.
+fn replica_of(primary: &RedisServer) -> (RedisServer, redis::Connection) {
     let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut conn = redis::Client::open(replica.url())
@@ -1516,7 +1525,7 @@ async fn waiting_for_replicas_acknowledges_when_they_confirm_and_answers_503_whe
             .query(&mut conn)
             .unwrap();
         if info.contains("master_link_status:up") {
-            break;
+            return (replica, conn);
         }
         assert!(
             Instant::now() < deadline,
@@ -1524,6 +1533,53 @@ async fn waiting_for_replicas_acknowledges_when_they_confirm_and_answers_503_whe
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// An event refused for want of replicas (so stored on the primary alone) and sent again with
+/// its `event_id` is acknowledged only once a replica has it: refused again while none does,
+/// then acknowledged with the offset it was stored at, once a replica is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_sent_again_is_acknowledged_only_once_a_replica_has_it() {
+    let primary = RedisServer::start();
+    let (t, k) = (tenant("t"), task("job"));
+    let other = QueueManager::open(primary.config()).await.unwrap();
+    other
+        .create_queue(&t, &k, QueueOptions::default())
+        .await
+        .unwrap();
+    let node = QueueManager::open(Config {
+        redis_wait_replicas: 1,
+        redis_wait_timeout: Duration::from_millis(200),
+        ..primary.config()
+    })
+    .await
+    .unwrap();
+    let q = node.get_queue(&t, &k).unwrap();
+    let event = eventqueue::Event::new(&t, &k, working());
+    for attempt in 0..2 {
+        match q.enqueue(event.clone()).await {
+            Err(Error::Storage(e)) => assert!(e.to_string().contains("0 of 1 replicas"), "{e}"),
+            other => panic!("attempt {attempt}: expected the replica wait to fail, got {other:?}"),
+        }
+    }
+    let (_replica, mut conn) = replica_of(&primary);
+    assert_eq!(q.enqueue(event.clone()).await.unwrap(), 0);
+    let len: u64 = redis::cmd("XLEN")
+        .arg("eq:e:{t/job}")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(len, 1, "the replica has the event, once");
+    node.shutdown().await.unwrap();
+    other.shutdown().await.unwrap();
+}
+
+/// `--redis-wait-replicas`: with one replica attached, N = 1 acknowledges (and the replica
+/// has the events); N = 2 cannot be met: the write answers 503 naming the storage and the
+/// replicas reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_replicas_acknowledges_when_they_confirm_and_answers_503_when_not() {
+    let primary = RedisServer::start();
+    let (_replica, mut conn) = replica_of(&primary);
 
     let one = QueueManager::open(Config {
         redis_wait_replicas: 1,
@@ -1625,14 +1681,7 @@ async fn a_close_met_by_another_nodes_enqueue_ends_that_nodes_streams() {
         let name = format!("race{round}");
         let k = task(&name);
         let qa = queue_with_events(&a, &name, 1).await;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let qb = loop {
-            if let Some(q) = b.get_queue(&t, &k) {
-                break q;
-            }
-            assert!(Instant::now() < deadline, "node b never learnt of {name}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
+        let qb = known_on(&b, &name).await;
         let mut live = qb.subscribe(0).unwrap();
         assert_eq!(offsets(&mut live, 1).await, vec![0]);
         let (closed, sent) = tokio::join!(
@@ -2239,7 +2288,7 @@ async fn cluster_failover_keeps_every_acknowledged_event_and_live_streams_go_on(
     let b = QueueManager::open(config).await.unwrap();
     let (t, k) = (tenant("t"), task("job"));
     let qa = queue_with_events(&a, "job", 30).await;
-    let qb = b.get_queue(&t, &k).unwrap();
+    let qb = known_on(&b, "job").await;
     let mut live = qb.subscribe(0).unwrap();
     assert_eq!(offsets(&mut live, 30).await, (0..30).collect::<Vec<u64>>());
 

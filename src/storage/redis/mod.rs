@@ -96,6 +96,15 @@ mod xrange;
 /// The batch script; see the module docs and the script's own header.
 const COMMIT: &str = include_str!("commit.lua");
 
+/// Writes a queue's revision again, unchanged (a write the replicas receive, that changes
+/// nothing): see `RedisBatch::wait_for_found`.
+static REWRITE_REVISION: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        "local r = redis.call('HGET', KEYS[1], 'rev') \
+         if r then redis.call('HSET', KEYS[1], 'rev', r) end return 0",
+    )
+});
+
 /// How long the notice feed waits for a message before it checks whether it should stop,
 /// and between attempts to reconnect.
 const FEED_POLL: Duration = Duration::from_millis(500);
@@ -1505,6 +1514,7 @@ impl Storage for RedisStore {
             removed: Vec::new(),
             ids: HashMap::new(),
             checkpoints: BatchCheckpoints::default(),
+            found: Vec::new(),
         }))
     }
 
@@ -1888,6 +1898,10 @@ struct RedisBatch<'s> {
     /// Ids appended by this batch: `(qid, id)` → offset.
     ids: HashMap<(u64, Box<str>), u64>,
     checkpoints: BatchCheckpoints,
+    /// Queues with an event this batch answers from what Redis holds (an `event_id` sent
+    /// again), when acknowledgements wait for replicas: the batch waits for them there too,
+    /// as the first answer may have been a refusal for want of them.
+    found: Vec<u64>,
 }
 
 impl RedisBatch<'_> {
@@ -2228,6 +2242,40 @@ impl RedisBatch<'_> {
         }
     }
 
+    /// Waits until the configured number of replicas have the stored events this batch
+    /// answers from (see `found`), beyond the slots `waited` its own writes waited on. A
+    /// replica wait counts from the connection's last write, which may be older than the
+    /// event (written by another connection, or by this node for an answer it then refused
+    /// for want of replicas): each such queue's revision is first written again, unchanged
+    /// (atomically, in a script), on this batch's connection; on one server a batch that
+    /// waited for its own writes covers them already.
+    fn wait_for_found(&mut self, waited: &[u16]) -> Result<()> {
+        if self.found.is_empty() {
+            return Ok(());
+        }
+        let single = matches!(self.store.backend, Backend::Single(_));
+        if single && !waited.is_empty() {
+            return Ok(());
+        }
+        let mut slots = Vec::new();
+        for qid in std::mem::take(&mut self.found) {
+            let Some(tag) = self.tag(qid) else { continue };
+            let slot = slot_of(&tag);
+            if waited.contains(&slot) || slots.contains(&slot) {
+                continue;
+            }
+            let key = self.store.key("q", &tag);
+            self.conn.run("confirming a stored event", |con| {
+                REWRITE_REVISION.key(&key).invoke::<Value>(con)
+            })?;
+            slots.push(slot);
+            if single {
+                break;
+            }
+        }
+        self.wait_for_replicas(&slots)
+    }
+
     /// Where the replica waits of a batch over `slots` go: the one server (`None`), or each
     /// master the batch wrote to, once (by the masters as last learnt; by slot for a slot none
     /// of them serves).
@@ -2413,16 +2461,19 @@ impl WriteBatch for RedisBatch<'_> {
                 (indexed, Some((at, stored)))
             }
         };
-        if let Some(at) = indexed.filter(|at| retained.contains(at)) {
-            return Ok(Some(at));
-        }
-        let Some((at, stored)) = stored else {
-            return Ok(None);
-        };
-        Ok(
-            (record_at(stored, at)?.as_deref().and_then(record_id) == Some(event_id.as_bytes()))
+        let found = match indexed.filter(|at| retained.contains(at)) {
+            Some(at) => Some(at),
+            None => match stored {
+                None => None,
+                Some((at, stored)) => (record_at(stored, at)?.as_deref().and_then(record_id)
+                    == Some(event_id.as_bytes()))
                 .then_some(at),
-        )
+            },
+        };
+        if found.is_some() && self.store.wait_replicas > 0 && !self.found.contains(&qid) {
+            self.found.push(qid);
+        }
+        Ok(found)
     }
 
     fn event_record(&self, meta: &EventMeta<'_>, json_len: usize) -> Result<(Vec<u8>, usize)> {
@@ -2567,6 +2618,9 @@ impl WriteBatch for RedisBatch<'_> {
         // revision checks confirm the views its answers were decided on, and it writes
         // nothing, so it waits for no replica either.
         if self.ops.is_empty() && self.checks.is_empty() {
+            // Answers from what Redis holds alone (events sent again): acknowledged once the
+            // replicas have those events too.
+            self.wait_for_found(&[]).map_err(WriteError::Rejected)?;
             return Ok(false);
         }
         let writes = !self.ops.is_empty();
@@ -2708,6 +2762,8 @@ impl WriteBatch for RedisBatch<'_> {
             self.wait_for_replicas(&slots)
                 .map_err(WriteError::Rejected)?;
         }
+        self.wait_for_found(if writes { &slots } else { &[] })
+            .map_err(WriteError::Rejected)?;
         let mut dropped: Vec<(String, String)> = Vec::new();
         {
             let mut revs = self.store.revs.lock().unwrap_or_else(|p| p.into_inner());
