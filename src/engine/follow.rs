@@ -138,10 +138,20 @@ fn run(
                     Notice::Behind { known, load } => {
                         behind.extend(known);
                         for (tenant, task) in load {
+                            // A reload comes anyway: it follows every queue.
+                            if resync {
+                                break;
+                            }
                             match storage.load_queue(&tenant, &task) {
                                 Ok(Some(q)) => behind.push(q),
-                                // Removed: a notice of its removal says so.
-                                Ok(None) => {}
+                                // Removed (a delete of this node's failed batch was stored
+                                // after all: no notice of it comes): the writer checks again.
+                                Ok(None) => behind.push(crate::storage::RemoteQueue {
+                                    tenant,
+                                    task,
+                                    rev: 0,
+                                    record: None,
+                                }),
                                 // The store is away (or the queue's part of it moving): reload
                                 // everything once it answers.
                                 Err(e) => {

@@ -890,7 +890,14 @@ impl WriterLoop {
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&key)
                 .cloned();
+            let behind = i >= announced;
             match (current, &change.record) {
+                // Deleted here, not yet published: nothing to take in (the store's state of
+                // that id is gone).
+                (Some(q), Some(_)) if q.committed().removed => {}
+                // A record the writer took in earlier (it carries the queue's id here), of a
+                // queue since deleted and created again under the name: not this one's.
+                (Some(q), Some(record)) if behind && record.id != 0 && record.id != q.id() => {}
                 (Some(q), Some(record)) => {
                     if self
                         .w
@@ -908,6 +915,14 @@ impl WriterLoop {
                     q.committed().merge(&View::of_record(record));
                     self.w.storage.adopt(q.id(), &change);
                     accepted.push((q, record.clone()));
+                }
+                // Gone from the store after a batch of this node's failed (a delete that
+                // was stored after all): forgotten if the store still has no such queue now
+                // that every batch this node committed is in it.
+                (Some(q), None) if behind => {
+                    if let Ok(None) = self.w.storage.load_queue(&change.tenant, &change.task) {
+                        self.forget(&q);
+                    }
                 }
                 (Some(q), None) => {
                     if self

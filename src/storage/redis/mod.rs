@@ -97,11 +97,13 @@ mod xrange;
 const COMMIT: &str = include_str!("commit.lua");
 
 /// Writes a queue's revision again, unchanged (a write the replicas receive, that changes
-/// nothing): see `RedisBatch::wait_for_found`.
+/// nothing), if it is `ARGV[1]` (any, when that is empty); 1 if it did. See
+/// `RedisBatch::wait_for_found` and `RedisBatch::wait_for_replicas`.
 static REWRITE_REVISION: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         "local r = redis.call('HGET', KEYS[1], 'rev') \
-         if r then redis.call('HSET', KEYS[1], 'rev', r) end return 0",
+         if r and (ARGV[1] == '' or r == ARGV[1]) then \
+           redis.call('HSET', KEYS[1], 'rev', r) return 1 end return 0",
     )
 });
 
@@ -1898,9 +1900,10 @@ struct RedisBatch<'s> {
     /// Ids appended by this batch: `(qid, id)` → offset.
     ids: HashMap<(u64, Box<str>), u64>,
     checkpoints: BatchCheckpoints,
-    /// Queues with an event this batch answers from what Redis holds (an `event_id` sent
-    /// again), when acknowledgements wait for replicas: the batch waits for them there too,
-    /// as the first answer may have been a refusal for want of them.
+    /// Queues with an answer this batch gives from what Redis holds (an `event_id` sent
+    /// again, an answer decided on a checked state), when acknowledgements wait for
+    /// replicas: the batch waits for them there too, as the first answer may have been a
+    /// refusal for want of them.
     found: Vec<u64>,
 }
 
@@ -2204,7 +2207,13 @@ impl RedisBatch<'_> {
 
     /// Waits until the configured number of replicas have what this batch wrote (on every
     /// master it wrote to); an unavailable-storage error when fewer do in time.
-    fn wait_for_replicas(&mut self, slots: &[u16]) -> Result<()> {
+    ///
+    /// In a cluster, a wait that fails at a master as last learnt (gone, or a replica now: a
+    /// failover) is made again, once, at the masters learnt anew — after writing the
+    /// revision of every queue in `stored` (tag, revision the batch stored; "" for any) again
+    /// there, unchanged: the new master must hold the batch (else the error stands: the
+    /// batch may be lost), and the wait on this connection then counts from a write after it.
+    fn wait_for_replicas(&mut self, slots: &[u16], stored: &[(String, String)]) -> Result<()> {
         let want = self.store.wait_replicas;
         if want == 0 {
             return Ok(());
@@ -2221,7 +2230,15 @@ impl RedisBatch<'_> {
                         tracing::debug!(error = %e, "waiting for replicas; relearning the masters");
                         relearnt = true;
                         let mut c = self.store.conn()?;
-                        self.store.refresh_masters(&mut c).map_err(|_| e)?;
+                        if self.store.refresh_masters(&mut c).is_err() {
+                            return Err(e);
+                        }
+                        drop(c);
+                        for (tag, rev) in stored {
+                            if !self.rewrite_revision(tag, rev)? {
+                                return Err(e);
+                            }
+                        }
                         continue 'targets;
                     }
                     Err(e) => return Err(e),
@@ -2258,22 +2275,36 @@ impl RedisBatch<'_> {
             return Ok(());
         }
         let mut slots = Vec::new();
+        let mut touched = Vec::new();
         for qid in std::mem::take(&mut self.found) {
             let Some(tag) = self.tag(qid) else { continue };
             let slot = slot_of(&tag);
             if waited.contains(&slot) || slots.contains(&slot) {
                 continue;
             }
-            let key = self.store.key("q", &tag);
-            self.conn.run("confirming a stored event", |con| {
-                REWRITE_REVISION.key(&key).invoke::<Value>(con)
-            })?;
+            if !self.rewrite_revision(&tag, "")? {
+                return Err(Error::storage(format!(
+                    "redis at {}: a queue was removed while the batch confirmed its events",
+                    self.store.shown
+                )));
+            }
             slots.push(slot);
+            touched.push((tag.to_string(), String::new()));
             if single {
                 break;
             }
         }
-        self.wait_for_replicas(&slots)
+        self.wait_for_replicas(&slots, &touched)
+    }
+
+    /// [`REWRITE_REVISION`] of queue `tag` on this batch's connection: whether the queue's
+    /// revision was `rev` (any, when empty) and is written again.
+    fn rewrite_revision(&mut self, tag: &str, rev: &str) -> Result<bool> {
+        let key = self.store.key("q", tag);
+        let done: i64 = self.conn.run("confirming a stored batch", |con| {
+            REWRITE_REVISION.key(&key).arg(rev).invoke(con)
+        })?;
+        Ok(done == 1)
     }
 
     /// Where the replica waits of a batch over `slots` go: the one server (`None`), or each
@@ -2611,12 +2642,17 @@ impl WriteBatch for RedisBatch<'_> {
 
     fn check(&mut self, qid: u64) {
         self.touch(qid);
+        // An answer decided on what Redis holds (a Durable Streams append found to be a
+        // duplicate, say) may repeat one refused for want of replicas: it waits for them too.
+        if self.store.wait_replicas > 0 && !self.found.contains(&qid) {
+            self.found.push(qid);
+        }
     }
 
     fn commit(mut self: Box<Self>) -> Result<bool, WriteError> {
         // A batch of checks alone (see `WriteBatch::check`) still runs the script: its
-        // revision checks confirm the views its answers were decided on, and it writes
-        // nothing, so it waits for no replica either.
+        // revision checks confirm the views its answers were decided on; it writes nothing,
+        // and waits for replicas only as an answer from what Redis holds does (`found`).
         if self.ops.is_empty() && self.checks.is_empty() {
             // Answers from what Redis holds alone (events sent again): acknowledged once the
             // replicas have those events too.
@@ -2759,7 +2795,13 @@ impl WriteBatch for RedisBatch<'_> {
         // an error and the revisions stay unknown to this node, so its next batch of these
         // queues takes in what is stored.
         if writes {
-            self.wait_for_replicas(&slots)
+            let revs: Vec<(String, String)> = stored
+                .iter()
+                .flat_map(|(pairs, _)| pairs)
+                .filter(|(tag, _)| !tag.starts_with("ci:"))
+                .cloned()
+                .collect();
+            self.wait_for_replicas(&slots, &revs)
                 .map_err(WriteError::Rejected)?;
         }
         self.wait_for_found(if writes { &slots } else { &[] })
