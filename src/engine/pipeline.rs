@@ -1284,11 +1284,11 @@ fn apply(
             settle(call, result, Answer::Create)
         }
         Op::Close(call) => {
-            let result = close(batch, &call.args);
+            let result = close(w, batch, &call.args);
             settle(call, Ok(result), Answer::Close)
         }
         Op::Cancel(call) => {
-            let result = cancel(batch, &call.args, now);
+            let result = cancel(w, batch, &call.args, now);
             settle(call, Ok(result), Answer::Cancel)
         }
         Op::Delete(call) => {
@@ -1540,12 +1540,17 @@ fn create(
     Ok(Ok(q))
 }
 
-fn close(batch: &mut Batch, queue: &Arc<QueueState>) -> Result<()> {
+/// Closes the queue; a queue closed already is answered from its state, which the store
+/// confirms (`WriteBatch::check`: a close repeated after one refused for want of replicas
+/// waits for them too).
+fn close(w: &mut dyn WriteBatch, batch: &mut Batch, queue: &Arc<QueueState>) -> Result<()> {
     let stage = batch.stage(queue);
     if stage.view.removed {
         return Err(queue.not_found());
     }
-    if !stage.view.closed {
+    if stage.view.closed {
+        w.check(queue.id());
+    } else {
         stage.view.closed = true;
         stage.dirty = true;
         let at = stage.view.next_offset;
@@ -1554,7 +1559,9 @@ fn close(batch: &mut Batch, queue: &Arc<QueueState>) -> Result<()> {
     Ok(())
 }
 
-fn cancel(batch: &mut Batch, op: &Cancel, now: Timestamp) -> Result<()> {
+/// Cancels the task; one cancelled already is answered from its state, confirmed as in
+/// [`close`].
+fn cancel(w: &mut dyn WriteBatch, batch: &mut Batch, op: &Cancel, now: Timestamp) -> Result<()> {
     let stage = batch.stage(&op.queue);
     if stage.view.removed {
         return Err(op.queue.not_found());
@@ -1564,7 +1571,9 @@ fn cancel(batch: &mut Batch, op: &Cancel, now: Timestamp) -> Result<()> {
             task_id: op.queue.task_id().to_string(),
         });
     }
-    if stage.view.cancel.is_none() {
+    if stage.view.cancel.is_some() {
+        w.check(op.queue.id());
+    } else {
         stage.view.cancel = Some(CancelInfo {
             reason: op.reason.clone(),
             time: now,

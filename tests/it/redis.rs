@@ -1537,16 +1537,19 @@ fn replica_of(primary: &RedisServer) -> (RedisServer, redis::Connection) {
 
 /// An event refused for want of replicas (so stored on the primary alone) and sent again with
 /// its `event_id` is acknowledged only once a replica has it: refused again while none does,
-/// then acknowledged with the offset it was stored at, once a replica is back.
+/// then acknowledged with the offset it was stored at, once a replica is back. A close
+/// repeated the same way likewise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_sent_again_is_acknowledged_only_once_a_replica_has_it() {
     let primary = RedisServer::start();
-    let (t, k) = (tenant("t"), task("job"));
+    let (t, k, closing) = (tenant("t"), task("job"), task("closing"));
     let other = QueueManager::open(primary.config()).await.unwrap();
-    other
-        .create_queue(&t, &k, QueueOptions::default())
-        .await
-        .unwrap();
+    for k in [&k, &closing] {
+        other
+            .create_queue(&t, k, QueueOptions::default())
+            .await
+            .unwrap();
+    }
     let node = QueueManager::open(Config {
         redis_wait_replicas: 1,
         redis_wait_timeout: Duration::from_millis(200),
@@ -1562,7 +1565,15 @@ async fn an_event_sent_again_is_acknowledged_only_once_a_replica_has_it() {
             other => panic!("attempt {attempt}: expected the replica wait to fail, got {other:?}"),
         }
     }
+    let to_close = node.get_queue(&t, &closing).unwrap();
+    for attempt in 0..2 {
+        match to_close.close().await {
+            Err(Error::Storage(e)) => assert!(e.to_string().contains("0 of 1 replicas"), "{e}"),
+            other => panic!("close {attempt}: expected the replica wait to fail, got {other:?}"),
+        }
+    }
     let (_replica, mut conn) = replica_of(&primary);
+    to_close.close().await.unwrap();
     assert_eq!(q.enqueue(event.clone()).await.unwrap(), 0);
     let len: u64 = redis::cmd("XLEN")
         .arg("eq:e:{t/job}")
