@@ -1511,6 +1511,14 @@ async fn a_password_in_the_url_opens_the_store_and_a_wrong_one_is_not_shown() {
     );
 }
 
+/// `result` is the refusal of a write no replica confirmed (with one wanted).
+fn refused_for_want_of_replicas<T: std::fmt::Debug>(result: eventqueue::Result<T>, what: &str) {
+    match result {
+        Err(Error::Storage(e)) => assert!(e.to_string().contains("0 of 1 replicas"), "{what}: {e}"),
+        other => panic!("{what}: expected the replica wait to fail, got {other:?}"),
+    }
+}
+
 /// A replica of `primary`, once in sync, and a connection to it.
 fn replica_of(primary: &RedisServer) -> (RedisServer, redis::Connection) {
     let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
@@ -1560,17 +1568,11 @@ async fn an_event_sent_again_is_acknowledged_only_once_a_replica_has_it() {
     let q = node.get_queue(&t, &k).unwrap();
     let event = eventqueue::Event::new(&t, &k, working());
     for attempt in 0..2 {
-        match q.enqueue(event.clone()).await {
-            Err(Error::Storage(e)) => assert!(e.to_string().contains("0 of 1 replicas"), "{e}"),
-            other => panic!("attempt {attempt}: expected the replica wait to fail, got {other:?}"),
-        }
+        refused_for_want_of_replicas(q.enqueue(event.clone()).await, &format!("send {attempt}"));
     }
     let to_close = node.get_queue(&t, &closing).unwrap();
     for attempt in 0..2 {
-        match to_close.close().await {
-            Err(Error::Storage(e)) => assert!(e.to_string().contains("0 of 1 replicas"), "{e}"),
-            other => panic!("close {attempt}: expected the replica wait to fail, got {other:?}"),
-        }
+        refused_for_want_of_replicas(to_close.close().await, &format!("close {attempt}"));
     }
     let (_replica, mut conn) = replica_of(&primary);
     to_close.close().await.unwrap();
@@ -1667,10 +1669,10 @@ async fn a_write_refused_after_it_was_stored_reaches_the_writing_nodes_subscribe
     let mut live = q.subscribe(0).unwrap();
     assert_eq!(offsets(&mut live, 2).await, vec![0, 1]);
     let mut live_on_other = on_other.subscribe(2).unwrap();
-    match q.enqueue(eventqueue::Event::new(&t, &k, working())).await {
-        Err(Error::Storage(e)) => assert!(e.to_string().contains("0 of 1 replicas"), "{e}"),
-        other => panic!("expected the replica wait to fail, got {other:?}"),
-    }
+    refused_for_want_of_replicas(
+        q.enqueue(eventqueue::Event::new(&t, &k, working())).await,
+        "the enqueue",
+    );
     assert_eq!(offsets(&mut live, 1).await, vec![2]);
     assert_eq!(offsets(&mut live_on_other, 1).await, vec![2]);
     node.shutdown().await.unwrap();
