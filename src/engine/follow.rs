@@ -122,6 +122,9 @@ fn run(
     loop {
         let mut changes = Vec::new();
         let mut behind = Vec::new();
+        // Queues loaded in this burst (failed batches of one queue, as during an outage,
+        // ask for it once per batch).
+        let mut loaded = std::collections::HashSet::new();
         if !resync {
             let Ok(first) = notices.recv() else { return };
             let mut burst = vec![first];
@@ -141,6 +144,9 @@ fn run(
                             // A reload comes anyway: it follows every queue.
                             if resync {
                                 break;
+                            }
+                            if !loaded.insert((tenant.clone(), task.clone())) {
+                                continue;
                             }
                             match storage.load_queue(&tenant, &task) {
                                 Ok(Some(q)) => behind.push(q),
