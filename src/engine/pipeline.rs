@@ -874,13 +874,14 @@ impl WriterLoop {
         let changes = remote.changes.into_iter().chain(remote.behind);
         for (i, change) in changes.enumerate() {
             // Followed even when seen already (see `Remote::behind`).
-            let follow_seen = remote.complete || i >= announced;
+            let behind = i >= announced;
+            let follow_seen = remote.complete || behind;
             let (Ok(tenant), Ok(task)) = (TenantId::new(&change.tenant), TaskId::new(&change.task))
             else {
                 continue;
             };
             let key = (tenant, task);
-            if remote.complete && i < announced {
+            if remote.complete && !behind {
                 seen.insert(key.clone());
             }
             let current = self
@@ -890,7 +891,6 @@ impl WriterLoop {
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&key)
                 .cloned();
-            let behind = i >= announced;
             match (current, &change.record) {
                 // Deleted here, not yet published: nothing to take in (the store's state of
                 // that id is gone).
@@ -919,11 +919,7 @@ impl WriterLoop {
                 // Gone from the store after a batch of this node's failed (a delete that
                 // was stored after all): forgotten if the store still has no such queue now
                 // that every batch this node committed is in it.
-                (Some(q), None) if behind => {
-                    if let Ok(None) = self.w.storage.load_queue(&change.tenant, &change.task) {
-                        self.forget(&q);
-                    }
-                }
+                (Some(q), None) if behind => self.forget_if_gone(&q),
                 (Some(q), None) => {
                     if self
                         .w
@@ -957,16 +953,24 @@ impl WriterLoop {
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
                 .filter(|((t, k), _)| !seen.contains(&((*t).clone(), (*k).clone())))
-                .map(|((t, k), q)| ((t.clone(), k.clone()), q.clone()))
+                .map(|(_, q)| q.clone())
                 .collect();
-            for ((tenant, task), q) in missing {
-                // Created here after the reload's read, or really removed: ask again.
-                if let Ok(None) = self.w.storage.load_queue(tenant.as_str(), task.as_str()) {
-                    self.forget(&q);
-                }
+            // Created here after the reload's read, or really removed: ask again.
+            for q in missing {
+                self.forget_if_gone(&q);
             }
         }
         accepted
+    }
+
+    /// Forgets `q` if the store holds no queue of its name now — asked on the writer's
+    /// thread, so after every batch this node committed (a queue it created meanwhile is
+    /// there).
+    fn forget_if_gone(&mut self, q: &Arc<QueueState>) {
+        let (tenant, task) = (q.tenant_id().as_str(), q.task_id().as_str());
+        if let Ok(None) = self.w.storage.load_queue(tenant, task) {
+            self.forget(q);
+        }
     }
 
     /// A queue another node created, known to this node from now on by a new id.

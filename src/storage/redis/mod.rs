@@ -1918,6 +1918,13 @@ impl RedisBatch<'_> {
         self.tags.get(&qid).cloned().or_else(|| self.store.tag(qid))
     }
 
+    /// The batch answers something of queue `qid` from what Redis holds: see `found`.
+    fn answered_from_store(&mut self, qid: u64) {
+        if self.store.wait_replicas > 0 && !self.found.contains(&qid) {
+            self.found.push(qid);
+        }
+    }
+
     /// The batch's checks and operations by cluster slot (each slot's own script), with a
     /// key of the slot to route the script by.
     fn groups(&self) -> Result<Vec<Group<'_>>> {
@@ -2501,8 +2508,8 @@ impl WriteBatch for RedisBatch<'_> {
                 .then_some(at),
             },
         };
-        if found.is_some() && self.store.wait_replicas > 0 && !self.found.contains(&qid) {
-            self.found.push(qid);
+        if found.is_some() {
+            self.answered_from_store(qid);
         }
         Ok(found)
     }
@@ -2644,9 +2651,7 @@ impl WriteBatch for RedisBatch<'_> {
         self.touch(qid);
         // An answer decided on what Redis holds (a Durable Streams append found to be a
         // duplicate, say) may repeat one refused for want of replicas: it waits for them too.
-        if self.store.wait_replicas > 0 && !self.found.contains(&qid) {
-            self.found.push(qid);
-        }
+        self.answered_from_store(qid);
     }
 
     fn commit(mut self: Box<Self>) -> Result<bool, WriteError> {
