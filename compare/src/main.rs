@@ -9,6 +9,7 @@ mod drive;
 mod dstreams;
 mod eq_peer;
 mod nats_peer;
+mod null_server;
 mod redis_peer;
 mod report;
 mod scale;
@@ -78,6 +79,13 @@ struct Args {
     /// 4000, `--quick` 1000), e.g. to profile a server under a steady load.
     #[arg(long, value_name = "MS")]
     measure_ms: Option<u64>,
+    /// Put the harness's null server (`null_server.rs`) in eventqueue's place: an HTTP server
+    /// that answers each enqueue doing nothing (or, over Redis, one `XADD` or one call of
+    /// eventqueue's batch script; `EQ_COMPARE_NULL=none|xadd|script`). Its rows are the floor
+    /// of an HTTP front end on this machine: what no server taking one event per request can
+    /// beat.
+    #[arg(long)]
+    null_server: bool,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
@@ -252,16 +260,37 @@ pub struct Run {
     pub systems: Vec<SystemRun>,
 }
 
-#[tokio::main]
-async fn main() {
-    let args = Args::parse();
-    if let Err(e) = run(args).await {
+fn main() {
+    let ran = if null_server::invoked() {
+        null_server::main()
+    } else {
+        let args = Args::parse();
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")
+            .and_then(|rt| rt.block_on(run(args)))
+    };
+    if let Err(e) = ran {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
-async fn run(args: Args) -> Result<()> {
+async fn run(mut args: Args) -> Result<()> {
+    if args.null_server {
+        args.eventqueue = std::env::current_exe().context("finding this harness's binary")?;
+        let mode = std::env::var("EQ_COMPARE_NULL").unwrap_or_default();
+        println!(
+            "**The eventqueue columns below are the harness's null server (mode `{}`), not \
+             eventqueue**: the floor of an HTTP front end on this machine (`null_server.rs`).\n",
+            match (mode.as_str(), args.scale) {
+                ("", false) => "none",
+                ("", true) => "script",
+                (m, _) => m,
+            }
+        );
+    }
     let mut plan = Plan::new(args.quick);
     if let Some(ms) = args.measure_ms {
         plan.measure = std::time::Duration::from_millis(ms);
