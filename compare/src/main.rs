@@ -280,6 +280,13 @@ fn main() {
 async fn run(mut args: Args) -> Result<()> {
     if args.null_server {
         args.eventqueue = std::env::current_exe().context("finding this harness's binary")?;
+        // The chart is eventqueue's (run.sh writes the README's by default): not replaced.
+        if let Some(svg) = args.svg.take() {
+            say(&format!(
+                "--null-server: no chart written ({} kept)",
+                svg.display()
+            ));
+        }
         let mode = std::env::var("EQ_COMPARE_NULL").unwrap_or_default();
         println!(
             "**The eventqueue columns below are the harness's null server (mode `{}`), not \
