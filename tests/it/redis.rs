@@ -1679,6 +1679,65 @@ async fn a_write_refused_after_it_was_stored_reaches_the_writing_nodes_subscribe
     other.shutdown().await.unwrap();
 }
 
+/// A delete that Redis stored but whose node answered an error (no replica confirmed it in
+/// time): the queue is gone from the store, so the node that tried must forget it as every
+/// other node does — its streams end, its enqueues answer "not found", and the name is free
+/// for a queue created again (which that node then follows from offset 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_refused_after_it_was_stored_ends_the_queue_on_the_writing_node() {
+    let redis = RedisServer::start();
+    let other = QueueManager::open(redis.config()).await.unwrap();
+    let on_other = queue_with_events(&other, "job", 2).await;
+    let node = QueueManager::open(Config {
+        redis_wait_replicas: 1,
+        redis_wait_timeout: Duration::from_millis(100),
+        ..redis.config()
+    })
+    .await
+    .unwrap();
+    let (t, k) = (tenant("t"), task("job"));
+    let q = known_on(&node, "job").await;
+    let mut live = q.subscribe(0).unwrap();
+    assert_eq!(offsets(&mut live, 2).await, vec![0, 1]);
+    let mut live_on_other = on_other.subscribe(2).unwrap();
+    refused_for_want_of_replicas(node.delete_queue(&t, &k).await, "the delete");
+    for (name, stream) in [
+        ("the node", &mut live),
+        ("the other node", &mut live_on_other),
+    ] {
+        let end = tokio::time::timeout(Duration::from_secs(20), stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("the stream on {name} did not end"));
+        assert!(end.is_none(), "{name}: {end:?}");
+    }
+    let err = q
+        .enqueue(eventqueue::Event::new(&t, &k, working()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::QueueNotFound { .. }), "{err}");
+    assert!(
+        node.get_queue(&t, &k).is_none(),
+        "the node still holds the queue"
+    );
+    // The name is free: created again on the other node, this node follows the new queue.
+    let fresh = queue_with_events(&other, "job", 1).await;
+    let again = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(q) = node.find_queue(&t, &k).await.unwrap() {
+                return q;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the node finds the queue created again");
+    let mut live = again.subscribe(0).unwrap();
+    assert_eq!(offsets(&mut live, 1).await, vec![0]);
+    drop(fresh);
+    node.shutdown().await.unwrap();
+    other.shutdown().await.unwrap();
+}
+
 /// A close on one node racing an enqueue on the other: when the enqueue's batch meets the
 /// close (its node takes the newer state in and refuses the event), the notice of the close
 /// is old news to that node's writer when it comes, and nothing of its own is published;
