@@ -1649,34 +1649,59 @@ async fn waiting_for_replicas_acknowledges_when_they_confirm_and_answers_503_whe
     server.stop().await;
 }
 
+/// Two nodes over `redis` and a queue `job` with two events written on the first (`other`);
+/// the second (`node`) wants one replica that Redis does not have, so each write it makes is
+/// stored, then refused. Both nodes' live streams of the queue, the node's past the two
+/// events already.
+struct RefusingNode {
+    other: QueueManager,
+    node: QueueManager,
+    q: eventqueue::EventQueue,
+    live: eventqueue::Subscription,
+    live_on_other: eventqueue::Subscription,
+}
+
+impl RefusingNode {
+    async fn start(redis: &RedisServer) -> Self {
+        let other = QueueManager::open(redis.config()).await.unwrap();
+        let on_other = queue_with_events(&other, "job", 2).await;
+        let node = QueueManager::open(Config {
+            redis_wait_replicas: 1,
+            redis_wait_timeout: Duration::from_millis(100),
+            ..redis.config()
+        })
+        .await
+        .unwrap();
+        let q = known_on(&node, "job").await;
+        let mut live = q.subscribe(0).unwrap();
+        assert_eq!(offsets(&mut live, 2).await, vec![0, 1]);
+        let live_on_other = on_other.subscribe(2).unwrap();
+        Self {
+            other,
+            node,
+            q,
+            live,
+            live_on_other,
+        }
+    }
+}
+
 /// A write refused after Redis stored it (no replica confirmed it in time) is in the queue
 /// for everyone: the node that wrote it, which is told of no write of its own, still
 /// delivers it to its live subscribers, as the other node does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_refused_after_it_was_stored_reaches_the_writing_nodes_subscribers() {
     let redis = RedisServer::start();
-    let other = QueueManager::open(redis.config()).await.unwrap();
-    let on_other = queue_with_events(&other, "job", 2).await;
-    let node = QueueManager::open(Config {
-        redis_wait_replicas: 1,
-        redis_wait_timeout: Duration::from_millis(100),
-        ..redis.config()
-    })
-    .await
-    .unwrap();
+    let mut n = RefusingNode::start(&redis).await;
     let (t, k) = (tenant("t"), task("job"));
-    let q = node.get_queue(&t, &k).unwrap();
-    let mut live = q.subscribe(0).unwrap();
-    assert_eq!(offsets(&mut live, 2).await, vec![0, 1]);
-    let mut live_on_other = on_other.subscribe(2).unwrap();
     refused_for_want_of_replicas(
-        q.enqueue(eventqueue::Event::new(&t, &k, working())).await,
+        n.q.enqueue(eventqueue::Event::new(&t, &k, working())).await,
         "the enqueue",
     );
-    assert_eq!(offsets(&mut live, 1).await, vec![2]);
-    assert_eq!(offsets(&mut live_on_other, 1).await, vec![2]);
-    node.shutdown().await.unwrap();
-    other.shutdown().await.unwrap();
+    assert_eq!(offsets(&mut n.live, 1).await, vec![2]);
+    assert_eq!(offsets(&mut n.live_on_other, 1).await, vec![2]);
+    n.node.shutdown().await.unwrap();
+    n.other.shutdown().await.unwrap();
 }
 
 /// A delete that Redis stored but whose node answered an error (no replica confirmed it in
@@ -1686,20 +1711,14 @@ async fn a_write_refused_after_it_was_stored_reaches_the_writing_nodes_subscribe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delete_refused_after_it_was_stored_ends_the_queue_on_the_writing_node() {
     let redis = RedisServer::start();
-    let other = QueueManager::open(redis.config()).await.unwrap();
-    let on_other = queue_with_events(&other, "job", 2).await;
-    let node = QueueManager::open(Config {
-        redis_wait_replicas: 1,
-        redis_wait_timeout: Duration::from_millis(100),
-        ..redis.config()
-    })
-    .await
-    .unwrap();
+    let RefusingNode {
+        other,
+        node,
+        q,
+        mut live,
+        mut live_on_other,
+    } = RefusingNode::start(&redis).await;
     let (t, k) = (tenant("t"), task("job"));
-    let q = known_on(&node, "job").await;
-    let mut live = q.subscribe(0).unwrap();
-    assert_eq!(offsets(&mut live, 2).await, vec![0, 1]);
-    let mut live_on_other = on_other.subscribe(2).unwrap();
     refused_for_want_of_replicas(node.delete_queue(&t, &k).await, "the delete");
     for (name, stream) in [
         ("the node", &mut live),
