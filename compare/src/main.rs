@@ -293,7 +293,7 @@ async fn run(mut args: Args) -> Result<()> {
              eventqueue**: the floor of an HTTP front end on this machine (`null_server.rs`).\n",
             match (mode.as_str(), args.scale) {
                 ("", false) => "none",
-                ("", true) => "script",
+                ("", true) => "script over Redis, none in the memory section",
                 (m, _) => m,
             }
         );
