@@ -288,15 +288,20 @@ async fn run(mut args: Args) -> Result<()> {
             ));
         }
         let mode = std::env::var("EQ_COMPARE_NULL").unwrap_or_default();
-        println!(
+        let banner = format!(
             "**The eventqueue columns below are the harness's null server (mode `{}`), not \
-             eventqueue**: the floor of an HTTP front end on this machine (`null_server.rs`).\n",
+             eventqueue**: the floor of an HTTP front end on this machine (`null_server.rs`).",
             match (mode.as_str(), args.scale) {
                 ("", false) => "none",
                 ("", true) => "script over Redis, none in the memory section",
                 (m, _) => m,
             }
         );
+        say(&banner);
+        // Above the markdown report; `--json` keeps its standard output one JSON object.
+        if !args.json {
+            println!("{banner}\n");
+        }
     }
     let mut plan = Plan::new(args.quick);
     if let Some(ms) = args.measure_ms {

@@ -91,7 +91,7 @@ async fn serve(bind: SocketAddr, jobs: Option<std::sync::mpsc::Sender<Job>>) -> 
     let listener = tokio::net::TcpListener::bind(bind)
         .await
         .with_context(|| format!("binding {bind}"))?;
-    let jobs = jobs.map(|tx| Arc::new(std::sync::Mutex::new(tx)));
+    let jobs = jobs.map(Arc::new);
     let counter = Arc::new(AtomicU64::new(0));
     loop {
         let (stream, _) = listener.accept().await.context("accepting")?;
@@ -108,7 +108,7 @@ async fn serve(bind: SocketAddr, jobs: Option<std::sync::mpsc::Sender<Job>>) -> 
     }
 }
 
-type Jobs = Option<Arc<std::sync::Mutex<std::sync::mpsc::Sender<Job>>>>;
+type Jobs = Option<Arc<std::sync::mpsc::Sender<Job>>>;
 
 async fn handle(
     req: Request<hyper::body::Incoming>,
@@ -140,13 +140,9 @@ async fn handle(
                 None => Ok(counter.fetch_add(1, Ordering::Relaxed)),
                 Some(jobs) => {
                     let (tx, rx) = oneshot::channel();
-                    let sent = jobs
-                        .lock()
-                        .map_err(|_| "store thread gone".to_string())
-                        .and_then(|j| j.send((body, tx)).map_err(|e| e.to_string()));
-                    match sent {
+                    match jobs.send((body, tx)) {
                         Ok(()) => rx.await.unwrap_or_else(|e| Err(e.to_string())),
-                        Err(e) => Err(e),
+                        Err(_) => Err("the store thread is gone".to_string()),
                     }
                 }
             };
