@@ -1,9 +1,11 @@
 //! The null server: the floor of an HTTP front end on this machine.
 //!
 //! It answers eventqueue's endpoints that the throughput workloads use (`GET /healthz`,
-//! `POST /events/queues`, `POST /events/queues/{id}/events`) on the same HTTP stack (hyper's
-//! HTTP/1.1 server on a multi-threaded tokio runtime, `TCP_NODELAY`), and does no more per
-//! request than its mode says:
+//! `POST /events/queues`, `POST /events/queues/{id}/events`, and the WebSocket producer
+//! connection `GET /events/queues/{id}/events/ws`, each text frame acknowledged with an
+//! offset, acknowledgements of the frames read together written together) on the same HTTP
+//! stack (hyper's HTTP/1.1 server on a multi-threaded tokio runtime, `TCP_NODELAY`), and does
+//! no more per request than its mode says (a WebSocket frame: nothing, in every mode):
 //!
 //! - `none` (the default without `--storage`): nothing at all — no parsing, no storage, no
 //!   hand-off. What a row measures then is what HTTP alone costs on this machine: a goal
@@ -29,6 +31,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 /// eventqueue's batch script, called as a node calls it.
 const BATCH_SCRIPT: &str = include_str!("../../src/storage/redis/commit.lua");
@@ -103,6 +106,7 @@ async fn serve(bind: SocketAddr, jobs: Option<std::sync::mpsc::Sender<Job>>) -> 
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(io, service)
+                .with_upgrades()
                 .await;
         });
     }
@@ -128,6 +132,35 @@ async fn handle(
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/healthz") => answer(StatusCode::OK, r#"{"status":"ok"}"#.into()),
         (Method::POST, "/events/queues") => answer(StatusCode::CREATED, "{}".into()),
+        (Method::GET, p) if p.starts_with("/events/queues/") && p.ends_with("/events/ws") => {
+            let Some(key) = req.headers().get(hyper::header::SEC_WEBSOCKET_KEY) else {
+                return answer(
+                    StatusCode::BAD_REQUEST,
+                    r#"{"detail":"a WebSocket upgrade expected"}"#.into(),
+                );
+            };
+            let accept = derive_accept_key(key.as_bytes());
+            tokio::spawn(async move {
+                if let Ok(upgraded) = hyper::upgrade::on(req).await {
+                    acknowledge_frames(upgraded, counter).await;
+                }
+            });
+            let mut resp = Response::new(Full::new(Bytes::new()));
+            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let h = resp.headers_mut();
+            h.insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("upgrade"),
+            );
+            h.insert(
+                hyper::header::UPGRADE,
+                hyper::header::HeaderValue::from_static("websocket"),
+            );
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&accept) {
+                h.insert(hyper::header::SEC_WEBSOCKET_ACCEPT, v);
+            }
+            Ok(resp)
+        }
         (Method::POST, p) if p.starts_with("/events/queues/") && p.ends_with("/events") => {
             let body = match req.into_body().collect().await {
                 Ok(b) => b.to_bytes(),
@@ -161,6 +194,42 @@ async fn handle(
             }
         }
         _ => answer(StatusCode::NOT_FOUND, r#"{"detail":"not found"}"#.into()),
+    }
+}
+
+/// A WebSocket producer connection: every text frame answered with the next offset, the
+/// answers to the frames already read written out together.
+async fn acknowledge_frames(upgraded: hyper::upgrade::Upgraded, counter: Arc<AtomicU64>) {
+    use futures_util::{FutureExt, SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let io = hyper_util::rt::TokioIo::new(upgraded);
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        io,
+        tokio_tungstenite::tungstenite::protocol::Role::Server,
+        None,
+    )
+    .await;
+    let ack = |counter: &AtomicU64| {
+        let o = counter.fetch_add(1, Ordering::Relaxed);
+        Message::text(format!(
+            "{{\"offsets\":[{o}],\"latest_offset\":{},\"cancelled\":false}}",
+            o + 1
+        ))
+    };
+    while let Some(Ok(first)) = ws.next().await {
+        let mut msg = Some(first);
+        while let Some(m) = msg.take() {
+            match m {
+                Message::Text(_) if ws.feed(ack(&counter)).await.is_err() => return,
+                Message::Close(_) => return,
+                _ => {}
+            }
+            // The frames already here are answered in the same write.
+            msg = ws.next().now_or_never().flatten().and_then(Result::ok);
+        }
+        if ws.flush().await.is_err() {
+            return;
+        }
     }
 }
 
