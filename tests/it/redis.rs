@@ -1533,13 +1533,33 @@ fn replica_of(primary: &RedisServer) -> (RedisServer, redis::Connection) {
             .query(&mut conn)
             .unwrap();
         if info.contains("master_link_status:up") {
-            return (replica, conn);
+            break;
         }
         assert!(
             Instant::now() < deadline,
             "the replica did not sync: {info}"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+    // Synced is not yet acknowledging: the primary counts the replica for `WAIT` once it has
+    // acknowledged an offset. A loaded machine may take a while to get there.
+    let mut on_primary = redis::Client::open(primary.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    loop {
+        let acked: u64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(1000)
+            .query(&mut on_primary)
+            .unwrap();
+        if acked >= 1 {
+            return (replica, conn);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica never acknowledged the primary's writes"
+        );
     }
 }
 
@@ -1558,9 +1578,11 @@ async fn an_event_sent_again_is_acknowledged_only_once_a_replica_has_it() {
             .await
             .unwrap();
     }
+    // Long enough for a loaded machine's replica to acknowledge once it is there (each refusal
+    // below waits it out).
     let node = QueueManager::open(Config {
         redis_wait_replicas: 1,
-        redis_wait_timeout: Duration::from_millis(200),
+        redis_wait_timeout: Duration::from_secs(1),
         ..primary.config()
     })
     .await
