@@ -2799,7 +2799,8 @@ impl WriteBatch for RedisBatch<'_> {
         // Stored. Acknowledged only once enough replicas have it; otherwise the callers get
         // an error and the revisions stay unknown to this node, so its next batch of these
         // queues takes in what is stored.
-        if writes {
+        // (Without a replica wait, as by default, nothing to collect for it.)
+        if writes && self.store.wait_replicas > 0 {
             let revs: Vec<(String, String)> = stored
                 .iter()
                 .flat_map(|(pairs, _)| pairs)
