@@ -180,13 +180,7 @@ async fn handle(
                 }
             };
             match offset {
-                Ok(o) => answer(
-                    StatusCode::OK,
-                    format!(
-                        "{{\"offsets\":[{o}],\"latest_offset\":{},\"cancelled\":false}}",
-                        o + 1
-                    ),
-                ),
+                Ok(o) => answer(StatusCode::OK, acknowledgement(o)),
                 Err(e) => answer(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("{{\"detail\":{}}}", serde_json::Value::String(e)),
@@ -195,6 +189,14 @@ async fn handle(
         }
         _ => answer(StatusCode::NOT_FOUND, r#"{"detail":"not found"}"#.into()),
     }
+}
+
+/// The answer to one event appended at offset `o`, as eventqueue gives it.
+fn acknowledgement(o: u64) -> String {
+    format!(
+        "{{\"offsets\":[{o}],\"latest_offset\":{},\"cancelled\":false}}",
+        o + 1
+    )
 }
 
 /// A WebSocket producer connection: every text frame answered with the next offset, the
@@ -210,11 +212,7 @@ async fn acknowledge_frames(upgraded: hyper::upgrade::Upgraded, counter: Arc<Ato
     )
     .await;
     let ack = |counter: &AtomicU64| {
-        let o = counter.fetch_add(1, Ordering::Relaxed);
-        Message::text(format!(
-            "{{\"offsets\":[{o}],\"latest_offset\":{},\"cancelled\":false}}",
-            o + 1
-        ))
+        Message::text(acknowledgement(counter.fetch_add(1, Ordering::Relaxed)))
     };
     while let Some(Ok(first)) = ws.next().await {
         let mut msg = Some(first);
